@@ -1,0 +1,117 @@
+"""`bastion audit verify`: walk the chain and the checkpoints; name the first bad record.
+
+Needs only the database file and the writer's public key: anyone can run it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from bastion.audit.chain import GENESIS, chain_hash, checkpoint_message
+from bastion.errors import AuditIntegrityError
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    records: int
+    checkpoints: int
+    head: str
+
+
+def _body_seq(body: str) -> int | None:
+    try:
+        value = orjson.loads(body).get("seq")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return value if isinstance(value, int) else None
+
+
+def verify_audit(path: Path, public_key: Ed25519PublicKey) -> VerifyReport:
+    """Return a report when the log is intact; raise AuditIntegrityError naming the first bad record."""
+    if not path.is_file():
+        raise AuditIntegrityError(f"{path}: audit database not found", seq=None)
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        rows = conn.execute("SELECT seq, body, prev_hash, hash FROM records ORDER BY seq").fetchall()
+        checkpoints = conn.execute("SELECT seq, hash, signature FROM checkpoints ORDER BY seq").fetchall()
+    except sqlite3.DatabaseError as e:
+        raise AuditIntegrityError(f"{path}: not a readable audit database: {e}", seq=None) from None
+    finally:
+        conn.close()
+
+    body_seqs = {s for s in (_body_seq(r[1]) for r in rows) if s is not None}
+    computed: dict[int, str] = {}
+    expected_seq, prev = 1, GENESIS
+    for seq, body, stored_prev, stored_hash in rows:
+        # 1. Positions are contiguous from 1: a gap means records were removed.
+        if seq != expected_seq:
+            raise AuditIntegrityError(
+                f"record {expected_seq}: deleted (the log jumps from {expected_seq - 1} to {seq})",
+                seq=expected_seq,
+            )
+        # 2. Each record carries its own sequence number: another one here means reordering or insertion.
+        claimed = _body_seq(body)
+        if claimed is None:
+            raise AuditIntegrityError(f"record {seq}: edited (its body is not a valid record)", seq=seq)
+        if claimed != seq:
+            if seq in body_seqs:
+                kind = "reordered (it holds record {claimed}, record {seq} stands elsewhere)"
+            elif claimed > seq:
+                kind = "deleted (record {seq} is missing; record {claimed} stands in its place)"
+            else:
+                kind = "inserted (record {claimed} appears twice)"
+            raise AuditIntegrityError(f"record {seq}: " + kind.format(claimed=claimed, seq=seq), seq=seq)
+        # 3. The link to the previous record, then the record's own hash.
+        if stored_prev != prev:
+            raise AuditIntegrityError(
+                f"record {seq}: does not link to record {seq - 1} (a record was edited, inserted or replaced)",
+                seq=seq,
+            )
+        digest = chain_hash(prev, body.encode())
+        if digest != stored_hash:
+            raise AuditIntegrityError(f"record {seq}: edited (its content does not match its hash)", seq=seq)
+        computed[seq] = digest
+        prev = digest
+        expected_seq += 1
+
+    # 4. Signed checkpoints pin the chain: a consistent rewrite or a cut-off tail breaks them.
+    last = expected_seq - 1
+    for cp_seq, cp_hash, signature in checkpoints:
+        try:
+            public_key.verify(bytes.fromhex(signature), checkpoint_message(cp_seq, cp_hash))
+        except (InvalidSignature, ValueError):
+            raise AuditIntegrityError(f"checkpoint at record {cp_seq}: bad signature", seq=cp_seq) from None
+        if cp_seq > last:
+            raise AuditIntegrityError(
+                f"record {last + 1}: deleted (a signed checkpoint vouches for records up to {cp_seq}, "
+                f"the log ends at {last})",
+                seq=last + 1,
+            )
+        if computed[cp_seq] != cp_hash:
+            raise AuditIntegrityError(
+                f"records up to {cp_seq}: rewritten (the chain does not match the signed checkpoint)",
+                seq=cp_seq,
+            )
+    return VerifyReport(records=last, checkpoints=len(checkpoints), head=prev)
+
+
+def export_records(path: Path) -> list[bytes]:
+    """Each record as one JSON line: its body plus the chain fields."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        out = []
+        for _seq, body, prev_hash, digest in conn.execute(
+            "SELECT seq, body, prev_hash, hash FROM records ORDER BY seq"
+        ):
+            record = orjson.loads(body)
+            record["prev_hash"], record["hash"] = prev_hash, digest
+            out.append(orjson.dumps(record, option=orjson.OPT_SORT_KEYS))
+        return out
+    finally:
+        conn.close()

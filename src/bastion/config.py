@@ -1,0 +1,152 @@
+"""The policy file: one TOML document, validated by pydantic.
+
+Policy is data; mechanism is code. Every field is checked at start-up and an
+invalid file stops the server with one message naming the file, the field and
+the reason.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from bastion.errors import ConfigError
+
+
+class Action(StrEnum):
+    INFER = "infer"
+    METADATA = "metadata"
+    ADMIN = "admin"  # metrics, key-independent server administration
+
+
+class OutputDetail(StrEnum):
+    """How much an answer may say. Ordered from least to most revealing."""
+
+    LABEL = "label"
+    PROBABILITIES = "probabilities"
+
+    @property
+    def rank(self) -> int:
+        return _DETAIL_RANK[self]
+
+
+_DETAIL_RANK = {OutputDetail.LABEL: 0, OutputDetail.PROBABILITIES: 1}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Grant(_Strict):
+    models: list[str] = Field(min_length=1, description="model names, or '*' for every model")
+    actions: list[Action] = Field(min_length=1)
+    output: OutputDetail = OutputDetail.LABEL
+    sensitive_inputs: bool = False
+
+
+class Role(_Strict):
+    grants: list[Grant] = Field(default_factory=list)
+    rate: Annotated[float, Field(gt=0)] = 10.0
+    burst: Annotated[int, Field(ge=1)] = 20
+    daily_quota: Annotated[int, Field(ge=1)] = 10_000
+
+
+class ServerSettings(_Strict):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8000
+    state_dir: Path = Path("state")
+
+
+class RequestLimits(_Strict):
+    max_body_bytes: Annotated[int, Field(ge=64)] = 1_048_576
+    max_rows: Annotated[int, Field(ge=1)] = 1_000
+
+
+class StateSettings(_Strict):
+    backend: Literal["memory", "sqlite"] = "sqlite"
+
+
+class AuditSettings(_Strict):
+    # "sync": a response leaves only after its audit record is committed.
+    # "best_effort": the record is queued and the response does not wait.
+    durability: Literal["sync", "best_effort"] = "sync"
+    checkpoint_every_records: Annotated[int, Field(ge=1)] = 1_000
+    checkpoint_every_seconds: Annotated[float, Field(gt=0)] = 60.0
+    # Group commit: the writer commits at most this often when records keep coming.
+    max_batch: Annotated[int, Field(ge=1)] = 512
+
+
+class TokenSettings(_Strict):
+    issuer: str = "bastion"
+    audience: str = "bastion"
+    ttl_seconds: Annotated[int, Field(ge=10, le=86_400)] = 900
+
+
+class MetricsSettings(_Strict):
+    enabled: bool = True
+
+
+class ModelRef(_Strict):
+    path: Path
+
+
+class Config(_Strict):
+    server: ServerSettings = ServerSettings()
+    limits: RequestLimits = RequestLimits()
+    state: StateSettings = StateSettings()
+    audit: AuditSettings = AuditSettings()
+    tokens: TokenSettings = TokenSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    models: list[ModelRef] = Field(default_factory=list)
+    roles: dict[str, Role] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _roles_are_named_sanely(self) -> Config:
+        for name in self.roles:
+            if not name or not name.replace("-", "").replace("_", "").isalnum():
+                raise ValueError(f"role name {name!r} must be letters, digits, '-' or '_'")
+        return self
+
+
+def _format_validation_error(path: Path, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"{path}: {field}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate the policy file; relative paths are resolved against its folder."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(path, e)) from None
+    base = path.resolve().parent
+    server = config.server.model_copy(update={"state_dir": base / config.server.state_dir})
+    models = [ModelRef(path=base / m.path) for m in config.models]
+    return config.model_copy(update={"server": server, "models": models})
+
+
+def check_grants_name_models(config: Config, model_names: set[str], path: Path) -> None:
+    """A grant naming a model that is not served is almost always a typo: refuse it."""
+    for role_name, role in config.roles.items():
+        for i, grant in enumerate(role.grants):
+            for model in grant.models:
+                if model != "*" and model not in model_names:
+                    raise ConfigError(
+                        f"{path}: roles.{role_name}.grants.{i}.models: model {model!r} is not served "
+                        f"(served: {', '.join(sorted(model_names)) or 'none'})"
+                    )

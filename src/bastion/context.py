@@ -1,0 +1,59 @@
+"""What one request carries through the pipeline. Transport-neutral: no HTTP here."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from bastion.config import Action, OutputDetail
+from bastion.policy import EffectiveGrant, TokenScope
+from bastion.registry import ServedModel
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    key_id: str
+    roles: tuple[str, ...]
+    scope: TokenScope | None = None  # set when the caller used a token: it narrows the key's grants
+    via: str = "key"  # "key" | "token"
+
+    @property
+    def id(self) -> str:
+        return f"key:{self.key_id}"
+
+
+@dataclass(slots=True)
+class InferRequest:
+    """A decoded Open Inference Protocol V2 request: tensors by name, ready for the runtime."""
+
+    id: str | None
+    inputs: dict[str, np.ndarray]
+    requested_outputs: list[str] | None
+    parameters: dict[str, Any]
+    rows: int
+
+
+@dataclass(slots=True)
+class RequestContext:
+    request_id: str
+    action: Action
+    now: float  # wall-clock seconds, read once per request
+    credentials: str | None  # the Authorization header value; never logged
+    read_body: Callable[[int], Awaitable[bytes]]
+    client: str | None = None
+    model_name: str | None = None
+    model_version: str | None = None
+    principal: Principal | None = None
+    model: ServedModel | None = None
+    grant: EffectiveGrant | None = None
+    body: bytes | None = None
+    request: InferRequest | None = None
+    probabilities: np.ndarray | None = None
+    output_detail: OutputDetail | None = None
+    result: dict[str, Any] | None = None  # the JSON response body when the pipeline succeeds
+    result_text: bytes | None = None  # a plain-text response body (metrics)
+    payload_hmac: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,166 @@
+"""`bastion demo`: a complete, working deployment built from data scikit-learn ships.
+
+Trains a classifier on the breast-cancer dataset, writes it as ONNX and as
+skops with manifests, writes a policy file with an analyst and an admin role,
+and creates one key for each.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bastion.manifest import InputSpec, Manifest, OutputSpec, write_manifest
+
+ONNX_MODEL = "breast-cancer"
+SKOPS_MODEL = "breast-cancer-skops"
+
+
+@dataclass(frozen=True)
+class DemoBuild:
+    root: Path
+    config_path: Path
+    features: np.ndarray  # the dataset, for building requests
+    estimator: Any  # the fitted scikit-learn pipeline, for comparing answers
+
+
+def _train() -> tuple[Any, np.ndarray, list[str]]:
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    data = load_breast_cancer()
+    features = data.data.astype(np.float32)
+    pipeline = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=0))
+    pipeline.fit(features, data.target)
+    return pipeline, features, [str(c) for c in data.target_names]
+
+
+def feature_spec(features: np.ndarray, *, name: str = "features", sensitive: bool = False) -> InputSpec:
+    """Per-column bounds: the training range widened by a quarter on each side (non-negative data stays so)."""
+    low, high = features.min(axis=0).astype(np.float64), features.max(axis=0).astype(np.float64)
+    span = high - low
+    lower = np.where(low >= 0, np.maximum(0.0, low - span / 4), low - span / 4)
+    return InputSpec(
+        name=name,
+        datatype="FP32",
+        shape=[-1, features.shape[1]],
+        min=[round(float(v), 4) for v in lower],
+        max=[round(float(v), 4) for v in high + span / 4],
+        sensitive=sensitive,
+    )
+
+
+def write_onnx_model(model_dir: Path, estimator: Any, spec: InputSpec, classes: list[str], name: str) -> None:
+    from skl2onnx import to_onnx
+    from skl2onnx.common.data_types import FloatTensorType
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    final_step = estimator.steps[-1][1] if hasattr(estimator, "steps") else estimator
+    onx = to_onnx(
+        estimator,
+        initial_types=[(spec.name, FloatTensorType([None, spec.shape[-1]]))],
+        options={id(final_step): {"zipmap": False}},
+        target_opset=17,
+    )
+    (model_dir / "model.onnx").write_bytes(onx.SerializeToString())
+    write_manifest(
+        model_dir,
+        Manifest(name=name, version="1", runtime="onnx", file="model.onnx", inputs=[spec],
+                 outputs=OutputSpec(classes=classes), description="Breast cancer classifier (ONNX)"),
+    )
+
+
+def write_skops_model(
+    model_dir: Path, estimator: Any, inputs: list[InputSpec], classes: list[str], name: str
+) -> None:
+    import skops.io as sio
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    path = model_dir / "model.skops"
+    sio.dump(estimator, path)
+    write_manifest(
+        model_dir,
+        Manifest(name=name, version="1", runtime="sklearn", file="model.skops", inputs=inputs,
+                 outputs=OutputSpec(classes=classes), trusted_types=sio.get_untrusted_types(file=path),
+                 description="Breast cancer classifier (scikit-learn, skops)"),
+    )
+
+
+DEMO_CONFIG = """\
+# Bastion policy file. Every field is documented in the README ("Config reference").
+[server]
+host = "127.0.0.1"
+port = {port}
+state_dir = "state"
+
+[limits]
+max_body_bytes = 1048576
+max_rows = 256
+
+[state]
+backend = "sqlite"
+
+[audit]
+durability = "sync"
+checkpoint_every_records = 1000
+checkpoint_every_seconds = 30
+
+[tokens]
+ttl_seconds = 900
+
+[[models]]
+path = "models/breast-cancer"
+
+[[models]]
+path = "models/breast-cancer-skops"
+
+# Analysts may ask for labels from both models, at a modest rate.
+[roles.analyst]
+rate = 20
+burst = 40
+daily_quota = 10000
+grants = [
+  {{ models = ["breast-cancer", "breast-cancer-skops"], actions = ["infer", "metadata"], output = "label" }},
+]
+
+# Admins see probabilities, sensitive inputs and /metrics.
+[roles.admin]
+rate = 200
+burst = 400
+daily_quota = 1000000
+grants = [
+  {{ models = ["*"], actions = ["infer", "metadata", "admin"], output = "probabilities", sensitive_inputs = true }},
+]
+"""
+
+
+def build_demo(root: Path, *, port: int = 8000) -> DemoBuild:
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    estimator, features, classes = _train()
+    spec = feature_spec(features)
+    write_onnx_model(root / "models" / ONNX_MODEL, estimator, spec, classes, ONNX_MODEL)
+    write_skops_model(root / "models" / SKOPS_MODEL, estimator, [spec], classes, SKOPS_MODEL)
+    config_path = root / "bastion.toml"
+    config_path.write_text(DEMO_CONFIG.format(port=port), encoding="utf-8")
+    request = infer_request(features[:2], request_id="demo-1")
+    (root / "request.json").write_text(json.dumps(request) + "\n", encoding="utf-8")
+    return DemoBuild(root, config_path, features, estimator)
+
+
+def infer_request(rows: np.ndarray, *, name: str = "features", request_id: str | None = None) -> dict[str, Any]:
+    request: dict[str, Any] = {
+        "inputs": [{"name": name, "shape": list(rows.shape), "datatype": "FP32",
+                    "data": [round(float(v), 6) for v in rows.ravel()]}]
+    }
+    if request_id is not None:
+        request["id"] = request_id
+    return request

@@ -1,0 +1,1 @@
+"""The HTTP transport: a thin ASGI adapter over `bastion.service`."""

@@ -1,0 +1,147 @@
+"""Open Inference Protocol V2 over HTTP, as a small ASGI application.
+
+It only maps paths to routes, reads the body under a cap and turns outcomes
+into JSON responses; every decision is made by the service's pipelines.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import orjson
+
+from bastion.context import RequestContext
+from bastion.errors import BadRequest, MethodNotAllowed, PayloadTooLarge
+from bastion.service import ROUTE_ACTIONS, Bastion, Outcome, Route, error_outcome
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+log = logging.getLogger("bastion.http")
+
+_NAME = r"(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]{0,63})"
+_VERSION = r"(?:/versions/(?P<version>[A-Za-z0-9][A-Za-z0-9_.-]{0,31}))?"
+_ROUTES: list[tuple[re.Pattern[str], str, Route]] = [
+    (re.compile(rf"^/v2/models/{_NAME}{_VERSION}/infer$"), "POST", Route.INFER),
+    (re.compile(rf"^/v2/models/{_NAME}{_VERSION}/ready$"), "GET", Route.MODEL_READY),
+    (re.compile(rf"^/v2/models/{_NAME}{_VERSION}$"), "GET", Route.MODEL_METADATA),
+    (re.compile(r"^/v2/?$"), "GET", Route.SERVER_METADATA),
+    (re.compile(r"^/v2/auth/token$"), "POST", Route.TOKEN),
+    (re.compile(r"^/v2/openapi\.json$"), "GET", Route.OPENAPI),
+    (re.compile(r"^/metrics$"), "GET", Route.METRICS),
+]
+_JSON = b"application/json"
+
+
+class BastionApp:
+    def __init__(self, service: Bastion) -> None:
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        path: str = scope["path"]
+        method: str = scope["method"]
+        # Liveness and readiness answer anyone: orchestrators probe them without credentials.
+        if path == "/v2/health/live":
+            await _send(send, Outcome(200, {"live": True}, {}), None)
+            return
+        if path == "/v2/health/ready":
+            ready = self.service.ready
+            await _send(send, Outcome(200 if ready else 503, {"ready": ready}, {}), None)
+            return
+        route, match = Route.NOT_FOUND, None
+        for pattern, allowed, candidate in _ROUTES:
+            m = pattern.match(path)
+            if m is not None:
+                if method != allowed and not (method == "HEAD" and allowed == "GET"):
+                    outcome = error_outcome(MethodNotAllowed(f"use {allowed} on this path"))
+                    outcome.headers["Allow"] = allowed
+                    await _send(send, outcome, None)
+                    return
+                route, match = candidate, m
+                break
+        ctx = self._context(scope, receive, route, match)
+        outcome = await self.service.handle(route, ctx)
+        await _send(send, outcome, ctx.request_id)
+
+    def _context(self, scope: Scope, receive: Receive, route: Route, match: re.Match[str] | None) -> RequestContext:
+        headers: dict[bytes, bytes] = {}
+        for k, v in scope["headers"]:
+            headers.setdefault(k, v)
+        auth = headers.get(b"authorization")
+        client = scope.get("client")
+
+        async def read_body(limit: int) -> bytes:
+            declared = headers.get(b"content-length")
+            if declared is not None:
+                if not declared.isdigit():
+                    raise BadRequest("invalid Content-Length", code="bad_content_length")
+                if int(declared) > limit:
+                    raise PayloadTooLarge(f"body larger than {limit} bytes")
+            chunks, size = [], 0
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise BadRequest("client disconnected", code="client_disconnected")
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"body larger than {limit} bytes")
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return b"".join(chunks)
+
+        return RequestContext(
+            request_id=os.urandom(8).hex(),
+            action=ROUTE_ACTIONS[route],
+            now=self.service.clock(),
+            credentials=auth.decode("latin-1") if auth is not None else None,
+            read_body=read_body,
+            client=client[0] if client else None,
+            model_name=match.group("name") if match is not None and "name" in match.groupdict() else None,
+            model_version=match.group("version") if match is not None and "version" in match.groupdict() else None,
+        )
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                self.service.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def _action(route: Route) -> Any:
+    from bastion.service import _ACTION
+
+    return _ACTION[route]
+
+
+async def _send(send: Send, outcome: Outcome, request_id: str | None) -> None:
+    if isinstance(outcome.body, bytes):
+        body, content_type = outcome.body, b"text/plain; version=0.0.4; charset=utf-8"
+    else:
+        body, content_type = orjson.dumps(outcome.body), _JSON
+    headers = [
+        (b"content-type", content_type),
+        (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"no-store"),
+        (b"x-content-type-options", b"nosniff"),
+    ]
+    if request_id is not None:
+        headers.append((b"x-request-id", request_id.encode()))
+    headers.extend((k.lower().encode(), v.encode()) for k, v in outcome.headers.items())
+    await send({"type": "http.response.start", "status": outcome.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,152 @@
+"""API keys: 256 bits of randomness behind a public key id, stored only as a hash.
+
+A key reads `bst_<key id>_<secret>`. The key id is public (it names the
+principal in logs and metrics); the secret is shown once at creation and only
+its SHA-256 is kept. A slow password hash buys nothing for a 256-bit random
+secret, and would cost every request. Lookups read the database each time, so a
+revocation made by the CLI in another process takes effect on the next request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from bastion.errors import AuthenticationFailed
+
+KEY_PREFIX = "bst_"
+_KEY_ID_HEX = 16  # 64-bit public identifier
+_SECRET_BYTES = 32  # 256 bits
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id      TEXT PRIMARY KEY,
+    secret_hash BLOB NOT NULL,
+    name        TEXT NOT NULL,
+    roles       TEXT NOT NULL,
+    created_at  REAL NOT NULL,
+    expires_at  REAL,
+    revoked_at  REAL
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    key_id: str
+    name: str
+    roles: tuple[str, ...]
+    created_at: float
+    expires_at: float | None
+    revoked_at: float | None
+
+    def status(self, now: float) -> str:
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and now >= self.expires_at:
+            return "expired"
+        return "active"
+
+
+@dataclass(frozen=True, slots=True)
+class NewKey:
+    record: KeyRecord
+    secret: str  # the full key, to be shown once and never stored
+
+
+def _hash_secret(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def parse_key(presented: str) -> tuple[str, str] | None:
+    """Split `bst_<id>_<secret>` into (key id, full key); None when it is not shaped like a key."""
+    if not presented.startswith(KEY_PREFIX) or len(presented) < len(KEY_PREFIX) + _KEY_ID_HEX + 2:
+        return None
+    key_id = presented[len(KEY_PREFIX) : len(KEY_PREFIX) + _KEY_ID_HEX]
+    if presented[len(KEY_PREFIX) + _KEY_ID_HEX] != "_" or not all(c in "0123456789abcdef" for c in key_id):
+        return None
+    return key_id, presented
+
+
+class KeyStore:
+    """API keys in a SQLite file (WAL), shared by the server and the CLI."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA busy_timeout=5000")
+        self._conn.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+        path.chmod(0o600)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def create(self, *, name: str, roles: list[str], now: float, expires_at: float | None = None) -> NewKey:
+        key_id = secrets.token_hex(_KEY_ID_HEX // 2)
+        secret = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(_SECRET_BYTES)}"
+        with self._lock:
+            self._conn.execute(
+                "INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, ?, NULL)",
+                (key_id, _hash_secret(secret), name, json.dumps(roles), now, expires_at),
+            )
+        return NewKey(KeyRecord(key_id, name, tuple(roles), now, expires_at, None), secret)
+
+    def get(self, key_id: str) -> KeyRecord | None:
+        row = self._row(key_id)
+        return None if row is None else row[0]
+
+    def _row(self, key_id: str) -> tuple[KeyRecord, bytes] | None:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT key_id, name, roles, created_at, expires_at, revoked_at, secret_hash "
+                "FROM api_keys WHERE key_id = ?",
+                (key_id,),
+            ).fetchone()
+        if row is None:
+            return None
+        return KeyRecord(row[0], row[1], tuple(json.loads(row[2])), row[3], row[4], row[5]), row[6]
+
+    def list(self) -> list[KeyRecord]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT key_id, name, roles, created_at, expires_at, revoked_at FROM api_keys ORDER BY created_at"
+            ).fetchall()
+        return [KeyRecord(r[0], r[1], tuple(json.loads(r[2])), r[3], r[4], r[5]) for r in rows]
+
+    def revoke(self, key_id: str, *, now: float) -> bool:
+        with self._lock:
+            cur = self._conn.execute(
+                "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL", (now, key_id)
+            )
+        return cur.rowcount == 1
+
+    def authenticate(self, presented: str, *, now: float) -> KeyRecord:
+        """Return the key's record or raise AuthenticationFailed; the secret is compared in constant time."""
+        parsed = parse_key(presented)
+        if parsed is None:
+            raise AuthenticationFailed("malformed_key")
+        key_id, full = parsed
+        row = self._row(key_id)
+        # Hash even for an unknown id so that timing does not tell which ids exist.
+        candidate = _hash_secret(full)
+        if row is None:
+            hmac.compare_digest(candidate, b"\0" * 32)
+            raise AuthenticationFailed("unknown_key")
+        record, stored = row
+        if not hmac.compare_digest(candidate, stored):
+            raise AuthenticationFailed("wrong_secret")
+        self.require_active(record, now=now)
+        return record
+
+    def require_active(self, record: KeyRecord, *, now: float) -> None:
+        status = record.status(now)
+        if status != "active":
+            raise AuthenticationFailed(f"key_{status}")

@@ -1,0 +1,39 @@
+"""Prometheus metrics. Labels come from fixed sets only: no principal, key or payload value,
+and a model label only for models that exist (an attacker cannot mint label values)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+UNKNOWN = "_unknown"
+_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "bastion_requests", "Requests answered, by route, model, status and decision.",
+            ["route", "model", "status", "decision"], registry=self.registry,
+        )
+        self.latency = Histogram(
+            "bastion_request_duration_seconds", "Time from request to response, by route and model.",
+            ["route", "model"], buckets=_BUCKETS, registry=self.registry,
+        )
+        self.auth_failures = Counter(
+            "bastion_auth_failures", "Authentication failures by reason.", ["reason"], registry=self.registry,
+        )
+        self.limited = Counter(
+            "bastion_rate_limited", "Requests refused by a rate limit or quota.", ["code"], registry=self.registry,
+        )
+        self.models_loaded = Gauge("bastion_models_loaded", "Model versions being served.", registry=self.registry)
+        self.models_refused = Gauge(
+            "bastion_models_refused", "Configured models refused at load.", registry=self.registry
+        )
+        self.audit_failures = Counter(
+            "bastion_audit_failures", "Requests failed closed because the audit log was unavailable.",
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        return bytes(generate_latest(self.registry))

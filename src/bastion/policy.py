@@ -1,0 +1,96 @@
+"""Deny-by-default authorization, precomputed.
+
+A principal gets exactly what its roles grant, per model, action, output detail
+and sensitive input; a token may only narrow that. Rules are folded once per
+(roles, model) pair into an `EffectiveGrant`, so the request path does a dict
+lookup, not a rule evaluation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bastion.config import Action, Config, OutputDetail, Role
+
+
+@dataclass(frozen=True, slots=True)
+class EffectiveGrant:
+    actions: frozenset[Action] = frozenset()
+    output: OutputDetail | None = None
+    sensitive_inputs: bool = False
+
+    def allows(self, action: Action) -> bool:
+        return action in self.actions
+
+    def narrowed(self, scope: TokenScope | None, model: str) -> EffectiveGrant:
+        if scope is None:
+            return self
+        actions = self.actions & scope.actions_for(model)
+        output = self.output
+        if output is not None and scope.output is not None and scope.output.rank < output.rank:
+            output = scope.output
+        return EffectiveGrant(actions, output if actions else None, self.sensitive_inputs and bool(actions))
+
+
+NO_GRANT = EffectiveGrant()
+
+
+@dataclass(frozen=True, slots=True)
+class TokenScope:
+    """What a token narrows its key to: (action, model) pairs, and at most this output detail."""
+
+    pairs: frozenset[tuple[Action, str]]
+    output: OutputDetail | None = None
+    _by_model: dict[str, frozenset[Action]] = field(default_factory=dict, compare=False, hash=False)
+
+    def actions_for(self, model: str) -> frozenset[Action]:
+        cached = self._by_model.get(model)
+        if cached is None:
+            cached = frozenset(a for a, m in self.pairs if m in (model, "*"))
+            self._by_model[model] = cached
+        return cached
+
+    def encode(self) -> list[str]:
+        return sorted(f"{a.value}:{m}" for a, m in self.pairs)
+
+
+class Policy:
+    def __init__(self, roles: dict[str, Role]) -> None:
+        self._roles = roles
+        self._cache: dict[tuple[tuple[str, ...], str], EffectiveGrant] = {}
+
+    @classmethod
+    def from_config(cls, config: Config) -> Policy:
+        return cls(dict(config.roles))
+
+    def role(self, name: str) -> Role | None:
+        return self._roles.get(name)
+
+    def grant(self, roles: tuple[str, ...], model: str) -> EffectiveGrant:
+        key = (roles, model)
+        grant = self._cache.get(key)
+        if grant is None:
+            grant = self._fold(roles, model)
+            self._cache[key] = grant
+        return grant
+
+    def _fold(self, roles: tuple[str, ...], model: str) -> EffectiveGrant:
+        actions: set[Action] = set()
+        output: OutputDetail | None = None
+        sensitive = False
+        for role_name in roles:
+            role = self._roles.get(role_name)
+            if role is None:  # a key naming a role the config no longer has gets nothing from it
+                continue
+            for g in role.grants:
+                if model not in g.models and "*" not in g.models:
+                    continue
+                actions.update(g.actions)
+                if output is None or g.output.rank > output.rank:
+                    output = g.output
+                sensitive = sensitive or g.sensitive_inputs
+        return EffectiveGrant(frozenset(actions), output, sensitive) if actions else NO_GRANT
+
+    def server_actions(self, roles: tuple[str, ...]) -> frozenset[Action]:
+        """Actions granted on the server itself (grants naming model '*'), e.g. admin for /metrics."""
+        return self.grant(roles, "*").actions

@@ -1,0 +1,129 @@
+"""Open Inference Protocol V2 (KServe / MLServer / Triton) JSON codec. No policy here.
+
+Decoding checks only that a request is well formed and that each tensor's data
+fits the datatype and shape the request itself declares; whether it fits the
+model is the input guard's job.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+import orjson
+
+from bastion.context import InferRequest
+from bastion.errors import BadRequest, SchemaViolation
+from bastion.manifest import V2_TO_NUMPY
+
+# Which numpy kinds of JSON-parsed data may become each target kind without losing information.
+_ACCEPTED_KINDS = {"f": "iuf", "i": "iu", "u": "iu", "b": "b"}
+_MAX_INPUTS = 64
+_MAX_DIMS = 8
+
+
+def parse_json(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass
+    # Python clients send NaN/Infinity literals; accept them here so the guard answers 422, not 400.
+    if b"NaN" in body or b"Infinity" in body:
+        try:
+            return json.loads(body)
+        except (ValueError, RecursionError):
+            pass
+    raise BadRequest("request body is not valid JSON (UTF-8)", code="malformed_json")
+
+
+def _tensor(entry: Any, index: int) -> tuple[str, np.ndarray]:
+    if not isinstance(entry, dict):
+        raise BadRequest(f"inputs[{index}] must be an object", code="malformed_request")
+    name, datatype, shape, data = (entry.get(k) for k in ("name", "datatype", "shape", "data"))
+    if not isinstance(name, str) or not name:
+        raise BadRequest(f"inputs[{index}].name must be a non-empty string", code="malformed_request")
+    label = f"input {name[:64]!r}"
+    if not isinstance(datatype, str):
+        raise BadRequest(f"{label}: datatype must be a string", code="malformed_request")
+    if (
+        not isinstance(shape, list)
+        or not 1 <= len(shape) <= _MAX_DIMS
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+    ):
+        raise BadRequest(f"{label}: shape must be a list of 1 to {_MAX_DIMS} non-negative integers",
+                         code="malformed_request")
+    if data is None:
+        raise BadRequest(f"{label}: data is missing", code="malformed_request")
+    target = V2_TO_NUMPY.get(datatype)
+    if target is None:
+        raise SchemaViolation(f"{label}: datatype {datatype[:16]!r} is not supported", code="unsupported_datatype")
+    try:
+        array = np.asarray(data)
+    except (ValueError, OverflowError):
+        raise SchemaViolation(f"{label}: data is ragged or not numeric", code="wrong_datatype") from None
+    if array.dtype.kind not in _ACCEPTED_KINDS[target.kind]:
+        raise SchemaViolation(f"{label}: data does not hold {datatype} values", code="wrong_datatype")
+    if target.kind in "iu" and array.size:
+        info = np.iinfo(target)
+        if array.min() < info.min or array.max() > info.max:
+            raise SchemaViolation(f"{label}: values do not fit {datatype}", code="wrong_datatype")
+    if array.size != math.prod(shape):
+        raise SchemaViolation(
+            f"{label}: data holds {array.size} values but shape {shape} needs {math.prod(shape)}",
+            code="shape_mismatch",
+        )
+    with np.errstate(over="ignore"):  # FP32 overflow becomes inf, which the guard rejects
+        return name, array.astype(target, copy=False).reshape(shape)
+
+
+def decode_infer_request(body: bytes) -> InferRequest:
+    doc = parse_json(body)
+    if not isinstance(doc, dict):
+        raise BadRequest("request body must be a JSON object", code="malformed_request")
+    inputs = doc.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise BadRequest("'inputs' must be a non-empty list", code="malformed_request")
+    if len(inputs) > _MAX_INPUTS:
+        raise BadRequest(f"at most {_MAX_INPUTS} inputs per request", code="malformed_request")
+    request_id = doc.get("id")
+    if request_id is not None and (not isinstance(request_id, str) or len(request_id) > 256):
+        raise BadRequest("'id' must be a string of at most 256 characters", code="malformed_request")
+    parameters = doc.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise BadRequest("'parameters' must be an object", code="malformed_request")
+    tensors: dict[str, np.ndarray] = {}
+    for i, entry in enumerate(inputs):
+        name, array = _tensor(entry, i)
+        if name in tensors:
+            raise BadRequest(f"input {name[:64]!r} appears twice", code="malformed_request")
+        tensors[name] = array
+    requested = _requested_outputs(doc.get("outputs"))
+    rows = next(iter(tensors.values())).shape[0]
+    return InferRequest(request_id, tensors, requested, parameters, rows)
+
+
+def _requested_outputs(outputs: Any) -> list[str] | None:
+    if outputs is None:
+        return None
+    if not isinstance(outputs, list) or not all(
+        isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs
+    ):
+        raise BadRequest("'outputs' must be a list of objects with a 'name'", code="malformed_request")
+    for o in outputs:
+        params = o.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise BadRequest("outputs[].parameters must be an object", code="malformed_request")
+        if params.get("binary_data"):
+            raise BadRequest("binary tensor data is not supported; use JSON data", code="unsupported_parameter")
+    return [o["name"] for o in outputs]
+
+
+def encode_infer_response(
+    *, model: str, version: str, request_id: str | None, outputs: list[dict[str, Any]]
+) -> dict[str, Any]:
+    response: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": outputs}
+    if request_id is not None:
+        response["id"] = request_id
+    return response

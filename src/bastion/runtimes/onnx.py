@@ -1,0 +1,73 @@
+"""ONNX models through onnxruntime (CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from bastion.errors import ModelLoadError
+from bastion.manifest import Manifest
+
+_ORT_TO_V2 = {
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(float16)": "FP16",
+    "tensor(int64)": "INT64",
+    "tensor(int32)": "INT32",
+    "tensor(int16)": "INT16",
+    "tensor(int8)": "INT8",
+    "tensor(uint8)": "UINT8",
+    "tensor(bool)": "BOOL",
+}
+
+
+class OnnxRuntime:
+    def __init__(self, session: ort.InferenceSession, input_names: list[str], proba_output: str) -> None:
+        self._session = session
+        self._input_names = input_names
+        self._proba_output = proba_output
+
+    @classmethod
+    def load(cls, path: Path, manifest: Manifest) -> OnnxRuntime:
+        options = ort.SessionOptions()
+        # One request at a time per core is the serving pattern here; avoid thread oversubscription.
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        try:
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own untyped errors
+            raise ModelLoadError(f"{path}: not a loadable ONNX model: {type(e).__name__}") from None
+        model_inputs = {i.name: i for i in session.get_inputs()}
+        for spec in manifest.inputs:
+            node = model_inputs.get(spec.name)
+            if node is None:
+                raise ModelLoadError(
+                    f"{path}: manifest input {spec.name!r} is not an input of the model "
+                    f"(model inputs: {', '.join(model_inputs)})"
+                )
+            dtype = _ORT_TO_V2.get(node.type)
+            if dtype != spec.datatype:
+                raise ModelLoadError(
+                    f"{path}: input {spec.name!r} is {node.type} in the model but {spec.datatype} in the manifest"
+                )
+            if len(node.shape) != len(spec.shape) or any(
+                isinstance(m, int) and m != s for m, s in zip(node.shape, spec.shape, strict=True)
+            ):
+                raise ModelLoadError(
+                    f"{path}: input {spec.name!r} has shape {node.shape} in the model but "
+                    f"{spec.shape} in the manifest"
+                )
+        missing = set(model_inputs) - {s.name for s in manifest.inputs}
+        if missing:
+            raise ModelLoadError(f"{path}: model inputs missing from the manifest: {', '.join(sorted(missing))}")
+        proba = [o for o in session.get_outputs() if o.type in ("tensor(float)", "tensor(double)")]
+        if not proba:
+            raise ModelLoadError(f"{path}: the model has no float probability output")
+        return cls(session, [s.name for s in manifest.inputs], proba[0].name)
+
+    def predict_proba(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        (out,) = self._session.run([self._proba_output], {n: inputs[n] for n in self._input_names})
+        return np.asarray(out)

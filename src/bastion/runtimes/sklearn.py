@@ -1,0 +1,57 @@
+"""scikit-learn estimators saved with skops (no pickle: only allow-listed types are built)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import skops.io as sio
+
+from bastion.errors import ModelLoadError
+from bastion.manifest import Manifest
+
+
+class SkopsRuntime:
+    def __init__(self, estimator: Any, input_names: list[str]) -> None:
+        self._estimator = estimator
+        self._input_names = input_names
+
+    @classmethod
+    def load(cls, path: Path, manifest: Manifest) -> SkopsRuntime:
+        try:
+            untrusted = sio.get_untrusted_types(file=path)
+        except Exception as e:  # skops raises a mix of zipfile/json/key errors on a bad file
+            raise ModelLoadError(f"{path}: not a readable skops file: {type(e).__name__}") from None
+        unvouched = sorted(set(untrusted) - set(manifest.trusted_types))
+        if unvouched:
+            raise ModelLoadError(
+                f"{path}: refused: the file builds types nobody vouched for: {', '.join(unvouched)}. "
+                "If you trust them, list them in the manifest's trusted_types."
+            )
+        try:
+            estimator = sio.load(path, trusted=list(untrusted))
+        except Exception as e:
+            raise ModelLoadError(f"{path}: skops could not load the model: {type(e).__name__}: {e}") from None
+        if not hasattr(estimator, "predict_proba"):
+            raise ModelLoadError(f"{path}: the estimator has no predict_proba; only classifiers are served")
+        # The model's own signature: its feature count must match the manifest's columns.
+        n_features = getattr(estimator, "n_features_in_", None)
+        declared = sum(spec.shape[-1] if len(spec.shape) > 1 else 1 for spec in manifest.inputs)
+        if n_features is not None and n_features != declared:
+            raise ModelLoadError(
+                f"{path}: the estimator expects {n_features} features but the manifest declares {declared}"
+            )
+        n_classes = len(getattr(estimator, "classes_", []))
+        if n_classes and n_classes != len(manifest.outputs.classes):
+            raise ModelLoadError(
+                f"{path}: the estimator has {n_classes} classes but the manifest names "
+                f"{len(manifest.outputs.classes)}"
+            )
+        return cls(estimator, [s.name for s in manifest.inputs])
+
+    def predict_proba(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        # Several declared inputs are the estimator's columns, concatenated in manifest order.
+        columns = [inputs[n].reshape(inputs[n].shape[0], -1) for n in self._input_names]
+        matrix = columns[0] if len(columns) == 1 else np.concatenate(columns, axis=1)
+        return np.asarray(self._estimator.predict_proba(matrix))

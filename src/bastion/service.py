@@ -1,0 +1,326 @@
+"""The Bastion service: builds every part from the config and runs one request through its pipeline.
+
+The order of the defenses is here, in `build_pipelines`, and nowhere else. The
+audit write is the outer layer of `handle`, so no path through any stage can
+skip it, and in "sync" durability the response waits for the record's commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from bastion.audit import AuditLog
+from bastion.audit.chain import load_or_create_audit_key
+from bastion.audit.log import AuditUnavailable
+from bastion.config import Action, Config, check_grants_name_models
+from bastion.context import RequestContext
+from bastion.errors import AuthenticationFailed, BastionError, NotReady, RateLimited
+from bastion.keys import KeyStore
+from bastion.metrics import UNKNOWN, Metrics
+from bastion.policy import Policy
+from bastion.registry import ModelRegistry
+from bastion.stages import Stage
+from bastion.stages.authorization import AuthorizeModel, AuthorizeServer
+from bastion.stages.endpoints import (
+    DescribeApi,
+    DescribeModel,
+    DescribeServer,
+    ExportMetrics,
+    IssueToken,
+    ModelReadiness,
+    RouteNotFound,
+)
+from bastion.stages.identity import Authenticate
+from bastion.stages.inference import Infer
+from bastion.stages.input_guard import DecodeRequest, GuardInput
+from bastion.stages.limits import EnforceLimits
+from bastion.stages.output_policy import ShapeOutput
+from bastion.state import MemoryStateStore, SQLiteStateStore, StateStore
+from bastion.tokens import TokenAuthority, load_or_create_signing_key
+
+log = logging.getLogger("bastion")
+
+
+class Route(StrEnum):
+    INFER = "infer"
+    MODEL_METADATA = "model_metadata"
+    MODEL_READY = "model_ready"
+    SERVER_METADATA = "server_metadata"
+    TOKEN = "token"
+    METRICS = "metrics"
+    OPENAPI = "openapi"
+    NOT_FOUND = "not_found"
+
+
+ROUTE_ACTIONS = {
+    Route.INFER: Action.INFER,
+    Route.MODEL_METADATA: Action.METADATA,
+    Route.MODEL_READY: Action.METADATA,
+    Route.SERVER_METADATA: Action.METADATA,
+    Route.TOKEN: Action.METADATA,
+    Route.METRICS: Action.ADMIN,
+    Route.OPENAPI: Action.METADATA,
+    Route.NOT_FOUND: Action.METADATA,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class StatePaths:
+    root: Path
+
+    @property
+    def keys(self) -> Path:
+        return self.root / "keys.db"
+
+    @property
+    def limits(self) -> Path:
+        return self.root / "limits.db"
+
+    @property
+    def audit(self) -> Path:
+        return self.root / "audit.db"
+
+    @property
+    def audit_key(self) -> Path:
+        return self.root / "audit_signing.key"
+
+    @property
+    def audit_public_key(self) -> Path:
+        return self.root / "audit_signing.pub"
+
+    @property
+    def token_key(self) -> Path:
+        return self.root / "token_signing.jwk"
+
+    @property
+    def hmac_key(self) -> Path:
+        return self.root / "payload_hmac.key"
+
+
+def load_or_create_secret(path: Path, size: int = 32) -> bytes:
+    if path.exists():
+        return path.read_bytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    secret = secrets.token_bytes(size)
+    with os.fdopen(fd, "wb") as f:
+        f.write(secret)
+    return secret
+
+
+@dataclass(slots=True)
+class Outcome:
+    status: int
+    body: dict[str, Any] | bytes
+    headers: dict[str, str]
+
+
+class Bastion:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_path: Path = Path("bastion.toml"),
+        unsafe_no_defenses: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.unsafe_no_defenses = unsafe_no_defenses
+        paths = StatePaths(config.server.state_dir)
+        paths.root.mkdir(parents=True, exist_ok=True)
+        paths.root.chmod(0o700)
+        self.paths = paths
+        self.registry = ModelRegistry.load([m.path for m in config.models])
+        check_grants_name_models(config, self.registry.names | _failed_names(self.registry), config_path)
+        self.policy = Policy.from_config(config)
+        self.metrics = Metrics()
+        self.metrics.models_loaded.set(len(self.registry.models()))
+        self.metrics.models_refused.set(len(self.registry.failures))
+        self.keys = KeyStore(paths.keys)
+        self.tokens = TokenAuthority(
+            load_or_create_signing_key(paths.token_key),
+            issuer=config.tokens.issuer,
+            audience=config.tokens.audience,
+            default_ttl=config.tokens.ttl_seconds,
+        )
+        self.state: StateStore = (
+            SQLiteStateStore(paths.limits) if config.state.backend == "sqlite" else MemoryStateStore()
+        )
+        self.audit: AuditLog | None = None
+        if unsafe_no_defenses:
+            log.warning("UNSAFE: serving with every defense off (benchmark baseline only)")
+        else:
+            a = config.audit
+            self.audit = AuditLog(
+                paths.audit,
+                load_or_create_audit_key(paths.audit_key),
+                checkpoint_every_records=a.checkpoint_every_records,
+                checkpoint_every_seconds=a.checkpoint_every_seconds,
+                max_batch=a.max_batch,
+                clock=clock,
+            )
+        self._wait_for_audit = config.audit.durability == "sync"
+        self.pipelines = self.build_pipelines(load_or_create_secret(paths.hmac_key))
+
+    def build_pipelines(self, hmac_key: bytes) -> dict[Route, list[Stage]]:
+        """The order of the defenses, per route. Read top to bottom."""
+        limits = self.config.limits
+        decode = DecodeRequest(limits.max_body_bytes)
+        if self.unsafe_no_defenses:
+            return {Route.INFER: [_ResolveWithoutPolicy(self.registry), decode, Infer(), ShapeOutput()]}
+        authenticate = Authenticate(self.keys, self.tokens)
+        limit = EnforceLimits(self.state, self.policy)
+
+        def on_model(action: Action) -> AuthorizeModel:
+            return AuthorizeModel(self.policy, self.registry, action)
+
+        return {
+            Route.INFER: [
+                authenticate,  # 1. identity: key or token; 401
+                limit,  # 2. rate limit and daily quota; 429
+                on_model(Action.INFER),  # 3. model exists (404) and is granted (403)
+                decode,  # 4. body size (413) and well-formed V2 JSON (400)
+                GuardInput(max_rows=limits.max_rows, hmac_key=hmac_key),  # 5. manifest schema; 422/413/403
+                Infer(),  # 6. the runtime
+                ShapeOutput(),  # 7. output detail per grant; 403 for an ungranted output
+            ],
+            Route.MODEL_METADATA: [authenticate, limit, on_model(Action.METADATA), DescribeModel(self.registry)],
+            Route.MODEL_READY: [authenticate, limit, on_model(Action.METADATA), ModelReadiness()],
+            Route.SERVER_METADATA: [authenticate, limit, DescribeServer()],
+            Route.OPENAPI: [authenticate, limit, DescribeApi()],
+            # Only an API key can mint a token: a stolen token cannot renew itself.
+            Route.TOKEN: [
+                Authenticate(self.keys, self.tokens, allow_tokens=False),
+                limit,
+                IssueToken(self.tokens, self.policy),
+            ],
+            Route.METRICS: [authenticate, limit, AuthorizeServer(self.policy, Action.ADMIN),
+                            ExportMetrics(self.metrics)],
+            Route.NOT_FOUND: [authenticate, RouteNotFound()],
+        }
+
+    @property
+    def ready(self) -> bool:
+        audit_ok = self.audit is None or self.audit.healthy
+        return audit_ok and not self.registry.failures and bool(self.registry.models())
+
+    def close(self) -> None:
+        if self.audit is not None:
+            self.audit.close()
+        self.state.close()
+        self.keys.close()
+
+    async def handle(self, route: Route, ctx: RequestContext) -> Outcome:
+        started = time.perf_counter()
+        reason = "ok"
+        try:
+            stages = self.pipelines.get(route)
+            if stages is None:
+                raise NotReady("route disabled", code="route_disabled")
+            for stage in stages:
+                await stage(ctx)
+            outcome = Outcome(200, ctx.result_text if ctx.result_text is not None else ctx.result or {}, {})
+        except BastionError as e:
+            outcome = error_outcome(e)
+            reason = e.reason if isinstance(e, AuthenticationFailed) else e.code
+            self._count_denial(e, reason)
+        except Exception as e:  # a bug must not leak a traceback to the client; log its type only
+            log.exception("unhandled error in %s: %s", route.value, type(e).__name__)
+            outcome = Outcome(500, {"error": "internal error", "code": "internal_error"}, {})
+            reason = "internal_error"
+        latency = time.perf_counter() - started
+        if self.audit is not None:
+            outcome = await self._record(route, ctx, outcome, reason, latency)
+        model_label = ctx.model.name if ctx.model is not None else UNKNOWN
+        status = str(outcome.status)
+        decision = "allow" if outcome.status < 400 else "deny"
+        self.metrics.requests.labels(route.value, model_label, status, decision).inc()
+        self.metrics.latency.labels(route.value, model_label).observe(latency)
+        return outcome
+
+    def _count_denial(self, error: BastionError, reason: str) -> None:
+        if isinstance(error, AuthenticationFailed):
+            self.metrics.auth_failures.labels(reason).inc()
+        elif isinstance(error, RateLimited):
+            self.metrics.limited.labels(error.code).inc()
+
+    async def _record(
+        self, route: Route, ctx: RequestContext, outcome: Outcome, reason: str, latency: float
+    ) -> Outcome:
+        assert self.audit is not None
+        model = ctx.model
+        record = {
+            "ts": ctx.now,
+            "request_id": ctx.request_id,
+            "route": route.value,
+            "action": ROUTE_ACTIONS[route].value,
+            "principal": ctx.principal.id if ctx.principal else None,
+            "via": ctx.principal.via if ctx.principal else None,
+            # A requested-but-unknown model name is kept (truncated) for forensics: it is a name, not a payload.
+            "model": model.name if model else (ctx.model_name[:64] if ctx.model_name else None),
+            "version": model.version if model else None,
+            "digest": model.digest if model else None,
+            "decision": "allow" if outcome.status < 400 else "deny",
+            "reason": reason,
+            "status": outcome.status,
+            "latency_ms": round(latency * 1000, 3),
+            "payload_hmac": ctx.payload_hmac,
+            "client": ctx.client,
+        }
+        try:
+            pending = self.audit.submit(record, wait=self._wait_for_audit)
+            if pending is not None:
+                await pending
+        except AuditUnavailable:
+            # Fail closed: an answer that cannot be audited is not given.
+            self.metrics.audit_failures.inc()
+            return Outcome(503, {"error": "audit log unavailable", "code": "audit_unavailable"}, {})
+        return outcome
+
+
+def error_outcome(error: BastionError) -> Outcome:
+    headers: dict[str, str] = {}
+    if isinstance(error, AuthenticationFailed):
+        headers["WWW-Authenticate"] = 'Bearer realm="bastion"'
+    if isinstance(error, RateLimited):
+        headers["Retry-After"] = str(max(1, int(error.retry_after + 0.999)))
+    return Outcome(error.status, {"error": error.message, "code": error.code}, headers)
+
+
+def _failed_names(registry: ModelRegistry) -> set[str]:
+    """Names of configured models that failed to load, where their manifest could be read."""
+    from bastion.errors import ModelLoadError
+    from bastion.manifest import read_manifest
+
+    names = set()
+    for path in registry.failures:
+        try:
+            names.add(read_manifest(Path(path)).name)
+        except ModelLoadError:
+            continue
+    return names
+
+
+class _ResolveWithoutPolicy:
+    """Benchmark baseline only: find the model and grant everything."""
+
+    def __init__(self, registry: ModelRegistry) -> None:
+        self._registry = registry
+
+    async def __call__(self, ctx: RequestContext) -> None:
+        from bastion.config import OutputDetail
+        from bastion.policy import EffectiveGrant
+
+        assert ctx.model_name is not None
+        ctx.model = self._registry.get(ctx.model_name, ctx.model_version)
+        ctx.grant = EffectiveGrant(frozenset(Action), OutputDetail.PROBABILITIES, True)
+        ctx.output_detail = OutputDetail.PROBABILITIES

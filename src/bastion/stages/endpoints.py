@@ -1,0 +1,133 @@
+"""The last stage of the non-inference routes: each produces the response body."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bastion import __version__
+from bastion.config import Action, OutputDetail
+from bastion.context import RequestContext
+from bastion.errors import BadRequest, NotFound, PermissionDenied
+from bastion.metrics import Metrics
+from bastion.policy import Policy, TokenScope
+from bastion.protocol import parse_json
+from bastion.registry import ModelRegistry
+from bastion.stages.output_policy import LABEL, PROBABILITIES, output_names
+from bastion.tokens import TokenAuthority
+
+_MAX_TOKEN_REQUEST = 4096
+
+
+class DescribeServer:
+    async def __call__(self, ctx: RequestContext) -> None:
+        ctx.result = {"name": "bastion", "version": __version__, "extensions": ["bastion_auth"]}
+
+
+class DescribeModel:
+    """V2 model metadata, plus what this caller will get back (`parameters`)."""
+
+    def __init__(self, registry: ModelRegistry) -> None:
+        self._registry = registry
+
+    async def __call__(self, ctx: RequestContext) -> None:
+        model, grant = ctx.model, ctx.grant
+        assert model is not None and grant is not None and grant.output is not None
+        m = model.manifest
+        outputs = [{"name": LABEL, "datatype": "BYTES", "shape": [-1]}]
+        outputs.append({"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, len(m.outputs.classes)]})
+        inputs: list[dict[str, Any]] = []
+        for spec in m.inputs:
+            entry: dict[str, Any] = {"name": spec.name, "datatype": spec.datatype, "shape": spec.shape}
+            entry["parameters"] = {"sensitive": spec.sensitive}
+            inputs.append(entry)
+        ctx.result = {
+            "name": m.name,
+            "versions": sorted(v.version for v in self._registry.models() if v.name == m.name),
+            "platform": {"onnx": "onnxruntime_onnx", "sklearn": "sklearn_skops"}[m.runtime],
+            "inputs": inputs,
+            "outputs": outputs,
+            "parameters": {
+                "version": m.version,
+                "digest": model.digest,
+                "classes": m.outputs.classes,
+                "granted_outputs": output_names(grant.output),
+                "sensitive_inputs_granted": grant.sensitive_inputs,
+            },
+        }
+
+
+class ModelReadiness:
+    async def __call__(self, ctx: RequestContext) -> None:
+        assert ctx.model is not None
+        ctx.result = {"name": ctx.model.name, "version": ctx.model.version, "ready": True}
+
+
+class ExportMetrics:
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    async def __call__(self, ctx: RequestContext) -> None:
+        ctx.result_text = self._metrics.render()
+
+
+class DescribeApi:
+    async def __call__(self, ctx: RequestContext) -> None:
+        from bastion.http.openapi import OPENAPI
+
+        ctx.result = OPENAPI
+
+
+class RouteNotFound:
+    async def __call__(self, ctx: RequestContext) -> None:
+        raise NotFound("no such route", code="route_not_found")
+
+
+class IssueToken:
+    """Exchange an API key for a short-lived token whose scope can only narrow the key's grants."""
+
+    def __init__(self, tokens: TokenAuthority, policy: Policy) -> None:
+        self._tokens = tokens
+        self._policy = policy
+
+    async def __call__(self, ctx: RequestContext) -> None:
+        principal = ctx.principal
+        assert principal is not None
+        body = await ctx.read_body(_MAX_TOKEN_REQUEST)
+        doc = parse_json(body) if body.strip() else {}
+        if not isinstance(doc, dict) or set(doc) - {"scope", "output", "ttl_seconds"}:
+            raise BadRequest("token request takes 'scope', 'output' and 'ttl_seconds'", code="malformed_request")
+        scope = self._scope(doc.get("scope", ["infer:*", "metadata:*"]), principal.roles, doc.get("output"))
+        ttl = doc.get("ttl_seconds")
+        if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool) or not 1 <= ttl <= 86_400):
+            raise BadRequest("'ttl_seconds' must be an integer from 1 to 86400", code="malformed_request")
+        token, expires_in = self._tokens.issue(key_id=principal.key_id, scope=scope, now=ctx.now, ttl=ttl)
+        ctx.result = {
+            "access_token": token,
+            "token_type": "Bearer",
+            "expires_in": expires_in,
+            "scope": scope.encode(),
+        }
+
+    def _scope(self, items: Any, roles: tuple[str, ...], output: Any) -> TokenScope:
+        if not isinstance(items, list) or not items or not all(isinstance(i, str) for i in items):
+            raise BadRequest("'scope' must be a non-empty list of 'action:model' strings", code="malformed_request")
+        pairs = set()
+        for item in items:
+            action_name, sep, model = item.partition(":")
+            try:
+                action = Action(action_name)
+            except ValueError:
+                raise BadRequest(f"unknown action in scope {item[:80]!r}", code="malformed_request") from None
+            if not sep or not model:
+                raise BadRequest(f"scope {item[:80]!r} must read 'action:model'", code="malformed_request")
+            # A wildcard pair is safe: a token's grant is always the key's grant intersected with its scope.
+            if model != "*" and not self._policy.grant(roles, model).allows(action):
+                raise PermissionDenied(f"scope {item[:80]!r} is not granted to this key", code="scope_not_granted")
+            pairs.add((action, model))
+        detail = None
+        if output is not None:
+            try:
+                detail = OutputDetail(output)
+            except ValueError:
+                raise BadRequest("'output' must be 'label' or 'probabilities'", code="malformed_request") from None
+        return TokenScope(frozenset(pairs), detail)

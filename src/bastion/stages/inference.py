@@ -1,0 +1,25 @@
+"""Inference: the runtime computes class probabilities for the validated batch."""
+
+from __future__ import annotations
+
+import logging
+
+from bastion.context import RequestContext
+from bastion.errors import BastionError
+
+log = logging.getLogger("bastion.inference")
+
+
+class ModelFailed(BastionError):
+    status = 500
+    code = "inference_failed"
+
+
+class Infer:
+    async def __call__(self, ctx: RequestContext) -> None:
+        assert ctx.model is not None and ctx.request is not None
+        try:
+            ctx.probabilities = ctx.model.runtime.predict_proba(ctx.request.inputs)
+        except Exception as e:  # a runtime's own error: log its type for the operator, never the inputs
+            log.error("model %s failed: %s", ctx.model.name, type(e).__name__)
+            raise ModelFailed("the model could not answer this request") from None

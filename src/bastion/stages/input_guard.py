@@ -1,0 +1,125 @@
+"""Input guard: nothing reaches a model that its manifest does not allow.
+
+Body size, well-formed V2 JSON, then for each tensor: declared name, sensitive
+grant, datatype, shape, rows, finiteness, and min/max or allowed categories.
+A rejection names the input and the rule; it never repeats an input's value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+
+import numpy as np
+
+from bastion.context import RequestContext
+from bastion.errors import PayloadTooLarge, PermissionDenied, SchemaViolation
+from bastion.manifest import InputSpec, Manifest
+from bastion.protocol import decode_infer_request
+
+
+class DecodeRequest:
+    """Read the body under a hard byte cap and decode it as a V2 inference request."""
+
+    def __init__(self, max_body_bytes: int) -> None:
+        self._max = max_body_bytes
+
+    async def __call__(self, ctx: RequestContext) -> None:
+        ctx.body = await ctx.read_body(self._max)
+        ctx.request = decode_infer_request(ctx.body)
+
+
+@dataclass(frozen=True, slots=True)
+class _CompiledInput:
+    spec: InputSpec
+    low: np.ndarray | None
+    high: np.ndarray | None
+    categories: np.ndarray | None
+    check_finite: bool
+
+
+def _compile(spec: InputSpec) -> _CompiledInput:
+    def bound(value: float | list[float] | None) -> np.ndarray | None:
+        return None if value is None else np.asarray(value, dtype=np.float64)
+
+    cats = None if spec.categories is None else np.asarray(spec.categories, dtype=np.float64)
+    return _CompiledInput(spec, bound(spec.min), bound(spec.max), cats, spec.numpy_dtype.kind == "f")
+
+
+def _first_column(mask: np.ndarray) -> int:
+    """Index of the first offending column (last dimension) in a boolean mask."""
+    return int(np.argwhere(mask.reshape(-1, mask.shape[-1]).any(axis=0))[0][0]) if mask.ndim > 1 else 0
+
+
+class GuardInput:
+    def __init__(self, *, max_rows: int, hmac_key: bytes) -> None:
+        self._max_rows = max_rows
+        self._hmac_key = hmac_key
+        self._compiled: dict[int, dict[str, _CompiledInput]] = {}
+
+    def _specs(self, manifest: Manifest) -> dict[str, _CompiledInput]:
+        specs = self._compiled.get(id(manifest))
+        if specs is None:
+            specs = {s.name: _compile(s) for s in manifest.inputs}
+            self._compiled[id(manifest)] = specs
+        return specs
+
+    async def __call__(self, ctx: RequestContext) -> None:
+        request, model, grant = ctx.request, ctx.model, ctx.grant
+        assert request is not None and model is not None and grant is not None
+        specs = self._specs(model.manifest)
+        for name in request.inputs:
+            if name not in specs:
+                raise SchemaViolation(f"input {name[:64]!r} is not an input of this model", code="unknown_input")
+        for name, compiled in specs.items():
+            if name not in request.inputs:
+                raise SchemaViolation(f"input {name!r} is missing", code="missing_input")
+            if compiled.spec.sensitive and not grant.sensitive_inputs:
+                raise PermissionDenied(f"input {name!r} is sensitive and not granted", code="sensitive_input_denied")
+        rows = request.rows
+        if rows > self._max_rows:
+            raise PayloadTooLarge(f"{rows} rows in one request; at most {self._max_rows}", code="too_many_rows")
+        for name, array in request.inputs.items():
+            self._check(specs[name], array, rows)
+        ctx.payload_hmac = self._fingerprint(request.inputs)
+
+    @staticmethod
+    def _check(c: _CompiledInput, array: np.ndarray, rows: int) -> None:
+        spec = c.spec
+        label = f"input {spec.name!r}"
+        if array.dtype != spec.numpy_dtype:
+            raise SchemaViolation(f"{label}: datatype must be {spec.datatype}", code="wrong_datatype")
+        if array.ndim != len(spec.shape) or any(
+            want != -1 and got != want for got, want in zip(array.shape, spec.shape, strict=True)
+        ):
+            raise SchemaViolation(f"{label}: shape must be {spec.shape}", code="wrong_shape")
+        if array.shape[0] != rows:
+            raise SchemaViolation(f"{label}: every input must have the same number of rows", code="wrong_shape")
+        if c.check_finite and not np.isfinite(array).all():
+            raise SchemaViolation(f"{label}: NaN or infinity is not allowed", code="not_finite")
+        if c.low is not None:
+            below = array < c.low
+            if below.any():
+                col = _first_column(below)
+                low = c.low if c.low.ndim == 0 else c.low[col]
+                raise SchemaViolation(f"{label}: column {col} is below its minimum {float(low):g}",
+                                      code="out_of_range")
+        if c.high is not None:
+            above = array > c.high
+            if above.any():
+                col = _first_column(above)
+                high = c.high if c.high.ndim == 0 else c.high[col]
+                raise SchemaViolation(f"{label}: column {col} is above its maximum {float(high):g}",
+                                      code="out_of_range")
+        if c.categories is not None and not np.isin(array, c.categories).all():
+            raise SchemaViolation(f"{label}: a value is not one of the allowed categories", code="not_a_category")
+
+    def _fingerprint(self, inputs: dict[str, np.ndarray]) -> str:
+        """Keyed HMAC of the canonical tensors: correlates identical inputs without storing them."""
+        mac = hmac.new(self._hmac_key, digestmod=hashlib.sha256)
+        for name in sorted(inputs):
+            array = np.ascontiguousarray(inputs[name])
+            mac.update(f"{name}\0{array.dtype.str}\0{array.shape}\0".encode())
+            mac.update(array.tobytes())
+        return mac.hexdigest()
