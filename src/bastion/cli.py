@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -67,8 +66,10 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     config, store = _key_store(args.config)
     unknown = [r for r in args.role if r not in config.roles]
     if unknown:
-        return _fail(f"{args.config}: roles: no role named {', '.join(map(repr, unknown))} "
-                     f"(defined: {', '.join(sorted(config.roles)) or 'none'})")
+        return _fail(
+            f"{args.config}: roles: no role named {', '.join(map(repr, unknown))} "
+            f"(defined: {', '.join(sorted(config.roles)) or 'none'})"
+        )
     now = time.time()
     expires = now + args.expires_in if args.expires_in else None
     new = store.create(name=args.name, roles=args.role, now=now, expires_at=expires)
@@ -87,8 +88,10 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
     now = time.time()
     print(f"{'KEY ID':<18}{'NAME':<20}{'ROLES':<20}{'STATUS':<9}{'CREATED':<22}EXPIRES")
     for k in store.list():
-        print(f"{k.key_id:<18}{k.name[:19]:<20}{','.join(k.roles)[:19]:<20}{k.status(now):<9}"
-              f"{_when(k.created_at):<22}{_when(k.expires_at)}")
+        print(
+            f"{k.key_id:<18}{k.name[:19]:<20}{','.join(k.roles)[:19]:<20}{k.status(now):<9}"
+            f"{_when(k.created_at):<22}{_when(k.expires_at)}"
+        )
     return 0
 
 
@@ -123,7 +126,9 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     except AuditIntegrityError as e:
         print(f"FAILED: {db}: {e}", file=sys.stderr)
         return 1
-    print(f"OK: {db}: {report.records} records, {report.checkpoints} signed checkpoints, head {report.head[:16]}")
+    print(
+        f"OK: {db}: {report.records} records, {report.checkpoints} signed checkpoints, head {report.head[:16]}"
+    )
     return 0
 
 
@@ -160,7 +165,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     store.close()
     base = f"http://127.0.0.1:{args.port}"
     req = f"{args.dir}/request.json"
-    print(f"""
+    print(
+        f"""
 Demo written to {args.dir}/ (policy: {build.config_path}). Two keys, shown once:
 
   export ANALYST={analyst}
@@ -181,7 +187,10 @@ Try, in another terminal (after the two exports):
   .venv/bin/bastion audit verify --config {build.config_path}
 
 Serving on {base} (Ctrl-C to stop) ...
-""", file=sys.stderr, flush=True)
+""",
+        file=sys.stderr,
+        flush=True,
+    )
     if args.no_serve:
         return 0
     args.config, args.host, args.unsafe_no_defenses = build.config_path, None, False
@@ -212,29 +221,46 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    serve.add_argument("--max-concurrency", type=int, default=1024,
-                       help="requests in flight before new ones get 503 (load shedding)")
-    serve.add_argument("--unsafe-no-defenses", action="store_true",
-                       help="benchmark baseline only: no auth, limits, guard or audit")
+    serve.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=1024,
+        help="requests in flight before new ones get 503 (load shedding)",
+    )
+    serve.add_argument(
+        "--unsafe-no-defenses",
+        action="store_true",
+        help="benchmark baseline only: no auth, limits, guard or audit",
+    )
     serve.set_defaults(func=cmd_serve)
 
     check = with_config(sub.add_parser("check", help="validate the policy file and load every model"))
     check.set_defaults(func=cmd_check)
 
-    keys = sub.add_parser("keys", help="create, list and revoke API keys").add_subparsers(dest="keys", required=True)
+    keys = sub.add_parser("keys", help="create, list and revoke API keys").add_subparsers(
+        dest="keys", required=True
+    )
     create = with_config(keys.add_parser("create", help="create a key and print it once"))
     create.add_argument("--name", required=True)
-    create.add_argument("--role", action="append", required=True, help="role from the policy file (repeatable)")
+    create.add_argument(
+        "--role", action="append", required=True, help="role from the policy file (repeatable)"
+    )
     create.add_argument("--expires-in", type=int, metavar="SECONDS")
     create.set_defaults(func=cmd_keys_create)
-    with_config(keys.add_parser("list", help="list keys (never their secrets)")).set_defaults(func=cmd_keys_list)
+    with_config(keys.add_parser("list", help="list keys (never their secrets)")).set_defaults(
+        func=cmd_keys_list
+    )
     revoke = with_config(keys.add_parser("revoke", help="revoke a key; effective on the next request"))
     revoke.add_argument("key_id")
     revoke.set_defaults(func=cmd_keys_revoke)
 
-    audit = sub.add_parser("audit", help="verify and export the audit log").add_subparsers(dest="audit", required=True)
-    for name, func, text in (("verify", cmd_audit_verify, "verify the hash chain and signed checkpoints"),
-                             ("export", cmd_audit_export, "write the records as JSON lines")):
+    audit = sub.add_parser("audit", help="verify and export the audit log").add_subparsers(
+        dest="audit", required=True
+    )
+    for name, func, text in (
+        ("verify", cmd_audit_verify, "verify the hash chain and signed checkpoints"),
+        ("export", cmd_audit_export, "write the records as JSON lines"),
+    ):
         p = with_config(audit.add_parser(name, help=text))
         p.add_argument("--db", type=Path, help="audit database (default: from the policy file)")
         p.add_argument("--public-key", type=Path, help="checkpoint public key (default: beside the database)")

@@ -72,8 +72,15 @@ def write_onnx_model(model_dir: Path, estimator: Any, spec: InputSpec, classes: 
     (model_dir / "model.onnx").write_bytes(onx.SerializeToString())
     write_manifest(
         model_dir,
-        Manifest(name=name, version="1", runtime="onnx", file="model.onnx", inputs=[spec],
-                 outputs=OutputSpec(classes=classes), description="Breast cancer classifier (ONNX)"),
+        Manifest(
+            name=name,
+            version="1",
+            runtime="onnx",
+            file="model.onnx",
+            inputs=[spec],
+            outputs=OutputSpec(classes=classes),
+            description="Breast cancer classifier (ONNX)",
+        ),
     )
 
 
@@ -87,9 +94,16 @@ def write_skops_model(
     sio.dump(estimator, path)
     write_manifest(
         model_dir,
-        Manifest(name=name, version="1", runtime="sklearn", file="model.skops", inputs=inputs,
-                 outputs=OutputSpec(classes=classes), trusted_types=sio.get_untrusted_types(file=path),
-                 description="Breast cancer classifier (scikit-learn, skops)"),
+        Manifest(
+            name=name,
+            version="1",
+            runtime="sklearn",
+            file="model.skops",
+            inputs=inputs,
+            outputs=OutputSpec(classes=classes),
+            trusted_types=sio.get_untrusted_types(file=path),
+            description="Breast cancer classifier (scikit-learn, skops)",
+        ),
     )
 
 
@@ -156,10 +170,18 @@ def build_demo(root: Path, *, port: int = 8000) -> DemoBuild:
     return DemoBuild(root, config_path, features, estimator)
 
 
-def infer_request(rows: np.ndarray, *, name: str = "features", request_id: str | None = None) -> dict[str, Any]:
+def infer_request(
+    rows: np.ndarray, *, name: str = "features", request_id: str | None = None
+) -> dict[str, Any]:
     request: dict[str, Any] = {
-        "inputs": [{"name": name, "shape": list(rows.shape), "datatype": "FP32",
-                    "data": [round(float(v), 6) for v in rows.ravel()]}]
+        "inputs": [
+            {
+                "name": name,
+                "shape": list(rows.shape),
+                "datatype": "FP32",
+                "data": [round(float(v), 6) for v in rows.ravel()],
+            }
+        ]
     }
     if request_id is not None:
         request["id"] = request_id

@@ -13,25 +13,39 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
-            "bastion_requests", "Requests answered, by route, model, status and decision.",
-            ["route", "model", "status", "decision"], registry=self.registry,
+            "bastion_requests",
+            "Requests answered, by route, model, status and decision.",
+            ["route", "model", "status", "decision"],
+            registry=self.registry,
         )
         self.latency = Histogram(
-            "bastion_request_duration_seconds", "Time from request to response, by route and model.",
-            ["route", "model"], buckets=_BUCKETS, registry=self.registry,
+            "bastion_request_duration_seconds",
+            "Time from request to response, by route and model.",
+            ["route", "model"],
+            buckets=_BUCKETS,
+            registry=self.registry,
         )
         self.auth_failures = Counter(
-            "bastion_auth_failures", "Authentication failures by reason.", ["reason"], registry=self.registry,
+            "bastion_auth_failures",
+            "Authentication failures by reason.",
+            ["reason"],
+            registry=self.registry,
         )
         self.limited = Counter(
-            "bastion_rate_limited", "Requests refused by a rate limit or quota.", ["code"], registry=self.registry,
+            "bastion_rate_limited",
+            "Requests refused by a rate limit or quota.",
+            ["code"],
+            registry=self.registry,
         )
-        self.models_loaded = Gauge("bastion_models_loaded", "Model versions being served.", registry=self.registry)
+        self.models_loaded = Gauge(
+            "bastion_models_loaded", "Model versions being served.", registry=self.registry
+        )
         self.models_refused = Gauge(
             "bastion_models_refused", "Configured models refused at load.", registry=self.registry
         )
         self.audit_failures = Counter(
-            "bastion_audit_failures", "Requests failed closed because the audit log was unavailable.",
+            "bastion_audit_failures",
+            "Requests failed closed because the audit log was unavailable.",
             registry=self.registry,
         )
 

@@ -52,13 +52,17 @@ def _tensor(entry: Any, index: int) -> tuple[str, np.ndarray]:
         or not 1 <= len(shape) <= _MAX_DIMS
         or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
     ):
-        raise BadRequest(f"{label}: shape must be a list of 1 to {_MAX_DIMS} non-negative integers",
-                         code="malformed_request")
+        raise BadRequest(
+            f"{label}: shape must be a list of 1 to {_MAX_DIMS} non-negative integers",
+            code="malformed_request",
+        )
     if data is None:
         raise BadRequest(f"{label}: data is missing", code="malformed_request")
     target = V2_TO_NUMPY.get(datatype)
     if target is None:
-        raise SchemaViolation(f"{label}: datatype {datatype[:16]!r} is not supported", code="unsupported_datatype")
+        raise SchemaViolation(
+            f"{label}: datatype {datatype[:16]!r} is not supported", code="unsupported_datatype"
+        )
     try:
         array = np.asarray(data)
     except (ValueError, OverflowError):
@@ -66,7 +70,7 @@ def _tensor(entry: Any, index: int) -> tuple[str, np.ndarray]:
     if array.dtype.kind not in _ACCEPTED_KINDS[target.kind]:
         raise SchemaViolation(f"{label}: data does not hold {datatype} values", code="wrong_datatype")
     if target.kind in "iu" and array.size:
-        info = np.iinfo(target)
+        info = np.iinfo(target)  # type: ignore[type-var]
         if array.min() < info.min or array.max() > info.max:
             raise SchemaViolation(f"{label}: values do not fit {datatype}", code="wrong_datatype")
     if array.size != math.prod(shape):
@@ -116,7 +120,9 @@ def _requested_outputs(outputs: Any) -> list[str] | None:
         if not isinstance(params, dict):
             raise BadRequest("outputs[].parameters must be an object", code="malformed_request")
         if params.get("binary_data"):
-            raise BadRequest("binary tensor data is not supported; use JSON data", code="unsupported_parameter")
+            raise BadRequest(
+                "binary tensor data is not supported; use JSON data", code="unsupported_parameter"
+            )
     return [o["name"] for o in outputs]
 
 

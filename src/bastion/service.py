@@ -54,7 +54,7 @@ class Route(StrEnum):
     MODEL_METADATA = "model_metadata"
     MODEL_READY = "model_ready"
     SERVER_METADATA = "server_metadata"
-    TOKEN = "token"
+    TOKEN = "token"  # noqa: S105 (a route name, not a secret)
     METRICS = "metrics"
     OPENAPI = "openapi"
     NOT_FOUND = "not_found"
@@ -193,7 +193,12 @@ class Bastion:
                 Infer(),  # 6. the runtime
                 ShapeOutput(),  # 7. output detail per grant; 403 for an ungranted output
             ],
-            Route.MODEL_METADATA: [authenticate, limit, on_model(Action.METADATA), DescribeModel(self.registry)],
+            Route.MODEL_METADATA: [
+                authenticate,
+                limit,
+                on_model(Action.METADATA),
+                DescribeModel(self.registry),
+            ],
             Route.MODEL_READY: [authenticate, limit, on_model(Action.METADATA), ModelReadiness()],
             Route.SERVER_METADATA: [authenticate, limit, DescribeServer()],
             Route.OPENAPI: [authenticate, limit, DescribeApi()],
@@ -203,8 +208,12 @@ class Bastion:
                 limit,
                 IssueToken(self.tokens, self.policy),
             ],
-            Route.METRICS: [authenticate, limit, AuthorizeServer(self.policy, Action.ADMIN),
-                            ExportMetrics(self.metrics)],
+            Route.METRICS: [
+                authenticate,
+                limit,
+                AuthorizeServer(self.policy, Action.ADMIN),
+                ExportMetrics(self.metrics),
+            ],
             Route.NOT_FOUND: [authenticate, RouteNotFound()],
         }
 

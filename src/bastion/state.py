@@ -53,7 +53,9 @@ def admit(usage: _Usage | None, spec: LimitSpec, *, now: float, cost: int) -> tu
         return Admission(False, "quota_exhausted", retry, 0), _Usage(tokens, now, today, used)
     if tokens < cost:
         retry = (cost - tokens) / spec.rate
-        return Admission(False, "rate_limited", retry, spec.daily_quota - used), _Usage(tokens, now, today, used)
+        return Admission(False, "rate_limited", retry, spec.daily_quota - used), _Usage(
+            tokens, now, today, used
+        )
     new = _Usage(tokens - cost, now, today, used + cost)
     return Admission(True, None, 0.0, spec.daily_quota - new.used), new
 

@@ -74,7 +74,9 @@ class TokenAuthority:
         }
         if scope.output is not None:
             claims["output"] = scope.output.value
-        token = jwt.encode({"alg": ALGORITHM, "typ": "JWT"}, claims, self._signing_key, algorithms=[ALGORITHM])
+        token = jwt.encode(
+            {"alg": ALGORITHM, "typ": "JWT"}, claims, self._signing_key, algorithms=[ALGORITHM]
+        )
         return token, ttl
 
     def verify(self, token: str, *, now: float) -> VerifiedToken:

@@ -4,4 +4,12 @@ from bastion.audit.chain import GENESIS, chain_hash, checkpoint_message, encode_
 from bastion.audit.log import AuditLog
 from bastion.audit.verify import VerifyReport, verify_audit
 
-__all__ = ["GENESIS", "AuditLog", "VerifyReport", "chain_hash", "checkpoint_message", "encode_body", "verify_audit"]
+__all__ = [
+    "GENESIS",
+    "AuditLog",
+    "VerifyReport",
+    "chain_hash",
+    "checkpoint_message",
+    "encode_body",
+    "verify_audit",
+]

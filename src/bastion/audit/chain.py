@@ -61,7 +61,9 @@ def load_or_create_audit_key(private_path: Path) -> Ed25519PrivateKey:
     private_path.touch(mode=0o600, exist_ok=False)
     private_path.write_bytes(pem)
     public_path(private_path).write_bytes(
-        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
     )
     return key
 

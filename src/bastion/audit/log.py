@@ -57,7 +57,8 @@ class AuditLog:
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.executescript(SCHEMA)
         row = self._conn.execute("SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1").fetchone()
-        self._seq, self._head = (row[0], row[1]) if row else (0, GENESIS)
+        self._seq: int = row[0] if row else 0
+        self._head: str = row[1] if row else GENESIS
         cp = self._conn.execute("SELECT seq FROM checkpoints ORDER BY seq DESC LIMIT 1").fetchone()
         self._checkpointed_seq = cp[0] if cp else 0
         self._last_checkpoint_at = self._clock()

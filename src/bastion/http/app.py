@@ -74,7 +74,9 @@ class BastionApp:
         outcome = await self.service.handle(route, ctx)
         await _send(send, outcome, ctx.request_id)
 
-    def _context(self, scope: Scope, receive: Receive, route: Route, match: re.Match[str] | None) -> RequestContext:
+    def _context(
+        self, scope: Scope, receive: Receive, route: Route, match: re.Match[str] | None
+    ) -> RequestContext:
         headers: dict[bytes, bytes] = {}
         for k, v in scope["headers"]:
             headers.setdefault(k, v)
@@ -109,7 +111,9 @@ class BastionApp:
             read_body=read_body,
             client=client[0] if client else None,
             model_name=match.group("name") if match is not None and "name" in match.groupdict() else None,
-            model_version=match.group("version") if match is not None and "version" in match.groupdict() else None,
+            model_version=match.group("version")
+            if match is not None and "version" in match.groupdict()
+            else None,
         )
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -121,12 +125,6 @@ class BastionApp:
                 self.service.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
-
-
-def _action(route: Route) -> Any:
-    from bastion.service import _ACTION
-
-    return _ACTION[route]
 
 
 async def _send(send: Send, outcome: Outcome, request_id: str | None) -> None:

@@ -26,7 +26,7 @@ _ERRORS = {
 }
 _NAME = {"name": "model_name", "in": "path", "required": True, "schema": {"type": "string"}}
 _VERSION = {"name": "model_version", "in": "path", "required": True, "schema": {"type": "string"}}
-_SECURED = [{"bearer": []}]
+_SECURED: list[dict[str, list[str]]] = [{"bearer": []}]
 
 
 def _model_paths(suffix: str, version: bool) -> dict[str, Any]:
@@ -38,7 +38,10 @@ def _model_paths(suffix: str, version: bool) -> dict[str, Any]:
                 "operationId": "infer_versioned" if version else "infer",
                 "security": _SECURED,
                 "parameters": params,
-                "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("InferRequest")}}},
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("InferRequest")}},
+                },
                 "responses": {
                     "200": _json(_ref("InferResponse"), "Inference result"),
                     **_ERRORS,
@@ -101,7 +104,10 @@ OPENAPI: dict[str, Any] = {
                 "summary": "Readiness (no credentials)",
                 "operationId": "ready",
                 "security": [],
-                "responses": {"200": _json({"type": "object"}, "Ready"), "503": _json({"type": "object"}, "Not ready")},
+                "responses": {
+                    "200": _json({"type": "object"}, "Ready"),
+                    "503": _json({"type": "object"}, "Not ready"),
+                },
             }
         },
         "/v2": {
@@ -123,7 +129,10 @@ OPENAPI: dict[str, Any] = {
                 "summary": "Exchange an API key for a short-lived scoped token (EdDSA JWT)",
                 "operationId": "issue_token",
                 "security": _SECURED,
-                "requestBody": {"required": False, "content": {"application/json": {"schema": _ref("TokenRequest")}}},
+                "requestBody": {
+                    "required": False,
+                    "content": {"application/json": {"schema": _ref("TokenRequest")}},
+                },
                 "responses": {"200": _json(_ref("TokenResponse"), "Token issued"), **_ERRORS},
             }
         },
@@ -141,14 +150,19 @@ OPENAPI: dict[str, Any] = {
                 "operationId": "metrics",
                 "security": _SECURED,
                 "responses": {
-                    "200": {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}},
+                    "200": {
+                        "description": "Prometheus text format",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
                     **_ERRORS,
                 },
             }
         },
     },
     "components": {
-        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "description": "API key or token"}},
+        "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer", "description": "API key or token"}
+        },
         "schemas": {
             "Error": {
                 "type": "object",
@@ -167,7 +181,11 @@ OPENAPI: dict[str, Any] = {
             "ModelReady": {
                 "type": "object",
                 "required": ["name", "ready"],
-                "properties": {"name": {"type": "string"}, "version": {"type": "string"}, "ready": {"type": "boolean"}},
+                "properties": {
+                    "name": {"type": "string"},
+                    "version": {"type": "string"},
+                    "ready": {"type": "boolean"},
+                },
             },
             "ModelMetadata": {
                 "type": "object",
@@ -230,7 +248,10 @@ OPENAPI: dict[str, Any] = {
             "TokenRequest": {
                 "type": "object",
                 "properties": {
-                    "scope": {"type": "array", "items": {"type": "string", "examples": ["infer:breast-cancer"]}},
+                    "scope": {
+                        "type": "array",
+                        "items": {"type": "string", "examples": ["infer:breast-cancer"]},
+                    },
                     "output": {"type": "string", "enum": ["label", "probabilities"]},
                     "ttl_seconds": {"type": "integer", "minimum": 1, "maximum": 86400},
                 },

@@ -62,7 +62,9 @@ class OnnxRuntime:
                 )
         missing = set(model_inputs) - {s.name for s in manifest.inputs}
         if missing:
-            raise ModelLoadError(f"{path}: model inputs missing from the manifest: {', '.join(sorted(missing))}")
+            raise ModelLoadError(
+                f"{path}: model inputs missing from the manifest: {', '.join(sorted(missing))}"
+            )
         proba = [o for o in session.get_outputs() if o.type in ("tensor(float)", "tensor(double)")]
         if not proba:
             raise ModelLoadError(f"{path}: the model has no float probability output")

@@ -95,7 +95,9 @@ class IssueToken:
         body = await ctx.read_body(_MAX_TOKEN_REQUEST)
         doc = parse_json(body) if body.strip() else {}
         if not isinstance(doc, dict) or set(doc) - {"scope", "output", "ttl_seconds"}:
-            raise BadRequest("token request takes 'scope', 'output' and 'ttl_seconds'", code="malformed_request")
+            raise BadRequest(
+                "token request takes 'scope', 'output' and 'ttl_seconds'", code="malformed_request"
+            )
         scope = self._scope(doc.get("scope", ["infer:*", "metadata:*"]), principal.roles, doc.get("output"))
         ttl = doc.get("ttl_seconds")
         if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool) or not 1 <= ttl <= 86_400):
@@ -110,7 +112,9 @@ class IssueToken:
 
     def _scope(self, items: Any, roles: tuple[str, ...], output: Any) -> TokenScope:
         if not isinstance(items, list) or not items or not all(isinstance(i, str) for i in items):
-            raise BadRequest("'scope' must be a non-empty list of 'action:model' strings", code="malformed_request")
+            raise BadRequest(
+                "'scope' must be a non-empty list of 'action:model' strings", code="malformed_request"
+            )
         pairs = set()
         for item in items:
             action_name, sep, model = item.partition(":")
@@ -122,12 +126,16 @@ class IssueToken:
                 raise BadRequest(f"scope {item[:80]!r} must read 'action:model'", code="malformed_request")
             # A wildcard pair is safe: a token's grant is always the key's grant intersected with its scope.
             if model != "*" and not self._policy.grant(roles, model).allows(action):
-                raise PermissionDenied(f"scope {item[:80]!r} is not granted to this key", code="scope_not_granted")
+                raise PermissionDenied(
+                    f"scope {item[:80]!r} is not granted to this key", code="scope_not_granted"
+                )
             pairs.add((action, model))
         detail = None
         if output is not None:
             try:
                 detail = OutputDetail(output)
             except ValueError:
-                raise BadRequest("'output' must be 'label' or 'probabilities'", code="malformed_request") from None
+                raise BadRequest(
+                    "'output' must be 'label' or 'probabilities'", code="malformed_request"
+                ) from None
         return TokenScope(frozenset(pairs), detail)

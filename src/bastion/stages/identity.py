@@ -30,8 +30,8 @@ class Authenticate:
             raise AuthenticationFailed("token_not_accepted_here")
         token = self._tokens.verify(credential, now=ctx.now)
         # The key behind the token is read on every request: revoking it kills its tokens at once.
-        record = self._keys.get(token.key_id)
-        if record is None:
+        behind = self._keys.get(token.key_id)
+        if behind is None:
             raise AuthenticationFailed("token_key_unknown")
-        self._keys.require_active(record, now=ctx.now)
-        ctx.principal = Principal(record.key_id, record.roles, token.scope, via="token")
+        self._keys.require_active(behind, now=ctx.now)
+        ctx.principal = Principal(behind.key_id, behind.roles, token.scope, via="token")

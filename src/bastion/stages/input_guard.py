@@ -71,15 +71,21 @@ class GuardInput:
         specs = self._specs(model.manifest)
         for name in request.inputs:
             if name not in specs:
-                raise SchemaViolation(f"input {name[:64]!r} is not an input of this model", code="unknown_input")
+                raise SchemaViolation(
+                    f"input {name[:64]!r} is not an input of this model", code="unknown_input"
+                )
         for name, compiled in specs.items():
             if name not in request.inputs:
                 raise SchemaViolation(f"input {name!r} is missing", code="missing_input")
             if compiled.spec.sensitive and not grant.sensitive_inputs:
-                raise PermissionDenied(f"input {name!r} is sensitive and not granted", code="sensitive_input_denied")
+                raise PermissionDenied(
+                    f"input {name!r} is sensitive and not granted", code="sensitive_input_denied"
+                )
         rows = request.rows
         if rows > self._max_rows:
-            raise PayloadTooLarge(f"{rows} rows in one request; at most {self._max_rows}", code="too_many_rows")
+            raise PayloadTooLarge(
+                f"{rows} rows in one request; at most {self._max_rows}", code="too_many_rows"
+            )
         for name, array in request.inputs.items():
             self._check(specs[name], array, rows)
         ctx.payload_hmac = self._fingerprint(request.inputs)
@@ -95,7 +101,9 @@ class GuardInput:
         ):
             raise SchemaViolation(f"{label}: shape must be {spec.shape}", code="wrong_shape")
         if array.shape[0] != rows:
-            raise SchemaViolation(f"{label}: every input must have the same number of rows", code="wrong_shape")
+            raise SchemaViolation(
+                f"{label}: every input must have the same number of rows", code="wrong_shape"
+            )
         if c.check_finite and not np.isfinite(array).all():
             raise SchemaViolation(f"{label}: NaN or infinity is not allowed", code="not_finite")
         if c.low is not None:
@@ -103,17 +111,21 @@ class GuardInput:
             if below.any():
                 col = _first_column(below)
                 low = c.low if c.low.ndim == 0 else c.low[col]
-                raise SchemaViolation(f"{label}: column {col} is below its minimum {float(low):g}",
-                                      code="out_of_range")
+                raise SchemaViolation(
+                    f"{label}: column {col} is below its minimum {float(low):g}", code="out_of_range"
+                )
         if c.high is not None:
             above = array > c.high
             if above.any():
                 col = _first_column(above)
                 high = c.high if c.high.ndim == 0 else c.high[col]
-                raise SchemaViolation(f"{label}: column {col} is above its maximum {float(high):g}",
-                                      code="out_of_range")
+                raise SchemaViolation(
+                    f"{label}: column {col} is above its maximum {float(high):g}", code="out_of_range"
+                )
         if c.categories is not None and not np.isin(array, c.categories).all():
-            raise SchemaViolation(f"{label}: a value is not one of the allowed categories", code="not_a_category")
+            raise SchemaViolation(
+                f"{label}: a value is not one of the allowed categories", code="not_a_category"
+            )
 
     def _fingerprint(self, inputs: dict[str, np.ndarray]) -> str:
         """Keyed HMAC of the canonical tensors: correlates identical inputs without storing them."""

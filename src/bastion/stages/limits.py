@@ -39,5 +39,7 @@ class EnforceLimits:
         admission = await self._store.acquire(ctx.principal.id, self._spec(ctx.principal.roles), now=ctx.now)
         if not admission.allowed:
             if admission.reason == "quota_exhausted":
-                raise RateLimited("daily quota exhausted", retry_after=admission.retry_after, code="quota_exhausted")
+                raise RateLimited(
+                    "daily quota exhausted", retry_after=admission.retry_after, code="quota_exhausted"
+                )
             raise RateLimited("rate limit exceeded", retry_after=admission.retry_after)

@@ -32,7 +32,9 @@ class ShapeOutput:
         for name in wanted:
             need = _NEEDS.get(name)
             if need is None:
-                raise SchemaViolation(f"output {name[:64]!r} is not an output of this model", code="unknown_output")
+                raise SchemaViolation(
+                    f"output {name[:64]!r} is not an output of this model", code="unknown_output"
+                )
             if need.rank > detail.rank:
                 raise PermissionDenied(f"output {name!r} is not granted", code="output_not_granted")
         classes = model.manifest.outputs.classes
