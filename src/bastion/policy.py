@@ -91,6 +91,12 @@ class Policy:
                 sensitive = sensitive or g.sensitive_inputs
         return EffectiveGrant(frozenset(actions), output, sensitive) if actions else NO_GRANT
 
+    def grants_anywhere(self, roles: tuple[str, ...], action: Action) -> bool:
+        """Whether any of the roles grants `action` on any model."""
+        return any(
+            action in g.actions for name in roles if (role := self._roles.get(name)) for g in role.grants
+        )
+
     def server_actions(self, roles: tuple[str, ...]) -> frozenset[Action]:
         """Actions granted on the server itself (grants naming model '*'), e.g. admin for /metrics."""
         return self.grant(roles, "*").actions

@@ -22,7 +22,7 @@ from bastion.audit.chain import load_or_create_audit_key
 from bastion.audit.log import AuditUnavailable
 from bastion.config import Action, Config, check_grants_name_models
 from bastion.context import RequestContext
-from bastion.errors import AuthenticationFailed, BastionError, NotReady, RateLimited
+from bastion.errors import AuthenticationFailed, BastionError, MethodNotAllowed, NotReady, RateLimited
 from bastion.keys import KeyStore
 from bastion.metrics import UNKNOWN, Metrics
 from bastion.policy import Policy
@@ -37,6 +37,7 @@ from bastion.stages.endpoints import (
     IssueToken,
     ModelReadiness,
     RouteNotFound,
+    WrongMethod,
 )
 from bastion.stages.identity import Authenticate
 from bastion.stages.inference import Infer
@@ -58,6 +59,7 @@ class Route(StrEnum):
     METRICS = "metrics"
     OPENAPI = "openapi"
     NOT_FOUND = "not_found"
+    WRONG_METHOD = "wrong_method"
 
 
 ROUTE_ACTIONS = {
@@ -69,6 +71,7 @@ ROUTE_ACTIONS = {
     Route.METRICS: Action.ADMIN,
     Route.OPENAPI: Action.METADATA,
     Route.NOT_FOUND: Action.METADATA,
+    Route.WRONG_METHOD: Action.METADATA,
 }
 
 
@@ -214,7 +217,9 @@ class Bastion:
                 AuthorizeServer(self.policy, Action.ADMIN),
                 ExportMetrics(self.metrics),
             ],
+            # Unknown paths and wrong methods answer 401 before 404/405: nothing to map anonymously.
             Route.NOT_FOUND: [authenticate, RouteNotFound()],
+            Route.WRONG_METHOD: [authenticate, WrongMethod()],
         }
 
     @property
@@ -240,6 +245,8 @@ class Bastion:
             outcome = Outcome(200, ctx.result_text if ctx.result_text is not None else ctx.result or {}, {})
         except BastionError as e:
             outcome = error_outcome(e)
+            if isinstance(e, MethodNotAllowed):
+                outcome.headers["Allow"] = str(ctx.extra.get("allowed", ""))
             reason = e.reason if isinstance(e, AuthenticationFailed) else e.code
             self._count_denial(e, reason)
         except Exception as e:  # a bug must not leak a traceback to the client; log its type only

@@ -15,8 +15,8 @@ from typing import Any
 import orjson
 
 from bastion.context import RequestContext
-from bastion.errors import BadRequest, MethodNotAllowed, PayloadTooLarge
-from bastion.service import ROUTE_ACTIONS, Bastion, Outcome, Route, error_outcome
+from bastion.errors import BadRequest, PayloadTooLarge
+from bastion.service import ROUTE_ACTIONS, Bastion, Outcome, Route
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -59,18 +59,17 @@ class BastionApp:
             ready = self.service.ready
             await _send(send, Outcome(200 if ready else 503, {"ready": ready}, {}), None)
             return
-        route, match = Route.NOT_FOUND, None
+        route, match, allowed_method = Route.NOT_FOUND, None, None
         for pattern, allowed, candidate in _ROUTES:
             m = pattern.match(path)
             if m is not None:
-                if method != allowed and not (method == "HEAD" and allowed == "GET"):
-                    outcome = error_outcome(MethodNotAllowed(f"use {allowed} on this path"))
-                    outcome.headers["Allow"] = allowed
-                    await _send(send, outcome, None)
-                    return
                 route, match = candidate, m
+                if method != allowed:
+                    route, allowed_method = Route.WRONG_METHOD, allowed
                 break
         ctx = self._context(scope, receive, route, match)
+        if allowed_method is not None:
+            ctx.extra["allowed"] = allowed_method
         outcome = await self.service.handle(route, ctx)
         await _send(send, outcome, ctx.request_id)
 

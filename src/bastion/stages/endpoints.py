@@ -7,7 +7,7 @@ from typing import Any
 from bastion import __version__
 from bastion.config import Action, OutputDetail
 from bastion.context import RequestContext
-from bastion.errors import BadRequest, NotFound, PermissionDenied
+from bastion.errors import BadRequest, MethodNotAllowed, NotFound, PermissionDenied
 from bastion.metrics import Metrics
 from bastion.policy import Policy, TokenScope
 from bastion.protocol import parse_json
@@ -82,6 +82,11 @@ class RouteNotFound:
         raise NotFound("no such route", code="route_not_found")
 
 
+class WrongMethod:
+    async def __call__(self, ctx: RequestContext) -> None:
+        raise MethodNotAllowed(f"use {ctx.extra.get('allowed', 'another method')} on this path")
+
+
 class IssueToken:
     """Exchange an API key for a short-lived token whose scope can only narrow the key's grants."""
 
@@ -124,8 +129,14 @@ class IssueToken:
                 raise BadRequest(f"unknown action in scope {item[:80]!r}", code="malformed_request") from None
             if not sep or not model:
                 raise BadRequest(f"scope {item[:80]!r} must read 'action:model'", code="malformed_request")
-            # A wildcard pair is safe: a token's grant is always the key's grant intersected with its scope.
-            if model != "*" and not self._policy.grant(roles, model).allows(action):
+            # A wildcard pair narrows to the key's own grants (a token's grant is always the intersection),
+            # but asking for an action the key holds nowhere is refused outright.
+            granted = (
+                self._policy.grants_anywhere(roles, action)
+                if model == "*"
+                else self._policy.grant(roles, model).allows(action)
+            )
+            if not granted:
                 raise PermissionDenied(
                     f"scope {item[:80]!r} is not granted to this key", code="scope_not_granted"
                 )

@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import RunningServer, create_key, start_server, write_test_deployment
+
+
+@dataclass
+class Deployment:
+    """The real server with its keys, and every secret the tests used (for the leak scan)."""
+
+    server: RunningServer
+    config: Path
+    root: Path
+    build: Any
+    keys: dict[str, str]
+    secrets: set[str] = field(default_factory=set)
+    raw_values: set[str] = field(default_factory=set)
+
+
+@pytest.fixture(scope="session")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    root = tmp_path_factory.mktemp("deployment")
+    config, build = write_test_deployment(root)
+    keys = {role: create_key(config, role) for role in ("analyst", "admin", "outsider", "tight", "quota")}
+    server = start_server(config, root / "server.log")
+    dep = Deployment(server, config, root, build, keys, secrets=set(keys.values()))
+    yield dep
+    server.stop()

@@ -1,0 +1,152 @@
+"""Shared test helpers: build real model directories and policy files, start the real server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from bastion.demo import build_demo, write_skops_model
+from bastion.manifest import InputSpec
+
+BASTION = [sys.executable, "-m", "bastion.cli"]
+
+TEST_ROLES = """
+[roles.analyst]
+rate = 50
+burst = 100
+daily_quota = 100000
+grants = [
+  { models = ["breast-cancer", "breast-cancer-skops"], actions = ["infer", "metadata"], output = "label" },
+  { models = ["loan"], actions = ["infer", "metadata"], output = "probabilities" },
+]
+
+[roles.admin]
+rate = 500
+burst = 1000
+daily_quota = 1000000
+grants = [
+  { models = ["*"], actions = ["infer", "metadata", "admin"], output = "probabilities", sensitive_inputs = true },
+]
+
+# Has a grant, but not on the breast-cancer models.
+[roles.outsider]
+rate = 50
+burst = 100
+grants = [ { models = ["loan"], actions = ["metadata"] } ]
+
+# A tight bucket for the rate-limit tests.
+[roles.tight]
+rate = 0.5
+burst = 3
+grants = [ { models = ["breast-cancer"], actions = ["infer", "metadata"] } ]
+
+# A tiny daily quota.
+[roles.quota]
+rate = 100
+burst = 100
+daily_quota = 2
+grants = [ { models = ["breast-cancer"], actions = ["infer"] } ]
+"""
+
+
+def write_loan_model(model_dir: Path) -> None:
+    """A small model with a sensitive categorical input, to test grants on sensitive inputs."""
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 3)).astype(np.float32)
+    region = rng.integers(0, 3, size=(400, 1))
+    y = ((x[:, 0] + 0.5 * region[:, 0]) > 0.5).astype(int)
+    estimator = LogisticRegression().fit(np.hstack([x, region]), y)
+    inputs = [
+        InputSpec(name="income", datatype="FP32", shape=[-1, 3], min=-10.0, max=10.0),
+        InputSpec(name="region", datatype="INT64", shape=[-1, 1], categories=[0, 1, 2], sensitive=True),
+    ]
+    write_skops_model(model_dir, estimator, inputs, ["approve", "decline"], "loan")
+
+
+def write_test_deployment(root: Path, *, port: int = 0, extra: str = "") -> tuple[Path, Any]:
+    build = build_demo(root, port=port)
+    write_loan_model(root / "models" / "loan")
+    text = build.config_path.read_text()
+    head = text[: text.index("# Analysts may ask")]
+    head = head.replace('[[models]]\npath = "models/breast-cancer-skops"\n',
+                        '[[models]]\npath = "models/breast-cancer-skops"\n\n[[models]]\npath = "models/loan"\n')
+    build.config_path.write_text(head + extra + TEST_ROLES)
+    return build.config_path, build
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_cli(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([*BASTION, *map(str, args)], capture_output=True, text=True, timeout=120)
+    if check and result.returncode != 0:
+        raise AssertionError(f"bastion {args} failed: {result.stderr}")
+    return result
+
+
+def create_key(config: Path, role: str, *extra: str) -> str:
+    return run_cli("keys", "create", "--config", config, "--name", f"test-{role}", "--role", role,
+                   *extra).stdout.strip()
+
+
+@dataclass
+class RunningServer:
+    base_url: str
+    config: Path
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    request_ids: list[str] = field(default_factory=list)
+
+    def client(self, key: str | None = None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.base_url, headers=headers, timeout=30,
+                            event_hooks={"response": [self._remember]})
+
+    def _remember(self, response: httpx.Response) -> None:
+        rid = response.headers.get("x-request-id")
+        if rid:
+            self.request_ids.append(rid)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_server(config: Path, log_path: Path, *extra: str) -> RunningServer:
+    port = free_port()
+    log = log_path.open("wb")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([*BASTION, "serve", "--config", str(config), "--port", str(port), *extra],
+                               stdout=log, stderr=subprocess.STDOUT, env=env)
+    server = RunningServer(f"http://127.0.0.1:{port}", config, process, log_path)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited: {log_path.read_text()}")
+        try:
+            if httpx.get(f"{server.base_url}/v2/health/live", timeout=1).status_code == 200:
+                return server
+        except httpx.TransportError:
+            time.sleep(0.1)
+    server.stop()
+    raise AssertionError("server did not start in 60 s")
