@@ -79,7 +79,7 @@ def write_test_deployment(root: Path, *, port: int = 0, extra: str = "") -> tupl
     build = build_demo(root, port=port)
     write_loan_model(root / "models" / "loan")
     text = build.config_path.read_text()
-    head = text[: text.index("# Analysts may ask")]
+    head = text[: text.index("# Analysts may ask")].replace("checkpoint_every_records = 1000", "checkpoint_every_records = 25")
     head = head.replace('[[models]]\npath = "models/breast-cancer-skops"\n',
                         '[[models]]\npath = "models/breast-cancer-skops"\n\n[[models]]\npath = "models/loan"\n')
     build.config_path.write_text(head + extra + TEST_ROLES)
