@@ -79,9 +79,13 @@ def write_test_deployment(root: Path, *, port: int = 0, extra: str = "") -> tupl
     build = build_demo(root, port=port)
     write_loan_model(root / "models" / "loan")
     text = build.config_path.read_text()
-    head = text[: text.index("# Analysts may ask")].replace("checkpoint_every_records = 1000", "checkpoint_every_records = 25")
-    head = head.replace('[[models]]\npath = "models/breast-cancer-skops"\n',
-                        '[[models]]\npath = "models/breast-cancer-skops"\n\n[[models]]\npath = "models/loan"\n')
+    head = text[: text.index("# Analysts may ask")].replace(
+        "checkpoint_every_records = 1000", "checkpoint_every_records = 25"
+    )
+    head = head.replace(
+        '[[models]]\npath = "models/breast-cancer-skops"\n',
+        '[[models]]\npath = "models/breast-cancer-skops"\n\n[[models]]\npath = "models/loan"\n',
+    )
     build.config_path.write_text(head + extra + TEST_ROLES)
     return build.config_path, build
 
@@ -100,8 +104,9 @@ def run_cli(*args: str | Path, check: bool = True) -> subprocess.CompletedProces
 
 
 def create_key(config: Path, role: str, *extra: str) -> str:
-    return run_cli("keys", "create", "--config", config, "--name", f"test-{role}", "--role", role,
-                   *extra).stdout.strip()
+    return run_cli(
+        "keys", "create", "--config", config, "--name", f"test-{role}", "--role", role, *extra
+    ).stdout.strip()
 
 
 @dataclass
@@ -114,8 +119,9 @@ class RunningServer:
 
     def client(self, key: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.Client(base_url=self.base_url, headers=headers, timeout=30,
-                            event_hooks={"response": [self._remember]})
+        return httpx.Client(
+            base_url=self.base_url, headers=headers, timeout=30, event_hooks={"response": [self._remember]}
+        )
 
     def _remember(self, response: httpx.Response) -> None:
         rid = response.headers.get("x-request-id")
@@ -136,8 +142,12 @@ def start_server(config: Path, log_path: Path, *extra: str) -> RunningServer:
     port = free_port()
     log = log_path.open("wb")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([*BASTION, "serve", "--config", str(config), "--port", str(port), *extra],
-                               stdout=log, stderr=subprocess.STDOUT, env=env)
+    process = subprocess.Popen(
+        [*BASTION, "serve", "--config", str(config), "--port", str(port), *extra],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     server = RunningServer(f"http://127.0.0.1:{port}", config, process, log_path)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -61,12 +61,11 @@ class ModelRegistry:
 
     def add(self, model_dir: Path) -> ServedModel:
         manifest = read_manifest(model_dir)
-        versions = self._models.setdefault(manifest.name, {})
-        if manifest.version in versions:
+        if manifest.version in self._models.get(manifest.name, {}):
             raise ModelLoadError(f"{model_dir}: {manifest.name} version {manifest.version} is already served")
         runtime = load_runtime(model_dir, manifest)
         model = ServedModel(manifest, runtime, artifact_digest(model_dir, manifest))
-        versions[manifest.version] = model
+        self._models.setdefault(manifest.name, {})[manifest.version] = model
         log.info("serving %s version %s (%s)", model.name, model.version, model.digest)
         return model
 

@@ -156,7 +156,10 @@ def test_token_cannot_widen_the_key(deployment: Deployment) -> None:
     with deployment.server.client(r.json()["access_token"]) as c:
         assert_error(c.get("/metrics"), 403)
         assert_error(c.post("/v2/models/loan/infer", json={"inputs": []}), 400)  # granted, then malformed
-        r2 = c.post(f"/v2/models/{ONNX}/infer", json={**infer_body(deployment), "outputs": [{"name": "probabilities"}]})
+        r2 = c.post(
+            f"/v2/models/{ONNX}/infer",
+            json={**infer_body(deployment), "outputs": [{"name": "probabilities"}]},
+        )
         assert_error(r2, 403, "output_not_granted")
 
 
@@ -167,8 +170,15 @@ def _server_key(dep: Deployment) -> OKPKey:
 def _claims(dep: Deployment, **over: object) -> dict:
     key_id = dep.keys["admin"].split("_")[1]
     now = int(time.time())
-    claims = {"iss": "bastion", "aud": "bastion", "sub": key_id, "iat": now, "nbf": now, "exp": now + 300,
-              "scope": ["infer:*", "metadata:*", "admin:*"]}
+    claims = {
+        "iss": "bastion",
+        "aud": "bastion",
+        "sub": key_id,
+        "iat": now,
+        "nbf": now,
+        "exp": now + 300,
+        "scope": ["infer:*", "metadata:*", "admin:*"],
+    }
     claims.update(over)
     return claims
 
@@ -186,28 +196,46 @@ def bad_tokens(dep: Deployment) -> dict[str, str]:
     widened = _b64({**_claims(dep), "sub": dep.keys["admin"].split("_")[1], "scope": ["admin:*"], "x": 1})
     rsa_key = RSAKey.import_key(rsa.generate_private_key(public_exponent=65537, key_size=2048))
     return {
-        "forged (another Ed25519 key)": jwt.encode({"alg": "Ed25519"}, _claims(dep), other, algorithms=["Ed25519"]),
-        "expired": jwt.encode({"alg": "Ed25519"}, _claims(dep, iat=1, nbf=1, exp=2), server_key,
-                              algorithms=["Ed25519"]),
-        "not yet valid": jwt.encode({"alg": "Ed25519"}, _claims(dep, nbf=int(time.time()) + 3600), server_key,
-                                    algorithms=["Ed25519"]),
-        "wrong audience": jwt.encode({"alg": "Ed25519"}, _claims(dep, aud="elsewhere"), server_key,
-                                     algorithms=["Ed25519"]),
-        "wrong issuer": jwt.encode({"alg": "Ed25519"}, _claims(dep, iss="mallory"), server_key,
-                                   algorithms=["Ed25519"]),
-        "no expiry": jwt.encode({"alg": "Ed25519"}, {k: v for k, v in _claims(dep).items() if k != "exp"},
-                                server_key, algorithms=["Ed25519"]),
-        "unknown key id": jwt.encode({"alg": "Ed25519"}, _claims(dep, sub="ffffffffffffffff"), server_key,
-                                     algorithms=["Ed25519"]),
+        "forged (another Ed25519 key)": jwt.encode(
+            {"alg": "Ed25519"}, _claims(dep), other, algorithms=["Ed25519"]
+        ),
+        "expired": jwt.encode(
+            {"alg": "Ed25519"}, _claims(dep, iat=1, nbf=1, exp=2), server_key, algorithms=["Ed25519"]
+        ),
+        "not yet valid": jwt.encode(
+            {"alg": "Ed25519"}, _claims(dep, nbf=int(time.time()) + 3600), server_key, algorithms=["Ed25519"]
+        ),
+        "wrong audience": jwt.encode(
+            {"alg": "Ed25519"}, _claims(dep, aud="elsewhere"), server_key, algorithms=["Ed25519"]
+        ),
+        "wrong issuer": jwt.encode(
+            {"alg": "Ed25519"}, _claims(dep, iss="mallory"), server_key, algorithms=["Ed25519"]
+        ),
+        "no expiry": jwt.encode(
+            {"alg": "Ed25519"},
+            {k: v for k, v in _claims(dep).items() if k != "exp"},
+            server_key,
+            algorithms=["Ed25519"],
+        ),
+        "unknown key id": jwt.encode(
+            {"alg": "Ed25519"}, _claims(dep, sub="ffffffffffffffff"), server_key, algorithms=["Ed25519"]
+        ),
         "alg none": f"{_b64({'alg': 'none', 'typ': 'JWT'})}.{payload}.",
         "HS256 keyed with the public key": jwt.encode(
-            {"alg": "HS256"}, _claims(dep), OctKey.import_key(json.dumps(public).encode()), algorithms=["HS256"]
-        ),
-        "HS256 keyed with raw public bytes": jwt.encode(
-            {"alg": "HS256"}, _claims(dep), OctKey.import_key(base64.urlsafe_b64decode(public["x"] + "=")),
+            {"alg": "HS256"},
+            _claims(dep),
+            OctKey.import_key(json.dumps(public).encode()),
             algorithms=["HS256"],
         ),
-        "RS256 with an attacker key": jwt.encode({"alg": "RS256"}, _claims(dep), rsa_key, algorithms=["RS256"]),
+        "HS256 keyed with raw public bytes": jwt.encode(
+            {"alg": "HS256"},
+            _claims(dep),
+            OctKey.import_key(base64.urlsafe_b64decode(public["x"] + "=")),
+            algorithms=["HS256"],
+        ),
+        "RS256 with an attacker key": jwt.encode(
+            {"alg": "RS256"}, _claims(dep), rsa_key, algorithms=["RS256"]
+        ),
         "payload edited, signature kept": f"{head}.{widened}.{sig}",
         "signature truncated": f"{head}.{payload}.{sig[:-6]}",
         "garbage": "eyJhbGciOiJFZDI1NTE5In0.!!!.???",
@@ -266,10 +294,12 @@ def test_output_detail_is_enforced_server_side(deployment: Deployment) -> None:
 
 
 def test_sensitive_input_needs_its_grant(deployment: Deployment) -> None:
-    body = {"inputs": [
-        {"name": "income", "shape": [1, 3], "datatype": "FP32", "data": [0.5, 0.1, -0.2]},
-        {"name": "region", "shape": [1, 1], "datatype": "INT64", "data": [2]},
-    ]}
+    body = {
+        "inputs": [
+            {"name": "income", "shape": [1, 3], "datatype": "FP32", "data": [0.5, 0.1, -0.2]},
+            {"name": "region", "shape": [1, 1], "datatype": "INT64", "data": [2]},
+        ]
+    }
     with deployment.server.client(deployment.keys["analyst"]) as c:
         assert_error(c.post("/v2/models/loan/infer", json=body), 403, "sensitive_input_denied")
     with deployment.server.client(deployment.keys["admin"]) as c:
@@ -306,8 +336,12 @@ def test_versioned_paths_and_metadata(deployment: Deployment) -> None:
         assert c.post(f"/v2/models/{ONNX}/versions/1/infer", json=infer_body(deployment)).status_code == 200
         assert c.get(f"/v2/models/{ONNX}/versions/1/ready").json()["ready"] is True
         meta = c.get(f"/v2/models/{ONNX}").json()
-        assert meta["inputs"][0] == {"name": "features", "datatype": "FP32", "shape": [-1, 30],
-                                     "parameters": {"sensitive": False}}
+        assert meta["inputs"][0] == {
+            "name": "features",
+            "datatype": "FP32",
+            "shape": [-1, 30],
+            "parameters": {"sensitive": False},
+        }
         assert meta["parameters"]["digest"].startswith("sha256:")
         assert c.get("/v2").json()["name"] == "bastion"
 
@@ -329,17 +363,30 @@ def guard_cases(dep: Deployment) -> list[tuple[str, object, int, str]]:
         ("out of range (high)", _feature_input(out_of_range), 422, "out_of_range"),
         ("out of range (low)", _feature_input(negative), 422, "out_of_range"),
         ("NaN", json.dumps(_feature_input(good)).replace(str(good[5]), "NaN", 1), 422, "not_finite"),
-        ("Infinity", json.dumps(_feature_input(good)).replace(str(good[5]), "Infinity", 1), 422, "not_finite"),
+        (
+            "Infinity",
+            json.dumps(_feature_input(good)).replace(str(good[5]), "Infinity", 1),
+            422,
+            "not_finite",
+        ),
         ("FP32 overflow", _feature_input([*good[:29], 1e39]), 422, "not_finite"),
         ("wrong shape", _feature_input(good[:29], [1, 29]), 422, "wrong_shape"),
         ("shape and data disagree", _feature_input(good, [2, 30]), 422, "shape_mismatch"),
-        ("wrong datatype (declared)", _feature_input([int(v) for v in good], datatype="INT64"), 422,
-         "wrong_datatype"),
+        (
+            "wrong datatype (declared)",
+            _feature_input([int(v) for v in good], datatype="INT64"),
+            422,
+            "wrong_datatype",
+        ),
         ("wrong datatype (strings)", _feature_input(["a"] * 30), 422, "wrong_datatype"),
         ("ragged data", _feature_input([[1.0, 2.0], [3.0]], [2, 2]), 422, "wrong_datatype"),
         ("unsupported datatype", _feature_input(good, datatype="BYTES"), 422, "unsupported_datatype"),
-        ("unknown input", {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}, 422,
-         "unknown_input"),
+        (
+            "unknown input",
+            {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]},
+            422,
+            "unknown_input",
+        ),
         ("too many rows", _feature_input(good * 300, [300, 30]), 413, "too_many_rows"),
         ("oversized body", _feature_input(good * 6000, [6000, 30]), 413, "payload_too_large"),
         ("malformed JSON", '{"inputs": [', 400, "malformed_json"),
@@ -358,8 +405,9 @@ def test_input_guard_rejects_each_bad_request_with_json(deployment: Deployment) 
             if isinstance(body, dict):
                 r = c.post(f"/v2/models/{ONNX}/infer", json=body)
             else:
-                r = c.post(f"/v2/models/{ONNX}/infer", content=body,
-                           headers={"Content-Type": "application/json"})
+                r = c.post(
+                    f"/v2/models/{ONNX}/infer", content=body, headers={"Content-Type": "application/json"}
+                )
             assert r.status_code == status, f"{name}: {r.status_code} {r.text[:200]}"
             assert r.json()["code"] == code, f"{name}: {r.json()}"
             assert "1000000" not in r.text  # the offending value is not echoed
@@ -424,7 +472,14 @@ def test_openapi_document_is_valid_and_complete(deployment: Deployment) -> None:
         doc = c.get("/v2/openapi.json").json()
     validate(doc)
     paths = set(doc["paths"])
-    for p in ("/v2/health/live", "/v2/health/ready", "/v2", "/v2/models/{model_name}",
-              "/v2/models/{model_name}/infer", "/v2/models/{model_name}/versions/{model_version}/infer",
-              "/v2/auth/token", "/metrics"):
+    for p in (
+        "/v2/health/live",
+        "/v2/health/ready",
+        "/v2",
+        "/v2/models/{model_name}",
+        "/v2/models/{model_name}/infer",
+        "/v2/models/{model_name}/versions/{model_version}/infer",
+        "/v2/auth/token",
+        "/metrics",
+    ):
         assert p in paths

@@ -64,11 +64,17 @@ def _verify_copy(dep: Deployment, db: Path) -> tuple[int, str]:
 @pytest.mark.parametrize(
     ("tamper", "expected"),
     [
-        ("UPDATE records SET body = replace(body, '\"status\":401', '\"status\":200') WHERE seq = "
-         "(SELECT min(seq) FROM records WHERE body LIKE '%\"status\":401%')", "edited"),
+        (
+            "UPDATE records SET body = replace(body, '\"status\":401', '\"status\":200') WHERE seq = "
+            "(SELECT min(seq) FROM records WHERE body LIKE '%\"status\":401%')",
+            "edited",
+        ),
         ("DELETE FROM records WHERE seq = 5", "record 5: deleted"),
-        ("UPDATE records SET seq = CASE seq WHEN 7 THEN -8 WHEN 8 THEN -7 END WHERE seq IN (7, 8); "
-         "UPDATE records SET seq = -seq WHERE seq < 0", "record 7: reordered"),
+        (
+            "UPDATE records SET seq = CASE seq WHEN 7 THEN -8 WHEN 8 THEN -7 END WHERE seq IN (7, 8); "
+            "UPDATE records SET seq = -seq WHERE seq < 0",
+            "record 7: reordered",
+        ),
         ("DELETE FROM records WHERE seq = (SELECT max(seq) FROM records)", "deleted"),
     ],
     ids=["edit", "delete", "swap", "truncate"],
@@ -114,7 +120,9 @@ def test_no_secret_or_raw_input_in_any_log(deployment: Deployment, tmp_path: Pat
     needles |= {"123.456", "124.456", "152.456"} | {v for v in deployment.raw_values if len(v) >= 8}
     assert len(needles) > 20
     state = deployment.root / "state"
-    haystacks = {p: p.read_bytes() for p in [deployment.server.log_path, *state.glob("audit.db*")] if p.exists()}
+    haystacks = {
+        p: p.read_bytes() for p in [deployment.server.log_path, *state.glob("audit.db*")] if p.exists()
+    }
     export = tmp_path / "export.jsonl"
     run_cli("audit", "export", "--config", deployment.config, "-o", export)
     haystacks[export] = export.read_bytes()

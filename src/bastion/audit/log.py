@@ -118,18 +118,10 @@ class AuditLog:
                 return
             self._settle(batch, error=None)
 
-    def _checkpoint_due(self, seq: int, now: float, *, final: bool) -> bool:
-        pending = seq - self._checkpointed_seq
-        return pending > 0 and (
-            final or pending >= self._every_records or now - self._last_checkpoint_at >= self._every_seconds
-        )
-
     def _write(self, batch: list[tuple[dict[str, Any], _Waiter]], *, final: bool) -> None:
         now = self._clock()
-        seq, head = self._seq, self._head
-        if not batch and not self._checkpoint_due(seq, now, final=final):
-            return
-        rows = []
+        seq, head, last_cp = self._seq, self._head, self._checkpointed_seq
+        rows, checkpoints = [], []
         for body, _ in batch:
             seq += 1
             body["seq"] = seq
@@ -137,21 +129,28 @@ class AuditLog:
             new_head = chain_hash(head, encoded)
             rows.append((seq, encoded.decode(), head, new_head))
             head = new_head
-        checkpoint = None
-        if self._checkpoint_due(seq, now, final=final):
-            checkpoint = (seq, head, now, self._key.sign(checkpoint_message(seq, head)).hex())
+            if seq - last_cp >= self._every_records:  # at most N records between checkpoints
+                checkpoints.append(self._checkpoint(seq, head, now))
+                last_cp = seq
+        if seq > last_cp and (final or now - self._last_checkpoint_at >= self._every_seconds):
+            checkpoints.append(self._checkpoint(seq, head, now))
+            last_cp = seq
+        if not rows and not checkpoints:
+            return
         self._conn.execute("BEGIN")
         try:
             self._conn.executemany("INSERT INTO records VALUES (?, ?, ?, ?)", rows)
-            if checkpoint is not None:
-                self._conn.execute("INSERT INTO checkpoints VALUES (?, ?, ?, ?)", checkpoint)
+            self._conn.executemany("INSERT INTO checkpoints VALUES (?, ?, ?, ?)", checkpoints)
             self._conn.execute("COMMIT")
         except BaseException:
             self._conn.execute("ROLLBACK")
             raise
         self._seq, self._head = seq, head
-        if checkpoint is not None:
-            self._checkpointed_seq, self._last_checkpoint_at = seq, now
+        if checkpoints:
+            self._checkpointed_seq, self._last_checkpoint_at = last_cp, now
+
+    def _checkpoint(self, seq: int, head: str, now: float) -> tuple[int, str, float, str]:
+        return (seq, head, now, self._key.sign(checkpoint_message(seq, head)).hex())
 
     @staticmethod
     def _settle(batch: list[tuple[dict[str, Any], _Waiter]], *, error: Exception | None) -> None:
