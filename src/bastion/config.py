@@ -76,8 +76,8 @@ class AuditSettings(_Strict):
     durability: Literal["sync", "best_effort"] = "sync"
     checkpoint_every_records: Annotated[int, Field(ge=1)] = 1_000
     checkpoint_every_seconds: Annotated[float, Field(gt=0)] = 60.0
-    # Group commit: the writer commits at most this often when records keep coming.
-    max_batch: Annotated[int, Field(ge=1)] = 512
+    # true: every group commit is fsynced (survives power loss). false: survives a process crash only.
+    fsync: bool = True
 
 
 class TokenSettings(_Strict):

@@ -4,7 +4,9 @@ A key reads `bst_<key id>_<secret>`. The key id is public (it names the
 principal in logs and metrics); the secret is shown once at creation and only
 its SHA-256 is kept. A slow password hash buys nothing for a 256-bit random
 secret, and would cost every request. Lookups read the database each time, so a
-revocation made by the CLI in another process takes effect on the next request.
+revocation made by the CLI in another process takes effect on the next request:
+records are cached, but the cache is dropped whenever SQLite's `data_version`
+says another connection has committed (one cheap pragma per lookup).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from bastion.errors import AuthenticationFailed
 KEY_PREFIX = "bst_"
 _KEY_ID_HEX = 16  # 64-bit public identifier
 _SECRET_BYTES = 32  # 256 bits
+_CACHE_MAX = 100_000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -84,6 +87,8 @@ class KeyStore:
         self._conn.execute("PRAGMA busy_timeout=5000")
         self._conn.executescript(_SCHEMA)
         self._lock = threading.Lock()
+        self._cache: dict[str, tuple[KeyRecord, bytes]] = {}
+        self._seen_version: int | None = None
         path.chmod(0o600)
 
     def close(self) -> None:
@@ -93,6 +98,7 @@ class KeyStore:
         key_id = secrets.token_hex(_KEY_ID_HEX // 2)
         secret = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(_SECRET_BYTES)}"
         with self._lock:
+            self._cache.clear()
             self._conn.execute(
                 "INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, ?, NULL)",
                 (key_id, _hash_secret(secret), name, json.dumps(roles), now, expires_at),
@@ -105,14 +111,23 @@ class KeyStore:
 
     def _row(self, key_id: str) -> tuple[KeyRecord, bytes] | None:
         with self._lock:
+            (version,) = self._conn.execute("PRAGMA data_version").fetchone()
+            if version != self._seen_version or len(self._cache) > _CACHE_MAX:
+                self._cache.clear()
+                self._seen_version = version
+            cached = self._cache.get(key_id)
+            if cached is not None:
+                return cached
             row = self._conn.execute(
                 "SELECT key_id, name, roles, created_at, expires_at, revoked_at, secret_hash "
                 "FROM api_keys WHERE key_id = ?",
                 (key_id,),
             ).fetchone()
-        if row is None:
-            return None
-        return KeyRecord(row[0], row[1], tuple(json.loads(row[2])), row[3], row[4], row[5]), row[6]
+            if row is None:  # unknown ids are not cached: an attacker could fill the cache with them
+                return None
+            found = KeyRecord(row[0], row[1], tuple(json.loads(row[2])), row[3], row[4], row[5]), row[6]
+            self._cache[key_id] = found
+            return found
 
     def list(self) -> list[KeyRecord]:
         with self._lock:
@@ -123,6 +138,7 @@ class KeyStore:
 
     def revoke(self, key_id: str, *, now: float) -> bool:
         with self._lock:
+            self._cache.clear()
             cur = self._conn.execute(
                 "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL", (now, key_id)
             )

@@ -3,6 +3,8 @@ and a model label only for models that exist (an attacker cannot mint label valu
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 UNKNOWN = "_unknown"
@@ -12,6 +14,7 @@ _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self.requests = Counter(
             "bastion_requests",
             "Requests answered, by route, model, status and decision.",
@@ -48,6 +51,20 @@ class Metrics:
             "Requests failed closed because the audit log was unavailable.",
             registry=self.registry,
         )
+
+    def observe_request(self, route: str, model: str, status: int, latency: float) -> None:
+        # Label lookups cost microseconds each; the children are few, so keep them.
+        key = (route, model, status)
+        children = self._children.get(key)
+        if children is None:
+            decision = "allow" if status < 400 else "deny"
+            children = (
+                self.requests.labels(route, model, str(status), decision),
+                self.latency.labels(route, model),
+            )
+            self._children[key] = children
+        children[0].inc()
+        children[1].observe(latency)
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

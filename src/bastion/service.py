@@ -168,7 +168,7 @@ class Bastion:
                 load_or_create_audit_key(paths.audit_key),
                 checkpoint_every_records=a.checkpoint_every_records,
                 checkpoint_every_seconds=a.checkpoint_every_seconds,
-                max_batch=a.max_batch,
+                fsync=a.fsync,
                 clock=clock,
             )
         self._wait_for_audit = config.audit.durability == "sync"
@@ -257,10 +257,7 @@ class Bastion:
         if self.audit is not None:
             outcome = await self._record(route, ctx, outcome, reason, latency)
         model_label = ctx.model.name if ctx.model is not None else UNKNOWN
-        status = str(outcome.status)
-        decision = "allow" if outcome.status < 400 else "deny"
-        self.metrics.requests.labels(route.value, model_label, status, decision).inc()
-        self.metrics.latency.labels(route.value, model_label).observe(latency)
+        self.metrics.observe_request(route.value, model_label, outcome.status, latency)
         return outcome
 
     def _count_denial(self, error: BastionError, reason: str) -> None:

@@ -1,0 +1,150 @@
+"""Load benchmark: Bastion with every defense on against the same server with them off.
+
+Both servers serve the demo ONNX model from the same build; they take turns
+under the same wrk load (rounds alternate A/B/A/B so drift hits both), each
+pinned to CPU 0 with wrk pinned to CPU 1. Prints requests/s, p50 and p99 for
+each and the ratio on/off.
+
+    .venv/bin/python bench/load.py [--seconds 10] [--rounds 3] [--connections 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bastion.demo import build_demo, infer_request  # noqa: E402
+
+BENCH_ROLE = """
+# Benchmark principal: limits far above what one core can serve, so the limiter runs but never refuses.
+[roles.bench]
+rate = 1000000000
+burst = 1000000000
+daily_quota = 1000000000000
+grants = [ { models = ["*"], actions = ["infer", "metadata"], output = "probabilities" } ]
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start(config: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
+    cmd = ["taskset", "-c", "0", sys.executable, "-m", "bastion.cli", "serve", "--config", str(config),
+           "--port", str(port), "--log-level", "warning", *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(600):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v2/health/live", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("server did not start")
+
+
+def parse_wrk(out: str) -> dict[str, float]:
+    def duration(text: str) -> float:
+        value, unit = re.match(r"([\d.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
+        return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+        "p50": duration(re.search(r"50%\s+(\S+)", out).group(1)),  # type: ignore[union-attr]
+        "p99": duration(re.search(r"99%\s+(\S+)", out).group(1)),  # type: ignore[union-attr]
+        "errors": float(non2xx.group(1)) if non2xx else 0.0,
+    }
+
+
+def run_wrk(url: str, body: Path, key: str, seconds: int, connections: int) -> dict[str, float]:
+    env = {**os.environ, "BASTION_BENCH_BODY": str(body), "BASTION_BENCH_KEY": key}
+    out = subprocess.run(
+        ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
+         "-s", str(ROOT / "bench" / "infer.lua"), url],
+        capture_output=True, text=True, env=env, check=True,
+    ).stdout
+    return parse_wrk(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--rows", type=int, default=1, help="rows per request")
+    parser.add_argument("--audit", choices=["fsync", "no-fsync", "best-effort"], default="fsync",
+                        help="audit durability for the defended server (default: the shipped default, fsync)")
+    parser.add_argument("--state", choices=["sqlite", "memory"], default="sqlite")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk not found: `apt-get install wrk` (make bench does it)")
+
+    work = Path(tempfile.mkdtemp(prefix="bastion-bench-"))
+    build = build_demo(work / "demo")
+    text = build.config_path.read_text() + BENCH_ROLE
+    if args.audit == "no-fsync":
+        text = text.replace('durability = "sync"', 'durability = "sync"\nfsync = false')
+    elif args.audit == "best-effort":
+        text = text.replace('durability = "sync"', 'durability = "best_effort"')
+    text = text.replace('backend = "sqlite"', f'backend = "{args.state}"')
+    build.config_path.write_text(text)
+    body = work / "request.json"
+    body.write_text(json.dumps(infer_request(build.features[: args.rows])))
+    key = subprocess.run(
+        [sys.executable, "-m", "bastion.cli", "keys", "create", "--config", str(build.config_path),
+         "--name", "bench", "--role", "bench"], capture_output=True, text=True, check=True,
+    ).stdout.strip()
+
+    servers = {"on": (free_port(), ()), "off": (free_port(), ("--unsafe-no-defenses",))}
+    results: dict[str, list[dict[str, float]]] = {"on": [], "off": []}
+    for rnd in range(args.rounds):
+        for name, (port, extra) in servers.items():
+            proc = start(build.config_path, port, *extra)
+            try:
+                url = f"http://127.0.0.1:{port}/v2/models/breast-cancer/infer"
+                run_wrk(url, body, key, 2, args.connections)  # warm-up
+                r = run_wrk(url, body, key, args.seconds, args.connections)
+            finally:
+                proc.terminate()
+                proc.wait()
+            if r["errors"]:
+                raise SystemExit(f"{name}: {int(r['errors'])} non-2xx responses: the comparison is void")
+            results[name].append(r)
+            print(f"round {rnd + 1} {name:>3}: {r['rps']:8.0f} req/s  p50 {r['p50']:6.2f} ms  p99 {r['p99']:6.2f} ms",
+                  flush=True)
+
+    def med(name: str, field: str) -> float:
+        return statistics.median(r[field] for r in results[name])
+
+    print()
+    print(f"{'':14}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}")
+    for name in ("off", "on"):
+        print(f"defenses {name:<5}{med(name, 'rps'):>10.0f}{med(name, 'p50'):>10.2f}{med(name, 'p99'):>10.2f}")
+    print(f"ratio on/off  {med('on', 'rps') / med('off', 'rps'):>10.3f}"
+          f"{med('on', 'p50') / med('off', 'p50'):>10.2f}{med('on', 'p99') / med('off', 'p99'):>10.2f}")
+    print(f"\n(median of {args.rounds} rounds of {args.seconds} s, {args.connections} connections, "
+          f"{args.rows} row(s) per request, audit {args.audit}, state {args.state}; "
+          "server on CPU 0, wrk on CPU 1)")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
