@@ -62,8 +62,8 @@ def start(config: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
 
 def parse_wrk(out: str) -> dict[str, float]:
     def duration(text: str) -> float:
-        value, unit = re.match(r"([\d.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
-        return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+        value, unit = re.match(r"([\d.]+)(us|ms|s|m)", text).groups()  # type: ignore[union-attr]
+        return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}[unit]
 
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     return {
@@ -72,6 +72,12 @@ def parse_wrk(out: str) -> dict[str, float]:
         "p99": duration(re.search(r"99%\s+(\S+)", out).group(1)),  # type: ignore[union-attr]
         "errors": float(non2xx.group(1)) if non2xx else 0.0,
     }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_wrk(url: str, body: Path, key: str, seconds: int, connections: int) -> dict[str, float]:
@@ -121,25 +127,29 @@ def main() -> None:
             try:
                 url = f"http://127.0.0.1:{port}/v2/models/breast-cancer/infer"
                 run_wrk(url, body, key, 2, args.connections)  # warm-up
+                cpu_before = cpu_seconds(proc.pid)
                 r = run_wrk(url, body, key, args.seconds, args.connections)
+                r["cpu_us"] = (cpu_seconds(proc.pid) - cpu_before) / (r["rps"] * args.seconds) * 1e6
             finally:
                 proc.terminate()
                 proc.wait()
             if r["errors"]:
                 raise SystemExit(f"{name}: {int(r['errors'])} non-2xx responses: the comparison is void")
             results[name].append(r)
-            print(f"round {rnd + 1} {name:>3}: {r['rps']:8.0f} req/s  p50 {r['p50']:6.2f} ms  p99 {r['p99']:6.2f} ms",
-                  flush=True)
+            print(f"round {rnd + 1} {name:>3}: {r['rps']:8.0f} req/s  p50 {r['p50']:6.2f} ms  "
+                  f"p99 {r['p99']:6.2f} ms  server CPU {r['cpu_us']:5.0f} us/req", flush=True)
 
     def med(name: str, field: str) -> float:
         return statistics.median(r[field] for r in results[name])
 
     print()
-    print(f"{'':14}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}")
+    print(f"{'':14}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'CPU us/req':>12}")
     for name in ("off", "on"):
-        print(f"defenses {name:<5}{med(name, 'rps'):>10.0f}{med(name, 'p50'):>10.2f}{med(name, 'p99'):>10.2f}")
+        print(f"defenses {name:<5}{med(name, 'rps'):>10.0f}{med(name, 'p50'):>10.2f}{med(name, 'p99'):>10.2f}"
+              f"{med(name, 'cpu_us'):>12.0f}")
     print(f"ratio on/off  {med('on', 'rps') / med('off', 'rps'):>10.3f}"
-          f"{med('on', 'p50') / med('off', 'p50'):>10.2f}{med('on', 'p99') / med('off', 'p99'):>10.2f}")
+          f"{med('on', 'p50') / med('off', 'p50'):>10.2f}{med('on', 'p99') / med('off', 'p99'):>10.2f}"
+          f"{med('on', 'cpu_us') / med('off', 'cpu_us'):>12.2f}")
     print(f"\n(median of {args.rounds} rounds of {args.seconds} s, {args.connections} connections, "
           f"{args.rows} row(s) per request, audit {args.audit}, state {args.state}; "
           "server on CPU 0, wrk on CPU 1)")

@@ -43,6 +43,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         lifespan="on",
         server_header=False,
+        proxy_headers=False,  # X-Forwarded-For from a client must not rewrite the audited address
         timeout_keep_alive=5,
         limit_concurrency=args.max_concurrency,
         timeout_graceful_shutdown=10,
