@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import secrets
 import sqlite3
 import threading
@@ -67,14 +68,13 @@ def _hash_secret(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
 
 
+_KEY_SHAPE = re.compile(rf"{KEY_PREFIX}([0-9a-f]{{{_KEY_ID_HEX}}})_[A-Za-z0-9_-]{{43,}}")
+
+
 def parse_key(presented: str) -> tuple[str, str] | None:
     """Split `bst_<id>_<secret>` into (key id, full key); None when it is not shaped like a key."""
-    if not presented.startswith(KEY_PREFIX) or len(presented) < len(KEY_PREFIX) + _KEY_ID_HEX + 2:
-        return None
-    key_id = presented[len(KEY_PREFIX) : len(KEY_PREFIX) + _KEY_ID_HEX]
-    if presented[len(KEY_PREFIX) + _KEY_ID_HEX] != "_" or not all(c in "0123456789abcdef" for c in key_id):
-        return None
-    return key_id, presented
+    match = _KEY_SHAPE.fullmatch(presented)
+    return None if match is None else (match.group(1), presented)
 
 
 class KeyStore:

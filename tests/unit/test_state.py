@@ -73,3 +73,18 @@ def test_sqlite_quota_is_exact_across_processes(tmp_path: Path) -> None:
     for p in procs:
         p.join(timeout=60)
     assert granted == 150
+
+
+def test_sqlite_crash_forfeits_at_most_one_lease_and_never_over_grants(tmp_path: Path) -> None:
+    spec = LimitSpec(rate=1000, burst=1000, daily_quota=1000)
+
+    async def spend(n: int, *, clean: bool) -> int:
+        store = SQLiteStateStore(tmp_path / "limits.db")
+        ok = sum([(await store.acquire("p", spec, now=10.0)).allowed for _ in range(n)])
+        if clean:
+            store.close()
+        return ok
+
+    assert asyncio.run(spend(10, clean=False)) == 10  # "crash": its unspent lease is not returned
+    total = 10 + asyncio.run(spend(2000, clean=True))
+    assert 1000 - 64 <= total <= 1000  # never more than the quota; at most one lease block lost

@@ -76,14 +76,15 @@ class BastionApp:
     def _context(
         self, scope: Scope, receive: Receive, route: Route, match: re.Match[str] | None
     ) -> RequestContext:
-        headers: dict[bytes, bytes] = {}
-        for k, v in scope["headers"]:
-            headers.setdefault(k, v)
-        auth = headers.get(b"authorization")
+        auth = declared = None
+        for k, v in scope["headers"]:  # the first of each wins; no other header is read
+            if k == b"authorization" and auth is None:
+                auth = v
+            elif k == b"content-length" and declared is None:
+                declared = v
         client = scope.get("client")
 
         async def read_body(limit: int) -> bytes:
-            declared = headers.get(b"content-length")
             if declared is not None:
                 if not declared.isdigit():
                     raise BadRequest("invalid Content-Length", code="bad_content_length")
