@@ -61,6 +61,13 @@ def start(config: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
 
 
 def parse_wrk(out: str) -> dict[str, float]:
+    try:
+        return _parse_wrk(out)
+    except AttributeError:
+        raise SystemExit(f"could not read wrk's output:\n{out}") from None
+
+
+def _parse_wrk(out: str) -> dict[str, float]:
     def duration(text: str) -> float:
         value, unit = re.match(r"([\d.]+)(us|ms|s|m)", text).groups()  # type: ignore[union-attr]
         return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}[unit]
@@ -68,8 +75,8 @@ def parse_wrk(out: str) -> dict[str, float]:
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     return {
         "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
-        "p50": duration(re.search(r"50%\s+(\S+)", out).group(1)),  # type: ignore[union-attr]
-        "p99": duration(re.search(r"99%\s+(\S+)", out).group(1)),  # type: ignore[union-attr]
+        "p50": duration(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1)),  # type: ignore[union-attr]
+        "p99": duration(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1)),  # type: ignore[union-attr]
         "errors": float(non2xx.group(1)) if non2xx else 0.0,
     }
 

@@ -32,6 +32,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from bastion.service import Bastion
 
     config = _config(args.config)
+    # The audit commit thread needs the GIL for a moment when its fsync returns; by default a busy
+    # event loop would make it wait 5 ms for a forced switch, and every waiting request with it.
+    sys.setswitchinterval(0.0005)
     service = Bastion(config, config_path=args.config, unsafe_no_defenses=args.unsafe_no_defenses)
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port

@@ -33,6 +33,7 @@ from bastion.audit.chain import GENESIS, SCHEMA, chain_hash, checkpoint_message,
 log = logging.getLogger("bastion.audit")
 
 _Row = tuple[int, str, str, str]  # seq, body, prev_hash, hash
+_WAL_CHECKPOINT_EVERY = 200  # commits between passive WAL checkpoints
 
 
 class AuditUnavailable(Exception):
@@ -60,6 +61,13 @@ class AuditLog:
         self._conn.execute("PRAGMA journal_mode=WAL")
         # FULL: each commit reaches the disk (survives power loss). NORMAL: survives a process crash.
         self._conn.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+        # SQLite's automatic WAL checkpoint would run inside some unlucky COMMIT and stall every request
+        # waiting on it; instead a second connection checkpoints passively beside the writer.
+        self._conn.execute("PRAGMA wal_autocheckpoint=0")
+        self._wal_conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._wal_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bastion-audit-wal")
+        self._wal_running: Future[Any] | None = None
+        self._commits = 0
         self._conn.executescript(SCHEMA)
         row = self._conn.execute("SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1").fetchone()
         self._seq: int = row[0] if row else 0
@@ -109,6 +117,9 @@ class AuditLog:
             if batch is not None:
                 self._conn.execute("COMMIT")
         self._executor.shutdown()
+        self._wal_executor.shutdown()
+        self._wal_conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self._wal_conn.close()
         self._conn.close()
 
     def _flush(self) -> None:
@@ -173,6 +184,9 @@ class AuditLog:
             self._fail(error, waiters)
             return
         self._checkpointed_seq, self._last_checkpoint_at = batch
+        self._commits += 1
+        if self._commits % _WAL_CHECKPOINT_EVERY == 0 and (self._wal_running is None or self._wal_running.done()):
+            self._wal_running = self._wal_executor.submit(self._wal_conn.execute, "PRAGMA wal_checkpoint(PASSIVE)")
         for future, seq in waiters:
             if not future.done():
                 future.set_result(seq)
