@@ -169,6 +169,7 @@ class Bastion:
                 checkpoint_every_records=a.checkpoint_every_records,
                 checkpoint_every_seconds=a.checkpoint_every_seconds,
                 fsync=a.fsync,
+                flush_delay=0.0 if a.durability == "sync" else 0.005,
                 clock=clock,
             )
         self._wait_for_audit = config.audit.durability == "sync"

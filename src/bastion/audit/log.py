@@ -49,6 +49,7 @@ class AuditLog:
         checkpoint_every_records: int = 1000,
         checkpoint_every_seconds: float = 60.0,
         fsync: bool = True,
+        flush_delay: float = 0.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -79,6 +80,8 @@ class AuditLog:
         self._waiters: list[tuple[asyncio.Future[int], int]] = []
         self._flush_scheduled = False
         self._fsync = fsync
+        # Nobody waits on a best-effort record, so its batch may gather for a few milliseconds.
+        self._flush_delay = flush_delay
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bastion-audit-commit")
         self._in_flight: Future[Any] | None = None
         self._in_flight_batch: tuple[int, float] | None = None
@@ -98,7 +101,10 @@ class AuditLog:
         loop = asyncio.get_running_loop()
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            loop.call_soon(self._flush)
+            if self._flush_delay and not wait:
+                loop.call_later(self._flush_delay, self._flush)
+            else:
+                loop.call_soon(self._flush)
         if not wait:
             return None
         future: asyncio.Future[int] = loop.create_future()
@@ -190,8 +196,12 @@ class AuditLog:
         for future, seq in waiters:
             if not future.done():
                 future.set_result(seq)
-        if self._rows:
-            self._flush()
+        if self._rows and not self._flush_scheduled:
+            if self._flush_delay and not self._waiters:
+                self._flush_scheduled = True
+                asyncio.get_running_loop().call_later(self._flush_delay, self._flush)
+            else:
+                self._flush()
         self._arm_checkpoint_timer()
 
     def _fail(self, error: BaseException, waiters: list[tuple[asyncio.Future[int], int]]) -> None:
