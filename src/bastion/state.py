@@ -129,7 +129,9 @@ class SQLiteStateStore:
                 lease = self._leases[principal] = _Lease(today, 0, spec.daily_quota)
             usage = self._usage.get(principal)
             admission, new = admit(usage, _local(spec, lease), now=now, cost=cost)
-            if admission.reason == "quota_exhausted" and self._lease(principal, lease, spec.daily_quota, cost):
+            if admission.reason == "quota_exhausted" and self._lease(
+                principal, lease, spec.daily_quota, cost
+            ):
                 admission, new = admit(usage, _local(spec, lease), now=now, cost=cost)
             self._usage[principal] = new
         remaining = lease.pool_left + lease.granted - new.used

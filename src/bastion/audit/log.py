@@ -183,7 +183,10 @@ class AuditLog:
         return (last_cp, now) if checkpoints else (self._checkpointed_seq, self._last_checkpoint_at)
 
     def _end(
-        self, waiters: list[tuple[asyncio.Future[int], int]], batch: tuple[int, float], error: BaseException | None
+        self,
+        waiters: list[tuple[asyncio.Future[int], int]],
+        batch: tuple[int, float],
+        error: BaseException | None,
     ) -> None:
         self._in_flight = None
         if error is not None:
@@ -191,8 +194,12 @@ class AuditLog:
             return
         self._checkpointed_seq, self._last_checkpoint_at = batch
         self._commits += 1
-        if self._commits % _WAL_CHECKPOINT_EVERY == 0 and (self._wal_running is None or self._wal_running.done()):
-            self._wal_running = self._wal_executor.submit(self._wal_conn.execute, "PRAGMA wal_checkpoint(PASSIVE)")
+        if self._commits % _WAL_CHECKPOINT_EVERY == 0 and (
+            self._wal_running is None or self._wal_running.done()
+        ):
+            self._wal_running = self._wal_executor.submit(
+                self._wal_conn.execute, "PRAGMA wal_checkpoint(PASSIVE)"
+            )
         for future, seq in waiters:
             if not future.done():
                 future.set_result(seq)

@@ -37,31 +37,38 @@ class ModelRuntime(Protocol):
         ...
 
 
-def refuse_code_executing_format(path: Path) -> None:
-    """Raise if `path` is a pickle-family file, judged by extension and by content."""
+def pickle_format(path: Path, head: bytes) -> str | None:
+    """The pickle-family format of a file, judged by its name and its first bytes; None if not one."""
     fmt = _CODE_EXECUTING_SUFFIXES.get(path.suffix.lower())
-    if fmt is None:
-        with path.open("rb") as f:
-            head = f.read(2)
-        # Pickle protocol 2+ starts with PROTO (0x80) and a version byte; joblib/numpy-pickle too.
-        if len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
-            fmt = "pickle"
-    if fmt is not None:
-        raise ModelLoadError(
-            f"{path}: format {fmt!r} refused: its loader executes arbitrary code from the file. "
-            "Save the model with skops (runtime 'sklearn') or export it to ONNX (runtime 'onnx')."
-        )
+    # Pickle protocol 2+ starts with PROTO (0x80) and a version byte; joblib/numpy-pickle too.
+    if fmt is None and len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        fmt = "pickle"
+    return fmt
 
 
-def load_runtime(model_dir: Path, manifest: Manifest) -> ModelRuntime:
+def load_runtime(
+    model_dir: Path, manifest: Manifest, data: bytes | None = None, *, unsafe_trust_pickle: bool = False
+) -> ModelRuntime:
+    """Load the model from `data` (already read, or decrypted in memory) or from its file."""
     path = model_dir / manifest.file
-    if not path.is_file():
-        raise ModelLoadError(f"{path}: model file not found")
-    refuse_code_executing_format(path)
+    if data is None:
+        if not path.is_file():
+            raise ModelLoadError(f"{path}: model file not found")
+        data = path.read_bytes()
+    fmt = pickle_format(path, data[:2])
+    if fmt is not None:
+        if not unsafe_trust_pickle or manifest.runtime != "sklearn":
+            raise ModelLoadError(
+                f"{path}: format {fmt!r} refused: its loader executes arbitrary code from the file. "
+                "Save the model with skops (runtime 'sklearn') or export it to ONNX (runtime 'onnx')."
+            )
+        from bastion.runtimes.sklearn import SklearnRuntime
+
+        return SklearnRuntime.from_trusted_pickle(path, data, manifest)
     if manifest.runtime == "onnx":
         from bastion.runtimes.onnx import OnnxRuntime
 
-        return OnnxRuntime.load(path, manifest)
-    from bastion.runtimes.sklearn import SkopsRuntime
+        return OnnxRuntime.load(path, data, manifest)
+    from bastion.runtimes.sklearn import SklearnRuntime
 
-    return SkopsRuntime.load(path, manifest)
+    return SklearnRuntime.from_skops(path, data, manifest)

@@ -30,14 +30,15 @@ class OnnxRuntime:
         self._proba_output = proba_output
 
     @classmethod
-    def load(cls, path: Path, manifest: Manifest) -> OnnxRuntime:
+    def load(cls, path: Path, data: bytes, manifest: Manifest) -> OnnxRuntime:
+        """`path` names the model in errors; the bytes are what is loaded (never written to disk)."""
         options = ort.SessionOptions()
         # One request at a time per core is the serving pattern here; avoid thread oversubscription.
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         try:
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own untyped errors
             raise ModelLoadError(f"{path}: not a loadable ONNX model: {type(e).__name__}") from None
         model_inputs = {i.name: i for i in session.get_inputs()}

@@ -1,7 +1,9 @@
-"""scikit-learn estimators saved with skops (no pickle: only allow-listed types are built)."""
+"""scikit-learn estimators: saved with skops (only allow-listed types are built), or, when the
+operator explicitly trusts it, a pickle that passed the opcode scan."""
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -10,17 +12,18 @@ import skops.io as sio
 
 from bastion.errors import ModelLoadError
 from bastion.manifest import Manifest
+from bastion.runtimes.picklescan import scan_pickle
 
 
-class SkopsRuntime:
+class SklearnRuntime:
     def __init__(self, estimator: Any, input_names: list[str]) -> None:
         self._estimator = estimator
         self._input_names = input_names
 
     @classmethod
-    def load(cls, path: Path, manifest: Manifest) -> SkopsRuntime:
+    def from_skops(cls, path: Path, data: bytes, manifest: Manifest) -> SklearnRuntime:
         try:
-            untrusted = sio.get_untrusted_types(file=path)
+            untrusted = sio.get_untrusted_types(data=data)
         except Exception as e:  # skops raises a mix of zipfile/json/key errors on a bad file
             raise ModelLoadError(f"{path}: not a readable skops file: {type(e).__name__}") from None
         unvouched = sorted(set(untrusted) - set(manifest.trusted_types))
@@ -30,9 +33,23 @@ class SkopsRuntime:
                 "If you trust them, list them in the manifest's trusted_types."
             )
         try:
-            estimator = sio.load(path, trusted=list(untrusted))
+            estimator = sio.loads(data, trusted=list(untrusted))
         except Exception as e:
             raise ModelLoadError(f"{path}: skops could not load the model: {type(e).__name__}: {e}") from None
+        return cls._checked(path, estimator, manifest)
+
+    @classmethod
+    def from_trusted_pickle(cls, path: Path, data: bytes, manifest: Manifest) -> SklearnRuntime:
+        """Only with `unsafe_trust_pickle`; the opcode scan still refuses anything outside the allow-list."""
+        scan_pickle(path, data)
+        try:
+            estimator = pickle.loads(data)  # noqa: S301 (explicitly trusted by the operator, and scanned)
+        except Exception as e:
+            raise ModelLoadError(f"{path}: the pickle could not be loaded: {type(e).__name__}") from None
+        return cls._checked(path, estimator, manifest)
+
+    @classmethod
+    def _checked(cls, path: Path, estimator: Any, manifest: Manifest) -> SklearnRuntime:
         if not hasattr(estimator, "predict_proba"):
             raise ModelLoadError(f"{path}: the estimator has no predict_proba; only classifiers are served")
         # The model's own signature: its feature count must match the manifest's columns.

@@ -1,0 +1,1 @@
+"""Model supply chain: signed, optionally encrypted, reproducible bundles verified before load."""
