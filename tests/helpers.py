@@ -78,15 +78,12 @@ def write_loan_model(model_dir: Path) -> None:
 def write_test_deployment(root: Path, *, port: int = 0, extra: str = "") -> tuple[Path, Any]:
     build = build_demo(root, port=port)
     write_loan_model(root / "models" / "loan")
+    build.publish(root / "models" / "loan")
     text = build.config_path.read_text()
-    head = text[: text.index("# Analysts may ask")].replace(
-        "checkpoint_every_records = 1000", "checkpoint_every_records = 25"
-    )
-    head = head.replace(
-        '[[models]]\npath = "models/breast-cancer-skops"\n',
-        '[[models]]\npath = "models/breast-cancer-skops"\n\n[[models]]\npath = "models/loan"\n',
-    )
-    build.config_path.write_text(head + extra + TEST_ROLES)
+    head = text[: text.index("# Analysts may ask")]
+    head = head.replace("checkpoint_every_records = 1000", "checkpoint_every_records = 25")
+    loan = '[[models]]\npath = "bundles/loan-1"\ntrusted_keys = ["keys/release.pub"]\n\n'
+    build.config_path.write_text(head + loan + extra + TEST_ROLES)
     return build.config_path, build
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -201,11 +202,135 @@ Serving on {base} (Ctrl-C to stop) ...
     return cmd_serve(args)
 
 
+def _passphrase(*, confirm: bool) -> bytes:
+    import getpass
+    import os
+
+    from bastion.bundle.signing import PASSPHRASE_ENV
+
+    value = os.environ.get(PASSPHRASE_ENV)
+    if value:
+        return value.encode()
+    if not sys.stdin.isatty():
+        raise _CliError(f"set {PASSPHRASE_ENV} (no terminal to ask for the signing key's passphrase)")
+    first = getpass.getpass("signing key passphrase: ")
+    if confirm and getpass.getpass("again: ") != first:
+        raise _CliError("the passphrases differ")
+    return first.encode()
+
+
+class _CliError(Exception):
+    """A message for the operator; main() prints it and exits 2."""
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from bastion.bundle.signing import generate_signing_key
+
+    if args.output.exists():
+        return _fail(f"{args.output}: already exists; refusing to overwrite a key")
+    try:
+        public = generate_signing_key(args.output, _passphrase(confirm=True))
+    except ValueError as e:
+        return _fail(str(e))
+    print(f"private key (encrypted): {args.output}\npublic key: {public}")
+    return 0
+
+
+def cmd_kek(args: argparse.Namespace) -> int:
+    import os
+
+    from bastion.bundle.crypto import new_kek
+
+    try:
+        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return _fail(f"{args.output}: already exists; refusing to overwrite a key")
+    with os.fdopen(fd, "w") as f:
+        f.write(new_kek() + "\n")
+    print(
+        f'key-encryption key written to {args.output} (mode 0600); use decryption_key = "file:{args.output}"'
+    )
+    return 0
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from bastion.bundle.crypto import LocalKeyProvider
+    from bastion.bundle.format import Provenance
+    from bastion.bundle.pack import pack
+    from bastion.errors import ModelLoadError
+
+    provenance = None
+    if args.provenance is not None:
+        try:
+            provenance = json.loads(args.provenance.read_text(encoding="utf-8"))
+            Provenance.model_validate({"created_by": "-", "created_at": "-", **provenance})
+        except (OSError, json.JSONDecodeError) as e:
+            return _fail(f"{args.provenance}: cannot read provenance: {e}")
+        except ValidationError as e:
+            err = e.errors()[0]
+            return _fail(f"{args.provenance}: {'.'.join(map(str, err['loc']))}: {err['msg']}")
+    try:
+        kek = LocalKeyProvider.from_spec(args.encrypt) if args.encrypt else None
+    except ValueError as e:
+        return _fail(f"--encrypt: {e}")
+    try:
+        digest = pack(
+            args.model_dir,
+            args.output,
+            provenance=provenance,
+            kek=kek,
+            golden_rows=args.golden,
+            seed=args.seed,
+            tolerance=args.tolerance,
+        )
+    except (ModelLoadError, FileExistsError, ValueError) as e:
+        return _fail(str(e))
+    print(f"{args.output}: {digest}")
+    return 0
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    from bastion.bundle.signing import SignatureError, sign_bundle
+
+    try:
+        path = sign_bundle(args.bundle, args.key, _passphrase(confirm=False))
+    except SignatureError as e:
+        return _fail(str(e))
+    print(f"signed: {path}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from bastion.bundle.crypto import LocalKeyProvider
+    from bastion.bundle.verify import BundleRefused, TrustPolicy, verify_bundle
+
+    try:
+        kek = LocalKeyProvider.from_spec(args.decryption_key) if args.decryption_key else None
+    except ValueError as e:
+        return _fail(f"--decryption-key: {e}")
+    policy = TrustPolicy(
+        trusted_keys=args.trusted_key, allow_env_drift=frozenset(args.allow_env_drift), kek=kek
+    )
+    try:
+        verified = verify_bundle(args.bundle, policy, progress=None)
+    except BundleRefused as e:
+        print(f"REFUSED ({e.reason}): {e}", file=sys.stderr)
+        return 1
+    print(
+        f"OK: {verified.manifest.name} {verified.manifest.version} {verified.digest} signed by {verified.signer}"
+    )
+    for warning in verified.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from bastion.registry import ModelRegistry
 
     config = _config(args.config)
-    registry = ModelRegistry.load([m.path for m in config.models])
+    registry = ModelRegistry.load(list(config.models))
     for model in registry.models():
         print(f"ok      {model.name} {model.version} {model.digest}")
     for path, reason in registry.failures.items():
@@ -272,6 +397,34 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--output", "-o", type=Path)
         p.set_defaults(func=func)
 
+    keygen = sub.add_parser("keygen", help="create an encrypted ECDSA P-256 signing key and its public key")
+    keygen.add_argument(
+        "--output", "-o", type=Path, required=True, help="private key path (.pub written beside)"
+    )
+    keygen.set_defaults(func=cmd_keygen)
+    kek = sub.add_parser("kek", help="create a key-encryption key file for encrypted bundles")
+    kek.add_argument("--output", "-o", type=Path, required=True)
+    kek.set_defaults(func=cmd_kek)
+    pack = sub.add_parser("pack", help="build an immutable bundle from a model directory")
+    pack.add_argument("model_dir", type=Path)
+    pack.add_argument("--output", "-o", type=Path, required=True)
+    pack.add_argument("--encrypt", metavar="KEY", help="seal model files; KEY is env:NAME or file:PATH")
+    pack.add_argument("--provenance", type=Path, help="JSON: training_data_sha256, preprocessing, seeds, ...")
+    pack.add_argument("--golden", type=int, default=8, help="golden sample rows (default 8)")
+    pack.add_argument("--seed", type=int, default=0)
+    pack.add_argument("--tolerance", type=float, default=1e-5, help="golden output tolerance (absolute)")
+    pack.set_defaults(func=cmd_pack)
+    sign = sub.add_parser("sign", help="sign a bundle (OpenSSF model-signing format)")
+    sign.add_argument("bundle", type=Path)
+    sign.add_argument("--key", type=Path, required=True)
+    sign.set_defaults(func=cmd_sign)
+    verify = sub.add_parser("verify", help="verify a bundle as the server would before loading it")
+    verify.add_argument("bundle", type=Path)
+    verify.add_argument("--trusted-key", type=Path, action="append", required=True)
+    verify.add_argument("--decryption-key", metavar="KEY")
+    verify.add_argument("--allow-env-drift", action="append", default=[], metavar="PACKAGE")
+    verify.set_defaults(func=cmd_verify)
+
     demo = sub.add_parser("demo", help="build a demo deployment and serve it")
     demo.add_argument("--dir", type=Path, default=Path("demo"))
     demo.add_argument("--port", type=int, default=8000)
@@ -287,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except ConfigError as e:
+    except (ConfigError, _CliError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
         return 130

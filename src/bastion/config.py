@@ -91,7 +91,17 @@ class MetricsSettings(_Strict):
 
 
 class ModelRef(_Strict):
+    """One model to serve: a signed bundle (or, only when marked unsafe, a plain model directory)."""
+
     path: Path
+    # Public keys (PEM, ECDSA P-256) whose signature this model must carry.
+    trusted_keys: list[Path] = Field(default_factory=list)
+    # Packages (or "python", "platform") whose version may differ from the bundle's lock: a warning, not a refusal.
+    allow_env_drift: list[str] = Field(default_factory=list)
+    # Key-encryption key for an encrypted bundle: "env:NAME" or "file:PATH" (base64 of 32 bytes).
+    decryption_key: str | None = Field(default=None, pattern=r"^(env|file):.+$")
+    unsafe_trust_pickle: bool = False  # load a pickle-based model (after the opcode scan)
+    unsafe_unsigned: bool = False  # serve without a signature (digests are still checked for bundles)
 
 
 class Config(_Strict):
@@ -136,8 +146,23 @@ def load_config(path: Path) -> Config:
         raise ConfigError(_format_validation_error(path, e)) from None
     base = path.resolve().parent
     server = config.server.model_copy(update={"state_dir": base / config.server.state_dir})
-    models = [ModelRef(path=base / m.path) for m in config.models]
+    models = [
+        m.model_copy(
+            update={
+                "path": base / m.path,
+                "trusted_keys": [base / k for k in m.trusted_keys],
+                "decryption_key": _rebase_key_spec(m.decryption_key, base),
+            }
+        )
+        for m in config.models
+    ]
     return config.model_copy(update={"server": server, "models": models})
+
+
+def _rebase_key_spec(spec: str | None, base: Path) -> str | None:
+    if spec is None or not spec.startswith("file:"):
+        return spec
+    return f"file:{base / spec.removeprefix('file:')}"
 
 
 def check_grants_name_models(config: Config, model_names: set[str], path: Path) -> None:

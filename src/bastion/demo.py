@@ -7,7 +7,9 @@ and creates one key for each.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +17,21 @@ from typing import Any
 
 import numpy as np
 
+from bastion.bundle.crypto import new_kek
+from bastion.bundle.signing import generate_signing_key
 from bastion.manifest import InputSpec, Manifest, OutputSpec, write_manifest
 
 ONNX_MODEL = "breast-cancer"
+KEK_FILE = "keys/kek.key"
+
+
+def _dataset_digest() -> str:
+    from sklearn.datasets import load_breast_cancer
+
+    data = load_breast_cancer()
+    return hashlib.sha256(np.ascontiguousarray(data.data).tobytes() + data.target.tobytes()).hexdigest()
+
+
 SKOPS_MODEL = "breast-cancer-skops"
 
 
@@ -27,6 +41,31 @@ class DemoBuild:
     config_path: Path
     features: np.ndarray  # the dataset, for building requests
     estimator: Any  # the fitted scikit-learn pipeline, for comparing answers
+    signing_key: Path
+    passphrase: bytes  # random, held in memory only: the demo's key cannot sign anything later
+
+    def publish(self, model_dir: Path, *, encrypt: bool = False) -> Path:
+        """Pack and sign a model directory into bundles/<name>-<version>; return the bundle path."""
+        from bastion.bundle.crypto import LocalKeyProvider
+        from bastion.bundle.pack import pack
+        from bastion.bundle.signing import sign_bundle
+        from bastion.manifest import read_manifest
+
+        manifest = read_manifest(model_dir)
+        bundle = self.root / "bundles" / f"{manifest.name}-{manifest.version}"
+        kek = LocalKeyProvider.from_spec(f"file:{self.root / KEK_FILE}") if encrypt else None
+        pack(
+            model_dir,
+            bundle,
+            kek=kek,
+            provenance={
+                "training_data_sha256": _dataset_digest(),
+                "preprocessing": ["StandardScaler"],
+                "seeds": {"model": 0},
+            },
+        )
+        sign_bundle(bundle, self.signing_key, self.passphrase)
+        return bundle
 
 
 def _train() -> tuple[Any, np.ndarray, list[str]]:
@@ -129,11 +168,15 @@ checkpoint_every_seconds = 30
 [tokens]
 ttl_seconds = 900
 
+# Signed bundles (bastion pack + bastion sign), verified before they serve.
 [[models]]
-path = "models/breast-cancer"
+path = "bundles/breast-cancer-1"
+trusted_keys = ["keys/release.pub"]
 
 [[models]]
-path = "models/breast-cancer-skops"
+path = "bundles/breast-cancer-skops-1"
+trusted_keys = ["keys/release.pub"]
+decryption_key = "file:keys/kek.key"   # this bundle's weights are encrypted at rest
 
 # Analysts may ask for labels from both models, at a modest rate.
 [roles.analyst]
@@ -163,11 +206,20 @@ def build_demo(root: Path, *, port: int = 8000) -> DemoBuild:
     spec = feature_spec(features)
     write_onnx_model(root / "models" / ONNX_MODEL, estimator, spec, classes, ONNX_MODEL)
     write_skops_model(root / "models" / SKOPS_MODEL, estimator, [spec], classes, SKOPS_MODEL)
+    passphrase = secrets.token_urlsafe(24).encode()
+    generate_signing_key(root / "keys" / "release.key", passphrase)
+    (root / KEK_FILE).write_text(new_kek() + "\n")
+    (root / KEK_FILE).chmod(0o600)
+    build = DemoBuild(
+        root, root / "bastion.toml", features, estimator, root / "keys" / "release.key", passphrase
+    )
+    build.publish(root / "models" / ONNX_MODEL)
+    build.publish(root / "models" / SKOPS_MODEL, encrypt=True)
     config_path = root / "bastion.toml"
     config_path.write_text(DEMO_CONFIG.format(port=port), encoding="utf-8")
     request = infer_request(features[:2], request_id="demo-1")
     (root / "request.json").write_text(json.dumps(request) + "\n", encoding="utf-8")
-    return DemoBuild(root, config_path, features, estimator)
+    return build
 
 
 def infer_request(

@@ -1,7 +1,9 @@
-"""The set of models this server answers for, loaded once at start-up.
+"""The set of models this server answers for, verified and loaded at start-up.
 
-A model that fails to load is refused alone: the others keep serving, the
-readiness probe reports the failure, and the reason is logged for the operator.
+Each configured model must be a signed bundle (see `bastion.bundle.verify`), unless
+the config marks it `unsafe_unsigned`. A model that fails is refused alone: the
+others keep serving, readiness reports the failure, and the reason is logged and
+kept as a load event for the audit log.
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from bastion.bundle.crypto import LocalKeyProvider
+from bastion.bundle.verify import BundleRefused, TrustPolicy, is_bundle, verify_bundle
+from bastion.config import ModelRef
 from bastion.errors import ModelLoadError, NotFound
 from bastion.manifest import MANIFEST_NAME, Manifest, read_manifest
 from bastion.runtimes import ModelRuntime, load_runtime
@@ -22,7 +27,7 @@ log = logging.getLogger("bastion.registry")
 class ServedModel:
     manifest: Manifest
     runtime: ModelRuntime
-    digest: str  # sha256 over the manifest and the model file: which exact artifact answered
+    digest: str  # the bundle's content address (or, unsafe plain directory, manifest + model file)
 
     @property
     def name(self) -> str:
@@ -31,6 +36,19 @@ class ServedModel:
     @property
     def version(self) -> str:
         return self.manifest.version
+
+
+@dataclass(frozen=True, slots=True)
+class LoadEvent:
+    """What happened to one configured model at start-up, for the audit log."""
+
+    path: str
+    decision: str  # "allow" | "deny"
+    reason: str
+    detail: str
+    name: str | None = None
+    version: str | None = None
+    digest: str | None = None
 
 
 def artifact_digest(model_dir: Path, manifest: Manifest) -> str:
@@ -43,28 +61,65 @@ def artifact_digest(model_dir: Path, manifest: Manifest) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def trust_policy(ref: ModelRef) -> TrustPolicy:
+    kek = None
+    if ref.decryption_key is not None:
+        try:
+            kek = LocalKeyProvider.from_spec(ref.decryption_key)
+        except ValueError as e:
+            raise BundleRefused(f"{ref.path}: decryption_key: {e}", reason="decryption_failed") from None
+    return TrustPolicy(
+        trusted_keys=list(ref.trusted_keys),
+        allow_env_drift=frozenset(ref.allow_env_drift),
+        unsafe_trust_pickle=ref.unsafe_trust_pickle,
+        unsafe_unsigned=ref.unsafe_unsigned,
+        kek=kek,
+    )
+
+
 class ModelRegistry:
     def __init__(self) -> None:
         self._models: dict[str, dict[str, ServedModel]] = {}
-        self.failures: dict[str, str] = {}  # model dir -> reason it is not served
+        self.failures: dict[str, str] = {}  # model path -> reason it is not served
+        self.events: list[LoadEvent] = []
 
     @classmethod
-    def load(cls, model_dirs: list[Path]) -> ModelRegistry:
+    def load(cls, refs: list[ModelRef]) -> ModelRegistry:
         registry = cls()
-        for model_dir in model_dirs:
+        for ref in refs:
             try:
-                registry.add(model_dir)
+                model = registry.add(ref)
             except ModelLoadError as e:
-                registry.failures[str(model_dir)] = str(e)
+                reason = e.reason if isinstance(e, BundleRefused) else "model_refused"
+                registry.failures[str(ref.path)] = str(e)
+                registry.events.append(LoadEvent(str(ref.path), "deny", reason, str(e)))
                 log.error("model refused: %s", e)
+            else:
+                registry.events.append(
+                    LoadEvent(str(ref.path), "allow", "verified", "", model.name, model.version, model.digest)
+                )
         return registry
 
-    def add(self, model_dir: Path) -> ServedModel:
-        manifest = read_manifest(model_dir)
+    def add(self, ref: ModelRef) -> ServedModel:
+        if is_bundle(ref.path):
+            verified = verify_bundle(ref.path, trust_policy(ref))
+            manifest, runtime, digest = verified.manifest, verified.runtime, verified.digest
+        elif ref.unsafe_unsigned:
+            log.warning(
+                "UNSAFE: %s is a plain model directory, served unsigned (unsafe_unsigned = true)", ref.path
+            )
+            manifest = read_manifest(ref.path)
+            runtime = load_runtime(ref.path, manifest, unsafe_trust_pickle=ref.unsafe_trust_pickle)
+            digest = artifact_digest(ref.path, manifest)
+        else:
+            raise BundleRefused(
+                f"{ref.path}: not a signed bundle (no bundle.json). Build one with `bastion pack` and "
+                "`bastion sign`, or set unsafe_unsigned = true for this model.",
+                reason="not_a_bundle",
+            )
         if manifest.version in self._models.get(manifest.name, {}):
-            raise ModelLoadError(f"{model_dir}: {manifest.name} version {manifest.version} is already served")
-        runtime = load_runtime(model_dir, manifest)
-        model = ServedModel(manifest, runtime, artifact_digest(model_dir, manifest))
+            raise ModelLoadError(f"{ref.path}: {manifest.name} version {manifest.version} is already served")
+        model = ServedModel(manifest, runtime, digest)
         self._models.setdefault(manifest.name, {})[manifest.version] = model
         log.info("serving %s version %s (%s)", model.name, model.version, model.digest)
         return model

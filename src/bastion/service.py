@@ -142,7 +142,7 @@ class Bastion:
         paths.root.mkdir(parents=True, exist_ok=True)
         paths.root.chmod(0o700)
         self.paths = paths
-        self.registry = ModelRegistry.load([m.path for m in config.models])
+        self.registry = ModelRegistry.load(list(config.models))
         check_grants_name_models(config, self.registry.names | _failed_names(self.registry), config_path)
         self.policy = Policy.from_config(config)
         self.metrics = Metrics()
@@ -222,6 +222,26 @@ class Bastion:
             Route.NOT_FOUND: [authenticate, RouteNotFound()],
             Route.WRONG_METHOD: [authenticate, WrongMethod()],
         }
+
+    async def startup(self) -> None:
+        """Record what happened to every configured model (verified or refused, and why)."""
+        if self.audit is None:
+            return
+        for event in self.registry.events:
+            record = {
+                "ts": self.clock(),
+                "route": "model_load",
+                "action": Action.ADMIN.value,
+                "model": event.name or event.path,
+                "version": event.version,
+                "digest": event.digest,
+                "decision": event.decision,
+                "reason": event.reason,
+                "detail": event.detail,
+            }
+            pending = self.audit.submit(record, wait=True)
+            if pending is not None:
+                await pending
 
     @property
     def ready(self) -> bool:

@@ -33,8 +33,16 @@ def test_every_request_is_in_the_audit_log(deployment: Deployment) -> None:
     ids = set(deployment.server.request_ids)
     assert len(ids) > 50  # the rest of the suite ran first
     conn = sqlite3.connect(_audit_db(deployment))
-    bodies = [json.loads(b) for (b,) in conn.execute("SELECT body FROM records")]
+    records = [json.loads(b) for (b,) in conn.execute("SELECT body FROM records")]
     conn.close()
+    loads = [r for r in records if r["route"] == "model_load"]
+    assert {(r["model"], r["decision"], r["reason"]) for r in loads} == {
+        ("breast-cancer", "allow", "verified"),
+        ("breast-cancer-skops", "allow", "verified"),
+        ("loan", "allow", "verified"),
+    }
+    assert all(r["digest"].startswith("sha256:") for r in loads)
+    bodies = [r for r in records if r["route"] != "model_load"]
     recorded = {b["request_id"] for b in bodies}
     assert ids <= recorded, f"missing from the audit log: {sorted(ids - recorded)[:5]}"
     by_status = {b["status"] for b in bodies}
@@ -105,7 +113,8 @@ def test_audit_export_writes_json_lines(deployment: Deployment, tmp_path: Path) 
     run_cli("audit", "export", "--config", deployment.config, "-o", out)
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert lines and lines[0]["seq"] == 1 and len(lines[0]["hash"]) == 64
-    assert all("payload_hmac" in r for r in lines)
+    assert all("payload_hmac" in r for r in lines if r["route"] != "model_load")
+    assert lines[0]["route"] == "model_load"  # start-up verification comes first
 
 
 def test_no_secret_or_raw_input_in_any_log(deployment: Deployment, tmp_path: Path) -> None:

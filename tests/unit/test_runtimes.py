@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from bastion.config import ModelRef
 from bastion.errors import ModelLoadError
 from bastion.manifest import read_manifest
 from bastion.registry import ModelRegistry
@@ -90,7 +91,11 @@ def test_bad_manifest_names_file_and_field(tmp_path: Path) -> None:
 def test_one_bad_model_is_refused_and_the_others_serve(models: Path, tmp_path: Path) -> None:
     bad = _copy(models / "breast-cancer", tmp_path / "bad")
     (bad / "model.onnx").write_bytes(b"not a model")
-    registry = ModelRegistry.load([models / "breast-cancer-skops", bad])
+    refs = [
+        ModelRef(path=models / "breast-cancer-skops", unsafe_unsigned=True),
+        ModelRef(path=bad, unsafe_unsigned=True),
+    ]
+    registry = ModelRegistry.load(refs)
     assert registry.names == {"breast-cancer-skops"}
     assert "not a loadable ONNX model" in registry.failures[str(bad)]
 

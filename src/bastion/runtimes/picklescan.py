@@ -42,10 +42,8 @@ def _allowed(module: str, name: str) -> bool:
     qualified = f"{module}.{name}"
     if qualified in _ALLOWED_BUILTINS:
         return True
-    return (
-        module == "numpy"
-        or (module.startswith(_ALLOWED_MODULE_PREFIXES)
-        and not module.startswith("numpy.f2py"))
+    return module == "numpy" or (
+        module.startswith(_ALLOWED_MODULE_PREFIXES) and not module.startswith("numpy.f2py")
     )
 
 
