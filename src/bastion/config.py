@@ -104,6 +104,20 @@ class ModelRef(_Strict):
     unsafe_unsigned: bool = False  # serve without a signature (digests are still checked for bundles)
 
 
+class RolloutSettings(_Strict):
+    """Split a model's unversioned traffic between a stable and a canary version."""
+
+    stable: str
+    canary: str | None = None
+    canary_weight: Annotated[float, Field(ge=0, le=1)] = 0.1
+    # Automatic rollback when, over the last `window_seconds`, the canary answered at least
+    # `min_requests` requests and its error rate or p99 latency crossed these thresholds.
+    max_error_rate: Annotated[float, Field(ge=0, le=1)] = 0.05
+    max_p99_latency_ms: Annotated[float, Field(gt=0)] | None = None
+    window_seconds: Annotated[float, Field(gt=0)] = 30.0
+    min_requests: Annotated[int, Field(ge=1)] = 20
+
+
 class Config(_Strict):
     server: ServerSettings = ServerSettings()
     limits: RequestLimits = RequestLimits()
@@ -113,6 +127,7 @@ class Config(_Strict):
     metrics: MetricsSettings = MetricsSettings()
     models: list[ModelRef] = Field(default_factory=list)
     roles: dict[str, Role] = Field(default_factory=dict)
+    rollouts: dict[str, RolloutSettings] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _roles_are_named_sanely(self) -> Config:

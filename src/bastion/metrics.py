@@ -46,6 +46,18 @@ class Metrics:
         self.models_refused = Gauge(
             "bastion_models_refused", "Configured models refused at load.", registry=self.registry
         )
+        self.rollbacks = Counter(
+            "bastion_rollout_rollbacks",
+            "Automatic canary rollbacks, by model and reason.",
+            ["model", "reason"],
+            registry=self.registry,
+        )
+        self.canary_weight = Gauge(
+            "bastion_rollout_canary_weight",
+            "Share of unversioned traffic sent to the canary.",
+            ["model"],
+            registry=self.registry,
+        )
         self.audit_failures = Counter(
             "bastion_audit_failures",
             "Requests failed closed because the audit log was unavailable.",

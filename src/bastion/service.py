@@ -22,11 +22,19 @@ from bastion.audit.chain import load_or_create_audit_key
 from bastion.audit.log import AuditUnavailable
 from bastion.config import Action, Config, check_grants_name_models
 from bastion.context import RequestContext
-from bastion.errors import AuthenticationFailed, BastionError, MethodNotAllowed, NotReady, RateLimited
+from bastion.errors import (
+    AuthenticationFailed,
+    BastionError,
+    ConfigError,
+    MethodNotAllowed,
+    NotReady,
+    RateLimited,
+)
 from bastion.keys import KeyStore
 from bastion.metrics import UNKNOWN, Metrics
 from bastion.policy import Policy
 from bastion.registry import ModelRegistry
+from bastion.rollout import Rollback, Rollouts
 from bastion.stages import Stage
 from bastion.stages.authorization import AuthorizeModel, AuthorizeServer
 from bastion.stages.endpoints import (
@@ -173,7 +181,9 @@ class Bastion:
                 clock=clock,
             )
         self._wait_for_audit = config.audit.durability == "sync"
-        self.pipelines = self.build_pipelines(load_or_create_secret(paths.hmac_key))
+        self.rollouts = self._rollouts(config, config_path)
+        self._hmac_key = load_or_create_secret(paths.hmac_key)
+        self.pipelines = self.build_pipelines(self._hmac_key)
 
     def build_pipelines(self, hmac_key: bytes) -> dict[Route, list[Stage]]:
         """The order of the defenses, per route. Read top to bottom."""
@@ -185,7 +195,7 @@ class Bastion:
         limit = EnforceLimits(self.state, self.policy)
 
         def on_model(action: Action) -> AuthorizeModel:
-            return AuthorizeModel(self.policy, self.registry, action)
+            return AuthorizeModel(self.policy, self.registry, action, self.rollouts.pick)
 
         return {
             Route.INFER: [
@@ -222,6 +232,23 @@ class Bastion:
             Route.NOT_FOUND: [authenticate, RouteNotFound()],
             Route.WRONG_METHOD: [authenticate, WrongMethod()],
         }
+
+    def _rollouts(self, config: Config, config_path: Path) -> Rollouts:
+        known = self.registry.names | _failed_names(self.registry)
+        for model in config.rollouts:
+            if model not in known:
+                raise ConfigError(f"{config_path}: rollouts.{model}: model {model!r} is not configured")
+        rollouts = Rollouts(
+            dict(config.rollouts),
+            self.paths.root / "rollouts.json",
+            served=lambda name, version: (
+                version in {m.version for m in self.registry.models() if m.name == name}
+            ),
+            clock=self.clock,
+        )
+        for model, state in rollouts.states.items():
+            self.metrics.canary_weight.labels(model).set(state.weight)
+        return rollouts
 
     async def startup(self) -> None:
         """Record what happened to every configured model (verified or refused, and why)."""
@@ -277,9 +304,35 @@ class Bastion:
         latency = time.perf_counter() - started
         if self.audit is not None:
             outcome = await self._record(route, ctx, outcome, reason, latency)
-        model_label = ctx.model.name if ctx.model is not None else UNKNOWN
-        self.metrics.observe_request(route.value, model_label, outcome.status, latency)
+        model = ctx.model
+        if model is not None:
+            outcome.headers["x-model-version"] = model.version
+            if route is Route.INFER:
+                rollback = self.rollouts.observe(
+                    model.name, model.version, error=outcome.status >= 500, latency=latency
+                )
+                if rollback is not None:
+                    await self._record_rollback(rollback)
+        self.metrics.observe_request(route.value, model.name if model else UNKNOWN, outcome.status, latency)
         return outcome
+
+    async def _record_rollback(self, rollback: Rollback) -> None:
+        self.metrics.rollbacks.labels(rollback.model, rollback.reason).inc()
+        self.metrics.canary_weight.labels(rollback.model).set(0)
+        if self.audit is None:
+            return
+        record = {
+            "ts": self.clock(),
+            "route": "rollout",
+            "action": Action.ADMIN.value,
+            "model": rollback.model,
+            "version": rollback.version,
+            "decision": "rollback",
+            "reason": rollback.reason,
+            "detail": rollback.detail,
+        }
+        pending = self.audit.submit(record, wait=False)
+        assert pending is None
 
     def _count_denial(self, error: BastionError, reason: str) -> None:
         if isinstance(error, AuthenticationFailed):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from bastion.config import Action
 from bastion.context import RequestContext
 from bastion.errors import PermissionDenied
@@ -10,15 +12,25 @@ from bastion.registry import ModelRegistry
 
 
 class AuthorizeModel:
-    def __init__(self, policy: Policy, registry: ModelRegistry, action: Action) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        registry: ModelRegistry,
+        action: Action,
+        pick_version: Callable[[str], str | None] = lambda _: None,
+    ) -> None:
         self._policy = policy
         self._registry = registry
         self._action = action
+        self._pick_version = pick_version  # the rollout's choice for unversioned requests
 
     async def __call__(self, ctx: RequestContext) -> None:
         principal = ctx.principal
         assert principal is not None and ctx.model_name is not None
-        ctx.model = self._registry.get(ctx.model_name, ctx.model_version)
+        version = ctx.model_version
+        if version is None and self._registry.exists(ctx.model_name):
+            version = self._pick_version(ctx.model_name)
+        ctx.model = self._registry.get(ctx.model_name, version)
         grant = self._policy.grant(principal.roles, ctx.model_name).narrowed(principal.scope, ctx.model_name)
         if not grant.allows(self._action):
             raise PermissionDenied(f"not permitted to {self._action.value} model {ctx.model_name!r}")
