@@ -326,6 +326,80 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rollout_path(args: argparse.Namespace) -> Path:
+    from bastion.service import StatePaths
+
+    return StatePaths(_config(args.config).server.state_dir).root / "rollouts.json"
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    from bastion.rollout import load_states, save_states
+
+    path = _rollout_path(args)
+    states = load_states(path)
+    if args.action == "status":
+        print(f"{'MODEL':<24}{'STABLE':<10}{'CANARY':<10}{'WEIGHT':<8}{'STATUS':<13}REASON")
+        for model, s in sorted(states.items()):
+            print(f"{model:<24}{s.stable:<10}{s.canary or '-':<10}{s.weight:<8.2f}{s.status:<13}{s.reason}")
+        return 0
+    if args.model is None:
+        return _fail(f"rollout {args.action}: name the model")
+    state = states.get(args.model)
+    if state is None:
+        return _fail(
+            f"{path}: no rollout for model {args.model!r} (known: {', '.join(sorted(states)) or 'none'})"
+        )
+    if state.canary is None:
+        return _fail(f"{args.model}: no canary to {args.action}")
+    if args.action == "promote":
+        state.stable, state.canary, state.weight, state.status = state.canary, None, 0.0, "promoted"
+        state.reason = "promoted by an operator"
+    else:
+        state.weight, state.status, state.reason = 0.0, "rolled_back", "rolled back by an operator"
+    state.changed_at = time.time()
+    save_states(path, states)
+    print(f"{args.model}: {state.status}; a running server applies it within a second")
+    return 0
+
+
+def cmd_registry_push(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+
+    from bastion.bundle.crypto import LocalKeyProvider
+    from bastion.bundle.verify import BundleRefused, TrustPolicy, verify_bundle
+
+    try:
+        kek = LocalKeyProvider.from_spec(args.decryption_key) if args.decryption_key else None
+    except ValueError as e:
+        return _fail(f"--decryption-key: {e}")
+    try:
+        verified = verify_bundle(args.bundle, TrustPolicy(trusted_keys=args.trusted_key, kek=kek))
+    except BundleRefused as e:
+        print(f"REFUSED ({e.reason}): {e}", file=sys.stderr)
+        return 1
+    target = args.registry / verified.manifest.name / verified.manifest.version
+    if target.exists():
+        return _fail(f"{target}: already in the registry; versions are immutable")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{verified.manifest.version}.", dir=target.parent))
+    shutil.copytree(args.bundle, staging, dirs_exist_ok=True)
+    staging.rename(target)  # all or nothing
+    print(f"{target}: {verified.digest}")
+    return 0
+
+
+def cmd_registry_list(args: argparse.Namespace) -> int:
+    import hashlib
+
+    from bastion.bundle.format import BUNDLE_FILE
+
+    for bundle in sorted(args.registry.glob(f"*/*/{BUNDLE_FILE}")):
+        digest = hashlib.sha256(bundle.read_bytes()).hexdigest()
+        print(f"{bundle.parent.parent.name:<24}{bundle.parent.name:<10}sha256:{digest}")
+    return 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from bastion.registry import ModelRegistry
 
@@ -424,6 +498,24 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--decryption-key", metavar="KEY")
     verify.add_argument("--allow-env-drift", action="append", default=[], metavar="PACKAGE")
     verify.set_defaults(func=cmd_verify)
+
+    rollout = with_config(sub.add_parser("rollout", help="show or drive canary rollouts of a running server"))
+    rollout.add_argument("action", choices=["status", "promote", "rollback"])
+    rollout.add_argument("model", nargs="?")
+    rollout.set_defaults(func=cmd_rollout)
+    registry = sub.add_parser("registry", help="a local registry of bundles by name and version")
+    registry_sub = registry.add_subparsers(dest="registry_cmd", required=True)
+    push = registry_sub.add_parser("push", help="verify a bundle and store it, immutable, under NAME/VERSION")
+    push.add_argument("bundle", type=Path)
+    push.add_argument("--registry", type=Path, required=True)
+    push.add_argument("--trusted-key", type=Path, action="append", required=True)
+    push.add_argument(
+        "--decryption-key", metavar="KEY", help="for an encrypted bundle: env:NAME or file:PATH"
+    )
+    push.set_defaults(func=cmd_registry_push)
+    rlist = registry_sub.add_parser("list", help="list bundles with their digests")
+    rlist.add_argument("--registry", type=Path, required=True)
+    rlist.set_defaults(func=cmd_registry_list)
 
     demo = sub.add_parser("demo", help="build a demo deployment and serve it")
     demo.add_argument("--dir", type=Path, default=Path("demo"))

@@ -7,6 +7,7 @@ skip it, and in "sync" durability the response waits for the record's commit.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import secrets
@@ -20,7 +21,7 @@ from typing import Any
 from bastion.audit import AuditLog
 from bastion.audit.chain import load_or_create_audit_key
 from bastion.audit.log import AuditUnavailable
-from bastion.config import Action, Config, check_grants_name_models
+from bastion.config import Action, Config, check_grants_name_models, load_config
 from bastion.context import RequestContext
 from bastion.errors import (
     AuthenticationFailed,
@@ -144,6 +145,8 @@ class Bastion:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
+        self.config_path = config_path
+        self._reloading = False
         self.clock = clock
         self.unsafe_no_defenses = unsafe_no_defenses
         paths = StatePaths(config.server.state_dir)
@@ -251,10 +254,46 @@ class Bastion:
         return rollouts
 
     async def startup(self) -> None:
+        await self._audit_load_events(self.registry)
+
+    async def reload(self) -> None:
+        """Re-read the policy file and re-verify the models, then switch over in one step.
+
+        Models, roles, rollouts and request limits take effect; requests already running finish
+        with the pipeline and model they started with. If anything fails, the previous
+        configuration keeps serving. (Server, state, audit and token settings need a restart.)
+        """
+        if self._reloading:
+            return
+        self._reloading = True
+        try:
+            config = load_config(self.config_path)
+            registry = await asyncio.get_running_loop().run_in_executor(
+                None, ModelRegistry.load, list(config.models)
+            )
+            check_grants_name_models(config, registry.names | _failed_names(registry), self.config_path)
+            previous = (self.registry, self.policy, self.rollouts, self.config)
+            self.registry, self.policy, self.config = registry, Policy.from_config(config), config
+            try:
+                self.rollouts = self._rollouts(config, self.config_path)
+            except ConfigError:
+                self.registry, self.policy, self.rollouts, self.config = previous
+                raise
+            self.metrics.models_loaded.set(len(registry.models()))
+            self.metrics.models_refused.set(len(registry.failures))
+            self.pipelines = self.build_pipelines(self._hmac_key)
+            log.info("reloaded %s: %d model versions serving", self.config_path, len(registry.models()))
+            await self._audit_load_events(registry)
+        except ConfigError as e:
+            log.error("reload refused, the previous configuration keeps serving: %s", e)
+        finally:
+            self._reloading = False
+
+    async def _audit_load_events(self, registry: ModelRegistry) -> None:
         """Record what happened to every configured model (verified or refused, and why)."""
         if self.audit is None:
             return
-        for event in self.registry.events:
+        for event in registry.events:
             record = {
                 "ts": self.clock(),
                 "route": "model_load",

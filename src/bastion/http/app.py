@@ -6,10 +6,12 @@ into JSON responses; every decision is made by the service's pipelines.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
 import re
+import signal
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -43,6 +45,7 @@ _JSON = b"application/json"
 class BastionApp:
     def __init__(self, service: Bastion) -> None:
         self.service = service
+        self._reload_task: asyncio.Task[None] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -117,6 +120,9 @@ class BastionApp:
             else None,
         )
 
+    def _on_sighup(self) -> None:
+        self._reload_task = asyncio.get_running_loop().create_task(self.service.reload())
+
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
@@ -124,6 +130,8 @@ class BastionApp:
                 # Models and libraries make a large, long-lived heap; a full collection walking it
                 # stalled requests for tens of milliseconds (measured: p99 70 ms under load). Freeze it.
                 await self.service.startup()
+                # SIGHUP re-reads the policy file and re-verifies the models without dropping requests.
+                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
                 gc.collect()
                 gc.freeze()
                 await send({"type": "lifespan.startup.complete"})
