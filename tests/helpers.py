@@ -50,6 +50,13 @@ rate = 0.5
 burst = 3
 grants = [ { models = ["breast-cancer"], actions = ["infer", "metadata"] } ]
 
+# Steady load from a second process: limits that never refuse.
+[roles.loader]
+rate = 100000
+burst = 100000
+daily_quota = 100000000
+grants = [ { models = ["breast-cancer"], actions = ["infer"] } ]
+
 # A tiny daily quota.
 [roles.quota]
 rate = 100
