@@ -190,14 +190,14 @@ Try, in another terminal (after the two exports):
        -d '{{"scope": ["infer:{ONNX_MODEL}"], "ttl_seconds": 300}}'            # a short-lived token
   curl -s -H "Authorization: Bearer $ADMIN" {base}/metrics | grep bastion_requests
   .venv/bin/bastion audit verify --config {build.config_path}
-
-Serving on {base} (Ctrl-C to stop) ...
+  .venv/bin/bastion verify {args.dir}/bundles/{ONNX_MODEL}-1 --trusted-key {args.dir}/keys/release.pub
 """,
         file=sys.stderr,
         flush=True,
     )
     if args.no_serve:
         return 0
+    print(f"Serving on {base} (Ctrl-C to stop) ...", file=sys.stderr, flush=True)
     args.config, args.host, args.unsafe_no_defenses = build.config_path, None, False
     return cmd_serve(args)
 

@@ -147,6 +147,7 @@ class Bastion:
         self.config = config
         self.config_path = config_path
         self._reloading = False
+        self._closed = False
         self.clock = clock
         self.unsafe_no_defenses = unsafe_no_defenses
         paths = StatePaths(config.server.state_dir)
@@ -315,6 +316,10 @@ class Bastion:
         return audit_ok and not self.registry.failures and bool(self.registry.models())
 
     def close(self) -> None:
+        """Flush and close everything; safe to call twice (lifespan shutdown, then the CLI's finally)."""
+        if self._closed:
+            return
+        self._closed = True
         if self.audit is not None:
             self.audit.close()
         self.state.close()
