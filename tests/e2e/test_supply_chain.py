@@ -25,11 +25,15 @@ def tampered(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyp
     key = create_key(config, "admin")
     tmpdir = root / "tmp"
     tmpdir.mkdir()
+    previous = os.environ.get("TMPDIR")
     os.environ["TMPDIR"] = str(tmpdir)  # everything the server process writes goes here or to state/
     try:
         server = start_server(config, root / "server.log")
     finally:
-        del os.environ["TMPDIR"]
+        if previous is None:
+            del os.environ["TMPDIR"]
+        else:
+            os.environ["TMPDIR"] = previous
     yield root, config, build, server, key
     server.stop()
 
