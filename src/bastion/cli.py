@@ -237,16 +237,13 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_kek(args: argparse.Namespace) -> int:
-    import os
-
     from bastion.bundle.crypto import new_kek
+    from bastion.files import write_private_file
 
     try:
-        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        write_private_file(args.output, (new_kek() + "\n").encode())
     except FileExistsError:
         return _fail(f"{args.output}: already exists; refusing to overwrite a key")
-    with os.fdopen(fd, "w") as f:
-        f.write(new_kek() + "\n")
     print(
         f'key-encryption key written to {args.output} (mode 0600); use decryption_key = "file:{args.output}"'
     )
@@ -291,6 +288,15 @@ def cmd_pack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _decryption_key(spec: str | None):  # type: ignore[no-untyped-def]
+    from bastion.bundle.crypto import LocalKeyProvider
+
+    try:
+        return LocalKeyProvider.from_spec(spec) if spec else None
+    except ValueError as e:
+        raise _CliError(f"--decryption-key: {e}") from None
+
+
 def cmd_sign(args: argparse.Namespace) -> int:
     from bastion.bundle.signing import SignatureError, sign_bundle
 
@@ -303,13 +309,9 @@ def cmd_sign(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from bastion.bundle.crypto import LocalKeyProvider
     from bastion.bundle.verify import BundleRefused, TrustPolicy, verify_bundle
 
-    try:
-        kek = LocalKeyProvider.from_spec(args.decryption_key) if args.decryption_key else None
-    except ValueError as e:
-        return _fail(f"--decryption-key: {e}")
+    kek = _decryption_key(args.decryption_key)
     policy = TrustPolicy(
         trusted_keys=args.trusted_key, allow_env_drift=frozenset(args.allow_env_drift), kek=kek
     )
@@ -366,13 +368,9 @@ def cmd_registry_push(args: argparse.Namespace) -> int:
     import shutil
     import tempfile
 
-    from bastion.bundle.crypto import LocalKeyProvider
     from bastion.bundle.verify import BundleRefused, TrustPolicy, verify_bundle
 
-    try:
-        kek = LocalKeyProvider.from_spec(args.decryption_key) if args.decryption_key else None
-    except ValueError as e:
-        return _fail(f"--decryption-key: {e}")
+    kek = _decryption_key(args.decryption_key)
     try:
         verified = verify_bundle(args.bundle, TrustPolicy(trusted_keys=args.trusted_key, kek=kek))
     except BundleRefused as e:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import secrets
 import time
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from bastion.errors import (
     NotReady,
     RateLimited,
 )
+from bastion.files import write_private_file
 from bastion.keys import KeyStore
 from bastion.metrics import UNKNOWN, Metrics
 from bastion.policy import Policy
@@ -120,11 +120,8 @@ class StatePaths:
 def load_or_create_secret(path: Path, size: int = 32) -> bytes:
     if path.exists():
         return path.read_bytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     secret = secrets.token_bytes(size)
-    with os.fdopen(fd, "wb") as f:
-        f.write(secret)
+    write_private_file(path, secret)
     return secret
 
 

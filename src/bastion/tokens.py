@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from joserfc.jwt import JWTClaimsRegistry
 
 from bastion.config import Action, OutputDetail
 from bastion.errors import AuthenticationFailed
+from bastion.files import write_private_file
 from bastion.policy import TokenScope
 
 ALGORITHM = "Ed25519"  # RFC 9864 fully specified name for EdDSA over Ed25519
@@ -42,10 +42,7 @@ def load_or_create_signing_key(path: Path) -> OKPKey:
     if path.exists():
         return OKPKey.import_key(json.loads(path.read_text(encoding="utf-8")))
     key = OKPKey.generate_key("Ed25519", private=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(key.as_dict(private=True), f)
+    write_private_file(path, json.dumps(key.as_dict(private=True)).encode())
     return key
 
 

@@ -9,7 +9,6 @@ the files, so that each file is hashed once and a mismatch names the file.
 
 from __future__ import annotations
 
-import os
 import pathlib
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from bastion.bundle.format import SIGNATURE_FILE
+from bastion.files import write_private_file
 
 PASSPHRASE_ENV = "BASTION_SIGNING_PASSPHRASE"  # noqa: S105 (the variable's name, not a secret)
 
@@ -35,10 +35,7 @@ def generate_signing_key(private_path: Path, passphrase: bytes) -> Path:
         serialization.PrivateFormat.PKCS8,
         serialization.BestAvailableEncryption(passphrase),
     )
-    private_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
+    write_private_file(private_path, pem)
     public_path = private_path.with_suffix(".pub")
     public_path.write_bytes(
         key.public_key().public_bytes(
