@@ -24,17 +24,21 @@ class Action(StrEnum):
 
 
 class OutputDetail(StrEnum):
-    """How much an answer may say. Ordered from least to most revealing."""
+    """How much an answer may say (the output policy). Ordered from least to most revealing."""
 
-    LABEL = "label"
-    PROBABILITIES = "probabilities"
+    LABEL = "label"  # the top class only
+    TOP_K = "top_k"  # the k most likely classes, no scores
+    DP_SCORES = "dp_scores"  # scores with calibrated differential-privacy noise, under a budget
+    REVERSE_SIGMOID = "reverse_sigmoid"  # perturbed scores that keep the argmax (Lee et al. 2019)
+    ROUNDED = "rounded"  # scores rounded to a few decimals
+    PROBABILITIES = "probabilities"  # the full scores
 
     @property
     def rank(self) -> int:
         return _DETAIL_RANK[self]
 
 
-_DETAIL_RANK = {OutputDetail.LABEL: 0, OutputDetail.PROBABILITIES: 1}
+_DETAIL_RANK = {detail: i for i, detail in enumerate(OutputDetail)}
 
 
 class _Strict(BaseModel):
@@ -46,6 +50,18 @@ class Grant(_Strict):
     actions: list[Action] = Field(min_length=1)
     output: OutputDetail = OutputDetail.LABEL
     sensitive_inputs: bool = False
+    # Parameters of the output policies (each used only by its own policy).
+    top_k: Annotated[int, Field(ge=1)] = 3
+    decimals: Annotated[int, Field(ge=0, le=6)] = 2
+    beta: Annotated[float, Field(gt=0, le=1)] = 0.5  # reverse sigmoid: perturbation strength
+    gamma: Annotated[float, Field(gt=0)] = 1.0  # reverse sigmoid: slope
+    mechanism: Literal["laplace", "gaussian"] = "laplace"  # dp_scores
+    epsilon: Annotated[float, Field(gt=0, le=10)] = 1.0  # dp_scores: privacy cost of one answered row
+    delta: Annotated[float, Field(gt=0, lt=1)] = (
+        1e-6  # dp_scores, gaussian: delta for the (eps, delta) guarantee
+    )
+    privacy_budget: Annotated[float, Field(gt=0)] = 10.0  # epsilon a principal may spend per window
+    budget_window_seconds: Annotated[float, Field(gt=0)] = 86_400.0
 
 
 class Role(_Strict):

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from bastion.config import Action, Config, OutputDetail, Role
+from bastion.config import Action, Config, Grant, OutputDetail, Role
+
+_DEFAULT_PARAMS = Grant(models=["*"], actions=[Action.INFER])
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,6 +20,8 @@ class EffectiveGrant:
     actions: frozenset[Action] = frozenset()
     output: OutputDetail | None = None
     sensitive_inputs: bool = False
+    # The grant whose output policy applies: it carries the policy's parameters (k, decimals, epsilon...).
+    output_params: Grant = _DEFAULT_PARAMS
 
     def allows(self, action: Action) -> bool:
         return action in self.actions
@@ -29,7 +33,9 @@ class EffectiveGrant:
         output = self.output
         if output is not None and scope.output is not None and scope.output.rank < output.rank:
             output = scope.output
-        return EffectiveGrant(actions, output if actions else None, self.sensitive_inputs and bool(actions))
+        return EffectiveGrant(
+            actions, output if actions else None, self.sensitive_inputs and bool(actions), self.output_params
+        )
 
 
 NO_GRANT = EffectiveGrant()
@@ -77,6 +83,7 @@ class Policy:
     def _fold(self, roles: tuple[str, ...], model: str) -> EffectiveGrant:
         actions: set[Action] = set()
         output: OutputDetail | None = None
+        params = _DEFAULT_PARAMS
         sensitive = False
         for role_name in roles:
             role = self._roles.get(role_name)
@@ -87,9 +94,9 @@ class Policy:
                     continue
                 actions.update(g.actions)
                 if output is None or g.output.rank > output.rank:
-                    output = g.output
+                    output, params = g.output, g
                 sensitive = sensitive or g.sensitive_inputs
-        return EffectiveGrant(frozenset(actions), output, sensitive) if actions else NO_GRANT
+        return EffectiveGrant(frozenset(actions), output, sensitive, params) if actions else NO_GRANT
 
     def grants_anywhere(self, roles: tuple[str, ...], action: Action) -> bool:
         """Whether any of the roles grants `action` on any model."""

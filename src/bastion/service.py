@@ -34,6 +34,7 @@ from bastion.files import write_private_file
 from bastion.keys import KeyStore
 from bastion.metrics import UNKNOWN, Metrics
 from bastion.policy import Policy
+from bastion.privacy import AnswerCache, NoiseSource, OpenDPNoise
 from bastion.registry import ModelRegistry
 from bastion.rollout import Rollback, Rollouts
 from bastion.stages import Stage
@@ -52,7 +53,7 @@ from bastion.stages.identity import Authenticate
 from bastion.stages.inference import Infer
 from bastion.stages.input_guard import DecodeRequest, GuardInput
 from bastion.stages.limits import EnforceLimits
-from bastion.stages.output_policy import ShapeOutput
+from bastion.stages.output_policy import PrivateScores, ShapeOutput
 from bastion.state import MemoryStateStore, SQLiteStateStore, StateStore
 from bastion.tokens import TokenAuthority, load_or_create_signing_key
 
@@ -140,6 +141,7 @@ class Bastion:
         config_path: Path = Path("bastion.toml"),
         unsafe_no_defenses: bool = False,
         clock: Callable[[], float] = time.time,
+        noise: NoiseSource | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
@@ -182,6 +184,7 @@ class Bastion:
                 clock=clock,
             )
         self._wait_for_audit = config.audit.durability == "sync"
+        self.private_scores = PrivateScores(self.state, noise or OpenDPNoise(), AnswerCache())
         self.rollouts = self._rollouts(config, config_path)
         self._hmac_key = load_or_create_secret(paths.hmac_key)
         self.pipelines = self.build_pipelines(self._hmac_key)
@@ -206,7 +209,9 @@ class Bastion:
                 decode,  # 4. body size (413) and well-formed V2 JSON (400)
                 GuardInput(max_rows=limits.max_rows, hmac_key=hmac_key),  # 5. manifest schema; 422/413/403
                 Infer(),  # 6. the runtime
-                ShapeOutput(),  # 7. output detail per grant; 403 for an ungranted output
+                # 7. output policy per grant (label, top-k, rounding, reverse sigmoid, DP noise under a
+                #    budget with the keyed answer cache); 403 for an ungranted output, 429 over budget
+                ShapeOutput(self.private_scores),
             ],
             Route.MODEL_METADATA: [
                 authenticate,
@@ -402,6 +407,8 @@ class Bastion:
             "status": outcome.status,
             "latency_ms": round(latency * 1000, 3),
             "payload_hmac": ctx.payload_hmac,
+            "output_policy": ctx.output_detail.value if ctx.output_detail else None,
+            "epsilon_spent": ctx.extra.get("epsilon_spent"),
             "client": ctx.client,
         }
         try:

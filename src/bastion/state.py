@@ -60,8 +60,32 @@ def admit(usage: _Usage | None, spec: LimitSpec, *, now: float, cost: int) -> tu
     return Admission(True, None, 0.0, spec.daily_quota - new.used), new
 
 
+@dataclass(frozen=True, slots=True)
+class BudgetSpend:
+    allowed: bool
+    remaining: float  # what is left in this window after this request
+    retry_after: float  # seconds until the window renews (when refused)
+
+
+def spend(
+    spent: float, window: int, *, cost: float, limit: float, now: float, window_seconds: float
+) -> tuple[BudgetSpend, float, int]:
+    """Pure decision for a privacy budget: (decision, spent to store, window to store)."""
+    current = int(now // window_seconds)
+    used = spent if window == current else 0.0
+    if used + cost > limit + 1e-12:  # float sums of epsilons: tolerate rounding, never a whole answer
+        return BudgetSpend(False, max(0.0, limit - used), (current + 1) * window_seconds - now), used, current
+    return BudgetSpend(True, limit - used - cost, 0.0), used + cost, current
+
+
 class StateStore(Protocol):
     async def acquire(self, principal: str, spec: LimitSpec, *, now: float, cost: int = 1) -> Admission: ...
+
+    async def spend_budget(
+        self, principal: str, *, cost: float, limit: float, now: float, window_seconds: float
+    ) -> BudgetSpend:
+        """Privacy filter: spend `cost` of `limit` in the current window, exactly and atomically, or refuse."""
+        ...
 
     def close(self) -> None: ...
 
@@ -71,7 +95,19 @@ class MemoryStateStore:
 
     def __init__(self) -> None:
         self._usage: dict[str, _Usage] = {}
+        self._budgets: dict[str, tuple[float, int]] = {}
         self._lock = threading.Lock()
+
+    async def spend_budget(
+        self, principal: str, *, cost: float, limit: float, now: float, window_seconds: float
+    ) -> BudgetSpend:
+        with self._lock:
+            spent, window = self._budgets.get(principal, (0.0, -1))
+            decision, spent, window = spend(
+                spent, window, cost=cost, limit=limit, now=now, window_seconds=window_seconds
+            )
+            self._budgets[principal] = (spent, window)
+        return decision
 
     async def acquire(self, principal: str, spec: LimitSpec, *, now: float, cost: int = 1) -> Admission:
         with self._lock:
@@ -117,6 +153,10 @@ class SQLiteStateStore:
             "CREATE TABLE IF NOT EXISTS quota (principal TEXT PRIMARY KEY, day INTEGER NOT NULL, "
             "leased INTEGER NOT NULL, version INTEGER NOT NULL)"
         )
+        self._conn.execute(
+            "CREATE TABLE IF NOT EXISTS privacy_budget (principal TEXT PRIMARY KEY, window INTEGER NOT NULL, "
+            "spent REAL NOT NULL, version INTEGER NOT NULL)"
+        )
         self._usage: dict[str, _Usage] = {}
         self._leases: dict[str, _Lease] = {}
         self._lock = threading.Lock()
@@ -136,6 +176,35 @@ class SQLiteStateStore:
             self._usage[principal] = new
         remaining = lease.pool_left + lease.granted - new.used
         return Admission(admission.allowed, admission.reason, admission.retry_after, remaining)
+
+    async def spend_budget(
+        self, principal: str, *, cost: float, limit: float, now: float, window_seconds: float
+    ) -> BudgetSpend:
+        """Exact, not leased: a privacy budget must never be exceeded, whatever the workers do."""
+        with self._lock:
+            while True:
+                row = self._conn.execute(
+                    "SELECT spent, window, version FROM privacy_budget WHERE principal = ?", (principal,)
+                ).fetchone()
+                spent, window = (row[0], row[1]) if row is not None else (0.0, -1)
+                decision, new_spent, new_window = spend(
+                    spent, window, cost=cost, limit=limit, now=now, window_seconds=window_seconds
+                )
+                if not decision.allowed:
+                    return decision
+                if row is None:
+                    cur = self._conn.execute(
+                        "INSERT OR IGNORE INTO privacy_budget VALUES (?, ?, ?, 1)",
+                        (principal, new_window, new_spent),
+                    )
+                else:
+                    cur = self._conn.execute(
+                        "UPDATE privacy_budget SET window = ?, spent = ?, version = version + 1 "
+                        "WHERE principal = ? AND version = ?",
+                        (new_window, new_spent, principal, row[2]),
+                    )
+                if cur.rowcount == 1:
+                    return decision
 
     def _lease(self, principal: str, lease: _Lease, quota: int, cost: int) -> bool:
         """Take a block of quota from the database (compare-and-swap); False when none is left."""

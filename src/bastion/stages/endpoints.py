@@ -12,7 +12,7 @@ from bastion.metrics import Metrics
 from bastion.policy import Policy, TokenScope
 from bastion.protocol import parse_json
 from bastion.registry import ModelRegistry
-from bastion.stages.output_policy import LABEL, PROBABILITIES, output_names
+from bastion.stages.output_policy import LABEL, PROBABILITIES, TOP_K, describe_policy, output_names
 from bastion.tokens import TokenAuthority
 
 _MAX_TOKEN_REQUEST = 4096
@@ -33,8 +33,12 @@ class DescribeModel:
         model, grant = ctx.model, ctx.grant
         assert model is not None and grant is not None and grant.output is not None
         m = model.manifest
-        outputs = [{"name": LABEL, "datatype": "BYTES", "shape": [-1]}]
-        outputs.append({"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, len(m.outputs.classes)]})
+        n_classes = len(m.outputs.classes)
+        outputs = [
+            {"name": LABEL, "datatype": "BYTES", "shape": [-1]},
+            {"name": TOP_K, "datatype": "BYTES", "shape": [-1, min(grant.output_params.top_k, n_classes)]},
+            {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, n_classes]},
+        ]
         inputs: list[dict[str, Any]] = []
         for spec in m.inputs:
             entry: dict[str, Any] = {"name": spec.name, "datatype": spec.datatype, "shape": spec.shape}
@@ -51,6 +55,7 @@ class DescribeModel:
                 "digest": model.digest,
                 "classes": m.outputs.classes,
                 "granted_outputs": output_names(grant.output),
+                **describe_policy(grant.output, grant.output_params),
                 "sensitive_inputs_granted": grant.sensitive_inputs,
             },
         }
@@ -146,7 +151,6 @@ class IssueToken:
             try:
                 detail = OutputDetail(output)
             except ValueError:
-                raise BadRequest(
-                    "'output' must be 'label' or 'probabilities'", code="malformed_request"
-                ) from None
+                names = ", ".join(d.value for d in OutputDetail)
+                raise BadRequest(f"'output' must be one of: {names}", code="malformed_request") from None
         return TokenScope(frozenset(pairs), detail)

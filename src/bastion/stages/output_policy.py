@@ -1,7 +1,13 @@
 """Output policy: the answer says no more than the caller's grant allows, whatever it asks for.
 
-`label` returns the top class only; `probabilities` adds the scores. Richer
-policies (top-k, rounding, DP noise) plug in here.
+| policy            | outputs                 | what the scores are                                  |
+|-------------------|-------------------------|------------------------------------------------------|
+| `label`           | label                   | none                                                 |
+| `top_k`           | label, top_k            | none: the k most likely classes, best first          |
+| `dp_scores`       | label, probabilities    | DP noise (budgeted); the label is the noisy argmax   |
+| `reverse_sigmoid` | label, probabilities    | perturbed, argmax kept                               |
+| `rounded`         | label, probabilities    | rounded to `decimals`                                |
+| `probabilities`   | label, probabilities    | as computed                                          |
 """
 
 from __future__ import annotations
@@ -10,49 +16,153 @@ from typing import Any
 
 import numpy as np
 
-from bastion.config import OutputDetail
+from bastion.config import Grant, OutputDetail
 from bastion.context import RequestContext
-from bastion.errors import PermissionDenied, SchemaViolation
+from bastion.errors import PermissionDenied, RateLimited, SchemaViolation
+from bastion.privacy import AnswerCache, NoiseSource, dp_scores, reverse_sigmoid
 from bastion.protocol import encode_infer_response
+from bastion.state import StateStore
 
 LABEL = "label"
+TOP_K = "top_k"
 PROBABILITIES = "probabilities"
-_NEEDS = {LABEL: OutputDetail.LABEL, PROBABILITIES: OutputDetail.PROBABILITIES}
+_OUTPUTS = {OutputDetail.LABEL: [LABEL], OutputDetail.TOP_K: [LABEL, TOP_K]}
+ALL_OUTPUTS = (LABEL, TOP_K, PROBABILITIES)
 
 
 def output_names(detail: OutputDetail) -> list[str]:
-    return [name for name, need in _NEEDS.items() if need.rank <= detail.rank]
+    return _OUTPUTS.get(detail, [LABEL, PROBABILITIES])
+
+
+def describe_policy(detail: OutputDetail, params: Grant) -> dict[str, Any]:
+    """What the metadata endpoint tells a caller about the answers it will get."""
+    info: dict[str, Any] = {"output_policy": detail.value}
+    if detail is OutputDetail.TOP_K:
+        info["top_k"] = params.top_k
+    elif detail is OutputDetail.ROUNDED:
+        info["decimals"] = params.decimals
+    elif detail is OutputDetail.REVERSE_SIGMOID:
+        info |= {"beta": params.beta, "gamma": params.gamma}
+    elif detail is OutputDetail.DP_SCORES:
+        info |= {
+            "mechanism": params.mechanism,
+            "epsilon_per_row": params.epsilon,
+            "privacy_budget": params.privacy_budget,
+            "budget_window_seconds": params.budget_window_seconds,
+        }
+        if params.mechanism == "gaussian":
+            info["delta"] = params.delta
+    return info
+
+
+class PrivateScores:
+    """DP answers: the keyed cache first (no budget spent twice), then the budget, then the noise."""
+
+    def __init__(self, store: StateStore, noise: NoiseSource, cache: AnswerCache) -> None:
+        self._store = store
+        self._noise = noise
+        self._cache = cache
+
+    async def answer(self, ctx: RequestContext, probabilities: np.ndarray, params: Grant) -> np.ndarray:
+        assert ctx.principal is not None and ctx.model is not None and ctx.payload_hmac is not None
+        signature = f"{params.mechanism}:{params.epsilon}:{params.delta}"
+        key = (ctx.principal.id, ctx.model.digest, ctx.payload_hmac, signature)
+        cached = self._cache.get(key, now=ctx.now)
+        if cached is not None:
+            ctx.extra["epsilon_spent"] = 0.0
+            return np.asarray(cached["scores"])
+        cost = params.epsilon * probabilities.shape[0]
+        spend = await self._store.spend_budget(
+            ctx.principal.id,
+            cost=cost,
+            limit=params.privacy_budget,
+            now=ctx.now,
+            window_seconds=params.budget_window_seconds,
+        )
+        if not spend.allowed:
+            raise RateLimited(
+                f"privacy budget exhausted: this answer costs epsilon {cost:g}, {spend.remaining:g} left in the window",
+                retry_after=spend.retry_after,
+                code="privacy_budget_exhausted",
+            )
+        scores = dp_scores(
+            probabilities,
+            mechanism=params.mechanism,
+            epsilon=params.epsilon,
+            delta=params.delta,
+            noise=self._noise,
+        )
+        ctx.extra["epsilon_spent"] = cost
+        self._cache.put(key, {"scores": scores}, expires=ctx.now + params.budget_window_seconds)
+        return scores
 
 
 class ShapeOutput:
+    def __init__(self, private: PrivateScores | None = None) -> None:
+        self._private = private
+
     async def __call__(self, ctx: RequestContext) -> None:
-        model, request, proba, detail = ctx.model, ctx.request, ctx.probabilities, ctx.output_detail
-        assert model is not None and request is not None and proba is not None and detail is not None
-        wanted = request.requested_outputs or output_names(detail)
+        model, request, proba, grant = ctx.model, ctx.request, ctx.probabilities, ctx.grant
+        assert model is not None and request is not None and proba is not None and grant is not None
+        detail = ctx.output_detail
+        assert detail is not None
+        params = grant.output_params
+        allowed = output_names(detail)
+        wanted = request.requested_outputs or allowed
         for name in wanted:
-            need = _NEEDS.get(name)
-            if need is None:
+            if name not in ALL_OUTPUTS:
                 raise SchemaViolation(
                     f"output {name[:64]!r} is not an output of this model", code="unknown_output"
                 )
-            if need.rank > detail.rank:
+            if name not in allowed:
                 raise PermissionDenied(f"output {name!r} is not granted", code="output_not_granted")
+        scores = await self._scores(ctx, np.asarray(proba, dtype=np.float64), detail, params)
         classes = model.manifest.outputs.classes
+        order = np.argsort(-scores, axis=1, kind="stable")
         outputs: list[dict[str, Any]] = []
         if LABEL in wanted:
-            top = np.argmax(proba, axis=1)
             outputs.append(
-                {"name": LABEL, "datatype": "BYTES", "shape": [len(top)], "data": [classes[i] for i in top]}
+                {
+                    "name": LABEL,
+                    "datatype": "BYTES",
+                    "shape": [len(order)],
+                    "data": [classes[i] for i in order[:, 0]],
+                }
+            )
+        if TOP_K in wanted:
+            k = min(params.top_k, len(classes))
+            outputs.append(
+                {
+                    "name": TOP_K,
+                    "datatype": "BYTES",
+                    "shape": [len(order), k],
+                    "data": [classes[i] for i in order[:, :k].ravel()],
+                }
             )
         if PROBABILITIES in wanted:
             outputs.append(
                 {
                     "name": PROBABILITIES,
                     "datatype": "FP32",
-                    "shape": list(proba.shape),
-                    "data": proba.astype(np.float32).ravel().tolist(),
+                    "shape": list(scores.shape),
+                    "data": scores.astype(np.float32).ravel().tolist(),
                 }
             )
         ctx.result = encode_infer_response(
             model=model.name, version=model.version, request_id=request.id, outputs=outputs
         )
+
+    async def _scores(
+        self, ctx: RequestContext, proba: np.ndarray, detail: OutputDetail, params: Grant
+    ) -> np.ndarray:
+        if detail is OutputDetail.DP_SCORES:
+            if self._private is None:
+                raise PermissionDenied(
+                    "differential privacy is not available on this server", code="dp_unavailable"
+                )
+            return await self._private.answer(ctx, proba, params)
+        if detail is OutputDetail.REVERSE_SIGMOID:
+            return reverse_sigmoid(proba, beta=params.beta, gamma=params.gamma)
+        if detail is OutputDetail.ROUNDED:
+            return np.round(proba, params.decimals)
+        return proba

@@ -1,0 +1,132 @@
+"""Output perturbation: reverse sigmoid, and differential-privacy noise with per-principal budgets.
+
+DP noise comes from OpenDP's samplers (cryptographically secure randomness, and
+discrete sampling that resists floating-point attacks). The `NoiseSource` is
+injectable so that tests can be deterministic.
+
+What the guarantee covers: one answered row's score vector is released through
+the Laplace mechanism with L1 sensitivity 2 (two probability vectors differ by
+at most 2), or the Gaussian mechanism with L2 sensitivity sqrt(2); each row costs
+`epsilon` (Gaussian: the epsilon of its (epsilon, delta) guarantee), and a
+principal's answers compose additively against `privacy_budget` per window.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Any, Protocol
+
+import numpy as np
+
+_L1_SENSITIVITY = 2.0
+_L2_SENSITIVITY = math.sqrt(2.0)
+
+
+class NoiseSource(Protocol):
+    def laplace(self, values: np.ndarray, scale: float) -> np.ndarray: ...
+
+    def gaussian(self, values: np.ndarray, scale: float) -> np.ndarray: ...
+
+
+class OpenDPNoise:
+    """OpenDP's vector Laplace and Gaussian mechanisms; measurements are built once per scale."""
+
+    def __init__(self) -> None:
+        import opendp.prelude as dp
+
+        dp.enable_features("contrib")
+        self._dp = dp
+        self._measurements: dict[tuple[str, float], Any] = {}
+
+    def _measurement(self, kind: str, scale: float) -> Any:
+        key = (kind, scale)
+        m = self._measurements.get(key)
+        if m is None:
+            dp = self._dp
+            atoms = dp.vector_domain(dp.atom_domain(T=float, nan=False))
+            if kind == "laplace":
+                m = (atoms, dp.l1_distance(T=float)) >> dp.m.then_laplace(scale=scale)
+            else:
+                m = (atoms, dp.l2_distance(T=float)) >> dp.m.then_gaussian(scale=scale)
+            self._measurements[key] = m
+        return m
+
+    def laplace(self, values: np.ndarray, scale: float) -> np.ndarray:
+        m = self._measurement("laplace", scale)
+        return np.asarray([m(row.tolist()) for row in values], dtype=np.float64)
+
+    def gaussian(self, values: np.ndarray, scale: float) -> np.ndarray:
+        m = self._measurement("gaussian", scale)
+        return np.asarray([m(row.tolist()) for row in values], dtype=np.float64)
+
+
+def laplace_scale(epsilon: float) -> float:
+    return _L1_SENSITIVITY / epsilon
+
+
+def gaussian_scale(epsilon: float, delta: float) -> float:
+    """The classic (epsilon, delta) calibration: sigma = Delta_2 * sqrt(2 ln(1.25/delta)) / epsilon."""
+    return _L2_SENSITIVITY * math.sqrt(2 * math.log(1.25 / delta)) / epsilon
+
+
+def dp_scores(
+    probabilities: np.ndarray, *, mechanism: str, epsilon: float, delta: float, noise: NoiseSource
+) -> np.ndarray:
+    """Noisy scores, clipped to [0, 1] and renormalised (post-processing keeps the guarantee)."""
+    p = np.asarray(probabilities, dtype=np.float64)
+    if mechanism == "laplace":
+        noisy = noise.laplace(p, laplace_scale(epsilon))
+    else:
+        noisy = noise.gaussian(p, gaussian_scale(epsilon, delta))
+    clipped = np.clip(noisy, 0.0, 1.0)
+    sums = clipped.sum(axis=1, keepdims=True)
+    uniform = np.full_like(clipped, 1.0 / clipped.shape[1])
+    return np.asarray(np.where(sums > 0, clipped / np.where(sums > 0, sums, 1.0), uniform))
+
+
+def reverse_sigmoid(probabilities: np.ndarray, *, beta: float, gamma: float) -> np.ndarray:
+    """Lee et al. 2019: y - beta * (sigmoid(gamma * logit(y)) - 1/2), renormalised, argmax kept.
+
+    The perturbation misleads the gradients a model thief fits to, while the top class
+    is guaranteed unchanged (if renormalisation ever moved it, the two entries swap back).
+    """
+    y = np.clip(np.asarray(probabilities, dtype=np.float64), 1e-9, 1 - 1e-9)
+    logit = np.log(y) - np.log1p(-y)
+    r = y - beta * (1.0 / (1.0 + np.exp(-gamma * logit)) - 0.5)
+    r = np.clip(r, 1e-12, None)
+    r = r / r.sum(axis=1, keepdims=True)
+    top, new_top = np.argmax(y, axis=1), np.argmax(r, axis=1)
+    rows = np.flatnonzero(top != new_top)
+    for i in rows:
+        r[i, top[i]], r[i, new_top[i]] = r[i, new_top[i]], r[i, top[i]]
+    return np.asarray(r)
+
+
+class AnswerCache:
+    """Identical request, same principal, same model and policy: the identical answer, no budget spent.
+
+    Without it, averaging many noisy answers to one question would wash the noise out.
+    Keys are keyed digests (the input guard's HMAC of the tensors), never the inputs.
+    """
+
+    def __init__(self, *, max_entries: int = 100_000) -> None:
+        self._entries: OrderedDict[tuple[str, ...], tuple[float, dict[str, Any]]] = OrderedDict()
+        self._max = max_entries
+
+    def get(self, key: tuple[str, ...], *, now: float) -> dict[str, Any] | None:
+        hit = self._entries.get(key)
+        if hit is None:
+            return None
+        expires, answer = hit
+        if now >= expires:
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return answer
+
+    def put(self, key: tuple[str, ...], answer: dict[str, Any], *, expires: float) -> None:
+        self._entries[key] = (expires, answer)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
