@@ -50,6 +50,30 @@ rate = 0.5
 burst = 3
 grants = [ { models = ["breast-cancer"], actions = ["infer", "metadata"] } ]
 
+# One role per output policy.
+[roles.topk]
+rate = 1000
+burst = 1000
+grants = [ { models = ["breast-cancer"], actions = ["infer", "metadata"], output = "top_k", top_k = 2 } ]
+
+[roles.rounded]
+rate = 1000
+burst = 1000
+grants = [ { models = ["breast-cancer"], actions = ["infer", "metadata"], output = "rounded", decimals = 1 } ]
+
+[roles.rsig]
+rate = 1000
+burst = 1000
+grants = [ { models = ["breast-cancer"], actions = ["infer", "metadata"], output = "reverse_sigmoid", beta = 0.6 } ]
+
+[roles.dp]
+rate = 1000
+burst = 1000
+grants = [
+  { models = ["breast-cancer"], actions = ["infer", "metadata"], output = "dp_scores", epsilon = 0.5,
+    privacy_budget = 5.0 },
+]
+
 # Steady load from a second process: limits that never refuse.
 [roles.loader]
 rate = 100000

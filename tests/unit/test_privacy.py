@@ -1,0 +1,122 @@
+"""Output perturbation and privacy budgets: calibration, argmax preservation, exact accounting."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import multiprocessing
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bastion.privacy import (
+    AnswerCache,
+    OpenDPNoise,
+    dp_scores,
+    gaussian_scale,
+    laplace_scale,
+    reverse_sigmoid,
+)
+from bastion.state import MemoryStateStore, SQLiteStateStore
+
+
+class NoNoise:
+    def __init__(self) -> None:
+        self.scales: list[float] = []
+
+    def laplace(self, values: np.ndarray, scale: float) -> np.ndarray:
+        self.scales.append(scale)
+        return values
+
+    def gaussian(self, values: np.ndarray, scale: float) -> np.ndarray:
+        self.scales.append(scale)
+        return values
+
+
+def _random_probabilities(rows: int, classes: int, seed: int = 0) -> np.ndarray:
+    p = np.random.default_rng(seed).dirichlet(np.full(classes, 0.3), size=rows)
+    return np.asarray(p)
+
+
+@pytest.mark.parametrize("classes", [2, 3, 10])
+def test_reverse_sigmoid_keeps_the_argmax_and_sums_to_one(classes: int) -> None:
+    p = _random_probabilities(5000, classes)
+    r = reverse_sigmoid(p, beta=0.8, gamma=2.0)
+    assert (r.argmax(axis=1) == p.argmax(axis=1)).all()
+    np.testing.assert_allclose(r.sum(axis=1), 1.0)
+    assert np.abs(r - p).mean() > 0.01
+
+
+def test_dp_calibration_and_injected_noise() -> None:
+    p = _random_probabilities(3, 4)
+    fake = NoNoise()
+    np.testing.assert_allclose(dp_scores(p, mechanism="laplace", epsilon=0.5, delta=1e-6, noise=fake), p)
+    assert fake.scales == [laplace_scale(0.5)] == [4.0]  # L1 sensitivity 2 / epsilon
+    dp_scores(p, mechanism="gaussian", epsilon=1.0, delta=1e-5, noise=fake)
+    assert fake.scales[1] == pytest.approx(math.sqrt(2) * math.sqrt(2 * math.log(1.25 / 1e-5)))
+    assert gaussian_scale(2.0, 1e-5) == pytest.approx(fake.scales[1] / 2)
+
+
+def test_opendp_laplace_noise_has_the_calibrated_spread() -> None:
+    noise = OpenDPNoise()
+    zeros = np.zeros((4000, 1))
+    samples = noise.laplace(zeros, 2.0).ravel()
+    assert abs(samples.mean()) < 0.2
+    assert np.std(samples) == pytest.approx(2.0 * math.sqrt(2), rel=0.1)  # Laplace(b) has std b*sqrt(2)
+    assert len(set(samples.tolist())) > 3900  # fresh randomness each call
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["memory", "sqlite"])
+def test_budget_spends_exactly_and_renews_per_window(tmp_path: Path, index: int) -> None:
+    store = [MemoryStateStore(), SQLiteStateStore(tmp_path / "s.db")][index]
+
+    async def run() -> None:
+        got = [
+            (await store.spend_budget("p", cost=0.3, limit=1.0, now=100.0, window_seconds=1000))
+            for _ in range(4)
+        ]
+        assert [g.allowed for g in got] == [True, True, True, False]
+        assert got[2].remaining == pytest.approx(0.1) and got[3].retry_after == pytest.approx(900.0)
+        assert (await store.spend_budget("p", cost=0.1, limit=1.0, now=200.0, window_seconds=1000)).allowed
+        assert (await store.spend_budget("p", cost=0.3, limit=1.0, now=1000.0, window_seconds=1000)).allowed
+        assert (await store.spend_budget("q", cost=1.0, limit=1.0, now=100.0, window_seconds=1000)).allowed
+
+    asyncio.run(run())
+    store.close()
+
+
+def _spender(path: str, queue: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    async def run() -> int:
+        store = SQLiteStateStore(Path(path))
+        ok = 0
+        for _ in range(30):
+            ok += (
+                await store.spend_budget("shared", cost=0.5, limit=20.0, now=5.0, window_seconds=100)
+            ).allowed
+        store.close()
+        return ok
+
+    queue.put(asyncio.run(run()))
+
+
+def test_sqlite_budget_is_never_exceeded_across_processes(tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_spender, args=(str(tmp_path / "s.db"), queue)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    granted = sum(queue.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert granted == 40  # 20.0 / 0.5, exactly
+
+
+def test_answer_cache_expires_and_stays_bounded() -> None:
+    cache = AnswerCache(max_entries=2)
+    cache.put(("a",), {"x": 1}, expires=10.0)
+    assert cache.get(("a",), now=5.0) == {"x": 1}
+    assert cache.get(("a",), now=10.0) is None
+    for k in ("b", "c", "d"):
+        cache.put((k,), {"x": k}, expires=100.0)
+    assert cache.get(("b",), now=1.0) is None and cache.get(("d",), now=1.0) == {"x": "d"}
