@@ -69,10 +69,13 @@ grants = [ { models = ["breast-cancer"], actions = ["infer", "metadata"], output
 [roles.dp]
 rate = 1000
 burst = 1000
-grants = [
-  { models = ["breast-cancer"], actions = ["infer", "metadata"], output = "dp_scores", epsilon = 0.5,
-    privacy_budget = 5.0 },
-]
+
+[[roles.dp.grants]]
+models = ["breast-cancer"]
+actions = ["infer", "metadata"]
+output = "dp_scores"
+epsilon = 0.5
+privacy_budget = 5.0
 
 # Steady load from a second process: limits that never refuse.
 [roles.loader]
