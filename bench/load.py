@@ -87,11 +87,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_wrk(url: str, body: Path, key: str, seconds: int, connections: int) -> dict[str, float]:
+def run_wrk(url: str, body: Path, key: str, seconds: int, connections: int, script: str) -> dict[str, float]:
     env = {**os.environ, "BASTION_BENCH_BODY": str(body), "BASTION_BENCH_KEY": key}
     out = subprocess.run(
         ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
-         "-s", str(ROOT / "bench" / "infer.lua"), url],
+         "-s", str(ROOT / "bench" / script), url],
         capture_output=True, text=True, env=env, check=True,
     ).stdout
     return parse_wrk(out)
@@ -106,6 +106,9 @@ def main() -> None:
     parser.add_argument("--audit", choices=["fsync", "no-fsync", "best-effort"], default="fsync",
                         help="audit durability for the defended server (default: the shipped default, fsync)")
     parser.add_argument("--state", choices=["sqlite", "memory"], default="sqlite")
+    parser.add_argument("--policy", choices=["label", "top_k", "rounded", "reverse_sigmoid", "dp_scores"],
+                        help="instead of on vs off: defenses on with full probabilities vs with this output policy "
+                             "(every request distinct, so dp_scores pays noise and budget each time)")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: `apt-get install wrk` (make bench does it)")
@@ -119,23 +122,44 @@ def main() -> None:
         text = text.replace('durability = "sync"', 'durability = "best_effort"')
     text = text.replace('backend = "sqlite"', f'backend = "{args.state}"')
     build.config_path.write_text(text)
+    request = infer_request(build.features[: args.rows])
+    script = "infer.lua"
+    if args.policy is not None:
+        request["inputs"][0]["data"][0] = "__X__"
+        script = "infer_jitter.lua"
     body = work / "request.json"
-    body.write_text(json.dumps(infer_request(build.features[: args.rows])))
-    key = subprocess.run(
-        [sys.executable, "-m", "bastion.cli", "keys", "create", "--config", str(build.config_path),
-         "--name", "bench", "--role", "bench"], capture_output=True, text=True, check=True,
-    ).stdout.strip()
+    body.write_text(json.dumps(request).replace('"__X__"', "__X__"))
 
-    servers = {"on": (free_port(), ()), "off": (free_port(), ("--unsafe-no-defenses",))}
-    results: dict[str, list[dict[str, float]]] = {"on": [], "off": []}
+    # (name, config, extra serve arguments); the ratio printed is the second over the first.
+    servers = [("off", build.config_path, ("--unsafe-no-defenses",)), ("on", build.config_path, ())]
+    if args.policy is not None:
+        policy_config = build.config_path.with_name("policy.toml")
+        policy_text = text.replace('state_dir = "state"', 'state_dir = "state-policy"')
+        policy_text = policy_text.replace(
+            'grants = [ { models = ["*"], actions = ["infer", "metadata"], output = "probabilities" } ]',
+            f'grants = [ {{ models = ["*"], actions = ["infer", "metadata"], output = "{args.policy}", '
+            "privacy_budget = 1e12 } ]",
+        )
+        policy_config.write_text(policy_text)
+        servers = [("probabilities", build.config_path, ()), (args.policy, policy_config, ())]
+    keys = {
+        config: subprocess.run(
+            [sys.executable, "-m", "bastion.cli", "keys", "create", "--config", str(config),
+             "--name", "bench", "--role", "bench"], capture_output=True, text=True, check=True,
+        ).stdout.strip()
+        for _, config, _ in servers
+    }
+    results: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in servers}
     for rnd in range(args.rounds):
-        for name, (port, extra) in servers.items():
-            proc = start(build.config_path, port, *extra)
+        for name, config, extra in servers:
+            port = free_port()
+            proc = start(config, port, *extra)
+            key = keys[config]
             try:
                 url = f"http://127.0.0.1:{port}/v2/models/breast-cancer/infer"
-                run_wrk(url, body, key, 2, args.connections)  # warm-up
+                run_wrk(url, body, key, 2, args.connections, script)  # warm-up
                 cpu_before = cpu_seconds(proc.pid)
-                r = run_wrk(url, body, key, args.seconds, args.connections)
+                r = run_wrk(url, body, key, args.seconds, args.connections, script)
                 r["cpu_us"] = (cpu_seconds(proc.pid) - cpu_before) / (r["rps"] * args.seconds) * 1e6
             finally:
                 proc.terminate()
@@ -143,20 +167,22 @@ def main() -> None:
             if r["errors"]:
                 raise SystemExit(f"{name}: {int(r['errors'])} non-2xx responses: the comparison is void")
             results[name].append(r)
-            print(f"round {rnd + 1} {name:>3}: {r['rps']:8.0f} req/s  p50 {r['p50']:6.2f} ms  "
+            print(f"round {rnd + 1} {name:>15}: {r['rps']:8.0f} req/s  p50 {r['p50']:6.2f} ms  "
                   f"p99 {r['p99']:6.2f} ms  server CPU {r['cpu_us']:5.0f} us/req", flush=True)
 
     def med(name: str, field: str) -> float:
         return statistics.median(r[field] for r in results[name])
 
+    (base, _, _), (other, _, _) = servers
     print()
-    print(f"{'':14}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'CPU us/req':>12}")
-    for name in ("off", "on"):
-        print(f"defenses {name:<5}{med(name, 'rps'):>10.0f}{med(name, 'p50'):>10.2f}{med(name, 'p99'):>10.2f}"
+    print(f"{'':18}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'CPU us/req':>12}")
+    for name in (base, other):
+        print(f"{name:<18}{med(name, 'rps'):>10.0f}{med(name, 'p50'):>10.2f}{med(name, 'p99'):>10.2f}"
               f"{med(name, 'cpu_us'):>12.0f}")
-    print(f"ratio on/off  {med('on', 'rps') / med('off', 'rps'):>10.3f}"
-          f"{med('on', 'p50') / med('off', 'p50'):>10.2f}{med('on', 'p99') / med('off', 'p99'):>10.2f}"
-          f"{med('on', 'cpu_us') / med('off', 'cpu_us'):>12.2f}")
+    label = f"ratio {other}/{base}"
+    print(f"{label:<18}{med(other, 'rps') / med(base, 'rps'):>10.3f}"
+          f"{med(other, 'p50') / med(base, 'p50'):>10.2f}{med(other, 'p99') / med(base, 'p99'):>10.2f}"
+          f"{med(other, 'cpu_us') / med(base, 'cpu_us'):>12.2f}")
     print(f"\n(median of {args.rounds} rounds of {args.seconds} s, {args.connections} connections, "
           f"{args.rows} row(s) per request, audit {args.audit}, state {args.state}; "
           "server on CPU 0, wrk on CPU 1)")

