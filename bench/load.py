@@ -47,8 +47,22 @@ def free_port() -> int:
 
 
 def start(config: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
-    cmd = ["taskset", "-c", "0", sys.executable, "-m", "bastion.cli", "serve", "--config", str(config),
-           "--port", str(port), "--log-level", "warning", *extra]
+    cmd = [
+        "taskset",
+        "-c",
+        "0",
+        sys.executable,
+        "-m",
+        "bastion.cli",
+        "serve",
+        "--config",
+        str(config),
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        *extra,
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(600):
         try:
@@ -90,9 +104,23 @@ def cpu_seconds(pid: int) -> float:
 def run_wrk(url: str, body: Path, key: str, seconds: int, connections: int, script: str) -> dict[str, float]:
     env = {**os.environ, "BASTION_BENCH_BODY": str(body), "BASTION_BENCH_KEY": key}
     out = subprocess.run(
-        ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
-         "-s", str(ROOT / "bench" / script), url],
-        capture_output=True, text=True, env=env, check=True,
+        [
+            "taskset",
+            "-c",
+            "1",
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "--latency",
+            "-s",
+            str(ROOT / "bench" / script),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
     ).stdout
     return parse_wrk(out)
 
@@ -103,12 +131,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--rows", type=int, default=1, help="rows per request")
-    parser.add_argument("--audit", choices=["fsync", "no-fsync", "best-effort"], default="fsync",
-                        help="audit durability for the defended server (default: the shipped default, fsync)")
+    parser.add_argument(
+        "--audit",
+        choices=["fsync", "no-fsync", "best-effort"],
+        default="fsync",
+        help="audit durability for the defended server (default: the shipped default, fsync)",
+    )
     parser.add_argument("--state", choices=["sqlite", "memory"], default="sqlite")
-    parser.add_argument("--policy", choices=["label", "top_k", "rounded", "reverse_sigmoid", "dp_scores"],
-                        help="instead of on vs off: defenses on with full probabilities vs with this output policy "
-                             "(every request distinct, so dp_scores pays noise and budget each time)")
+    parser.add_argument(
+        "--policy",
+        choices=["label", "top_k", "rounded", "reverse_sigmoid", "dp_scores"],
+        help="instead of on vs off: defenses on with full probabilities vs with this output policy "
+        "(every request distinct, so dp_scores pays noise and budget each time)",
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: `apt-get install wrk` (make bench does it)")
@@ -144,8 +179,22 @@ def main() -> None:
         servers = [("probabilities", build.config_path, ()), (args.policy, policy_config, ())]
     keys = {
         config: subprocess.run(
-            [sys.executable, "-m", "bastion.cli", "keys", "create", "--config", str(config),
-             "--name", "bench", "--role", "bench"], capture_output=True, text=True, check=True,
+            [
+                sys.executable,
+                "-m",
+                "bastion.cli",
+                "keys",
+                "create",
+                "--config",
+                str(config),
+                "--name",
+                "bench",
+                "--role",
+                "bench",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
         for _, config, _ in servers
     }
@@ -167,8 +216,11 @@ def main() -> None:
             if r["errors"]:
                 raise SystemExit(f"{name}: {int(r['errors'])} non-2xx responses: the comparison is void")
             results[name].append(r)
-            print(f"round {rnd + 1} {name:>15}: {r['rps']:8.0f} req/s  p50 {r['p50']:6.2f} ms  "
-                  f"p99 {r['p99']:6.2f} ms  server CPU {r['cpu_us']:5.0f} us/req", flush=True)
+            print(
+                f"round {rnd + 1} {name:>15}: {r['rps']:8.0f} req/s  p50 {r['p50']:6.2f} ms  "
+                f"p99 {r['p99']:6.2f} ms  server CPU {r['cpu_us']:5.0f} us/req",
+                flush=True,
+            )
 
     def med(name: str, field: str) -> float:
         return statistics.median(r[field] for r in results[name])
@@ -177,15 +229,21 @@ def main() -> None:
     print()
     print(f"{'':18}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'CPU us/req':>12}")
     for name in (base, other):
-        print(f"{name:<18}{med(name, 'rps'):>10.0f}{med(name, 'p50'):>10.2f}{med(name, 'p99'):>10.2f}"
-              f"{med(name, 'cpu_us'):>12.0f}")
+        print(
+            f"{name:<18}{med(name, 'rps'):>10.0f}{med(name, 'p50'):>10.2f}{med(name, 'p99'):>10.2f}"
+            f"{med(name, 'cpu_us'):>12.0f}"
+        )
     label = f"ratio {other}/{base}"
-    print(f"{label:<18}{med(other, 'rps') / med(base, 'rps'):>10.3f}"
-          f"{med(other, 'p50') / med(base, 'p50'):>10.2f}{med(other, 'p99') / med(base, 'p99'):>10.2f}"
-          f"{med(other, 'cpu_us') / med(base, 'cpu_us'):>12.2f}")
-    print(f"\n(median of {args.rounds} rounds of {args.seconds} s, {args.connections} connections, "
-          f"{args.rows} row(s) per request, audit {args.audit}, state {args.state}; "
-          "server on CPU 0, wrk on CPU 1)")
+    print(
+        f"{label:<18}{med(other, 'rps') / med(base, 'rps'):>10.3f}"
+        f"{med(other, 'p50') / med(base, 'p50'):>10.2f}{med(other, 'p99') / med(base, 'p99'):>10.2f}"
+        f"{med(other, 'cpu_us') / med(base, 'cpu_us'):>12.2f}"
+    )
+    print(
+        f"\n(median of {args.rounds} rounds of {args.seconds} s, {args.connections} connections, "
+        f"{args.rows} row(s) per request, audit {args.audit}, state {args.state}; "
+        "server on CPU 0, wrk on CPU 1)"
+    )
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -67,16 +67,22 @@ def main() -> None:
                 times["sha256sum"].append(a)
                 times["openssl dgst"].append(o)
                 times["bastion verify"].append(b)
-                print(f"round {rnd}: sha256sum {a:6.2f} s   openssl dgst {o:6.2f} s   bastion verify {b:6.2f} s",
-                      flush=True)
+                print(
+                    f"round {rnd}: sha256sum {a:6.2f} s   openssl dgst {o:6.2f} s   bastion verify {b:6.2f} s",
+                    flush=True,
+                )
         base = statistics.median(times["sha256sum"])
         ours = statistics.median(times["bastion verify"])
-        print(f"\nbundle: {len(files)} files, {size:,.0f} MiB; median of {args.rounds} rounds (warm page cache)")
+        print(
+            f"\nbundle: {len(files)} files, {size:,.0f} MiB; median of {args.rounds} rounds (warm page cache)"
+        )
         ossl = statistics.median(times["openssl dgst"])
         print(f"sha256sum       {base:6.2f} s  ({size / base:,.0f} MiB/s)")
         print(f"openssl dgst    {ossl:6.2f} s  ({size / ossl:,.0f} MiB/s)")
         print(f"bastion verify  {ours:6.2f} s  ({size / ours:,.0f} MiB/s)")
-        print(f"ratio           {ours / base:6.2f}x of sha256sum (target <= 1.5x), {ours / ossl:.2f}x of openssl")
+        print(
+            f"ratio           {ours / base:6.2f}x of sha256sum (target <= 1.5x), {ours / ossl:.2f}x of openssl"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -1,0 +1,113 @@
+"""Membership inference against the running server, per output policy (IBM ART, attack model rf).
+
+The target overfits on purpose: a 200-tree random forest on half of scikit-learn's digits
+(train accuracy 1.0); the other half are the non-members. Each policy is attacked through
+its own key over HTTP, with a budget large enough that the attacker can ask about every row.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bastion.demo import infer_request
+from bastion.manifest import InputSpec
+from bastion.redteam import MembershipResult, membership_inference
+from tests.helpers import create_key, start_server, write_test_deployment
+
+POLICIES = {
+    "mi_label": 'output = "label"',
+    "mi_full": 'output = "probabilities"',
+    "mi_dp10": 'output = "dp_scores"\nepsilon = 10.0\nprivacy_budget = 1e9',
+    "mi_dp1": 'output = "dp_scores"\nepsilon = 1.0\nprivacy_budget = 1e9',
+    "mi_dp01": 'output = "dp_scores"\nepsilon = 0.1\nprivacy_budget = 1e9',
+}
+
+
+def attacked_deployment(root):  # type: ignore[no-untyped-def]
+    from sklearn.datasets import load_digits
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.model_selection import train_test_split
+
+    from bastion.demo import write_skops_model
+
+    config, build = write_test_deployment(root)
+    x, y = load_digits(return_X_y=True)
+    x = x.astype(np.float32)
+    mx, nx, my, ny = train_test_split(x, y, test_size=0.5, random_state=0, stratify=y)
+    target = RandomForestClassifier(n_estimators=200, random_state=0).fit(mx, my)
+    assert target.score(mx, my) == 1.0  # it overfits, as the attack needs
+    spec = InputSpec(name="pixels", datatype="FP32", shape=[-1, 64], min=0.0, max=16.0)
+    write_skops_model(root / "models" / "digits", target, [spec], [str(i) for i in range(10)], "digits")
+    build.publish(root / "models" / "digits")
+    text = config.read_text()
+    roles = "".join(
+        f"\n[roles.{name}]\nrate = 100000\nburst = 100000\ndaily_quota = 100000000\n"
+        f'[[roles.{name}.grants]]\nmodels = ["digits"]\nactions = ["infer"]\n{policy}\n'
+        for name, policy in POLICIES.items()
+    )
+    at = text.index("[roles.analyst]")
+    text = (
+        text[:at]
+        + '[[models]]\npath = "bundles/digits-1"\ntrusted_keys = ["keys/release.pub"]\n\n'
+        + text[at:]
+    )
+    config.write_text(text + roles)
+    return config, (mx, my), (nx, ny)
+
+
+def remote_predict(server, key: str):  # type: ignore[no-untyped-def]
+    def predict(x: np.ndarray) -> np.ndarray:
+        out = []
+        with server.client(key) as c:
+            for start in range(0, len(x), 256):
+                body = infer_request(x[start : start + 256], name="pixels")
+                r = c.post("/v2/models/digits/infer", json=body)
+                assert r.status_code == 200, r.text
+                outputs = {o["name"]: o for o in r.json()["outputs"]}
+                if "probabilities" in outputs:
+                    p = np.asarray(outputs["probabilities"]["data"]).reshape(
+                        outputs["probabilities"]["shape"]
+                    )
+                else:  # label only: all the attacker learns is a one-hot vector
+                    p = np.eye(10)[[int(v) for v in outputs["label"]["data"]]]
+                out.append(p)
+        return np.concatenate(out)
+
+    return predict
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, MembershipResult]:
+    root = tmp_path_factory.mktemp("privacy")
+    config, members, nonmembers = attacked_deployment(root)
+    server = start_server(config, root / "server.log")
+    try:
+        return {
+            name: membership_inference(
+                remote_predict(server, create_key(config, name)),
+                members=members,
+                nonmembers=nonmembers,
+                nb_classes=10,
+                clip_values=(0.0, 16.0),
+            )
+            for name in POLICIES
+        }
+    finally:
+        server.stop()
+
+
+def test_the_attack_works_on_full_scores(results: dict[str, MembershipResult]) -> None:
+    assert results["mi_full"].auc > 0.6  # the baseline leaks: otherwise the other checks prove nothing
+
+
+def test_label_only_output_leaves_almost_nothing(results: dict[str, MembershipResult]) -> None:
+    assert results["mi_label"].tpr_at_1pct_fpr <= 0.02
+    assert results["mi_label"].benign_accuracy > 0.9
+
+
+def test_dp_scores_attack_auc_falls_with_epsilon(results: dict[str, MembershipResult]) -> None:
+    full, e10, e1, e01 = (results[k].auc for k in ("mi_full", "mi_dp10", "mi_dp1", "mi_dp01"))
+    assert full >= e10 - 0.02 and e10 >= e1 - 0.02 and e1 >= e01 - 0.02
+    assert full - e01 > 0.1
+    assert e01 < 0.58
