@@ -20,18 +20,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore", message="PyTorch not found")
 
-from tests.e2e.test_privacy_attacks import POLICIES, attacked_deployment, remote_predict  # noqa: E402
+from tests.e2e.test_privacy_attacks import MODEL_OF, POLICIES, attacked_deployment, remote_predict  # noqa: E402
 from tests.helpers import create_key, start_server  # noqa: E402
 
 from bastion.redteam import membership_inference  # noqa: E402
 
-EPSILON = {"mi_dp10": "10", "mi_dp1": "1", "mi_dp01": "0.1"}
+EPSILON = {"mi_dp10": "10", "mi_dp1": "1", "mi_dp01": "0.1", "mi_private": "rho 0.0625 (sigma 4)"}
 NAMES = {
     "mi_label": "label",
     "mi_full": "probabilities",
     "mi_dp10": "dp_scores",
     "mi_dp1": "dp_scores",
     "mi_dp01": "dp_scores",
+    "mi_private": "private_prediction (10 teachers)",
 }
 
 
@@ -50,7 +51,7 @@ def main() -> None:
             )
             print("|---|---|---|---|---|---|---|")
             for name in POLICIES:
-                predict = remote_predict(server, create_key(config, name))
+                predict = remote_predict(server, create_key(config, name), MODEL_OF.get(name, "digits"))
                 runs = [
                     membership_inference(
                         predict,

@@ -251,6 +251,7 @@ def cmd_kek(args: argparse.Namespace) -> int:
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
+    import numpy as np
     from pydantic import ValidationError
 
     from bastion.bundle.crypto import LocalKeyProvider
@@ -272,6 +273,15 @@ def cmd_pack(args: argparse.Namespace) -> int:
         kek = LocalKeyProvider.from_spec(args.encrypt) if args.encrypt else None
     except ValueError as e:
         return _fail(f"--encrypt: {e}")
+    training = None
+    if args.teachers:
+        if args.training_data is None:
+            return _fail("--teachers needs --training-data FILE.npz (arrays x and y)")
+        try:
+            with np.load(args.training_data) as data:
+                training = (np.asarray(data["x"], dtype=np.float32), np.asarray(data["y"]))
+        except (OSError, KeyError, ValueError) as e:
+            return _fail(f"{args.training_data}: needs arrays 'x' and 'y': {e}")
     try:
         digest = pack(
             args.model_dir,
@@ -281,6 +291,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
             golden_rows=args.golden,
             seed=args.seed,
             tolerance=args.tolerance,
+            teachers=args.teachers,
+            training_data=training,
         )
     except (ModelLoadError, FileExistsError, ValueError) as e:
         return _fail(str(e))
@@ -485,6 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--golden", type=int, default=8, help="golden sample rows (default 8)")
     pack.add_argument("--seed", type=int, default=0)
     pack.add_argument("--tolerance", type=float, default=1e-5, help="golden output tolerance (absolute)")
+    pack.add_argument(
+        "--teachers", type=int, default=0, help="train N teachers for private prediction (sklearn)"
+    )
+    pack.add_argument("--training-data", type=Path, help=".npz with arrays x and y, for --teachers")
     pack.set_defaults(func=cmd_pack)
     sign = sub.add_parser("sign", help="sign a bundle (OpenSSF model-signing format)")
     sign.add_argument("bundle", type=Path)

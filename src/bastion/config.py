@@ -26,6 +26,7 @@ class Action(StrEnum):
 class OutputDetail(StrEnum):
     """How much an answer may say (the output policy). Ordered from least to most revealing."""
 
+    PRIVATE_PREDICTION = "private_prediction"  # the noisy argmax of teachers' votes (PATE), label only
     LABEL = "label"  # the top class only
     TOP_K = "top_k"  # the k most likely classes, no scores
     DP_SCORES = "dp_scores"  # scores with calibrated differential-privacy noise, under a budget
@@ -60,7 +61,11 @@ class Grant(_Strict):
     delta: Annotated[float, Field(gt=0, lt=1)] = (
         1e-6  # dp_scores, gaussian: delta for the (eps, delta) guarantee
     )
-    privacy_budget: Annotated[float, Field(gt=0)] = 10.0  # epsilon a principal may spend per window
+    # Privacy a principal may spend per window: epsilon for dp_scores, rho (zCDP) for private_prediction.
+    privacy_budget: Annotated[float, Field(gt=0)] = 10.0
+    sigma: Annotated[float, Field(gt=0)] = 4.0  # private_prediction: Gaussian noise on the vote counts
+    # private_prediction: rho all principals together may spend per window (the teachers' data is shared).
+    global_privacy_budget: Annotated[float, Field(gt=0)] | None = None
     budget_window_seconds: Annotated[float, Field(gt=0)] = 86_400.0
 
 

@@ -58,6 +58,12 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+        self.global_privacy = Gauge(
+            "bastion_privacy_global_budget_remaining",
+            "Private prediction: rho left in the window for all principals together, by model.",
+            ["model"],
+            registry=self.registry,
+        )
         self.audit_failures = Counter(
             "bastion_audit_failures",
             "Requests failed closed because the audit log was unavailable.",

@@ -19,6 +19,7 @@ from bastion.config import ModelRef
 from bastion.errors import ModelLoadError, NotFound
 from bastion.manifest import MANIFEST_NAME, Manifest, read_manifest
 from bastion.runtimes import ModelRuntime, load_runtime
+from bastion.runtimes.teachers import TeacherEnsemble
 
 log = logging.getLogger("bastion.registry")
 
@@ -28,6 +29,7 @@ class ServedModel:
     manifest: Manifest
     runtime: ModelRuntime
     digest: str  # the bundle's content address (or, unsafe plain directory, manifest + model file)
+    teachers: TeacherEnsemble | None = None  # for private prediction
 
     @property
     def name(self) -> str:
@@ -101,9 +103,11 @@ class ModelRegistry:
         return registry
 
     def add(self, ref: ModelRef) -> ServedModel:
+        teachers = None
         if is_bundle(ref.path):
             verified = verify_bundle(ref.path, trust_policy(ref))
             manifest, runtime, digest = verified.manifest, verified.runtime, verified.digest
+            teachers = verified.teachers
         elif ref.unsafe_unsigned:
             log.warning(
                 "UNSAFE: %s is a plain model directory, served unsigned (unsafe_unsigned = true)", ref.path
@@ -119,7 +123,7 @@ class ModelRegistry:
             )
         if manifest.version in self._models.get(manifest.name, {}):
             raise ModelLoadError(f"{ref.path}: {manifest.name} version {manifest.version} is already served")
-        model = ServedModel(manifest, runtime, digest)
+        model = ServedModel(manifest, runtime, digest, teachers)
         self._models.setdefault(manifest.name, {})[manifest.version] = model
         log.info("serving %s version %s (%s)", model.name, model.version, model.digest)
         return model

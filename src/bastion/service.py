@@ -185,6 +185,9 @@ class Bastion:
             )
         self._wait_for_audit = config.audit.durability == "sync"
         self.private_scores = PrivateScores(self.state, noise or OpenDPNoise(), AnswerCache())
+        self.private_scores.on_global_spend = lambda model, left: self.metrics.global_privacy.labels(
+            model
+        ).set(left)
         self.rollouts = self._rollouts(config, config_path)
         self._hmac_key = load_or_create_secret(paths.hmac_key)
         self.pipelines = self.build_pipelines(self._hmac_key)
@@ -217,7 +220,7 @@ class Bastion:
                 authenticate,
                 limit,
                 on_model(Action.METADATA),
-                DescribeModel(self.registry),
+                DescribeModel(self.registry, self.state),
             ],
             Route.MODEL_READY: [authenticate, limit, on_model(Action.METADATA), ModelReadiness()],
             Route.SERVER_METADATA: [authenticate, limit, DescribeServer()],
@@ -409,6 +412,7 @@ class Bastion:
             "payload_hmac": ctx.payload_hmac,
             "output_policy": ctx.output_detail.value if ctx.output_detail else None,
             "epsilon_spent": ctx.extra.get("epsilon_spent"),
+            "rho_spent": ctx.extra.get("rho_spent"),
             "client": ctx.client,
         }
         try:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from bastion.bundle.pack import pack
+from bastion.bundle.signing import sign_bundle
 from bastion.demo import infer_request
 from bastion.manifest import InputSpec
 from bastion.redteam import MembershipResult, membership_inference
@@ -21,7 +23,9 @@ POLICIES = {
     "mi_dp10": 'output = "dp_scores"\nepsilon = 10.0\nprivacy_budget = 1e9',
     "mi_dp1": 'output = "dp_scores"\nepsilon = 1.0\nprivacy_budget = 1e9',
     "mi_dp01": 'output = "dp_scores"\nepsilon = 0.1\nprivacy_budget = 1e9',
+    "mi_private": 'output = "private_prediction"\nsigma = 4.0\nprivacy_budget = 1e9\nglobal_privacy_budget = 1e9',
 }
+MODEL_OF = {"mi_private": "digits-private"}
 
 
 def attacked_deployment(root):  # type: ignore[no-untyped-def]
@@ -40,29 +44,36 @@ def attacked_deployment(root):  # type: ignore[no-untyped-def]
     spec = InputSpec(name="pixels", datatype="FP32", shape=[-1, 64], min=0.0, max=16.0)
     write_skops_model(root / "models" / "digits", target, [spec], [str(i) for i in range(10)], "digits")
     build.publish(root / "models" / "digits")
+    # The same estimator as ten teachers on disjoint tenths of the members, for private prediction.
+    classes = [str(i) for i in range(10)]
+    write_skops_model(root / "models" / "digits-private", target, [spec], classes, "digits-private")
+    bundle = root / "bundles" / "digits-private-1"
+    pack(root / "models" / "digits-private", bundle, teachers=10, training_data=(mx, my))
+    sign_bundle(bundle, build.signing_key, build.passphrase)
     text = config.read_text()
     roles = "".join(
         f"\n[roles.{name}]\nrate = 100000\nburst = 100000\ndaily_quota = 100000000\n"
-        f'[[roles.{name}.grants]]\nmodels = ["digits"]\nactions = ["infer"]\n{policy}\n'
+        f'[[roles.{name}.grants]]\nmodels = ["{MODEL_OF.get(name, "digits")}"]\n'
+        f'actions = ["infer", "metadata"]\n{policy}\n'
         for name, policy in POLICIES.items()
     )
     at = text.index("[roles.analyst]")
-    text = (
-        text[:at]
-        + '[[models]]\npath = "bundles/digits-1"\ntrusted_keys = ["keys/release.pub"]\n\n'
-        + text[at:]
+    models = "".join(
+        f'[[models]]\npath = "bundles/{b}"\ntrusted_keys = ["keys/release.pub"]\n\n'
+        for b in ("digits-1", "digits-private-1")
     )
+    text = text[:at] + models + text[at:]
     config.write_text(text + roles)
     return config, (mx, my), (nx, ny)
 
 
-def remote_predict(server, key: str):  # type: ignore[no-untyped-def]
+def remote_predict(server, key: str, model: str = "digits"):  # type: ignore[no-untyped-def]
     def predict(x: np.ndarray) -> np.ndarray:
         out = []
         with server.client(key) as c:
             for start in range(0, len(x), 256):
                 body = infer_request(x[start : start + 256], name="pixels")
-                r = c.post("/v2/models/digits/infer", json=body)
+                r = c.post(f"/v2/models/{model}/infer", json=body)
                 assert r.status_code == 200, r.text
                 outputs = {o["name"]: o for o in r.json()["outputs"]}
                 if "probabilities" in outputs:
@@ -85,7 +96,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, MembershipRes
     try:
         return {
             name: membership_inference(
-                remote_predict(server, create_key(config, name)),
+                remote_predict(server, create_key(config, name), MODEL_OF.get(name, "digits")),
                 members=members,
                 nonmembers=nonmembers,
                 nb_classes=10,
@@ -111,3 +122,10 @@ def test_dp_scores_attack_auc_falls_with_epsilon(results: dict[str, MembershipRe
     assert full >= e10 - 0.02 and e10 >= e1 - 0.02 and e1 >= e01 - 0.02
     assert full - e01 > 0.1
     assert e01 < 0.58
+
+
+def test_private_prediction_defeats_black_box_and_gap_attacks(results: dict[str, MembershipResult]) -> None:
+    r = results["mi_private"]
+    assert r.auc <= 0.55 and r.accuracy <= 0.55
+    assert r.gap_accuracy <= 0.55
+    assert r.benign_accuracy > 0.5  # far above chance (0.1): the answers still carry the teachers' consensus

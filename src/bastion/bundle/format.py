@@ -68,3 +68,5 @@ class BundleManifest(_Strict):
     golden: Golden
     provenance: Provenance
     encryption: Encryption | None = None
+    # Private prediction: teacher models trained on disjoint partitions of the training data.
+    teachers: list[str] = Field(default_factory=list)

@@ -71,8 +71,14 @@ def pack(
     seed: int = 0,
     tolerance: float = 1e-5,
     progress: bool | None = None,
+    teachers: int = 0,
+    training_data: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> str:
-    """Write the bundle to `out` (which must not exist) and return its digest ("sha256:...")."""
+    """Write the bundle to `out` (which must not exist) and return its digest ("sha256:...").
+
+    With `teachers` and `training_data`, also train that many clones of the (scikit-learn)
+    estimator on disjoint partitions of the data, for private prediction.
+    """
     if out.exists():
         raise FileExistsError(f"{out}: already exists; bundles are immutable")
     manifest = read_manifest(model_dir)
@@ -87,6 +93,7 @@ def pack(
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         names = list_files(model_dir, exclude={BUNDLE_FILE, SIGNATURE_FILE})
+        teacher_files = _train_teachers(model_dir, manifest, staging, teachers, training_data, seed)
         encryption = None
         data_key = secrets.token_bytes(32) if kek is not None else None
         for name in names:
@@ -97,6 +104,15 @@ def pack(
                 target.write_bytes(seal(data_key, (model_dir / name).read_bytes(), context=context))
             else:
                 shutil.copyfile(model_dir / name, target)
+        for name in teacher_files:
+            if data_key is not None:
+                sealed = seal(
+                    data_key,
+                    (staging / name).read_bytes(),
+                    context=file_context(manifest.name, manifest.version, name),
+                )
+                (staging / name).write_bytes(sealed)
+        names += teacher_files
         if kek is not None and data_key is not None:
             wrapped = kek.wrap(data_key, context=data_key_context(manifest.name, manifest.version))
             encryption = Encryption(key_id=kek.key_id, wrapped_key=_b64(wrapped))
@@ -122,6 +138,7 @@ def pack(
                 **(provenance or {}),
             ),
             encryption=encryption,
+            teachers=teacher_files,
         )
         body = (bundle.model_dump_json(indent=2) + "\n").encode()
         (staging / BUNDLE_FILE).write_bytes(body)
@@ -133,6 +150,39 @@ def pack(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return "sha256:" + hashlib.sha256(body).hexdigest()
+
+
+def _train_teachers(
+    model_dir: Path,
+    manifest: Manifest,
+    staging: Path,
+    count: int,
+    training_data: tuple[np.ndarray, np.ndarray] | None,
+    seed: int,
+) -> list[str]:
+    if count == 0:
+        return []
+    if manifest.runtime != "sklearn" or training_data is None:
+        raise ValueError("teachers need a scikit-learn model (runtime 'sklearn') and training data")
+    import skops.io as sio
+    from sklearn.base import clone
+
+    x, y = training_data
+    if count < 2 or count > len(x) // 2:
+        raise ValueError(f"teachers must be between 2 and {len(x) // 2} for {len(x)} training rows")
+    template = sio.loads(
+        (model_dir / manifest.file).read_bytes(),
+        trusted=sio.get_untrusted_types(data=(model_dir / manifest.file).read_bytes()),
+    )
+    parts = np.array_split(np.random.default_rng(seed).permutation(len(x)), count)  # disjoint
+    (staging / "teachers").mkdir()
+    names = []
+    for i, part in enumerate(parts):
+        teacher = clone(template).fit(x[part], y[part])
+        name = f"teachers/teacher-{i:03d}.skops"
+        (staging / name).write_bytes(sio.dumps(teacher))
+        names.append(name)
+    return names
 
 
 def _b64(data: bytes) -> str:

@@ -34,6 +34,7 @@ from bastion.bundle.signing import SignatureError, signed_digests
 from bastion.errors import ModelLoadError
 from bastion.manifest import MANIFEST_NAME, Manifest, read_manifest
 from bastion.runtimes import ModelRuntime, load_runtime
+from bastion.runtimes.teachers import TeacherEnsemble
 
 log = logging.getLogger("bastion.bundle")
 
@@ -62,6 +63,7 @@ class VerifiedBundle:
     digest: str  # sha256 of bundle.json: the bundle's content address
     signer: Path | None
     warnings: list[str]
+    teachers: TeacherEnsemble | None = None
 
 
 def is_bundle(path: Path) -> bool:
@@ -147,11 +149,27 @@ def verify_bundle(bundle: Path, policy: TrustPolicy, *, progress: bool | None = 
         runtime = load_runtime(bundle, manifest, data, unsafe_trust_pickle=policy.unsafe_trust_pickle)
     except ModelLoadError as e:
         raise BundleRefused(str(e), reason="model_refused") from None
+    teachers = None
+    if info.teachers:
+        from bastion.runtimes.sklearn import SklearnRuntime
+        from bastion.runtimes.teachers import TeacherEnsemble
+
+        loaded = []
+        for name in info.teachers:
+            blob = (bundle / name).read_bytes()
+            if info.files[name].encrypted:
+                blob = _decrypt(bundle, info, manifest, blob, policy.kek, file=name)
+            try:
+                loaded.append(SklearnRuntime.from_skops(bundle / name, blob, manifest))
+            except ModelLoadError as e:
+                raise BundleRefused(str(e), reason="model_refused") from None
+        teachers = TeacherEnsemble(loaded, len(manifest.outputs.classes))
     # 7. golden samples
     _check_golden(bundle, info, manifest, runtime)
     for w in warnings:
         log.warning(w)
-    return VerifiedBundle(manifest, runtime, "sha256:" + hashlib.sha256(raw).hexdigest(), signer, warnings)
+    digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+    return VerifiedBundle(manifest, runtime, digest, signer, warnings, teachers)
 
 
 def _env_for(info: BundleManifest):  # type: ignore[no-untyped-def]
@@ -161,7 +179,13 @@ def _env_for(info: BundleManifest):  # type: ignore[no-untyped-def]
 
 
 def _decrypt(
-    bundle: Path, info: BundleManifest, manifest: Manifest, data: bytes, kek: KeyProvider | None
+    bundle: Path,
+    info: BundleManifest,
+    manifest: Manifest,
+    data: bytes,
+    kek: KeyProvider | None,
+    *,
+    file: str = "",
 ) -> bytes:
     if info.encryption is None:
         raise BundleRefused(
@@ -180,7 +204,7 @@ def _decrypt(
     try:
         wrapped = base64.b64decode(info.encryption.wrapped_key, validate=True)
         data_key = kek.unwrap(wrapped, context=data_key_context(info.name, info.version))
-        return unseal(data_key, data, context=file_context(info.name, info.version, manifest.file))
+        return unseal(data_key, data, context=file_context(info.name, info.version, file or manifest.file))
     except (DecryptionFailed, binascii.Error) as e:
         raise BundleRefused(f"{bundle}: {e}", reason="decryption_failed") from None
 

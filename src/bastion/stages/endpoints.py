@@ -9,10 +9,18 @@ from bastion.config import Action, OutputDetail
 from bastion.context import RequestContext
 from bastion.errors import BadRequest, MethodNotAllowed, NotFound, PermissionDenied
 from bastion.metrics import Metrics
-from bastion.policy import Policy, TokenScope
+from bastion.policy import EffectiveGrant, Policy, TokenScope
 from bastion.protocol import parse_json
 from bastion.registry import ModelRegistry
-from bastion.stages.output_policy import LABEL, PROBABILITIES, TOP_K, describe_policy, output_names
+from bastion.stages.output_policy import (
+    LABEL,
+    PROBABILITIES,
+    TOP_K,
+    describe_policy,
+    global_budget_key,
+    output_names,
+)
+from bastion.state import StateStore
 from bastion.tokens import TokenAuthority
 
 _MAX_TOKEN_REQUEST = 4096
@@ -26,8 +34,39 @@ class DescribeServer:
 class DescribeModel:
     """V2 model metadata, plus what this caller will get back (`parameters`)."""
 
-    def __init__(self, registry: ModelRegistry) -> None:
+    def __init__(self, registry: ModelRegistry, store: StateStore | None = None) -> None:
         self._registry = registry
+        self._store = store
+
+    async def _remaining(self, ctx: RequestContext, grant: EffectiveGrant) -> dict[str, float]:
+        """What is left of the caller's privacy budget (and the model's global one), spending nothing."""
+        params, assert_model = grant.output_params, ctx.model
+        if self._store is None or ctx.principal is None or assert_model is None:
+            return {}
+        if grant.output not in (OutputDetail.DP_SCORES, OutputDetail.PRIVATE_PREDICTION):
+            return {}
+        window = params.budget_window_seconds
+        left = {
+            "privacy_budget_remaining": (
+                await self._store.spend_budget(
+                    ctx.principal.id,
+                    cost=0.0,
+                    limit=params.privacy_budget,
+                    now=ctx.now,
+                    window_seconds=window,
+                )
+            ).remaining
+        }
+        if grant.output is OutputDetail.PRIVATE_PREDICTION and params.global_privacy_budget is not None:
+            shared = await self._store.spend_budget(
+                global_budget_key(assert_model.name),
+                cost=0.0,
+                limit=params.global_privacy_budget,
+                now=ctx.now,
+                window_seconds=window,
+            )
+            left["global_privacy_budget_remaining"] = shared.remaining
+        return left
 
     async def __call__(self, ctx: RequestContext) -> None:
         model, grant = ctx.model, ctx.grant
@@ -56,6 +95,7 @@ class DescribeModel:
                 "classes": m.outputs.classes,
                 "granted_outputs": output_names(grant.output),
                 **describe_policy(grant.output, grant.output_params),
+                **(await self._remaining(ctx, grant)),
                 "sensitive_inputs_granted": grant.sensitive_inputs,
             },
         }

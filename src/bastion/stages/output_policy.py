@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,11 @@ from bastion.state import StateStore
 LABEL = "label"
 TOP_K = "top_k"
 PROBABILITIES = "probabilities"
-_OUTPUTS = {OutputDetail.LABEL: [LABEL], OutputDetail.TOP_K: [LABEL, TOP_K]}
+_OUTPUTS = {
+    OutputDetail.PRIVATE_PREDICTION: [LABEL],
+    OutputDetail.LABEL: [LABEL],
+    OutputDetail.TOP_K: [LABEL, TOP_K],
+}
 ALL_OUTPUTS = (LABEL, TOP_K, PROBABILITIES)
 
 
@@ -43,6 +48,14 @@ def describe_policy(detail: OutputDetail, params: Grant) -> dict[str, Any]:
         info["decimals"] = params.decimals
     elif detail is OutputDetail.REVERSE_SIGMOID:
         info |= {"beta": params.beta, "gamma": params.gamma}
+    elif detail is OutputDetail.PRIVATE_PREDICTION:
+        info |= {
+            "sigma": params.sigma,
+            "rho_per_row": rho_per_row(params.sigma),
+            "privacy_budget_rho": params.privacy_budget,
+            "global_privacy_budget_rho": params.global_privacy_budget,
+            "budget_window_seconds": params.budget_window_seconds,
+        }
     elif detail is OutputDetail.DP_SCORES:
         info |= {
             "mechanism": params.mechanism,
@@ -55,6 +68,16 @@ def describe_policy(detail: OutputDetail, params: Grant) -> dict[str, Any]:
     return info
 
 
+def rho_per_row(sigma: float) -> float:
+    """zCDP cost of one Gaussian noisy-max answer: one teacher changing its vote moves the vote
+    histogram by sqrt(2) in L2, so rho = 2 / (2 sigma^2)."""
+    return 1.0 / sigma**2
+
+
+def global_budget_key(model: str) -> str:
+    return f"global:{model}"
+
+
 class PrivateScores:
     """DP answers: the keyed cache first (no budget spent twice), then the budget, then the noise."""
 
@@ -62,6 +85,52 @@ class PrivateScores:
         self._store = store
         self._noise = noise
         self._cache = cache
+        self.on_global_spend: Callable[[str, float], None] = lambda model, remaining: None
+
+    async def private_prediction(self, ctx: RequestContext, params: Grant) -> np.ndarray:
+        """PATE: Gaussian noise on the teachers' vote counts; the caller sees only the noisy argmax."""
+        model, request, principal = ctx.model, ctx.request, ctx.principal
+        assert (
+            model is not None
+            and request is not None
+            and principal is not None
+            and ctx.payload_hmac is not None
+        )
+        if model.teachers is None:
+            raise PermissionDenied(
+                "private prediction needs a bundle packed with --teachers",
+                code="private_prediction_unavailable",
+            )
+        key = self._cache.key(principal.id, model.digest, ctx.payload_hmac, f"pate:{params.sigma}")
+        cached = self._cache.get(key, now=ctx.now)
+        if cached is not None:
+            ctx.extra["rho_spent"] = 0.0
+            return cached
+        cost = rho_per_row(params.sigma) * request.rows
+        window = params.budget_window_seconds
+        mine = await self._store.spend_budget(
+            principal.id, cost=cost, limit=params.privacy_budget, now=ctx.now, window_seconds=window
+        )
+        if not mine.allowed:
+            raise _exhausted(cost, mine.remaining, mine.retry_after, "rho")
+        if params.global_privacy_budget is not None:
+            shared = await self._store.spend_budget(
+                global_budget_key(model.name),
+                cost=cost,
+                limit=params.global_privacy_budget,
+                now=ctx.now,
+                window_seconds=window,
+            )
+            if not shared.allowed:  # give the principal its share back: nothing was answered
+                await self._store.spend_budget(
+                    principal.id, cost=-cost, limit=params.privacy_budget, now=ctx.now, window_seconds=window
+                )
+                raise _exhausted(cost, shared.remaining, shared.retry_after, "rho (global)")
+            self.on_global_spend(model.name, shared.remaining)
+        noisy = self._noise.gaussian(model.teachers.votes(request.inputs), params.sigma)
+        ctx.extra["rho_spent"] = cost
+        self._cache.put(key, noisy, expires=ctx.now + window)
+        return noisy
 
     async def answer(self, ctx: RequestContext, probabilities: np.ndarray, params: Grant) -> np.ndarray:
         assert ctx.principal is not None and ctx.model is not None and ctx.payload_hmac is not None
@@ -80,11 +149,7 @@ class PrivateScores:
             window_seconds=params.budget_window_seconds,
         )
         if not spend.allowed:
-            raise RateLimited(
-                f"privacy budget exhausted: this answer costs epsilon {cost:g}, {spend.remaining:g} left in the window",
-                retry_after=spend.retry_after,
-                code="privacy_budget_exhausted",
-            )
+            raise _exhausted(cost, spend.remaining, spend.retry_after, "epsilon")
         scores = dp_scores(
             probabilities,
             mechanism=params.mechanism,
@@ -95,6 +160,14 @@ class PrivateScores:
         ctx.extra["epsilon_spent"] = cost
         self._cache.put(key, scores, expires=ctx.now + params.budget_window_seconds)
         return scores
+
+
+def _exhausted(cost: float, remaining: float, retry_after: float, unit: str) -> RateLimited:
+    return RateLimited(
+        f"privacy budget exhausted: this answer costs {unit} {cost:g}, {remaining:g} left in the window",
+        retry_after=retry_after,
+        code="privacy_budget_exhausted",
+    )
 
 
 class ShapeOutput:
@@ -155,6 +228,12 @@ class ShapeOutput:
     async def _scores(
         self, ctx: RequestContext, proba: np.ndarray, detail: OutputDetail, params: Grant
     ) -> np.ndarray:
+        if detail is OutputDetail.PRIVATE_PREDICTION:
+            if self._private is None:
+                raise PermissionDenied(
+                    "private prediction is not available on this server", code="dp_unavailable"
+                )
+            return await self._private.private_prediction(ctx, params)
         if detail is OutputDetail.DP_SCORES:
             if self._private is None:
                 raise PermissionDenied(
