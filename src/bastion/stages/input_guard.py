@@ -115,21 +115,18 @@ class GuardInput:
             )
         if c.check_finite and not np.isfinite(array).all():
             raise SchemaViolation(f"{label}: NaN or infinity is not allowed", code="not_finite")
-        if c.low is not None:
-            below = array < c.low
-            if below.any():
-                col = _first_column(below)
-                low = c.low if c.low.ndim == 0 else c.low[col]
+        for bound, outside, words in (
+            (c.low, np.less, "below its minimum"),
+            (c.high, np.greater, "above its maximum"),
+        ):
+            if bound is None:
+                continue
+            mask = outside(array, bound)
+            if mask.any():
+                col = _first_column(mask)
+                value = bound if bound.ndim == 0 else bound[col]
                 raise SchemaViolation(
-                    f"{label}: column {col} is below its minimum {float(low):g}", code="out_of_range"
-                )
-        if c.high is not None:
-            above = array > c.high
-            if above.any():
-                col = _first_column(above)
-                high = c.high if c.high.ndim == 0 else c.high[col]
-                raise SchemaViolation(
-                    f"{label}: column {col} is above its maximum {float(high):g}", code="out_of_range"
+                    f"{label}: column {col} is {words} {float(value):g}", code="out_of_range"
                 )
         if c.categories is not None and not np.isin(array, c.categories).all():
             raise SchemaViolation(
