@@ -77,6 +77,15 @@ output = "dp_scores"
 epsilon = 0.5
 privacy_budget = 5.0
 
+[roles.agg]
+rate = 1000
+burst = 1000
+[[roles.agg.grants]]
+models = ["breast-cancer", "breast-cancer-skops"]
+actions = ["aggregate"]
+epsilon = 1.0
+privacy_budget = 4.0
+
 # Steady load from a second process: limits that never refuse.
 [roles.loader]
 rate = 100000
@@ -117,6 +126,10 @@ def write_test_deployment(root: Path, *, port: int = 0, extra: str = "") -> tupl
     head = text[: text.index("# Analysts may ask")]
     head = head.replace("checkpoint_every_records = 1000", "checkpoint_every_records = 25")
     loan = '[[models]]\npath = "bundles/loan-1"\ntrusted_keys = ["keys/release.pub"]\n\n'
+    head = head.replace(
+        'path = "bundles/breast-cancer-1"\ntrusted_keys = ["keys/release.pub"]\n',
+        'path = "bundles/breast-cancer-1"\ntrusted_keys = ["keys/release.pub"]\naggregates = true\n',
+    )
     build.config_path.write_text(head + loan + extra + TEST_ROLES)
     return build.config_path, build
 

@@ -21,6 +21,7 @@ class Action(StrEnum):
     INFER = "infer"
     METADATA = "metadata"
     ADMIN = "admin"  # metrics, key-independent server administration
+    AGGREGATE = "aggregate"  # differentially private statistics over a batch
 
 
 class OutputDetail(StrEnum):
@@ -123,6 +124,7 @@ class ModelRef(_Strict):
     decryption_key: str | None = Field(default=None, pattern=r"^(env|file):.+$")
     unsafe_trust_pickle: bool = False  # load a pickle-based model (after the opcode scan)
     unsafe_unsigned: bool = False  # serve without a signature (digests are still checked for bundles)
+    aggregates: bool = False  # offer /aggregate: DP counts, sums and means of this model's predictions
 
 
 class RolloutSettings(_Strict):

@@ -30,6 +30,7 @@ class ServedModel:
     runtime: ModelRuntime
     digest: str  # the bundle's content address (or, unsafe plain directory, manifest + model file)
     teachers: TeacherEnsemble | None = None  # for private prediction
+    aggregates: bool = False  # the config offers DP aggregate statistics for this model
 
     @property
     def name(self) -> str:
@@ -123,7 +124,7 @@ class ModelRegistry:
             )
         if manifest.version in self._models.get(manifest.name, {}):
             raise ModelLoadError(f"{ref.path}: {manifest.name} version {manifest.version} is already served")
-        model = ServedModel(manifest, runtime, digest, teachers)
+        model = ServedModel(manifest, runtime, digest, teachers, ref.aggregates)
         self._models.setdefault(manifest.name, {})[manifest.version] = model
         log.info("serving %s version %s (%s)", model.name, model.version, model.digest)
         return model

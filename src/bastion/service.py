@@ -38,6 +38,7 @@ from bastion.privacy import AnswerCache, NoiseSource, OpenDPNoise
 from bastion.registry import ModelRegistry
 from bastion.rollout import Rollback, Rollouts
 from bastion.stages import Stage
+from bastion.stages.aggregates import ComputeAggregates
 from bastion.stages.authorization import AuthorizeModel, AuthorizeServer
 from bastion.stages.endpoints import (
     DescribeApi,
@@ -68,6 +69,7 @@ class Route(StrEnum):
     TOKEN = "token"  # noqa: S105 (a route name, not a secret)
     METRICS = "metrics"
     OPENAPI = "openapi"
+    AGGREGATE = "aggregate"
     NOT_FOUND = "not_found"
     WRONG_METHOD = "wrong_method"
 
@@ -80,6 +82,7 @@ ROUTE_ACTIONS = {
     Route.TOKEN: Action.METADATA,
     Route.METRICS: Action.ADMIN,
     Route.OPENAPI: Action.METADATA,
+    Route.AGGREGATE: Action.AGGREGATE,
     Route.NOT_FOUND: Action.METADATA,
     Route.WRONG_METHOD: Action.METADATA,
 }
@@ -215,6 +218,16 @@ class Bastion:
                 # 7. output policy per grant (label, top-k, rounding, reverse sigmoid, DP noise under a
                 #    budget with the keyed answer cache); 403 for an ungranted output, 429 over budget
                 ShapeOutput(self.private_scores),
+            ],
+            # DP statistics over a batch: the same guard and model, then counts and sums with noise.
+            Route.AGGREGATE: [
+                authenticate,
+                limit,
+                on_model(Action.AGGREGATE),
+                decode,
+                GuardInput(max_rows=limits.max_rows, hmac_key=hmac_key),
+                Infer(),
+                ComputeAggregates(self.state, self.private_scores.noise, self.private_scores.cache),
             ],
             Route.MODEL_METADATA: [
                 authenticate,

@@ -129,3 +129,29 @@ def test_dp_noise_is_real(deployment: Deployment) -> None:
     got = np.asarray(_outputs(_infer(deployment, key, rows))["probabilities"]["data"]).reshape(10, 2)
     assert not np.allclose(got, _truth(deployment, rows), atol=1e-3)  # epsilon 0.5: far from the truth
     np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_aggregates_are_noisy_budgeted_and_cached(deployment: Deployment) -> None:
+    key = create_key(deployment.config, "agg")
+    rows = deployment.build.features[:200]
+    truth = _truth(deployment, rows)
+    with deployment.server.client(key) as c:
+        r = c.post(f"/v2/models/{MODEL}/aggregate", json=infer_request(rows))
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["rows"] == 200 and body["epsilon_spent"] == 2.0  # count and sum, epsilon 1 each
+        counts = body["statistics"]["count"]
+        exact = np.bincount(truth.argmax(axis=1), minlength=2)
+        assert abs(counts["malignant"] - exact[0]) < 15 and abs(counts["benign"] - exact[1]) < 15
+        assert abs(body["statistics"]["mean"]["benign"] - truth[:, 1].mean()) < 0.1
+        assert counts["malignant"] != exact[0] or counts["benign"] != exact[1]  # noise was added
+        again = c.post(f"/v2/models/{MODEL}/aggregate", json=infer_request(rows)).json()
+        assert again["statistics"] == body["statistics"] and again["epsilon_spent"] == 0.0  # cached, free
+        assert c.post(f"/v2/models/{MODEL}/aggregate", json=infer_request(rows[:50])).status_code == 200
+        refused = c.post(f"/v2/models/{MODEL}/aggregate", json=infer_request(rows[:60]))
+        assert refused.status_code == 429 and refused.json()["code"] == "privacy_budget_exhausted"
+        off = c.post("/v2/models/breast-cancer-skops/aggregate", json=infer_request(rows[:5]))
+        assert off.status_code == 403 and off.json()["code"] == "aggregates_disabled"
+        assert c.post(f"/v2/models/{MODEL}/infer", json=infer_request(rows[:1])).status_code == 403
+    with deployment.server.client(deployment.keys["analyst"]) as c:  # no aggregate grant
+        assert c.post(f"/v2/models/{MODEL}/aggregate", json=infer_request(rows[:5])).status_code == 403

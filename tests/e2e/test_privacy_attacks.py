@@ -119,8 +119,9 @@ def test_label_only_output_leaves_almost_nothing(results: dict[str, MembershipRe
 
 def test_dp_scores_attack_auc_falls_with_epsilon(results: dict[str, MembershipResult]) -> None:
     full, e10, e1, e01 = (results[k].auc for k in ("mi_full", "mi_dp10", "mi_dp1", "mi_dp01"))
-    assert full >= e10 - 0.02 and e10 >= e1 - 0.02 and e1 >= e01 - 0.02
-    assert full - e01 > 0.1
+    assert full > e10 + 0.1  # the first step of noise already removes most of the signal
+    # Monotone within sampling error: near chance, an AUC over ~450 rows a side varies by about 0.025.
+    assert e10 >= e1 - 0.05 and e1 >= e01 - 0.05
     assert e01 < 0.58
 
 

@@ -32,6 +32,7 @@ _NAME = r"(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]{0,63})"
 _VERSION = r"(?:/versions/(?P<version>[A-Za-z0-9][A-Za-z0-9_.-]{0,31}))?"
 _ROUTES: list[tuple[re.Pattern[str], str, Route]] = [
     (re.compile(rf"^/v2/models/{_NAME}{_VERSION}/infer$"), "POST", Route.INFER),
+    (re.compile(rf"^/v2/models/{_NAME}{_VERSION}/aggregate$"), "POST", Route.AGGREGATE),
     (re.compile(rf"^/v2/models/{_NAME}{_VERSION}/ready$"), "GET", Route.MODEL_READY),
     (re.compile(rf"^/v2/models/{_NAME}{_VERSION}$"), "GET", Route.MODEL_METADATA),
     (re.compile(r"^/v2/?$"), "GET", Route.SERVER_METADATA),

@@ -124,6 +124,24 @@ OPENAPI: dict[str, Any] = {
         "/v2/models/{model_name}/versions/{model_version}/ready": _model_paths("/ready", True),
         "/v2/models/{model_name}/infer": _model_paths("/infer", False),
         "/v2/models/{model_name}/versions/{model_version}/infer": _model_paths("/infer", True),
+        "/v2/models/{model_name}/aggregate": {
+            "post": {
+                "summary": "Differentially private counts, sums and means of the predictions over a batch",
+                "operationId": "aggregate",
+                "security": _SECURED,
+                "parameters": [_NAME],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("InferRequest")}},
+                },
+                "responses": {
+                    "200": _json({"type": "object", "required": ["statistics"]}, "Noisy statistics"),
+                    **_ERRORS,
+                    "413": _json(_ERR, "Body or batch too large"),
+                    "422": _json(_ERR, "Outside the model's declared inputs"),
+                },
+            }
+        },
         "/v2/auth/token": {
             "post": {
                 "summary": "Exchange an API key for a short-lived scoped token (EdDSA JWT)",

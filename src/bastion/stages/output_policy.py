@@ -83,8 +83,8 @@ class PrivateScores:
 
     def __init__(self, store: StateStore, noise: NoiseSource, cache: AnswerCache) -> None:
         self._store = store
-        self._noise = noise
-        self._cache = cache
+        self.noise = noise
+        self.cache = cache
         self.on_global_spend: Callable[[str, float], None] = lambda model, remaining: None
 
     async def private_prediction(self, ctx: RequestContext, params: Grant) -> np.ndarray:
@@ -101,18 +101,14 @@ class PrivateScores:
                 "private prediction needs a bundle packed with --teachers",
                 code="private_prediction_unavailable",
             )
-        key = self._cache.key(principal.id, model.digest, ctx.payload_hmac, f"pate:{params.sigma}")
-        cached = self._cache.get(key, now=ctx.now)
+        key = self.cache.key(principal.id, model.digest, ctx.payload_hmac, f"pate:{params.sigma}")
+        cached = self.cache.get(key, now=ctx.now)
         if cached is not None:
             ctx.extra["rho_spent"] = 0.0
             return cached
         cost = rho_per_row(params.sigma) * request.rows
         window = params.budget_window_seconds
-        mine = await self._store.spend_budget(
-            principal.id, cost=cost, limit=params.privacy_budget, now=ctx.now, window_seconds=window
-        )
-        if not mine.allowed:
-            raise _exhausted(cost, mine.remaining, mine.retry_after, "rho")
+        await spend_or_refuse(self._store, principal.id, cost, params, now=ctx.now, unit="rho")
         if params.global_privacy_budget is not None:
             shared = await self._store.spend_budget(
                 global_budget_key(model.name),
@@ -127,39 +123,46 @@ class PrivateScores:
                 )
                 raise _exhausted(cost, shared.remaining, shared.retry_after, "rho (global)")
             self.on_global_spend(model.name, shared.remaining)
-        noisy = self._noise.gaussian(model.teachers.votes(request.inputs), params.sigma)
+        noisy = self.noise.gaussian(model.teachers.votes(request.inputs), params.sigma)
         ctx.extra["rho_spent"] = cost
-        self._cache.put(key, noisy, expires=ctx.now + window)
+        self.cache.put(key, noisy, expires=ctx.now + window)
         return noisy
 
     async def answer(self, ctx: RequestContext, probabilities: np.ndarray, params: Grant) -> np.ndarray:
         assert ctx.principal is not None and ctx.model is not None and ctx.payload_hmac is not None
         signature = f"{params.mechanism}:{params.epsilon}:{params.delta}"
-        key = self._cache.key(ctx.principal.id, ctx.model.digest, ctx.payload_hmac, signature)
-        cached = self._cache.get(key, now=ctx.now)
+        key = self.cache.key(ctx.principal.id, ctx.model.digest, ctx.payload_hmac, signature)
+        cached = self.cache.get(key, now=ctx.now)
         if cached is not None:
             ctx.extra["epsilon_spent"] = 0.0
             return cached
         cost = params.epsilon * probabilities.shape[0]
-        spend = await self._store.spend_budget(
-            ctx.principal.id,
-            cost=cost,
-            limit=params.privacy_budget,
-            now=ctx.now,
-            window_seconds=params.budget_window_seconds,
-        )
-        if not spend.allowed:
-            raise _exhausted(cost, spend.remaining, spend.retry_after, "epsilon")
+        await spend_or_refuse(self._store, ctx.principal.id, cost, params, now=ctx.now, unit="epsilon")
         scores = dp_scores(
             probabilities,
             mechanism=params.mechanism,
             epsilon=params.epsilon,
             delta=params.delta,
-            noise=self._noise,
+            noise=self.noise,
         )
         ctx.extra["epsilon_spent"] = cost
-        self._cache.put(key, scores, expires=ctx.now + params.budget_window_seconds)
+        self.cache.put(key, scores, expires=ctx.now + params.budget_window_seconds)
         return scores
+
+
+async def spend_or_refuse(
+    store: StateStore, principal: str, cost: float, params: Grant, *, now: float, unit: str
+) -> None:
+    """Spend `cost` of the principal's budget, or raise 429 privacy_budget_exhausted."""
+    spend = await store.spend_budget(
+        principal,
+        cost=cost,
+        limit=params.privacy_budget,
+        now=now,
+        window_seconds=params.budget_window_seconds,
+    )
+    if not spend.allowed:
+        raise _exhausted(cost, spend.remaining, spend.retry_after, unit)
 
 
 def _exhausted(cost: float, remaining: float, retry_after: float, unit: str) -> RateLimited:

@@ -1,0 +1,69 @@
+"""Differentially private statistics over a batch: per-class counts, sums and means of predictions.
+
+Adding or removing one row changes the predicted-label histogram by 1 in one class
+and the per-class sum of probabilities by at most 1 in L1 (a row's probabilities
+sum to 1), so each statistic is released through OpenDP's Laplace mechanism at
+scale 1/epsilon and costs `epsilon`; means are the noisy sums over the batch size,
+which the caller already knows (post-processing). An identical batch from the same
+principal gets the identical answer from the keyed cache and spends nothing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bastion.context import RequestContext
+from bastion.errors import PermissionDenied
+from bastion.privacy import AnswerCache, NoiseSource
+from bastion.stages.output_policy import spend_or_refuse
+from bastion.state import StateStore
+
+_STATISTICS = 2  # count and sum are released; the mean is derived from the sum
+
+
+class ComputeAggregates:
+    def __init__(self, store: StateStore, noise: NoiseSource, cache: AnswerCache) -> None:
+        self._store = store
+        self._noise = noise
+        self._cache = cache
+
+    async def __call__(self, ctx: RequestContext) -> None:
+        model, request, proba, grant, principal = (
+            ctx.model,
+            ctx.request,
+            ctx.probabilities,
+            ctx.grant,
+            ctx.principal,
+        )
+        assert model is not None and request is not None and proba is not None and grant is not None
+        assert principal is not None and ctx.payload_hmac is not None
+        if not model.aggregates:
+            raise PermissionDenied(
+                f"aggregates are not offered for model {model.name!r}", code="aggregates_disabled"
+            )
+        params = grant.output_params
+        key = self._cache.key(principal.id, model.digest, ctx.payload_hmac, f"aggregate:{params.epsilon}")
+        released = self._cache.get(key, now=ctx.now)
+        cost = 0.0
+        if released is None:
+            cost = _STATISTICS * params.epsilon
+            await spend_or_refuse(self._store, principal.id, cost, params, now=ctx.now, unit="epsilon")
+            p = np.asarray(proba, dtype=np.float64)
+            counts = np.bincount(p.argmax(axis=1), minlength=p.shape[1]).astype(np.float64)
+            exact = np.vstack([counts, p.sum(axis=0)])
+            released = self._noise.laplace(exact, 1.0 / params.epsilon)
+            self._cache.put(key, released, expires=ctx.now + params.budget_window_seconds)
+        ctx.extra["epsilon_spent"] = cost
+        classes = model.manifest.outputs.classes
+        rows = request.rows
+        ctx.result = {
+            "model_name": model.name,
+            "model_version": model.version,
+            "rows": rows,
+            "epsilon_spent": cost,
+            "statistics": {
+                "count": dict(zip(classes, released[0].tolist(), strict=True)),
+                "sum": dict(zip(classes, released[1].tolist(), strict=True)),
+                "mean": dict(zip(classes, (released[1] / rows).tolist(), strict=True)),
+            },
+        }
