@@ -96,9 +96,14 @@ def reverse_sigmoid(probabilities: np.ndarray, *, beta: float, gamma: float) -> 
     The perturbation misleads the gradients a model thief fits to, while the top class
     is guaranteed unchanged (if renormalisation ever moved it, the two entries swap back).
     """
-    y = np.clip(np.asarray(probabilities, dtype=np.float64), 1e-9, 1 - 1e-9)
-    logit = np.log(y) - np.log1p(-y)
-    r = y - beta * (1.0 / (1.0 + np.exp(-gamma * logit)) - 0.5)
+    p = np.asarray(probabilities, dtype=np.float64)
+    if p.size <= _SMALL:
+        # A request of a row or two: plain floats beat a dozen numpy calls on tiny arrays (bench/).
+        return np.asarray([_reverse_sigmoid_row(row, beta, gamma) for row in p.tolist()], dtype=np.float64)
+    y = np.clip(p, 1e-9, 1 - 1e-9)
+    # sigmoid(gamma * logit(y)) == y^gamma / (y^gamma + (1 - y)^gamma)
+    yg = y**gamma
+    r = y - beta * (yg / (yg + (1 - y) ** gamma) - 0.5)
     r = np.clip(r, 1e-12, None)
     r = r / r.sum(axis=1, keepdims=True)
     top, new_top = np.argmax(y, axis=1), np.argmax(r, axis=1)
@@ -106,6 +111,23 @@ def reverse_sigmoid(probabilities: np.ndarray, *, beta: float, gamma: float) -> 
     for i in rows:
         r[i, top[i]], r[i, new_top[i]] = r[i, new_top[i]], r[i, top[i]]
     return np.asarray(r)
+
+
+_SMALL = 32
+
+
+def _reverse_sigmoid_row(row: list[float], beta: float, gamma: float) -> list[float]:
+    y = [min(max(v, 1e-9), 1 - 1e-9) for v in row]
+    r = []
+    for v in y:
+        vg = v**gamma
+        r.append(max(v - beta * (vg / (vg + (1 - v) ** gamma) - 0.5), 1e-12))
+    total = sum(r)
+    r = [v / total for v in r]
+    top, new_top = y.index(max(y)), r.index(max(r))
+    if top != new_top:
+        r[top], r[new_top] = r[new_top], r[top]
+    return r
 
 
 class AnswerCache:

@@ -48,6 +48,29 @@ def test_reverse_sigmoid_keeps_the_argmax_and_sums_to_one(classes: int) -> None:
     assert np.abs(r - p).mean() > 0.01
 
 
+def test_reverse_sigmoid_small_batches_match_the_vector_path() -> None:
+    p = _random_probabilities(400, 3, seed=1)
+    vector = reverse_sigmoid(p, beta=0.7, gamma=1.5)  # 1200 values: the numpy path
+    for i in range(0, 400, 7):
+        np.testing.assert_allclose(
+            reverse_sigmoid(p[i : i + 2], beta=0.7, gamma=1.5), vector[i : i + 2], atol=1e-12
+        )
+
+
+def test_gaussian_cost_matches_opendp() -> None:
+    import opendp.prelude as dp
+
+    from bastion.stages.output_policy import rho_per_row
+
+    dp.enable_features("contrib")
+    for sigma in (0.5, 2.0, 4.0):
+        m = (
+            dp.vector_domain(dp.atom_domain(T=float, nan=False)),
+            dp.l2_distance(T=float),
+        ) >> dp.m.then_gaussian(scale=sigma)
+        assert rho_per_row(sigma) == pytest.approx(m.map(math.sqrt(2)))  # one vote moved: L2 distance sqrt(2)
+
+
 def test_dp_calibration_and_injected_noise() -> None:
     p = _random_probabilities(3, 4)
     fake = NoNoise()
