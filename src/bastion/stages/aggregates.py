@@ -14,7 +14,7 @@ import numpy as np
 
 from bastion.context import RequestContext
 from bastion.errors import PermissionDenied
-from bastion.privacy import AnswerCache, NoiseSource
+from bastion.privacy import AnswerCache, NoiseSource, laplace_scale
 from bastion.stages.output_policy import spend_or_refuse
 from bastion.state import StateStore
 
@@ -51,7 +51,11 @@ class ComputeAggregates:
             p = np.asarray(proba, dtype=np.float64)
             counts = np.bincount(p.argmax(axis=1), minlength=p.shape[1]).astype(np.float64)
             exact = np.vstack([counts, p.sum(axis=0)])
-            released = self._noise.laplace(exact, 1.0 / params.epsilon)
+            # Counts are integers already; sums are rounded to the noise source's grid.
+            scale = laplace_scale(
+                params.epsilon, coordinates=p.shape[1], resolution=self._noise.resolution, sensitivity=1.0
+            )
+            released = self._noise.laplace(exact, scale)
             self._cache.put(key, released, expires=ctx.now + params.budget_window_seconds)
         ctx.extra["epsilon_spent"] = cost
         classes = model.manifest.outputs.classes

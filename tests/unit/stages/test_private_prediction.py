@@ -30,6 +30,8 @@ class Fixed:
 
 
 class NoNoise:
+    resolution = 0.0
+
     def laplace(self, values: np.ndarray, scale: float) -> np.ndarray:
         return values
 
