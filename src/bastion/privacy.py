@@ -33,7 +33,7 @@ class NoiseSource(Protocol):
 
 
 _FIXED = 2**20  # fixed-point grid: scores are released as multiples of 2^-20
-_POOL = 8192
+_POOL = 1024
 
 
 class OpenDPNoise:
@@ -41,7 +41,7 @@ class OpenDPNoise:
 
     Values are rounded to multiples of 2^-20 and noise is added as integers, so the arithmetic is
     exact and the floating-point attacks on naive Laplace noise do not apply. Because the
-    mechanism is x + Z with Z independent of x, OpenDP draws Z in batches (one call per 8192
+    mechanism is x + Z with Z independent of x, OpenDP draws Z in batches (one call per 1024
     samples; measured: about 6 us per sample instead of ~115 us per call), each used once.
     """
 
