@@ -313,7 +313,7 @@ def cmd_sign(args: argparse.Namespace) -> int:
     from bastion.bundle.signing import SignatureError, sign_bundle
 
     try:
-        path = sign_bundle(args.bundle, args.key, _passphrase(confirm=False))
+        path = sign_bundle(args.bundle, args.key, _passphrase(confirm=False), progress=None)
     except SignatureError as e:
         return _fail(str(e))
     print(f"signed: {path}")

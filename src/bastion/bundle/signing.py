@@ -10,12 +10,13 @@ the files, so that each file is hashed once and a mismatch names the file.
 from __future__ import annotations
 
 import pathlib
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from bastion.bundle.format import SIGNATURE_FILE
+from bastion.bundle.hashing import hash_files, list_files
 from bastion.files import write_private_file
 
 PASSPHRASE_ENV = "BASTION_SIGNING_PASSPHRASE"  # noqa: S105 (the variable's name, not a secret)
@@ -45,8 +46,34 @@ def generate_signing_key(private_path: Path, passphrase: bytes) -> Path:
     return public_path
 
 
-def sign_bundle(bundle: Path, private_key: Path, passphrase: bytes | None) -> Path:
-    from model_signing import hashing, signing
+class _OurHashing:
+    """Stands in for model-signing's hashing config: our one pass over the files, with a progress
+    bar on a terminal, producing the very manifest model-signing's per-file serialization would."""
+
+    def __init__(self, progress: bool | None) -> None:
+        self._progress = progress
+
+    def hash(self, model_path: Path) -> object:
+        from model_signing import manifest
+        from model_signing._hashing.hashing import Digest
+
+        root = Path(model_path)
+        names = list_files(root, exclude={SIGNATURE_FILE})
+        digests = hash_files(root, names, label=f"signing {root.name}", progress=self._progress)
+        items = [
+            manifest.FileManifestItem(
+                path=PurePosixPath(n), digest=Digest("sha256", bytes.fromhex(digests[n]))
+            )
+            for n in names
+        ]
+        serialization = manifest._FileSerialization("sha256", False, [Path(SIGNATURE_FILE)])
+        return manifest.Manifest(root.name, items, serialization)
+
+
+def sign_bundle(
+    bundle: Path, private_key: Path, passphrase: bytes | None, *, progress: bool | None = False
+) -> Path:
+    from model_signing import signing
 
     signature = bundle / SIGNATURE_FILE
     try:
@@ -55,10 +82,7 @@ def sign_bundle(bundle: Path, private_key: Path, passphrase: bytes | None) -> Pa
             private_key=private_key,
             password=passphrase,  # type: ignore[arg-type]
         )
-        files = hashing.Config().use_file_serialization(  # type: ignore[no-untyped-call]
-            hashing_algorithm="sha256", ignore_paths=[signature]
-        )
-        signer.set_hashing_config(files).sign(bundle, signature)
+        signer.set_hashing_config(_OurHashing(progress)).sign(bundle, signature)  # type: ignore[arg-type]
     except (ValueError, TypeError) as e:
         raise SignatureError(f"{private_key}: cannot sign with this key: {e}") from None
     return signature

@@ -291,3 +291,14 @@ def test_interoperates_with_openssf_model_signing(demo, tmp_path: Path) -> None:
         ).set_hashing_config(
             hashing.Config().use_file_serialization(ignore_paths=[theirs / "model.sig"])
         ).verify(theirs, theirs / "model.sig")
+
+
+def test_signing_shows_progress_on_a_terminal(
+    demo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    bundle = _copy(demo, "breast-cancer-1", tmp_path)
+    (bundle / "model.sig").unlink()
+    sign_bundle(bundle, demo.signing_key, demo.passphrase, progress=True)
+    err = capsys.readouterr().err
+    assert "signing breast-cancer-1 [" in err and "100%" in err
+    assert verify_bundle(bundle, _policy(demo)).manifest.name == "breast-cancer"
