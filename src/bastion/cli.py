@@ -282,6 +282,13 @@ def cmd_pack(args: argparse.Namespace) -> int:
                 training = (np.asarray(data["x"], dtype=np.float32), np.asarray(data["y"]))
         except (OSError, KeyError, ValueError) as e:
             return _fail(f"{args.training_data}: needs arrays 'x' and 'y': {e}")
+    reference = None
+    if args.reference_data is not None:
+        try:
+            with np.load(args.reference_data, allow_pickle=False) as data:
+                reference = {name: np.asarray(data[name]) for name in data.files}
+        except (OSError, ValueError) as e:
+            return _fail(f"{args.reference_data}: not a readable .npz: {e}")
     try:
         digest = pack(
             args.model_dir,
@@ -293,6 +300,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
             tolerance=args.tolerance,
             teachers=args.teachers,
             training_data=training,
+            reference_data=reference,
         )
     except (ModelLoadError, FileExistsError, ValueError) as e:
         return _fail(str(e))
@@ -501,6 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--teachers", type=int, default=0, help="train N teachers for private prediction (sklearn)"
     )
     pack.add_argument("--training-data", type=Path, help=".npz with arrays x and y, for --teachers")
+    pack.add_argument(
+        "--reference-data", type=Path, help=".npz with one array per input: the set /aggregate serves"
+    )
     pack.set_defaults(func=cmd_pack)
     sign = sub.add_parser("sign", help="sign a bundle (OpenSSF model-signing format)")
     sign.add_argument("bundle", type=Path)

@@ -44,7 +44,7 @@ class DemoBuild:
     signing_key: Path
     passphrase: bytes  # random, held in memory only: the demo's key cannot sign anything later
 
-    def publish(self, model_dir: Path, *, encrypt: bool = False) -> Path:
+    def publish(self, model_dir: Path, *, encrypt: bool = False, reference: bool = False) -> Path:
         """Pack and sign a model directory into bundles/<name>-<version>; return the bundle path."""
         from bastion.bundle.crypto import LocalKeyProvider
         from bastion.bundle.pack import pack
@@ -58,6 +58,7 @@ class DemoBuild:
             model_dir,
             bundle,
             kek=kek,
+            reference_data={"features": self.features} if reference else None,
             provenance={
                 "training_data_sha256": _dataset_digest(),
                 "preprocessing": ["StandardScaler"],
@@ -213,7 +214,7 @@ def build_demo(root: Path, *, port: int = 8000) -> DemoBuild:
     build = DemoBuild(
         root, root / "bastion.toml", features, estimator, root / "keys" / "release.key", passphrase
     )
-    build.publish(root / "models" / ONNX_MODEL)
+    build.publish(root / "models" / ONNX_MODEL, reference=True)  # the dataset, for /aggregate
     build.publish(root / "models" / SKOPS_MODEL, encrypt=True)
     config_path = root / "bastion.toml"
     config_path.write_text(DEMO_CONFIG.format(port=port), encoding="utf-8")

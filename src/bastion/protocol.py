@@ -83,7 +83,10 @@ def _tensor(entry: Any, index: int) -> tuple[str, np.ndarray]:
 
 
 def decode_infer_request(body: bytes) -> InferRequest:
-    doc = parse_json(body)
+    return decode_infer_document(parse_json(body))
+
+
+def decode_infer_document(doc: Any) -> InferRequest:
     if not isinstance(doc, dict):
         raise BadRequest("request body must be a JSON object", code="malformed_request")
     inputs = doc.get("inputs")

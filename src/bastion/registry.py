@@ -13,6 +13,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from bastion.bundle.crypto import LocalKeyProvider
 from bastion.bundle.verify import BundleRefused, TrustPolicy, is_bundle, verify_bundle
 from bastion.config import ModelRef
@@ -31,6 +33,7 @@ class ServedModel:
     digest: str  # the bundle's content address (or, unsafe plain directory, manifest + model file)
     teachers: TeacherEnsemble | None = None  # for private prediction
     aggregates: bool = False  # the config offers DP aggregate statistics for this model
+    reference: dict[str, np.ndarray] | None = None  # the bundle's reference dataset, for aggregates
 
     @property
     def name(self) -> str:
@@ -104,11 +107,11 @@ class ModelRegistry:
         return registry
 
     def add(self, ref: ModelRef) -> ServedModel:
-        teachers = None
+        teachers = reference = None
         if is_bundle(ref.path):
             verified = verify_bundle(ref.path, trust_policy(ref))
             manifest, runtime, digest = verified.manifest, verified.runtime, verified.digest
-            teachers = verified.teachers
+            teachers, reference = verified.teachers, verified.reference
         elif ref.unsafe_unsigned:
             log.warning(
                 "UNSAFE: %s is a plain model directory, served unsigned (unsafe_unsigned = true)", ref.path
@@ -124,7 +127,7 @@ class ModelRegistry:
             )
         if manifest.version in self._models.get(manifest.name, {}):
             raise ModelLoadError(f"{ref.path}: {manifest.name} version {manifest.version} is already served")
-        model = ServedModel(manifest, runtime, digest, teachers, ref.aggregates)
+        model = ServedModel(manifest, runtime, digest, teachers, ref.aggregates, reference)
         self._models.setdefault(manifest.name, {})[manifest.version] = model
         log.info("serving %s version %s (%s)", model.name, model.version, model.digest)
         return model

@@ -38,7 +38,7 @@ from bastion.privacy import AnswerCache, NoiseSource, OpenDPNoise
 from bastion.registry import ModelRegistry
 from bastion.rollout import Rollback, Rollouts
 from bastion.stages import Stage
-from bastion.stages.aggregates import ComputeAggregates
+from bastion.stages.aggregates import AggregateSource, ComputeAggregates
 from bastion.stages.authorization import AuthorizeModel, AuthorizeServer
 from bastion.stages.endpoints import (
     DescribeApi,
@@ -224,7 +224,7 @@ class Bastion:
                 authenticate,
                 limit,
                 on_model(Action.AGGREGATE),
-                decode,
+                AggregateSource(limits.max_body_bytes),
                 GuardInput(max_rows=limits.max_rows, hmac_key=hmac_key),
                 Infer(),
                 ComputeAggregates(self.state, self.private_scores.noise, self.private_scores.cache),

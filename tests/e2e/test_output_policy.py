@@ -155,3 +155,19 @@ def test_aggregates_are_noisy_budgeted_and_cached(deployment: Deployment) -> Non
         assert c.post(f"/v2/models/{MODEL}/infer", json=infer_request(rows[:1])).status_code == 403
     with deployment.server.client(deployment.keys["analyst"]) as c:  # no aggregate grant
         assert c.post(f"/v2/models/{MODEL}/aggregate", json=infer_request(rows[:5])).status_code == 403
+
+
+def test_aggregates_over_the_signed_reference_dataset(deployment: Deployment) -> None:
+    key = create_key(deployment.config, "agg")
+    truth = _truth(deployment, deployment.build.features)
+    with deployment.server.client(key) as c:
+        r = c.post(f"/v2/models/{MODEL}/aggregate", json={"reference": True})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["rows"] == len(deployment.build.features) == 569
+        exact = np.bincount(truth.argmax(axis=1), minlength=2)
+        assert abs(body["statistics"]["count"]["benign"] - exact[1]) < 15
+        again = c.post(f"/v2/models/{MODEL}/aggregate", json={"reference": True}).json()
+        assert again["statistics"] == body["statistics"] and again["epsilon_spent"] == 0.0
+        bad = c.post(f"/v2/models/{MODEL}/aggregate", json={"reference": "yes"})
+        assert bad.status_code == 400  # not the reference form, and not a V2 body either

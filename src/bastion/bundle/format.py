@@ -70,3 +70,5 @@ class BundleManifest(_Strict):
     encryption: Encryption | None = None
     # Private prediction: teacher models trained on disjoint partitions of the training data.
     teachers: list[str] = Field(default_factory=list)
+    # A server-side reference dataset (.npz, one array per input) for aggregate statistics.
+    reference: str | None = None

@@ -73,6 +73,7 @@ def pack(
     progress: bool | None = None,
     teachers: int = 0,
     training_data: tuple[np.ndarray, np.ndarray] | None = None,
+    reference_data: dict[str, np.ndarray] | None = None,
 ) -> str:
     """Write the bundle to `out` (which must not exist) and return its digest ("sha256:...").
 
@@ -94,6 +95,9 @@ def pack(
     try:
         names = list_files(model_dir, exclude={BUNDLE_FILE, SIGNATURE_FILE})
         teacher_files = _train_teachers(model_dir, manifest, staging, teachers, training_data, seed)
+        if reference_data is not None:
+            _write_reference(staging / REFERENCE_FILE, manifest, reference_data)
+            teacher_files.append(REFERENCE_FILE)  # sealed, hashed and signed with the rest
         encryption = None
         data_key = secrets.token_bytes(32) if kek is not None else None
         for name in names:
@@ -138,7 +142,8 @@ def pack(
                 **(provenance or {}),
             ),
             encryption=encryption,
-            teachers=teacher_files,
+            teachers=[n for n in teacher_files if n != REFERENCE_FILE],
+            reference=REFERENCE_FILE if reference_data is not None else None,
         )
         body = (bundle.model_dump_json(indent=2) + "\n").encode()
         (staging / BUNDLE_FILE).write_bytes(body)
@@ -183,6 +188,20 @@ def _train_teachers(
         (staging / name).write_bytes(sio.dumps(teacher))
         names.append(name)
     return names
+
+
+REFERENCE_FILE = "reference.npz"
+
+
+def _write_reference(path: Path, manifest: Manifest, data: dict[str, np.ndarray]) -> None:
+    """One array per declared input, in its declared datatype (np.savez: no pickle)."""
+    arrays = {}
+    for spec in manifest.inputs:
+        if spec.name not in data:
+            raise ValueError(f"reference data has no array for input {spec.name!r}")
+        arrays[spec.name] = np.asarray(data[spec.name], dtype=spec.numpy_dtype)
+    with path.open("wb") as f:
+        np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy stubs misread **kwds
 
 
 def _b64(data: bytes) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,7 @@ class VerifiedBundle:
     signer: Path | None
     warnings: list[str]
     teachers: TeacherEnsemble | None = None
+    reference: dict[str, np.ndarray] | None = None
 
 
 def is_bundle(path: Path) -> bool:
@@ -164,12 +166,24 @@ def verify_bundle(bundle: Path, policy: TrustPolicy, *, progress: bool | None = 
             except ModelLoadError as e:
                 raise BundleRefused(str(e), reason="model_refused") from None
         teachers = TeacherEnsemble(loaded, len(manifest.outputs.classes))
+    reference = None
+    if info.reference is not None:
+        blob = (bundle / info.reference).read_bytes()
+        if info.files[info.reference].encrypted:
+            blob = _decrypt(bundle, info, manifest, blob, policy.kek, file=info.reference)
+        try:
+            with np.load(io.BytesIO(blob), allow_pickle=False) as arrays:
+                reference = {s.name: np.asarray(arrays[s.name], dtype=s.numpy_dtype) for s in manifest.inputs}
+        except (ValueError, KeyError, OSError) as e:
+            raise BundleRefused(
+                f"{bundle / info.reference}: unreadable reference data: {e}", reason="model_refused"
+            ) from None
     # 7. golden samples
     _check_golden(bundle, info, manifest, runtime)
     for w in warnings:
         log.warning(w)
     digest = "sha256:" + hashlib.sha256(raw).hexdigest()
-    return VerifiedBundle(manifest, runtime, digest, signer, warnings, teachers)
+    return VerifiedBundle(manifest, runtime, digest, signer, warnings, teachers, reference)
 
 
 def _env_for(info: BundleManifest):  # type: ignore[no-untyped-def]

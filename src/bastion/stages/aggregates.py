@@ -12,13 +12,38 @@ from __future__ import annotations
 
 import numpy as np
 
-from bastion.context import RequestContext
-from bastion.errors import PermissionDenied
+from bastion.context import InferRequest, RequestContext
+from bastion.errors import PermissionDenied, SchemaViolation
 from bastion.privacy import AnswerCache, NoiseSource, laplace_scale
+from bastion.protocol import decode_infer_document, parse_json
 from bastion.stages.output_policy import spend_or_refuse
 from bastion.state import StateStore
 
 _STATISTICS = 2  # count and sum are released; the mean is derived from the sum
+
+
+class AggregateSource:
+    """The rows to aggregate: a submitted V2 batch, or `{"reference": true}` for the bundle's reference set."""
+
+    def __init__(self, max_body_bytes: int) -> None:
+        self._max = max_body_bytes
+
+    async def __call__(self, ctx: RequestContext) -> None:
+        doc = parse_json(await ctx.read_body(self._max))
+        if isinstance(doc, dict) and doc.get("reference") is True:
+            model = ctx.model
+            assert model is not None
+            if model.reference is None:
+                raise SchemaViolation(
+                    f"model {model.name!r} has no reference dataset", code="no_reference_data"
+                )
+            rows = next(iter(model.reference.values())).shape[0]
+            ctx.request = InferRequest(None, dict(model.reference), None, {}, rows)
+            # Signed data from the bundle: no input guard, and a fixed cache key.
+            ctx.payload_hmac = f"reference:{model.digest}"
+            ctx.extra["trusted_rows"] = True
+            return
+        ctx.request = decode_infer_document(doc)
 
 
 class ComputeAggregates:
