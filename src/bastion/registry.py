@@ -8,6 +8,7 @@ kept as a load event for the audit log.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -87,6 +88,7 @@ class ModelRegistry:
     def __init__(self) -> None:
         self._models: dict[str, dict[str, ServedModel]] = {}
         self.failures: dict[str, str] = {}  # model path -> reason it is not served
+        self.refused_names: set[str] = set()  # names of refused models, where their manifest could be read
         self.events: list[LoadEvent] = []
 
     @classmethod
@@ -98,6 +100,8 @@ class ModelRegistry:
             except ModelLoadError as e:
                 reason = e.reason if isinstance(e, BundleRefused) else "model_refused"
                 registry.failures[str(ref.path)] = str(e)
+                with contextlib.suppress(ModelLoadError):  # no readable manifest: no name to keep
+                    registry.refused_names.add(read_manifest(ref.path).name)
                 registry.events.append(LoadEvent(str(ref.path), "deny", reason, str(e)))
                 log.error("model refused: %s", e)
             else:
@@ -135,6 +139,11 @@ class ModelRegistry:
     @property
     def names(self) -> set[str]:
         return set(self._models)
+
+    @property
+    def configured_names(self) -> set[str]:
+        """Every model the config names, served or refused: what grants and rollouts may refer to."""
+        return self.names | self.refused_names
 
     def models(self) -> list[ServedModel]:
         return [m for versions in self._models.values() for m in versions.values()]

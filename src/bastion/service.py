@@ -157,7 +157,7 @@ class Bastion:
         paths.root.chmod(0o700)
         self.paths = paths
         self.registry = ModelRegistry.load(list(config.models))
-        check_grants_name_models(config, self.registry.names | _failed_names(self.registry), config_path)
+        check_grants_name_models(config, self.registry.configured_names, config_path)
         self.policy = Policy.from_config(config)
         self.metrics = Metrics()
         self.metrics.models_loaded.set(len(self.registry.models()))
@@ -256,7 +256,7 @@ class Bastion:
         }
 
     def _rollouts(self, config: Config, config_path: Path) -> Rollouts:
-        known = self.registry.names | _failed_names(self.registry)
+        known = self.registry.configured_names
         for model in config.rollouts:
             if model not in known:
                 raise ConfigError(f"{config_path}: rollouts.{model}: model {model!r} is not configured")
@@ -290,7 +290,7 @@ class Bastion:
             registry = await asyncio.get_running_loop().run_in_executor(
                 None, ModelRegistry.load, list(config.models)
             )
-            check_grants_name_models(config, registry.names | _failed_names(registry), self.config_path)
+            check_grants_name_models(config, registry.configured_names, self.config_path)
             previous = (self.registry, self.policy, self.rollouts, self.config)
             self.registry, self.policy, self.config = registry, Policy.from_config(config), config
             try:
@@ -446,20 +446,6 @@ def error_outcome(error: BastionError) -> Outcome:
     if isinstance(error, RateLimited):
         headers["Retry-After"] = str(max(1, int(error.retry_after + 0.999)))
     return Outcome(error.status, {"error": error.message, "code": error.code}, headers)
-
-
-def _failed_names(registry: ModelRegistry) -> set[str]:
-    """Names of configured models that failed to load, where their manifest could be read."""
-    from bastion.errors import ModelLoadError
-    from bastion.manifest import read_manifest
-
-    names = set()
-    for path in registry.failures:
-        try:
-            names.add(read_manifest(Path(path)).name)
-        except ModelLoadError:
-            continue
-    return names
 
 
 class _ResolveWithoutPolicy:

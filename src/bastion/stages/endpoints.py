@@ -40,8 +40,8 @@ class DescribeModel:
 
     async def _remaining(self, ctx: RequestContext, grant: EffectiveGrant) -> dict[str, float]:
         """What is left of the caller's privacy budget (and the model's global one), spending nothing."""
-        params, assert_model = grant.output_params, ctx.model
-        if self._store is None or ctx.principal is None or assert_model is None:
+        params, model = grant.output_params, ctx.model
+        if self._store is None or ctx.principal is None or model is None:
             return {}
         if grant.output not in (OutputDetail.DP_SCORES, OutputDetail.PRIVATE_PREDICTION):
             return {}
@@ -59,7 +59,7 @@ class DescribeModel:
         }
         if grant.output is OutputDetail.PRIVATE_PREDICTION and params.global_privacy_budget is not None:
             shared = await self._store.spend_budget(
-                global_budget_key(assert_model.name),
+                global_budget_key(model.name),
                 cost=0.0,
                 limit=params.global_privacy_budget,
                 now=ctx.now,
