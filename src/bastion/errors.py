@@ -80,6 +80,13 @@ class NotReady(BastionError):
     code = "not_ready"
 
 
+class StateUnavailable(BastionError):
+    """503: the shared state (privacy budgets) cannot be read or written; nothing was answered."""
+
+    status = 503
+    code = "state_unavailable"
+
+
 # Errors that stop the operator, not a client: bad config, bad model files, bad keys.
 
 

@@ -67,7 +67,7 @@ class ComputeAggregates:
                 f"aggregates are not offered for model {model.name!r}", code="aggregates_disabled"
             )
         params = grant.output_params
-        key = self._cache.key(principal.id, model.digest, ctx.payload_hmac, f"aggregate:{params.epsilon}")
+        key = self._cache.key(principal.id, model.digest, ctx.payload_hmac, "aggregate", params.epsilon)
         released = self._cache.get(key, now=ctx.now)
         cost = 0.0
         if released is None:

@@ -101,7 +101,7 @@ class PrivateScores:
                 "private prediction needs a bundle packed with --teachers",
                 code="private_prediction_unavailable",
             )
-        key = self.cache.key(principal.id, model.digest, ctx.payload_hmac, f"pate:{params.sigma}")
+        key = self.cache.key(principal.id, model.digest, ctx.payload_hmac, "pate", params.sigma)
         cached = self.cache.get(key, now=ctx.now)
         if cached is not None:
             ctx.extra["rho_spent"] = 0.0
@@ -130,8 +130,15 @@ class PrivateScores:
 
     async def answer(self, ctx: RequestContext, probabilities: np.ndarray, params: Grant) -> np.ndarray:
         assert ctx.principal is not None and ctx.model is not None and ctx.payload_hmac is not None
-        signature = f"{params.mechanism}:{params.epsilon}:{params.delta}"
-        key = self.cache.key(ctx.principal.id, ctx.model.digest, ctx.payload_hmac, signature)
+        key = self.cache.key(
+            ctx.principal.id,
+            ctx.model.digest,
+            ctx.payload_hmac,
+            "dp_scores",
+            params.mechanism,
+            params.epsilon,
+            params.delta,
+        )
         cached = self.cache.get(key, now=ctx.now)
         if cached is not None:
             ctx.extra["epsilon_spent"] = 0.0
