@@ -13,6 +13,7 @@ principal's answers compose additively against `privacy_budget` per window.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import struct
@@ -42,10 +43,10 @@ class _Pool:
 
     __slots__ = ("next", "samples", "used")
 
-    def __init__(self, samples: np.ndarray) -> None:
-        self.samples = samples
+    def __init__(self, samples: list[int]) -> None:
+        self.samples = samples  # a list, not an array: a request takes one or two, as Python ints
         self.used = 0
-        self.next: Future[np.ndarray] | None = None
+        self.next: Future[list[int]] | None = None
 
 
 class OpenDPNoise:
@@ -69,16 +70,17 @@ class OpenDPNoise:
         self._pools: dict[tuple[str, float], _Pool] = {}
         self._refills = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bastion-noise")
 
-    def _sample(self, kind: str, scale: float, n: int) -> np.ndarray:
+    def _sample(self, kind: str, scale: float, n: int) -> list[int]:
         dp = self._dp
         ints = dp.vector_domain(dp.atom_domain(T="i64"))
         if kind == "laplace":
             measurement = (ints, dp.l1_distance(T="i64")) >> dp.m.then_laplace(scale=scale)
         else:
             measurement = (ints, dp.l2_distance(T="i64")) >> dp.m.then_gaussian(scale=scale)
-        return np.asarray(measurement([0] * n), dtype=np.int64)
+        samples: list[int] = measurement([0] * n)
+        return samples
 
-    def _draw(self, kind: str, scale: float, n: int) -> np.ndarray:
+    def _draw(self, kind: str, scale: float, n: int) -> list[int]:
         key = (kind, scale)
         pool = self._pools.get(key)
         if pool is None or pool.used + n > len(pool.samples):
@@ -104,15 +106,12 @@ class OpenDPNoise:
         noise = self._draw(kind, scale * _FIXED, values.size)
         if values.size <= _SMALL:
             # A row or two: plain ints beat half a dozen numpy calls on tiny arrays (bench/).
-            return np.array(
-                [
-                    (round(v * _FIXED) + z) / _FIXED
-                    for v, z in zip(values.ravel().tolist(), noise.tolist(), strict=True)
-                ],
-                dtype=np.float64,
-            ).reshape(values.shape)
+            noisy = [
+                (round(v * _FIXED) + z) / _FIXED for v, z in zip(values.ravel().tolist(), noise, strict=True)
+            ]
+            return np.array(noisy, dtype=np.float64).reshape(values.shape)
         grid = np.rint(values * _FIXED).astype(np.int64)
-        return np.asarray((grid + noise.reshape(grid.shape)) / _FIXED, dtype=np.float64)
+        return np.asarray((grid + np.asarray(noise, dtype=np.int64).reshape(grid.shape)) / _FIXED)
 
 
 def laplace_scale(
@@ -218,7 +217,7 @@ class AnswerCache:
     guarantee itself is the budget: an evicted answer asked again is paid for again.
     A key is a 16-byte digest of the principal, the model digest, the input guard's keyed HMAC of
     the tensors (never the inputs) and the policy's parameters; an entry is one bytes object
-    (expiry, shape, scores) in a plain dict, oldest evicted first. Measured in bench/: an
+    (expiry, shape, scores) in a plain dict, oldest first evicted. Measured in bench/: an
     OrderedDict of tuples cost ~8 us per request on the whole serving path as it grew (every
     object in it is one more for the allocator and the garbage collector to step over); two
     small bytes objects per entry cost a fraction of that.
@@ -229,9 +228,10 @@ class AnswerCache:
         self._max = max_entries
 
     @staticmethod
-    def key(*parts: str | float) -> bytes:
-        # repr of a tuple of strings and floats is unambiguous: no two tuples share one.
-        return hashlib.blake2b(repr(parts).encode(), digest_size=16).digest()
+    def key(principal: str, model_digest: str, payload_hmac: str, policy: str) -> bytes:
+        # Identifiers and hex digests never hold a NUL, so the joined parts are unambiguous.
+        joined = "\0".join((principal, model_digest, payload_hmac, policy))
+        return hashlib.blake2b(joined.encode(), digest_size=16).digest()
 
     def get(self, key: bytes, *, now: float) -> np.ndarray | None:
         entry = self._entries.get(key)
@@ -245,7 +245,12 @@ class AnswerCache:
 
     def put(self, key: bytes, scores: np.ndarray, *, expires: float) -> None:
         scores = np.ascontiguousarray(scores, dtype=np.float64)
-        self._entries.pop(key, None)  # re-inserted at the end: eviction stays oldest-first
         self._entries[key] = _HEADER.pack(expires, *scores.shape) + scores.tobytes()
         while len(self._entries) > self._max:
             del self._entries[next(iter(self._entries))]
+
+
+@functools.lru_cache(maxsize=1024)
+def policy_tag(kind: str, *parameters: str | float) -> str:
+    """The policy part of a cache key: an answer under other parameters is another answer."""
+    return ":".join((kind, *map(repr, parameters)))

@@ -14,7 +14,7 @@ import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from bastion.errors import StateUnavailable
 
@@ -32,8 +32,7 @@ class LimitSpec:
     daily_quota: int  # requests per UTC day
 
 
-@dataclass(frozen=True, slots=True)
-class Admission:
+class Admission(NamedTuple):  # NamedTuple, not a frozen dataclass: built per request, ~5x cheaper
     allowed: bool
     reason: str | None = None  # "rate_limited" | "quota_exhausted"
     retry_after: float = 0.0
@@ -67,8 +66,7 @@ def admit(usage: _Usage | None, spec: LimitSpec, *, now: float, cost: int) -> tu
     return Admission(True, None, 0.0, spec.daily_quota - new.used), new
 
 
-@dataclass(frozen=True, slots=True)
-class BudgetSpend:
+class BudgetSpend(NamedTuple):
     allowed: bool
     remaining: float  # what is left in this window after this request
     retry_after: float  # seconds until the window renews (when refused)

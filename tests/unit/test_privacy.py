@@ -17,6 +17,7 @@ from bastion.privacy import (
     dp_scores,
     gaussian_scale,
     laplace_scale,
+    policy_tag,
     reverse_sigmoid,
 )
 from bastion.state import MemoryStateStore, SQLiteStateStore
@@ -185,19 +186,35 @@ def test_a_crash_forfeits_the_held_block_and_never_over_spends(tmp_path: Path) -
     assert first == 10 and 1000 - 64 <= first + second < 1000
 
 
+def _key(name: str) -> bytes:
+    return AnswerCache.key("key:k1", "sha256:m", name, policy_tag("dp_scores", "laplace", 1.0, 1e-6))
+
+
 def test_answer_cache_expires_and_stays_bounded() -> None:
     cache = AnswerCache(max_entries=2)
     scores = np.array([[0.25, 0.75]])
-    cache.put(cache.key("a"), scores, expires=10.0)
-    np.testing.assert_array_equal(cache.get(cache.key("a"), now=5.0), scores)
-    assert cache.get(cache.key("a"), now=10.0) is None
+    cache.put(_key("a"), scores, expires=10.0)
+    np.testing.assert_array_equal(cache.get(_key("a"), now=5.0), scores)
+    assert cache.get(_key("a"), now=10.0) is None
     for k in ("b", "c", "d"):
-        cache.put(cache.key(k), scores * 2, expires=100.0)
-    assert cache.get(cache.key("b"), now=1.0) is None
-    np.testing.assert_array_equal(cache.get(cache.key("d"), now=1.0), scores * 2)
-    # Keys never collide across differently split parts, and a float parameter is part of the key.
-    assert len({cache.key("a", "b"), cache.key("a\0b"), cache.key("ab"), cache.key("a", "b", 1.0)}) == 4
-    assert cache.key("p", 0.1) != cache.key("p", 0.1000001)
+        cache.put(_key(k), scores * 2, expires=100.0)
+    assert cache.get(_key("b"), now=1.0) is None  # oldest evicted first
+    np.testing.assert_array_equal(cache.get(_key("d"), now=1.0), scores * 2)
+
+
+def test_answer_cache_keys_separate_principals_models_inputs_and_parameters() -> None:
+    base = ("key:k1", "sha256:m", "h" * 64, policy_tag("dp_scores", "laplace", 0.1, 1e-6))
+    variants = [
+        ("key:k2", *base[1:]),
+        (base[0], "sha256:n", *base[2:]),
+        (*base[:2], "g" * 64, base[3]),
+        (*base[:3], policy_tag("dp_scores", "laplace", 0.1000001, 1e-6)),
+        (*base[:3], policy_tag("dp_scores", "gaussian", 0.1, 1e-6)),
+        (*base[:3], policy_tag("pate", 0.1)),
+    ]
+    keys = {AnswerCache.key(*base), *(AnswerCache.key(*v) for v in variants)}
+    assert len(keys) == 1 + len(variants)
+    assert AnswerCache.key(*base) == AnswerCache.key(*base)
 
 
 @pytest.mark.parametrize(

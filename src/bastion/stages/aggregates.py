@@ -14,7 +14,7 @@ import numpy as np
 
 from bastion.context import InferRequest, RequestContext
 from bastion.errors import PermissionDenied, SchemaViolation
-from bastion.privacy import AnswerCache, NoiseSource, laplace_scale
+from bastion.privacy import AnswerCache, NoiseSource, laplace_scale, policy_tag
 from bastion.protocol import decode_infer_document, parse_json
 from bastion.stages.output_policy import spend_or_refuse
 from bastion.state import StateStore
@@ -67,7 +67,9 @@ class ComputeAggregates:
                 f"aggregates are not offered for model {model.name!r}", code="aggregates_disabled"
             )
         params = grant.output_params
-        key = self._cache.key(principal.id, model.digest, ctx.payload_hmac, "aggregate", params.epsilon)
+        key = self._cache.key(
+            principal.id, model.digest, ctx.payload_hmac, policy_tag("aggregate", params.epsilon)
+        )
         released = self._cache.get(key, now=ctx.now)
         cost = 0.0
         if released is None:

@@ -20,7 +20,7 @@ import numpy as np
 from bastion.config import Grant, OutputDetail
 from bastion.context import RequestContext
 from bastion.errors import PermissionDenied, RateLimited, SchemaViolation
-from bastion.privacy import AnswerCache, NoiseSource, dp_scores, reverse_sigmoid
+from bastion.privacy import AnswerCache, NoiseSource, dp_scores, policy_tag, reverse_sigmoid
 from bastion.protocol import encode_infer_response
 from bastion.state import StateStore
 
@@ -101,7 +101,7 @@ class PrivateScores:
                 "private prediction needs a bundle packed with --teachers",
                 code="private_prediction_unavailable",
             )
-        key = self.cache.key(principal.id, model.digest, ctx.payload_hmac, "pate", params.sigma)
+        key = self.cache.key(principal.id, model.digest, ctx.payload_hmac, policy_tag("pate", params.sigma))
         cached = self.cache.get(key, now=ctx.now)
         if cached is not None:
             ctx.extra["rho_spent"] = 0.0
@@ -130,15 +130,8 @@ class PrivateScores:
 
     async def answer(self, ctx: RequestContext, probabilities: np.ndarray, params: Grant) -> np.ndarray:
         assert ctx.principal is not None and ctx.model is not None and ctx.payload_hmac is not None
-        key = self.cache.key(
-            ctx.principal.id,
-            ctx.model.digest,
-            ctx.payload_hmac,
-            "dp_scores",
-            params.mechanism,
-            params.epsilon,
-            params.delta,
-        )
+        policy = policy_tag("dp_scores", params.mechanism, params.epsilon, params.delta)
+        key = self.cache.key(ctx.principal.id, ctx.model.digest, ctx.payload_hmac, policy)
         cached = self.cache.get(key, now=ctx.now)
         if cached is not None:
             ctx.extra["epsilon_spent"] = 0.0
