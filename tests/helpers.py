@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 
 from bastion.demo import build_demo, write_skops_model
-from bastion.manifest import InputSpec
+from bastion.manifest import InputSpec, OutputSpec
 
 BASTION = [sys.executable, "-m", "bastion.cli"]
 
@@ -54,12 +54,16 @@ grants = [ { models = ["breast-cancer"], actions = ["infer", "metadata"] } ]
 [roles.topk]
 rate = 1000
 burst = 1000
-grants = [ { models = ["breast-cancer"], actions = ["infer", "metadata"], output = "top_k", top_k = 2 } ]
+grants = [ { models = ["breast-cancer", "diabetes"], actions = ["infer", "metadata"], output = "top_k", top_k = 2 } ]
 
 [roles.rounded]
 rate = 1000
 burst = 1000
-grants = [ { models = ["breast-cancer"], actions = ["infer", "metadata"], output = "rounded", decimals = 1 } ]
+[[roles.rounded.grants]]
+models = ["breast-cancer", "diabetes"]
+actions = ["infer", "metadata"]
+output = "rounded"
+decimals = 1
 
 [roles.rsig]
 rate = 1000
@@ -76,6 +80,17 @@ actions = ["infer", "metadata"]
 output = "dp_scores"
 epsilon = 0.5
 privacy_budget = 5.0
+
+# The regressor's values with DP noise: epsilon 2 a row, 6 in all.
+[roles.regdp]
+rate = 1000
+burst = 1000
+[[roles.regdp.grants]]
+models = ["diabetes"]
+actions = ["infer", "metadata", "aggregate"]
+output = "dp_scores"
+epsilon = 2.0
+privacy_budget = 6.0
 
 [roles.agg]
 rate = 1000
@@ -115,7 +130,7 @@ def write_loan_model(model_dir: Path) -> None:
         InputSpec(name="income", datatype="FP32", shape=[-1, 3], min=-10.0, max=10.0),
         InputSpec(name="region", datatype="INT64", shape=[-1, 1], categories=[0, 1, 2], sensitive=True),
     ]
-    write_skops_model(model_dir, estimator, inputs, ["approve", "decline"], "loan")
+    write_skops_model(model_dir, estimator, inputs, OutputSpec(classes=["approve", "decline"]), "loan")
 
 
 def write_test_deployment(root: Path, *, port: int = 0, extra: str = "") -> tuple[Path, Any]:

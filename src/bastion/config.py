@@ -33,7 +33,11 @@ class OutputDetail(StrEnum):
     DP_SCORES = "dp_scores"  # scores with calibrated differential-privacy noise, under a budget
     REVERSE_SIGMOID = "reverse_sigmoid"  # perturbed scores that keep the argmax (Lee et al. 2019)
     ROUNDED = "rounded"  # scores rounded to a few decimals
-    PROBABILITIES = "probabilities"  # the full scores
+    PROBABILITIES = "probabilities"  # the full scores (also spelled "full")
+
+    @classmethod
+    def _missing_(cls, value: object) -> OutputDetail | None:
+        return cls.PROBABILITIES if value == "full" else None
 
     @property
     def rank(self) -> int:

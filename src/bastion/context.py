@@ -51,7 +51,7 @@ class RequestContext:
     grant: EffectiveGrant | None = None
     body: bytes | None = None
     request: InferRequest | None = None
-    probabilities: np.ndarray | None = None
+    prediction: np.ndarray | None = None  # (rows, classes) probabilities, or (rows, 1) values
     output_detail: OutputDetail | None = None
     result: dict[str, Any] | None = None  # the JSON response body when the pipeline succeeds
     result_text: bytes | None = None  # a plain-text response body (metrics)

@@ -1,8 +1,9 @@
 """`bastion demo`: a complete, working deployment built from data scikit-learn ships.
 
-Trains a classifier on the breast-cancer dataset, writes it as ONNX and as
-skops with manifests, writes a policy file with an analyst and an admin role,
-and creates one key for each.
+Trains a classifier on the breast-cancer dataset (written as ONNX and as
+skops) and a regressor on the diabetes dataset (skops), packs and signs them
+into bundles, writes a policy file with an analyst and an admin role, and
+creates one key for each.
 """
 
 from __future__ import annotations
@@ -25,14 +26,18 @@ ONNX_MODEL = "breast-cancer"
 KEK_FILE = "keys/kek.key"
 
 
-def _dataset_digest() -> str:
-    from sklearn.datasets import load_breast_cancer
+def _dataset_digest(dataset: str) -> str:
+    from sklearn import datasets
 
-    data = load_breast_cancer()
+    data = getattr(datasets, f"load_{dataset}")()
     return hashlib.sha256(np.ascontiguousarray(data.data).tobytes() + data.target.tobytes()).hexdigest()
 
 
 SKOPS_MODEL = "breast-cancer-skops"
+REGRESSION_MODEL = "diabetes"
+# Declared range of the regressor's prediction (the dataset's targets are 25-346): DP answers are
+# clamped to it and their noise is calibrated to its width.
+REGRESSION_RANGE = (0.0, 400.0)
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,15 @@ class DemoBuild:
     signing_key: Path
     passphrase: bytes  # random, held in memory only: the demo's key cannot sign anything later
 
-    def publish(self, model_dir: Path, *, encrypt: bool = False, reference: bool = False) -> Path:
+    def publish(
+        self,
+        model_dir: Path,
+        *,
+        encrypt: bool = False,
+        reference: bool = False,
+        dataset: str = "breast_cancer",
+        preprocessing: tuple[str, ...] = ("StandardScaler",),
+    ) -> Path:
         """Pack and sign a model directory into bundles/<name>-<version>; return the bundle path."""
         from bastion.bundle.crypto import LocalKeyProvider
         from bastion.bundle.pack import pack
@@ -60,8 +73,8 @@ class DemoBuild:
             kek=kek,
             reference_data={"features": self.features} if reference else None,
             provenance={
-                "training_data_sha256": _dataset_digest(),
-                "preprocessing": ["StandardScaler"],
+                "training_data_sha256": _dataset_digest(dataset),
+                "preprocessing": list(preprocessing),
                 "seeds": {"model": 0},
             },
         )
@@ -80,6 +93,15 @@ def _train() -> tuple[Any, np.ndarray, list[str]]:
     pipeline = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=0))
     pipeline.fit(features, data.target)
     return pipeline, features, [str(c) for c in data.target_names]
+
+
+def train_regressor() -> tuple[Any, np.ndarray]:
+    from sklearn.datasets import load_diabetes
+    from sklearn.linear_model import Ridge
+
+    data = load_diabetes()
+    features = data.data.astype(np.float32)
+    return Ridge(alpha=0.1).fit(features, data.target), features
 
 
 def feature_spec(features: np.ndarray, *, name: str = "features", sensitive: bool = False) -> InputSpec:
@@ -125,7 +147,12 @@ def write_onnx_model(model_dir: Path, estimator: Any, spec: InputSpec, classes: 
 
 
 def write_skops_model(
-    model_dir: Path, estimator: Any, inputs: list[InputSpec], classes: list[str], name: str
+    model_dir: Path,
+    estimator: Any,
+    inputs: list[InputSpec],
+    outputs: OutputSpec,
+    name: str,
+    description: str = "Breast cancer classifier (scikit-learn, skops)",
 ) -> None:
     import skops.io as sio
 
@@ -140,9 +167,9 @@ def write_skops_model(
             runtime="sklearn",
             file="model.skops",
             inputs=inputs,
-            outputs=OutputSpec(classes=classes),
+            outputs=outputs,
             trusted_types=sio.get_untrusted_types(file=path),
-            description="Breast cancer classifier (scikit-learn, skops)",
+            description=description,
         ),
     )
 
@@ -179,14 +206,29 @@ path = "bundles/breast-cancer-skops-1"
 trusted_keys = ["keys/release.pub"]
 decryption_key = "file:keys/kek.key"   # this bundle's weights are encrypted at rest
 
-# Analysts may ask for labels from both models, at a modest rate.
+[[models]]
+path = "bundles/diabetes-1"             # a regressor: one value per row
+trusted_keys = ["keys/release.pub"]
+aggregates = true                       # DP sums and means: POST /v2/models/diabetes/aggregate
+
+# Analysts may ask for labels from the classifiers, and for the regressor's predictions and
+# aggregates with differential-privacy noise (epsilon 1 a row or a statistic), 50 per day.
 [roles.analyst]
 rate = 20
 burst = 40
 daily_quota = 10000
-grants = [
-  {{ models = ["breast-cancer", "breast-cancer-skops"], actions = ["infer", "metadata"], output = "label" }},
-]
+
+[[roles.analyst.grants]]
+models = ["breast-cancer", "breast-cancer-skops"]
+actions = ["infer", "metadata"]
+output = "label"
+
+[[roles.analyst.grants]]
+models = ["diabetes"]
+actions = ["infer", "metadata", "aggregate"]
+output = "dp_scores"
+epsilon = 1.0
+privacy_budget = 50
 
 # Admins see probabilities, sensitive inputs and /metrics.
 [roles.admin]
@@ -206,7 +248,18 @@ def build_demo(root: Path, *, port: int = 8000) -> DemoBuild:
     estimator, features, classes = _train()
     spec = feature_spec(features)
     write_onnx_model(root / "models" / ONNX_MODEL, estimator, spec, classes, ONNX_MODEL)
-    write_skops_model(root / "models" / SKOPS_MODEL, estimator, [spec], classes, SKOPS_MODEL)
+    write_skops_model(
+        root / "models" / SKOPS_MODEL, estimator, [spec], OutputSpec(classes=classes), SKOPS_MODEL
+    )
+    regressor, regression_features = train_regressor()
+    write_skops_model(
+        root / "models" / REGRESSION_MODEL,
+        regressor,
+        [feature_spec(regression_features)],
+        OutputSpec(value_range=REGRESSION_RANGE),
+        REGRESSION_MODEL,
+        "Diabetes progression one year on (ridge regression, scikit-learn, skops)",
+    )
     passphrase = secrets.token_urlsafe(24).encode()
     generate_signing_key(root / "keys" / "release.key", passphrase)
     (root / KEK_FILE).write_text(new_kek() + "\n")
@@ -216,6 +269,7 @@ def build_demo(root: Path, *, port: int = 8000) -> DemoBuild:
     )
     build.publish(root / "models" / ONNX_MODEL, reference=True)  # the dataset, for /aggregate
     build.publish(root / "models" / SKOPS_MODEL, encrypt=True)
+    build.publish(root / "models" / REGRESSION_MODEL, dataset="diabetes", preprocessing=())
     config_path = root / "bastion.toml"
     config_path.write_text(DEMO_CONFIG.format(port=port), encoding="utf-8")
     request = infer_request(features[:2], request_id="demo-1")

@@ -7,6 +7,7 @@ metadata endpoint and the runtime's own signature check all read from here.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -72,7 +73,34 @@ class InputSpec(_Strict):
 
 
 class OutputSpec(_Strict):
-    classes: list[str] = Field(min_length=2)
+    """A classifier names its classes; a regressor declares the range of its prediction.
+
+    The range is a promise the packager makes about the model: answers under a DP policy are
+    clamped to it, and the noise is calibrated to its width (one row moves a value by at most
+    max - min).
+    """
+
+    classes: list[str] | None = Field(default=None, min_length=2)
+    value_range: tuple[float, float] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> OutputSpec:
+        if (self.classes is None) == (self.value_range is None):
+            raise ValueError("give either classes (a classifier) or value_range (a regressor)")
+        if self.value_range is not None:
+            low, high = self.value_range
+            if not (math.isfinite(low) and math.isfinite(high) and low < high):
+                raise ValueError("value_range must be two finite numbers [min, max] with min < max")
+        return self
+
+    @property
+    def is_regression(self) -> bool:
+        return self.value_range is not None
+
+    @property
+    def width(self) -> int:
+        """Columns of the model's raw output: one probability per class, or one value."""
+        return 1 if self.classes is None else len(self.classes)
 
 
 class Manifest(_Strict):

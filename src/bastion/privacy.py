@@ -144,27 +144,54 @@ def dp_scores(
     sensitivity 1 (not 2 for the pair), so a binary answer gets half the noise and one sample.
     """
     p = np.asarray(probabilities, dtype=np.float64)
-    binary = p.shape[1] == 2
-    released = p[:, 1:] if binary else p
-    k, res = released.shape[1], noise.resolution
-    if mechanism == "laplace":
-        scale = laplace_scale(epsilon, coordinates=k, resolution=res, sensitivity=1.0 if binary else 2.0)
-        noisy = noise.laplace(released, scale)
-    else:
-        l2 = 1.0 if binary else _L2_SENSITIVITY
-        noisy = noise.gaussian(
-            released, gaussian_scale(epsilon, delta, coordinates=k, resolution=res, sensitivity=l2)
-        )
-    if binary:
-        if noisy.size <= _SMALL:
-            positives = [min(max(v, 0.0), 1.0) for v in noisy.ravel().tolist()]
-            return np.array([[1.0 - q, q] for q in positives], dtype=np.float64)
-        positive = np.clip(noisy, 0.0, 1.0)
+    if p.shape[1] == 2:
+        positive = _noisy_unit(p[:, 1:], mechanism=mechanism, epsilon=epsilon, delta=delta, noise=noise)
+        if positive.size <= _SMALL:
+            return np.array([[1.0 - q, q] for q in positive.ravel().tolist()], dtype=np.float64)
         return np.hstack([1.0 - positive, positive])
+    k, res = p.shape[1], noise.resolution
+    if mechanism == "laplace":
+        noisy = noise.laplace(p, laplace_scale(epsilon, coordinates=k, resolution=res))
+    else:
+        noisy = noise.gaussian(p, gaussian_scale(epsilon, delta, coordinates=k, resolution=res))
     clipped = np.clip(noisy, 0.0, 1.0)
     sums = clipped.sum(axis=1, keepdims=True)
     uniform = np.full_like(clipped, 1.0 / clipped.shape[1])
     return np.asarray(np.where(sums > 0, clipped / np.where(sums > 0, sums, 1.0), uniform))
+
+
+def dp_values(
+    values: np.ndarray,
+    *,
+    value_range: tuple[float, float],
+    mechanism: str,
+    epsilon: float,
+    delta: float,
+    noise: NoiseSource,
+) -> np.ndarray:
+    """A regressor's predictions with noise calibrated to the declared range, clamped to it.
+
+    Each value is clamped to [min, max] and scaled to [0, 1], where one row moves it by at most 1
+    (L1 and L2 alike), noised on the fixed-point grid like scores, clipped, and scaled back.
+    """
+    low, high = value_range
+    unit = (np.clip(np.asarray(values, dtype=np.float64), low, high) - low) / (high - low)
+    noisy = _noisy_unit(unit, mechanism=mechanism, epsilon=epsilon, delta=delta, noise=noise)
+    return np.asarray(low + (high - low) * noisy)
+
+
+def _noisy_unit(
+    unit: np.ndarray, *, mechanism: str, epsilon: float, delta: float, noise: NoiseSource
+) -> np.ndarray:
+    """One value per row in [0, 1] (sensitivity 1), with noise, clipped back to [0, 1]."""
+    res = noise.resolution
+    if mechanism == "laplace":
+        noisy = noise.laplace(unit, laplace_scale(epsilon, resolution=res, sensitivity=1.0))
+    else:
+        noisy = noise.gaussian(unit, gaussian_scale(epsilon, delta, resolution=res, sensitivity=1.0))
+    if noisy.size <= _SMALL:
+        return np.array([min(max(v, 0.0), 1.0) for v in noisy.ravel().tolist()]).reshape(noisy.shape)
+    return np.asarray(np.clip(noisy, 0.0, 1.0))
 
 
 def reverse_sigmoid(probabilities: np.ndarray, *, beta: float, gamma: float) -> np.ndarray:

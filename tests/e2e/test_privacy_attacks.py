@@ -13,7 +13,7 @@ import pytest
 from bastion.bundle.pack import pack
 from bastion.bundle.signing import sign_bundle
 from bastion.demo import infer_request
-from bastion.manifest import InputSpec
+from bastion.manifest import InputSpec, OutputSpec
 from bastion.redteam import MembershipResult, membership_inference
 from tests.helpers import create_key, start_server, write_test_deployment
 
@@ -42,10 +42,10 @@ def attacked_deployment(root):  # type: ignore[no-untyped-def]
     target = RandomForestClassifier(n_estimators=200, random_state=0).fit(mx, my)
     assert target.score(mx, my) == 1.0  # it overfits, as the attack needs
     spec = InputSpec(name="pixels", datatype="FP32", shape=[-1, 64], min=0.0, max=16.0)
-    write_skops_model(root / "models" / "digits", target, [spec], [str(i) for i in range(10)], "digits")
+    classes = OutputSpec(classes=[str(i) for i in range(10)])
+    write_skops_model(root / "models" / "digits", target, [spec], classes, "digits")
     build.publish(root / "models" / "digits")
     # The same estimator as ten teachers on disjoint tenths of the members, for private prediction.
-    classes = [str(i) for i in range(10)]
     write_skops_model(root / "models" / "digits-private", target, [spec], classes, "digits-private")
     bundle = root / "bundles" / "digits-private-1"
     pack(root / "models" / "digits-private", bundle, teachers=10, training_data=(mx, my))

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from bastion.demo import feature_spec, infer_request, write_skops_model
+from bastion.manifest import OutputSpec
 from tests.helpers import create_key, run_cli, start_server, write_test_deployment
 
 WINDOW = 10
@@ -33,7 +34,11 @@ def _write_failing_canary(build) -> Path:  # type: ignore[no-untyped-def]
     model.fit(x, data.target)
     src = build.root / "models" / "breast-cancer-v2"
     write_skops_model(
-        src, model, [feature_spec(build.features)], [str(c) for c in data.target_names], "breast-cancer"
+        src,
+        model,
+        [feature_spec(build.features)],
+        OutputSpec(classes=[str(c) for c in data.target_names]),
+        "breast-cancer",
     )
     manifest = json.loads((src / "manifest.json").read_text())
     manifest["version"] = "2"

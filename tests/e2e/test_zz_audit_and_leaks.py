@@ -39,6 +39,7 @@ def test_every_request_is_in_the_audit_log(deployment: Deployment) -> None:
     assert {(r["model"], r["decision"], r["reason"]) for r in loads} == {
         ("breast-cancer", "allow", "verified"),
         ("breast-cancer-skops", "allow", "verified"),
+        ("diabetes", "allow", "verified"),
         ("loan", "allow", "verified"),
     }
     assert all(r["digest"].startswith("sha256:") for r in loads)

@@ -15,6 +15,7 @@ from bastion.privacy import (
     AnswerCache,
     OpenDPNoise,
     dp_scores,
+    dp_values,
     gaussian_scale,
     laplace_scale,
     policy_tag,
@@ -266,3 +267,24 @@ def test_noise_pool_never_reuses_a_sample_across_refills() -> None:
         noise.laplace(np.zeros((1, 1)), 1e6).item() for _ in range(3000)
     ]  # ~3 pools, refilled on a thread
     assert len(set(drawn)) > 2990  # a wide scale: repeats would mean a sample was handed out twice
+
+
+def test_dp_values_calibrate_to_the_declared_range_and_stay_inside_it() -> None:
+    import opendp.prelude as dp
+
+    dp.enable_features("contrib")
+    values = np.array([[-50.0], [0.0], [120.0], [400.0], [999.0]])  # two outside the range
+    fake = NoNoise()
+    fake.resolution = 2.0**-20
+    exact = dp_values(
+        values, value_range=(0.0, 400.0), mechanism="laplace", epsilon=0.5, delta=1e-6, noise=fake
+    )
+    np.testing.assert_allclose(exact.ravel(), [0.0, 0.0, 120.0, 400.0, 400.0])  # clamped, not passed through
+    # In [0, 1] units one row moves a value by at most 1, plus half a grid step each side.
+    ints = dp.vector_domain(dp.atom_domain(T="i64"), size=5)
+    m = (ints, dp.l1_distance(T="i64")) >> dp.m.then_laplace(scale=fake.scales[0] * 2**20)
+    assert m.map(2**20 + 1) <= 0.5 * (1 + 1e-9)
+    noisy = dp_values(
+        values, value_range=(0.0, 400.0), mechanism="gaussian", epsilon=1.0, delta=1e-6, noise=OpenDPNoise()
+    )
+    assert ((noisy >= 0.0) & (noisy <= 400.0)).all() and not np.allclose(noisy, exact)

@@ -6,6 +6,7 @@ import json
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bastion.config import ModelRef
@@ -86,6 +87,57 @@ def test_bad_manifest_names_file_and_field(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError) as err:
         read_manifest(tmp_path)
     assert str(tmp_path / "manifest.json") in str(err.value) and "runtime" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("outputs", "message"),
+    [
+        ({}, "either classes (a classifier) or value_range (a regressor)"),
+        ({"classes": ["a", "b"], "value_range": [0, 1]}, "either classes"),
+        ({"value_range": [5, 5]}, "min < max"),
+        ({"value_range": [0, float("inf")]}, "finite"),
+    ],
+)
+def test_a_manifest_declares_classes_or_a_finite_range(tmp_path: Path, outputs: dict, message: str) -> None:
+    manifest = {
+        "name": "m",
+        "version": "1",
+        "runtime": "sklearn",
+        "file": "model.skops",
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 2]}],
+        "outputs": outputs,
+    }
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelLoadError) as err:
+        read_manifest(tmp_path)
+    assert str(tmp_path / "manifest.json") in str(err.value) and "outputs" in str(err.value)
+    assert message in str(err.value)
+
+
+def test_regressor_and_classifier_must_match_what_the_manifest_declares(models: Path, tmp_path: Path) -> None:
+    regressor = _copy(models / "diabetes", tmp_path / "r")
+    manifest = json.loads((regressor / "manifest.json").read_text())
+    assert manifest["outputs"] == {"value_range": [0.0, 400.0]}
+    values = load_runtime(regressor, read_manifest(regressor)).predict(
+        {"features": np.zeros((3, 10), dtype=np.float32)}
+    )
+    assert values.shape == (3, 1)
+    manifest["outputs"] = {"classes": ["low", "high"]}
+    (regressor / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelLoadError, match="no predict_proba"):
+        load_runtime(regressor, read_manifest(regressor))
+    classifier = _copy(models / "breast-cancer-skops", tmp_path / "c")
+    manifest = json.loads((classifier / "manifest.json").read_text())
+    manifest["outputs"] = {"value_range": [0, 1]}
+    (classifier / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelLoadError, match="declares a regressor"):
+        load_runtime(classifier, read_manifest(classifier))
+    onnx = _copy(models / "breast-cancer", tmp_path / "o")
+    manifest = json.loads((onnx / "manifest.json").read_text())
+    manifest["outputs"] = {"value_range": [0, 1]}
+    (onnx / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelLoadError, match="has 2 columns but the manifest declares 1"):
+        load_runtime(onnx, read_manifest(onnx))
 
 
 def test_one_bad_model_is_refused_and_the_others_serve(models: Path, tmp_path: Path) -> None:

@@ -87,7 +87,7 @@ def pack(
     inputs = golden_inputs(manifest, golden_rows, seed)
     golden = Golden(
         inputs={k: v.tolist() for k, v in inputs.items()},
-        probabilities=np.asarray(runtime.predict_proba(inputs), dtype=np.float64).tolist(),
+        probabilities=np.asarray(runtime.predict(inputs), dtype=np.float64).tolist(),
         tolerance=tolerance,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -167,8 +167,8 @@ def _train_teachers(
 ) -> list[str]:
     if count == 0:
         return []
-    if manifest.runtime != "sklearn" or training_data is None:
-        raise ValueError("teachers need a scikit-learn model (runtime 'sklearn') and training data")
+    if manifest.runtime != "sklearn" or training_data is None or manifest.outputs.is_regression:
+        raise ValueError("teachers need a scikit-learn classifier (runtime 'sklearn') and training data")
     import skops.io as sio
     from sklearn.base import clone
 

@@ -165,7 +165,7 @@ def verify_bundle(bundle: Path, policy: TrustPolicy, *, progress: bool | None = 
                 loaded.append(SklearnRuntime.from_skops(bundle / name, blob, manifest))
             except ModelLoadError as e:
                 raise BundleRefused(str(e), reason="model_refused") from None
-        teachers = TeacherEnsemble(loaded, len(manifest.outputs.classes))
+        teachers = TeacherEnsemble(loaded, manifest.outputs.width)
     reference = None
     if info.reference is not None:
         blob = (bundle / info.reference).read_bytes()
@@ -228,7 +228,7 @@ def _check_golden(bundle: Path, info: BundleManifest, manifest: Manifest, runtim
         inputs = {
             s.name: np.asarray(info.golden.inputs[s.name], dtype=s.numpy_dtype) for s in manifest.inputs
         }
-        got = np.asarray(runtime.predict_proba(inputs), dtype=np.float64)
+        got = np.asarray(runtime.predict(inputs), dtype=np.float64)
     except Exception as e:  # a model that cannot even run its own golden samples
         raise BundleRefused(
             f"{bundle}: golden samples could not run: {type(e).__name__}", reason="golden_mismatch"

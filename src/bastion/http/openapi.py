@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from bastion import __version__
+from bastion.config import OutputDetail
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -270,7 +271,7 @@ OPENAPI: dict[str, Any] = {
                         "type": "array",
                         "items": {"type": "string", "examples": ["infer:breast-cancer"]},
                     },
-                    "output": {"type": "string", "enum": ["label", "probabilities"]},
+                    "output": {"type": "string", "enum": [*(d.value for d in OutputDetail), "full"]},
                     "ttl_seconds": {"type": "integer", "minimum": 1, "maximum": 86400},
                 },
             },

@@ -1,7 +1,8 @@
 """Model runtimes behind one small interface.
 
 A runtime loads one model file, checks the model's own signature against the
-manifest, and predicts class probabilities for a batch. Formats that execute
+manifest, and predicts for a batch: class probabilities for a classifier, one
+value per row for a regressor. Formats that execute
 code when loaded (pickle, joblib, torch's pickle archives) are refused before
 any byte of them is deserialised.
 """
@@ -30,10 +31,11 @@ _CODE_EXECUTING_SUFFIXES = {
 
 
 class ModelRuntime(Protocol):
-    """What the server needs from a model: probabilities for a batch of rows."""
+    """What the server needs from a model: its prediction for a batch of rows."""
 
-    def predict_proba(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        """Return float probabilities of shape (rows, classes) for validated inputs."""
+    def predict(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """For validated inputs: float probabilities of shape (rows, classes) for a classifier,
+        values of shape (rows, 1) for a regressor (the manifest's `outputs` says which)."""
         ...
 
 

@@ -24,10 +24,13 @@ _ORT_TO_V2 = {
 
 
 class OnnxRuntime:
-    def __init__(self, session: ort.InferenceSession, input_names: list[str], proba_output: str) -> None:
+    def __init__(
+        self, session: ort.InferenceSession, input_names: list[str], output: str, width: int
+    ) -> None:
         self._session = session
         self._input_names = input_names
-        self._proba_output = proba_output
+        self._output = output
+        self._width = width
 
     @classmethod
     def load(cls, path: Path, data: bytes, manifest: Manifest) -> OnnxRuntime:
@@ -66,11 +69,18 @@ class OnnxRuntime:
             raise ModelLoadError(
                 f"{path}: model inputs missing from the manifest: {', '.join(sorted(missing))}"
             )
-        proba = [o for o in session.get_outputs() if o.type in ("tensor(float)", "tensor(double)")]
-        if not proba:
-            raise ModelLoadError(f"{path}: the model has no float probability output")
-        return cls(session, [s.name for s in manifest.inputs], proba[0].name)
+        floats = [o for o in session.get_outputs() if o.type in ("tensor(float)", "tensor(double)")]
+        what = "value" if manifest.outputs.is_regression else "probability"
+        if not floats:
+            raise ModelLoadError(f"{path}: the model has no float {what} output")
+        columns = floats[0].shape[-1] if len(floats[0].shape) > 1 else 1
+        if isinstance(columns, int) and columns != manifest.outputs.width:
+            raise ModelLoadError(
+                f"{path}: the model's {what} output {floats[0].name!r} has {columns} columns "
+                f"but the manifest declares {manifest.outputs.width}"
+            )
+        return cls(session, [s.name for s in manifest.inputs], floats[0].name, manifest.outputs.width)
 
-    def predict_proba(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        (out,) = self._session.run([self._proba_output], {n: inputs[n] for n in self._input_names})
-        return np.asarray(out)
+    def predict(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        (out,) = self._session.run([self._output], {n: inputs[n] for n in self._input_names})
+        return np.asarray(out).reshape(-1, self._width)

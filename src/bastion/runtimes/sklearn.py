@@ -16,9 +16,10 @@ from bastion.runtimes.picklescan import scan_pickle
 
 
 class SklearnRuntime:
-    def __init__(self, estimator: Any, input_names: list[str]) -> None:
+    def __init__(self, estimator: Any, input_names: list[str], *, regression: bool) -> None:
         self._estimator = estimator
         self._input_names = input_names
+        self._regression = regression
 
     @classmethod
     def from_skops(cls, path: Path, data: bytes, manifest: Manifest) -> SklearnRuntime:
@@ -50,8 +51,17 @@ class SklearnRuntime:
 
     @classmethod
     def _checked(cls, path: Path, estimator: Any, manifest: Manifest) -> SklearnRuntime:
-        if not hasattr(estimator, "predict_proba"):
-            raise ModelLoadError(f"{path}: the estimator has no predict_proba; only classifiers are served")
+        regression = manifest.outputs.is_regression
+        if regression and (hasattr(estimator, "classes_") or not hasattr(estimator, "predict")):
+            raise ModelLoadError(
+                f"{path}: the manifest declares a regressor (outputs.value_range) but the estimator "
+                "is a classifier or has no predict"
+            )
+        if not regression and not hasattr(estimator, "predict_proba"):
+            raise ModelLoadError(
+                f"{path}: the estimator has no predict_proba; a classifier is needed for outputs.classes "
+                "(for a regressor, declare outputs.value_range)"
+            )
         # The model's own signature: its feature count must match the manifest's columns.
         n_features = getattr(estimator, "n_features_in_", None)
         declared = sum(spec.shape[-1] if len(spec.shape) > 1 else 1 for spec in manifest.inputs)
@@ -60,15 +70,16 @@ class SklearnRuntime:
                 f"{path}: the estimator expects {n_features} features but the manifest declares {declared}"
             )
         n_classes = len(getattr(estimator, "classes_", []))
-        if n_classes and n_classes != len(manifest.outputs.classes):
+        if n_classes and n_classes != manifest.outputs.width:
             raise ModelLoadError(
-                f"{path}: the estimator has {n_classes} classes but the manifest names "
-                f"{len(manifest.outputs.classes)}"
+                f"{path}: the estimator has {n_classes} classes but the manifest names {manifest.outputs.width}"
             )
-        return cls(estimator, [s.name for s in manifest.inputs])
+        return cls(estimator, [s.name for s in manifest.inputs], regression=regression)
 
-    def predict_proba(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    def predict(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         # Several declared inputs are the estimator's columns, concatenated in manifest order.
         columns = [inputs[n].reshape(inputs[n].shape[0], -1) for n in self._input_names]
         matrix = columns[0] if len(columns) == 1 else np.concatenate(columns, axis=1)
+        if self._regression:
+            return np.asarray(self._estimator.predict(matrix), dtype=np.float64).reshape(-1, 1)
         return np.asarray(self._estimator.predict_proba(matrix))

@@ -19,6 +19,6 @@ class TeacherEnsemble:
         rows = next(iter(inputs.values())).shape[0]
         counts = np.zeros((rows, self.n_classes), dtype=np.float64)
         for teacher in self.teachers:
-            choice = np.argmax(teacher.predict_proba(inputs), axis=1)
+            choice = np.argmax(teacher.predict(inputs), axis=1)
             counts[np.arange(rows), choice] += 1
         return counts

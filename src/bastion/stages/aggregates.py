@@ -1,14 +1,18 @@
-"""Differentially private statistics over a batch: per-class counts, sums and means of predictions.
+"""Differentially private statistics over a batch: per-class counts, sums and means of predictions
+(for a regressor: the sum and mean of its values).
 
 Adding or removing one row changes the predicted-label histogram by 1 in one class
 and the per-class sum of probabilities by at most 1 in L1 (a row's probabilities
 sum to 1), so each statistic is released through OpenDP's Laplace mechanism at
 scale 1/epsilon and costs `epsilon`; means are the noisy sums over the batch size,
-which the caller already knows (post-processing). An identical batch from the same
+which the caller already knows (post-processing). A regressor's values are clamped to the
+declared range; their sum, scaled to [0, 1] per row, has sensitivity 1 too. An identical batch from the same
 principal gets the identical answer from the keyed cache and spends nothing.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
@@ -18,8 +22,6 @@ from bastion.privacy import AnswerCache, NoiseSource, laplace_scale, policy_tag
 from bastion.protocol import decode_infer_document, parse_json
 from bastion.stages.output_policy import spend_or_refuse
 from bastion.state import StateStore
-
-_STATISTICS = 2  # count and sum are released; the mean is derived from the sum
 
 
 class AggregateSource:
@@ -56,7 +58,7 @@ class ComputeAggregates:
         model, request, proba, grant, principal = (
             ctx.model,
             ctx.request,
-            ctx.probabilities,
+            ctx.prediction,
             ctx.grant,
             ctx.principal,
         )
@@ -67,34 +69,55 @@ class ComputeAggregates:
                 f"aggregates are not offered for model {model.name!r}", code="aggregates_disabled"
             )
         params = grant.output_params
+        value_range = model.manifest.outputs.value_range
         key = self._cache.key(
             principal.id, model.digest, ctx.payload_hmac, policy_tag("aggregate", params.epsilon)
         )
         released = self._cache.get(key, now=ctx.now)
         cost = 0.0
         if released is None:
-            cost = _STATISTICS * params.epsilon
+            exact = _exact(np.asarray(proba, dtype=np.float64), value_range)
+            cost = exact.shape[0] * params.epsilon
             await spend_or_refuse(self._store, principal.id, cost, params, now=ctx.now, unit="epsilon")
-            p = np.asarray(proba, dtype=np.float64)
-            counts = np.bincount(p.argmax(axis=1), minlength=p.shape[1]).astype(np.float64)
-            exact = np.vstack([counts, p.sum(axis=0)])
             # Counts are integers already; sums are rounded to the noise source's grid.
             scale = laplace_scale(
-                params.epsilon, coordinates=p.shape[1], resolution=self._noise.resolution, sensitivity=1.0
+                params.epsilon, coordinates=exact.shape[1], resolution=self._noise.resolution, sensitivity=1.0
             )
             released = self._noise.laplace(exact, scale)
             self._cache.put(key, released, expires=ctx.now + params.budget_window_seconds)
         ctx.extra["epsilon_spent"] = cost
-        classes = model.manifest.outputs.classes
         rows = request.rows
+        if value_range is not None:
+            low, high = value_range
+            total = low * rows + (high - low) * float(released[0, 0])
+            statistics: dict[str, Any] = {"sum": total, "mean": total / rows}
+        else:
+            classes = model.manifest.outputs.classes
+            assert classes is not None
+            statistics = {
+                "count": dict(zip(classes, released[0].tolist(), strict=True)),
+                "sum": dict(zip(classes, released[1].tolist(), strict=True)),
+                "mean": dict(zip(classes, (released[1] / rows).tolist(), strict=True)),
+            }
         ctx.result = {
             "model_name": model.name,
             "model_version": model.version,
             "rows": rows,
             "epsilon_spent": cost,
-            "statistics": {
-                "count": dict(zip(classes, released[0].tolist(), strict=True)),
-                "sum": dict(zip(classes, released[1].tolist(), strict=True)),
-                "mean": dict(zip(classes, (released[1] / rows).tolist(), strict=True)),
-            },
+            "statistics": statistics,
         }
+
+
+def _exact(prediction: np.ndarray, value_range: tuple[float, float] | None) -> np.ndarray:
+    """The statistics before noise, one per row of the result, each of sensitivity 1 (L1).
+
+    A classifier: the predicted-label counts and the per-class sums of probabilities. A
+    regressor: the sum of its values clamped to the declared range and scaled to [0, 1], so
+    that one row moves it by at most 1 (the sum is scaled back after the noise).
+    """
+    if value_range is None:
+        counts = np.bincount(prediction.argmax(axis=1), minlength=prediction.shape[1]).astype(np.float64)
+        return np.vstack([counts, prediction.sum(axis=0)])
+    low, high = value_range
+    unit = (np.clip(prediction, low, high) - low) / (high - low)
+    return np.asarray(unit.sum(axis=0, keepdims=True))

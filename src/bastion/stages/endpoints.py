@@ -16,6 +16,7 @@ from bastion.stages.output_policy import (
     LABEL,
     PROBABILITIES,
     TOP_K,
+    VALUE,
     describe_policy,
     global_budget_key,
     output_names,
@@ -72,12 +73,22 @@ class DescribeModel:
         model, grant = ctx.model, ctx.grant
         assert model is not None and grant is not None and grant.output is not None
         m = model.manifest
-        n_classes = len(m.outputs.classes)
-        outputs = [
-            {"name": LABEL, "datatype": "BYTES", "shape": [-1]},
-            {"name": TOP_K, "datatype": "BYTES", "shape": [-1, min(grant.output_params.top_k, n_classes)]},
-            {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, n_classes]},
-        ]
+        regression = m.outputs.is_regression
+        if regression:
+            outputs = [{"name": VALUE, "datatype": "FP64", "shape": [-1]}]
+            kind: dict[str, Any] = {"value_range": list(m.outputs.value_range or ())}
+        else:
+            n_classes = m.outputs.width
+            outputs = [
+                {"name": LABEL, "datatype": "BYTES", "shape": [-1]},
+                {
+                    "name": TOP_K,
+                    "datatype": "BYTES",
+                    "shape": [-1, min(grant.output_params.top_k, n_classes)],
+                },
+                {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, n_classes]},
+            ]
+            kind = {"classes": m.outputs.classes}
         inputs: list[dict[str, Any]] = []
         for spec in m.inputs:
             entry: dict[str, Any] = {"name": spec.name, "datatype": spec.datatype, "shape": spec.shape}
@@ -92,8 +103,8 @@ class DescribeModel:
             "parameters": {
                 "version": m.version,
                 "digest": model.digest,
-                "classes": m.outputs.classes,
-                "granted_outputs": output_names(grant.output),
+                **kind,
+                "granted_outputs": output_names(grant.output, regression=regression),
                 **describe_policy(grant.output, grant.output_params),
                 **(await self._remaining(ctx, grant)),
                 "sensitive_inputs_granted": grant.sensitive_inputs,

@@ -1,4 +1,4 @@
-"""Inference: the runtime computes class probabilities for the validated batch."""
+"""Inference: the runtime predicts for the validated batch (class probabilities, or values)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ class Infer:
     async def __call__(self, ctx: RequestContext) -> None:
         assert ctx.model is not None and ctx.request is not None
         try:
-            ctx.probabilities = ctx.model.runtime.predict_proba(ctx.request.inputs)
+            ctx.prediction = ctx.model.runtime.predict(ctx.request.inputs)
         except Exception as e:  # a runtime's own error: log its type for the operator, never the inputs
             log.error("model %s failed: %s", ctx.model.name, type(e).__name__)
             raise ModelFailed("the model could not answer this request") from None

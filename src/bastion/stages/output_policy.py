@@ -8,6 +8,11 @@
 | `reverse_sigmoid` | label, probabilities    | perturbed, argmax kept                               |
 | `rounded`         | label, probabilities    | rounded to `decimals`                                |
 | `probabilities`   | label, probabilities    | as computed                                          |
+
+A regressor answers one `value` per row, under `rounded`, `dp_scores` (noise calibrated to the
+manifest's declared `value_range`, clamped to it) or `probabilities` (as computed); a policy
+made for classes (`label`, `top_k`, `reverse_sigmoid`, `private_prediction`) is refused with
+403 `policy_not_applicable` rather than guessed at.
 """
 
 from __future__ import annotations
@@ -20,23 +25,36 @@ import numpy as np
 from bastion.config import Grant, OutputDetail
 from bastion.context import RequestContext
 from bastion.errors import PermissionDenied, RateLimited, SchemaViolation
-from bastion.privacy import AnswerCache, NoiseSource, dp_scores, policy_tag, reverse_sigmoid
+from bastion.privacy import AnswerCache, NoiseSource, dp_scores, dp_values, policy_tag, reverse_sigmoid
 from bastion.protocol import encode_infer_response
 from bastion.state import StateStore
 
 LABEL = "label"
 TOP_K = "top_k"
 PROBABILITIES = "probabilities"
+VALUE = "value"
 _OUTPUTS = {
     OutputDetail.PRIVATE_PREDICTION: [LABEL],
     OutputDetail.LABEL: [LABEL],
     OutputDetail.TOP_K: [LABEL, TOP_K],
 }
 ALL_OUTPUTS = (LABEL, TOP_K, PROBABILITIES)
+REGRESSION_POLICIES = frozenset({OutputDetail.ROUNDED, OutputDetail.DP_SCORES, OutputDetail.PROBABILITIES})
 
 
-def output_names(detail: OutputDetail) -> list[str]:
+def output_names(detail: OutputDetail, *, regression: bool = False) -> list[str]:
+    if regression:
+        return [VALUE] if detail in REGRESSION_POLICIES else []
     return _OUTPUTS.get(detail, [LABEL, PROBABILITIES])
+
+
+def check_applicable(detail: OutputDetail, *, regression: bool) -> None:
+    if regression and detail not in REGRESSION_POLICIES:
+        raise PermissionDenied(
+            f"output policy {detail.value!r} is made for classes and does not apply to a regression "
+            "model: grant rounded, dp_scores or probabilities for it",
+            code="policy_not_applicable",
+        )
 
 
 def describe_policy(detail: OutputDetail, params: Grant) -> dict[str, Any]:
@@ -128,7 +146,7 @@ class PrivateScores:
         self.cache.put(key, noisy, expires=ctx.now + window)
         return noisy
 
-    async def answer(self, ctx: RequestContext, probabilities: np.ndarray, params: Grant) -> np.ndarray:
+    async def answer(self, ctx: RequestContext, prediction: np.ndarray, params: Grant) -> np.ndarray:
         assert ctx.principal is not None and ctx.model is not None and ctx.payload_hmac is not None
         policy = policy_tag("dp_scores", params.mechanism, params.epsilon, params.delta)
         key = self.cache.key(ctx.principal.id, ctx.model.digest, ctx.payload_hmac, policy)
@@ -136,15 +154,26 @@ class PrivateScores:
         if cached is not None:
             ctx.extra["epsilon_spent"] = 0.0
             return cached
-        cost = params.epsilon * probabilities.shape[0]
+        cost = params.epsilon * prediction.shape[0]
         await spend_or_refuse(self._store, ctx.principal.id, cost, params, now=ctx.now, unit="epsilon")
-        scores = dp_scores(
-            probabilities,
-            mechanism=params.mechanism,
-            epsilon=params.epsilon,
-            delta=params.delta,
-            noise=self.noise,
-        )
+        value_range = ctx.model.manifest.outputs.value_range
+        if value_range is not None:
+            scores = dp_values(
+                prediction,
+                value_range=value_range,
+                mechanism=params.mechanism,
+                epsilon=params.epsilon,
+                delta=params.delta,
+                noise=self.noise,
+            )
+        else:
+            scores = dp_scores(
+                prediction,
+                mechanism=params.mechanism,
+                epsilon=params.epsilon,
+                delta=params.delta,
+                noise=self.noise,
+            )
         ctx.extra["epsilon_spent"] = cost
         self.cache.put(key, scores, expires=ctx.now + params.budget_window_seconds)
         return scores
@@ -178,22 +207,36 @@ class ShapeOutput:
         self._private = private
 
     async def __call__(self, ctx: RequestContext) -> None:
-        model, request, proba, grant = ctx.model, ctx.request, ctx.probabilities, ctx.grant
+        model, request, proba, grant = ctx.model, ctx.request, ctx.prediction, ctx.grant
         assert model is not None and request is not None and proba is not None and grant is not None
         detail = ctx.output_detail
         assert detail is not None
         params = grant.output_params
-        allowed = output_names(detail)
+        regression = model.manifest.outputs.is_regression
+        check_applicable(detail, regression=regression)
+        allowed = output_names(detail, regression=regression)
         wanted = request.requested_outputs or allowed
         for name in wanted:
-            if name not in ALL_OUTPUTS:
+            if name not in ((VALUE,) if regression else ALL_OUTPUTS):
                 raise SchemaViolation(
                     f"output {name[:64]!r} is not an output of this model", code="unknown_output"
                 )
             if name not in allowed:
                 raise PermissionDenied(f"output {name!r} is not granted", code="output_not_granted")
         scores = await self._scores(ctx, np.asarray(proba, dtype=np.float64), detail, params)
+        if regression:
+            value = {
+                "name": VALUE,
+                "datatype": "FP64",
+                "shape": [len(scores)],
+                "data": scores.ravel().tolist(),
+            }
+            ctx.result = encode_infer_response(
+                model=model.name, version=model.version, request_id=request.id, outputs=[value]
+            )
+            return
         classes = model.manifest.outputs.classes
+        assert classes is not None
         order = np.argsort(-scores, axis=1, kind="stable")
         outputs: list[dict[str, Any]] = []
         if LABEL in wanted:

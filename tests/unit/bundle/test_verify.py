@@ -173,7 +173,7 @@ def test_encrypted_bundle_needs_the_right_key(demo, tmp_path: Path) -> None:  # 
     kek = LocalKeyProvider.from_spec(f"file:{demo.root / 'keys' / 'kek.key'}")
     ok = verify_bundle(bundle, _policy(demo, kek=kek))
     x = np.asarray(demo.features[:5], dtype=np.float32)
-    np.testing.assert_allclose(ok.runtime.predict_proba({"features": x}), demo.estimator.predict_proba(x))
+    np.testing.assert_allclose(ok.runtime.predict({"features": x}), demo.estimator.predict_proba(x))
     # The weights on disk are ciphertext: the plaintext skops file is nowhere in the bundle.
     plaintext = (demo.root / "models" / "breast-cancer-skops" / "model.skops").read_bytes()
     assert plaintext[100:164] not in (bundle / "model.skops").read_bytes()
