@@ -156,11 +156,11 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from bastion.demo import ONNX_MODEL, SKOPS_MODEL, build_demo
+    from bastion.demo import ONNX_MODEL, REGRESSION_MODEL, SKOPS_MODEL, build_demo
     from bastion.keys import KeyStore
     from bastion.service import StatePaths
 
-    print("training a classifier on scikit-learn's breast-cancer dataset ...", file=sys.stderr)
+    print("training models on scikit-learn's breast-cancer and diabetes datasets ...", file=sys.stderr)
     build = build_demo(args.dir, port=args.port)
     config = _config(build.config_path)
     store = KeyStore(StatePaths(config.server.state_dir).keys)
@@ -186,6 +186,10 @@ Try, in another terminal (after the two exports):
        -d @{req} {base}/v2/models/{ONNX_MODEL}/infer                       # label only
   curl -s -H "Authorization: Bearer $ADMIN" -H 'Content-Type: application/json' \\
        -d @{req} {base}/v2/models/{SKOPS_MODEL}/infer                      # with probabilities
+  curl -s -H "Authorization: Bearer $ANALYST" -H 'Content-Type: application/json' \\
+       -d @{args.dir}/diabetes-request.json {base}/v2/models/{REGRESSION_MODEL}/infer   # DP-noised values
+  curl -s -H "Authorization: Bearer $ANALYST" -H 'Content-Type: application/json' \\
+       -d @{args.dir}/diabetes-batch.json {base}/v2/models/{REGRESSION_MODEL}/aggregate # DP sum and mean
   curl -s -H "Authorization: Bearer $ANALYST" -X POST {base}/v2/auth/token \\
        -d '{{"scope": ["infer:{ONNX_MODEL}"], "ttl_seconds": 300}}'            # a short-lived token
   curl -s -H "Authorization: Bearer $ADMIN" {base}/metrics | grep bastion_requests

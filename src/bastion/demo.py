@@ -274,6 +274,9 @@ def build_demo(root: Path, *, port: int = 8000) -> DemoBuild:
     config_path.write_text(DEMO_CONFIG.format(port=port), encoding="utf-8")
     request = infer_request(features[:2], request_id="demo-1")
     (root / "request.json").write_text(json.dumps(request) + "\n", encoding="utf-8")
+    for name, rows in (("diabetes-request.json", 2), ("diabetes-batch.json", 200)):
+        text = json.dumps(infer_request(regression_features[:rows])) + "\n"
+        (root / name).write_text(text, encoding="utf-8")
     return build
 
 
