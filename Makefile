@@ -18,6 +18,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
+	scripts/ensure-redis
 	$(BIN)/pytest -q
 
 bench: $(STAMP)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -219,3 +220,28 @@ def start_server(config: Path, log_path: Path, *extra: str) -> RunningServer:
             time.sleep(0.1)
     server.stop()
     raise AssertionError("server did not start in 60 s")
+
+
+REDIS_URL = os.environ.get("BASTION_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+def redis_prefix() -> str:
+    """A namespace of keys no other test (or run) shares; `drop_redis_keys` removes it."""
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except redis.RedisError as e:
+        # Not a skip: the Redis backend is a feature, and its tests must run (.ci/run starts Redis).
+        raise AssertionError(f"the Redis tests need a Redis server at {REDIS_URL}: {e}") from None
+    return f"bastion-test-{secrets.token_hex(6)}:"
+
+
+def drop_redis_keys(prefix: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()

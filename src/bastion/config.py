@@ -93,7 +93,10 @@ class RequestLimits(_Strict):
 
 
 class StateSettings(_Strict):
-    backend: Literal["memory", "sqlite"] = "sqlite"
+    backend: Literal["memory", "sqlite", "redis"] = "sqlite"
+    # backend = "redis": one server shared by every replica; exact, one round trip per decision.
+    redis_url: Annotated[str, Field(pattern=r"^(redis|rediss|unix)://")] = "redis://127.0.0.1:6379/0"
+    redis_prefix: Annotated[str, Field(min_length=1, max_length=64)] = "bastion:"
 
 
 class AuditSettings(_Strict):

@@ -169,9 +169,7 @@ class Bastion:
             audience=config.tokens.audience,
             default_ttl=config.tokens.ttl_seconds,
         )
-        self.state: StateStore = (
-            SQLiteStateStore(paths.limits) if config.state.backend == "sqlite" else MemoryStateStore()
-        )
+        self.state = _state_store(config, paths)
         self.audit: AuditLog | None = None
         if unsafe_no_defenses:
             log.warning("UNSAFE: serving with every defense off (benchmark baseline only)")
@@ -343,6 +341,12 @@ class Bastion:
         self.state.close()
         self.keys.close()
 
+    async def aclose(self) -> None:
+        """The server's shutdown, on its event loop: also releases the state store's connections."""
+        if not self._closed:
+            self.close()
+            await self.state.aclose()
+
     async def handle(self, route: Route, ctx: RequestContext) -> Outcome:
         started = time.perf_counter()
         reason = "ok"
@@ -437,6 +441,16 @@ class Bastion:
             self.metrics.audit_failures.inc()
             return Outcome(503, {"error": "audit log unavailable", "code": "audit_unavailable"}, {})
         return outcome
+
+
+def _state_store(config: Config, paths: StatePaths) -> StateStore:
+    if config.state.backend == "redis":
+        from bastion.state_redis import RedisStateStore
+
+        return RedisStateStore(config.state.redis_url, prefix=config.state.redis_prefix)
+    if config.state.backend == "sqlite":
+        return SQLiteStateStore(paths.limits)
+    return MemoryStateStore()
 
 
 def error_outcome(error: BastionError) -> Outcome:

@@ -89,10 +89,16 @@ class StateStore(Protocol):
     async def spend_budget(
         self, principal: str, *, cost: float, limit: float, now: float, window_seconds: float
     ) -> BudgetSpend:
-        """Privacy filter: spend `cost` of `limit` in the current window, exactly and atomically, or refuse."""
+        """Privacy filter: spend `cost` of `limit` in the current window, atomically, or refuse."""
         ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release what can be released without the event loop (the CLI, after the server stopped)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release everything, on the event loop (the server's shutdown)."""
+        ...
 
 
 class MemoryStateStore:
@@ -122,6 +128,9 @@ class MemoryStateStore:
 
     def close(self) -> None:
         self._usage.clear()
+
+    async def aclose(self) -> None:
+        self.close()
 
 
 _LEASE_MAX = 64  # at most this many units (quota) or answers (privacy budget) per lease
@@ -292,6 +301,9 @@ class SQLiteStateStore:
                         (amount, principal, lease.period),
                     )
             self._conn.close()
+
+    async def aclose(self) -> None:
+        self.close()
 
 
 def _unavailable(error: sqlite3.Error) -> StateUnavailable:

@@ -137,7 +137,7 @@ class BastionApp:
                 gc.freeze()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                self.service.close()
+                await self.service.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
