@@ -30,6 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 from bastion.demo import build_demo, infer_request  # noqa: E402
 
+REDIS_URL = "redis://127.0.0.1:6379/14"
+
 BENCH_ROLE = """
 # Benchmark principal: limits far above what one core can serve, so the limiter runs but never refuses.
 [roles.bench]
@@ -137,7 +139,12 @@ def main() -> None:
         default="fsync",
         help="audit durability for the defended server (default: the shipped default, fsync)",
     )
-    parser.add_argument("--state", choices=["sqlite", "memory"], default="sqlite")
+    parser.add_argument(
+        "--state",
+        choices=["sqlite", "memory", "redis"],
+        default="sqlite",
+        help="where limits and budgets live (redis: the local server on 127.0.0.1:6379, database 14)",
+    )
     parser.add_argument(
         "--policy",
         choices=["label", "top_k", "rounded", "reverse_sigmoid", "dp_scores"],
@@ -156,6 +163,11 @@ def main() -> None:
     elif args.audit == "best-effort":
         text = text.replace('durability = "sync"', 'durability = "best_effort"')
     text = text.replace('backend = "sqlite"', f'backend = "{args.state}"')
+    if args.state == "redis":
+        prefix = f"bastion-bench-{os.getpid()}:"
+        text = text.replace(
+            'backend = "redis"', f'backend = "redis"\nredis_url = "{REDIS_URL}"\nredis_prefix = "{prefix}"'
+        )
     build.config_path.write_text(text)
     request = infer_request(build.features[: args.rows])
     script = "infer.lua"

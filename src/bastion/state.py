@@ -22,7 +22,7 @@ log = logging.getLogger("bastion.state")
 
 DAY = 86_400.0
 # Float sums of epsilons: tolerate rounding error, never a whole answer.
-_EPSILON_SLACK = 1e-12
+BUDGET_SLACK = 1e-12
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +78,7 @@ def spend(
     """Pure decision for a privacy budget: (decision, spent to store, window to store)."""
     current = int(now // window_seconds)
     used = spent if window == current else 0.0
-    if used + cost > limit + _EPSILON_SLACK:
+    if used + cost > limit + BUDGET_SLACK:
         return BudgetSpend(False, max(0.0, limit - used), (current + 1) * window_seconds - now), used, current
     return BudgetSpend(True, limit - used - cost, 0.0), used + cost, current
 
@@ -139,40 +139,144 @@ _LEASE_MAX = 64  # at most this many units (quota) or answers (privacy budget) p
 @dataclass(slots=True)
 class _Lease:
     period: int  # the quota's day or the budget's window this lease belongs to
-    granted: float  # what this process has taken from the database for `period`
-    pool_left: float  # what the database had left after the last lease
+    granted: float  # what this process has taken from the ledger for `period`
+    pool_left: float  # what the ledger had left after the last lease
     spent: float = 0.0  # privacy budgets: what this process has spent of `granted`
 
 
 @dataclass(frozen=True, slots=True)
-class _Ledger:
-    """A table of per-principal totals taken by all workers in one period (day or window)."""
+class Book:
+    """One kind of shared total, per principal and period: daily quotas, or privacy budgets per window."""
 
-    table: str
+    name: str
     period: str
     taken: str
 
 
-_QUOTA = _Ledger("quota", "day", "leased")
-# `spent` counts what is spent or held by a worker: the database total never exceeds the budget.
-_BUDGET = _Ledger("privacy_budget", "window", "spent")
+QUOTA = Book("quota", "day", "leased")
+# `spent` counts what is spent or held by a worker: the ledger's total never exceeds the budget.
+BUDGET = Book("privacy_budget", "window", "spent")
 
 
-class SQLiteStateStore:
-    """Quotas and privacy budgets in a SQLite file (WAL): they survive a restart and are never
-    exceeded across workers.
+Return = tuple[Book, str, int, float]  # book, principal, period, amount
 
-    Writing the database on every request cost more than every other defense together
-    (measured in bench/: +32 us per request for quotas, +35 us for a privacy budget), so both
-    are *leased*: a process takes a block from the database in one compare-and-swap (at most
-    64 units or answers, and at most an eighth of what is left, so that several workers share
-    the end of it) and spends it in memory. The database total therefore never exceeds the
-    limit, and one process alone spends exactly its limit, no more and no less. Across
-    processes, the end of a budget may be under-served by the blocks other workers still hold;
-    a clean shutdown returns unspent blocks, a crash forfeits them (the safe direction:
-    under-serving, never over-serving). The token bucket lives in memory: it is short-term
-    state that a restart may reset.
+
+def block_size(left: float, need: float, cap: float) -> float:
+    """A lease: at least `need`, else at most `cap` and an eighth of what is left (floored, so that
+    integer quotas stay integers and several workers share the end of a budget)."""
+    return min(left, max(need, min(cap, left // 8)))
+
+
+class Ledger(Protocol):
+    """Where the totals every worker takes from live (a SQLite file, a Redis server).
+
+    `take` is atomic: whatever the workers do, a total never passes its limit."""
+
+    async def take(
+        self, book: Book, principal: str, period: int, *, limit: float, need: float, cap: float, ttl: float
+    ) -> tuple[float, float]:
+        """Take `block_size(left, need, cap)` if at least `need` is left: (taken, left after).
+        Less than `need` left: (0, left). `ttl`: seconds the total still matters (its period)."""
+        ...
+
+    async def left(self, book: Book, principal: str, period: int, *, limit: float) -> float: ...
+
+    def give_back(self, returns: list[Return]) -> None:
+        """Return unspent blocks (at shutdown, perhaps with no event loop left)."""
+        ...
+
+    def close(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class LeasedStateStore:
+    """Quotas and privacy budgets taken from a shared ledger in blocks, spent in memory.
+
+    Writing the ledger on every request cost more than every other defense together (measured
+    in bench/: +32 us per request for quotas and +35 us for a privacy budget in SQLite, ~160 us
+    for one Redis round trip through redis-py), so a worker *leases* a block (`block_size`) in
+    one atomic step and spends it in memory. The ledger's total therefore never exceeds the
+    limit, and one worker alone spends exactly its limit, no more and no less. Across workers,
+    the end of a budget may be under-served by the blocks others still hold; a clean shutdown
+    returns unspent blocks, a crash forfeits them (the safe direction: under-serving, never
+    over-serving). The token bucket lives in memory, per worker: it is short-term state that a
+    restart may reset. Used from one event loop.
     """
+
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+        self._usage: dict[str, _Usage] = {}
+        self._quota_leases: dict[str, _Lease] = {}
+        self._budget_leases: dict[str, _Lease] = {}
+
+    async def acquire(self, principal: str, spec: LimitSpec, *, now: float, cost: int = 1) -> Admission:
+        today = int(now // DAY)
+        lease = self._quota_leases.get(principal)
+        if lease is None or lease.period != today:
+            lease = self._quota_leases[principal] = _Lease(today, 0, spec.daily_quota)
+        admission, new = admit(self._usage.get(principal), _local(spec, lease), now=now, cost=cost)
+        if admission.reason == "quota_exhausted":
+            taken, lease.pool_left = await self._ledger.take(
+                QUOTA,
+                principal,
+                today,
+                limit=spec.daily_quota,
+                need=cost - (lease.granted - new.used),
+                cap=_LEASE_MAX,
+                ttl=2 * DAY,
+            )
+            lease.granted += taken
+            # Read the usage again: other requests may have moved it while the ledger answered.
+            admission, new = admit(self._usage.get(principal), _local(spec, lease), now=now, cost=cost)
+        self._usage[principal] = new
+        remaining = int(lease.pool_left + lease.granted) - new.used
+        return Admission(admission.allowed, admission.reason, admission.retry_after, remaining)
+
+    async def spend_budget(
+        self, principal: str, *, cost: float, limit: float, now: float, window_seconds: float
+    ) -> BudgetSpend:
+        window = int(now // window_seconds)
+        ends_in = (window + 1) * window_seconds - now
+        lease = self._budget_leases.get(principal)
+        if lease is None or lease.period != window:
+            left = await self._ledger.left(BUDGET, principal, window, limit=limit)
+            lease = self._budget_leases.get(principal)
+            if lease is None or lease.period != window:  # no other request made it meanwhile
+                lease = self._budget_leases[principal] = _Lease(window, 0.0, left)
+        held = lease.granted - lease.spent
+        if cost > held + BUDGET_SLACK:
+            taken, lease.pool_left = await self._ledger.take(
+                BUDGET, principal, window, limit=limit, need=cost - held, cap=_LEASE_MAX * cost, ttl=ends_in
+            )
+            lease.granted += taken
+            held = lease.granted - lease.spent
+            if cost > held + BUDGET_SLACK:
+                return BudgetSpend(False, max(0.0, lease.pool_left + held), ends_in)
+        lease.spent += cost
+        return BudgetSpend(True, max(0.0, lease.pool_left + lease.granted - lease.spent), 0.0)
+
+    def close(self) -> None:
+        """Give unspent blocks back, so a clean restart loses nothing."""
+        returns: list[Return] = []
+        for principal, lease in self._quota_leases.items():
+            usage = self._usage.get(principal)
+            used = usage.used if usage is not None and usage.day == lease.period else 0
+            returns.append((QUOTA, principal, lease.period, lease.granted - used))
+        for principal, lease in self._budget_leases.items():
+            returns.append((BUDGET, principal, lease.period, lease.granted - lease.spent))
+        self._ledger.give_back([r for r in returns if r[3] > 0])
+        self._quota_leases.clear()
+        self._budget_leases.clear()
+        self._ledger.close()
+
+    async def aclose(self) -> None:
+        self.close()
+        await self._ledger.aclose()
+
+
+class SQLiteLedger:
+    """The ledger in a SQLite file (WAL): one host, any number of worker processes."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -181,132 +285,76 @@ class SQLiteStateStore:
         # WAL + NORMAL: a commit survives a process crash without an fsync.
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute("PRAGMA busy_timeout=5000")
-        for ledger, kind in ((_QUOTA, "INTEGER"), (_BUDGET, "REAL")):
+        for book, kind in ((QUOTA, "INTEGER"), (BUDGET, "REAL")):
             self._conn.execute(
-                f"CREATE TABLE IF NOT EXISTS {ledger.table} (principal TEXT PRIMARY KEY, "
-                f"{ledger.period} INTEGER NOT NULL, {ledger.taken} {kind} NOT NULL, version INTEGER NOT NULL)"
+                f"CREATE TABLE IF NOT EXISTS {book.name} (principal TEXT PRIMARY KEY, "
+                f"{book.period} INTEGER NOT NULL, {book.taken} {kind} NOT NULL, version INTEGER NOT NULL)"
             )
-        self._usage: dict[str, _Usage] = {}
-        self._quota_leases: dict[str, _Lease] = {}
-        self._budget_leases: dict[str, _Lease] = {}
-        self._lock = threading.Lock()
 
-    async def acquire(self, principal: str, spec: LimitSpec, *, now: float, cost: int = 1) -> Admission:
-        today = int(now // DAY)
-        with self._lock:
-            lease = self._quota_leases.get(principal)
-            if lease is None or lease.period != today:
-                lease = self._quota_leases[principal] = _Lease(today, 0, spec.daily_quota)
-            usage = self._usage.get(principal)
-            admission, new = admit(usage, _local(spec, lease), now=now, cost=cost)
-            if admission.reason == "quota_exhausted" and self._lease(
-                _QUOTA, principal, lease, spec.daily_quota, cost, cap=_LEASE_MAX
-            ):
-                admission, new = admit(usage, _local(spec, lease), now=now, cost=cost)
-            self._usage[principal] = new
-        remaining = int(lease.pool_left + lease.granted) - new.used
-        return Admission(admission.allowed, admission.reason, admission.retry_after, remaining)
-
-    async def spend_budget(
-        self, principal: str, *, cost: float, limit: float, now: float, window_seconds: float
-    ) -> BudgetSpend:
-        window = int(now // window_seconds)
-        with self._lock:
-            lease = self._budget_leases.get(principal)
-            if lease is None or lease.period != window:
-                lease = self._budget_leases[principal] = _Lease(
-                    window, 0.0, self._left(_BUDGET, principal, window, limit)
-                )
-            held = lease.granted - lease.spent
-            if cost > held + _EPSILON_SLACK:
-                need = cost - held
-                if not self._lease(_BUDGET, principal, lease, limit, need, cap=_LEASE_MAX * cost):
-                    return BudgetSpend(
-                        False, max(0.0, lease.pool_left + held), (window + 1) * window_seconds - now
-                    )
-            lease.spent += cost
-        return BudgetSpend(True, max(0.0, lease.pool_left + lease.granted - lease.spent), 0.0)
-
-    def _left(self, ledger: _Ledger, principal: str, period: int, limit: float) -> float:
-        row = self._read(ledger, principal)
-        return limit - (row[1] if row is not None and row[0] == period else 0)
-
-    def _read(self, ledger: _Ledger, principal: str) -> tuple[int, float, int] | None:
-        try:
-            row = self._conn.execute(
-                f"SELECT {ledger.period}, {ledger.taken}, version FROM {ledger.table} WHERE principal = ?",
-                (principal,),
-            ).fetchone()
-        except sqlite3.Error as e:
-            raise _unavailable(e) from None
-        return None if row is None else (row[0], row[1], row[2])
-
-    def _lease(
-        self,
-        ledger: _Ledger,
-        principal: str,
-        lease: _Lease,
-        limit: float,
-        need: float,
-        *,
-        cap: float,
-    ) -> bool:
-        """Take a block of at least `need`, at most `cap` and an eighth of what is left (floored, so
-        integer quotas stay integers), from the database by compare-and-swap; False when less
-        than `need` is left."""
-        while True:
-            row = self._read(ledger, principal)
-            taken = row[1] if row is not None and row[0] == lease.period else 0
+    async def take(
+        self, book: Book, principal: str, period: int, *, limit: float, need: float, cap: float, ttl: float
+    ) -> tuple[float, float]:
+        while True:  # compare-and-swap on the row's version
+            row = self._read(book, principal)
+            taken = row[1] if row is not None and row[0] == period else 0
             left = limit - taken
-            if left < need - _EPSILON_SLACK:
-                lease.pool_left = max(0, left)
-                return False
-            amount = min(left, max(need, min(cap, left // 8)))
+            if left < need - BUDGET_SLACK:
+                return 0, max(0, left)
+            amount = block_size(left, need, cap)
             try:
                 if row is None:
                     cur = self._conn.execute(
-                        f"INSERT OR IGNORE INTO {ledger.table} VALUES (?, ?, ?, 1)",
-                        (principal, lease.period, amount),
+                        f"INSERT OR IGNORE INTO {book.name} VALUES (?, ?, ?, 1)", (principal, period, amount)
                     )
                 else:
                     cur = self._conn.execute(
-                        f"UPDATE {ledger.table} SET {ledger.period} = ?, {ledger.taken} = ?, "
+                        f"UPDATE {book.name} SET {book.period} = ?, {book.taken} = ?, "
                         "version = version + 1 WHERE principal = ? AND version = ?",
-                        (lease.period, taken + amount, principal, row[2]),
+                        (period, taken + amount, principal, row[2]),
                     )
             except sqlite3.Error as e:
-                raise _unavailable(e) from None
+                raise unavailable(e) from None
             if cur.rowcount == 1:
-                lease.granted += amount
-                lease.pool_left = left - amount
-                return True
+                return amount, left - amount
             # Another worker leased first: read again.
 
+    async def left(self, book: Book, principal: str, period: int, *, limit: float) -> float:
+        row = self._read(book, principal)
+        return limit - (row[1] if row is not None and row[0] == period else 0)
+
+    def _read(self, book: Book, principal: str) -> tuple[int, float, int] | None:
+        try:
+            row = self._conn.execute(
+                f"SELECT {book.period}, {book.taken}, version FROM {book.name} WHERE principal = ?",
+                (principal,),
+            ).fetchone()
+        except sqlite3.Error as e:
+            raise unavailable(e) from None
+        return None if row is None else (row[0], row[1], row[2])
+
+    def give_back(self, returns: list[Return]) -> None:
+        for book, principal, period, amount in returns:
+            self._conn.execute(
+                f"UPDATE {book.name} SET {book.taken} = {book.taken} - ?, version = version + 1 "
+                f"WHERE principal = ? AND {book.period} = ?",
+                (amount, principal, period),
+            )
+
     def close(self) -> None:
-        """Give unspent leased blocks back, so a clean restart loses nothing."""
-        with self._lock:
-            unspent: list[tuple[_Ledger, str, _Lease, float]] = []
-            for principal, lease in self._quota_leases.items():
-                usage = self._usage.get(principal)
-                used = usage.used if usage is not None and usage.day == lease.period else 0
-                unspent.append((_QUOTA, principal, lease, lease.granted - used))
-            unspent += [
-                (_BUDGET, p, lease, lease.granted - lease.spent) for p, lease in self._budget_leases.items()
-            ]
-            for ledger, principal, lease, amount in unspent:
-                if amount > 0:
-                    self._conn.execute(
-                        f"UPDATE {ledger.table} SET {ledger.taken} = {ledger.taken} - ?, version = version + 1 "
-                        f"WHERE principal = ? AND {ledger.period} = ?",
-                        (amount, principal, lease.period),
-                    )
-            self._conn.close()
+        self._conn.close()
 
     async def aclose(self) -> None:
         self.close()
 
 
-def _unavailable(error: sqlite3.Error) -> StateUnavailable:
+class SQLiteStateStore(LeasedStateStore):
+    """Quotas and privacy budgets that survive a restart, shared by the workers of one host."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(SQLiteLedger(path))
+
+
+def unavailable(error: Exception) -> StateUnavailable:
     log.error("state store unavailable: %s", type(error).__name__)
     return StateUnavailable("rate-limit and privacy-budget state unavailable; nothing was answered")
 

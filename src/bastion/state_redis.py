@@ -1,11 +1,12 @@
-"""Rate limits, quotas and privacy budgets in Redis: shared by every replica, on every host.
+"""Quotas and privacy budgets in Redis: one ledger for every replica, on every host.
 
-Each decision is one Lua script, which Redis runs atomically: the token bucket and
-the daily quota are checked and consumed together, and a privacy budget is spent
-or refused, exactly, whatever number of servers ask at once. The arithmetic is
-the same as `bastion.state.admit` and `bastion.state.spend` (tests hold the three
-stores to the same answers). Keys expire after their day or window, so Redis
-holds only live state.
+`RedisLedger` is the `Ledger` of `bastion.state.LeasedStateStore` kept in Redis:
+taking a block is one Lua script, which Redis runs atomically, so however many
+servers lease at once the total never passes the limit. Workers spend their
+blocks in memory (measured: one redis-py round trip per request cost ~160 us of
+CPU on the request path, bench/RESULTS.md), so a small budget or quota is still
+spent exactly, answer by answer, and a large one costs a round trip per block.
+Keys expire with their day or window, so Redis holds only live totals.
 
 A Redis that cannot be reached fails closed: the request gets 503
 `state_unavailable` and is not answered.
@@ -17,116 +18,100 @@ import logging
 import math
 from typing import Any
 
+import redis
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
-from bastion.errors import StateUnavailable
-from bastion.state import _EPSILON_SLACK, DAY, Admission, BudgetSpend, LimitSpec
+from bastion.state import BUDGET_SLACK, Book, LeasedStateStore, Return, unavailable
 
 log = logging.getLogger("bastion.state")
 
-# Lua numbers round-trip through strings with 17 significant digits (a reply would truncate them).
-_ACQUIRE = """
-local rate, burst, quota = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local now, cost, day_seconds = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local today = math.floor(now / day_seconds)
-local v = redis.call('HMGET', KEYS[1], 'tokens', 'updated', 'day', 'used')
-local tokens, updated, day, used = burst, now, today, 0
-if v[1] then
-  tokens, updated, day, used = tonumber(v[1]), tonumber(v[2]), tonumber(v[3]), tonumber(v[4])
+# The same arithmetic as bastion.state.block_size. Numbers cross as strings with 17 significant
+# digits (a Lua number in a reply would be truncated to an integer).
+_TAKE = """
+local period, limit, need = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local cap, ttl, slack = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local v = redis.call('HMGET', KEYS[1], 'period', 'taken')
+local taken = 0
+if v[1] and tonumber(v[1]) == period then taken = tonumber(v[2]) end
+local left = limit - taken
+if left < need - slack then
+  return {'0', string.format('%.17g', math.max(0, left))}
 end
-tokens = math.min(burst, tokens + math.max(0, now - updated) * rate)
-if day ~= today then used = 0 end
-local allowed, reason, retry = 0, '', 0
-if used + cost > quota then
-  reason, retry = 'quota_exhausted', (today + 1) * day_seconds - now
-elseif tokens < cost then
-  reason, retry = 'rate_limited', (cost - tokens) / rate
-else
-  allowed, tokens, used = 1, tokens - cost, used + cost
-end
-redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'updated', string.format('%.17g', now),
-           'day', today, 'used', used)
-redis.call('EXPIRE', KEYS[1], math.ceil(2 * day_seconds))
-return {allowed, reason, string.format('%.17g', retry), quota - used}
+local amount = math.min(left, math.max(need, math.min(cap, math.floor(left / 8))))
+redis.call('HSET', KEYS[1], 'period', period, 'taken', string.format('%.17g', taken + amount))
+redis.call('EXPIRE', KEYS[1], math.ceil(ttl) + 60)
+return {string.format('%.17g', amount), string.format('%.17g', left - amount)}
 """
 
-_SPEND = """
-local cost, limit, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local window_seconds, slack = tonumber(ARGV[4]), tonumber(ARGV[5])
-local current = math.floor(now / window_seconds)
-local v = redis.call('HMGET', KEYS[1], 'window', 'spent')
-local used = 0
-if v[1] and tonumber(v[1]) == current then used = tonumber(v[2]) end
-local ends = (current + 1) * window_seconds
-if used + cost > limit + slack then
-  return {0, string.format('%.17g', math.max(0, limit - used)), string.format('%.17g', ends - now)}
+_GIVE_BACK = """
+local v = redis.call('HMGET', KEYS[1], 'period', 'taken')
+if v[1] and tonumber(v[1]) == tonumber(ARGV[1]) then
+  redis.call('HSET', KEYS[1], 'taken', string.format('%.17g', tonumber(v[2]) - tonumber(ARGV[2])))
 end
-redis.call('HSET', KEYS[1], 'window', current, 'spent', string.format('%.17g', used + cost))
-redis.call('EXPIRE', KEYS[1], math.ceil(ends - now) + 60)
-return {1, string.format('%.17g', limit - used - cost), '0'}
+return 0
 """
 
 
-class RedisStateStore:
-    """Exact and shared: one round trip to Redis per decision, no lease held anywhere."""
-
+class RedisLedger:
     def __init__(self, url: str, *, prefix: str = "bastion:", timeout: float = 1.0) -> None:
+        self._url, self._prefix, self._timeout = url, prefix, timeout
         # Connections are made on first use, on the event loop that uses them.
         self._client = aioredis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
-        self._prefix = prefix
-        self._acquire = self._client.register_script(_ACQUIRE)
-        self._spend = self._client.register_script(_SPEND)
+        self._take: AsyncScript = self._client.register_script(_TAKE)
 
-    async def acquire(self, principal: str, spec: LimitSpec, *, now: float, cost: int = 1) -> Admission:
-        reply = await self._run(
-            self._acquire,
-            f"{self._prefix}limits:{principal}",
-            spec.rate,
-            spec.burst,
-            spec.daily_quota,
-            now,
-            cost,
-            DAY,
+    def _key(self, book: Book, principal: str) -> str:
+        return f"{self._prefix}{book.name}:{principal}"
+
+    async def take(
+        self, book: Book, principal: str, period: int, *, limit: float, need: float, cap: float, ttl: float
+    ) -> tuple[float, float]:
+        args = [period, limit, need, cap, ttl, BUDGET_SLACK]
+        taken, left = await self._call(
+            self._take(keys=[self._key(book, principal)], args=[_text(a) for a in args])
         )
-        allowed, reason, retry, remaining = reply
-        return Admission(bool(allowed), reason.decode() or None, float(retry), int(remaining))
+        return float(taken), float(left)
 
-    async def spend_budget(
-        self, principal: str, *, cost: float, limit: float, now: float, window_seconds: float
-    ) -> BudgetSpend:
-        reply = await self._run(
-            self._spend,
-            f"{self._prefix}budget:{principal}",
-            cost,
-            limit,
-            now,
-            window_seconds,
-            _EPSILON_SLACK,
-        )
-        allowed, remaining, retry = reply
-        return BudgetSpend(bool(allowed), float(remaining), float(retry))
+    async def left(self, book: Book, principal: str, period: int, *, limit: float) -> float:
+        stored, taken = await self._call(self._client.hmget(self._key(book, principal), ["period", "taken"]))
+        return limit - (float(taken) if stored is not None and int(stored) == period else 0.0)
 
-    async def _run(self, script: AsyncScript, key: str, *args: float) -> list[Any]:
+    async def _call(self, pending: Any) -> Any:
         try:
-            reply: list[Any] = await script(keys=[key], args=[_number(a) for a in args])
+            return await pending
         except RedisError as e:
-            log.error("state store unavailable: %s", type(e).__name__)
-            raise StateUnavailable(
-                "rate-limit and privacy-budget state unavailable; nothing was answered"
-            ) from None
-        return reply
+            raise unavailable(e) from None
+
+    def give_back(self, returns: list[Return]) -> None:
+        if not returns:
+            return
+        # At shutdown, perhaps with no event loop left: a short-lived blocking client.
+        try:
+            with redis.Redis.from_url(self._url, socket_timeout=self._timeout) as client:
+                pipe = client.pipeline(transaction=False)
+                for book, principal, period, amount in returns:
+                    pipe.eval(_GIVE_BACK, 1, self._key(book, principal), str(period), _text(amount))
+                pipe.execute()
+        except RedisError as e:  # the blocks are forfeited: under-serving, never over-serving
+            log.warning("could not return leased blocks to Redis: %s", type(e).__name__)
 
     def close(self) -> None:
-        """Nothing to flush: every decision is already in Redis. `aclose` releases the connections."""
+        """Nothing to flush; `aclose` releases the connections on their event loop."""
 
     async def aclose(self) -> None:
         await self._client.aclose()
 
 
-def _number(value: float) -> str:
-    """Arguments as exact decimal strings (repr round-trips a float); infinity is refused early."""
+class RedisStateStore(LeasedStateStore):
+    """Quotas and privacy budgets shared by replicas on any number of hosts."""
+
+    def __init__(self, url: str, *, prefix: str = "bastion:", timeout: float = 1.0) -> None:
+        super().__init__(RedisLedger(url, prefix=prefix, timeout=timeout))
+
+
+def _text(value: float) -> str:
+    """An exact decimal string (repr round-trips a float); a non-finite number is a bug upstream."""
     if not math.isfinite(value):
         raise ValueError(f"not a finite number: {value}")
     return repr(float(value)) if isinstance(value, float) else str(value)

@@ -1,5 +1,6 @@
-"""The Redis state store against a real Redis server: the same answers as the other stores, exact
-across processes (replicas), and closed to requests when Redis is gone."""
+"""The Redis state store against a real Redis server: the same answers as the memory store in one
+process, never over the limit across processes (replicas), nothing lost on a clean shutdown, and
+closed to requests when Redis is gone."""
 
 from __future__ import annotations
 
@@ -63,24 +64,20 @@ def test_budget_spends_exactly_and_renews_per_window(prefix: str) -> None:
 def _replica(prefix: str, queue: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
     async def run() -> tuple[int, int]:
         store = RedisStateStore(REDIS_URL, prefix=prefix)
-        answers = await asyncio.gather(
-            *(
-                store.spend_budget("shared", cost=0.5, limit=20.0, now=5.0, window_seconds=100)
-                for _ in range(30)
-            )
-        )
-        admitted = await asyncio.gather(
-            *(store.acquire("shared", LimitSpec(1e6, 10**6, 150), now=500.0) for _ in range(100))
-        )
-        await store.aclose()
+        answers = [
+            await store.spend_budget("shared", cost=0.5, limit=200.0, now=5.0, window_seconds=100)
+            for _ in range(150)
+        ]
+        admitted = [await store.acquire("shared", LimitSpec(1e6, 10**6, 150), now=500.0) for _ in range(100)]
+        await store.aclose()  # gives back what it still holds
         return sum(a.allowed for a in answers), sum(a.allowed for a in admitted)
 
     queue.put(asyncio.run(run()))
 
 
-def test_budget_and_quota_are_exact_across_replicas(prefix: str) -> None:
-    """Four processes, each with 30 concurrent spends and 100 admissions: exactly the limits, no
-    under-serving either (nothing is leased)."""
+def test_replicas_never_pass_the_limits_and_give_back_what_they_hold(prefix: str) -> None:
+    """Four processes lease from one budget (400 answers) and one quota (150) in blocks: together they
+    never pass either, and once they have shut down what is left is exactly the rest."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_replica, args=(prefix, queue)) for _ in range(4)]
@@ -89,8 +86,34 @@ def test_budget_and_quota_are_exact_across_replicas(prefix: str) -> None:
     results = [queue.get(timeout=60) for _ in procs]
     for p in procs:
         p.join(timeout=60)
-    assert sum(r[0] for r in results) == 40  # 20.0 / 0.5
-    assert sum(r[1] for r in results) == 150
+    answered, admitted = sum(r[0] for r in results), sum(r[1] for r in results)
+    assert answered <= 400 and admitted <= 150
+
+    async def rest() -> tuple[int, int]:
+        store = RedisStateStore(REDIS_URL, prefix=prefix)
+        more = [
+            await store.spend_budget("shared", cost=0.5, limit=200.0, now=6.0, window_seconds=100)
+            for _ in range(500)
+        ]
+        extra = [await store.acquire("shared", LimitSpec(1e6, 10**6, 150), now=501.0) for _ in range(200)]
+        await store.aclose()
+        return sum(m.allowed for m in more), sum(e.allowed for e in extra)
+
+    more, extra = asyncio.run(rest())
+    assert answered + more == 400 and admitted + extra == 150
+
+
+def test_one_worker_spends_a_large_budget_exactly(prefix: str) -> None:
+    async def run() -> list[bool]:
+        store = RedisStateStore(REDIS_URL, prefix=prefix)
+        got = [
+            (await store.spend_budget("p", cost=0.25, limit=100.0, now=1.0, window_seconds=100)).allowed
+            for _ in range(420)
+        ]
+        await store.aclose()
+        return got
+
+    assert asyncio.run(run()) == [True] * 400 + [False] * 20
 
 
 def test_an_unreachable_redis_refuses_instead_of_answering() -> None:
@@ -116,6 +139,6 @@ def test_keys_expire_with_their_window(prefix: str) -> None:
 
     asyncio.run(run())
     client = redis.Redis.from_url(REDIS_URL)
-    assert 0 < client.ttl(f"{prefix}budget:p") <= 100 + 60  # the rest of the window, and a minute
-    assert 0 < client.ttl(f"{prefix}limits:p") <= 2 * DAY
+    assert 0 < client.ttl(f"{prefix}privacy_budget:p") <= 100 + 60  # the rest of the window, and a minute
+    assert 0 < client.ttl(f"{prefix}quota:p") <= 2 * DAY + 60
     client.close()
