@@ -21,7 +21,9 @@ from bastion.privacy import (
     policy_tag,
     reverse_sigmoid,
 )
-from bastion.state import MemoryStateStore, SQLiteStateStore
+from bastion.state import MemoryStateStore, SQLiteStateStore, StateStore
+from bastion.state_redis import RedisStateStore
+from tests.helpers import REDIS_URL, drop_redis_keys, redis_prefix
 
 
 class NoNoise:
@@ -95,11 +97,16 @@ def test_opendp_laplace_noise_has_the_calibrated_spread() -> None:
     assert len(set(samples.tolist())) > 3900  # fresh randomness each call
 
 
-@pytest.mark.parametrize("index", [0, 1], ids=["memory", "sqlite"])
-def test_budget_spends_exactly_and_renews_per_window(tmp_path: Path, index: int) -> None:
-    store = [MemoryStateStore(), SQLiteStateStore(tmp_path / "s.db")][index]
+@pytest.mark.parametrize("backend", ["memory", "sqlite", "redis"])
+def test_budget_spends_exactly_and_renews_per_window(tmp_path: Path, backend: str) -> None:
+    prefix = redis_prefix() if backend == "redis" else ""
 
     async def run() -> None:
+        store: StateStore = {
+            "memory": MemoryStateStore,
+            "sqlite": lambda: SQLiteStateStore(tmp_path / "s.db"),
+            "redis": lambda: RedisStateStore(REDIS_URL, prefix=prefix),
+        }[backend]()
         got = [
             (await store.spend_budget("p", cost=0.3, limit=1.0, now=100.0, window_seconds=1000))
             for _ in range(4)
@@ -109,9 +116,11 @@ def test_budget_spends_exactly_and_renews_per_window(tmp_path: Path, index: int)
         assert (await store.spend_budget("p", cost=0.1, limit=1.0, now=200.0, window_seconds=1000)).allowed
         assert (await store.spend_budget("p", cost=0.3, limit=1.0, now=1000.0, window_seconds=1000)).allowed
         assert (await store.spend_budget("q", cost=1.0, limit=1.0, now=100.0, window_seconds=1000)).allowed
+        await store.aclose()
 
     asyncio.run(run())
-    store.close()
+    if prefix:
+        drop_redis_keys(prefix)
 
 
 def _spender(path: str, queue: multiprocessing.Queue) -> None:  # type: ignore[type-arg]

@@ -114,30 +114,36 @@ def test_a_manifest_declares_classes_or_a_finite_range(tmp_path: Path, outputs: 
     assert message in str(err.value)
 
 
+def _declaring(models: Path, name: str, dst: Path, outputs: dict[str, object]) -> Path:
+    """A copy of a model directory whose manifest declares other outputs."""
+    model_dir = _copy(models / name, dst)
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    manifest["outputs"] = outputs
+    (model_dir / "manifest.json").write_text(json.dumps(manifest))
+    return model_dir
+
+
 def test_regressor_and_classifier_must_match_what_the_manifest_declares(models: Path, tmp_path: Path) -> None:
-    regressor = _copy(models / "diabetes", tmp_path / "r")
-    manifest = json.loads((regressor / "manifest.json").read_text())
-    assert manifest["outputs"] == {"value_range": [0.0, 400.0]}
+    regressor = models / "diabetes"
+    assert read_manifest(regressor).outputs.value_range == (0.0, 400.0)
     values = load_runtime(regressor, read_manifest(regressor)).predict(
         {"features": np.zeros((3, 10), dtype=np.float32)}
     )
     assert values.shape == (3, 1)
-    manifest["outputs"] = {"classes": ["low", "high"]}
-    (regressor / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ModelLoadError, match="no predict_proba"):
-        load_runtime(regressor, read_manifest(regressor))
-    classifier = _copy(models / "breast-cancer-skops", tmp_path / "c")
-    manifest = json.loads((classifier / "manifest.json").read_text())
-    manifest["outputs"] = {"value_range": [0, 1]}
-    (classifier / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ModelLoadError, match="declares a regressor"):
-        load_runtime(classifier, read_manifest(classifier))
-    onnx = _copy(models / "breast-cancer", tmp_path / "o")
-    manifest = json.loads((onnx / "manifest.json").read_text())
-    manifest["outputs"] = {"value_range": [0, 1]}
-    (onnx / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ModelLoadError, match="has 2 columns but the manifest declares 1"):
-        load_runtime(onnx, read_manifest(onnx))
+    refused = [
+        (_declaring(models, "diabetes", tmp_path / "r", {"classes": ["low", "high"]}), "no predict_proba"),
+        (
+            _declaring(models, "breast-cancer-skops", tmp_path / "c", {"value_range": [0, 1]}),
+            "declares a regressor",
+        ),
+        (
+            _declaring(models, "breast-cancer", tmp_path / "o", {"value_range": [0, 1]}),
+            "has 2 columns but the manifest declares 1",
+        ),
+    ]
+    for model_dir, message in refused:
+        with pytest.raises(ModelLoadError, match=message):
+            load_runtime(model_dir, read_manifest(model_dir))
 
 
 def test_one_bad_model_is_refused_and_the_others_serve(models: Path, tmp_path: Path) -> None:
