@@ -55,7 +55,13 @@ grants = [ { models = ["breast-cancer"], actions = ["infer", "metadata"] } ]
 [roles.topk]
 rate = 1000
 burst = 1000
-grants = [ { models = ["breast-cancer", "diabetes"], actions = ["infer", "metadata"], output = "top_k", top_k = 2 } ]
+grants = [ { models = ["breast-cancer"], actions = ["infer", "metadata"], output = "top_k", top_k = 2 } ]
+
+# Labels from every model: on the regressor, a policy made for classes.
+[roles.labels]
+rate = 1000
+burst = 1000
+grants = [ { models = ["*"], actions = ["infer", "metadata"] } ]
 
 [roles.rounded]
 rate = 1000

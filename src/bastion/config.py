@@ -43,6 +43,11 @@ class OutputDetail(StrEnum):
     def rank(self) -> int:
         return _DETAIL_RANK[self]
 
+    @property
+    def applies_to_regression(self) -> bool:
+        """A regressor answers one value: the policies made for classes have nothing to act on."""
+        return self in (OutputDetail.ROUNDED, OutputDetail.DP_SCORES, OutputDetail.PROBABILITIES)
+
 
 _DETAIL_RANK = {detail: i for i, detail in enumerate(OutputDetail)}
 
@@ -210,8 +215,11 @@ def _rebase_key_spec(spec: str | None, base: Path) -> str | None:
     return f"file:{base / spec.removeprefix('file:')}"
 
 
-def check_grants_name_models(config: Config, model_names: set[str], path: Path) -> None:
-    """A grant naming a model that is not served is almost always a typo: refuse it."""
+def check_grants_name_models(
+    config: Config, model_names: set[str], path: Path, *, regressors: frozenset[str] = frozenset()
+) -> None:
+    """A grant naming a model that is not served is almost always a typo, and one that names a
+    regressor with a policy made for classes could never answer: refuse both."""
     for role_name, role in config.roles.items():
         for i, grant in enumerate(role.grants):
             for model in grant.models:
@@ -219,4 +227,9 @@ def check_grants_name_models(config: Config, model_names: set[str], path: Path) 
                     raise ConfigError(
                         f"{path}: roles.{role_name}.grants.{i}.models: model {model!r} is not served "
                         f"(served: {', '.join(sorted(model_names)) or 'none'})"
+                    )
+                if model in regressors and not grant.output.applies_to_regression:
+                    raise ConfigError(
+                        f"{path}: roles.{role_name}.grants.{i}.output: {grant.output.value!r} is made for "
+                        f"classes and {model!r} is a regressor: use rounded, dp_scores or probabilities"
                     )

@@ -145,6 +145,10 @@ class ModelRegistry:
         """Every model the config names, served or refused: what grants and rollouts may refer to."""
         return self.names | self.refused_names
 
+    @property
+    def regressors(self) -> frozenset[str]:
+        return frozenset(m.name for m in self.models() if m.manifest.outputs.is_regression)
+
     def models(self) -> list[ServedModel]:
         return [m for versions in self._models.values() for m in versions.values()]
 

@@ -157,7 +157,9 @@ class Bastion:
         paths.root.chmod(0o700)
         self.paths = paths
         self.registry = ModelRegistry.load(list(config.models))
-        check_grants_name_models(config, self.registry.configured_names, config_path)
+        check_grants_name_models(
+            config, self.registry.configured_names, config_path, regressors=self.registry.regressors
+        )
         self.policy = Policy.from_config(config)
         self.metrics = Metrics()
         self.metrics.models_loaded.set(len(self.registry.models()))
@@ -288,7 +290,9 @@ class Bastion:
             registry = await asyncio.get_running_loop().run_in_executor(
                 None, ModelRegistry.load, list(config.models)
             )
-            check_grants_name_models(config, registry.configured_names, self.config_path)
+            check_grants_name_models(
+                config, registry.configured_names, self.config_path, regressors=registry.regressors
+            )
             previous = (self.registry, self.policy, self.rollouts, self.config)
             self.registry, self.policy, self.config = registry, Policy.from_config(config), config
             try:

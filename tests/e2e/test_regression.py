@@ -53,7 +53,7 @@ def test_full_and_rounded_values_are_the_models_predictions(deployment: Deployme
 
 
 def test_a_policy_made_for_classes_is_refused_not_guessed(deployment: Deployment) -> None:
-    key = create_key(deployment.config, "topk")
+    key = create_key(deployment.config, "labels")  # output = "label" on every model, by "*"
     r = _post(deployment, key, "infer", _rows(0, 2))
     assert r.status_code == 403 and r.json()["code"] == "policy_not_applicable"
     assert "rounded, dp_scores or probabilities" in r.json()["error"]

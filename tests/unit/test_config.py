@@ -87,3 +87,22 @@ def test_grant_naming_an_unserved_model_stops_start_up(tmp_path: Path) -> None:
     result = run_cli("serve", "--config", config, check=False)
     assert result.returncode == 2
     assert "roles.outsider.grants.0.models: model 'laon' is not served" in result.stderr
+
+
+def test_grant_naming_a_regressor_with_a_policy_for_classes_stops_start_up(tmp_path: Path) -> None:
+    from tests.helpers import write_test_deployment
+
+    config, _ = write_test_deployment(tmp_path / "d")
+    text = config.read_text().replace(
+        '{ models = ["breast-cancer"], actions = ["infer", "metadata"], output = "top_k", top_k = 2 }',
+        '{ models = ["breast-cancer", "diabetes"], actions = ["infer", "metadata"], output = "top_k", top_k = 2 }',
+    )
+    assert text != config.read_text()
+    config.write_text(text)
+    result = run_cli("serve", "--config", config, check=False)
+    assert result.returncode == 2
+    assert (
+        "roles.topk.grants.0.output: 'top_k' is made for classes and 'diabetes' is a regressor"
+        in result.stderr
+    )
+    assert "Traceback" not in result.stderr

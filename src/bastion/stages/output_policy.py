@@ -39,17 +39,16 @@ _OUTPUTS = {
     OutputDetail.TOP_K: [LABEL, TOP_K],
 }
 ALL_OUTPUTS = (LABEL, TOP_K, PROBABILITIES)
-REGRESSION_POLICIES = frozenset({OutputDetail.ROUNDED, OutputDetail.DP_SCORES, OutputDetail.PROBABILITIES})
 
 
 def output_names(detail: OutputDetail, *, regression: bool = False) -> list[str]:
     if regression:
-        return [VALUE] if detail in REGRESSION_POLICIES else []
+        return [VALUE] if detail.applies_to_regression else []
     return _OUTPUTS.get(detail, [LABEL, PROBABILITIES])
 
 
 def check_applicable(detail: OutputDetail, *, regression: bool) -> None:
-    if regression and detail not in REGRESSION_POLICIES:
+    if regression and not detail.applies_to_regression:
         raise PermissionDenied(
             f"output policy {detail.value!r} is made for classes and does not apply to a regression "
             "model: grant rounded, dp_scores or probabilities for it",
