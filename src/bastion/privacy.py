@@ -35,7 +35,7 @@ class NoiseSource(Protocol):
 
 
 _FIXED = 2**20  # fixed-point grid: scores are released as multiples of 2^-20
-_POOL = 1024
+_POOL = 256
 
 
 class _Pool:
@@ -54,10 +54,11 @@ class OpenDPNoise:
 
     Values are rounded to multiples of 2^-20 and noise is added as integers, so the arithmetic is
     exact and the floating-point attacks on naive Laplace noise do not apply. Because the
-    mechanism is x + Z with Z independent of x, OpenDP draws Z in batches of 1024 (one call costs
+    mechanism is x + Z with Z independent of x, OpenDP draws Z in batches of 256 (one call costs
     ~60 us, a sample ~5 us in a batch), each sample used once. The next batch is drawn on a helper
     thread while the current one is spent (OpenDP's native sampler runs without the GIL), so no
-    request waits on a refill (measured: a 5 ms refill on the event loop was the p99).
+    request waits on a refill (measured: a 5 ms refill on the event loop was the p99; batches of
+    256 instead of 1024 took the p99 ratio against full probabilities from 1.45 to 1.27).
     """
 
     resolution = 1.0 / _FIXED
