@@ -434,6 +434,57 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if registry.failures else 0
 
 
+def cmd_redteam_membership(args: argparse.Namespace) -> int:
+    """Attack a running server's model with membership inference; exit 1 if a threshold is passed."""
+    import os
+
+    import numpy as np
+
+    key = os.environ.get(args.key_env)
+    if not key:
+        return _fail(f"--key-env: set {args.key_env} to the API key or token to attack with")
+    sets = {}
+    for flag, path in (("--members", args.members), ("--nonmembers", args.nonmembers)):
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                sets[flag] = (np.asarray(data["x"]), np.asarray(data["y"]))
+        except (OSError, KeyError, ValueError) as e:
+            return _fail(f"{flag} {path}: needs arrays 'x' and 'y' in an .npz: {e}")
+    try:
+        from bastion.redteam import Gate, RemoteError, RemoteModel, membership_inference
+    except ImportError:
+        return _fail("the red-team harness needs IBM ART: pip install 'bastion-serve[redteam]'")
+    try:
+        remote = RemoteModel(args.url, args.model, key, batch=args.batch)
+        (mx, my), (nx, ny) = sets["--members"], sets["--nonmembers"]
+        members, nonmembers = (mx, remote.labels(my)), (nx, remote.labels(ny))
+        x = np.concatenate([mx, nx]).astype(np.float64)
+        result = membership_inference(
+            remote.predict,
+            members=members,
+            nonmembers=nonmembers,
+            nb_classes=len(remote.classes),
+            clip_values=(float(x.min()), float(x.max())),
+            seed=args.seed,
+        )
+    except RemoteError as e:
+        return _fail(str(e))
+    gate = Gate(
+        max_auc=args.max_auc,
+        max_accuracy=args.max_accuracy,
+        max_tpr_at_1pct_fpr=args.max_tpr_at_1pct_fpr,
+        max_gap_accuracy=args.max_gap_accuracy,
+        min_benign_accuracy=args.min_benign_accuracy,
+    )
+    failures = gate.failures(result)
+    report = {"model": args.model, **vars(result), "passed": not failures, "failures": failures}
+    print(json.dumps(report, indent=2))
+    if failures:
+        print(f"bastion: privacy gate failed: {'; '.join(failures)}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bastion", description="A secure model server.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -532,6 +583,31 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.add_argument("action", choices=["status", "promote", "rollback"])
     rollout.add_argument("model", nargs="?")
     rollout.set_defaults(func=cmd_rollout)
+    redteam = sub.add_parser("redteam", help="attack a running server to measure (and gate on) what it leaks")
+    redteam_sub = redteam.add_subparsers(dest="redteam_cmd", required=True)
+    mi = redteam_sub.add_parser(
+        "membership",
+        help="membership inference (IBM ART black-box and the label-only gap attack) over the V2 API; "
+        "exit 1 if a threshold is passed",
+    )
+    mi.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:8000")
+    mi.add_argument("--model", required=True)
+    mi.add_argument(
+        "--key-env", default="BASTION_KEY", help="environment variable holding the attacker's key"
+    )
+    mi.add_argument(
+        "--members", type=Path, required=True, help=".npz with x and y: rows the model trained on"
+    )
+    mi.add_argument("--nonmembers", type=Path, required=True, help=".npz with x and y: rows it never saw")
+    mi.add_argument("--batch", type=int, default=256, help="rows per request")
+    mi.add_argument("--seed", type=int, default=0)
+    mi.add_argument("--max-auc", type=float)
+    mi.add_argument("--max-accuracy", type=float)
+    mi.add_argument("--max-tpr-at-1pct-fpr", type=float)
+    mi.add_argument("--max-gap-accuracy", type=float)
+    mi.add_argument("--min-benign-accuracy", type=float)
+    mi.set_defaults(func=cmd_redteam_membership)
+
     registry = sub.add_parser("registry", help="a local registry of bundles by name and version")
     registry_sub = registry.add_subparsers(dest="registry_cmd", required=True)
     push = registry_sub.add_parser("push", help="verify a bundle and store it, immutable, under NAME/VERSION")

@@ -72,3 +72,122 @@ def membership_inference(
         gap_accuracy=float((correct_m.sum() + (~correct_n).sum()) / (len(correct_m) + len(correct_n))),
         benign_accuracy=float((pn.argmax(axis=1) == ny[ni]).mean()),
     )
+
+
+class RemoteError(Exception):
+    """The server refused or could not be reached; the message names the status and code."""
+
+
+class RemoteModel:
+    """A served classifier, queried over the Open Inference Protocol V2 as an attacker would:
+    with one key, through the public API, seeing only what the key's output policy returns."""
+
+    def __init__(
+        self, base_url: str, model: str, key: str, *, batch: int = 256, timeout: float = 30.0
+    ) -> None:
+        if not base_url.startswith(("http://", "https://")):
+            raise RemoteError(f"{base_url!r}: the server's URL must start with http:// or https://")
+        self._base = base_url.rstrip("/")
+        self._model = model
+        self._key = key
+        self._batch = batch
+        self._timeout = timeout
+        meta = self._call("GET", f"/v2/models/{model}")
+        classes = meta.get("parameters", {}).get("classes")
+        inputs = meta.get("inputs", [])
+        if not classes:
+            raise RemoteError(f"model {model!r} is not a classifier (no classes in its metadata)")
+        if len(inputs) != 1:
+            raise RemoteError(f"model {model!r} has {len(inputs)} inputs; the harness sends one")
+        self.classes: list[str] = [str(c) for c in classes]
+        self._input = inputs[0]
+
+    def labels(self, y: np.ndarray) -> np.ndarray:
+        """Class indices for `y`, given as indices or as class names."""
+        if y.dtype.kind in "iu":
+            return y.astype(np.int64)
+        index = {name: i for i, name in enumerate(self.classes)}
+        try:
+            return np.asarray([index[str(v)] for v in y], dtype=np.int64)
+        except KeyError as e:
+            raise RemoteError(f"label {e.args[0]!r} is not a class of {self._model!r}") from None
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """What the attacker learns per row: the scores if the policy returns any, else a one-hot label."""
+        out = []
+        for start in range(0, len(x), self._batch):
+            rows = x[start : start + self._batch]
+            body = {
+                "inputs": [
+                    {
+                        "name": self._input["name"],
+                        "datatype": self._input["datatype"],
+                        "shape": list(rows.shape),
+                        "data": rows.ravel().tolist(),
+                    }
+                ]
+            }
+            answer = self._call("POST", f"/v2/models/{self._model}/infer", body)
+            outputs = {o["name"]: o for o in answer["outputs"]}
+            if "probabilities" in outputs:
+                out.append(
+                    np.asarray(outputs["probabilities"]["data"]).reshape(outputs["probabilities"]["shape"])
+                )
+            else:
+                out.append(np.eye(len(self.classes))[self.labels(np.asarray(outputs["label"]["data"]))])
+        return np.concatenate(out)
+
+    def _call(self, method: str, path: str, body: object | None = None) -> dict:  # type: ignore[type-arg]
+        import json
+        import urllib.error
+        import urllib.request
+
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(  # noqa: S310 (the scheme is checked in __init__)
+            self._base + path,
+            data=data,
+            method=method,
+            headers={"Authorization": f"Bearer {self._key}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self._timeout) as response:  # noqa: S310
+                answer: dict = json.loads(response.read())  # type: ignore[type-arg]
+                return answer
+        except urllib.error.HTTPError as e:
+            try:
+                detail = json.loads(e.read())
+                reason = f"{detail.get('code')}: {detail.get('error')}"
+            except ValueError:
+                reason = e.reason
+            raise RemoteError(f"{method} {path}: HTTP {e.code} ({reason})") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise RemoteError(f"{method} {path}: cannot reach {self._base}: {e}") from None
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Thresholds a deployment must meet; None leaves a metric unchecked."""
+
+    max_auc: float | None = None
+    max_accuracy: float | None = None
+    max_tpr_at_1pct_fpr: float | None = None
+    max_gap_accuracy: float | None = None
+    min_benign_accuracy: float | None = None
+
+    def failures(self, result: MembershipResult) -> list[str]:
+        checks = [
+            ("auc", result.auc, self.max_auc, max),
+            ("accuracy", result.accuracy, self.max_accuracy, max),
+            ("tpr_at_1pct_fpr", result.tpr_at_1pct_fpr, self.max_tpr_at_1pct_fpr, max),
+            ("gap_accuracy", result.gap_accuracy, self.max_gap_accuracy, max),
+            ("benign_accuracy", result.benign_accuracy, self.min_benign_accuracy, min),
+        ]
+        failed = []
+        for name, value, bound, kind in checks:
+            if bound is None:
+                continue
+            if kind is max and value > bound:
+                failed.append(f"{name} {value:.3f} > {bound:g}")
+            elif kind is min and value < bound:
+                failed.append(f"{name} {value:.3f} < {bound:g}")
+        return failed

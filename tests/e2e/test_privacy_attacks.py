@@ -7,6 +7,14 @@ its own key over HTTP, with a budget large enough that the attacker can ask abou
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -15,7 +23,7 @@ from bastion.bundle.signing import sign_bundle
 from bastion.demo import infer_request
 from bastion.manifest import InputSpec, OutputSpec
 from bastion.redteam import MembershipResult, membership_inference
-from tests.helpers import create_key, start_server, write_test_deployment
+from tests.helpers import RunningServer, create_key, run_cli, start_server, write_test_deployment
 
 POLICIES = {
     "mi_label": 'output = "label"',
@@ -88,24 +96,35 @@ def remote_predict(server, key: str, model: str = "digits"):  # type: ignore[no-
     return predict
 
 
+@dataclass
+class Attacked:
+    server: RunningServer
+    config: Path
+    members: tuple[np.ndarray, np.ndarray]
+    nonmembers: tuple[np.ndarray, np.ndarray]
+
+
 @pytest.fixture(scope="module")
-def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, MembershipResult]:
+def attacked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Attacked]:
     root = tmp_path_factory.mktemp("privacy")
     config, members, nonmembers = attacked_deployment(root)
     server = start_server(config, root / "server.log")
-    try:
-        return {
-            name: membership_inference(
-                remote_predict(server, create_key(config, name), MODEL_OF.get(name, "digits")),
-                members=members,
-                nonmembers=nonmembers,
-                nb_classes=10,
-                clip_values=(0.0, 16.0),
-            )
-            for name in POLICIES
-        }
-    finally:
-        server.stop()
+    yield Attacked(server, config, members, nonmembers)
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def results(attacked: Attacked) -> dict[str, MembershipResult]:
+    return {
+        name: membership_inference(
+            remote_predict(attacked.server, create_key(attacked.config, name), MODEL_OF.get(name, "digits")),
+            members=attacked.members,
+            nonmembers=attacked.nonmembers,
+            nb_classes=10,
+            clip_values=(0.0, 16.0),
+        )
+        for name in POLICIES
+    }
 
 
 def test_the_attack_works_on_full_scores(results: dict[str, MembershipResult]) -> None:
@@ -130,3 +149,81 @@ def test_private_prediction_defeats_black_box_and_gap_attacks(results: dict[str,
     assert r.auc <= 0.55 and r.accuracy <= 0.55
     assert r.gap_accuracy <= 0.55
     assert r.benign_accuracy > 0.5  # far above chance (0.1): the answers still carry the teachers' consensus
+
+
+def _gate(
+    attacked: Attacked, tmp_path: Path, role: str, *thresholds: str
+) -> subprocess.CompletedProcess[str]:
+    """`bastion redteam membership` against the running server, as a deployment pipeline would run it."""
+    for name, (x, y) in (("members", attacked.members), ("nonmembers", attacked.nonmembers)):
+        np.savez(tmp_path / f"{name}.npz", x=x, y=y)
+    model = MODEL_OF.get(role, "digits")
+    command = [
+        sys.executable,
+        "-m",
+        "bastion.cli",
+        "redteam",
+        "membership",
+        "--url",
+        attacked.server.base_url,
+    ]
+    command += ["--model", model, "--members", str(tmp_path / "members.npz")]
+    command += ["--nonmembers", str(tmp_path / "nonmembers.npz"), *thresholds]
+    env = {**os.environ, "BASTION_KEY": create_key(attacked.config, role)}
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_the_cli_gate_passes_label_only_output(attacked: Attacked, tmp_path: Path) -> None:
+    done = _gate(
+        attacked, tmp_path, "mi_label", "--max-tpr-at-1pct-fpr", "0.02", "--min-benign-accuracy", "0.9"
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["passed"] is True and report["tpr_at_1pct_fpr"] <= 0.02 and report["model"] == "digits"
+
+
+def test_the_cli_gate_stops_a_deployment_that_leaks_scores(attacked: Attacked, tmp_path: Path) -> None:
+    done = _gate(attacked, tmp_path, "mi_full", "--max-auc", "0.6")
+    assert done.returncode == 1
+    report = json.loads(done.stdout)
+    assert report["passed"] is False and report["auc"] > 0.6
+    assert "privacy gate failed: auc" in done.stderr
+
+
+def test_the_cli_gate_says_what_is_wrong_and_never_echoes_the_key(attacked: Attacked, tmp_path: Path) -> None:
+    done = _gate(attacked, tmp_path, "mi_label", "--max-auc", "0.6")
+    assert done.returncode == 0
+    missing = run_cli(
+        "redteam",
+        "membership",
+        "--url",
+        attacked.server.base_url,
+        "--model",
+        "digits",
+        "--members",
+        tmp_path / "members.npz",
+        "--nonmembers",
+        tmp_path / "nope.npz",
+        check=False,
+    )
+    assert missing.returncode == 2 and "BASTION_KEY" in missing.stderr
+    env = {**os.environ, "BASTION_KEY": "bst_0000000000000000_not-a-real-key"}
+    command = [
+        sys.executable,
+        "-m",
+        "bastion.cli",
+        "redteam",
+        "membership",
+        "--url",
+        attacked.server.base_url,
+        "--model",
+        "digits",
+        "--members",
+        str(tmp_path / "members.npz"),
+        "--nonmembers",
+        str(tmp_path / "members.npz"),
+    ]
+    refused = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert refused.returncode == 2 and "HTTP 401 (unauthenticated" in refused.stderr
+    assert "not-a-real-key" not in refused.stderr + refused.stdout
+    assert "Traceback" not in refused.stderr
