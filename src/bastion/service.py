@@ -335,6 +335,10 @@ class Bastion:
         audit_ok = self.audit is None or self.audit.healthy
         return audit_ok and not self.registry.failures and bool(self.registry.models())
 
+    async def is_ready(self) -> bool:
+        """Ready, and the state store answers: a replica whose Redis is gone takes no traffic."""
+        return self.ready and await self.state.reachable()
+
     def close(self) -> None:
         """Flush and close everything; safe to call twice (lifespan shutdown, then the CLI's finally)."""
         if self._closed:

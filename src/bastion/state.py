@@ -100,6 +100,10 @@ class StateStore(Protocol):
         """Release everything, on the event loop (the server's shutdown)."""
         ...
 
+    async def reachable(self) -> bool:
+        """Whether the store can take decisions now (readiness)."""
+        ...
+
 
 class MemoryStateStore:
     """In-process state: fastest, lost on restart, per worker."""
@@ -131,6 +135,9 @@ class MemoryStateStore:
 
     async def aclose(self) -> None:
         self.close()
+
+    async def reachable(self) -> bool:
+        return True
 
 
 _LEASE_MAX = 64  # at most this many units (quota) or answers (privacy budget) per lease
@@ -188,6 +195,8 @@ class Ledger(Protocol):
     def close(self) -> None: ...
 
     async def aclose(self) -> None: ...
+
+    async def reachable(self) -> bool: ...
 
 
 class LeasedStateStore:
@@ -274,6 +283,9 @@ class LeasedStateStore:
         self.close()
         await self._ledger.aclose()
 
+    async def reachable(self) -> bool:
+        return await self._ledger.reachable()
+
 
 class SQLiteLedger:
     """The ledger in a SQLite file (WAL): one host, any number of worker processes."""
@@ -345,6 +357,9 @@ class SQLiteLedger:
 
     async def aclose(self) -> None:
         self.close()
+
+    async def reachable(self) -> bool:
+        return True  # a local file: a failing disk shows in the requests' 503s and the audit log
 
 
 class SQLiteStateStore(LeasedStateStore):

@@ -102,6 +102,13 @@ class RedisLedger:
     async def aclose(self) -> None:
         await self._client.aclose()
 
+    async def reachable(self) -> bool:
+        # Readiness probes come every few seconds: one PING each, bounded by the socket timeout.
+        try:
+            return bool(await self._client.ping())
+        except RedisError:
+            return False
+
 
 class RedisStateStore(LeasedStateStore):
     """Quotas and privacy budgets shared by replicas on any number of hosts."""

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
@@ -63,6 +64,12 @@ def test_privacy_budget_is_spent_once_across_replicas(replicas: Replicas) -> Non
     assert statuses == [200] * 10 + [429] * 4
 
 
+def test_replicas_with_their_redis_are_ready(replicas: Replicas) -> None:
+    for server in replicas.servers:
+        r = httpx.get(f"{server.base_url}/v2/health/ready")
+        assert r.status_code == 200 and r.json() == {"ready": True}
+
+
 def test_daily_quota_is_shared_by_replicas(replicas: Replicas) -> None:
     servers, keys, rows = replicas.servers, replicas.keys, replicas.features
     statuses = []
@@ -86,6 +93,10 @@ def test_a_server_without_its_redis_refuses_with_503(tmp_path: Path) -> None:
         with server.client(key) as c:
             r = c.post("/v2/models/breast-cancer/infer", json=infer_request(build.features[:1]))
         assert r.status_code == 503 and r.json()["code"] == "state_unavailable"
+        # Readiness says so too, so that a load balancer sends the traffic to replicas that can answer.
+        ready = httpx.get(f"{server.base_url}/v2/health/ready")
+        assert ready.status_code == 503 and ready.json() == {"ready": False}
+        assert httpx.get(f"{server.base_url}/v2/health/live").status_code == 200
         assert "Traceback" not in (tmp_path / "server.log").read_text()
     finally:
         server.stop()

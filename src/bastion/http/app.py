@@ -61,7 +61,7 @@ class BastionApp:
             await _send(send, Outcome(200, {"live": True}, {}), None)
             return
         if path == "/v2/health/ready":
-            ready = self.service.ready
+            ready = await self.service.is_ready()
             await _send(send, Outcome(200 if ready else 503, {"ready": ready}, {}), None)
             return
         route, match, allowed_method = Route.NOT_FOUND, None, None
