@@ -19,6 +19,7 @@ test: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 	scripts/ensure-redis
+	scripts/ensure-postgres
 	$(BIN)/pytest -q
 
 bench: $(STAMP)

@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 from bastion.demo import build_demo, infer_request  # noqa: E402
 
 REDIS_URL = "redis://127.0.0.1:6379/14"
+POSTGRES_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 BENCH_ROLE = """
 # Benchmark principal: limits far above what one core can serve, so the limiter runs but never refuses.
@@ -141,9 +142,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--state",
-        choices=["sqlite", "memory", "redis"],
+        choices=["sqlite", "memory", "redis", "postgres"],
         default="sqlite",
-        help="where limits and budgets live (redis: the local server on 127.0.0.1:6379, database 14)",
+        help="where quotas and budgets live (redis: 127.0.0.1:6379 database 14; postgres: 127.0.0.1:5432)",
     )
     parser.add_argument(
         "--policy",
@@ -168,6 +169,10 @@ def main() -> None:
         text = text.replace(
             'backend = "redis"', f'backend = "redis"\nredis_url = "{REDIS_URL}"\nredis_prefix = "{prefix}"'
         )
+    if args.state == "postgres":
+        table = f"bastion_bench_{os.getpid()}"
+        text = text.replace('backend = "postgres"', f'backend = "postgres"\npostgres_table = "{table}"')
+        text = text.replace('postgres_table = "', f'postgres_dsn = "{POSTGRES_DSN}"\npostgres_table = "', 1)
     build.config_path.write_text(text)
     request = infer_request(build.features[: args.rows])
     script = "infer.lua"
@@ -257,6 +262,23 @@ def main() -> None:
         "server on CPU 0, wrk on CPU 1)"
     )
     shutil.rmtree(work, ignore_errors=True)
+    _drop_shared_state(args.state)
+
+
+def _drop_shared_state(state: str) -> None:
+    """The bench's ledger in Redis or PostgreSQL is scratch: remove it."""
+    if state == "redis":
+        import redis
+
+        client = redis.Redis.from_url(REDIS_URL)
+        keys = list(client.scan_iter(match=f"bastion-bench-{os.getpid()}:*"))
+        if keys:
+            client.delete(*keys)
+    elif state == "postgres":
+        import psycopg
+
+        with psycopg.connect(POSTGRES_DSN) as conn:
+            conn.execute(f"DROP TABLE IF EXISTS bastion_bench_{os.getpid()}")
 
 
 if __name__ == "__main__":

@@ -251,3 +251,24 @@ def drop_redis_keys(prefix: str) -> None:
     if keys:
         client.delete(*keys)
     client.close()
+
+
+POSTGRES_DSN = os.environ.get("BASTION_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def postgres_table() -> str:
+    """A ledger table no other test (or run) shares; `drop_postgres_table` removes it."""
+    import psycopg
+
+    try:
+        psycopg.connect(POSTGRES_DSN, connect_timeout=2).close()
+    except psycopg.Error as e:
+        raise AssertionError(f"the PostgreSQL tests need a server at {POSTGRES_DSN}: {e}") from None
+    return f"bastion_test_{secrets.token_hex(6)}"
+
+
+def drop_postgres_table(table: str) -> None:
+    import psycopg
+
+    with psycopg.connect(POSTGRES_DSN) as conn:
+        conn.execute(f"DROP TABLE IF EXISTS {table}")

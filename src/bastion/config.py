@@ -98,10 +98,12 @@ class RequestLimits(_Strict):
 
 
 class StateSettings(_Strict):
-    backend: Literal["memory", "sqlite", "redis"] = "sqlite"
-    # backend = "redis": one server shared by every replica; exact, one round trip per decision.
+    backend: Literal["memory", "sqlite", "redis", "postgres"] = "sqlite"
+    # redis / postgres: one ledger shared by every replica, leased in blocks like SQLite's.
     redis_url: Annotated[str, Field(pattern=r"^(redis|rediss|unix)://")] = "redis://127.0.0.1:6379/0"
     redis_prefix: Annotated[str, Field(min_length=1, max_length=64)] = "bastion:"
+    postgres_dsn: Annotated[str, Field(pattern=r"^postgres(ql)?://")] = "postgresql://127.0.0.1:5432/postgres"
+    postgres_table: Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_]{0,62}$")] = "bastion_ledger"
 
 
 class AuditSettings(_Strict):

@@ -456,6 +456,10 @@ def _state_store(config: Config, paths: StatePaths) -> StateStore:
         from bastion.state_redis import RedisStateStore
 
         return RedisStateStore(config.state.redis_url, prefix=config.state.redis_prefix)
+    if config.state.backend == "postgres":
+        from bastion.state_postgres import PostgresStateStore
+
+        return PostgresStateStore(config.state.postgres_dsn, table=config.state.postgres_table)
     if config.state.backend == "sqlite":
         return SQLiteStateStore(paths.limits)
     return MemoryStateStore()

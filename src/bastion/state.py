@@ -9,6 +9,7 @@ Lua script).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 import threading
@@ -149,6 +150,7 @@ class _Lease:
     granted: float  # what this process has taken from the ledger for `period`
     pool_left: float  # what the ledger had left after the last lease
     spent: float = 0.0  # privacy budgets: what this process has spent of `granted`
+    refilling: bool = False  # the next block is being leased in the background
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +220,7 @@ class LeasedStateStore:
         self._usage: dict[str, _Usage] = {}
         self._quota_leases: dict[str, _Lease] = {}
         self._budget_leases: dict[str, _Lease] = {}
+        self._refills: set[asyncio.Task[None]] = set()
 
     async def acquire(self, principal: str, spec: LimitSpec, *, now: float, cost: int = 1) -> Admission:
         today = int(now // DAY)
@@ -239,6 +242,15 @@ class LeasedStateStore:
             # Read the usage again: other requests may have moved it while the ledger answered.
             admission, new = admit(self._usage.get(principal), _local(spec, lease), now=now, cost=cost)
         self._usage[principal] = new
+        self._top_up(
+            QUOTA,
+            principal,
+            lease,
+            lease.granted - new.used,
+            limit=spec.daily_quota,
+            cap=_LEASE_MAX,
+            ttl=2 * DAY,
+        )
         remaining = int(lease.pool_left + lease.granted) - new.used
         return Admission(admission.allowed, admission.reason, admission.retry_after, remaining)
 
@@ -263,7 +275,35 @@ class LeasedStateStore:
             if cost > held + BUDGET_SLACK:
                 return BudgetSpend(False, max(0.0, lease.pool_left + held), ends_in)
         lease.spent += cost
-        return BudgetSpend(True, max(0.0, lease.pool_left + lease.granted - lease.spent), 0.0)
+        held = lease.granted - lease.spent
+        self._top_up(BUDGET, principal, lease, held, limit=limit, cap=_LEASE_MAX * cost, ttl=ends_in)
+        return BudgetSpend(True, max(0.0, lease.pool_left + held), 0.0)
+
+    def _top_up(
+        self, book: Book, principal: str, lease: _Lease, held: float, *, limit: float, cap: float, ttl: float
+    ) -> None:
+        """Lease the next block in the background before this one runs out, so that no request waits
+        on the ledger (measured: a PostgreSQL commit per block made the p99 60 ms), but only while
+        the ledger has at least eight blocks left: near the end, blocks are taken on demand."""
+        if lease.refilling or held * 4 > cap or lease.pool_left < 8 * cap:
+            return
+        lease.refilling = True
+        task = asyncio.get_running_loop().create_task(self._refill(book, principal, lease, limit, cap, ttl))
+        self._refills.add(task)
+        task.add_done_callback(self._refills.discard)
+
+    async def _refill(
+        self, book: Book, principal: str, lease: _Lease, limit: float, cap: float, ttl: float
+    ) -> None:
+        try:
+            taken, lease.pool_left = await self._ledger.take(
+                book, principal, lease.period, limit=limit, need=0.0, cap=cap, ttl=ttl
+            )
+            lease.granted += taken
+        except StateUnavailable:
+            pass  # the request that needs a block next asks the ledger itself, and gets its 503 then
+        finally:
+            lease.refilling = False
 
     def close(self) -> None:
         """Give unspent blocks back, so a clean restart loses nothing."""
@@ -280,6 +320,8 @@ class LeasedStateStore:
         self._ledger.close()
 
     async def aclose(self) -> None:
+        # Blocks being leased now are counted before the unspent ones go back.
+        await asyncio.gather(*self._refills, return_exceptions=True)
         self.close()
         await self._ledger.aclose()
 

@@ -1,5 +1,6 @@
-"""Two replicas behind one Redis: a principal's privacy budget and quota are spent once, across
-both servers, and a server whose Redis is gone refuses (503) instead of answering unmetered."""
+"""Two replicas behind one Redis, or one PostgreSQL: a principal's privacy budget and quota are spent
+once, across both servers, and a server whose state server is gone refuses (503) instead of
+answering unmetered, and says it is not ready."""
 
 from __future__ import annotations
 
@@ -14,10 +15,13 @@ import pytest
 
 from bastion.demo import infer_request
 from tests.helpers import (
+    POSTGRES_DSN,
     REDIS_URL,
     RunningServer,
     create_key,
+    drop_postgres_table,
     drop_redis_keys,
+    postgres_table,
     redis_prefix,
     start_server,
     write_test_deployment,
@@ -31,14 +35,17 @@ class Replicas:
     features: np.ndarray
 
 
-@pytest.fixture(scope="module")
-def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
-    root = tmp_path_factory.mktemp("replicas")
-    prefix = redis_prefix()
+@pytest.fixture(scope="module", params=["redis", "postgres"])
+def replicas(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
+    root = tmp_path_factory.mktemp(f"replicas-{request.param}")
+    if request.param == "redis":
+        namespace = redis_prefix()
+        state = f'backend = "redis"\nredis_url = "{REDIS_URL}"\nredis_prefix = "{namespace}"'
+    else:
+        namespace = postgres_table()
+        state = f'backend = "postgres"\npostgres_dsn = "{POSTGRES_DSN}"\npostgres_table = "{namespace}"'
     config, build = write_test_deployment(root)
-    text = config.read_text().replace(
-        'backend = "sqlite"', f'backend = "redis"\nredis_url = "{REDIS_URL}"\nredis_prefix = "{prefix}"'
-    )
+    text = config.read_text().replace('backend = "sqlite"', state)
     config.write_text(text)
     keys = {role: create_key(config, role) for role in ("dp", "quota")}
     # The second replica: its own audit log, the same key database (a copy, as a replica would get).
@@ -49,7 +56,10 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
     yield Replicas(servers, keys, build.features)
     for server in servers:
         server.stop()
-    drop_redis_keys(prefix)
+    if request.param == "redis":
+        drop_redis_keys(namespace)
+    else:
+        drop_postgres_table(namespace)
 
 
 def test_privacy_budget_is_spent_once_across_replicas(replicas: Replicas) -> None:
@@ -81,11 +91,17 @@ def test_daily_quota_is_shared_by_replicas(replicas: Replicas) -> None:
     assert statuses == [200, 200, 429, 429]
 
 
-def test_a_server_without_its_redis_refuses_with_503(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "state",
+    [
+        'backend = "redis"\nredis_url = "redis://127.0.0.1:9/0"',
+        'backend = "postgres"\npostgres_dsn = "postgresql://postgres@127.0.0.1:9/x"',
+    ],
+    ids=["redis", "postgres"],
+)
+def test_a_server_without_its_state_server_refuses_with_503(tmp_path: Path, state: str) -> None:
     config, build = write_test_deployment(tmp_path)
-    text = config.read_text().replace(
-        'backend = "sqlite"', 'backend = "redis"\nredis_url = "redis://127.0.0.1:9/0"'
-    )
+    text = config.read_text().replace('backend = "sqlite"', state)
     config.write_text(text)
     key = create_key(config, "analyst")
     server = start_server(config, tmp_path / "server.log")

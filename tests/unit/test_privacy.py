@@ -21,9 +21,17 @@ from bastion.privacy import (
     policy_tag,
     reverse_sigmoid,
 )
-from bastion.state import MemoryStateStore, SQLiteStateStore, StateStore
+from bastion.state import LeasedStateStore, MemoryStateStore, SQLiteLedger, SQLiteStateStore, StateStore
+from bastion.state_postgres import PostgresStateStore
 from bastion.state_redis import RedisStateStore
-from tests.helpers import REDIS_URL, drop_redis_keys, redis_prefix
+from tests.helpers import (
+    POSTGRES_DSN,
+    REDIS_URL,
+    drop_postgres_table,
+    drop_redis_keys,
+    postgres_table,
+    redis_prefix,
+)
 
 
 class NoNoise:
@@ -97,15 +105,17 @@ def test_opendp_laplace_noise_has_the_calibrated_spread() -> None:
     assert len(set(samples.tolist())) > 3900  # fresh randomness each call
 
 
-@pytest.mark.parametrize("backend", ["memory", "sqlite", "redis"])
+@pytest.mark.parametrize("backend", ["memory", "sqlite", "redis", "postgres"])
 def test_budget_spends_exactly_and_renews_per_window(tmp_path: Path, backend: str) -> None:
     prefix = redis_prefix() if backend == "redis" else ""
+    table = postgres_table() if backend == "postgres" else ""
 
     async def run() -> None:
         store: StateStore = {
             "memory": MemoryStateStore,
             "sqlite": lambda: SQLiteStateStore(tmp_path / "s.db"),
             "redis": lambda: RedisStateStore(REDIS_URL, prefix=prefix),
+            "postgres": lambda: PostgresStateStore(POSTGRES_DSN, table=table),
         }[backend]()
         got = [
             (await store.spend_budget("p", cost=0.3, limit=1.0, now=100.0, window_seconds=1000))
@@ -121,6 +131,8 @@ def test_budget_spends_exactly_and_renews_per_window(tmp_path: Path, backend: st
     asyncio.run(run())
     if prefix:
         drop_redis_keys(prefix)
+    if table:
+        drop_postgres_table(table)
 
 
 def _spender(path: str, queue: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
@@ -297,3 +309,30 @@ def test_dp_values_calibrate_to_the_declared_range_and_stay_inside_it() -> None:
         values, value_range=(0.0, 400.0), mechanism="gaussian", epsilon=1.0, delta=1e-6, noise=OpenDPNoise()
     )
     assert ((noisy >= 0.0) & (noisy <= 400.0)).all() and not np.allclose(noisy, exact)
+
+
+def test_blocks_leased_ahead_are_counted_and_given_back(tmp_path: Path) -> None:
+    """With plenty left, the next block is leased in the background before this one runs out: after
+    the first, no answer waits on the ledger, and on shutdown the file holds exactly what was spent."""
+    needs: list[float] = []
+
+    class CountingLedger(SQLiteLedger):
+        async def take(self, *args, need: float, **kwargs):  # type: ignore[no-untyped-def]
+            needs.append(need)
+            return await super().take(*args, need=need, **kwargs)
+
+    async def run() -> int:
+        store = LeasedStateStore(CountingLedger(tmp_path / "s.db"))
+        ok = 0
+        for _ in range(1000):
+            ok += (
+                await store.spend_budget("p", cost=1.0, limit=10_000.0, now=1.0, window_seconds=100)
+            ).allowed
+            await asyncio.sleep(0)  # let a background lease finish, as it would between requests
+        await store.aclose()
+        return ok
+
+    assert asyncio.run(run()) == 1000
+    assert needs[0] == 1.0 and len(needs) > 10 and all(n == 0.0 for n in needs[1:])  # on demand once
+    with sqlite3.connect(tmp_path / "s.db") as db:
+        assert db.execute("SELECT spent FROM privacy_budget").fetchone()[0] == pytest.approx(1000.0)
