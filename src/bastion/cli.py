@@ -423,10 +423,13 @@ def cmd_registry_list(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from bastion.config import check_grants_name_models
     from bastion.registry import ModelRegistry
 
     config = _config(args.config)
     registry = ModelRegistry.load(list(config.models))
+    # The same checks as start-up: a grant naming an unknown model, or a regressor with a class policy.
+    check_grants_name_models(config, registry.configured_names, args.config, regressors=registry.regressors)
     for model in registry.models():
         print(f"ok      {model.name} {model.version} {model.digest}")
     for path, reason in registry.failures.items():
