@@ -11,6 +11,8 @@ if key ~= nil and key ~= "" then
 end
 math.randomseed(os.time())
 request = function()
-  local body = template:gsub("__X__", string.format("%.6f", 10 + math.random() * 5))
+  -- Near the first row's own value (17.99), so that the row stays plausible and passes the
+  -- out-of-distribution screen: 17.5 to 18.5 in steps of 1e-6 is a new question every time.
+  local body = template:gsub("__X__", string.format("%.6f", 17.5 + math.random()))
   return wrk.format("POST", nil, headers, body)
 end

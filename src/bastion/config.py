@@ -139,6 +139,8 @@ class ModelRef(_Strict):
     unsafe_trust_pickle: bool = False  # load a pickle-based model (after the opcode scan)
     unsafe_unsigned: bool = False  # serve without a signature (digests are still checked for bundles)
     aggregates: bool = False  # offer /aggregate: DP counts, sums and means of this model's predictions
+    # With a signed reference dataset in the bundle: refuse rows far from it (Mahalanobis distance).
+    out_of_distribution: Literal["refuse", "off"] = "refuse"
 
 
 class RolloutSettings(_Strict):

@@ -54,7 +54,7 @@ class DemoBuild:
         model_dir: Path,
         *,
         encrypt: bool = False,
-        reference: bool = False,
+        reference: np.ndarray | None = None,
         dataset: str = "breast_cancer",
         preprocessing: tuple[str, ...] = ("StandardScaler",),
     ) -> Path:
@@ -71,7 +71,7 @@ class DemoBuild:
             model_dir,
             bundle,
             kek=kek,
-            reference_data={"features": self.features} if reference else None,
+            reference_data={"features": reference} if reference is not None else None,
             provenance={
                 "training_data_sha256": _dataset_digest(dataset),
                 "preprocessing": list(preprocessing),
@@ -267,9 +267,15 @@ def build_demo(root: Path, *, port: int = 8000) -> DemoBuild:
     build = DemoBuild(
         root, root / "bastion.toml", features, estimator, root / "keys" / "release.key", passphrase
     )
-    build.publish(root / "models" / ONNX_MODEL, reference=True)  # the dataset, for /aggregate
+    # The training data rides in the bundle, signed: for /aggregate and for out-of-distribution screening.
+    build.publish(root / "models" / ONNX_MODEL, reference=features)
     build.publish(root / "models" / SKOPS_MODEL, encrypt=True)
-    build.publish(root / "models" / REGRESSION_MODEL, dataset="diabetes", preprocessing=())
+    build.publish(
+        root / "models" / REGRESSION_MODEL,
+        reference=regression_features,
+        dataset="diabetes",
+        preprocessing=(),
+    )
     config_path = root / "bastion.toml"
     config_path.write_text(DEMO_CONFIG.format(port=port), encoding="utf-8")
     request = infer_request(features[:2], request_id="demo-1")

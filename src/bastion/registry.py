@@ -21,6 +21,7 @@ from bastion.bundle.verify import BundleRefused, TrustPolicy, is_bundle, verify_
 from bastion.config import ModelRef
 from bastion.errors import ModelLoadError, NotFound
 from bastion.manifest import MANIFEST_NAME, Manifest, read_manifest
+from bastion.ood import DistributionScreen
 from bastion.runtimes import ModelRuntime, load_runtime
 from bastion.runtimes.teachers import TeacherEnsemble
 
@@ -35,6 +36,7 @@ class ServedModel:
     teachers: TeacherEnsemble | None = None  # for private prediction
     aggregates: bool = False  # the config offers DP aggregate statistics for this model
     reference: dict[str, np.ndarray] | None = None  # the bundle's reference dataset, for aggregates
+    screen: DistributionScreen | None = None  # out-of-distribution screening against the reference
 
     @property
     def name(self) -> str:
@@ -131,7 +133,13 @@ class ModelRegistry:
             )
         if manifest.version in self._models.get(manifest.name, {}):
             raise ModelLoadError(f"{ref.path}: {manifest.name} version {manifest.version} is already served")
-        model = ServedModel(manifest, runtime, digest, teachers, ref.aggregates, reference)
+        screen = None
+        if reference is not None and ref.out_of_distribution == "refuse":
+            try:
+                screen = DistributionScreen.for_inputs(reference, [s.name for s in manifest.inputs])
+            except (ValueError, KeyError, np.linalg.LinAlgError) as e:
+                raise ModelLoadError(f"{ref.path}: the reference data cannot screen inputs: {e}") from None
+        model = ServedModel(manifest, runtime, digest, teachers, ref.aggregates, reference, screen)
         self._models.setdefault(manifest.name, {})[manifest.version] = model
         log.info("serving %s version %s (%s)", model.name, model.version, model.digest)
         return model

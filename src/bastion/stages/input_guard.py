@@ -99,6 +99,13 @@ class GuardInput:
             )
         for name, array in request.inputs.items():
             self._check(specs[name], array, rows)
+        if model.screen is not None:
+            row = model.screen.first_outlier(request.inputs, list(specs))
+            if row is not None:
+                # No distance and no value in the message: either would help map the reference data.
+                raise SchemaViolation(
+                    f"row {row} is outside the distribution this model serves", code="out_of_distribution"
+                )
         ctx.payload_hmac = self._fingerprint(request.inputs)
 
     @staticmethod

@@ -1,0 +1,62 @@
+"""Out-of-distribution screening against the bundle's signed reference dataset.
+
+A row can pass every per-column bound of the manifest and still lie where no real
+input does: a model thief's queries, drawn uniformly inside the bounds, are the
+common case. The screen measures each row's Mahalanobis distance to the reference
+data (columns standardised, correlations kept, a small ridge for stability) and
+refuses rows farther than the reference data's own 99.9th percentile times a margin.
+The limit comes from the signed data, never from the requests, so an attacker
+cannot move it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_QUANTILE = 0.999
+_MARGIN = 1.5  # a genuine row a little past the reference's own extremes still passes
+_RIDGE = 1e-3  # added to the correlation matrix's diagonal: near-duplicate columns stay invertible
+
+
+class DistributionScreen:
+    def __init__(self, reference: np.ndarray) -> None:
+        x = np.asarray(reference, dtype=np.float64).reshape(len(reference), -1)
+        if x.shape[0] < 2 * x.shape[1]:
+            raise ValueError(f"{x.shape[0]} reference rows cannot describe {x.shape[1]} columns")
+        mean = x.mean(axis=0)
+        scale = np.where(x.std(axis=0) > 0, x.std(axis=0), 1.0)
+        correlation = np.cov((x - mean) / scale, rowvar=False) + _RIDGE * np.eye(x.shape[1])
+        # distance(row) = || (row - mean) @ map ||: L^-1 of the correlation (= L L^T) and the column
+        # scales folded into one matrix, since this runs on every request.
+        whiten = np.linalg.inv(np.linalg.cholesky(correlation)).T
+        self._mean = mean
+        self._map = whiten / scale[:, None]
+        self.limit = float(np.quantile(self.distances(x), _QUANTILE) * _MARGIN)
+        self._limit_squared = self.limit**2
+
+    @classmethod
+    def for_inputs(cls, reference: dict[str, np.ndarray], names: list[str]) -> DistributionScreen:
+        return cls(_rows(reference, names))
+
+    def _squared(self, x: np.ndarray) -> np.ndarray:
+        z = (x.reshape(len(x), -1) - self._mean) @ self._map
+        return np.asarray(np.einsum("ij,ij->i", z, z))
+
+    def distances(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(np.sqrt(self._squared(x)))
+
+    def first_outlier(self, inputs: dict[str, np.ndarray], names: list[str]) -> int | None:
+        """The first row farther than the limit, or None."""
+        x = _rows(inputs, names)
+        if len(x) == 1:  # the common request: one row, three numpy calls (bench/RESULTS.md)
+            z = (x.reshape(-1) - self._mean) @ self._map
+            return 0 if float(z @ z) > self._limit_squared else None
+        far = self._squared(x) > self._limit_squared
+        return int(far.argmax()) if far.any() else None
+
+
+def _rows(inputs: dict[str, np.ndarray], names: list[str]) -> np.ndarray:
+    """One matrix: every input's columns, in manifest order (as the runtimes see them)."""
+    if len(names) == 1:
+        return inputs[names[0]]
+    return np.concatenate([inputs[n].reshape(len(inputs[n]), -1) for n in names], axis=1)
