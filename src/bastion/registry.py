@@ -138,7 +138,10 @@ class ModelRegistry:
             try:
                 screen = DistributionScreen.for_inputs(reference, [s.name for s in manifest.inputs])
             except (ValueError, KeyError, np.linalg.LinAlgError) as e:
-                raise ModelLoadError(f"{ref.path}: the reference data cannot screen inputs: {e}") from None
+                raise ModelLoadError(
+                    f"{ref.path}: the reference data cannot screen inputs ({e}): pack more reference rows, "
+                    'or set out_of_distribution = "off" for this model'
+                ) from None
         model = ServedModel(manifest, runtime, digest, teachers, ref.aggregates, reference, screen)
         self._models.setdefault(manifest.name, {})[manifest.version] = model
         log.info("serving %s version %s (%s)", model.name, model.version, model.digest)
