@@ -55,3 +55,19 @@ def test_the_screen_is_on_by_default_and_can_be_turned_off(tmp_path: Path) -> No
     on = ModelRegistry.load([ModelRef(path=bundle, trusted_keys=[key])]).get("breast-cancer")
     off = ModelRegistry.load([ModelRef(path=bundle, trusted_keys=[key], out_of_distribution="off")])
     assert on.screen is not None and off.get("breast-cancer").screen is None
+
+
+def test_a_reference_set_too_small_to_screen_refuses_the_model_and_says_how_to_fix_it(tmp_path: Path) -> None:
+    from bastion.bundle.pack import pack
+    from bastion.bundle.signing import sign_bundle
+
+    _, build = write_test_deployment(tmp_path)
+    bundle = tmp_path / "bundles" / "small-reference"
+    pack(tmp_path / "models" / "breast-cancer", bundle, reference_data={"features": _data()[:20]})
+    sign_bundle(bundle, build.signing_key, build.passphrase)
+    ref = ModelRef(path=bundle, trusted_keys=[tmp_path / "keys" / "release.pub"])
+    registry = ModelRegistry.load([ref])
+    assert not registry.models()
+    (reason,) = registry.failures.values()
+    assert "cannot screen inputs" in reason and 'out_of_distribution = "off"' in reason
+    assert ModelRegistry.load([ref.model_copy(update={"out_of_distribution": "off"})]).models()
