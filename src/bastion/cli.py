@@ -9,6 +9,7 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from bastion.errors import AuditIntegrityError, ConfigError
 
@@ -281,11 +282,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
     if args.teachers:
         if args.training_data is None:
             return _fail("--teachers needs --training-data FILE.npz (arrays x and y)")
-        try:
-            with np.load(args.training_data) as data:
-                training = (np.asarray(data["x"], dtype=np.float32), np.asarray(data["y"]))
-        except (OSError, KeyError, ValueError) as e:
-            return _fail(f"{args.training_data}: needs arrays 'x' and 'y': {e}")
+        x, y = _xy(args.training_data, "--training-data")
+        training = (x.astype(np.float32), y)
     reference = None
     if args.reference_data is not None:
         try:
@@ -437,6 +435,17 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if registry.failures else 0
 
 
+def _xy(path: Path, flag: str) -> tuple[Any, Any]:
+    """Rows and labels from an .npz with arrays x and y (never unpickled)."""
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return np.asarray(data["x"]), np.asarray(data["y"])
+    except (OSError, KeyError, ValueError) as e:
+        raise _CliError(f"{flag} {path}: needs arrays 'x' and 'y' in an .npz: {e}") from None
+
+
 def cmd_redteam_membership(args: argparse.Namespace) -> int:
     """Attack a running server's model with membership inference; exit 1 if a threshold is passed."""
     import os
@@ -446,20 +455,13 @@ def cmd_redteam_membership(args: argparse.Namespace) -> int:
     key = os.environ.get(args.key_env)
     if not key:
         return _fail(f"--key-env: set {args.key_env} to the API key or token to attack with")
-    sets = {}
-    for flag, path in (("--members", args.members), ("--nonmembers", args.nonmembers)):
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                sets[flag] = (np.asarray(data["x"]), np.asarray(data["y"]))
-        except (OSError, KeyError, ValueError) as e:
-            return _fail(f"{flag} {path}: needs arrays 'x' and 'y' in an .npz: {e}")
+    (mx, my), (nx, ny) = _xy(args.members, "--members"), _xy(args.nonmembers, "--nonmembers")
     try:
         from bastion.redteam import Gate, RemoteError, RemoteModel, membership_inference
     except ImportError:
         return _fail("the red-team harness needs IBM ART: pip install 'bastion-serve[redteam]'")
     try:
         remote = RemoteModel(args.url, args.model, key, batch=args.batch)
-        (mx, my), (nx, ny) = sets["--members"], sets["--nonmembers"]
         members, nonmembers = (mx, remote.labels(my)), (nx, remote.labels(ny))
         x = np.concatenate([mx, nx]).astype(np.float64)
         result = membership_inference(

@@ -24,7 +24,8 @@ class DistributionScreen:
         if x.shape[0] < 2 * x.shape[1]:
             raise ValueError(f"{x.shape[0]} reference rows cannot describe {x.shape[1]} columns")
         mean = x.mean(axis=0)
-        scale = np.where(x.std(axis=0) > 0, x.std(axis=0), 1.0)
+        std = x.std(axis=0)
+        scale = np.where(std > 0, std, 1.0)
         correlation = np.cov((x - mean) / scale, rowvar=False) + _RIDGE * np.eye(x.shape[1])
         # distance(row) = || (row - mean) @ map ||: L^-1 of the correlation (= L L^T) and the column
         # scales folded into one matrix, since this runs on every request.
