@@ -35,12 +35,16 @@ class PostgresLedger:
 
     async def _connection(self) -> psycopg.AsyncConnection:
         if self._conn is None or self._conn.closed:
-            self._conn = await psycopg.AsyncConnection.connect(self._dsn, connect_timeout=int(self._timeout))
-            await self._conn.execute(
-                f"CREATE TABLE IF NOT EXISTS {self._table} (book text NOT NULL, principal text NOT NULL, "
-                "period bigint NOT NULL, taken double precision NOT NULL, PRIMARY KEY (book, principal))"
-            )
-            await self._conn.commit()
+            conn = await psycopg.AsyncConnection.connect(self._dsn, connect_timeout=int(self._timeout))
+            async with conn.transaction():
+                # CREATE TABLE IF NOT EXISTS races with itself (a unique violation in pg_type) when
+                # replicas start together: an advisory lock makes the first one create it alone.
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self._table,))
+                await conn.execute(
+                    f"CREATE TABLE IF NOT EXISTS {self._table} (book text NOT NULL, principal text NOT NULL, "
+                    "period bigint NOT NULL, taken double precision NOT NULL, PRIMARY KEY (book, principal))"
+                )
+            self._conn = conn
         return self._conn
 
     async def take(
