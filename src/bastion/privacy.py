@@ -245,15 +245,21 @@ class AnswerCache:
     guarantee itself is the budget: an evicted answer asked again is paid for again.
     A key is a 16-byte digest of the principal, the model digest, the input guard's keyed HMAC of
     the tensors (never the inputs) and the policy's parameters; an entry is one bytes object
-    (expiry, shape, scores) in a plain dict, oldest first evicted. Measured in bench/: an
-    OrderedDict of tuples cost ~8 us per request on the whole serving path as it grew (every
-    object in it is one more for the allocator and the garbage collector to step over); two
-    small bytes objects per entry cost a fraction of that.
+    (expiry, shape, scores). Entries live in two generations of plain dicts: new answers go into
+    the young one, and when it holds half the bound the old one is dropped whole and the young
+    one takes its place, so between half and all of `max_entries` of the latest answers are kept
+    at O(1) per answer. (Evicting the oldest key of one insertion-ordered dict is not O(1): each
+    `next(iter(d))` skips every slot deleted before it; measured in bench/answer_cache.py, 1.4 us
+    per answer while filling, then 24 us at 1.5x the bound and 190 us at 4x.)
     """
 
     def __init__(self, *, max_entries: int = 100_000) -> None:
-        self._entries: dict[bytes, bytes] = {}
-        self._max = max_entries
+        self._young: dict[bytes, bytes] = {}
+        self._old: dict[bytes, bytes] = {}
+        self._half = max(1, max_entries // 2)
+
+    def __len__(self) -> int:
+        return len(self._young) + len(self._old)
 
     @staticmethod
     def key(principal: str, model_digest: str, payload_hmac: str, policy: str) -> bytes:
@@ -262,20 +268,21 @@ class AnswerCache:
         return hashlib.blake2b(joined.encode(), digest_size=16).digest()
 
     def get(self, key: bytes, *, now: float) -> np.ndarray | None:
-        entry = self._entries.get(key)
+        entry = self._young.get(key) or self._old.get(key)
         if entry is None:
             return None
         expires, rows, columns = _HEADER.unpack_from(entry)
         if now >= expires:
-            del self._entries[key]
+            self._young.pop(key, None)
+            self._old.pop(key, None)
             return None
         return np.frombuffer(entry, dtype=np.float64, offset=_HEADER.size).reshape(rows, columns)
 
     def put(self, key: bytes, scores: np.ndarray, *, expires: float) -> None:
+        if len(self._young) >= self._half:
+            self._old, self._young = self._young, {}
         scores = np.ascontiguousarray(scores, dtype=np.float64)
-        self._entries[key] = _HEADER.pack(expires, *scores.shape) + scores.tobytes()
-        while len(self._entries) > self._max:
-            del self._entries[next(iter(self._entries))]
+        self._young[key] = _HEADER.pack(expires, *scores.shape) + scores.tobytes()
 
 
 @functools.lru_cache(maxsize=1024)

@@ -350,10 +350,11 @@ class Bastion:
         self.keys.close()
 
     async def aclose(self) -> None:
-        """The server's shutdown, on its event loop: also releases the state store's connections."""
+        """The server's shutdown, on its event loop. The state store goes first: it waits for the
+        blocks being leased in the background, so that those too are given back."""
         if not self._closed:
-            self.close()
             await self.state.aclose()
+            self.close()
 
     async def handle(self, route: Route, ctx: RequestContext) -> Outcome:
         started = time.perf_counter()

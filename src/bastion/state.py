@@ -221,6 +221,7 @@ class LeasedStateStore:
         self._quota_leases: dict[str, _Lease] = {}
         self._budget_leases: dict[str, _Lease] = {}
         self._refills: set[asyncio.Task[None]] = set()
+        self._closed = False
 
     async def acquire(self, principal: str, spec: LimitSpec, *, now: float, cost: int = 1) -> Admission:
         today = int(now // DAY)
@@ -306,7 +307,10 @@ class LeasedStateStore:
             lease.refilling = False
 
     def close(self) -> None:
-        """Give unspent blocks back, so a clean restart loses nothing."""
+        """Give unspent blocks back, so a clean restart loses nothing. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
         returns: list[Return] = []
         for principal, lease in self._quota_leases.items():
             usage = self._usage.get(principal)
@@ -320,9 +324,10 @@ class LeasedStateStore:
         self._ledger.close()
 
     async def aclose(self) -> None:
-        # Blocks being leased now are counted before the unspent ones go back.
-        await asyncio.gather(*self._refills, return_exceptions=True)
-        self.close()
+        if not self._closed:
+            # Blocks being leased now are counted before the unspent ones go back.
+            await asyncio.gather(*self._refills, return_exceptions=True)
+            self.close()
         await self._ledger.aclose()
 
     async def reachable(self) -> bool:

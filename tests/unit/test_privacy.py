@@ -218,10 +218,23 @@ def test_answer_cache_expires_and_stays_bounded() -> None:
     cache.put(_key("a"), scores, expires=10.0)
     np.testing.assert_array_equal(cache.get(_key("a"), now=5.0), scores)
     assert cache.get(_key("a"), now=10.0) is None
+    assert len(cache) == 0  # an expired answer is dropped when it is next asked for
     for k in ("b", "c", "d"):
         cache.put(_key(k), scores * 2, expires=100.0)
     assert cache.get(_key("b"), now=1.0) is None  # oldest evicted first
+    np.testing.assert_array_equal(cache.get(_key("c"), now=1.0), scores * 2)
     np.testing.assert_array_equal(cache.get(_key("d"), now=1.0), scores * 2)
+
+
+def test_answer_cache_keeps_the_latest_half_of_its_bound_however_many_answers_pass() -> None:
+    cache = AnswerCache(max_entries=100)
+    for i in range(1000):
+        cache.put(_key(str(i)), np.array([[i / 1000, 1 - i / 1000]]), expires=1e9)
+        assert len(cache) <= 100
+    for i in range(950, 1000):
+        answer = cache.get(_key(str(i)), now=0.0)
+        assert answer is not None and answer[0, 0] == i / 1000
+    assert all(cache.get(_key(str(i)), now=0.0) is None for i in range(900))
 
 
 def test_answer_cache_keys_separate_principals_models_inputs_and_parameters() -> None:

@@ -1,0 +1,64 @@
+"""The service's own lifecycle, against real state stores."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bastion.config import load_config
+from bastion.service import Bastion
+from bastion.state import SQLiteStateStore, StateStore
+from bastion.state_redis import RedisStateStore
+from tests.helpers import REDIS_URL, drop_redis_keys, redis_prefix
+
+LIMIT, WINDOW, NOW = 10_000.0, 3600.0, 1000.0
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def state_config(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    section = 'backend = "sqlite"'
+    prefix = ""
+    if request.param == "redis":
+        prefix = redis_prefix()
+        section = f'backend = "redis"\nredis_url = "{REDIS_URL}"\nredis_prefix = "{prefix}"'
+    config = tmp_path / "bastion.toml"
+    config.write_text(f'[server]\nstate_dir = "state"\n\n[state]\n{section}\n')
+    yield config, prefix
+    if prefix:
+        drop_redis_keys(prefix)
+
+
+def test_shutdown_waits_for_the_block_being_leased_and_returns_everything_unspent(
+    state_config: tuple[Path, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Under load a worker leases its next block in the background; stopping at that moment must
+    neither lose that block (it would be spent by nobody until the window ends) nor touch a
+    closed ledger."""
+    config, prefix = state_config
+
+    def reopen() -> StateStore:
+        if prefix:
+            return RedisStateStore(REDIS_URL, prefix=prefix)
+        return SQLiteStateStore(config.parent / "state" / "limits.db")
+
+    async def run() -> float:
+        service = Bastion(load_config(config), config_path=config)
+        for _ in range(48):  # 48 of a 64-answer block: the next block is being leased now
+            spent = await service.state.spend_budget(
+                "key:p", cost=1.0, limit=LIMIT, now=NOW, window_seconds=WINDOW
+            )
+            assert spent.allowed
+        await service.aclose()
+        after = reopen()
+        probe = await after.spend_budget("key:p", cost=1.0, limit=LIMIT, now=NOW, window_seconds=WINDOW)
+        await after.aclose()
+        return probe.remaining
+
+    with caplog.at_level(logging.WARNING):
+        remaining = asyncio.run(run())
+    assert remaining == LIMIT - 49
+    assert "state store unavailable" not in caplog.text
