@@ -109,6 +109,14 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_release(args: argparse.Namespace) -> int:
+    _, store = _key_store(args.config)
+    if not store.release(args.key_id):
+        return _fail(f"key {args.key_id!r} is not quarantined (or does not exist)", 1)
+    print(f"released {args.key_id} from quarantine; it is served from the next request on")
+    return 0
+
+
 def _audit_paths(args: argparse.Namespace) -> tuple[Path, Path]:
     from bastion.service import StatePaths
 
@@ -534,6 +542,11 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = with_config(keys.add_parser("revoke", help="revoke a key; effective on the next request"))
     revoke.add_argument("key_id")
     revoke.set_defaults(func=cmd_keys_revoke)
+    release = with_config(
+        keys.add_parser("release", help="lift a key's quarantine (query auditing); effective at once")
+    )
+    release.add_argument("key_id")
+    release.set_defaults(func=cmd_keys_release)
 
     audit = sub.add_parser("audit", help="verify and export the audit log").add_subparsers(
         dest="audit", required=True

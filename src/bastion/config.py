@@ -141,6 +141,9 @@ class ModelRef(_Strict):
     aggregates: bool = False  # offer /aggregate: DP counts, sums and means of this model's predictions
     # With a signed reference dataset in the bundle: refuse rows far from it (Mahalanobis distance).
     out_of_distribution: Literal["refuse", "off"] = "refuse"
+    # With a reference dataset: watch each principal's queries for extraction; on suspicion record an
+    # incident and quarantine the key (or only record: "alert").
+    extraction_watch: Literal["quarantine", "alert", "off"] = "quarantine"
 
 
 class RolloutSettings(_Strict):

@@ -19,6 +19,7 @@ class Principal:
     roles: tuple[str, ...]
     scope: TokenScope | None = None  # set when the caller used a token: it narrows the key's grants
     via: str = "key"  # "key" | "token"
+    quarantined: bool = False  # query auditing suspected extraction; the containment gate refuses it
 
     @property
     def id(self) -> str:

@@ -36,7 +36,8 @@ CREATE TABLE IF NOT EXISTS api_keys (
     roles       TEXT NOT NULL,
     created_at  REAL NOT NULL,
     expires_at  REAL,
-    revoked_at  REAL
+    revoked_at  REAL,
+    quarantined_at REAL
 );
 """
 
@@ -49,12 +50,15 @@ class KeyRecord:
     created_at: float
     expires_at: float | None
     revoked_at: float | None
+    quarantined_at: float | None = None  # set by query auditing; the key authenticates but is refused
 
     def status(self, now: float) -> str:
         if self.revoked_at is not None:
             return "revoked"
         if self.expires_at is not None and now >= self.expires_at:
             return "expired"
+        if self.quarantined_at is not None:
+            return "quarantined"
         return "active"
 
 
@@ -86,6 +90,9 @@ class KeyStore:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA busy_timeout=5000")
         self._conn.executescript(_SCHEMA)
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(api_keys)")}
+        if "quarantined_at" not in columns:  # a key file from before query auditing
+            self._conn.execute("ALTER TABLE api_keys ADD COLUMN quarantined_at REAL")
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[KeyRecord, bytes]] = {}
         self._seen_version: int | None = None
@@ -100,7 +107,7 @@ class KeyStore:
         with self._lock:
             self._cache.clear()
             self._conn.execute(
-                "INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, ?, NULL)",
+                "INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, ?, NULL, NULL)",
                 (key_id, _hash_secret(secret), name, json.dumps(roles), now, expires_at),
             )
         return NewKey(KeyRecord(key_id, name, tuple(roles), now, expires_at, None), secret)
@@ -119,28 +126,49 @@ class KeyStore:
             if cached is not None:
                 return cached
             row = self._conn.execute(
-                "SELECT key_id, name, roles, created_at, expires_at, revoked_at, secret_hash "
-                "FROM api_keys WHERE key_id = ?",
+                "SELECT key_id, name, roles, created_at, expires_at, revoked_at, quarantined_at, "
+                "secret_hash FROM api_keys WHERE key_id = ?",
                 (key_id,),
             ).fetchone()
             if row is None:  # unknown ids are not cached: an attacker could fill the cache with them
                 return None
-            found = KeyRecord(row[0], row[1], tuple(json.loads(row[2])), row[3], row[4], row[5]), row[6]
+            found = KeyRecord(row[0], row[1], tuple(json.loads(row[2])), *row[3:7]), row[7]
             self._cache[key_id] = found
             return found
 
     def list(self) -> list[KeyRecord]:
         with self._lock:
             rows = self._conn.execute(
-                "SELECT key_id, name, roles, created_at, expires_at, revoked_at FROM api_keys ORDER BY created_at"
+                "SELECT key_id, name, roles, created_at, expires_at, revoked_at, quarantined_at "
+                "FROM api_keys ORDER BY created_at"
             ).fetchall()
-        return [KeyRecord(r[0], r[1], tuple(json.loads(r[2])), r[3], r[4], r[5]) for r in rows]
+        return [KeyRecord(r[0], r[1], tuple(json.loads(r[2])), *r[3:7]) for r in rows]
 
     def revoke(self, key_id: str, *, now: float) -> bool:
         with self._lock:
             self._cache.clear()
             cur = self._conn.execute(
                 "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL", (now, key_id)
+            )
+        return cur.rowcount == 1
+
+    def quarantine(self, key_id: str, *, now: float) -> bool:
+        """Refuse the key's requests (403) until an operator releases it; True if it was not already."""
+        with self._lock:
+            self._cache.clear()
+            cur = self._conn.execute(
+                "UPDATE api_keys SET quarantined_at = ? WHERE key_id = ? AND quarantined_at IS NULL",
+                (now, key_id),
+            )
+        return cur.rowcount == 1
+
+    def release(self, key_id: str) -> bool:
+        """Lift a quarantine; True if the key was quarantined."""
+        with self._lock:
+            self._cache.clear()
+            cur = self._conn.execute(
+                "UPDATE api_keys SET quarantined_at = NULL WHERE key_id = ? AND quarantined_at IS NOT NULL",
+                (key_id,),
             )
         return cur.rowcount == 1
 
@@ -163,6 +191,8 @@ class KeyStore:
         return record
 
     def require_active(self, record: KeyRecord, *, now: float) -> None:
+        """Revoked and expired keys fail authentication; a quarantined key is who it says it is,
+        and the containment gate refuses it with 403."""
         status = record.status(now)
-        if status != "active":
+        if status not in ("active", "quarantined"):
             raise AuthenticationFailed(f"key_{status}")

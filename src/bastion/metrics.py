@@ -64,6 +64,12 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+        self.incidents = Counter(
+            "bastion_incidents",
+            "Query auditing: principals flagged for suspected extraction, by model, signal and action.",
+            ["model", "signal", "action"],
+            registry=self.registry,
+        )
         self.audit_failures = Counter(
             "bastion_audit_failures",
             "Requests failed closed because the audit log was unavailable.",

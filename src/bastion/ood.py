@@ -37,10 +37,18 @@ class DistributionScreen:
 
     @classmethod
     def for_inputs(cls, reference: dict[str, np.ndarray], names: list[str]) -> DistributionScreen:
-        return cls(_rows(reference, names))
+        return cls(input_rows(reference, names))
+
+    @property
+    def columns(self) -> int:
+        return len(self._mean)
+
+    def whiten(self, x: np.ndarray) -> np.ndarray:
+        """Rows in the space where the distance to the reference's centre is the plain norm."""
+        return np.asarray((x.reshape(len(x), -1) - self._mean) @ self._map)
 
     def _squared(self, x: np.ndarray) -> np.ndarray:
-        z = (x.reshape(len(x), -1) - self._mean) @ self._map
+        z = self.whiten(x)
         return np.asarray(np.einsum("ij,ij->i", z, z))
 
     def distances(self, x: np.ndarray) -> np.ndarray:
@@ -48,7 +56,7 @@ class DistributionScreen:
 
     def first_outlier(self, inputs: dict[str, np.ndarray], names: list[str]) -> int | None:
         """The first row farther than the limit, or None."""
-        x = _rows(inputs, names)
+        x = input_rows(inputs, names)
         if len(x) == 1:  # the common request: one row, three numpy calls (bench/RESULTS.md)
             z = (x.reshape(-1) - self._mean) @ self._map
             return 0 if float(z @ z) > self._limit_squared else None
@@ -56,7 +64,7 @@ class DistributionScreen:
         return int(far.argmax()) if far.any() else None
 
 
-def _rows(inputs: dict[str, np.ndarray], names: list[str]) -> np.ndarray:
+def input_rows(inputs: dict[str, np.ndarray], names: list[str]) -> np.ndarray:
     """One matrix: every input's columns, in manifest order (as the runtimes see them)."""
     if len(names) == 1:
         return inputs[names[0]]

@@ -20,8 +20,9 @@ from bastion.bundle.crypto import LocalKeyProvider
 from bastion.bundle.verify import BundleRefused, TrustPolicy, is_bundle, verify_bundle
 from bastion.config import ModelRef
 from bastion.errors import ModelLoadError, NotFound
+from bastion.extraction import ExtractionMonitor
 from bastion.manifest import MANIFEST_NAME, Manifest, read_manifest
-from bastion.ood import DistributionScreen
+from bastion.ood import DistributionScreen, input_rows
 from bastion.runtimes import ModelRuntime, load_runtime
 from bastion.runtimes.teachers import TeacherEnsemble
 
@@ -37,6 +38,8 @@ class ServedModel:
     aggregates: bool = False  # the config offers DP aggregate statistics for this model
     reference: dict[str, np.ndarray] | None = None  # the bundle's reference dataset, for aggregates
     screen: DistributionScreen | None = None  # out-of-distribution screening against the reference
+    monitor: ExtractionMonitor | None = None  # query auditing: extraction detection per principal
+    extraction_watch: str = "off"  # what a suspicion does: quarantine | alert | off
 
     @property
     def name(self) -> str:
@@ -133,16 +136,23 @@ class ModelRegistry:
             )
         if manifest.version in self._models.get(manifest.name, {}):
             raise ModelLoadError(f"{ref.path}: {manifest.name} version {manifest.version} is already served")
-        screen = None
-        if reference is not None and ref.out_of_distribution == "refuse":
+        screen = monitor = None
+        watch = ref.extraction_watch if reference is not None else "off"
+        if reference is not None and (ref.out_of_distribution == "refuse" or watch != "off"):
+            names = [s.name for s in manifest.inputs]
             try:
-                screen = DistributionScreen.for_inputs(reference, [s.name for s in manifest.inputs])
+                whitening = DistributionScreen.for_inputs(reference, names)
+                if watch != "off":
+                    monitor = ExtractionMonitor(whitening, input_rows(reference, names))
             except (ValueError, KeyError, np.linalg.LinAlgError) as e:
                 raise ModelLoadError(
                     f"{ref.path}: the reference data cannot screen inputs ({e}): pack more reference rows, "
-                    'or set out_of_distribution = "off" for this model'
+                    'or set out_of_distribution = "off" and extraction_watch = "off" for this model'
                 ) from None
-        model = ServedModel(manifest, runtime, digest, teachers, ref.aggregates, reference, screen)
+            screen = whitening if ref.out_of_distribution == "refuse" else None
+        model = ServedModel(
+            manifest, runtime, digest, teachers, ref.aggregates, reference, screen, monitor, watch
+        )
         self._models.setdefault(manifest.name, {})[manifest.version] = model
         log.info("serving %s version %s (%s)", model.name, model.version, model.digest)
         return model

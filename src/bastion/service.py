@@ -55,6 +55,7 @@ from bastion.stages.inference import Infer
 from bastion.stages.input_guard import DecodeRequest, GuardInput
 from bastion.stages.limits import EnforceLimits
 from bastion.stages.output_policy import PrivateScores, ShapeOutput
+from bastion.stages.query_audit import Containment, ContainmentGate, WatchQueries
 from bastion.state import MemoryStateStore, SQLiteStateStore, StateStore
 from bastion.tokens import TokenAuthority, load_or_create_signing_key
 
@@ -202,7 +203,10 @@ class Bastion:
         if self.unsafe_no_defenses:
             return {Route.INFER: [_ResolveWithoutPolicy(self.registry), decode, Infer(), ShapeOutput()]}
         authenticate = Authenticate(self.keys, self.tokens)
+        gate = ContainmentGate()
         limit = EnforceLimits(self.state, self.policy)
+        watch = WatchQueries(Containment(self.keys, self.metrics, self._record_incident))
+        guard = GuardInput(max_rows=limits.max_rows, hmac_key=hmac_key, on_out_of_distribution=watch.refused)
 
         def on_model(action: Action) -> AuthorizeModel:
             return AuthorizeModel(self.policy, self.registry, action, self.rollouts.pick)
@@ -210,42 +214,49 @@ class Bastion:
         return {
             Route.INFER: [
                 authenticate,  # 1. identity: key or token; 401
-                limit,  # 2. rate limit and daily quota; 429
-                on_model(Action.INFER),  # 3. model exists (404) and is granted (403)
-                decode,  # 4. body size (413) and well-formed V2 JSON (400)
-                GuardInput(max_rows=limits.max_rows, hmac_key=hmac_key),  # 5. manifest schema; 422/413/403
-                Infer(),  # 6. the runtime
-                # 7. output policy per grant (label, top-k, rounding, reverse sigmoid, DP noise under a
+                gate,  # 2. containment: a quarantined key is refused; 403
+                limit,  # 3. rate limit and daily quota; 429
+                on_model(Action.INFER),  # 4. model exists (404) and is granted (403)
+                decode,  # 5. body size (413) and well-formed V2 JSON (400)
+                guard,  # 6. manifest schema, out-of-distribution screen; 422/413/403
+                watch,  # 7. query auditing: extraction suspected -> incident, key quarantined; 403
+                Infer(),  # 8. the runtime
+                # 9. output policy per grant (label, top-k, rounding, reverse sigmoid, DP noise under a
                 #    budget with the keyed answer cache); 403 for an ungranted output, 429 over budget
                 ShapeOutput(self.private_scores),
             ],
             # DP statistics over a batch: the same guard and model, then counts and sums with noise.
             Route.AGGREGATE: [
                 authenticate,
+                gate,
                 limit,
                 on_model(Action.AGGREGATE),
                 AggregateSource(limits.max_body_bytes),
-                GuardInput(max_rows=limits.max_rows, hmac_key=hmac_key),
+                guard,
+                watch,
                 Infer(),
                 ComputeAggregates(self.state, self.private_scores.noise, self.private_scores.cache),
             ],
             Route.MODEL_METADATA: [
                 authenticate,
+                gate,
                 limit,
                 on_model(Action.METADATA),
                 DescribeModel(self.registry, self.state),
             ],
-            Route.MODEL_READY: [authenticate, limit, on_model(Action.METADATA), ModelReadiness()],
-            Route.SERVER_METADATA: [authenticate, limit, DescribeServer()],
-            Route.OPENAPI: [authenticate, limit, DescribeApi()],
+            Route.MODEL_READY: [authenticate, gate, limit, on_model(Action.METADATA), ModelReadiness()],
+            Route.SERVER_METADATA: [authenticate, gate, limit, DescribeServer()],
+            Route.OPENAPI: [authenticate, gate, limit, DescribeApi()],
             # Only an API key can mint a token: a stolen token cannot renew itself.
             Route.TOKEN: [
                 Authenticate(self.keys, self.tokens, allow_tokens=False),
+                gate,
                 limit,
                 IssueToken(self.tokens, self.policy),
             ],
             Route.METRICS: [
                 authenticate,
+                gate,
                 limit,
                 AuthorizeServer(self.policy, Action.ADMIN),
                 ExportMetrics(self.metrics),
@@ -390,6 +401,11 @@ class Bastion:
                     await self._record_rollback(rollback)
         self.metrics.observe_request(route.value, model.name if model else UNKNOWN, outcome.status, latency)
         return outcome
+
+    def _record_incident(self, record: dict[str, Any]) -> None:
+        if self.audit is not None:
+            pending = self.audit.submit(record, wait=False)
+            assert pending is None
 
     async def _record_rollback(self, rollback: Rollback) -> None:
         self.metrics.rollbacks.labels(rollback.model, rollback.reason).inc()

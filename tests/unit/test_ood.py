@@ -55,6 +55,10 @@ def test_the_screen_is_on_by_default_and_can_be_turned_off(tmp_path: Path) -> No
     on = ModelRegistry.load([ModelRef(path=bundle, trusted_keys=[key])]).get("breast-cancer")
     off = ModelRegistry.load([ModelRef(path=bundle, trusted_keys=[key], out_of_distribution="off")])
     assert on.screen is not None and off.get("breast-cancer").screen is None
+    assert on.monitor is not None and on.extraction_watch == "quarantine"
+    assert off.get("breast-cancer").monitor is not None  # query auditing whitens with its own screen
+    unwatched = ModelRegistry.load([ModelRef(path=bundle, trusted_keys=[key], extraction_watch="off")])
+    assert unwatched.get("breast-cancer").monitor is None
 
 
 def test_a_reference_set_too_small_to_screen_refuses_the_model_and_says_how_to_fix_it(tmp_path: Path) -> None:
@@ -70,4 +74,7 @@ def test_a_reference_set_too_small_to_screen_refuses_the_model_and_says_how_to_f
     assert not registry.models()
     (reason,) = registry.failures.values()
     assert "cannot screen inputs" in reason and 'out_of_distribution = "off"' in reason
-    assert ModelRegistry.load([ref.model_copy(update={"out_of_distribution": "off"})]).models()
+    assert 'extraction_watch = "off"' in reason
+    assert not ModelRegistry.load([ref.model_copy(update={"out_of_distribution": "off"})]).models()
+    both_off = {"out_of_distribution": "off", "extraction_watch": "off"}
+    assert ModelRegistry.load([ref.model_copy(update=both_off)]).models()

@@ -24,7 +24,9 @@ class Authenticate:
             raise AuthenticationFailed("bad_scheme")
         if credential.startswith(KEY_PREFIX):
             record = self._keys.authenticate(credential, now=ctx.now)
-            ctx.principal = Principal(record.key_id, record.roles)
+            ctx.principal = Principal(
+                record.key_id, record.roles, quarantined=record.quarantined_at is not None
+            )
             return
         if not self._allow_tokens:
             raise AuthenticationFailed("token_not_accepted_here")
@@ -34,4 +36,10 @@ class Authenticate:
         if behind is None:
             raise AuthenticationFailed("token_key_unknown")
         self._keys.require_active(behind, now=ctx.now)
-        ctx.principal = Principal(behind.key_id, behind.roles, token.scope, via="token")
+        ctx.principal = Principal(
+            behind.key_id,
+            behind.roles,
+            token.scope,
+            via="token",
+            quarantined=behind.quarantined_at is not None,
+        )

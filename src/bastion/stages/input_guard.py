@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,9 +63,16 @@ def _first_column(mask: np.ndarray) -> int:
 
 
 class GuardInput:
-    def __init__(self, *, max_rows: int, hmac_key: bytes) -> None:
+    def __init__(
+        self,
+        *,
+        max_rows: int,
+        hmac_key: bytes,
+        on_out_of_distribution: Callable[[RequestContext], None] | None = None,
+    ) -> None:
         self._max_rows = max_rows
         self._hmac_key = hmac_key
+        self._on_out_of_distribution = on_out_of_distribution  # query auditing counts refusals too
         self._compiled: dict[int, dict[str, _CompiledInput]] = {}
 
     def _specs(self, manifest: Manifest) -> dict[str, _CompiledInput]:
@@ -102,6 +110,8 @@ class GuardInput:
         if model.screen is not None:
             row = model.screen.first_outlier(request.inputs, list(specs))
             if row is not None:
+                if self._on_out_of_distribution is not None:
+                    self._on_out_of_distribution(ctx)
                 # No distance and no value in the message: either would help map the reference data.
                 raise SchemaViolation(
                     f"row {row} is outside the distribution this model serves", code="out_of_distribution"

@@ -1,0 +1,166 @@
+"""Query auditing: stateful detection of model-extraction query streams, per principal and model.
+
+A thief who cannot see the training data queries around a few seed rows (Jacobian-style
+augmentation, small perturbations), sweeps features one at a time, interpolates between seeds,
+or asks about synthetic points off the data's manifold. Each leaves a statistical trace that
+genuine traffic does not:
+
+- **near**: a query unusually close to one of the principal's recent queries. A genuine row's
+  distance to the nearest of the principal's last `window` rows is distributed like a reference
+  row's distance to the nearest of `window` other reference rows; the monitor calibrates three
+  quantiles of that (1%, 5%, 10%) from the bundle's signed reference data.
+- **far**: a query unusually far from the data (Mahalanobis distance past the reference's own
+  95th or 99th percentile, but inside the out-of-distribution limit, which refuses it outright).
+- **refused**: queries the out-of-distribution screen refused.
+
+For each signal the monitor counts hits among the principal's queries and flags the principal
+once the count is one a genuine client would reach with probability below `alpha` (a binomial
+tail, with the genuine rate taken at twice the reference's own). Distances are measured in the
+screen's whitened space (columns standardised, correlations removed), so every column counts
+alike. Exact repeats are not counted: a retry teaches a thief nothing. The thresholds come from
+the signed data, never from requests, so an attacker cannot move them.
+
+Measured on scikit-learn's breast-cancer and diabetes data (tests/unit/test_extraction.py): genuine streams
+raise nothing; sweeps, small perturbations of seeds and interpolations are flagged within tens of
+queries. A patient attacker whose queries look like genuine rows is not detected: that is what
+output hardening and budgets are for.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.stats import binom
+
+from bastion.ood import DistributionScreen
+
+_NEAR_QUANTILES = (0.01, 0.05, 0.10)
+_FAR_QUANTILES = (0.95, 0.99)
+_REFUSED_RATE = 0.001  # the screen's limit is 1.5x the reference's 99.9th percentile
+_SLACK = 2.0  # genuine traffic is assumed to hit each signal at up to twice the reference's rate
+_ALPHA = 1e-7  # per test and look: false alarms stay rare over many looks and principals
+_MIN_QUERIES = 20
+_EPOCH = 4096  # counts restart after this many queries, so the test tables stay small
+_WINDOW = 128  # recent queries kept per principal and model (float32: 128 x columns x 4 bytes)
+_MAX_PRINCIPALS = 10_000  # per model; the least recently seen history is dropped first
+
+
+@dataclass(frozen=True, slots=True)
+class Suspicion:
+    """Why a principal was flagged: the signal, how many of its queries hit it, out of how many."""
+
+    signal: str
+    hits: int
+    queries: int
+
+    def describe(self) -> str:
+        return f"{self.signal}: {self.hits} of {self.queries} queries"
+
+
+class _History:
+    __slots__ = ("far", "filled", "near", "next", "queries", "recent", "refused")
+
+    def __init__(self, columns: int, window: int) -> None:
+        self.recent = np.empty((window, columns), dtype=np.float32)
+        self.filled = 0
+        self.next = 0
+        self.queries = 0
+        self.near = [0] * len(_NEAR_QUANTILES)
+        self.far = [0] * len(_FAR_QUANTILES)
+        self.refused = 0
+
+
+def _critical_counts(rate: float) -> np.ndarray:
+    """critical[n]: the smallest hit count among n queries whose binomial tail is below alpha."""
+    n = np.arange(_EPOCH + 1)
+    return np.asarray(binom.isf(_ALPHA, n, min(1.0, rate)) + 1, dtype=np.int64)
+
+
+class ExtractionMonitor:
+    """One model's calibration and its principals' recent queries. Thread-safe (the audit log's
+    helper threads never call it, but a reload may build a new one while the old one serves)."""
+
+    def __init__(self, screen: DistributionScreen, reference: np.ndarray, *, seed: int = 0) -> None:
+        self._screen = screen
+        z = screen.whiten(np.asarray(reference, dtype=np.float64))
+        rows = len(z)
+        self._window = min(_WINDOW, rows - 1)
+        rng = np.random.default_rng(seed)  # calibration only: fixed, so a restart keeps its thresholds
+        nearest = np.empty(rows)
+        for i in range(rows):
+            others = rng.choice(rows - 1, size=self._window, replace=False)
+            others[others >= i] += 1
+            nearest[i] = np.sqrt(((z[others] - z[i]) ** 2).sum(axis=1)).min()
+        positive = nearest[nearest > 0]
+        self.near_limits = np.quantile(positive, _NEAR_QUANTILES)
+        self.far_limits = np.quantile(np.sqrt((z**2).sum(axis=1)), _FAR_QUANTILES)
+        self._near_critical = [_critical_counts(q * _SLACK) for q in _NEAR_QUANTILES]
+        self._far_critical = [_critical_counts((1 - q) * _SLACK) for q in _FAR_QUANTILES]
+        self._refused_critical = _critical_counts(_REFUSED_RATE * _SLACK)
+        self._histories: dict[str, _History] = {}
+        self._lock = threading.Lock()
+
+    def _history(self, principal: str) -> _History:
+        history = self._histories.pop(principal, None)  # re-inserted: most recently seen last
+        if history is None:
+            history = _History(self._screen.columns, self._window)
+            if len(self._histories) >= _MAX_PRINCIPALS:
+                del self._histories[next(iter(self._histories))]
+        if history.queries >= _EPOCH:
+            history.queries = history.refused = 0
+            history.near = [0] * len(_NEAR_QUANTILES)
+            history.far = [0] * len(_FAR_QUANTILES)
+        self._histories[principal] = history
+        return history
+
+    def observe(self, principal: str, rows: np.ndarray) -> Suspicion | None:
+        """Count the signals for these admitted rows (model input order); a Suspicion if the
+        principal's stream is now one genuine traffic would not produce."""
+        z = self._screen.whiten(rows).astype(np.float32)
+        radius = np.sqrt((z.astype(np.float64) ** 2).sum(axis=1))
+        with self._lock:
+            history = self._history(principal)
+            for row, r in zip(z, radius.tolist(), strict=True):
+                if history.filled:
+                    gaps = history.recent[: history.filled] - row
+                    nearest = float(np.sqrt(np.einsum("ij,ij->i", gaps, gaps).min()))
+                    if nearest == 0.0:
+                        continue  # an exact repeat: nothing new to learn from it
+                    for j, limit in enumerate(self.near_limits.tolist()):
+                        history.near[j] += nearest < limit
+                history.queries += 1
+                for j, limit in enumerate(self.far_limits.tolist()):
+                    history.far[j] += r > limit
+                history.recent[history.next] = row
+                history.next = (history.next + 1) % self._window
+                history.filled = min(history.filled + 1, self._window)
+            return self._verdict(history)
+
+    def refused(self, principal: str) -> Suspicion | None:
+        """A query of this principal was refused as out of distribution."""
+        with self._lock:
+            history = self._history(principal)
+            history.queries += 1
+            history.refused += 1
+            return self._verdict(history)
+
+    def _verdict(self, history: _History) -> Suspicion | None:
+        n = history.queries
+        if n < _MIN_QUERIES:
+            return None
+        if history.refused >= self._refused_critical[n]:
+            return Suspicion("out_of_distribution", history.refused, n)
+        for hits, critical in zip(history.near, self._near_critical, strict=True):
+            if hits >= critical[n]:
+                return Suspicion("near_duplicates", hits, n)
+        for hits, critical in zip(history.far, self._far_critical, strict=True):
+            if hits >= critical[n]:
+                return Suspicion("off_manifold", hits, n)
+        return None
+
+    def forget(self, principal: str) -> None:
+        """Start the principal afresh (after an operator releases it from quarantine)."""
+        with self._lock:
+            self._histories.pop(principal, None)

@@ -1,0 +1,96 @@
+"""Query auditing and containment: watch each principal's query stream for extraction, and act.
+
+Two stages and the action between them:
+- `ContainmentGate`, right after identity: a quarantined key is refused (403 `key_quarantined`)
+  on every route until an operator releases it (`bastion keys release KEY_ID`); its tokens too.
+- `WatchQueries`, after the input guard: the model's `ExtractionMonitor` sees every admitted row
+  (and, through the input guard, every row refused as out of distribution).
+- `Containment`: when the monitor flags a principal, an `incident` record goes to the audit log
+  (principal, model, version, digest, signal and counts; never a row), the incidents metric
+  counts it, and the model's `extraction_watch` action applies: `quarantine` (the default)
+  refuses this request and every later one with the key; `alert` only records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from bastion.context import RequestContext
+from bastion.errors import PermissionDenied
+from bastion.extraction import Suspicion
+from bastion.keys import KeyStore
+from bastion.metrics import Metrics
+from bastion.ood import input_rows
+
+QUARANTINED = (
+    "this key is quarantined: query auditing flagged its requests. An operator can review the "
+    "incident in the audit log and release the key with `bastion keys release KEY_ID`"
+)
+
+
+def quarantined() -> PermissionDenied:
+    return PermissionDenied(QUARANTINED, code="key_quarantined")
+
+
+class ContainmentGate:
+    async def __call__(self, ctx: RequestContext) -> None:
+        if ctx.principal is not None and ctx.principal.quarantined:
+            raise quarantined()
+
+
+class Containment:
+    def __init__(self, keys: KeyStore, metrics: Metrics, record: Callable[[dict[str, Any]], None]) -> None:
+        self._keys = keys
+        self._metrics = metrics
+        self._record = record
+
+    def __call__(self, ctx: RequestContext, suspicion: Suspicion) -> None:
+        model, principal = ctx.model, ctx.principal
+        assert model is not None and principal is not None and model.monitor is not None
+        action = model.extraction_watch
+        self._record(
+            {
+                "ts": ctx.now,
+                "request_id": ctx.request_id,
+                "route": "incident",
+                "action": ctx.action.value,
+                "principal": principal.id,
+                "via": principal.via,
+                "model": model.name,
+                "version": model.version,
+                "digest": model.digest,
+                "decision": action,
+                "reason": "extraction_suspected",
+                "detail": suspicion.describe(),
+            }
+        )
+        self._metrics.incidents.labels(model.name, suspicion.signal, action).inc()
+        model.monitor.forget(principal.id)  # re-armed: an alert fires again if the stream goes on
+        if action == "quarantine":
+            self._keys.quarantine(principal.key_id, now=ctx.now)
+            raise quarantined()
+
+
+class WatchQueries:
+    def __init__(self, contain: Containment) -> None:
+        self._contain = contain
+
+    async def __call__(self, ctx: RequestContext) -> None:
+        model, request, principal = ctx.model, ctx.request, ctx.principal
+        assert model is not None and request is not None and principal is not None
+        if model.monitor is None or ctx.extra.get("trusted_rows"):
+            return
+        rows = input_rows(request.inputs, [s.name for s in model.manifest.inputs])
+        suspicion = model.monitor.observe(principal.id, rows)
+        if suspicion is not None:
+            self._contain(ctx, suspicion)
+
+    def refused(self, ctx: RequestContext) -> None:
+        """The input guard refused a row as out of distribution: that counts too."""
+        model, principal = ctx.model, ctx.principal
+        if model is None or principal is None or model.monitor is None:
+            return
+        suspicion = model.monitor.refused(principal.id)
+        if suspicion is not None:
+            self._contain(ctx, suspicion)
