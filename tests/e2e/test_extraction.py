@@ -61,7 +61,10 @@ def test_a_thief_is_quarantined_and_genuine_clients_are_not(deployment: Deployme
     assert "near_duplicates" in incident["detail"]
     with deployment.server.client(deployment.keys["admin"]) as admin:
         metrics = admin.get("/metrics").text
-    assert 'bastion_incidents_total{action="quarantine",model="breast-cancer",signal="near_duplicates"}' in metrics
+    assert (
+        'bastion_incidents_total{action="quarantine",model="breast-cancer",signal="near_duplicates"}'
+        in metrics
+    )
 
     released = run_cli("keys", "release", thief_id, "--config", deployment.config)
     assert thief_id in released.stdout
