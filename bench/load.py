@@ -159,6 +159,12 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bastion-bench-"))
     build = build_demo(work / "demo")
     text = build.config_path.read_text() + BENCH_ROLE
+    # Query auditing stays on, but only alerts: the benchmark's own near-identical rows
+    # (infer_jitter.lua) would otherwise, rightly, get its key quarantined.
+    text = text.replace(
+        'trusted_keys = ["keys/release.pub"]\n',
+        'trusted_keys = ["keys/release.pub"]\nextraction_watch = "alert"\n',
+    )
     if args.audit == "no-fsync":
         text = text.replace('durability = "sync"', 'durability = "sync"\nfsync = false')
     elif args.audit == "best-effort":

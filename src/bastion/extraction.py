@@ -45,6 +45,7 @@ _MIN_QUERIES = 20
 _EPOCH = 4096  # counts restart after this many queries, so the test tables stay small
 _WINDOW = 128  # recent queries kept per principal and model (float32: 128 x columns x 4 bytes)
 _MAX_PRINCIPALS = 10_000  # per model; the least recently seen history is dropped first
+_ROUNDING = 1e-3  # squared gaps below this may be float32 rounding of an exact repeat: compare bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,16 +61,18 @@ class Suspicion:
 
 
 class _History:
-    __slots__ = ("far", "filled", "near", "next", "queries", "recent", "refused")
+    __slots__ = ("far", "filled", "flagged", "near", "next", "norms", "queries", "recent", "refused")
 
     def __init__(self, columns: int, window: int) -> None:
-        self.recent = np.empty((window, columns), dtype=np.float32)
+        self.recent = np.empty((window, columns), dtype=np.float32)  # -2 x each recent whitened row
+        self.norms = np.empty(window, dtype=np.float32)  # squared norms of the recent rows
         self.filled = 0
         self.next = 0
         self.queries = 0
         self.near = [0] * len(_NEAR_QUANTILES)
         self.far = [0] * len(_FAR_QUANTILES)
         self.refused = 0
+        self.flagged = False  # one suspicion per epoch: an alert-only model is not flooded with incidents
 
 
 def _critical_counts(rate: float) -> np.ndarray:
@@ -96,6 +99,8 @@ class ExtractionMonitor:
         positive = nearest[nearest > 0]
         self.near_limits = np.quantile(positive, _NEAR_QUANTILES)
         self.far_limits = np.quantile(np.sqrt((z**2).sum(axis=1)), _FAR_QUANTILES)
+        self._near2 = (self.near_limits**2).tolist()  # compared with squared distances: no sqrt per row
+        self._far2 = (self.far_limits**2).tolist()
         self._near_critical = [_critical_counts(q * _SLACK) for q in _NEAR_QUANTILES]
         self._far_critical = [_critical_counts((1 - q) * _SLACK) for q in _FAR_QUANTILES]
         self._refused_critical = _critical_counts(_REFUSED_RATE * _SLACK)
@@ -110,6 +115,7 @@ class ExtractionMonitor:
                 del self._histories[next(iter(self._histories))]
         if history.queries >= _EPOCH:
             history.queries = history.refused = 0
+            history.flagged = False
             history.near = [0] * len(_NEAR_QUANTILES)
             history.far = [0] * len(_FAR_QUANTILES)
         self._histories[principal] = history
@@ -118,24 +124,33 @@ class ExtractionMonitor:
     def observe(self, principal: str, rows: np.ndarray) -> Suspicion | None:
         """Count the signals for these admitted rows (model input order); a Suspicion if the
         principal's stream is now one genuine traffic would not produce."""
-        z = self._screen.whiten(rows).astype(np.float32)
-        radius = np.sqrt((z.astype(np.float64) ** 2).sum(axis=1))
+        z = self._screen.whiten(rows)
+        squared = [float(z[0] @ z[0])] if len(z) == 1 else np.einsum("ij,ij->i", z, z).tolist()
+        z32 = z.astype(np.float32)
         with self._lock:
             history = self._history(principal)
-            for row, r in zip(z, radius.tolist(), strict=True):
-                if history.filled:
-                    gaps = history.recent[: history.filled] - row
-                    nearest = float(np.sqrt(np.einsum("ij,ij->i", gaps, gaps).min()))
-                    if nearest == 0.0:
+            for row, radius2 in zip(z32, squared, strict=True):
+                filled = history.filled
+                if filled:
+                    # |a - b|^2 = |a|^2 + |b|^2 - 2 a.b: one matrix-vector product over the window
+                    # (the window holds -2 a, so that the product is the whole cross term).
+                    gaps = history.norms[:filled] + (history.recent[:filled] @ row) + radius2
+                    nearest = int(gaps.argmin())
+                    gap = float(gaps[nearest])
+                    if gap < _ROUNDING and bytes(history.recent[nearest] * -0.5) == bytes(row):
                         continue  # an exact repeat: nothing new to learn from it
-                    for j, limit in enumerate(self.near_limits.tolist()):
-                        history.near[j] += nearest < limit
+                    history.near = [
+                        hits + (gap < limit) for hits, limit in zip(history.near, self._near2, strict=True)
+                    ]
                 history.queries += 1
-                for j, limit in enumerate(self.far_limits.tolist()):
-                    history.far[j] += r > limit
-                history.recent[history.next] = row
-                history.next = (history.next + 1) % self._window
-                history.filled = min(history.filled + 1, self._window)
+                history.far = [
+                    hits + (radius2 > limit) for hits, limit in zip(history.far, self._far2, strict=True)
+                ]
+                slot = history.next
+                history.recent[slot] = row * -2.0
+                history.norms[slot] = radius2
+                history.next = (slot + 1) % self._window
+                history.filled = min(filled + 1, self._window)
             return self._verdict(history)
 
     def refused(self, principal: str) -> Suspicion | None:
@@ -148,8 +163,13 @@ class ExtractionMonitor:
 
     def _verdict(self, history: _History) -> Suspicion | None:
         n = history.queries
-        if n < _MIN_QUERIES:
+        if n < _MIN_QUERIES or history.flagged:
             return None
+        suspicion = self._test(history, n)
+        history.flagged = suspicion is not None
+        return suspicion
+
+    def _test(self, history: _History, n: int) -> Suspicion | None:
         if history.refused >= self._refused_critical[n]:
             return Suspicion("out_of_distribution", history.refused, n)
         for hits, critical in zip(history.near, self._near_critical, strict=True):

@@ -66,9 +66,9 @@ class Containment:
             }
         )
         self._metrics.incidents.labels(model.name, suspicion.signal, action).inc()
-        model.monitor.forget(principal.id)  # re-armed: an alert fires again if the stream goes on
         if action == "quarantine":
             self._keys.quarantine(principal.key_id, now=ctx.now)
+            model.monitor.forget(principal.id)  # a released key starts afresh
             raise quarantined()
 
 
