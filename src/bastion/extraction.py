@@ -44,7 +44,7 @@ _ALPHA = 1e-7  # per test and look: false alarms stay rare over many looks and p
 _MIN_QUERIES = 20
 _EPOCH = 4096  # counts restart after this many queries, so the test tables stay small
 _WINDOW = 128  # recent queries kept per principal and model (float32: 128 x columns x 4 bytes)
-_MAX_PRINCIPALS = 10_000  # per model; the least recently seen history is dropped first
+_MAX_PRINCIPALS = 10_000  # per model, at most; the least recently seen histories are dropped first
 _ROUNDING = 1e-3  # squared gaps below this may be float32 rounding of an exact repeat: compare bytes
 
 
@@ -104,21 +104,24 @@ class ExtractionMonitor:
         self._near_critical = [_critical_counts(q * _SLACK) for q in _NEAR_QUANTILES]
         self._far_critical = [_critical_counts((1 - q) * _SLACK) for q in _FAR_QUANTILES]
         self._refused_critical = _critical_counts(_REFUSED_RATE * _SLACK)
-        self._histories: dict[str, _History] = {}
+        self._young: dict[str, _History] = {}
+        self._old: dict[str, _History] = {}
         self._lock = threading.Lock()
 
     def _history(self, principal: str) -> _History:
-        history = self._histories.pop(principal, None)  # re-inserted: most recently seen last
+        # Two generations, like the answer cache: O(1) per request, and a principal seen in neither
+        # of the last two half-bounds starts afresh.
+        history = self._young.get(principal)
         if history is None:
-            history = _History(self._screen.columns, self._window)
-            if len(self._histories) >= _MAX_PRINCIPALS:
-                del self._histories[next(iter(self._histories))]
+            history = self._old.pop(principal, None) or _History(self._screen.columns, self._window)
+            if len(self._young) >= _MAX_PRINCIPALS // 2:
+                self._old, self._young = self._young, {}
+            self._young[principal] = history
         if history.queries >= _EPOCH:
             history.queries = history.refused = 0
             history.flagged = False
             history.near = [0] * len(_NEAR_QUANTILES)
             history.far = [0] * len(_FAR_QUANTILES)
-        self._histories[principal] = history
         return history
 
     def observe(self, principal: str, rows: np.ndarray) -> Suspicion | None:
@@ -183,4 +186,5 @@ class ExtractionMonitor:
     def forget(self, principal: str) -> None:
         """Start the principal afresh (after an operator releases it from quarantine)."""
         with self._lock:
-            self._histories.pop(principal, None)
+            self._young.pop(principal, None)
+            self._old.pop(principal, None)

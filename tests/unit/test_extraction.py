@@ -105,3 +105,15 @@ def test_principals_are_watched_apart_and_can_start_afresh() -> None:
     assert _stream(monitor, thief[15:], "key:thief") is not None
     monitor.forget("key:thief")
     assert _stream(monitor, held_out[:100], "key:thief") is None
+
+
+def test_histories_stay_bounded_however_many_principals_come(monkeypatch: pytest.MonkeyPatch) -> None:
+    import bastion.extraction as extraction
+
+    monkeypatch.setattr(extraction, "_MAX_PRINCIPALS", 10)
+    reference, held_out = _split("cancer")
+    monitor = _monitor(reference)
+    for i in range(100):
+        monitor.observe(f"key:{i}", held_out[i : i + 1])
+        assert len(monitor._young) + len(monitor._old) <= 10
+    assert "key:99" in monitor._young and "key:0" not in monitor._young | monitor._old
