@@ -59,6 +59,7 @@ def test_a_thief_is_quarantined_and_genuine_clients_are_not(deployment: Deployme
     assert incident["decision"] == "quarantine" and incident["reason"] == "extraction_suspected"
     assert incident["model"] == "breast-cancer" and incident["digest"].startswith("sha256:")
     assert "near_duplicates" in incident["detail"]
+    assert len(incident["payload_hmac"]) == 64  # lineage to the request that tipped it, never the row
     with deployment.server.client(deployment.keys["admin"]) as admin:
         metrics = admin.get("/metrics").text
     assert (

@@ -63,6 +63,7 @@ class Containment:
                 "decision": action,
                 "reason": "extraction_suspected",
                 "detail": suspicion.describe(),
+                "payload_hmac": ctx.payload_hmac,  # the request that tipped it (None if refused before the HMAC)
             }
         )
         self._metrics.incidents.labels(model.name, suspicion.signal, action).inc()
