@@ -57,4 +57,7 @@ class RequestContext:
     result: dict[str, Any] | None = None  # the JSON response body when the pipeline succeeds
     result_text: bytes | None = None  # a plain-text response body (metrics)
     payload_hmac: str | None = None
+    # The rows in the reference data's whitened space and their squared distances to its centre:
+    # measured once by the input guard's out-of-distribution screen, reused by query auditing.
+    measured: tuple[np.ndarray, list[float]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)

@@ -75,10 +75,12 @@ class _History:
         self.flagged = False  # one suspicion per epoch: an alert-only model is not flooded with incidents
 
 
-def _critical_counts(rate: float) -> np.ndarray:
-    """critical[n]: the smallest hit count among n queries whose binomial tail is below alpha."""
-    n = np.arange(_EPOCH + 1)
-    return np.asarray(binom.isf(_ALPHA, n, min(1.0, rate)) + 1, dtype=np.int64)
+def critical_counts(rate: float) -> list[int]:
+    """critical[n]: the smallest hit count k among n queries with P(hits >= k) < alpha for a genuine
+    client hitting at `rate`. A list of ints: looked up on every request."""
+    n = np.arange(_MIN_QUERIES, _EPOCH + 1)
+    counts: list[int] = (binom.isf(_ALPHA, n, min(1.0, rate)) + 1).astype(np.int64).tolist()
+    return [_EPOCH + 1] * _MIN_QUERIES + counts  # fewer queries than the minimum: never
 
 
 class ExtractionMonitor:
@@ -86,7 +88,7 @@ class ExtractionMonitor:
     helper threads never call it, but a reload may build a new one while the old one serves)."""
 
     def __init__(self, screen: DistributionScreen, reference: np.ndarray, *, seed: int = 0) -> None:
-        self._screen = screen
+        self.screen = screen
         z = screen.whiten(np.asarray(reference, dtype=np.float64))
         rows = len(z)
         self._window = min(_WINDOW, rows - 1)
@@ -101,9 +103,9 @@ class ExtractionMonitor:
         self.far_limits = np.quantile(np.sqrt((z**2).sum(axis=1)), _FAR_QUANTILES)
         self._near2 = (self.near_limits**2).tolist()  # compared with squared distances: no sqrt per row
         self._far2 = (self.far_limits**2).tolist()
-        self._near_critical = [_critical_counts(q * _SLACK) for q in _NEAR_QUANTILES]
-        self._far_critical = [_critical_counts((1 - q) * _SLACK) for q in _FAR_QUANTILES]
-        self._refused_critical = _critical_counts(_REFUSED_RATE * _SLACK)
+        self._near_critical = [critical_counts(q * _SLACK) for q in _NEAR_QUANTILES]
+        self._far_critical = [critical_counts((1 - q) * _SLACK) for q in _FAR_QUANTILES]
+        self._refused_critical = critical_counts(_REFUSED_RATE * _SLACK)
         self._young: dict[str, _History] = {}
         self._old: dict[str, _History] = {}
         self._lock = threading.Lock()
@@ -113,7 +115,7 @@ class ExtractionMonitor:
         # of the last two half-bounds starts afresh.
         history = self._young.get(principal)
         if history is None:
-            history = self._old.pop(principal, None) or _History(self._screen.columns, self._window)
+            history = self._old.pop(principal, None) or _History(self.screen.columns, self._window)
             if len(self._young) >= _MAX_PRINCIPALS // 2:
                 self._old, self._young = self._young, {}
             self._young[principal] = history
@@ -124,11 +126,9 @@ class ExtractionMonitor:
             history.far = [0] * len(_FAR_QUANTILES)
         return history
 
-    def observe(self, principal: str, rows: np.ndarray) -> Suspicion | None:
-        """Count the signals for these admitted rows (model input order); a Suspicion if the
-        principal's stream is now one genuine traffic would not produce."""
-        z = self._screen.whiten(rows)
-        squared = [float(z[0] @ z[0])] if len(z) == 1 else np.einsum("ij,ij->i", z, z).tolist()
+    def observe(self, principal: str, z: np.ndarray, squared: list[float]) -> Suspicion | None:
+        """Count the signals for these admitted rows, as `screen.measure` gives them; a Suspicion
+        if the principal's stream is now one genuine traffic would not produce."""
         z32 = z.astype(np.float32)
         with self._lock:
             history = self._history(principal)
@@ -150,7 +150,7 @@ class ExtractionMonitor:
                     hits + (radius2 > limit) for hits, limit in zip(history.far, self._far2, strict=True)
                 ]
                 slot = history.next
-                history.recent[slot] = row * -2.0
+                np.multiply(row, -2.0, out=history.recent[slot])
                 history.norms[slot] = radius2
                 history.next = (slot + 1) % self._window
                 history.filled = min(filled + 1, self._window)

@@ -54,14 +54,21 @@ class DistributionScreen:
     def distances(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(np.sqrt(self._squared(x)))
 
-    def first_outlier(self, inputs: dict[str, np.ndarray], names: list[str]) -> int | None:
+    def measure(self, inputs: dict[str, np.ndarray], names: list[str]) -> tuple[np.ndarray, list[float]]:
+        """The rows whitened, and their squared distances to the reference's centre. Computed once
+        per request by the input guard and reused by query auditing."""
+        z = self.whiten(input_rows(inputs, names))
+        # The common request is one row: a dot product beats einsum's set-up (bench/RESULTS.md).
+        squared = [float(z[0] @ z[0])] if len(z) == 1 else np.einsum("ij,ij->i", z, z).tolist()
+        return z, squared
+
+    def first_beyond(self, squared: list[float]) -> int | None:
         """The first row farther than the limit, or None."""
-        x = input_rows(inputs, names)
-        if len(x) == 1:  # the common request: one row, three numpy calls (bench/RESULTS.md)
-            z = (x.reshape(-1) - self._mean) @ self._map
-            return 0 if float(z @ z) > self._limit_squared else None
-        far = self._squared(x) > self._limit_squared
-        return int(far.argmax()) if far.any() else None
+        limit = self._limit_squared
+        return next((i for i, s in enumerate(squared) if s > limit), None)
+
+    def first_outlier(self, inputs: dict[str, np.ndarray], names: list[str]) -> int | None:
+        return self.first_beyond(self.measure(inputs, names)[1])
 
 
 def input_rows(inputs: dict[str, np.ndarray], names: list[str]) -> np.ndarray:

@@ -8,9 +8,10 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+from scipy.stats import binom
 from sklearn.datasets import load_breast_cancer, load_diabetes
 
-from bastion.extraction import ExtractionMonitor, Suspicion
+from bastion.extraction import _ALPHA, _MIN_QUERIES, ExtractionMonitor, Suspicion, critical_counts
 from bastion.ood import DistributionScreen
 
 Attack = Callable[[np.ndarray, np.ndarray, np.random.Generator], np.ndarray]
@@ -30,10 +31,11 @@ def _monitor(reference: np.ndarray) -> ExtractionMonitor:
 def _stream(monitor: ExtractionMonitor, queries: np.ndarray, principal: str = "key:p") -> Suspicion | None:
     """Send queries one a request, as a client would; the first suspicion, or None."""
     for row in queries:
-        if monitor._screen.first_outlier({"x": row[None]}, ["x"]) is not None:
+        z, squared = monitor.screen.measure({"x": row[None]}, ["x"])
+        if monitor.screen.first_beyond(squared) is not None:
             found = monitor.refused(principal)
         else:
-            found = monitor.observe(principal, row[None])
+            found = monitor.observe(principal, z, squared)
         if found is not None:
             return found
     return None
@@ -114,6 +116,17 @@ def test_histories_stay_bounded_however_many_principals_come(monkeypatch: pytest
     reference, held_out = _split("cancer")
     monitor = _monitor(reference)
     for i in range(100):
-        monitor.observe(f"key:{i}", held_out[i : i + 1])
+        monitor.observe(f"key:{i}", *monitor.screen.measure({"x": held_out[i : i + 1]}, ["x"]))
         assert len(monitor._young) + len(monitor._old) <= 10
     assert "key:99" in monitor._young and "key:0" not in monitor._young | monitor._old
+
+
+@pytest.mark.parametrize("rate", [0.002, 0.02, 0.2])
+def test_the_count_that_flags_is_the_first_a_genuine_client_reaches_with_probability_below_alpha(
+    rate: float,
+) -> None:
+    critical = critical_counts(rate)
+    assert all(k > n for n, k in enumerate(critical[:_MIN_QUERIES]))  # too few queries: never
+    for n in (_MIN_QUERIES, 50, 128, 1000, 4096):
+        k = critical[n]
+        assert binom.sf(k - 1, n, rate) < _ALPHA <= binom.sf(k - 2, n, rate)

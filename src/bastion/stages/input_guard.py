@@ -108,7 +108,8 @@ class GuardInput:
         for name, array in request.inputs.items():
             self._check(specs[name], array, rows)
         if model.screen is not None:
-            row = model.screen.first_outlier(request.inputs, list(specs))
+            ctx.measured = model.screen.measure(request.inputs, list(specs))
+            row = model.screen.first_beyond(ctx.measured[1])
             if row is not None:
                 if self._on_out_of_distribution is not None:
                     self._on_out_of_distribution(ctx)

@@ -21,7 +21,6 @@ from bastion.errors import PermissionDenied
 from bastion.extraction import Suspicion
 from bastion.keys import KeyStore
 from bastion.metrics import Metrics
-from bastion.ood import input_rows
 
 QUARANTINED = (
     "this key is quarantined: query auditing flagged its requests. An operator can review the "
@@ -82,8 +81,11 @@ class WatchQueries:
         assert model is not None and request is not None and principal is not None
         if model.monitor is None or ctx.extra.get("trusted_rows"):
             return
-        rows = input_rows(request.inputs, [s.name for s in model.manifest.inputs])
-        suspicion = model.monitor.observe(principal.id, rows)
+        monitor = model.monitor
+        measured = ctx.measured
+        if measured is None:  # the model's screen is off: the monitor measures with its own
+            measured = monitor.screen.measure(request.inputs, [s.name for s in model.manifest.inputs])
+        suspicion = monitor.observe(principal.id, *measured)
         if suspicion is not None:
             self._contain(ctx, suspicion)
 
