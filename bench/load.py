@@ -152,6 +152,17 @@ def main() -> None:
         help="instead of on vs off: defenses on with full probabilities vs with this output policy "
         "(every request distinct, so dp_scores pays noise and budget each time)",
     )
+    parser.add_argument(
+        "--distinct",
+        action="store_true",
+        help="every request a new row (infer_jitter.lua), so that query auditing and the answer cache "
+        "see new rows; implied by --policy",
+    )
+    parser.add_argument(
+        "--watch",
+        action="store_true",
+        help="instead of on vs off: defenses on with query auditing off vs on (alert), every request a new row",
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: `apt-get install wrk` (make bench does it)")
@@ -182,7 +193,7 @@ def main() -> None:
     build.config_path.write_text(text)
     request = infer_request(build.features[: args.rows])
     script = "infer.lua"
-    if args.policy is not None:
+    if args.policy is not None or args.distinct or args.watch:
         request["inputs"][0]["data"][0] = "__X__"
         script = "infer_jitter.lua"
     body = work / "request.json"
@@ -200,6 +211,14 @@ def main() -> None:
         )
         policy_config.write_text(policy_text)
         servers = [("probabilities", build.config_path, ()), (args.policy, policy_config, ())]
+    if args.watch:
+        unwatched = build.config_path.with_name("unwatched.toml")
+        unwatched.write_text(
+            text.replace('state_dir = "state"', 'state_dir = "state-unwatched"').replace(
+                'extraction_watch = "alert"', 'extraction_watch = "off"'
+            )
+        )
+        servers = [("watch off", unwatched, ()), ("watch on", build.config_path, ())]
     keys = {
         config: subprocess.run(
             [

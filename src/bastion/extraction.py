@@ -28,6 +28,7 @@ output hardening and budgets are for.
 
 from __future__ import annotations
 
+import bisect
 import threading
 from dataclasses import dataclass
 
@@ -61,12 +62,13 @@ class Suspicion:
 
 
 class _History:
-    __slots__ = ("far", "filled", "flagged", "near", "next", "norms", "queries", "recent", "refused")
+    __slots__ = ("far", "flagged", "near", "next", "queries", "recent", "refused")
 
     def __init__(self, columns: int, window: int) -> None:
-        self.recent = np.empty((window, columns), dtype=np.float32)  # -2 x each recent whitened row
-        self.norms = np.empty(window, dtype=np.float32)  # squared norms of the recent rows
-        self.filled = 0
+        # Each recent whitened row a as [-2a, |a|^2], so that one product with [z, 1] gives
+        # |a - z|^2 - |z|^2 for the whole window; empty slots hold |a|^2 = inf and never win.
+        self.recent = np.zeros((window, columns + 1), dtype=np.float32)
+        self.recent[:, -1] = np.inf
         self.next = 0
         self.queries = 0
         self.near = [0] * len(_NEAR_QUANTILES)
@@ -109,6 +111,7 @@ class ExtractionMonitor:
         self._young: dict[str, _History] = {}
         self._old: dict[str, _History] = {}
         self._lock = threading.Lock()
+        self._query = np.ones(screen.columns + 1, dtype=np.float32)  # [z, 1], filled per row
 
     def _history(self, principal: str) -> _History:
         # Two generations, like the answer cache: O(1) per request, and a principal seen in neither
@@ -129,32 +132,36 @@ class ExtractionMonitor:
     def observe(self, principal: str, z: np.ndarray, squared: list[float]) -> Suspicion | None:
         """Count the signals for these admitted rows, as `screen.measure` gives them; a Suspicion
         if the principal's stream is now one genuine traffic would not produce."""
-        z32 = z.astype(np.float32)
+        # Few numpy calls per row: measured in place, each costs several times its tight-loop time.
         with self._lock:
             history = self._history(principal)
-            for row, radius2 in zip(z32, squared, strict=True):
-                filled = history.filled
-                if filled:
-                    # |a - b|^2 = |a|^2 + |b|^2 - 2 a.b: one matrix-vector product over the window
-                    # (the window holds -2 a, so that the product is the whole cross term).
-                    gaps = history.norms[:filled] + (history.recent[:filled] @ row) + radius2
-                    nearest = int(gaps.argmin())
-                    gap = float(gaps[nearest])
-                    if gap < _ROUNDING and bytes(history.recent[nearest] * -0.5) == bytes(row):
-                        continue  # an exact repeat: nothing new to learn from it
-                    history.near = [
-                        hits + (gap < limit) for hits, limit in zip(history.near, self._near2, strict=True)
-                    ]
+            query, columns, hit = self._query, self.screen.columns, False
+            before = history.queries
+            for i, radius2 in enumerate(squared):
+                query[:columns] = z[i]
+                partial = history.recent @ query
+                nearest = int(partial.argmin())
+                gap = float(partial[nearest]) + radius2
+                if gap < _ROUNDING and bytes(history.recent[nearest, :columns] * -0.5) == bytes(
+                    query[:columns]
+                ):
+                    continue  # an exact repeat: nothing new to learn from it
                 history.queries += 1
-                history.far = [
-                    hits + (radius2 > limit) for hits, limit in zip(history.far, self._far2, strict=True)
-                ]
+                # The limits ascend: a row is a hit for every limit above its gap (below its radius).
+                for j in range(bisect.bisect_right(self._near2, gap), len(self._near2)):
+                    history.near[j] += 1
+                    hit = True
+                for j in range(bisect.bisect_left(self._far2, radius2)):
+                    history.far[j] += 1
+                    hit = True
                 slot = history.next
-                np.multiply(row, -2.0, out=history.recent[slot])
-                history.norms[slot] = radius2
+                np.multiply(query, -2.0, out=history.recent[slot])
+                history.recent[slot, columns] = radius2
                 history.next = (slot + 1) % self._window
-                history.filled = min(filled + 1, self._window)
-            return self._verdict(history)
+            # The flagging counts only grow with the queries: without a new hit, no new verdict
+            # (but for the request that brings the principal to the minimum number of queries).
+            crossed = before < _MIN_QUERIES <= history.queries
+            return self._verdict(history) if hit or crossed else None
 
     def refused(self, principal: str) -> Suspicion | None:
         """A query of this principal was refused as out of distribution."""
