@@ -29,7 +29,6 @@ output hardening and budgets are for.
 from __future__ import annotations
 
 import bisect
-import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +44,7 @@ _ALPHA = 1e-7  # per test and look: false alarms stay rare over many looks and p
 _MIN_QUERIES = 20
 _EPOCH = 4096  # counts restart after this many queries, so the test tables stay small
 _WINDOW = 128  # recent queries kept per principal and model (float32: 128 x columns x 4 bytes)
+_CALIBRATION_ROWS = 2000
 _MAX_PRINCIPALS = 10_000  # per model, at most; the least recently seen histories are dropped first
 _ROUNDING = 1e-3  # squared gaps below this may be float32 rounding of an exact repeat: compare bytes
 
@@ -86,15 +86,17 @@ def critical_counts(rate: float) -> list[int]:
 
 
 class ExtractionMonitor:
-    """One model's calibration and its principals' recent queries. Thread-safe (the audit log's
-    helper threads never call it, but a reload may build a new one while the old one serves)."""
+    """One model's calibration and its principals' recent queries. Used from the event loop only
+    (a reload builds a new monitor, it never shares one), so it takes no lock."""
 
     def __init__(self, screen: DistributionScreen, reference: np.ndarray, *, seed: int = 0) -> None:
         self.screen = screen
+        rng = np.random.default_rng(seed)  # calibration only: fixed, so a restart keeps its thresholds
         z = screen.whiten(np.asarray(reference, dtype=np.float64))
+        if len(z) > _CALIBRATION_ROWS:  # a large reference set: a sample calibrates as well, faster
+            z = z[rng.choice(len(z), _CALIBRATION_ROWS, replace=False)]
         rows = len(z)
         self._window = min(_WINDOW, rows - 1)
-        rng = np.random.default_rng(seed)  # calibration only: fixed, so a restart keeps its thresholds
         nearest = np.empty(rows)
         for i in range(rows):
             others = rng.choice(rows - 1, size=self._window, replace=False)
@@ -110,7 +112,6 @@ class ExtractionMonitor:
         self._refused_critical = critical_counts(_REFUSED_RATE * _SLACK)
         self._young: dict[str, _History] = {}
         self._old: dict[str, _History] = {}
-        self._lock = threading.Lock()
         self._query = np.ones(screen.columns + 1, dtype=np.float32)  # [z, 1], filled per row
 
     def _history(self, principal: str) -> _History:
@@ -133,43 +134,39 @@ class ExtractionMonitor:
         """Count the signals for these admitted rows, as `screen.measure` gives them; a Suspicion
         if the principal's stream is now one genuine traffic would not produce."""
         # Few numpy calls per row: measured in place, each costs several times its tight-loop time.
-        with self._lock:
-            history = self._history(principal)
-            query, columns, hit = self._query, self.screen.columns, False
-            before = history.queries
-            for i, radius2 in enumerate(squared):
-                query[:columns] = z[i]
-                partial = history.recent @ query
-                nearest = int(partial.argmin())
-                gap = float(partial[nearest]) + radius2
-                if gap < _ROUNDING and bytes(history.recent[nearest, :columns] * -0.5) == bytes(
-                    query[:columns]
-                ):
-                    continue  # an exact repeat: nothing new to learn from it
-                history.queries += 1
-                # The limits ascend: a row is a hit for every limit above its gap (below its radius).
-                for j in range(bisect.bisect_right(self._near2, gap), len(self._near2)):
-                    history.near[j] += 1
-                    hit = True
-                for j in range(bisect.bisect_left(self._far2, radius2)):
-                    history.far[j] += 1
-                    hit = True
-                slot = history.next
-                np.multiply(query, -2.0, out=history.recent[slot])
-                history.recent[slot, columns] = radius2
-                history.next = (slot + 1) % self._window
-            # The flagging counts only grow with the queries: without a new hit, no new verdict
-            # (but for the request that brings the principal to the minimum number of queries).
-            crossed = before < _MIN_QUERIES <= history.queries
-            return self._verdict(history) if hit or crossed else None
+        history = self._history(principal)
+        query, columns, hit = self._query, self.screen.columns, False
+        before = history.queries
+        for i, radius2 in enumerate(squared):
+            query[:columns] = z[i]
+            partial = history.recent @ query
+            nearest = int(partial.argmin())
+            gap = float(partial[nearest]) + radius2
+            if gap < _ROUNDING and bytes(history.recent[nearest, :columns] * -0.5) == bytes(query[:columns]):
+                continue  # an exact repeat: nothing new to learn from it
+            history.queries += 1
+            # The limits ascend: a row is a hit for every limit above its gap (below its radius).
+            for j in range(bisect.bisect_right(self._near2, gap), len(self._near2)):
+                history.near[j] += 1
+                hit = True
+            for j in range(bisect.bisect_left(self._far2, radius2)):
+                history.far[j] += 1
+                hit = True
+            slot = history.next
+            np.multiply(query, -2.0, out=history.recent[slot])
+            history.recent[slot, columns] = radius2
+            history.next = (slot + 1) % self._window
+        # The flagging counts only grow with the queries: without a new hit, no new verdict
+        # (but for the request that brings the principal to the minimum number of queries).
+        crossed = before < _MIN_QUERIES <= history.queries
+        return self._verdict(history) if hit or crossed else None
 
     def refused(self, principal: str) -> Suspicion | None:
         """A query of this principal was refused as out of distribution."""
-        with self._lock:
-            history = self._history(principal)
-            history.queries += 1
-            history.refused += 1
-            return self._verdict(history)
+        history = self._history(principal)
+        history.queries += 1
+        history.refused += 1
+        return self._verdict(history)
 
     def _verdict(self, history: _History) -> Suspicion | None:
         n = history.queries
@@ -192,6 +189,5 @@ class ExtractionMonitor:
 
     def forget(self, principal: str) -> None:
         """Start the principal afresh (after an operator releases it from quarantine)."""
-        with self._lock:
-            self._young.pop(principal, None)
-            self._old.pop(principal, None)
+        self._young.pop(principal, None)
+        self._old.pop(principal, None)
