@@ -90,15 +90,16 @@ def new_key(config: Path) -> str:
     ).stdout.strip()
 
 
-def ask(client: httpx.Client, rows: np.ndarray) -> tuple[list[str | None], int]:
-    """One request a row; the label, or None where refused. Stops at the first 403 (quarantine)."""
+def ask(client: httpx.Client, rows: np.ndarray) -> tuple[list[str | None], int | None]:
+    """One request a row: the label, or None where refused (422), and the number of the request
+    that was refused as quarantined (403), or None if none was."""
     labels: list[str | None] = []
     for row in rows:
         r = client.post("/v2/models/breast-cancer/infer", json=infer_request(row[None].astype(np.float32)))
         if r.status_code == 403:
-            return labels, len(labels)
+            return labels, len(labels) + 1
         labels.append(r.json()["outputs"][0]["data"][0] if r.status_code == 200 else None)
-    return labels, len(labels)
+    return labels, None
 
 
 def fidelity(queries: np.ndarray, labels: list[str | None], test: np.ndarray, truth: list[str]) -> float:
@@ -129,7 +130,7 @@ def main() -> None:
             'trusted_keys = ["keys/release.pub"]\nextraction_watch = "off"\n',
         )
     )
-    results: dict[str, dict[str, tuple[int, float]]] = {}
+    results: dict[str, dict[str, tuple[int, float, int | None]]] = {}
     false_alarms, seeds_only = 0, 0.0
     for mode, config in configs.items():
         port = free_port()
@@ -142,17 +143,15 @@ def main() -> None:
             if mode == "on":  # a genuine client: every real row, in random order, each sent twice
                 replay = np.repeat(data[np.random.default_rng(1).permutation(len(data))], 2, axis=0)
                 with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {new_key(config)}"}) as c:
-                    false_alarms = int(ask(c, replay)[1] < len(replay))
+                    false_alarms = int(ask(c, replay)[1] is not None)
             for name, attack in ATTACKS.items():
                 # The thief asks about its seeds first, then about the rows it builds from them.
                 queries = np.vstack([seeds, attack(seeds, data, np.random.default_rng(2), args.queries)])
                 with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {new_key(config)}"}) as c:
-                    labels, asked = ask(c, queries)
+                    labels, stopped = ask(c, queries)
                 answered = sum(label is not None for label in labels)
-                results.setdefault(name, {})[mode] = (
-                    answered,
-                    fidelity(queries[:asked], labels, test, truth),
-                )
+                surrogate = fidelity(queries[: len(labels)], labels, test, truth)
+                results.setdefault(name, {})[mode] = (answered, surrogate, stopped)
         finally:
             server.terminate()
             server.wait()
@@ -162,11 +161,13 @@ def main() -> None:
     )
     print(f"surrogate from the {args.seeds} seeds' own labels alone: fidelity {seeds_only:.3f}\n")
     print(
-        f"{'attack':<24}{'answers (on)':>14}{'fidelity (on)':>15}{'answers (off)':>15}{'fidelity (off)':>16}"
+        f"{'attack':<24}{'quarantined at':>15}{'answers (on)':>14}{'fidelity (on)':>15}"
+        f"{'answers (off)':>15}{'fidelity (off)':>16}"
     )
     for name, by_mode in results.items():
-        (on_n, on_f), (off_n, off_f) = by_mode["on"], by_mode["off"]
-        print(f"{name:<24}{on_n:>14}{on_f:>15.3f}{off_n:>15}{off_f:>16.3f}")
+        (on_n, on_f, stopped), (off_n, off_f, _) = by_mode["on"], by_mode["off"]
+        at = f"query {stopped}" if stopped is not None else "never"
+        print(f"{name:<24}{at:>15}{on_n:>14}{on_f:>15.3f}{off_n:>15}{off_f:>16.3f}")
 
 
 if __name__ == "__main__":
