@@ -205,7 +205,7 @@ class Bastion:
         authenticate = Authenticate(self.keys, self.tokens)
         gate = ContainmentGate()
         limit = EnforceLimits(self.state, self.policy)
-        watch = WatchQueries(Containment(self.keys, self.metrics, self._record_incident))
+        watch = WatchQueries(Containment(self.keys, self.metrics, self._record_event))
         guard = GuardInput(max_rows=limits.max_rows, hmac_key=hmac_key, on_out_of_distribution=watch.refused)
 
         def on_model(action: Action) -> AuthorizeModel:
@@ -402,7 +402,9 @@ class Bastion:
         self.metrics.observe_request(route.value, model.name if model else UNKNOWN, outcome.status, latency)
         return outcome
 
-    def _record_incident(self, record: dict[str, Any]) -> None:
+    def _record_event(self, record: dict[str, Any]) -> None:
+        """An audit record that is not a request's (a rollback, an incident); the request that
+        caused it does not wait for its commit."""
         if self.audit is not None:
             pending = self.audit.submit(record, wait=False)
             assert pending is None
@@ -410,20 +412,18 @@ class Bastion:
     async def _record_rollback(self, rollback: Rollback) -> None:
         self.metrics.rollbacks.labels(rollback.model, rollback.reason).inc()
         self.metrics.canary_weight.labels(rollback.model).set(0)
-        if self.audit is None:
-            return
-        record = {
-            "ts": self.clock(),
-            "route": "rollout",
-            "action": Action.ADMIN.value,
-            "model": rollback.model,
-            "version": rollback.version,
-            "decision": "rollback",
-            "reason": rollback.reason,
-            "detail": rollback.detail,
-        }
-        pending = self.audit.submit(record, wait=False)
-        assert pending is None
+        self._record_event(
+            {
+                "ts": self.clock(),
+                "route": "rollout",
+                "action": Action.ADMIN.value,
+                "model": rollback.model,
+                "version": rollback.version,
+                "decision": "rollback",
+                "reason": rollback.reason,
+                "detail": rollback.detail,
+            }
+        )
 
     def _count_denial(self, error: BastionError, reason: str) -> None:
         if isinstance(error, AuthenticationFailed):
