@@ -163,19 +163,13 @@ def main() -> None:
         action="store_true",
         help="instead of on vs off: defenses on with query auditing off vs on (alert), every request a new row",
     )
-    parser.add_argument(
-        "--sampler",
-        choices=["opendp", "vectorized"],
-        default="opendp",
-        help="[privacy] sampler for both servers: where discrete Laplace noise comes from",
-    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: `apt-get install wrk` (make bench does it)")
 
     work = Path(tempfile.mkdtemp(prefix="bastion-bench-"))
     build = build_demo(work / "demo")
-    text = build.config_path.read_text() + BENCH_ROLE + f'\n[privacy]\nsampler = "{args.sampler}"\n'
+    text = build.config_path.read_text() + BENCH_ROLE
     # Query auditing stays on, but only alerts: the benchmark's own near-identical rows
     # (infer_jitter.lua) would otherwise, rightly, get its key quarantined.
     text = text.replace(

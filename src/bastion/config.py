@@ -126,12 +126,6 @@ class MetricsSettings(_Strict):
     enabled: bool = True
 
 
-class PrivacySettings(_Strict):
-    # Where discrete Laplace noise comes from: OpenDP's sampler, or Bastion's vectorised
-    # implementation of the same exact algorithm (ten times cheaper a sample; bench/PRIVACY.md).
-    sampler: Literal["opendp", "vectorized"] = "opendp"
-
-
 class ModelRef(_Strict):
     """One model to serve: a signed bundle (or, only when marked unsafe, a plain model directory)."""
 
@@ -173,7 +167,6 @@ class Config(_Strict):
     audit: AuditSettings = AuditSettings()
     tokens: TokenSettings = TokenSettings()
     metrics: MetricsSettings = MetricsSettings()
-    privacy: PrivacySettings = PrivacySettings()
     models: list[ModelRef] = Field(default_factory=list)
     roles: dict[str, Role] = Field(default_factory=dict)
     rollouts: dict[str, RolloutSettings] = Field(default_factory=dict)

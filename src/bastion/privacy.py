@@ -22,8 +22,6 @@ from typing import Protocol
 
 import numpy as np
 
-from bastion.sampler import discrete_laplace
-
 _L2_SENSITIVITY = math.sqrt(2.0)
 
 
@@ -64,7 +62,6 @@ class OpenDPNoise:
     """
 
     resolution = 1.0 / _FIXED
-    pool_size = _POOL
 
     def __init__(self) -> None:
         import opendp.prelude as dp
@@ -88,15 +85,15 @@ class OpenDPNoise:
         key = (kind, scale)
         pool = self._pools.get(key)
         if pool is None or pool.used + n > len(pool.samples):
-            if pool is not None and pool.next is not None and n <= self.pool_size:
+            if pool is not None and pool.next is not None and n <= _POOL:
                 fresh = pool.next.result()
             else:
-                fresh = self._sample(kind, scale, max(self.pool_size, n))
+                fresh = self._sample(kind, scale, max(_POOL, n))
             pool = self._pools[key] = _Pool(fresh)
         taken = pool.samples[pool.used : pool.used + n]
         pool.used += n
         if pool.next is None and 2 * pool.used >= len(pool.samples):
-            pool.next = self._refills.submit(self._sample, kind, scale, self.pool_size)
+            pool.next = self._refills.submit(self._sample, kind, scale, _POOL)
         return taken
 
     def laplace(self, values: np.ndarray, scale: float) -> np.ndarray:
@@ -116,22 +113,6 @@ class OpenDPNoise:
             return np.array(noisy, dtype=np.float64).reshape(values.shape)
         grid = np.rint(values * _FIXED).astype(np.int64)
         return np.asarray((grid + np.asarray(noise, dtype=np.int64).reshape(grid.shape)) / _FIXED)
-
-
-class VectorizedNoise(OpenDPNoise):
-    """Discrete Laplace noise from `bastion.sampler` (the same exact CKS20 algorithm as OpenDP's,
-    vectorised: ~0.7 us a sample in batches against OpenDP's ~7.5, bench/PRIVACY.md), on the same
-    fixed-point grid; discrete Gaussian noise still from OpenDP. The grid scale is rounded up to
-    an integer: a little more noise, never less. Chosen with `[privacy] sampler = "vectorized"`.
-    """
-
-    pool_size = 1024  # ~1.2 ms a batch on the helper thread
-
-    def _sample(self, kind: str, scale: float, n: int) -> list[int]:
-        if kind != "laplace":
-            return super()._sample(kind, scale, n)
-        samples: list[int] = discrete_laplace(math.ceil(scale), n).tolist()
-        return samples
 
 
 def laplace_scale(

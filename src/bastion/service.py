@@ -34,7 +34,7 @@ from bastion.files import write_private_file
 from bastion.keys import KeyStore
 from bastion.metrics import UNKNOWN, Metrics
 from bastion.policy import Policy
-from bastion.privacy import AnswerCache, NoiseSource, OpenDPNoise, VectorizedNoise
+from bastion.privacy import AnswerCache, NoiseSource, OpenDPNoise
 from bastion.registry import ModelRegistry
 from bastion.rollout import Rollback, Rollouts
 from bastion.stages import Stage
@@ -188,9 +188,7 @@ class Bastion:
                 clock=clock,
             )
         self._wait_for_audit = config.audit.durability == "sync"
-        if noise is None:
-            noise = VectorizedNoise() if config.privacy.sampler == "vectorized" else OpenDPNoise()
-        self.private_scores = PrivateScores(self.state, noise, AnswerCache())
+        self.private_scores = PrivateScores(self.state, noise or OpenDPNoise(), AnswerCache())
         self.private_scores.on_global_spend = lambda model, left: self.metrics.global_privacy.labels(
             model
         ).set(left)

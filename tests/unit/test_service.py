@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from bastion.config import load_config
-from bastion.privacy import OpenDPNoise, VectorizedNoise
 from bastion.service import Bastion
 from bastion.state import SQLiteStateStore, StateStore
 from bastion.state_redis import RedisStateStore
@@ -63,14 +62,3 @@ def test_shutdown_waits_for_the_block_being_leased_and_returns_everything_unspen
         remaining = asyncio.run(run())
     assert remaining == LIMIT - 49
     assert "state store unavailable" not in caplog.text
-
-
-@pytest.mark.parametrize(("sampler", "kind"), [("opendp", OpenDPNoise), ("vectorized", VectorizedNoise)])
-def test_the_configured_sampler_draws_the_noise(tmp_path: Path, sampler: str, kind: type) -> None:
-    config = tmp_path / "bastion.toml"
-    config.write_text(f'[server]\nstate_dir = "state"\n\n[privacy]\nsampler = "{sampler}"\n')
-    service = Bastion(load_config(config), config_path=config)
-    try:
-        assert type(service.private_scores.noise) is kind
-    finally:
-        service.close()
