@@ -68,6 +68,27 @@ def _key_store(config_path: Path):  # type: ignore[no-untyped-def]
     return config, KeyStore(StatePaths(config.server.state_dir).keys)
 
 
+def _isolation_store(config_path: Path):  # type: ignore[no-untyped-def]
+    from bastion.isolation import IsolationStore
+    from bastion.service import StatePaths
+
+    return IsolationStore(StatePaths(_config(config_path).server.state_dir).isolation)
+
+
+def cmd_models_isolated(args: argparse.Namespace) -> int:
+    for model, since, reason in _isolation_store(args.config).list():
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(since))
+        print(f"{model:<24}isolated since {stamp} UTC: {reason}")
+    return 0
+
+
+def cmd_models_release(args: argparse.Namespace) -> int:
+    if not _isolation_store(args.config).release(args.model):
+        return _fail(f"model {args.model!r} is not isolated", 1)
+    print(f"released {args.model}; it is served again from the next request on")
+    return 0
+
+
 def cmd_keys_create(args: argparse.Namespace) -> int:
     config, store = _key_store(args.config)
     unknown = [r for r in args.role if r not in config.roles]
@@ -548,6 +569,15 @@ def build_parser() -> argparse.ArgumentParser:
     release.add_argument("key_id")
     release.set_defaults(func=cmd_keys_release)
 
+    models = sub.add_parser("models", help="models isolated by query auditing").add_subparsers(
+        dest="models_command", required=True
+    )
+    with_config(models.add_parser("isolated", help="list isolated models")).set_defaults(
+        func=cmd_models_isolated
+    )
+    release_model = with_config(models.add_parser("release", help="serve an isolated model again"))
+    release_model.add_argument("model")
+    release_model.set_defaults(func=cmd_models_release)
     audit = sub.add_parser("audit", help="verify and export the audit log").add_subparsers(
         dest="audit", required=True
     )

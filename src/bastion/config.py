@@ -144,6 +144,10 @@ class ModelRef(_Strict):
     # With a reference dataset: watch each principal's queries for extraction; on suspicion record an
     # incident and quarantine the key (or only record: "alert").
     extraction_watch: Literal["quarantine", "alert", "off"] = "quarantine"
+    # Take the model out of service for everyone (503 model_isolated) once this many principals are
+    # flagged on it within isolation_window_seconds; 0: never (isolation is an availability trade).
+    isolate_after: Annotated[int, Field(ge=0, le=1000)] = 0
+    isolation_window_seconds: Annotated[float, Field(gt=0)] = 3600.0
 
 
 class RolloutSettings(_Strict):

@@ -40,6 +40,8 @@ class ServedModel:
     screen: DistributionScreen | None = None  # out-of-distribution screening against the reference
     monitor: ExtractionMonitor | None = None  # query auditing: extraction detection per principal
     extraction_watch: str = "off"  # what a suspicion does: quarantine | alert | off
+    isolate_after: int = 0  # flagged principals within isolation_window that isolate the model (0: never)
+    isolation_window: float = 3600.0
 
     @property
     def name(self) -> str:
@@ -151,7 +153,17 @@ class ModelRegistry:
                 ) from None
             screen = whitening if ref.out_of_distribution == "refuse" else None
         model = ServedModel(
-            manifest, runtime, digest, teachers, ref.aggregates, reference, screen, monitor, watch
+            manifest,
+            runtime,
+            digest,
+            teachers,
+            ref.aggregates,
+            reference,
+            screen,
+            monitor,
+            watch,
+            ref.isolate_after if monitor is not None else 0,
+            ref.isolation_window_seconds,
         )
         self._models.setdefault(manifest.name, {})[manifest.version] = model
         log.info("serving %s version %s (%s)", model.name, model.version, model.digest)

@@ -31,6 +31,7 @@ from bastion.errors import (
     RateLimited,
 )
 from bastion.files import write_private_file
+from bastion.isolation import IsolationStore
 from bastion.keys import KeyStore
 from bastion.metrics import UNKNOWN, Metrics
 from bastion.policy import Policy
@@ -55,7 +56,7 @@ from bastion.stages.inference import Infer
 from bastion.stages.input_guard import DecodeRequest, GuardInput
 from bastion.stages.limits import EnforceLimits
 from bastion.stages.output_policy import PrivateScores, ShapeOutput
-from bastion.stages.query_audit import Containment, ContainmentGate, WatchQueries
+from bastion.stages.query_audit import Containment, ContainmentGate, IsolationGate, WatchQueries
 from bastion.state import MemoryStateStore, SQLiteStateStore, StateStore
 from bastion.tokens import TokenAuthority, load_or_create_signing_key
 
@@ -104,6 +105,10 @@ class StatePaths:
     @property
     def audit(self) -> Path:
         return self.root / "audit.db"
+
+    @property
+    def isolation(self) -> Path:
+        return self.root / "isolation.db"
 
     @property
     def audit_key(self) -> Path:
@@ -166,6 +171,7 @@ class Bastion:
         self.metrics.models_loaded.set(len(self.registry.models()))
         self.metrics.models_refused.set(len(self.registry.failures))
         self.keys = KeyStore(paths.keys)
+        self.isolation = IsolationStore(paths.isolation)
         self.tokens = TokenAuthority(
             load_or_create_signing_key(paths.token_key),
             issuer=config.tokens.issuer,
@@ -205,7 +211,8 @@ class Bastion:
         authenticate = Authenticate(self.keys, self.tokens)
         gate = ContainmentGate()
         limit = EnforceLimits(self.state, self.policy)
-        watch = WatchQueries(Containment(self.keys, self.metrics, self._record_event))
+        watch = WatchQueries(Containment(self.keys, self.isolation, self.metrics, self._record_event))
+        isolated = IsolationGate(self.isolation)
         guard = GuardInput(max_rows=limits.max_rows, hmac_key=hmac_key, on_out_of_distribution=watch.refused)
 
         def on_model(action: Action) -> AuthorizeModel:
@@ -217,6 +224,7 @@ class Bastion:
                 gate,  # 2. containment: a quarantined key is refused; 403
                 limit,  # 3. rate limit and daily quota; 429
                 on_model(Action.INFER),  # 4. model exists (404) and is granted (403)
+                isolated,  # 4b. a model isolated by query auditing answers nobody; 503
                 decode,  # 5. body size (413) and well-formed V2 JSON (400)
                 guard,  # 6. manifest schema, out-of-distribution screen; 422/413/403
                 watch,  # 7. query auditing: extraction suspected -> incident, key quarantined; 403
@@ -231,6 +239,7 @@ class Bastion:
                 gate,
                 limit,
                 on_model(Action.AGGREGATE),
+                isolated,
                 AggregateSource(limits.max_body_bytes),
                 guard,
                 watch,
@@ -359,6 +368,7 @@ class Bastion:
             self.audit.close()
         self.state.close()
         self.keys.close()
+        self.isolation.close()
 
     async def aclose(self) -> None:
         """The server's shutdown, on its event loop. The state store goes first: it waits for the

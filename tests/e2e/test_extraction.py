@@ -6,14 +6,31 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from pathlib import Path
 
 import numpy as np
 
 from bastion.demo import infer_request
 from tests.conftest import Deployment
-from tests.helpers import create_key, run_cli
+from tests.helpers import RunningServer, create_key, run_cli, start_server, write_test_deployment
 
 INFER = "/v2/models/breast-cancer/infer"
+
+
+def _probe_until_quarantined(server: RunningServer, key: str, x: np.ndarray, seed: int) -> int:
+    """Jacobian-style probing (seeds moved by +-1% of a standard deviation) until the key is
+    quarantined; the number of requests it took."""
+    rng = np.random.default_rng(seed)
+    seeds, spread = x[200 + 5 * seed : 205 + 5 * seed], x.std(axis=0)
+    with server.client(key) as thief:
+        for i in range(100):
+            row = seeds[i % len(seeds)] + 0.01 * spread * np.sign(rng.standard_normal(x.shape[1]))
+            response = thief.post(INFER, json=infer_request(row[None].astype(np.float32)))
+            if response.status_code == 403:
+                assert response.json()["code"] == "key_quarantined"
+                return i + 1
+            assert response.status_code == 200
+    raise AssertionError("never quarantined")
 
 
 def test_a_thief_is_quarantined_and_genuine_clients_are_not(deployment: Deployment) -> None:
@@ -21,20 +38,10 @@ def test_a_thief_is_quarantined_and_genuine_clients_are_not(deployment: Deployme
     thief_key, genuine_key = create_key(deployment.config, "admin"), create_key(deployment.config, "analyst")
     deployment.secrets |= {thief_key, genuine_key}
     thief_id = thief_key.split("_")[1]
-    rng = np.random.default_rng(11)
-    seeds, spread = x[200:205], x.std(axis=0)
-    statuses: list[int] = []
     with deployment.server.client(thief_key) as thief:
         token = thief.post("/v2/auth/token", json={"ttl_seconds": 300}).json()["access_token"]
-        for i in range(100):  # Jacobian-style probing: seeds moved by +-1% of a standard deviation
-            row = seeds[i % len(seeds)] + 0.01 * spread * np.sign(rng.standard_normal(x.shape[1]))
-            response = thief.post(INFER, json=infer_request(row[None].astype(np.float32)))
-            statuses.append(response.status_code)
-            if response.status_code == 403:
-                assert response.json()["code"] == "key_quarantined"
-                break
-        assert statuses[-1] == 403 and set(statuses[:-1]) == {200}
-        assert len(statuses) <= 40, f"flagged only after {len(statuses)} queries"
+    assert _probe_until_quarantined(deployment.server, thief_key, x, seed=0) <= 40
+    with deployment.server.client(thief_key) as thief:
         # Contained everywhere: inference with a real row, metadata, a new token.
         for method, path, body in [
             ("POST", INFER, infer_request(x[:1])),
@@ -73,3 +80,40 @@ def test_a_thief_is_quarantined_and_genuine_clients_are_not(deployment: Deployme
         assert thief.post(INFER, json=infer_request(x[400:401])).status_code == 200
     again = run_cli("keys", "release", thief_id, "--config", deployment.config, check=False)
     assert again.returncode == 1 and "not quarantined" in again.stderr
+
+
+def test_a_model_flagged_by_several_principals_is_isolated_until_released(tmp_path: Path) -> None:
+    """isolate_after = 2: a thief with two keys gets both quarantined, and then the model answers
+    nobody (another model of the same server still does) until an operator releases it."""
+    config, build = write_test_deployment(tmp_path)
+    entry = 'path = "bundles/breast-cancer-1"\ntrusted_keys = ["keys/release.pub"]\n'
+    text = config.read_text()
+    assert entry in text
+    config.write_text(text.replace(entry, entry + "isolate_after = 2\n"))
+    first, second, genuine = (create_key(config, role) for role in ("admin", "admin", "analyst"))
+    server = start_server(config, tmp_path / "server.log")
+    x = build.features
+    try:
+        assert _probe_until_quarantined(server, first, x, seed=0) <= 40
+        with server.client(genuine) as c:
+            assert c.post(INFER, json=infer_request(x[:1])).status_code == 200  # one flagged key: served
+        assert _probe_until_quarantined(server, second, x, seed=1) <= 40
+        with server.client(genuine) as c:
+            isolated = c.post(INFER, json=infer_request(x[:1]))
+            other = c.post("/v2/models/breast-cancer-skops/infer", json=infer_request(x[:1]))
+        assert (isolated.status_code, isolated.json()["code"]) == (503, "model_isolated")
+        assert other.status_code == 200
+        listed = run_cli("models", "isolated", "--config", config).stdout
+        assert "breast-cancer " in listed and "2 principals flagged" in listed
+        db = sqlite3.connect(tmp_path / "state" / "audit.db")
+        records = [json.loads(b) for (b,) in db.execute("SELECT body FROM records")]
+        db.close()
+        decisions = [r["decision"] for r in records if r.get("route") == "incident"]
+        assert decisions == ["quarantine", "quarantine", "isolate_model"]
+        run_cli("models", "release", "breast-cancer", "--config", config)
+        with server.client(genuine) as c:
+            assert c.post(INFER, json=infer_request(x[:1])).status_code == 200
+        again = run_cli("models", "release", "breast-cancer", "--config", config, check=False)
+        assert again.returncode == 1 and "not isolated" in again.stderr
+    finally:
+        server.stop()

@@ -8,17 +8,22 @@ Two stages and the action between them:
 - `Containment`: when the monitor flags a principal, an `incident` record goes to the audit log
   (principal, model, version, digest, signal and counts; never a row), the incidents metric
   counts it, and the model's `extraction_watch` action applies: `quarantine` (the default)
-  refuses this request and every later one with the key; `alert` only records.
+  refuses this request and every later one with the key; `alert` only records. A model with
+  `isolate_after = N` is isolated once N principals are flagged on it within its window.
+- `IsolationGate`, after authorization: an isolated model answers nobody (503 `model_isolated`)
+  until an operator releases it (`bastion models release NAME`).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from bastion.context import RequestContext
-from bastion.errors import PermissionDenied
+from bastion.errors import NotReady, PermissionDenied
 from bastion.extraction import Suspicion
+from bastion.isolation import IsolationStore
 from bastion.keys import KeyStore
 from bastion.metrics import Metrics
 
@@ -32,6 +37,20 @@ def quarantined() -> PermissionDenied:
     return PermissionDenied(QUARANTINED, code="key_quarantined")
 
 
+class IsolationGate:
+    def __init__(self, isolation: IsolationStore) -> None:
+        self._isolation = isolation
+
+    async def __call__(self, ctx: RequestContext) -> None:
+        model = ctx.model
+        if model is not None and model.isolate_after and self._isolation.isolated(model.name):
+            raise NotReady(
+                f"model {model.name!r} is isolated: query auditing flagged several principals on it. "
+                "An operator can review the incidents and release it with `bastion models release NAME`",
+                code="model_isolated",
+            )
+
+
 class ContainmentGate:
     async def __call__(self, ctx: RequestContext) -> None:
         if ctx.principal is not None and ctx.principal.quarantined:
@@ -39,10 +58,18 @@ class ContainmentGate:
 
 
 class Containment:
-    def __init__(self, keys: KeyStore, metrics: Metrics, record: Callable[[dict[str, Any]], None]) -> None:
+    def __init__(
+        self,
+        keys: KeyStore,
+        isolation: IsolationStore,
+        metrics: Metrics,
+        record: Callable[[dict[str, Any]], None],
+    ) -> None:
         self._keys = keys
+        self._isolation = isolation
         self._metrics = metrics
         self._record = record
+        self._flagged: dict[str, deque[tuple[float, str]]] = {}  # model -> (time, principal) flagged
 
     def __call__(self, ctx: RequestContext, suspicion: Suspicion) -> None:
         model, principal = ctx.model, ctx.principal
@@ -66,10 +93,43 @@ class Containment:
             }
         )
         self._metrics.incidents.labels(model.name, suspicion.signal, action).inc()
+        if model.isolate_after:
+            self._count_towards_isolation(ctx)
         if action == "quarantine":
             self._keys.quarantine(principal.key_id, now=ctx.now)
             model.monitor.forget(principal.id)  # a released key starts afresh
             raise quarantined()
+
+    def _count_towards_isolation(self, ctx: RequestContext) -> None:
+        model, principal = ctx.model, ctx.principal
+        assert model is not None and principal is not None
+        flagged = self._flagged.setdefault(model.name, deque())
+        flagged.append((ctx.now, principal.id))
+        while flagged and flagged[0][0] < ctx.now - model.isolation_window:
+            flagged.popleft()
+        principals = {who for _, who in flagged}
+        if len(principals) < model.isolate_after:
+            return
+        detail = f"{len(principals)} principals flagged within {model.isolation_window:g} s"
+        if self._isolation.isolate(model.name, now=ctx.now, reason=detail):
+            self._record(
+                {
+                    "ts": ctx.now,
+                    "request_id": ctx.request_id,
+                    "route": "incident",
+                    "action": ctx.action.value,
+                    "principal": principal.id,
+                    "model": model.name,
+                    "version": model.version,
+                    "digest": model.digest,
+                    "decision": "isolate_model",
+                    "reason": "extraction_suspected",
+                    "detail": detail,
+                    "payload_hmac": ctx.payload_hmac,
+                }
+            )
+            self._metrics.incidents.labels(model.name, "several_principals", "isolate_model").inc()
+        flagged.clear()
 
 
 class WatchQueries:

@@ -1,0 +1,69 @@
+"""Models isolated by query auditing: a small SQLite table shared by every worker and the CLI.
+
+When several principals are flagged on one model within a window (one thief with many keys, or
+many thieves), the model's `isolate_after` setting takes it out of service for everyone until an
+operator releases it (`bastion models release NAME`). Off by default: isolation trades
+availability for confidentiality, and a set of keys that get themselves flagged could use it to
+take a model down, so an operator opts in per model. The check costs one `PRAGMA data_version`
+per request to an isolating model, as key revocation does.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS isolated_models (
+    model  TEXT PRIMARY KEY,
+    since  REAL NOT NULL,
+    reason TEXT NOT NULL
+);
+"""
+
+
+class IsolationStore:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA busy_timeout=5000")
+        self._conn.executescript(_SCHEMA)
+        path.chmod(0o600)
+        self._lock = threading.Lock()
+        self._seen_version: int | None = None
+        self._isolated: frozenset[str] = frozenset()
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def isolated(self, model: str) -> bool:
+        with self._lock:
+            (version,) = self._conn.execute("PRAGMA data_version").fetchone()
+            if version != self._seen_version:  # another connection (a worker, the CLI) committed
+                rows = self._conn.execute("SELECT model FROM isolated_models").fetchall()
+                self._isolated = frozenset(r[0] for r in rows)
+                self._seen_version = version
+            return model in self._isolated
+
+    def isolate(self, model: str, *, now: float, reason: str) -> bool:
+        """True if the model was not isolated already."""
+        with self._lock:
+            self._seen_version = None
+            cur = self._conn.execute(
+                "INSERT OR IGNORE INTO isolated_models VALUES (?, ?, ?)", (model, now, reason)
+            )
+        return cur.rowcount == 1
+
+    def release(self, model: str) -> bool:
+        """True if the model was isolated."""
+        with self._lock:
+            self._seen_version = None
+            cur = self._conn.execute("DELETE FROM isolated_models WHERE model = ?", (model,))
+        return cur.rowcount == 1
+
+    def list(self) -> list[tuple[str, float, str]]:
+        with self._lock:
+            rows = self._conn.execute("SELECT model, since, reason FROM isolated_models ORDER BY since")
+            return [(r[0], r[1], r[2]) for r in rows.fetchall()]
