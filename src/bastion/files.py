@@ -3,7 +3,20 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 from pathlib import Path
+
+
+def open_shared_sqlite(path: Path, schema: str) -> sqlite3.Connection:
+    """A SQLite file that other processes (workers, the CLI) open too: WAL, autocommit, a 5 s wait
+    on a busy lock, the schema created if missing, owner-only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA busy_timeout=5000")
+    conn.executescript(schema)
+    path.chmod(0o600)
+    return conn
 
 
 def write_private_file(path: Path, data: bytes) -> None:

@@ -10,9 +10,10 @@ per request to an isolating model, as key revocation does.
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from pathlib import Path
+
+from bastion.files import open_shared_sqlite
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS isolated_models (
@@ -25,12 +26,7 @@ CREATE TABLE IF NOT EXISTS isolated_models (
 
 class IsolationStore:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA busy_timeout=5000")
-        self._conn.executescript(_SCHEMA)
-        path.chmod(0o600)
+        self._conn = open_shared_sqlite(path, _SCHEMA)
         self._lock = threading.Lock()
         self._seen_version: int | None = None
         self._isolated: frozenset[str] = frozenset()

@@ -16,12 +16,12 @@ import hmac
 import json
 import re
 import secrets
-import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from bastion.errors import AuthenticationFailed
+from bastion.files import open_shared_sqlite
 
 KEY_PREFIX = "bst_"
 _KEY_ID_HEX = 16  # 64-bit public identifier
@@ -85,18 +85,13 @@ class KeyStore:
     """API keys in a SQLite file (WAL), shared by the server and the CLI."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA busy_timeout=5000")
-        self._conn.executescript(_SCHEMA)
+        self._conn = open_shared_sqlite(path, _SCHEMA)
         columns = {row[1] for row in self._conn.execute("PRAGMA table_info(api_keys)")}
         if "quarantined_at" not in columns:  # a key file from before query auditing
             self._conn.execute("ALTER TABLE api_keys ADD COLUMN quarantined_at REAL")
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[KeyRecord, bytes]] = {}
         self._seen_version: int | None = None
-        path.chmod(0o600)
 
     def close(self) -> None:
         self._conn.close()

@@ -75,6 +75,20 @@ class Containment:
         model, principal = ctx.model, ctx.principal
         assert model is not None and principal is not None and model.monitor is not None
         action = model.extraction_watch
+        self._record_incident(ctx, action, suspicion.describe())
+        self._metrics.incidents.labels(model.name, suspicion.signal, action).inc()
+        if model.isolate_after:
+            self._count_towards_isolation(ctx)
+        if action == "quarantine":
+            self._keys.quarantine(principal.key_id, now=ctx.now)
+            model.monitor.forget(principal.id)  # a released key starts afresh
+            raise quarantined()
+
+    def _record_incident(self, ctx: RequestContext, decision: str, detail: str) -> None:
+        """Lineage of the request that tipped it (the keyed HMAC of its payload, None if the row was
+        refused before the HMAC), never a row."""
+        model, principal = ctx.model, ctx.principal
+        assert model is not None and principal is not None
         self._record(
             {
                 "ts": ctx.now,
@@ -86,19 +100,12 @@ class Containment:
                 "model": model.name,
                 "version": model.version,
                 "digest": model.digest,
-                "decision": action,
+                "decision": decision,
                 "reason": "extraction_suspected",
-                "detail": suspicion.describe(),
-                "payload_hmac": ctx.payload_hmac,  # the request that tipped it (None if refused before the HMAC)
+                "detail": detail,
+                "payload_hmac": ctx.payload_hmac,
             }
         )
-        self._metrics.incidents.labels(model.name, suspicion.signal, action).inc()
-        if model.isolate_after:
-            self._count_towards_isolation(ctx)
-        if action == "quarantine":
-            self._keys.quarantine(principal.key_id, now=ctx.now)
-            model.monitor.forget(principal.id)  # a released key starts afresh
-            raise quarantined()
 
     def _count_towards_isolation(self, ctx: RequestContext) -> None:
         model, principal = ctx.model, ctx.principal
@@ -112,22 +119,7 @@ class Containment:
             return
         detail = f"{len(principals)} principals flagged within {model.isolation_window:g} s"
         if self._isolation.isolate(model.name, now=ctx.now, reason=detail):
-            self._record(
-                {
-                    "ts": ctx.now,
-                    "request_id": ctx.request_id,
-                    "route": "incident",
-                    "action": ctx.action.value,
-                    "principal": principal.id,
-                    "model": model.name,
-                    "version": model.version,
-                    "digest": model.digest,
-                    "decision": "isolate_model",
-                    "reason": "extraction_suspected",
-                    "detail": detail,
-                    "payload_hmac": ctx.payload_hmac,
-                }
-            )
+            self._record_incident(ctx, "isolate_model", detail)
             self._metrics.incidents.labels(model.name, "several_principals", "isolate_model").inc()
         flagged.clear()
 
