@@ -76,6 +76,12 @@ class _History:
         self.refused = 0
         self.flagged = False  # one suspicion per epoch: an alert-only model is not flooded with incidents
 
+    def new_epoch(self) -> None:
+        self.queries = self.refused = 0
+        self.flagged = False
+        self.near = [0] * len(_NEAR_QUANTILES)
+        self.far = [0] * len(_FAR_QUANTILES)
+
 
 def critical_counts(rate: float) -> list[int]:
     """critical[n]: the smallest hit count k among n queries with P(hits >= k) < alpha for a genuine
@@ -123,11 +129,6 @@ class ExtractionMonitor:
             if len(self._young) >= _MAX_PRINCIPALS // 2:
                 self._old, self._young = self._young, {}
             self._young[principal] = history
-        if history.queries >= _EPOCH:
-            history.queries = history.refused = 0
-            history.flagged = False
-            history.near = [0] * len(_NEAR_QUANTILES)
-            history.far = [0] * len(_FAR_QUANTILES)
         return history
 
     def observe(self, principal: str, z: np.ndarray, squared: list[float]) -> Suspicion | None:
@@ -144,6 +145,9 @@ class ExtractionMonitor:
             gap = float(partial[nearest]) + radius2
             if gap < _ROUNDING and bytes(history.recent[nearest, :columns] * -0.5) == bytes(query[:columns]):
                 continue  # an exact repeat: nothing new to learn from it
+            if history.queries >= _EPOCH - 1:  # the tables end there: counting starts again
+                history.new_epoch()
+                before = 0
             history.queries += 1
             # The limits ascend: a row is a hit for every limit above its gap (below its radius).
             for j in range(bisect.bisect_right(self._near2, gap), len(self._near2)):
@@ -164,6 +168,8 @@ class ExtractionMonitor:
     def refused(self, principal: str) -> Suspicion | None:
         """A query of this principal was refused as out of distribution."""
         history = self._history(principal)
+        if history.queries >= _EPOCH - 1:
+            history.new_epoch()
         history.queries += 1
         history.refused += 1
         return self._verdict(history)

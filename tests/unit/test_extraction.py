@@ -130,3 +130,17 @@ def test_the_count_that_flags_is_the_first_a_genuine_client_reaches_with_probabi
     for n in (_MIN_QUERIES, 50, 128, 1000, 4096):
         k = critical[n]
         assert binom.sf(k - 1, n, rate) < _ALPHA <= binom.sf(k - 2, n, rate)
+
+
+def test_a_batch_that_crosses_the_epoch_boundary_is_counted_without_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import bastion.extraction as extraction
+
+    monkeypatch.setattr(extraction, "_EPOCH", 50)
+    reference, held_out = _split("cancer")
+    monitor = _monitor(reference)
+    for start in (0, 40, 80, 120):  # 40 rows a request: the 2nd request passes 50 mid-batch
+        batch = held_out[start : start + 40]
+        assert monitor.observe("key:p", *monitor.screen.measure({"x": batch}, ["x"])) is None
+    assert monitor._young["key:p"].queries < 50
