@@ -139,33 +139,30 @@ class KeyStore:
             ).fetchall()
         return [KeyRecord(r[0], r[1], tuple(json.loads(r[2])), *r[3:7]) for r in rows]
 
-    def revoke(self, key_id: str, *, now: float) -> bool:
+    def _change(self, sql: str, parameters: tuple[object, ...]) -> bool:
+        """One UPDATE of one key; True if it changed the row. The cache goes: the next lookup reads it."""
         with self._lock:
             self._cache.clear()
-            cur = self._conn.execute(
-                "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL", (now, key_id)
-            )
-        return cur.rowcount == 1
+            return self._conn.execute(sql, parameters).rowcount == 1
+
+    def revoke(self, key_id: str, *, now: float) -> bool:
+        return self._change(
+            "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL", (now, key_id)
+        )
 
     def quarantine(self, key_id: str, *, now: float) -> bool:
         """Refuse the key's requests (403) until an operator releases it; True if it was not already."""
-        with self._lock:
-            self._cache.clear()
-            cur = self._conn.execute(
-                "UPDATE api_keys SET quarantined_at = ? WHERE key_id = ? AND quarantined_at IS NULL",
-                (now, key_id),
-            )
-        return cur.rowcount == 1
+        return self._change(
+            "UPDATE api_keys SET quarantined_at = ? WHERE key_id = ? AND quarantined_at IS NULL",
+            (now, key_id),
+        )
 
     def release(self, key_id: str) -> bool:
         """Lift a quarantine; True if the key was quarantined."""
-        with self._lock:
-            self._cache.clear()
-            cur = self._conn.execute(
-                "UPDATE api_keys SET quarantined_at = NULL WHERE key_id = ? AND quarantined_at IS NOT NULL",
-                (key_id,),
-            )
-        return cur.rowcount == 1
+        return self._change(
+            "UPDATE api_keys SET quarantined_at = NULL WHERE key_id = ? AND quarantined_at IS NOT NULL",
+            (key_id,),
+        )
 
     def authenticate(self, presented: str, *, now: float) -> KeyRecord:
         """Return the key's record or raise AuthenticationFailed; the secret is compared in constant time."""
