@@ -13,7 +13,6 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from bastion.policy import Policy
 from bastion.privacy import AnswerCache, NoiseSource, OpenDPNoise
 from bastion.registry import ModelRegistry
 from bastion.rollout import Rollback, Rollouts
+from bastion.routes import ROUTE_ACTIONS, Route
 from bastion.stages import Stage
 from bastion.stages.aggregates import AggregateSource, ComputeAggregates
 from bastion.stages.authorization import AuthorizeModel, AuthorizeServer
@@ -61,33 +61,6 @@ from bastion.state import MemoryStateStore, SQLiteStateStore, StateStore
 from bastion.tokens import TokenAuthority, load_or_create_signing_key
 
 log = logging.getLogger("bastion")
-
-
-class Route(StrEnum):
-    INFER = "infer"
-    MODEL_METADATA = "model_metadata"
-    MODEL_READY = "model_ready"
-    SERVER_METADATA = "server_metadata"
-    TOKEN = "token"  # noqa: S105 (a route name, not a secret)
-    METRICS = "metrics"
-    OPENAPI = "openapi"
-    AGGREGATE = "aggregate"
-    NOT_FOUND = "not_found"
-    WRONG_METHOD = "wrong_method"
-
-
-ROUTE_ACTIONS = {
-    Route.INFER: Action.INFER,
-    Route.MODEL_METADATA: Action.METADATA,
-    Route.MODEL_READY: Action.METADATA,
-    Route.SERVER_METADATA: Action.METADATA,
-    Route.TOKEN: Action.METADATA,
-    Route.METRICS: Action.ADMIN,
-    Route.OPENAPI: Action.METADATA,
-    Route.AGGREGATE: Action.AGGREGATE,
-    Route.NOT_FOUND: Action.METADATA,
-    Route.WRONG_METHOD: Action.METADATA,
-}
 
 
 @dataclass(frozen=True, slots=True)

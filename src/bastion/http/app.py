@@ -10,7 +10,6 @@ import asyncio
 import gc
 import logging
 import os
-import re
 import signal
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -19,7 +18,8 @@ import orjson
 
 from bastion.context import RequestContext
 from bastion.errors import BadRequest, PayloadTooLarge
-from bastion.service import ROUTE_ACTIONS, Bastion, Outcome, Route
+from bastion.routes import ROUTE_ACTIONS, Match, Route, Router
+from bastion.service import Bastion, Outcome
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -28,18 +28,7 @@ Send = Callable[[Message], Awaitable[None]]
 
 log = logging.getLogger("bastion.http")
 
-_NAME = r"(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]{0,63})"
-_VERSION = r"(?:/versions/(?P<version>[A-Za-z0-9][A-Za-z0-9_.-]{0,31}))?"
-_ROUTES: list[tuple[re.Pattern[str], str, Route]] = [
-    (re.compile(rf"^/v2/models/{_NAME}{_VERSION}/infer$"), "POST", Route.INFER),
-    (re.compile(rf"^/v2/models/{_NAME}{_VERSION}/aggregate$"), "POST", Route.AGGREGATE),
-    (re.compile(rf"^/v2/models/{_NAME}{_VERSION}/ready$"), "GET", Route.MODEL_READY),
-    (re.compile(rf"^/v2/models/{_NAME}{_VERSION}$"), "GET", Route.MODEL_METADATA),
-    (re.compile(r"^/v2/?$"), "GET", Route.SERVER_METADATA),
-    (re.compile(r"^/v2/auth/token$"), "POST", Route.TOKEN),
-    (re.compile(r"^/v2/openapi\.json$"), "GET", Route.OPENAPI),
-    (re.compile(r"^/metrics$"), "GET", Route.METRICS),
-]
+_ROUTER = Router()
 _JSON = b"application/json"
 
 
@@ -64,22 +53,21 @@ class BastionApp:
             ready = await self.service.is_ready()
             await _send(send, Outcome(200 if ready else 503, {"ready": ready}, {}), None)
             return
-        route, match, allowed_method = Route.NOT_FOUND, None, None
-        for pattern, allowed, candidate in _ROUTES:
-            m = pattern.match(path)
-            if m is not None:
-                route, match = candidate, m
-                if method != allowed:
-                    route, allowed_method = Route.WRONG_METHOD, allowed
-                break
+        match = _ROUTER.match(path, method)
+        if match is None:
+            route = Route.NOT_FOUND
+        elif not match.method_allowed:
+            route = Route.WRONG_METHOD
+        else:
+            route = match.spec.route
         ctx = self._context(scope, receive, route, match)
-        if allowed_method is not None:
-            ctx.extra["allowed"] = allowed_method
+        if route is Route.WRONG_METHOD:
+            ctx.extra["allowed"] = ", ".join(_ROUTER.allowed_methods(path))
         outcome = await self.service.handle(route, ctx)
         await _send(send, outcome, ctx.request_id)
 
     def _context(
-        self, scope: Scope, receive: Receive, route: Route, match: re.Match[str] | None
+        self, scope: Scope, receive: Receive, route: Route, match: Match | None
     ) -> RequestContext:
         auth = declared = None
         for k, v in scope["headers"]:  # the first of each wins; no other header is read
@@ -115,10 +103,8 @@ class BastionApp:
             credentials=auth.decode("latin-1") if auth is not None else None,
             read_body=read_body,
             client=client[0] if client else None,
-            model_name=match.group("name") if match is not None and "name" in match.groupdict() else None,
-            model_version=match.group("version")
-            if match is not None and "version" in match.groupdict()
-            else None,
+            model_name=match.model_name if match is not None else None,
+            model_version=match.model_version if match is not None else None,
         )
 
     def _on_sighup(self) -> None:

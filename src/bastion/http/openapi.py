@@ -1,4 +1,8 @@
-"""The OpenAPI 3.1 document for the HTTP API, served at /v2/openapi.json."""
+"""The OpenAPI 3.1 document for the HTTP API, served at /v2/openapi.json.
+
+Its paths are generated from the route table (`bastion.routes.ROUTES`), the same table that
+routes requests, so a served route cannot be missing from the document.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ from typing import Any
 
 from bastion import __version__
 from bastion.config import OutputDetail
+from bastion.routes import ROUTES, RouteSpec
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -17,59 +22,57 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 
 _ERR = _ref("Error")
-_ERRORS = {
-    "400": _json(_ERR, "Malformed request"),
-    "401": _json(_ERR, "Missing or invalid credentials"),
-    "403": _json(_ERR, "Not permitted"),
-    "404": _json(_ERR, "Unknown model"),
-    "429": _json(_ERR, "Over a rate limit or quota (see Retry-After)"),
-    "503": _json(_ERR, "Not ready, or the audit log is unavailable"),
-}
 _NAME = {"name": "model_name", "in": "path", "required": True, "schema": {"type": "string"}}
 _VERSION = {"name": "model_version", "in": "path", "required": True, "schema": {"type": "string"}}
 _SECURED: list[dict[str, list[str]]] = [{"bearer": []}]
+_ERROR_TEXT = {
+    400: "Malformed request",
+    401: "Missing or invalid credentials",
+    403: "Not permitted",
+    404: "Unknown model",
+    429: "Over a rate limit or quota (see Retry-After)",
+    503: "Not ready, or the audit log is unavailable",
+}
 
 
-def _model_paths(suffix: str, version: bool) -> dict[str, Any]:
-    params = [_NAME, _VERSION] if version else [_NAME]
-    if suffix == "/infer":
+def _response_schema(name: str) -> dict[str, Any]:
+    if name == "text":
         return {
-            "post": {
-                "summary": "Run inference (Open Inference Protocol V2)",
-                "operationId": "infer_versioned" if version else "infer",
-                "security": _SECURED,
-                "parameters": params,
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": _ref("InferRequest")}},
-                },
-                "responses": {
-                    "200": _json(_ref("InferResponse"), "Inference result"),
-                    **_ERRORS,
-                    "413": _json(_ERR, "Body or batch too large"),
-                    "422": _json(_ERR, "Outside the model's declared inputs"),
-                },
-            }
+            "description": "Prometheus text format",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
         }
-    if suffix == "/ready":
-        return {
-            "get": {
-                "summary": "Model readiness",
-                "operationId": "model_ready_versioned" if version else "model_ready",
-                "security": _SECURED,
-                "parameters": params,
-                "responses": {"200": _json(_ref("ModelReady"), "Ready"), **_ERRORS},
-            }
-        }
-    return {
-        "get": {
-            "summary": "Model metadata, with what this caller is granted",
-            "operationId": "model_metadata_versioned" if version else "model_metadata",
-            "security": _SECURED,
-            "parameters": params,
-            "responses": {"200": _json(_ref("ModelMetadata"), "Model metadata"), **_ERRORS},
-        }
+    return _json({"type": "object"} if name == "object" else _ref(name), "Success")
+
+
+def _operation(spec: RouteSpec, versioned: bool) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": spec.summary,
+        "operationId": f"{spec.route.value}_versioned" if versioned else spec.route.value,
+        "security": [] if spec.public else _SECURED,
     }
+    if "{model_name}" in spec.path:
+        op["parameters"] = [_NAME, _VERSION] if versioned else [_NAME]
+    if spec.request is not None:
+        op["requestBody"] = {
+            "required": spec.request_required,
+            "content": {"application/json": {"schema": _ref(spec.request)}},
+        }
+    responses: dict[str, Any] = {"200": _response_schema(spec.response)}
+    for status in spec.errors:
+        schema = _ERR if not spec.public else {"type": "object"}
+        responses[str(status)] = _json(schema, _ERROR_TEXT[status])
+    for status, text in spec.extra_responses.items():
+        responses[str(status)] = _json(_ERR, text)
+    op["responses"] = responses
+    return op
+
+
+def _paths() -> dict[str, Any]:
+    paths: dict[str, Any] = {}
+    for spec in ROUTES:
+        for path, versioned in spec.paths():
+            paths.setdefault(path, {})[spec.method.lower()] = _operation(spec, versioned)
+    return paths
 
 
 _TENSOR_META = {
@@ -91,93 +94,7 @@ OPENAPI: dict[str, Any] = {
         "description": "Open Inference Protocol V2 REST API with authentication, input guard, rate limits, "
         "output policy and a tamper-evident audit log in the request path.",
     },
-    "paths": {
-        "/v2/health/live": {
-            "get": {
-                "summary": "Liveness (no credentials)",
-                "operationId": "live",
-                "security": [],
-                "responses": {"200": _json({"type": "object"}, "Live")},
-            }
-        },
-        "/v2/health/ready": {
-            "get": {
-                "summary": "Readiness (no credentials)",
-                "operationId": "ready",
-                "security": [],
-                "responses": {
-                    "200": _json({"type": "object"}, "Ready"),
-                    "503": _json({"type": "object"}, "Not ready"),
-                },
-            }
-        },
-        "/v2": {
-            "get": {
-                "summary": "Server metadata",
-                "operationId": "server_metadata",
-                "security": _SECURED,
-                "responses": {"200": _json(_ref("ServerMetadata"), "Server metadata"), **_ERRORS},
-            }
-        },
-        "/v2/models/{model_name}": _model_paths("", False),
-        "/v2/models/{model_name}/versions/{model_version}": _model_paths("", True),
-        "/v2/models/{model_name}/ready": _model_paths("/ready", False),
-        "/v2/models/{model_name}/versions/{model_version}/ready": _model_paths("/ready", True),
-        "/v2/models/{model_name}/infer": _model_paths("/infer", False),
-        "/v2/models/{model_name}/versions/{model_version}/infer": _model_paths("/infer", True),
-        "/v2/models/{model_name}/aggregate": {
-            "post": {
-                "summary": "Differentially private counts, sums and means of the predictions over a batch",
-                "operationId": "aggregate",
-                "security": _SECURED,
-                "parameters": [_NAME],
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": _ref("InferRequest")}},
-                },
-                "responses": {
-                    "200": _json({"type": "object", "required": ["statistics"]}, "Noisy statistics"),
-                    **_ERRORS,
-                    "413": _json(_ERR, "Body or batch too large"),
-                    "422": _json(_ERR, "Outside the model's declared inputs"),
-                },
-            }
-        },
-        "/v2/auth/token": {
-            "post": {
-                "summary": "Exchange an API key for a short-lived scoped token (EdDSA JWT)",
-                "operationId": "issue_token",
-                "security": _SECURED,
-                "requestBody": {
-                    "required": False,
-                    "content": {"application/json": {"schema": _ref("TokenRequest")}},
-                },
-                "responses": {"200": _json(_ref("TokenResponse"), "Token issued"), **_ERRORS},
-            }
-        },
-        "/v2/openapi.json": {
-            "get": {
-                "summary": "This document",
-                "operationId": "openapi",
-                "security": _SECURED,
-                "responses": {"200": _json({"type": "object"}, "OpenAPI document"), **_ERRORS},
-            }
-        },
-        "/metrics": {
-            "get": {
-                "summary": "Prometheus metrics (admin grant)",
-                "operationId": "metrics",
-                "security": _SECURED,
-                "responses": {
-                    "200": {
-                        "description": "Prometheus text format",
-                        "content": {"text/plain": {"schema": {"type": "string"}}},
-                    },
-                    **_ERRORS,
-                },
-            }
-        },
-    },
+    "paths": _paths(),
     "components": {
         "securitySchemes": {
             "bearer": {"type": "http", "scheme": "bearer", "description": "API key or token"}
@@ -262,6 +179,16 @@ OPENAPI: dict[str, Any] = {
                     "model_version": {"type": "string"},
                     "id": {"type": "string"},
                     "outputs": {"type": "array", "items": _ref("ResponseOutput")},
+                },
+            },
+            "AggregateResponse": {
+                "type": "object",
+                "required": ["model_name", "statistics"],
+                "properties": {
+                    "model_name": {"type": "string"},
+                    "model_version": {"type": "string"},
+                    "rows": {"type": "integer"},
+                    "statistics": {"type": "object"},
                 },
             },
             "TokenRequest": {

@@ -1,0 +1,194 @@
+"""The route table: every route the server answers, written once.
+
+HTTP routing (`bastion.http.app`), the OpenAPI document (`bastion.http.openapi`) and the
+README's route list (checked by `tests/unit/test_routes.py`) all come from `ROUTES`, so
+they cannot drift apart. Each row says which pipeline answers (`Route`), the action it
+needs, and what it documents.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from bastion.config import Action
+
+
+class Route(StrEnum):
+    """A pipeline of the service (see `Bastion.build_pipelines`)."""
+
+    INFER = "infer"
+    MODEL_METADATA = "model_metadata"
+    MODEL_READY = "model_ready"
+    SERVER_METADATA = "server_metadata"
+    TOKEN = "token"  # noqa: S105 (a route name, not a secret)
+    METRICS = "metrics"
+    OPENAPI = "openapi"
+    AGGREGATE = "aggregate"
+    LIVE = "live"
+    READY = "ready"
+    NOT_FOUND = "not_found"
+    WRONG_METHOD = "wrong_method"
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSpec:
+    """One row of the route table.
+
+    `path` is an OpenAPI path template; `{model_name}` and `{model_version}` are its only
+    parameters. A spec with `versioned=True` is served, and documented, both as `path` and
+    with `/versions/{model_version}` after the model name.
+    """
+
+    route: Route
+    method: str
+    path: str
+    action: Action
+    summary: str
+    response: str  # a component schema name, or "text" (Prometheus) / "object"
+    request: str | None = None  # a component schema name for the JSON body
+    request_required: bool = True
+    versioned: bool = False
+    public: bool = False  # answers without credentials (orchestrator probes)
+    errors: tuple[int, ...] = (400, 401, 403, 404, 429, 503)
+    extra_responses: dict[int, str] = field(default_factory=dict)
+
+    def paths(self) -> list[tuple[str, bool]]:
+        """(path template, has a version) for each path this spec serves."""
+        out = [(self.path, False)]
+        if self.versioned:
+            out.append((self.path.replace("{model_name}", "{model_name}/versions/{model_version}"), True))
+        return out
+
+
+_MODEL_ERRORS = {413: "Body or batch too large", 422: "Outside the model's declared inputs"}
+
+ROUTES: tuple[RouteSpec, ...] = (
+    RouteSpec(
+        Route.LIVE,
+        "GET",
+        "/v2/health/live",
+        Action.METADATA,
+        "Liveness (no credentials)",
+        "object",
+        public=True,
+        errors=(),
+    ),
+    RouteSpec(
+        Route.READY,
+        "GET",
+        "/v2/health/ready",
+        Action.METADATA,
+        "Readiness (no credentials)",
+        "object",
+        public=True,
+        errors=(503,),
+    ),
+    RouteSpec(Route.SERVER_METADATA, "GET", "/v2", Action.METADATA, "Server metadata", "ServerMetadata"),
+    RouteSpec(
+        Route.MODEL_METADATA,
+        "GET",
+        "/v2/models/{model_name}",
+        Action.METADATA,
+        "Model metadata, with what this caller is granted",
+        "ModelMetadata",
+        versioned=True,
+    ),
+    RouteSpec(
+        Route.MODEL_READY,
+        "GET",
+        "/v2/models/{model_name}/ready",
+        Action.METADATA,
+        "Model readiness",
+        "ModelReady",
+        versioned=True,
+    ),
+    RouteSpec(
+        Route.INFER,
+        "POST",
+        "/v2/models/{model_name}/infer",
+        Action.INFER,
+        "Run inference (Open Inference Protocol V2)",
+        "InferResponse",
+        request="InferRequest",
+        versioned=True,
+        extra_responses=_MODEL_ERRORS,
+    ),
+    RouteSpec(
+        Route.AGGREGATE,
+        "POST",
+        "/v2/models/{model_name}/aggregate",
+        Action.AGGREGATE,
+        "Differentially private counts, sums and means of the predictions over a batch",
+        "AggregateResponse",
+        request="InferRequest",
+        versioned=True,
+        extra_responses=_MODEL_ERRORS,
+    ),
+    RouteSpec(
+        Route.TOKEN,
+        "POST",
+        "/v2/auth/token",
+        Action.METADATA,
+        "Exchange an API key for a short-lived scoped token (EdDSA JWT)",
+        "TokenResponse",
+        request="TokenRequest",
+        request_required=False,
+    ),
+    RouteSpec(Route.OPENAPI, "GET", "/v2/openapi.json", Action.METADATA, "This document", "object"),
+    RouteSpec(Route.METRICS, "GET", "/metrics", Action.ADMIN, "Prometheus metrics (admin grant)", "text"),
+)
+
+# Unmatched paths and wrong methods still run a pipeline (401 before 404/405).
+ROUTE_ACTIONS: dict[Route, Action] = {
+    **{spec.route: spec.action for spec in ROUTES},
+    Route.NOT_FOUND: Action.METADATA,
+    Route.WRONG_METHOD: Action.METADATA,
+}
+
+_PARAMETER_PATTERNS = {
+    "model_name": r"(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]{0,63})",
+    "model_version": r"(?P<version>[A-Za-z0-9][A-Za-z0-9_.-]{0,31})",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    spec: RouteSpec
+    model_name: str | None
+    model_version: str | None
+    method_allowed: bool
+
+
+class Router:
+    """Matches a request path against the route table (most specific path first)."""
+
+    def __init__(self, routes: tuple[RouteSpec, ...] = ROUTES) -> None:
+        compiled = []
+        for spec in routes:
+            for path, _ in spec.paths():
+                pattern = re.escape(path)
+                for param, regex in _PARAMETER_PATTERNS.items():
+                    pattern = pattern.replace(re.escape("{" + param + "}"), regex)
+                # "/v2" is also reached as "/v2/", as before.
+                tail = "/?" if path == "/v2" else ""
+                compiled.append((re.compile(f"^{pattern}{tail}$"), spec))
+        self._routes = compiled
+
+    def match(self, path: str, method: str) -> Match | None:
+        """The route for `path`; `method_allowed` is False when the path exists for another method."""
+        wrong: Match | None = None
+        for pattern, spec in self._routes:
+            m = pattern.match(path)
+            if m is None:
+                continue
+            groups = m.groupdict()
+            found = Match(spec, groups.get("name"), groups.get("version"), spec.method == method)
+            if found.method_allowed:
+                return found
+            wrong = wrong or found
+        return wrong
+
+    def allowed_methods(self, path: str) -> list[str]:
+        return sorted({spec.method for pattern, spec in self._routes if pattern.match(path)})

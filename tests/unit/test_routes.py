@@ -1,0 +1,97 @@
+"""The route table drives routing, the OpenAPI document and the README: they cannot drift."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from openapi_spec_validator import validate
+
+from bastion.http.openapi import OPENAPI
+from bastion.routes import ROUTES, Route, Router
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def _concrete(template: str) -> str:
+    return template.replace("{model_name}", "iris").replace("{model_version}", "7")
+
+
+def _table_paths() -> set[tuple[str, str]]:
+    return {(spec.method, path) for spec in ROUTES for path, _ in spec.paths()}
+
+
+@pytest.mark.parametrize(
+    ("spec", "path", "versioned"),
+    [(spec, path, versioned) for spec in ROUTES for path, versioned in spec.paths()],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_every_documented_path_routes_to_its_pipeline(spec, path, versioned) -> None:
+    match = Router().match(_concrete(path), spec.method)
+    assert match is not None and match.method_allowed
+    assert match.spec.route is spec.route
+    if "{model_name}" in path:
+        assert match.model_name == "iris"
+        assert match.model_version == ("7" if versioned else None)
+
+
+def test_the_versioned_aggregate_route_is_served_and_documented() -> None:
+    # The instance that drifted: served by the old regex list, missing from the old hand-written document.
+    assert Router().match("/v2/models/iris/versions/7/aggregate", "POST") is not None
+    assert "post" in OPENAPI["paths"]["/v2/models/{model_name}/versions/{model_version}/aggregate"]
+
+
+def test_a_wrong_method_names_the_allowed_one_and_an_unknown_path_matches_nothing() -> None:
+    router = Router()
+    match = router.match("/v2/models/iris/infer", "GET")
+    assert match is not None and not match.method_allowed
+    assert router.allowed_methods("/v2/models/iris/infer") == ["POST"]
+    for path in (
+        "/v2/models",
+        "/v2/models/iris/explain",
+        "/v2/models/../infer",
+        "/v2/models/iris/versions//infer",
+        "/v2/models/" + "a" * 65 + "/infer",
+        "/metricsx",
+        "/v2/auth/token/",
+    ):
+        assert router.match(path, "GET") is None and router.match(path, "POST") is None, path
+
+
+def test_openapi_paths_are_exactly_the_route_table_and_the_document_is_valid() -> None:
+    documented = {(m.upper(), p) for p, ops in OPENAPI["paths"].items() for m in ops}
+    assert documented == _table_paths()
+    validate(OPENAPI)
+    ids = [op["operationId"] for ops in OPENAPI["paths"].values() for op in ops.values()]
+    assert len(ids) == len(set(ids))
+
+
+def _readme_routes() -> set[tuple[str, str]]:
+    text = README.read_text(encoding="utf-8")
+    section = text.split("## HTTP API", 1)[1].split("\n## ", 1)[0]
+    found = set()
+    for line in section.splitlines():
+        m = re.match(r"^\| (GET|POST|PUT|DELETE) \| (.+?) \|", line)
+        if m is None:
+            continue
+        for template in re.findall(r"`([^`]+)`", m.group(2)):
+            template = template.replace("{name}", "{model_name}").replace("{version}", "{model_version}")
+            optional = re.search(r"\[([^\]]+)\]", template)
+            variants = [template]
+            if optional:
+                variants = [
+                    template.replace(optional.group(0), ""),
+                    template.replace(optional.group(0), optional.group(1)),
+                ]
+            found.update((m.group(1), v) for v in variants)
+    return found
+
+
+def test_readme_lists_exactly_the_route_table() -> None:
+    assert _readme_routes() == _table_paths()
+
+
+def test_every_pipeline_route_has_a_row_or_is_a_fallback() -> None:
+    in_table = {spec.route for spec in ROUTES}
+    assert set(Route) - in_table == {Route.NOT_FOUND, Route.WRONG_METHOD}
