@@ -60,4 +60,11 @@ class RequestContext:
     # The rows in the reference data's whitened space and their squared distances to its centre:
     # measured once by the input guard's out-of-distribution screen, reused by query auditing.
     measured: tuple[np.ndarray, list[float]] | None = None
+    # True when the rollout chose the version (an unversioned request): only such traffic is evidence
+    # about a canary. A request naming its version chose it itself, and could steer a rollback.
+    routed: bool = False
+    # The runtime's own time for this batch in seconds (None: the runtime never ran), and whether it
+    # raised: the server's failure, as opposed to a refusal of the client's input.
+    inference_seconds: float | None = None
+    runtime_failed: bool = False
     extra: dict[str, Any] = field(default_factory=dict)

@@ -2,8 +2,13 @@
 
 Unversioned requests for a model with a rollout go to the canary with probability
 `canary_weight`, else to the stable version; a request naming a version gets that
-version. Every answer the canary gives is observed; when its error rate or p99
-latency over the window crosses the configured threshold, its weight drops to 0
+version. Only the server's own evidence about the canary is observed: requests the
+rollout routed to it (never a request naming its version: a client could flood those
+to trigger or dilute a rollback) that reached the runtime. An error is the runtime
+failing, and latency is the runtime's time for the batch; a refusal of the client's
+input (4xx) never reaches the runtime and is not counted, nor is its upload or audit
+time. When the error rate or p99 latency over the window crosses the configured
+threshold, the canary's weight drops to 0
 at once (requests already running finish on the version they started on: the
 switch itself fails nothing), an event is audited and a metric fires.
 
@@ -111,11 +116,21 @@ class Rollouts:
             return state.canary
         return state.stable
 
-    def observe(self, model: str, version: str, *, error: bool, latency: float) -> Rollback | None:
-        """Record one answer; return a Rollback when this one tipped the canary over a threshold."""
+    def observe(
+        self, model: str, version: str, *, routed: bool, inference_seconds: float | None, failed: bool
+    ) -> Rollback | None:
+        """Record one request; return a Rollback when this one tipped the canary over a threshold.
+
+        `routed`: the rollout chose `version` for it. `inference_seconds`: the runtime's time for the
+        batch, None if the runtime never ran (the request was refused before it: not evidence).
+        `failed`: the runtime raised.
+        """
+        if not routed or inference_seconds is None:
+            return None
         state = self.states.get(model)
         if state is None or version != state.canary or state.weight == 0:
             return None
+        error, latency = failed, inference_seconds
         settings = self._settings[model]
         window = self._windows.setdefault(model, _Window())
         window.add(self._clock(), error, latency, settings.window_seconds)

@@ -30,6 +30,7 @@ class AuthorizeModel:
         version = ctx.model_version
         if version is None and self._registry.exists(ctx.model_name):
             version = self._pick_version(ctx.model_name)
+            ctx.routed = version is not None
         ctx.model = self._registry.get(ctx.model_name, version)
         grant = self._policy.grant(principal.roles, ctx.model_name).narrowed(principal.scope, ctx.model_name)
         if not grant.allows(self._action):
