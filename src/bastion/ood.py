@@ -11,6 +11,8 @@ cannot move it.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 _QUANTILE = 0.999
@@ -45,7 +47,8 @@ class DistributionScreen:
 
     def whiten(self, x: np.ndarray) -> np.ndarray:
         """Rows in the space where the distance to the reference's centre is the plain norm."""
-        return np.asarray((x.reshape(len(x), -1) - self._mean) @ self._map)
+        # The column count is the screen's own: reshape(n, -1) cannot infer it for 0 rows.
+        return np.asarray((x.reshape(len(x), self.columns) - self._mean) @ self._map)
 
     def _squared(self, x: np.ndarray) -> np.ndarray:
         z = self.whiten(x)
@@ -75,4 +78,5 @@ def input_rows(inputs: dict[str, np.ndarray], names: list[str]) -> np.ndarray:
     """One matrix: every input's columns, in manifest order (as the runtimes see them)."""
     if len(names) == 1:
         return inputs[names[0]]
-    return np.concatenate([inputs[n].reshape(len(inputs[n]), -1) for n in names], axis=1)
+    columns = [inputs[n].reshape(len(inputs[n]), math.prod(inputs[n].shape[1:])) for n in names]
+    return np.concatenate(columns, axis=1)

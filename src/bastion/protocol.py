@@ -2,7 +2,8 @@
 
 Decoding checks only that a request is well formed and that each tensor's data
 fits the datatype and shape the request itself declares; whether it fits the
-model is the input guard's job.
+model is the input guard's job. A tensor with a zero dimension, or inputs with
+different row counts, are refused here (422), before any stage spends anything.
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ def _tensor(entry: Any, index: int) -> tuple[str, np.ndarray]:
             f"{label}: shape must be a list of 1 to {_MAX_DIMS} non-negative integers",
             code="malformed_request",
         )
+    if 0 in shape:
+        # Nothing to infer: no runtime, screen or privacy mechanism is defined on an empty batch.
+        raise SchemaViolation(f"{label}: shape {shape} has a zero dimension", code="empty_tensor")
     if data is None:
         raise BadRequest(f"{label}: data is missing", code="malformed_request")
     target = V2_TO_NUMPY.get(datatype)
@@ -108,6 +112,8 @@ def decode_infer_document(doc: Any) -> InferRequest:
         tensors[name] = array
     requested = _requested_outputs(doc.get("outputs"))
     rows = next(iter(tensors.values())).shape[0]
+    if any(array.shape[0] != rows for array in tensors.values()):
+        raise SchemaViolation("every input must have the same number of rows", code="wrong_shape")
     return InferRequest(request_id, tensors, requested, parameters, rows)
 
 

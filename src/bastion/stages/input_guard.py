@@ -101,6 +101,8 @@ class GuardInput:
                     f"input {name!r} is sensitive and not granted", code="sensitive_input_denied"
                 )
         rows = request.rows
+        if rows < 1:  # the decoder refuses it too; this guard sees every request the runtime will
+            raise SchemaViolation("the request holds no rows", code="empty_tensor")
         if rows > self._max_rows:
             raise PayloadTooLarge(
                 f"{rows} rows in one request; at most {self._max_rows}", code="too_many_rows"
