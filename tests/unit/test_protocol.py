@@ -131,3 +131,58 @@ def test_numpy_dtypes_match_declared() -> None:
     ctx = _guard(_body([0.5, 0.0, 3.0]))
     assert ctx.request is not None
     assert ctx.request.inputs["x"].dtype == np.float32 and ctx.request.inputs["c"].dtype == np.int64
+
+
+def _doc(*inputs: tuple[str, str, object, object]) -> bytes:
+    return json.dumps(
+        {"inputs": [{"name": n, "datatype": d, "shape": s, "data": v} for n, d, s, v in inputs]}
+    ).encode()
+
+
+_C1 = ("c", "INT64", [1, 1], [1])
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        (_doc(("x", "FP32", [0, 3], []), ("c", "INT64", [0, 1], [])), 422, "empty_tensor"),  # the issue's
+        (_doc(("x", "FP32", [1, 0], []), _C1), 422, "empty_tensor"),  # a row without columns
+        (_doc(("x", "FP32", [0, 0], []), _C1), 422, "empty_tensor"),
+        (_doc(("x", "FP32", [0], []), _C1), 422, "empty_tensor"),
+        (_doc(("x", "FP32", [0, 2**62, 2**62], []), _C1), 422, "empty_tensor"),  # reshape would overflow
+        (_doc(("x", "BYTES", [0], []), _C1), 422, "empty_tensor"),
+        (_doc(("x", "FP32", [2**31, 2**31], [1.0]), _C1), 422, "shape_mismatch"),  # product past int32
+        (_doc(("x", "FP32", [2, 3], [0.5, 0.0, 1.0]), _C1), 422, "shape_mismatch"),
+        (_doc(("x", "FP32", [3], [0.5, 0.0, 1.0]), _C1), 422, "wrong_shape"),  # 1-D for a 2-D input
+        (_doc(("x", "FP32", [], 0.5), _C1), 400, "malformed_request"),  # a scalar
+        (_doc(("x", "FP32", [-1, 3], [0.5, 0.0, 1.0]), _C1), 400, "malformed_request"),
+        (_doc(("x", "FP32", [2, 3], [0.5, 0.0, 1.0] * 2), _C1), 422, "wrong_shape"),  # 2 rows against 1
+        (_doc(("x", "FP32", [1, 3], [0.5, 0.0, 1.0]), ("c", "INT64", [0, 1], [])), 422, "empty_tensor"),
+    ],
+)
+def test_degenerate_shapes_are_refused_with_a_code(body: bytes, status: int, code: str) -> None:
+    with pytest.raises(BastionError) as err:
+        _guard(body)
+    assert (err.value.status, err.value.code) == (status, code)
+
+
+def test_the_guard_refuses_a_request_of_no_rows_however_it_was_built() -> None:
+    from bastion.context import InferRequest
+
+    async def read(limit: int) -> bytes:
+        return b""
+
+    ctx = RequestContext("r", Action.INFER, 0.0, None, read, model=MODEL, grant=GRANT)
+    empty = {"x": np.zeros((0, 3), np.float32), "c": np.zeros((0, 1), np.int64)}
+    ctx.request = InferRequest(None, empty, None, {}, 0)
+    with pytest.raises(SchemaViolation) as err:
+        asyncio.run(GuardInput(max_rows=10, hmac_key=b"k" * 32)(ctx))
+    assert err.value.code == "empty_tensor"
+
+
+def test_the_screen_measures_zero_rows_without_failing() -> None:
+    from bastion.ood import DistributionScreen
+
+    screen = DistributionScreen(np.random.default_rng(0).normal(size=(100, 3)))
+    z, squared = screen.measure({"x": np.zeros((0, 3), np.float32)}, ["x"])
+    assert z.shape == (0, 3) and squared == []
