@@ -1,5 +1,8 @@
 """Prometheus metrics. Labels come from fixed sets only: no principal, key or payload value,
-and a model label only for models that exist (an attacker cannot mint label values)."""
+and a model label only for models that exist (an attacker cannot mint label values).
+
+With `[metrics] enabled = false` nothing is exposed: `render` raises NotFound (404 to every
+caller) and the per-request figures are not collected."""
 
 from __future__ import annotations
 
@@ -7,12 +10,15 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from bastion.errors import NotFound
+
 UNKNOWN = "_unknown"
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, *, enabled: bool = True) -> None:
+        self.enabled = enabled
         self.registry = CollectorRegistry(auto_describe=True)
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self.requests = Counter(
@@ -60,8 +66,9 @@ class Metrics:
         )
         self.global_privacy = Gauge(
             "bastion_privacy_global_budget_remaining",
-            "Private prediction: rho left in the window for all principals together, by model.",
-            ["model"],
+            "Global privacy budgets: what is left in the window for all principals together, by model "
+            "and unit (epsilon: dp_scores and aggregates; rho: private prediction).",
+            ["model", "unit"],
             registry=self.registry,
         )
         self.incidents = Counter(
@@ -77,6 +84,8 @@ class Metrics:
         )
 
     def observe_request(self, route: str, model: str, status: int, latency: float) -> None:
+        if not self.enabled:
+            return
         # Label lookups cost microseconds each; the children are few, so keep them.
         key = (route, model, status)
         children = self._children.get(key)
@@ -91,4 +100,7 @@ class Metrics:
         children[1].observe(latency)
 
     def render(self) -> bytes:
+        """The exposition text. Raises NotFound when metrics are disabled."""
+        if not self.enabled:
+            raise NotFound("metrics are disabled on this server", code="metrics_disabled")
         return bytes(generate_latest(self.registry))

@@ -22,6 +22,8 @@ from typing import Protocol
 
 import numpy as np
 
+from bastion.state import BudgetKey
+
 _L2_SENSITIVITY = math.sqrt(2.0)
 
 
@@ -237,12 +239,14 @@ _HEADER = struct.Struct("<dII")  # expires, rows, columns
 
 
 class AnswerCache:
-    """Identical request, same principal, same model and policy: the identical answer, no budget spent.
+    """Identical request, same budget row, same model and policy: the identical answer, no budget spent.
 
     Without it, averaging many noisy answers to one question would wash the noise out. The
     guarantee itself is the budget: an evicted answer asked again is paid for again.
-    A key is a 16-byte digest of the principal, the model digest, the input guard's keyed HMAC of
-    the tensors (never the inputs) and the policy's parameters; an entry is one bytes object
+    A key is a 16-byte digest of the ledger row that paid for the answer (principal, model, unit,
+    window: an answer is served again only against the row it was charged to, never under another
+    grant's budget), the model digest, the input guard's keyed HMAC of the tensors (never the
+    inputs) and the policy's parameters; an entry is one bytes object
     (expiry, shape, scores). Entries live in two generations of plain dicts: new answers go into
     the young one, and when it holds half the bound the old one is dropped whole and the young
     one takes its place, so between half and all of `max_entries` of the latest answers are kept
@@ -260,9 +264,9 @@ class AnswerCache:
         return len(self._young) + len(self._old)
 
     @staticmethod
-    def key(principal: str, model_digest: str, payload_hmac: str, policy: str) -> bytes:
+    def key(budget: BudgetKey, model_digest: str, payload_hmac: str, policy: str) -> bytes:
         # Identifiers and hex digests never hold a NUL, so the joined parts are unambiguous.
-        joined = "\0".join((principal, model_digest, payload_hmac, policy))
+        joined = "\0".join((budget.render(), model_digest, payload_hmac, policy))
         return hashlib.blake2b(joined.encode(), digest_size=16).digest()
 
     def get(self, key: bytes, *, now: float) -> np.ndarray | None:

@@ -140,7 +140,7 @@ class Bastion:
             config, self.registry.configured_names, config_path, regressors=self.registry.regressors
         )
         self.policy = Policy.from_config(config)
-        self.metrics = Metrics()
+        self.metrics = Metrics(enabled=config.metrics.enabled)
         self.metrics.models_loaded.set(len(self.registry.models()))
         self.metrics.models_refused.set(len(self.registry.failures))
         self.keys = KeyStore(paths.keys)
@@ -168,8 +168,8 @@ class Bastion:
             )
         self._wait_for_audit = config.audit.durability == "sync"
         self.private_scores = PrivateScores(self.state, noise or OpenDPNoise(), AnswerCache())
-        self.private_scores.on_global_spend = lambda model, left: self.metrics.global_privacy.labels(
-            model
+        self.private_scores.on_global_spend = lambda model, unit, left: self.metrics.global_privacy.labels(
+            model, unit
         ).set(left)
         self.rollouts = self._rollouts(config, config_path)
         self._hmac_key = load_or_create_secret(paths.hmac_key)
@@ -217,7 +217,12 @@ class Bastion:
                 guard,
                 watch,
                 Infer(),
-                ComputeAggregates(self.state, self.private_scores.noise, self.private_scores.cache),
+                ComputeAggregates(
+                    self.state,
+                    self.private_scores.noise,
+                    self.private_scores.cache,
+                    self.private_scores.on_global_spend,
+                ),
             ],
             Route.MODEL_METADATA: [
                 authenticate,
@@ -236,13 +241,16 @@ class Bastion:
                 limit,
                 IssueToken(self.tokens, self.policy),
             ],
+            # [metrics] enabled = false: no such route, for every caller (after authentication).
             Route.METRICS: [
                 authenticate,
                 gate,
                 limit,
                 AuthorizeServer(self.policy, Action.ADMIN),
                 ExportMetrics(self.metrics),
-            ],
+            ]
+            if self.metrics.enabled
+            else [authenticate, RouteNotFound()],
             # Unknown paths and wrong methods answer 401 before 404/405: nothing to map anonymously.
             Route.NOT_FOUND: [authenticate, RouteNotFound()],
             Route.WRONG_METHOD: [authenticate, WrongMethod()],

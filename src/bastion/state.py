@@ -67,6 +67,36 @@ def admit(usage: _Usage | None, spec: LimitSpec, *, now: float, cost: int) -> tu
     return Admission(True, None, 0.0, spec.daily_quota - new.used), new
 
 
+@dataclass(frozen=True, slots=True)
+class BudgetKey:
+    """One privacy-budget ledger row: whose budget, over what, in windows of what length.
+
+    `principal` is a principal's id (`key:...`) or `EVERYONE` for a global budget that all
+    principals share. `scope` names what the budget protects: the model's name and the unit
+    spent (`epsilon`: dp_scores and aggregates; `rho`: private prediction). The model's *name*,
+    not a version, digest, role or grant index: a new version, a canary, a reload that reorders
+    grants or a key moved to another role all keep spending the same row, so none of them can
+    hand out a fresh budget. Two grants on two models are two rows; a window of another length
+    is another row (an operator changing the window starts a new account, as the period changes).
+    """
+
+    principal: str
+    scope: str
+    window_seconds: float
+
+    @classmethod
+    def for_model(cls, principal: str, model: str, unit: str, window_seconds: float) -> BudgetKey:
+        return cls(principal, f"{model}/{unit}", float(window_seconds))
+
+    def render(self) -> str:
+        """The ledger's key string, the one place it is made. Principal ids, model names and units
+        hold no '|', so the rendering is unambiguous."""
+        return f"{self.principal}|{self.scope}|{float(self.window_seconds)!r}"
+
+
+EVERYONE = "*"  # the principal of a global budget: no principal id (`key:...`) is "*"
+
+
 class BudgetSpend(NamedTuple):
     allowed: bool
     remaining: float  # what is left in this window after this request
@@ -87,10 +117,9 @@ def spend(
 class StateStore(Protocol):
     async def acquire(self, principal: str, spec: LimitSpec, *, now: float, cost: int = 1) -> Admission: ...
 
-    async def spend_budget(
-        self, principal: str, *, cost: float, limit: float, now: float, window_seconds: float
-    ) -> BudgetSpend:
-        """Privacy filter: spend `cost` of `limit` in the current window, atomically, or refuse."""
+    async def spend_budget(self, key: BudgetKey, *, cost: float, limit: float, now: float) -> BudgetSpend:
+        """Privacy filter: spend `cost` of `limit` in the key's current window, atomically, or refuse.
+        A negative cost gives back what was spent (an answer that was not given after all)."""
         ...
 
     def close(self) -> None:
@@ -111,18 +140,16 @@ class MemoryStateStore:
 
     def __init__(self) -> None:
         self._usage: dict[str, _Usage] = {}
-        self._budgets: dict[str, tuple[float, int]] = {}
+        self._budgets: dict[BudgetKey, tuple[float, int]] = {}
         self._lock = threading.Lock()
 
-    async def spend_budget(
-        self, principal: str, *, cost: float, limit: float, now: float, window_seconds: float
-    ) -> BudgetSpend:
+    async def spend_budget(self, key: BudgetKey, *, cost: float, limit: float, now: float) -> BudgetSpend:
         with self._lock:
-            spent, window = self._budgets.get(principal, (0.0, -1))
+            spent, window = self._budgets.get(key, (0.0, -1))
             decision, spent, window = spend(
-                spent, window, cost=cost, limit=limit, now=now, window_seconds=window_seconds
+                spent, window, cost=cost, limit=limit, now=now, window_seconds=key.window_seconds
             )
-            self._budgets[principal] = (spent, window)
+            self._budgets[key] = (spent, window)
         return decision
 
     async def acquire(self, principal: str, spec: LimitSpec, *, now: float, cost: int = 1) -> Admission:
@@ -179,7 +206,8 @@ def block_size(left: float, need: float, cap: float) -> float:
 class Ledger(Protocol):
     """Where the totals every worker takes from live (a SQLite file, a Redis server).
 
-    `take` is atomic: whatever the workers do, a total never passes its limit."""
+    `take` is atomic: whatever the workers do, a total never passes its limit. A row is named by
+    a principal's id (quotas) or a rendered `BudgetKey` (privacy budgets), never built here."""
 
     async def take(
         self, book: Book, principal: str, period: int, *, limit: float, need: float, cap: float, ttl: float
@@ -219,7 +247,7 @@ class LeasedStateStore:
         self._ledger = ledger
         self._usage: dict[str, _Usage] = {}
         self._quota_leases: dict[str, _Lease] = {}
-        self._budget_leases: dict[str, _Lease] = {}
+        self._budget_leases: dict[BudgetKey, _Lease] = {}
         self._refills: set[asyncio.Task[None]] = set()
         self._closed = False
 
@@ -255,21 +283,20 @@ class LeasedStateStore:
         remaining = int(lease.pool_left + lease.granted) - new.used
         return Admission(admission.allowed, admission.reason, admission.retry_after, remaining)
 
-    async def spend_budget(
-        self, principal: str, *, cost: float, limit: float, now: float, window_seconds: float
-    ) -> BudgetSpend:
+    async def spend_budget(self, key: BudgetKey, *, cost: float, limit: float, now: float) -> BudgetSpend:
+        window_seconds, row = key.window_seconds, key.render()
         window = int(now // window_seconds)
         ends_in = (window + 1) * window_seconds - now
-        lease = self._budget_leases.get(principal)
+        lease = self._budget_leases.get(key)
         if lease is None or lease.period != window:
-            left = await self._ledger.left(BUDGET, principal, window, limit=limit)
-            lease = self._budget_leases.get(principal)
+            left = await self._ledger.left(BUDGET, row, window, limit=limit)
+            lease = self._budget_leases.get(key)
             if lease is None or lease.period != window:  # no other request made it meanwhile
-                lease = self._budget_leases[principal] = _Lease(window, 0.0, left)
+                lease = self._budget_leases[key] = _Lease(window, 0.0, left)
         held = lease.granted - lease.spent
         if cost > held + BUDGET_SLACK:
             taken, lease.pool_left = await self._ledger.take(
-                BUDGET, principal, window, limit=limit, need=cost - held, cap=_LEASE_MAX * cost, ttl=ends_in
+                BUDGET, row, window, limit=limit, need=cost - held, cap=_LEASE_MAX * cost, ttl=ends_in
             )
             lease.granted += taken
             held = lease.granted - lease.spent
@@ -277,7 +304,8 @@ class LeasedStateStore:
                 return BudgetSpend(False, max(0.0, lease.pool_left + held), ends_in)
         lease.spent += cost
         held = lease.granted - lease.spent
-        self._top_up(BUDGET, principal, lease, held, limit=limit, cap=_LEASE_MAX * cost, ttl=ends_in)
+        if cost > 0:
+            self._top_up(BUDGET, row, lease, held, limit=limit, cap=_LEASE_MAX * cost, ttl=ends_in)
         return BudgetSpend(True, max(0.0, lease.pool_left + held), 0.0)
 
     def _top_up(
@@ -316,8 +344,8 @@ class LeasedStateStore:
             usage = self._usage.get(principal)
             used = usage.used if usage is not None and usage.day == lease.period else 0
             returns.append((QUOTA, principal, lease.period, lease.granted - used))
-        for principal, lease in self._budget_leases.items():
-            returns.append((BUDGET, principal, lease.period, lease.granted - lease.spent))
+        for key, lease in self._budget_leases.items():
+            returns.append((BUDGET, key.render(), lease.period, lease.granted - lease.spent))
         self._ledger.give_back([r for r in returns if r[3] > 0])
         self._quota_leases.clear()
         self._budget_leases.clear()

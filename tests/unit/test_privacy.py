@@ -21,7 +21,14 @@ from bastion.privacy import (
     policy_tag,
     reverse_sigmoid,
 )
-from bastion.state import LeasedStateStore, MemoryStateStore, SQLiteLedger, SQLiteStateStore, StateStore
+from bastion.state import (
+    BudgetKey,
+    LeasedStateStore,
+    MemoryStateStore,
+    SQLiteLedger,
+    SQLiteStateStore,
+    StateStore,
+)
 from bastion.state_postgres import PostgresStateStore
 from bastion.state_redis import RedisStateStore
 from tests.helpers import (
@@ -118,14 +125,20 @@ def test_budget_spends_exactly_and_renews_per_window(tmp_path: Path, backend: st
             "postgres": lambda: PostgresStateStore(POSTGRES_DSN, table=table),
         }[backend]()
         got = [
-            (await store.spend_budget("p", cost=0.3, limit=1.0, now=100.0, window_seconds=1000))
+            (await store.spend_budget(BudgetKey("p", "m/epsilon", 1000), cost=0.3, limit=1.0, now=100.0))
             for _ in range(4)
         ]
         assert [g.allowed for g in got] == [True, True, True, False]
         assert got[2].remaining == pytest.approx(0.1) and got[3].retry_after == pytest.approx(900.0)
-        assert (await store.spend_budget("p", cost=0.1, limit=1.0, now=200.0, window_seconds=1000)).allowed
-        assert (await store.spend_budget("p", cost=0.3, limit=1.0, now=1000.0, window_seconds=1000)).allowed
-        assert (await store.spend_budget("q", cost=1.0, limit=1.0, now=100.0, window_seconds=1000)).allowed
+        assert (
+            await store.spend_budget(BudgetKey("p", "m/epsilon", 1000), cost=0.1, limit=1.0, now=200.0)
+        ).allowed
+        assert (
+            await store.spend_budget(BudgetKey("p", "m/epsilon", 1000), cost=0.3, limit=1.0, now=1000.0)
+        ).allowed
+        assert (
+            await store.spend_budget(BudgetKey("q", "m/epsilon", 1000), cost=1.0, limit=1.0, now=100.0)
+        ).allowed
         await store.aclose()
 
     asyncio.run(run())
@@ -141,7 +154,7 @@ def _spender(path: str, queue: multiprocessing.Queue) -> None:  # type: ignore[t
         ok = 0
         for _ in range(30):
             ok += (
-                await store.spend_budget("shared", cost=0.5, limit=20.0, now=5.0, window_seconds=100)
+                await store.spend_budget(BudgetKey("shared", "m/epsilon", 100), cost=0.5, limit=20.0, now=5.0)
             ).allowed
         store.close()
         return ok
@@ -163,7 +176,7 @@ def test_sqlite_budget_is_never_exceeded_across_processes(tmp_path: Path) -> Non
     async def rest() -> int:
         store = SQLiteStateStore(tmp_path / "s.db")
         spends = [
-            await store.spend_budget("shared", cost=0.5, limit=20.0, now=6.0, window_seconds=100)
+            await store.spend_budget(BudgetKey("shared", "m/epsilon", 100), cost=0.5, limit=20.0, now=6.0)
             for _ in range(50)
         ]
         store.close()
@@ -179,7 +192,9 @@ def test_one_process_spends_a_large_budget_exactly_through_leases(tmp_path: Path
     async def run() -> list[bool]:
         store = SQLiteStateStore(tmp_path / "s.db")
         got = [
-            (await store.spend_budget("p", cost=0.25, limit=100.0, now=1.0, window_seconds=100)).allowed
+            (
+                await store.spend_budget(BudgetKey("p", "m/epsilon", 100), cost=0.25, limit=100.0, now=1.0)
+            ).allowed
             for _ in range(420)
         ]
         store.close()
@@ -195,7 +210,11 @@ def test_a_crash_forfeits_the_held_block_and_never_over_spends(tmp_path: Path) -
         store = SQLiteStateStore(tmp_path / "s.db")
         ok = sum(
             [
-                (await store.spend_budget("p", cost=1.0, limit=1000.0, now=1.0, window_seconds=100)).allowed
+                (
+                    await store.spend_budget(
+                        BudgetKey("p", "m/epsilon", 100), cost=1.0, limit=1000.0, now=1.0
+                    )
+                ).allowed
                 for _ in range(n)
             ]
         )
@@ -208,8 +227,11 @@ def test_a_crash_forfeits_the_held_block_and_never_over_spends(tmp_path: Path) -
     assert first == 10 and 1000 - 64 <= first + second < 1000
 
 
+ROW = BudgetKey.for_model("key:k1", "m", "epsilon", 3600)
+
+
 def _key(name: str) -> bytes:
-    return AnswerCache.key("key:k1", "sha256:m", name, policy_tag("dp_scores", "laplace", 1.0, 1e-6))
+    return AnswerCache.key(ROW, "sha256:m", name, policy_tag("dp_scores", "laplace", 1.0, 1e-6))
 
 
 def test_answer_cache_expires_and_stays_bounded() -> None:
@@ -237,10 +259,16 @@ def test_answer_cache_keeps_the_latest_half_of_its_bound_however_many_answers_pa
     assert all(cache.get(_key(str(i)), now=0.0) is None for i in range(900))
 
 
-def test_answer_cache_keys_separate_principals_models_inputs_and_parameters() -> None:
-    base = ("key:k1", "sha256:m", "h" * 64, policy_tag("dp_scores", "laplace", 0.1, 1e-6))
+def test_answer_cache_keys_separate_budget_rows_models_inputs_and_parameters() -> None:
+    """An answer is served again only against the ledger row that paid for it: another principal,
+    another model's row, another unit or another window (another grant) is another key."""
+    base = (ROW, "sha256:m", "h" * 64, policy_tag("dp_scores", "laplace", 0.1, 1e-6))
     variants = [
-        ("key:k2", *base[1:]),
+        (BudgetKey.for_model("key:k2", "m", "epsilon", 3600), *base[1:]),
+        (BudgetKey.for_model("key:k1", "n", "epsilon", 3600), *base[1:]),
+        (BudgetKey.for_model("key:k1", "m", "rho", 3600), *base[1:]),
+        (BudgetKey.for_model("key:k1", "m", "epsilon", 86_400), *base[1:]),
+        (BudgetKey.for_model("*", "m", "epsilon", 3600), *base[1:]),
         (base[0], "sha256:n", *base[2:]),
         (*base[:2], "g" * 64, base[3]),
         (*base[:3], policy_tag("dp_scores", "laplace", 0.1000001, 1e-6)),
@@ -339,7 +367,7 @@ def test_blocks_leased_ahead_are_counted_and_given_back(tmp_path: Path) -> None:
         ok = 0
         for _ in range(1000):
             ok += (
-                await store.spend_budget("p", cost=1.0, limit=10_000.0, now=1.0, window_seconds=100)
+                await store.spend_budget(BudgetKey("p", "m/epsilon", 100), cost=1.0, limit=10_000.0, now=1.0)
             ).allowed
             await asyncio.sleep(0)  # let a background lease finish, as it would between requests
         await store.aclose()

@@ -11,7 +11,7 @@ import pytest
 
 from bastion.config import load_config
 from bastion.service import Bastion
-from bastion.state import SQLiteStateStore, StateStore
+from bastion.state import BudgetKey, SQLiteStateStore, StateStore
 from bastion.state_redis import RedisStateStore
 from tests.helpers import REDIS_URL, drop_redis_keys, redis_prefix
 
@@ -49,12 +49,14 @@ def test_shutdown_waits_for_the_block_being_leased_and_returns_everything_unspen
         service = Bastion(load_config(config), config_path=config)
         for _ in range(48):  # 48 of a 64-answer block: the next block is being leased now
             spent = await service.state.spend_budget(
-                "key:p", cost=1.0, limit=LIMIT, now=NOW, window_seconds=WINDOW
+                BudgetKey("key:p", "m/epsilon", WINDOW), cost=1.0, limit=LIMIT, now=NOW
             )
             assert spent.allowed
         await service.aclose()
         after = reopen()
-        probe = await after.spend_budget("key:p", cost=1.0, limit=LIMIT, now=NOW, window_seconds=WINDOW)
+        probe = await after.spend_budget(
+            BudgetKey("key:p", "m/epsilon", WINDOW), cost=1.0, limit=LIMIT, now=NOW
+        )
         await after.aclose()
         return probe.remaining
 

@@ -12,6 +12,7 @@ principal gets the identical answer from the keyed cache and spends nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,7 @@ from bastion.context import InferRequest, RequestContext
 from bastion.errors import PermissionDenied, SchemaViolation
 from bastion.privacy import AnswerCache, NoiseSource, laplace_scale, policy_tag
 from bastion.protocol import decode_infer_document, parse_json
-from bastion.stages.output_policy import spend_or_refuse
+from bastion.stages.output_policy import EPSILON, budget_keys, charge
 from bastion.state import StateStore
 
 
@@ -49,10 +50,17 @@ class AggregateSource:
 
 
 class ComputeAggregates:
-    def __init__(self, store: StateStore, noise: NoiseSource, cache: AnswerCache) -> None:
+    def __init__(
+        self,
+        store: StateStore,
+        noise: NoiseSource,
+        cache: AnswerCache,
+        on_global_spend: Callable[[str, str, float], None] = lambda model, unit, remaining: None,
+    ) -> None:
         self._store = store
         self._noise = noise
         self._cache = cache
+        self._on_global_spend = on_global_spend
 
     async def __call__(self, ctx: RequestContext) -> None:
         model, request, proba, grant, principal = (
@@ -70,15 +78,25 @@ class ComputeAggregates:
             )
         params = grant.output_params
         value_range = model.manifest.outputs.value_range
-        key = self._cache.key(
-            principal.id, model.digest, ctx.payload_hmac, policy_tag("aggregate", params.epsilon)
-        )
+        row, _ = budget_keys(principal.id, model.name, EPSILON, params)
+        key = self._cache.key(row, model.digest, ctx.payload_hmac, policy_tag("aggregate", params.epsilon))
         released = self._cache.get(key, now=ctx.now)
         cost = 0.0
         if released is None:
             exact = _exact(np.asarray(proba, dtype=np.float64), value_range)
             cost = exact.shape[0] * params.epsilon
-            await spend_or_refuse(self._store, principal.id, cost, params, now=ctx.now, unit="epsilon")
+            # The same epsilon row as dp_scores on this model (one account per model and unit), and the
+            # model's global budget when the grant sets one.
+            await charge(
+                self._store,
+                principal.id,
+                model.name,
+                cost,
+                params,
+                unit=EPSILON,
+                now=ctx.now,
+                on_global_spend=self._on_global_spend,
+            )
             # Counts are integers already; sums are rounded to the noise source's grid.
             scale = laplace_scale(
                 params.epsilon, coordinates=exact.shape[1], resolution=self._noise.resolution, sensitivity=1.0

@@ -13,13 +13,15 @@ from bastion.policy import EffectiveGrant, Policy, TokenScope
 from bastion.protocol import parse_json
 from bastion.registry import ModelRegistry
 from bastion.stages.output_policy import (
+    EPSILON,
     LABEL,
     PROBABILITIES,
+    RHO,
     TOP_K,
     VALUE,
     describe_policy,
-    global_budget_key,
     output_names,
+    remaining_budgets,
 )
 from bastion.state import StateStore
 from bastion.tokens import TokenAuthority
@@ -46,28 +48,8 @@ class DescribeModel:
             return {}
         if grant.output not in (OutputDetail.DP_SCORES, OutputDetail.PRIVATE_PREDICTION):
             return {}
-        window = params.budget_window_seconds
-        left = {
-            "privacy_budget_remaining": (
-                await self._store.spend_budget(
-                    ctx.principal.id,
-                    cost=0.0,
-                    limit=params.privacy_budget,
-                    now=ctx.now,
-                    window_seconds=window,
-                )
-            ).remaining
-        }
-        if grant.output is OutputDetail.PRIVATE_PREDICTION and params.global_privacy_budget is not None:
-            shared = await self._store.spend_budget(
-                global_budget_key(model.name),
-                cost=0.0,
-                limit=params.global_privacy_budget,
-                now=ctx.now,
-                window_seconds=window,
-            )
-            left["global_privacy_budget_remaining"] = shared.remaining
-        return left
+        unit = RHO if grant.output is OutputDetail.PRIVATE_PREDICTION else EPSILON
+        return await remaining_budgets(self._store, ctx.principal.id, model.name, unit, params, now=ctx.now)
 
     async def __call__(self, ctx: RequestContext) -> None:
         model, grant = ctx.model, ctx.grant

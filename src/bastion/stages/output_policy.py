@@ -27,7 +27,7 @@ from bastion.context import RequestContext
 from bastion.errors import PermissionDenied, RateLimited, SchemaViolation
 from bastion.privacy import AnswerCache, NoiseSource, dp_scores, dp_values, policy_tag, reverse_sigmoid
 from bastion.protocol import encode_infer_response
-from bastion.state import StateStore
+from bastion.state import EVERYONE, BudgetKey, StateStore
 
 LABEL = "label"
 TOP_K = "top_k"
@@ -80,6 +80,8 @@ def describe_policy(detail: OutputDetail, params: Grant) -> dict[str, Any]:
             "privacy_budget": params.privacy_budget,
             "budget_window_seconds": params.budget_window_seconds,
         }
+        if params.global_privacy_budget is not None:
+            info["global_privacy_budget"] = params.global_privacy_budget
         if params.mechanism == "gaussian":
             info["delta"] = params.delta
     return info
@@ -91,8 +93,63 @@ def rho_per_row(sigma: float) -> float:
     return 1.0 / sigma**2
 
 
-def global_budget_key(model: str) -> str:
-    return f"global:{model}"
+EPSILON = "epsilon"  # dp_scores and aggregates: pure DP, composed additively
+RHO = "rho"  # private prediction: zCDP, composed additively (not comparable with epsilon)
+
+
+def budget_keys(principal: str, model: str, unit: str, params: Grant) -> tuple[BudgetKey, BudgetKey | None]:
+    """The principal's ledger row for this model and unit, and the global one all principals share
+    (None when the grant sets no `global_privacy_budget`)."""
+    window = params.budget_window_seconds
+    mine = BudgetKey.for_model(principal, model, unit, window)
+    shared = (
+        None if params.global_privacy_budget is None else BudgetKey.for_model(EVERYONE, model, unit, window)
+    )
+    return mine, shared
+
+
+async def remaining_budgets(
+    store: StateStore, principal: str, model: str, unit: str, params: Grant, *, now: float
+) -> dict[str, float]:
+    """What is left of the caller's budget (and the model's global one) in the window, spending nothing."""
+    mine, shared = budget_keys(principal, model, unit, params)
+    left = {
+        "privacy_budget_remaining": (
+            await store.spend_budget(mine, cost=0.0, limit=params.privacy_budget, now=now)
+        ).remaining
+    }
+    if shared is not None:
+        assert params.global_privacy_budget is not None
+        spend = await store.spend_budget(shared, cost=0.0, limit=params.global_privacy_budget, now=now)
+        left["global_privacy_budget_remaining"] = spend.remaining
+    return left
+
+
+async def charge(
+    store: StateStore,
+    principal: str,
+    model: str,
+    cost: float,
+    params: Grant,
+    *,
+    unit: str,
+    now: float,
+    on_global_spend: Callable[[str, str, float], None] = lambda model, unit, remaining: None,
+) -> BudgetKey:
+    """Spend `cost` of the principal's budget, then of the global one, or neither: raise 429
+    privacy_budget_exhausted. Returns the principal's row (it keys the answer cache too)."""
+    mine, shared = budget_keys(principal, model, unit, params)
+    spend = await store.spend_budget(mine, cost=cost, limit=params.privacy_budget, now=now)
+    if not spend.allowed:
+        raise _exhausted(cost, spend.remaining, spend.retry_after, unit)
+    if shared is not None:
+        assert params.global_privacy_budget is not None
+        together = await store.spend_budget(shared, cost=cost, limit=params.global_privacy_budget, now=now)
+        if not together.allowed:  # give the principal its share back: nothing was answered
+            await store.spend_budget(mine, cost=-cost, limit=params.privacy_budget, now=now)
+            raise _exhausted(cost, together.remaining, together.retry_after, f"{unit} (global)")
+        on_global_spend(model, unit, together.remaining)
+    return mine
 
 
 class PrivateScores:
@@ -102,7 +159,7 @@ class PrivateScores:
         self._store = store
         self.noise = noise
         self.cache = cache
-        self.on_global_spend: Callable[[str, float], None] = lambda model, remaining: None
+        self.on_global_spend: Callable[[str, str, float], None] = lambda model, unit, remaining: None
 
     async def private_prediction(self, ctx: RequestContext, params: Grant) -> np.ndarray:
         """PATE: Gaussian noise on the teachers' vote counts; the caller sees only the noisy argmax."""
@@ -118,43 +175,40 @@ class PrivateScores:
                 "private prediction needs a bundle packed with --teachers",
                 code="private_prediction_unavailable",
             )
-        key = self.cache.key(principal.id, model.digest, ctx.payload_hmac, policy_tag("pate", params.sigma))
+        row, _ = budget_keys(principal.id, model.name, RHO, params)
+        key = self.cache.key(row, model.digest, ctx.payload_hmac, policy_tag("pate", params.sigma))
         cached = self.cache.get(key, now=ctx.now)
         if cached is not None:
             ctx.extra["rho_spent"] = 0.0
             return cached
-        cost = rho_per_row(params.sigma) * request.rows
-        window = params.budget_window_seconds
-        await spend_or_refuse(self._store, principal.id, cost, params, now=ctx.now, unit="rho")
-        if params.global_privacy_budget is not None:
-            shared = await self._store.spend_budget(
-                global_budget_key(model.name),
-                cost=cost,
-                limit=params.global_privacy_budget,
-                now=ctx.now,
-                window_seconds=window,
-            )
-            if not shared.allowed:  # give the principal its share back: nothing was answered
-                await self._store.spend_budget(
-                    principal.id, cost=-cost, limit=params.privacy_budget, now=ctx.now, window_seconds=window
-                )
-                raise _exhausted(cost, shared.remaining, shared.retry_after, "rho (global)")
-            self.on_global_spend(model.name, shared.remaining)
+        # The teachers (runtimes that can fail) vote and the noise is drawn before the charge: a failure
+        # costs the caller nothing, and an answer refused for budget is discarded, never released.
         noisy = self.noise.gaussian(model.teachers.votes(request.inputs), params.sigma)
+        cost = rho_per_row(params.sigma) * request.rows
+        await charge(
+            self._store,
+            principal.id,
+            model.name,
+            cost,
+            params,
+            unit=RHO,
+            now=ctx.now,
+            on_global_spend=self.on_global_spend,
+        )
         ctx.extra["rho_spent"] = cost
-        self.cache.put(key, noisy, expires=ctx.now + window)
+        self.cache.put(key, noisy, expires=ctx.now + params.budget_window_seconds)
         return noisy
 
     async def answer(self, ctx: RequestContext, prediction: np.ndarray, params: Grant) -> np.ndarray:
         assert ctx.principal is not None and ctx.model is not None and ctx.payload_hmac is not None
         policy = policy_tag("dp_scores", params.mechanism, params.epsilon, params.delta)
-        key = self.cache.key(ctx.principal.id, ctx.model.digest, ctx.payload_hmac, policy)
+        row, _ = budget_keys(ctx.principal.id, ctx.model.name, EPSILON, params)
+        key = self.cache.key(row, ctx.model.digest, ctx.payload_hmac, policy)
         cached = self.cache.get(key, now=ctx.now)
         if cached is not None:
             ctx.extra["epsilon_spent"] = 0.0
             return cached
         cost = params.epsilon * prediction.shape[0]
-        await spend_or_refuse(self._store, ctx.principal.id, cost, params, now=ctx.now, unit="epsilon")
         value_range = ctx.model.manifest.outputs.value_range
         if value_range is not None:
             scores = dp_values(
@@ -173,24 +227,20 @@ class PrivateScores:
                 delta=params.delta,
                 noise=self.noise,
             )
+        # Charged only once the answer exists: nothing that can fail runs after the spend.
+        await charge(
+            self._store,
+            ctx.principal.id,
+            ctx.model.name,
+            cost,
+            params,
+            unit=EPSILON,
+            now=ctx.now,
+            on_global_spend=self.on_global_spend,
+        )
         ctx.extra["epsilon_spent"] = cost
         self.cache.put(key, scores, expires=ctx.now + params.budget_window_seconds)
         return scores
-
-
-async def spend_or_refuse(
-    store: StateStore, principal: str, cost: float, params: Grant, *, now: float, unit: str
-) -> None:
-    """Spend `cost` of the principal's budget, or raise 429 privacy_budget_exhausted."""
-    spend = await store.spend_budget(
-        principal,
-        cost=cost,
-        limit=params.privacy_budget,
-        now=now,
-        window_seconds=params.budget_window_seconds,
-    )
-    if not spend.allowed:
-        raise _exhausted(cost, spend.remaining, spend.retry_after, unit)
 
 
 def _exhausted(cost: float, remaining: float, retry_after: float, unit: str) -> RateLimited:

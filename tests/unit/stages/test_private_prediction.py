@@ -14,8 +14,8 @@ from bastion.manifest import InputSpec, Manifest, OutputSpec
 from bastion.privacy import AnswerCache
 from bastion.registry import ServedModel
 from bastion.runtimes.teachers import TeacherEnsemble
-from bastion.stages.output_policy import PrivateScores, global_budget_key, rho_per_row
-from bastion.state import MemoryStateStore
+from bastion.stages.output_policy import RHO, PrivateScores, budget_keys, rho_per_row
+from bastion.state import EVERYONE, MemoryStateStore
 
 
 class Fixed:
@@ -73,7 +73,7 @@ def test_votes_and_budgets() -> None:
     store = MemoryStateStore()
     private = PrivateScores(store, NoNoise(), AnswerCache())
     seen: list[float] = []
-    private.on_global_spend = lambda model, left: seen.append(left)
+    private.on_global_spend = lambda model, unit, left: seen.append(left)
     params = Grant(
         models=["m"],
         actions=[Action.INFER],
@@ -97,11 +97,11 @@ def test_votes_and_budgets() -> None:
         with pytest.raises(RateLimited, match="global"):
             await private.private_prediction(_ctx(ensemble, "k2", 5.0), params)
         # The refused global spend gave k2 its share back: k2 has spent only 0.25 of its 0.5.
-        left = await store.spend_budget("key:k2", cost=0.0, limit=0.5, now=100.0, window_seconds=86_400)
+        mine, shared = budget_keys("key:k2", "m", RHO, params)
+        assert shared is not None and shared.principal == EVERYONE and mine.scope == shared.scope == "m/rho"
+        left = await store.spend_budget(mine, cost=0.0, limit=0.5, now=100.0)
         assert left.remaining == pytest.approx(0.25)
-        g = await store.spend_budget(
-            global_budget_key("m"), cost=0.0, limit=0.75, now=100.0, window_seconds=86_400
-        )
+        g = await store.spend_budget(shared, cost=0.0, limit=0.75, now=100.0)
         assert g.remaining == pytest.approx(0.0)
 
     asyncio.run(run())
