@@ -41,16 +41,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
     uv = uvicorn.Config(
-        BastionApp(service),
+        LoadShedder(BastionApp(service), max_in_flight=max_in_flight),
         host=host,
         port=port,
         access_log=False,  # the audit log is the access log, without payloads or query strings
         log_level=args.log_level,
+    from bastion.http.frontend import FrontendLimits, protocol_class, raise_fd_limit
+    from bastion.http.shedding import LoadShedder
         lifespan="on",
         server_header=False,
         proxy_headers=False,  # X-Forwarded-For from a client must not rewrite the audited address
-        timeout_keep_alive=5,
-        limit_concurrency=args.max_concurrency,
+    server = config.server
+    # Before any model loads: a max_connections the process cannot reach is refused now, not under attack.
+    raise_fd_limit(server.max_connections, args.config)
+    limits = FrontendLimits(
+        max_header_bytes=server.max_header_bytes,
+        max_header_fields=server.max_header_fields,
+        head_timeout=server.head_timeout_seconds,
+        body_timeout=server.body_timeout_seconds,
+        keep_alive=server.keep_alive_seconds,
+        max_body_bytes=config.limits.max_body_bytes,
+        max_connections=server.max_connections,
+    )
+    max_in_flight = (
+        args.max_concurrency if args.max_concurrency is not None else server.max_concurrent_requests
+    )
+        timeout_keep_alive=server.keep_alive_seconds,
+        # None: uvicorn's own limit counts connections, so idle sockets would shed health probes.
+        limit_concurrency=None,
         timeout_graceful_shutdown=10,
     )
     try:
@@ -59,6 +77,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         service.close()
     return 0
 
+        http=protocol_class(limits),  # every front-end limit lives there (bastion.http.frontend)
+        ws="none",
 
 def _key_store(config_path: Path):  # type: ignore[no-untyped-def]
     from bastion.keys import KeyStore
@@ -73,6 +93,13 @@ def _isolation_store(config_path: Path):  # type: ignore[no-untyped-def]
     from bastion.service import StatePaths
 
     return IsolationStore(StatePaths(_config(config_path).server.state_dir).isolation)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def cmd_models_isolated(args: argparse.Namespace) -> int:
@@ -533,9 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument(
         "--max-concurrency",
-        type=int,
-        default=1024,
-        help="requests in flight before new ones get 503 (load shedding)",
+        type=_positive_int,
+        help="requests in flight (not connections) before new ones get 503 overloaded; "
+        "overrides [server] max_concurrent_requests",
     )
     serve.add_argument(
         "--unsafe-no-defenses",
@@ -675,7 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=8000)
     demo.add_argument("--no-serve", action="store_true")
     demo.add_argument("--log-level", default="info")
-    demo.add_argument("--max-concurrency", type=int, default=1024)
+    demo.add_argument("--max-concurrency", type=int)
     demo.set_defaults(func=cmd_demo)
     return parser
 

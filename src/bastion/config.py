@@ -90,6 +90,20 @@ class ServerSettings(_Strict):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8000
     state_dir: Path = Path("state")
+    # The HTTP front end's own limits, enforced before the application runs (bastion.http.frontend).
+    # Request line and header fields together, in bytes: over it, 431 and close.
+    max_header_bytes: Annotated[int, Field(ge=4096, le=65536)] = 32768
+    max_header_fields: Annotated[int, Field(ge=8, le=1000)] = 100
+    # From a connection's open (or a request's first byte) to the end of its head: then 408 and close.
+    head_timeout_seconds: Annotated[float, Field(gt=0, le=300)] = 10.0
+    # From the end of the head to the end of the body: then 408 and close.
+    body_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    # An idle keep-alive connection is closed after this long.
+    keep_alive_seconds: Annotated[float, Field(gt=0, le=300)] = 5.0
+    # Requests in flight (not connections; never /v2/health/*) before new ones get 503 `overloaded`.
+    max_concurrent_requests: Annotated[int, Field(ge=1, le=100_000)] = 1024
+    # Open connections: beyond it the oldest idle (or still-sending-its-head) connection is closed.
+    max_connections: Annotated[int, Field(ge=16, le=1_000_000)] = 4096
 
 
 class RequestLimits(_Strict):

@@ -96,6 +96,34 @@ class ConfigError(Exception):
 
 class ModelLoadError(Exception):
     """A model directory cannot be served. The message names the file and what is wrong."""
+class Overloaded(BastionError):
+    """503: more requests in flight than `[server] max_concurrent_requests`; retry after `retry_after` s."""
+
+    status = 503
+    code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after: float, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+
+
+# Refused by the HTTP front end before the application runs; the connection is closed after the answer.
+
+
+class HeadersTooLarge(BastionError):
+    """431: the request head is over `[server] max_header_bytes` or has over `max_header_fields` fields."""
+
+    status = 431
+    code = "headers_too_large"
+
+
+class RequestTimeout(BastionError):
+    """408: the request head or body did not arrive within its deadline."""
+
+    status = 408
+    code = "request_timeout"
+
+
 
 
 class AuditIntegrityError(Exception):

@@ -1,0 +1,293 @@
+"""The HTTP front end's own limits, enforced before the application runs.
+
+uvicorn's httptools protocol (llhttp underneath) parses; this subclass meters every byte a
+client sends before the parser sees it, and keeps one deadline per connection:
+
+- idle: an open connection with no request under way is closed after `keep_alive` seconds
+  (a fresh connection after `head_timeout`); it is never counted against load shedding;
+- head: the request line and header fields must fit in `max_header_bytes` and
+  `max_header_fields` (else 431) and arrive within `head_timeout` (else 408);
+- body: the body must arrive within `body_timeout` of the head's end (else 408), and the whole
+  request, framing included (chunk sizes, chunk extensions, trailers), must fit in
+  `max_request_bytes` (else 413);
+- connections: beyond `max_connections` the oldest connection that is idle or still sending
+  its head is closed to make room; if every one is busy, the new one is.
+
+Every refusal is JSON `{"error": ..., "code": ...}` with `connection: close`, and the
+connection is closed. httptools buffers a header value in Python bytes until its end, so the
+head is fed to the parser in slices that never pass the limit.
+
+This depends on uvicorn's HttpToolsProtocol internals; pyproject.toml pins uvicorn tightly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import http
+import logging
+import resource
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import httptools
+import orjson
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from bastion.errors import BastionError, ConfigError, HeadersTooLarge, PayloadTooLarge, RequestTimeout
+
+log = logging.getLogger("bastion.http")
+
+# Chunk-size lines and CRLFs of an honest chunked body, and its trailers, on top of the body limit.
+FRAMING_SLACK_BYTES = 16_384
+# Requests parsed ahead of their turn on one connection; a client pipelining deeper is closed.
+MAX_PIPELINED = 16
+# File descriptors kept for everything but client connections (models, state, audit, logs).
+RESERVED_FDS = 256
+
+
+@dataclass(frozen=True, kw_only=True)
+class FrontendLimits:
+    """Limits per connection and request. Sizes in bytes, times in seconds."""
+
+    max_header_bytes: int
+    max_header_fields: int
+    head_timeout: float
+    body_timeout: float
+    keep_alive: float
+    max_body_bytes: int
+    max_connections: int
+
+    @property
+    def max_request_bytes(self) -> int:
+        return self.max_header_bytes + self.max_body_bytes + FRAMING_SLACK_BYTES
+
+
+class _Phase(enum.Enum):
+    IDLE = "idle"  # no request under way: keep-alive deadline
+    HEAD = "head"  # a request's first byte has arrived, its head has not ended: head deadline
+    BODY = "body"  # head ended, body not: body deadline
+    WAIT = "wait"  # request complete, the application is answering: no deadline
+
+
+class _PipelineTooDeep(Exception):
+    pass
+
+
+class LimitedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with Bastion's front-end limits. Use `protocol_class(limits)`."""
+
+    limits: ClassVar[FrontendLimits]
+    # Every open connection of this server, oldest first (for eviction at max_connections).
+    open_connections: ClassVar[OrderedDict[LimitedHttpToolsProtocol, None]]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._phase = _Phase.IDLE
+        self._deadline: asyncio.TimerHandle | None = None
+        self._fed = 0  # bytes fed to the parser on this connection
+        self._slice_start = 0  # _fed before the slice being parsed
+        self._message_start = 0  # _fed when the current request's first byte arrived
+        self._fields = 0
+        self._error: BastionError | _PipelineTooDeep | None = None
+
+    # Connection lifetime
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        registry = self.open_connections
+        if len(registry) >= self.limits.max_connections:
+            victim = next((c for c in registry if c._phase in (_Phase.IDLE, _Phase.HEAD)), None)
+            if victim is None:
+                log.warning("connection limit reached and every connection is busy: refusing a new one")
+                self.transport.close()
+                return
+            victim._close()
+        registry[self] = None
+        # A fresh connection owes its head within head_timeout.
+        self._arm(self.limits.head_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.open_connections.pop(self, None)
+        self._cancel()
+        super().connection_lost(exc)
+
+    def _close(self) -> None:
+        self._cancel()
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.disconnected = True
+            self.cycle.message_event.set()
+        self.transport.close()
+
+    # Deadlines
+
+    def _arm(self, seconds: float) -> None:
+        self._cancel()
+        self._deadline = self.loop.call_later(seconds, self._on_deadline)
+
+    def _cancel(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _on_deadline(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing():
+            return
+        if self._phase is _Phase.HEAD and self._fed > self._message_start:
+            self._refuse(RequestTimeout("request head not received in time"))
+        elif self._phase is _Phase.BODY:
+            self._refuse(RequestTimeout("request body not received in time"))
+        else:
+            self._close()
+
+    # Bytes in
+
+    def data_received(self, data: bytes) -> None:
+        self._unset_keepalive_if_required()
+        if self.transport.is_closing():
+            return
+        if self._phase is _Phase.IDLE:
+            self._start_message(self._fed)
+        limits = self.limits
+        view = memoryview(data)
+        while view:
+            if self._phase is _Phase.HEAD:
+                room = limits.max_header_bytes - (self._fed - self._message_start)
+                if room <= 0:
+                    self._refuse(HeadersTooLarge(f"request head larger than {limits.max_header_bytes} bytes"))
+                    return
+                piece, view = view[:room], view[room:]
+            else:
+                piece, view = view, view[len(view) :]
+            self._slice_start = self._fed
+            self._fed += len(piece)
+            try:
+                self.parser.feed_data(piece)
+            except httptools.HttpParserCallbackError:
+                error, self._error = self._error, None
+                if isinstance(error, BastionError):
+                    self._refuse(error)
+                else:
+                    self._close()  # pipelined too deep, or a callback failed: no well-ordered answer possible
+                return
+            except httptools.HttpParserUpgrade:
+                self.send_400_response("Unsupported upgrade request.")
+                return
+            except httptools.HttpParserError:
+                self.send_400_response("Invalid HTTP request received.")
+                return
+            if self.transport.is_closing():
+                return
+            under_way = self._phase in (_Phase.HEAD, _Phase.BODY)
+            if under_way and self._fed - self._message_start > limits.max_request_bytes:
+                self._refuse(PayloadTooLarge(f"request larger than {limits.max_request_bytes} bytes"))
+                return
+
+    def _start_message(self, start: int) -> None:
+        self._phase = _Phase.HEAD
+        self._message_start = start
+        self._fields = 0
+        self._arm(self.limits.head_timeout)
+
+    # Parser callbacks
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._phase in (_Phase.IDLE, _Phase.WAIT):
+            # A pipelined request: counted from the start of the slice it began in (never fewer bytes).
+            self._start_message(self._slice_start)
+        self._fields = 0
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._fields += 1
+        if self._fields > self.limits.max_header_fields:
+            self._error = HeadersTooLarge(f"more than {self.limits.max_header_fields} header fields")
+            raise self._error
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if (
+            self.cycle is not None
+            and not self.cycle.response_complete
+            and len(self.pipeline) >= MAX_PIPELINED
+        ):
+            self._error = _PipelineTooDeep()
+            raise self._error
+        super().on_headers_complete()
+        self._phase = _Phase.BODY
+        self._arm(self.limits.body_timeout)
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        if self.cycle.response_complete and not self.pipeline:
+            self._go_idle()  # answered before its body ended (e.g. 401): the connection is idle now
+        else:
+            self._phase = _Phase.WAIT
+            self._cancel()
+
+    def on_response_complete(self) -> None:
+        pipelined = bool(self.pipeline)
+        super().on_response_complete()
+        self._unset_keepalive_if_required()  # one deadline per connection, ours
+        if self._phase is _Phase.WAIT and not pipelined and not self.transport.is_closing():
+            self._go_idle()
+
+    def _go_idle(self) -> None:
+        self._phase = _Phase.IDLE
+        self._arm(self.limits.keep_alive)
+
+    # Refusals
+
+    def _refuse(self, error: BastionError) -> None:
+        """Answer `error` as JSON and close, unless an answer to this request has already begun."""
+        cycle = self.cycle
+        if self.pipeline:
+            can_answer = False  # an earlier request's answer is owed first
+        elif self._phase is _Phase.HEAD:
+            can_answer = cycle is None or cycle.response_complete
+        else:
+            can_answer = not cycle.response_started
+        if can_answer and not self.transport.is_closing():
+            body = orjson.dumps({"error": error.message, "code": error.code})
+            phrase = http.HTTPStatus(error.status).phrase
+            self.transport.write(
+                f"HTTP/1.1 {error.status} {phrase}\r\n".encode()
+                + b"content-type: application/json\r\n"
+                + b"cache-control: no-store\r\n"
+                + b"x-content-type-options: nosniff\r\n"
+                + f"content-length: {len(body)}\r\n".encode()
+                + b"connection: close\r\n\r\n"
+                + body
+            )
+        log.info("front end refused a request: %s", error.code)
+        self._close()
+
+
+def protocol_class(limits: FrontendLimits) -> type[LimitedHttpToolsProtocol]:
+    """A protocol class bound to `limits`, for `uvicorn.Config(http=...)`; one per server."""
+    return type(
+        "BastionHttpProtocol",
+        (LimitedHttpToolsProtocol,),
+        {"limits": limits, "open_connections": OrderedDict()},
+    )
+
+
+def raise_fd_limit(max_connections: int, config_path: Path) -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; return it.
+
+    Raises ConfigError (naming the file and field) if even the hard limit cannot hold
+    `max_connections` plus RESERVED_FDS descriptors.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    if soft != resource.RLIM_INFINITY and soft < max_connections + RESERVED_FDS:
+        raise ConfigError(
+            f"{config_path}: [server] max_connections = {max_connections} needs {max_connections + RESERVED_FDS} "
+            f"file descriptors; the hard limit (ulimit -Hn) is {hard}"
+        )
+    return soft

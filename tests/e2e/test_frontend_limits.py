@@ -1,0 +1,411 @@
+"""The HTTP front end's own limits, attacked over raw sockets against the real `bastion serve`.
+
+The server runs with short deadlines (2 s) so that each timeout is seen within seconds, and with
+max_concurrent_requests = 4 so that anything wrongly counted as load (idle sockets, slow heads)
+would shed the keyed requests these tests expect to be served.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bastion.demo import infer_request
+from tests.helpers import BASTION, RunningServer, create_key, start_server, write_test_deployment
+
+HEAD_TIMEOUT = BODY_TIMEOUT = KEEP_ALIVE = 2.0
+MAX_HEADER_BYTES = 16384
+MAX_HEADER_FIELDS = 50
+MAX_IN_FLIGHT = 4
+MAX_CONNECTIONS = 1400
+MAX_BODY_BYTES = 1_048_576
+
+SETTINGS = f"""
+max_header_bytes = {MAX_HEADER_BYTES}
+max_header_fields = {MAX_HEADER_FIELDS}
+head_timeout_seconds = {HEAD_TIMEOUT}
+body_timeout_seconds = {BODY_TIMEOUT}
+keep_alive_seconds = {KEEP_ALIVE}
+max_concurrent_requests = {MAX_IN_FLIGHT}
+max_connections = {MAX_CONNECTIONS}
+"""
+
+
+@dataclass
+class Front:
+    server: RunningServer
+    config: Path
+    key: str
+    host: str
+    port: int
+    body: bytes
+
+    def connect(self, timeout: float = 5.0) -> socket.socket:
+        return socket.create_connection((self.host, self.port), timeout=timeout)
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.server.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+    def infer_head(self, length: int) -> bytes:
+        return (
+            f"POST /v2/models/breast-cancer/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {self.key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+        ).encode()
+
+
+@pytest.fixture(scope="module")
+def front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
+    root = tmp_path_factory.mktemp("frontend")
+    config, build = write_test_deployment(root)
+    text = config.read_text().replace('state_dir = "state"\n', f'state_dir = "state"\n{SETTINGS}', 1)
+    assert SETTINGS in text
+    config.write_text(text)
+    key = create_key(config, "loader")
+    server = start_server(config, root / "server.log")
+    host, port = server.base_url.removeprefix("http://").split(":")
+    body = json.dumps(infer_request(build.features[:1])).encode()
+    yield Front(server, config, key, host, int(port), body)
+    server.stop()
+
+
+def read_response(sock: socket.socket, timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP response from `sock` (status, lower-cased headers, body); the socket must close after it."""
+    sock.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise AssertionError(f"closed before a response: {data!r}")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    while len(body) < int(headers.get("content-length", "0")):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return status, headers, body
+
+
+def assert_refused(sock: socket.socket, status: int, code: str, timeout: float = 5.0) -> None:
+    got, headers, body = read_response(sock, timeout)
+    assert got == status, body
+    assert headers["content-type"] == "application/json"
+    assert headers["connection"] == "close"
+    assert json.loads(body) == {"error": json.loads(body)["error"], "code": code}
+    assert_closed(sock)
+
+
+def assert_closed(sock: socket.socket, timeout: float = 5.0) -> None:
+    sock.settimeout(timeout)
+    try:
+        rest = sock.recv(65536)
+    except ConnectionResetError:
+        return
+    assert rest == b"", rest
+
+
+def drain(sock: socket.socket, timeout: float = 5.0) -> bytes:
+    """Read to the end; return the status line's first 12 bytes (b"" if nothing came before the close)."""
+    sock.settimeout(timeout)
+    data = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data[:12]
+
+
+def is_open(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
+def health_ok(front: Front) -> float:
+    """Seconds /v2/health/live took to answer 200 on a new connection."""
+    t0 = time.monotonic()
+    response = httpx.get(f"{front.server.base_url}/v2/health/live", timeout=5)
+    assert response.status_code == 200, response.text
+    return time.monotonic() - t0
+
+
+def keyed_infer(front: Front) -> httpx.Response:
+    return httpx.post(
+        f"{front.server.base_url}/v2/models/breast-cancer/infer",
+        content=front.body,
+        headers={"Authorization": f"Bearer {front.key}", "Content-Type": "application/json"},
+        timeout=10,
+    )
+
+
+# 431: the head's size and field count
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        pytest.param(b"GET /v2/health/live?" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n", id="long-url"),
+        pytest.param(
+            b"GET /v2/health/live HTTP/1.1\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n", id="one-long-field"
+        ),
+        pytest.param(
+            b"GET /v2/health/live HTTP/1.1\r\n"
+            + b"".join(b"X-%d: %s\r\n" % (i, b"a" * 500) for i in range(40))
+            + b"\r\n",
+            id="many-medium-fields",
+        ),
+        pytest.param(b"GET /v2/health/live HTTP/1.1\r\nX-Unended: " + b"a" * 17000, id="unterminated"),
+    ],
+)
+def test_head_over_its_byte_limit_gets_431_and_close(front: Front, head: bytes) -> None:
+    with front.connect() as sock:
+        sock.sendall(head)
+        assert_refused(sock, 431, "headers_too_large")
+
+
+def test_a_head_just_under_the_limit_is_served(front: Front) -> None:
+    head = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Pad: "
+    head += b"a" * (MAX_HEADER_BYTES - len(head) - 4) + b"\r\n\r\n"
+    assert len(head) == MAX_HEADER_BYTES
+    with front.connect() as sock:
+        sock.sendall(head)
+        status, _, _ = read_response(sock)
+        assert status == 200
+
+
+@pytest.mark.parametrize("fields", [MAX_HEADER_FIELDS + 1, 100_000])
+def test_too_many_header_fields_get_431(front: Front, fields: int) -> None:
+    with front.connect() as sock:
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\n")
+        with contextlib.suppress(OSError):  # the server stops reading at the limit
+            for start in range(0, fields, 1000):
+                sock.sendall(b"".join(b"a:b\r\n" for _ in range(min(1000, fields - start))))
+            sock.sendall(b"\r\n")
+        assert_refused(sock, 431, "headers_too_large")
+
+
+def test_a_64_mib_header_line_does_not_grow_the_server(front: Front) -> None:
+    before = front.rss_kib()
+    line = b"a" * (1 << 20)
+    with front.connect() as sock:
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nX-Huge: ")
+        sent = 0
+        with contextlib.suppress(OSError):
+            for _ in range(64):
+                sock.sendall(line)
+                sent += 1
+        assert sent < 64, "the server read a 64 MiB header line to the end"
+        # The 431 may be lost to the reset a close with unread bytes causes; the close may not.
+        assert drain(sock) in (b"", b"HTTP/1.1 431")
+    grown_mib = (front.rss_kib() - before) / 1024
+    assert grown_mib < 4, f"RSS grew by {grown_mib:.1f} MiB"
+    assert health_ok(front) < 1
+
+
+# 408 and close: heads and bodies that do not arrive in time
+
+
+def test_slowloris_head_gets_408_within_the_head_timeout(front: Front) -> None:
+    with front.connect(timeout=HEAD_TIMEOUT + 3) as sock:
+        t0 = time.monotonic()
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\n")
+        with contextlib.suppress(OSError):
+            for i in range(int(HEAD_TIMEOUT / 0.25) + 8):  # a header line every 0.25 s, never the end
+                time.sleep(0.25)
+                sock.sendall(b"X-%d: a\r\n" % i)
+        assert_refused(sock, 408, "request_timeout")
+        assert time.monotonic() - t0 < HEAD_TIMEOUT + 1
+
+
+@pytest.mark.parametrize("trickle", [b"", b"\r\n"], ids=["silent", "blank-lines"])
+def test_a_connection_that_starts_no_request_is_closed(front: Front, trickle: bytes) -> None:
+    with front.connect(timeout=HEAD_TIMEOUT + 3) as sock:
+        t0 = time.monotonic()
+        with contextlib.suppress(OSError):
+            while trickle and time.monotonic() - t0 < HEAD_TIMEOUT + 2:
+                sock.sendall(trickle)
+                time.sleep(0.25)
+        # Closed at the head deadline: silently, or with a 408 if bytes came.
+        assert drain(sock, timeout=HEAD_TIMEOUT + 3) in (b"", b"HTTP/1.1 408")
+        assert time.monotonic() - t0 < HEAD_TIMEOUT + 2.5
+
+
+def test_an_idle_keep_alive_connection_is_closed(front: Front) -> None:
+    with front.connect() as sock:
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.settimeout(5)
+        first = sock.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200"), first
+        t0 = time.monotonic()
+        assert_closed(sock, timeout=KEEP_ALIVE + 3)
+        assert KEEP_ALIVE - 0.5 < time.monotonic() - t0 < KEEP_ALIVE + 1
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_body_that_does_not_arrive_gets_408_and_close(front: Front, chunked: bool) -> None:
+    with front.connect() as sock:
+        if chunked:
+            head = front.infer_head(0).replace(b"Content-Length: 0", b"Transfer-Encoding: chunked")
+            sock.sendall(head + b'5\r\n{"inp\r\n')
+        else:
+            sock.sendall(front.infer_head(len(front.body)) + front.body[:10])
+        t0 = time.monotonic()
+        assert_refused(sock, 408, "request_timeout", timeout=BODY_TIMEOUT + 3)
+        assert time.monotonic() - t0 < BODY_TIMEOUT + 1
+
+
+# Every byte counts: body and framing together are bounded
+
+
+def _chunk_extension_flood(sock: socket.socket) -> None:
+    # One byte of body per chunk, 8 KiB of chunk extension: the body stays tiny, the bytes do not.
+    ext = b";x=" + b"a" * 8192
+    for _ in range((MAX_BODY_BYTES + 2 * MAX_HEADER_BYTES + 16384) // len(ext) + 8):
+        sock.sendall(b"1" + ext + b"\r\nx\r\n")
+
+
+def test_a_chunk_extension_flood_gets_413(front: Front) -> None:
+    with front.connect() as sock:
+        head = front.infer_head(0).replace(b"Content-Length: 0", b"Transfer-Encoding: chunked")
+        sock.sendall(head)
+        with contextlib.suppress(OSError):
+            _chunk_extension_flood(sock)
+        assert_refused(sock, 413, "payload_too_large")
+
+
+def test_a_body_to_a_route_that_never_reads_it_is_cut_off(front: Front) -> None:
+    # The health probe answers at once; the endless body behind it must still be bounded.
+    with front.connect() as sock:
+        sock.sendall(b"POST /v2/health/live HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n")
+        status, _, _ = read_response(sock)
+        assert status == 200
+        sent = 0
+        with contextlib.suppress(OSError):
+            while sent < 16 * MAX_BODY_BYTES:
+                sock.sendall(b"a" * 65536)
+                sent += 65536
+        assert sent < 4 * MAX_BODY_BYTES
+        assert_closed(sock)
+
+
+# Load shedding counts requests in flight, never connections, never health probes
+
+
+def test_shedding_counts_requests_and_spares_health(front: Front) -> None:
+    # Keyed requests whose bodies are late are inside the application: they are the load.
+    held = [front.connect(timeout=BODY_TIMEOUT + 3) for _ in range(MAX_IN_FLIGHT)]
+    try:
+        for sock in held:
+            sock.sendall(front.infer_head(len(front.body)) + front.body[:10])
+        time.sleep(0.3)
+        response = keyed_infer(front)
+        assert response.status_code == 503, response.text
+        assert response.json() == {"error": response.json()["error"], "code": "overloaded"}
+        assert response.headers["retry-after"] == "1"
+        assert health_ok(front) < 1
+        ready = httpx.get(f"{front.server.base_url}/v2/health/ready", timeout=5)
+        assert ready.status_code == 200
+        for sock in held:  # the body deadline releases them, and the load with them
+            assert_refused(sock, 408, "request_timeout", timeout=BODY_TIMEOUT + 3)
+    finally:
+        for sock in held:
+            sock.close()
+    assert keyed_infer(front).status_code == 200
+
+
+def _open_idle(front: Front, n: int) -> list[socket.socket]:
+    socks = []
+    for _ in range(n):
+        sock = socket.socket()
+        sock.setblocking(True)
+        sock.connect((front.host, front.port))
+        socks.append(sock)
+    return socks
+
+
+def test_idle_connections_and_slowloris_do_not_take_the_server_out(front: Front) -> None:
+    """The issue's "done when": 1,100 idle sockets and 200 slowloris heads; health in 1 s, keyed request served."""
+    stop = threading.Event()
+    idle = _open_idle(front, 1100)
+    slow = _open_idle(front, 200)
+
+    def trickle() -> None:
+        i = 0
+        while not stop.is_set():
+            for sock in slow:
+                with contextlib.suppress(OSError):
+                    sock.sendall(b"GET /v2/health/live HTTP/1.1\r\n" if i == 0 else b"X-%d: a\r\n" % i)
+            i += 1
+            stop.wait(0.2)
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.3)
+        assert health_ok(front) < 1
+        response = keyed_infer(front)
+        assert response.status_code == 200, response.text
+        # Still open when probed: the probes succeeded beside them, not after them.
+        assert sum(is_open(s) for s in idle) > 1000
+        assert sum(is_open(s) for s in slow) > 180
+    finally:
+        stop.set()
+        thread.join()
+        for sock in idle + slow:
+            sock.close()
+
+
+def test_over_max_connections_the_oldest_idle_ones_are_closed(front: Front) -> None:
+    idle = _open_idle(front, MAX_CONNECTIONS + 100)
+    try:
+        time.sleep(0.3)
+        assert health_ok(front) < 1
+        assert keyed_infer(front).status_code == 200
+        closed = [i for i, s in enumerate(idle) if not is_open(s)]
+        assert len(closed) >= 100
+        assert min(closed) == 0  # the oldest first
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+# Settings that cannot be honoured stop the server at start
+
+
+def test_max_connections_beyond_the_fd_limit_is_refused_at_start(front: Front) -> None:
+    import resource
+    import subprocess
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY or hard >= 1_000_000:
+        pytest.skip("no finite file-descriptor limit below the setting's maximum")
+    text = front.config.read_text().replace(
+        f"max_connections = {MAX_CONNECTIONS}", "max_connections = 1000000"
+    )
+    config = front.config.with_name("too-many-connections.toml")
+    config.write_text(text)
+    result = subprocess.run(
+        [*BASTION, "serve", "--config", str(config), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "max_connections" in result.stderr and str(config) in result.stderr, result.stderr
