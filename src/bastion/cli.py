@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bastion.errors import AuditIntegrityError, ConfigError
+from bastion.errors import AuditIntegrityError, ConfigError, StateDirLocked
 
 log = logging.getLogger("bastion")
 
@@ -712,7 +712,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, _CliError) as e:
+    except (ConfigError, StateDirLocked, _CliError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
         return 130

@@ -75,6 +75,15 @@ class RateLimited(BastionError):
         self.retry_after = retry_after
 
 
+class AuthThrottled(RateLimited):
+    """429 before identity: this client address failed authentication too often; nothing was checked."""
+
+    code = "auth_throttled"
+
+    def __init__(self, *, retry_after: float) -> None:
+        super().__init__("too many failed authentications from this address", retry_after=retry_after)
+
+
 class NotReady(BastionError):
     status = 503
     code = "not_ready"
@@ -124,6 +133,14 @@ class RequestTimeout(BastionError):
     code = "request_timeout"
 
 
+
+
+class StateDirLocked(Exception):
+    """Another server holds the state directory's lock. The message names the directory and its PID."""
+
+    def __init__(self, message: str, *, pid: int | None) -> None:
+        super().__init__(message)
+        self.pid = pid
 
 
 class AuditIntegrityError(Exception):

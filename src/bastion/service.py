@@ -58,6 +58,7 @@ from bastion.stages.limits import EnforceLimits
 from bastion.stages.output_policy import PrivateScores, ShapeOutput
 from bastion.stages.query_audit import Containment, ContainmentGate, IsolationGate, WatchQueries
 from bastion.state import MemoryStateStore, SQLiteStateStore, StateStore
+from bastion.statedir import lock_state_dir
 from bastion.tokens import TokenAuthority, load_or_create_signing_key
 
 log = logging.getLogger("bastion")
@@ -135,6 +136,19 @@ class Bastion:
         paths.root.mkdir(parents=True, exist_ok=True)
         paths.root.chmod(0o700)
         self.paths = paths
+        # First, before any database in the directory is opened: a second server touches nothing.
+        self._state_lock = lock_state_dir(paths.root)
+        try:
+            self._open(config, config_path, clock, noise)
+        except BaseException:
+            self._state_lock.release()
+            raise
+
+    def _open(
+        self, config: Config, config_path: Path, clock: Callable[[], float], noise: NoiseSource | None
+    ) -> None:
+        paths = self.paths
+        unsafe_no_defenses = self.unsafe_no_defenses
         self.registry = ModelRegistry.load(list(config.models))
         check_grants_name_models(
             config, self.registry.configured_names, config_path, regressors=self.registry.regressors
@@ -350,6 +364,7 @@ class Bastion:
         self.state.close()
         self.keys.close()
         self.isolation.close()
+        self._state_lock.release()
 
     async def aclose(self) -> None:
         """The server's shutdown, on its event loop. The state store goes first: it waits for the

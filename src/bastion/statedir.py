@@ -1,0 +1,93 @@
+"""One server per state directory: an exclusive `flock` on `server.lock` inside it, held for the
+server's lifetime, with the holder's PID written into the file.
+
+Two servers on one directory would each keep their own idea of the audit chain's head in memory;
+the first to commit after the other wrote gets a duplicate sequence number and fails closed for
+good. The lock is taken before any database in the directory is opened, so a second server
+touches nothing. CLI admin commands (`keys`, `audit verify`, `models release`) do not take it:
+their databases are shared by design.
+
+The lock file is never removed: unlinking it while another process opens it would let two
+processes hold locks on two different files. The kernel drops the lock when the process dies,
+so a crashed server leaves nothing to clean up.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from bastion.errors import StateDirLocked
+
+LOCK_NAME = "server.lock"
+
+
+class StateDirLock:
+    """An acquired lock; `release()` (idempotent) gives it back."""
+
+    def __init__(self, root: Path, fd: int) -> None:
+        self.root = root
+        self._fd: int | None = fd
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.ftruncate(fd, 0)  # no stale PID for the next reader
+        finally:
+            os.close(fd)  # closing the descriptor drops the flock
+
+
+def lock_state_dir(root: Path) -> StateDirLock:
+    """Take the directory's lock without waiting.
+
+    Raises StateDirLocked naming the directory and the PID that holds it (or "unknown" when the
+    holder has not written it yet).
+    """
+    path = root / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _read_pid(fd)
+        os.close(fd)
+        raise StateDirLocked(
+            f"{root}: state directory in use by another bastion server (pid {holder or 'unknown'}); "
+            "stop that server or give this one its own server.state_dir",
+            pid=holder,
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return StateDirLock(root, fd)
+
+
+def holder_pid(root: Path) -> int | None:
+    """The PID of the server holding `root`, or None when no server holds it (the lock is free)."""
+    path = root / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_pid(fd) or -1
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _read_pid(fd: int) -> int | None:
+    text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    return int(text) if text.isdigit() else None
