@@ -31,26 +31,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from bastion.http.app import BastionApp
+    from bastion.http.frontend import FrontendLimits, protocol_class, raise_fd_limit
+    from bastion.http.shedding import LoadShedder
     from bastion.service import Bastion
 
     config = _config(args.config)
-    # The audit commit thread needs the GIL for a moment when its fsync returns; by default a busy
-    # event loop would make it wait 5 ms for a forced switch, and every waiting request with it.
-    sys.setswitchinterval(0.0005)
-    service = Bastion(config, config_path=args.config, unsafe_no_defenses=args.unsafe_no_defenses)
-    host = args.host or config.server.host
-    port = args.port if args.port is not None else config.server.port
-    uv = uvicorn.Config(
-        LoadShedder(BastionApp(service), max_in_flight=max_in_flight),
-        host=host,
-        port=port,
-        access_log=False,  # the audit log is the access log, without payloads or query strings
-        log_level=args.log_level,
-    from bastion.http.frontend import FrontendLimits, protocol_class, raise_fd_limit
-    from bastion.http.shedding import LoadShedder
-        lifespan="on",
-        server_header=False,
-        proxy_headers=False,  # X-Forwarded-For from a client must not rewrite the audited address
     server = config.server
     # Before any model loads: a max_connections the process cannot reach is refused now, not under attack.
     raise_fd_limit(server.max_connections, args.config)
@@ -66,6 +51,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     max_in_flight = (
         args.max_concurrency if args.max_concurrency is not None else server.max_concurrent_requests
     )
+    # The audit commit thread needs the GIL for a moment when its fsync returns; by default a busy
+    # event loop would make it wait 5 ms for a forced switch, and every waiting request with it.
+    sys.setswitchinterval(0.0005)
+    service = Bastion(config, config_path=args.config, unsafe_no_defenses=args.unsafe_no_defenses)
+    host = args.host or config.server.host
+    port = args.port if args.port is not None else config.server.port
+    uv = uvicorn.Config(
+        LoadShedder(BastionApp(service), max_in_flight=max_in_flight),
+        host=host,
+        port=port,
+        http=protocol_class(limits),  # every front-end limit lives there (bastion.http.frontend)
+        ws="none",
+        access_log=False,  # the audit log is the access log, without payloads or query strings
+        log_level=args.log_level,
+        lifespan="on",
+        server_header=False,
+        proxy_headers=False,  # X-Forwarded-For from a client must not rewrite the audited address
         timeout_keep_alive=server.keep_alive_seconds,
         # None: uvicorn's own limit counts connections, so idle sockets would shed health probes.
         limit_concurrency=None,
@@ -77,8 +79,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         service.close()
     return 0
 
-        http=protocol_class(limits),  # every front-end limit lives there (bastion.http.frontend)
-        ws="none",
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
 
 def _key_store(config_path: Path):  # type: ignore[no-untyped-def]
     from bastion.keys import KeyStore
@@ -93,13 +100,6 @@ def _isolation_store(config_path: Path):  # type: ignore[no-untyped-def]
     from bastion.service import StatePaths
 
     return IsolationStore(StatePaths(_config(config_path).server.state_dir).isolation)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def cmd_models_isolated(args: argparse.Namespace) -> int:
