@@ -96,15 +96,6 @@ class StateUnavailable(BastionError):
     code = "state_unavailable"
 
 
-# Errors that stop the operator, not a client: bad config, bad model files, bad keys.
-
-
-class ConfigError(Exception):
-    """The policy file is invalid. The message names the file, the field and the reason."""
-
-
-class ModelLoadError(Exception):
-    """A model directory cannot be served. The message names the file and what is wrong."""
 class Overloaded(BastionError):
     """503: more requests in flight than `[server] max_concurrent_requests`; retry after `retry_after` s."""
 
@@ -133,6 +124,15 @@ class RequestTimeout(BastionError):
     code = "request_timeout"
 
 
+# Errors that stop the operator, not a client: bad config, bad model files, bad keys.
+
+
+class ConfigError(Exception):
+    """The policy file is invalid. The message names the file, the field and the reason."""
+
+
+class ModelLoadError(Exception):
+    """A model directory cannot be served. The message names the file and what is wrong."""
 
 
 class StateDirLocked(Exception):
