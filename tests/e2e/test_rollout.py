@@ -5,23 +5,27 @@ switch itself fails no request."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 
 from bastion.demo import feature_spec, infer_request, write_skops_model
 from bastion.manifest import OutputSpec
+from bastion.rollout import load_states
 from tests.helpers import create_key, run_cli, start_server, write_test_deployment
 
 WINDOW = 10
 
 
-def _write_failing_canary(build) -> Path:  # type: ignore[no-untyped-def]
+def _write_failing_canary(build, name: str = "breast-cancer") -> Path:  # type: ignore[no-untyped-def]
     """Version 2 takes log() of its inputs: fine on the golden samples, fails on any zero feature."""
     from sklearn.datasets import load_breast_cancer
     from sklearn.linear_model import LogisticRegression
@@ -32,13 +36,13 @@ def _write_failing_canary(build) -> Path:  # type: ignore[no-untyped-def]
     x = np.clip(data.data.astype(np.float32), 0.01, None)
     model = make_pipeline(FunctionTransformer(np.log), StandardScaler(), LogisticRegression(max_iter=2000))
     model.fit(x, data.target)
-    src = build.root / "models" / "breast-cancer-v2"
+    src = build.root / "models" / f"{name}-v2"
     write_skops_model(
         src,
         model,
         [feature_spec(build.features)],
         OutputSpec(classes=[str(c) for c in data.target_names]),
-        "breast-cancer",
+        name,
     )
     manifest = json.loads((src / "manifest.json").read_text())
     manifest["version"] = "2"
@@ -107,3 +111,125 @@ def test_failing_canary_is_rolled_back_under_load(tmp_path: Path) -> None:
     )
     status = run_cli("rollout", "status", "--config", config).stdout
     assert "breast-cancer" in status and "rolled_back" in status
+
+
+SKOPS = "breast-cancer-skops"
+# The issue's set-up: a canary of breast-cancer-skops version 2 (failing on any zero feature), a
+# genuine client, a label-only infer-only prober, and a prober with a tiny rate limit.
+CANARY_OF_SKOPS = f"""[[models]]
+path = "bundles/{SKOPS}-2"
+trusted_keys = ["keys/release.pub"]
+
+[rollouts.{SKOPS}]
+stable = "1"
+canary = "2"
+canary_weight = 0.5
+max_error_rate = 0.05
+max_p99_latency_ms = 500
+window_seconds = 600
+min_requests = 20
+
+[roles.steady]
+rate = 100000
+burst = 100000
+daily_quota = 100000000
+grants = [ {{ models = ["{SKOPS}"], actions = ["infer"] }} ]
+
+[roles.prober]
+rate = 100000
+burst = 100000
+daily_quota = 100000000
+grants = [ {{ models = ["{SKOPS}"], actions = ["infer"], output = "label" }} ]
+
+[roles.throttled]
+rate = 0.01
+burst = 2
+grants = [ {{ models = ["{SKOPS}"], actions = ["infer"] }} ]
+
+"""
+
+
+def test_a_client_can_neither_trigger_nor_block_a_canary_rollback(tmp_path: Path) -> None:
+    config, build = write_test_deployment(tmp_path / "d", extra=CANARY_OF_SKOPS)
+    _write_failing_canary(build, SKOPS)
+    steady, prober, throttled = (create_key(config, r) for r in ("steady", "prober", "throttled"))
+    server = start_server(config, tmp_path / "server.log")
+    state_file = tmp_path / "d" / "state" / "rollouts.json"
+    rows = build.features
+    good = [infer_request(rows[i : i + 1]) for i in range(len(rows)) if not (rows[i] == 0).any()]
+    zero = [infer_request(rows[i : i + 1]) for i in range(len(rows)) if (rows[i] == 0).any()]
+    unversioned, explicit = f"/v2/models/{SKOPS}/infer", f"/v2/models/{SKOPS}/versions/2/infer"
+
+    def status() -> str:
+        return load_states(state_file)[SKOPS].status
+
+    def until_canary(c: httpx.Client, send: Callable[[], httpx.Response], n: int) -> list[httpx.Response]:
+        """Send unversioned requests until `n` of them were routed to the canary; those responses."""
+        on_canary: list[httpx.Response] = []
+        for _ in range(40 * n):
+            r = send()
+            if r.headers.get("x-model-version") == "2":
+                on_canary.append(r)
+                if len(on_canary) == n:
+                    return on_canary
+        raise AssertionError("the rollout never routed to the canary")
+
+    try:
+        with server.client(steady) as genuine, server.client(prober) as attacker:
+            # A warm window: 20 routed canary answers, all good.
+            ok = until_canary(genuine, lambda: genuine.post(unversioned, json=good[0]), 20)
+            assert {r.status_code for r in ok} == {200}
+
+            # The issue's instance: zero-row requests naming version 2.
+            empty = {"inputs": [{"name": "features", "datatype": "FP32", "shape": [0, 30], "data": []}]}
+            for _ in range(2):
+                assert attacker.post(explicit, json=empty).status_code == 422
+            # Explicit-version requests that make version 2's runtime fail: the client chose the version.
+            for body in zero[:10]:
+                r = attacker.post(explicit, json=body)
+                assert (r.status_code, r.json()["code"]) == (500, "inference_failed")
+            # Client-caused errors on routed traffic: 422, 400, 413 (rows, then bytes), 403, 429.
+            too_many = infer_request(np.repeat(rows[:1], 300, axis=0))
+            client_errors = [
+                (empty, 422),
+                (b"{not json", 400),
+                (too_many, 413),
+                (b" " * (2 << 20), 413),
+                ({**good[0], "outputs": [{"name": "probabilities"}]}, 403),
+            ]
+            for body, code in client_errors:
+                for _ in range(5):
+                    sent = attacker.post(
+                        unversioned, **({"content": body} if isinstance(body, bytes) else {"json": body})
+                    )
+                    assert sent.status_code == code, sent.text
+            with server.client(throttled) as limited:
+                codes = [limited.post(unversioned, json=good[0]).status_code for _ in range(8)]
+            assert codes.count(429) >= 5
+
+            # A slow upload, routed to the canary: the client's time is not the model's latency.
+            def trickle() -> Iterator[bytes]:
+                body = json.dumps(good[1]).encode()
+                for i in range(0, len(body), len(body) // 4):
+                    time.sleep(0.2)
+                    yield body[i : i + len(body) // 4]
+
+            until_canary(attacker, lambda: attacker.post(unversioned, content=trickle()), 2)
+            assert status() == "canary"  # none of that rolled the canary back
+
+            # Nor can a flood of explicit-version successes dilute the canary's real failures.
+            for _ in range(100):
+                assert attacker.post(explicit, json=good[0]).status_code == 200
+            # Genuine traffic with a zero feature, routed to the canary: 2 failures of 22 > 5%.
+            failed = until_canary(genuine, lambda: genuine.post(unversioned, json=zero[0]), 1)
+            assert failed[0].status_code == 500 and status() == "canary"  # 1 of 21: under the threshold
+            until_canary(genuine, lambda: genuine.post(unversioned, json=zero[0]), 1)
+            assert status() == "rolled_back"
+            # Counted: the routed requests whose runtime ran (the 20 warm-up answers, the two failures, and
+            # the few routed requests the runtime answered before a later refusal); never the 100.
+            failures, counted = re.fullmatch(
+                r"(\d+) of (\d+) canary requests failed", load_states(state_file)[SKOPS].reason
+            ).groups()  # type: ignore[union-attr]
+            assert failures == "2" and 22 <= int(counted) < 40
+    finally:
+        server.stop()
