@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench clean
+.PHONY: demo demo-reset test lint typecheck unit bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -12,8 +12,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# A second `make demo` keeps demo/state (keys, audit log, budgets); `make demo-reset` wipes it.
 demo: $(STAMP)
 	$(BIN)/bastion demo --dir demo
+
+demo-reset: $(STAMP)
+	$(BIN)/bastion demo --dir demo --reset
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,19 @@ log = logging.getLogger("bastion")
 def _fail(message: str, code: int = 2) -> int:
     print(f"bastion: {message}", file=sys.stderr)
     return code
+
+
+def _cell(value: object) -> str:
+    """One table cell on one line: a control character in a name could break or forge the table."""
+    return "".join(ch if ch.isprintable() else "?" for ch in str(value))
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+    """Print aligned columns, each as wide as its widest cell and two spaces from the next."""
+    lines = [[_cell(c) for c in header], *([_cell(c) for c in row] for row in rows)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    for line in lines:
+        print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
 
 
 def _config(path: Path):  # type: ignore[no-untyped-def]
@@ -103,9 +118,9 @@ def _isolation_store(config_path: Path):  # type: ignore[no-untyped-def]
 
 
 def cmd_models_isolated(args: argparse.Namespace) -> int:
-    for model, since, reason in _isolation_store(args.config).list():
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(since))
-        print(f"{model:<24}isolated since {stamp} UTC: {reason}")
+    rows = [(model, _when(since), reason) for model, since, reason in _isolation_store(args.config).list()]
+    if rows:
+        _table(("MODEL", "ISOLATED SINCE", "REASON"), rows)
     return 0
 
 
@@ -140,28 +155,51 @@ def _when(ts: float | None) -> str:
 def cmd_keys_list(args: argparse.Namespace) -> int:
     _, store = _key_store(args.config)
     now = time.time()
-    print(f"{'KEY ID':<18}{'NAME':<20}{'ROLES':<20}{'STATUS':<9}{'CREATED':<22}EXPIRES")
-    for k in store.list():
-        print(
-            f"{k.key_id:<18}{k.name[:19]:<20}{','.join(k.roles)[:19]:<20}{k.status(now):<9}"
-            f"{_when(k.created_at):<22}{_when(k.expires_at)}"
-        )
+    _table(
+        ("KEY ID", "NAME", "ROLES", "STATUS", "CREATED", "EXPIRES"),
+        (
+            (k.key_id, k.name, ",".join(k.roles), k.status(now), _when(k.created_at), _when(k.expires_at))
+            for k in store.list()
+        ),
+    )
     return 0
 
 
+def _key_id_arg(value: str) -> str:
+    """The key id a command acts on. A full key pasted by mistake is recognised and only its public
+    id is used or shown; anything else that is not a key id is refused without being repeated."""
+    from bastion.keys import key_id_of
+
+    key_id = key_id_of(value)
+    if key_id is None:
+        raise _CliError(
+            "expected a key id (the 16 hex digits `bastion keys list` shows); "
+            "what was given is not repeated here, as it may be a secret"
+        )
+    if key_id != value:
+        print(
+            f"bastion: that is a full API key, not a key id; acting on its key id {key_id}. "
+            "The secret is now in your shell history: revoke the key if it must stay secret.",
+            file=sys.stderr,
+        )
+    return key_id
+
+
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    key_id = _key_id_arg(args.key_id)
     _, store = _key_store(args.config)
-    if not store.revoke(args.key_id, now=time.time()):
-        return _fail(f"no active key with id {args.key_id!r}", 1)
-    print(f"revoked {args.key_id}; it is refused from the next request on")
+    if not store.revoke(key_id, now=time.time()):
+        return _fail(f"no active key with id {key_id}", 1)
+    print(f"revoked {key_id}; it is refused from the next request on")
     return 0
 
 
 def cmd_keys_release(args: argparse.Namespace) -> int:
+    key_id = _key_id_arg(args.key_id)
     _, store = _key_store(args.config)
-    if not store.release(args.key_id):
-        return _fail(f"key {args.key_id!r} is not quarantined (or does not exist)", 1)
-    print(f"released {args.key_id} from quarantine; it is served from the next request on")
+    if not store.release(key_id):
+        return _fail(f"key {key_id} is not quarantined (or does not exist)", 1)
+    print(f"released {key_id} from quarantine; it is served from the next request on")
     return 0
 
 
@@ -213,28 +251,42 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from bastion.demo import ONNX_MODEL, REGRESSION_MODEL, SKOPS_MODEL, build_demo
+    from bastion.demo import ONNX_MODEL, REGRESSION_MODEL, SKOPS_MODEL, STATE_DIR, build_demo
     from bastion.keys import KeyStore
     from bastion.service import StatePaths
 
+    # The state (keys, audit log, budgets) of an earlier run is kept unless --reset says otherwise:
+    # its keys' secrets were shown once and cannot be shown again.
     print("training models on scikit-learn's breast-cancer and diabetes datasets ...", file=sys.stderr)
-    build = build_demo(args.dir, port=args.port)
+    try:
+        build = build_demo(args.dir, port=args.port, keep_state=not args.reset)
+    except FileExistsError as e:
+        return _fail(str(e))
     config = _config(build.config_path)
     store = KeyStore(StatePaths(config.server.state_dir).keys)
-    now = time.time()
-    analyst = store.create(name="demo-analyst", roles=["analyst"], now=now).secret
-    admin = store.create(name="demo-admin", roles=["admin"], now=now).secret
+    kept = len(store.list())
+    if kept:
+        keys_text = f"""The state of the previous run is kept ({args.dir}/{STATE_DIR}/: {kept} keys, the audit log,
+budgets). Those keys' secrets were shown when they were created and are not stored, so they are
+not shown again. New keys:
+
+  .venv/bin/bastion keys create --config {build.config_path} --name analyst2 --role analyst
+  .venv/bin/bastion keys create --config {build.config_path} --name admin2 --role admin
+
+or start afresh, wiping keys, audit log and budgets: .venv/bin/bastion demo --reset (make demo-reset)."""
+    else:
+        now = time.time()
+        analyst = store.create(name="demo-analyst", roles=["analyst"], now=now).secret
+        admin = store.create(name="demo-admin", roles=["admin"], now=now).secret
+        keys_text = f"Two keys, shown once:\n\n  export ANALYST={analyst}\n  export ADMIN={admin}"
     store.close()
     base = f"http://127.0.0.1:{args.port}"
     req = f"{args.dir}/request.json"
     print(
         f"""
-Demo written to {args.dir}/ (policy: {build.config_path}). Two keys, shown once:
+Demo written to {args.dir}/ (policy: {build.config_path}). {keys_text}
 
-  export ANALYST={analyst}
-  export ADMIN={admin}
-
-Try, in another terminal (after the two exports):
+Try, in another terminal (with ANALYST and ADMIN set to an analyst's and an admin's key):
 
   curl -s {base}/v2/health/ready
   curl -s {base}/v2/models/{ONNX_MODEL}                                   # 401: no key
@@ -418,9 +470,13 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     path = _rollout_path(args)
     states = load_states(path)
     if args.action == "status":
-        print(f"{'MODEL':<24}{'STABLE':<10}{'CANARY':<10}{'WEIGHT':<8}{'STATUS':<13}REASON")
-        for model, s in sorted(states.items()):
-            print(f"{model:<24}{s.stable:<10}{s.canary or '-':<10}{s.weight:<8.2f}{s.status:<13}{s.reason}")
+        _table(
+            ("MODEL", "STABLE", "CANARY", "WEIGHT", "STATUS", "REASON"),
+            (
+                (model, s.stable, s.canary or "-", f"{s.weight:.2f}", s.status, s.reason)
+                for model, s in sorted(states.items())
+            ),
+        )
         return 0
     if args.model is None:
         return _fail(f"rollout {args.action}: name the model")
@@ -470,9 +526,16 @@ def cmd_registry_list(args: argparse.Namespace) -> int:
 
     from bastion.bundle.format import BUNDLE_FILE
 
-    for bundle in sorted(args.registry.glob(f"*/*/{BUNDLE_FILE}")):
-        digest = hashlib.sha256(bundle.read_bytes()).hexdigest()
-        print(f"{bundle.parent.parent.name:<24}{bundle.parent.name:<10}sha256:{digest}")
+    rows = [
+        (
+            bundle.parent.parent.name,
+            bundle.parent.name,
+            f"sha256:{hashlib.sha256(bundle.read_bytes()).hexdigest()}",
+        )
+        for bundle in sorted(args.registry.glob(f"*/*/{BUNDLE_FILE}"))
+    ]
+    if rows:
+        _table(("MODEL", "VERSION", "BUNDLE DIGEST"), rows)
     return 0
 
 
@@ -701,6 +764,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dir", type=Path, default=Path("demo"))
     demo.add_argument("--port", type=int, default=8000)
     demo.add_argument("--no-serve", action="store_true")
+    demo.add_argument(
+        "--reset",
+        action="store_true",
+        help="wipe the state of an earlier run (keys, audit log, budgets); by default it is kept",
+    )
     demo.add_argument("--log-level", default="info")
     demo.add_argument("--max-concurrency", type=int)
     demo.set_defaults(func=cmd_demo)
@@ -711,7 +779,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # a reader that went away shows here, not in the interpreter's final flush
+        return code
+    except BrokenPipeError:
+        # `bastion keys list | head`: the reader closed the pipe. Stop quietly, as Python's docs advise
+        # (library/signal.html, "Note on SIGPIPE"): stdout goes to /dev/null so the flush at exit
+        # cannot raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except (ConfigError, StateDirLocked, _CliError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:

@@ -24,6 +24,8 @@ from bastion.manifest import InputSpec, Manifest, OutputSpec, write_manifest
 
 ONNX_MODEL = "breast-cancer"
 KEK_FILE = "keys/kek.key"
+STATE_DIR = "state"  # keys, audit log, budgets: what a rebuild keeps unless told to wipe it
+MARKER = ".bastion-demo"  # says the directory is the demo's own, so a rebuild may clear it
 
 
 def _dataset_digest(dataset: str) -> str:
@@ -179,7 +181,7 @@ DEMO_CONFIG = """\
 [server]
 host = "127.0.0.1"
 port = {port}
-state_dir = "state"
+state_dir = "{state_dir}"
 
 [limits]
 max_body_bytes = 1048576
@@ -241,10 +243,38 @@ grants = [
 """
 
 
-def build_demo(root: Path, *, port: int = 8000) -> DemoBuild:
+def is_demo_dir(root: Path) -> bool:
+    """Whether `root` holds a demo this module wrote (a marker, or a demo from before the marker)."""
+    return (root / MARKER).is_file() or ((root / "bastion.toml").is_file() and (root / "bundles").is_dir())
+
+
+def _clear(root: Path, *, keep_state: bool) -> None:
+    """Empty a demo directory for a rebuild, keeping its state directory if asked.
+
+    Raises FileExistsError for a non-empty directory that is not a demo: it is never deleted.
+    """
+    if root.is_dir() and any(root.iterdir()) and not is_demo_dir(root):
+        raise FileExistsError(
+            f"{root}: exists, is not empty and is not a Bastion demo; refusing to delete it "
+            "(choose another --dir)"
+        )
     if root.exists():
-        shutil.rmtree(root)
-    root.mkdir(parents=True)
+        for child in root.iterdir():
+            if keep_state and child.name == STATE_DIR:
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MARKER).write_text("written by `bastion demo`; the directory is rebuilt on each run\n")
+
+
+def build_demo(root: Path, *, port: int = 8000, keep_state: bool = False) -> DemoBuild:
+    """Write the demo deployment into `root` (models, bundles, policy, requests); the state directory
+    (keys, audit log, budgets) is wiped unless `keep_state`. Raises FileExistsError if `root` is a
+    non-empty directory that is not a demo."""
+    _clear(root, keep_state=keep_state)
     estimator, features, classes = _train()
     spec = feature_spec(features)
     write_onnx_model(root / "models" / ONNX_MODEL, estimator, spec, classes, ONNX_MODEL)
@@ -277,7 +307,7 @@ def build_demo(root: Path, *, port: int = 8000) -> DemoBuild:
         preprocessing=(),
     )
     config_path = root / "bastion.toml"
-    config_path.write_text(DEMO_CONFIG.format(port=port), encoding="utf-8")
+    config_path.write_text(DEMO_CONFIG.format(port=port, state_dir=STATE_DIR), encoding="utf-8")
     request = infer_request(features[:2], request_id="demo-1")
     (root / "request.json").write_text(json.dumps(request) + "\n", encoding="utf-8")
     for name, rows in (("diabetes-request.json", 2), ("diabetes-batch.json", 200)):

@@ -81,6 +81,23 @@ def parse_key(presented: str) -> tuple[str, str] | None:
     return None if match is None else (match.group(1), presented)
 
 
+_KEY_ID = re.compile(rf"[0-9a-f]{{{_KEY_ID_HEX}}}")
+_KEY_ID_IN_KEY = re.compile(rf"{KEY_PREFIX}([0-9a-f]{{{_KEY_ID_HEX}}})(?:_|$)")
+
+
+def key_id_of(value: str) -> str | None:
+    """The key id named by `value`: a bare key id (16 hex digits), or the id part of something shaped
+    like a full key (`bst_<id>_...`, even a truncated one); None for anything else.
+
+    For commands that take a key id: a pasted full key is recognised, and only its public id is used
+    or repeated, never the secret after it.
+    """
+    if _KEY_ID.fullmatch(value):
+        return value
+    match = _KEY_ID_IN_KEY.match(value)
+    return None if match is None else match.group(1)
+
+
 class KeyStore:
     """API keys in a SQLite file (WAL), shared by the server and the CLI."""
 

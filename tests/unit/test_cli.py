@@ -1,0 +1,170 @@
+"""The command line from an operator's side: no secret echoed, a closed pipe survived, state kept."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bastion.cli import main
+from bastion.keys import KeyStore
+from tests.helpers import BASTION
+
+CONFIG = """
+[server]
+state_dir = "state"
+
+[roles.analyst]
+grants = [ { models = ["*"], actions = ["infer"] } ]
+"""
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "bastion.toml"
+    path.write_text(CONFIG)
+    return path
+
+
+@pytest.fixture
+def cli(capfd: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
+    """The real command line, in this process (a subprocess pays seconds of imports per call)."""
+
+    def run(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+        capfd.readouterr()
+        code = main([str(a) for a in args])
+        out, err = capfd.readouterr()
+        if check and code != 0:
+            raise AssertionError(f"bastion {args} failed: {err}")
+        return subprocess.CompletedProcess(list(args), code, out, err)
+
+    return run
+
+
+def _create(config: Path, name: str = "k") -> str:
+    store = KeyStore(config.parent / "state" / "keys.db")
+    key = store.create(name=name, roles=["analyst"], now=1.0e9).secret
+    store.close()
+    return key
+
+
+def _secret_part(key: str) -> str:
+    return key.split("_", 2)[2]
+
+
+@pytest.mark.parametrize("command", ["revoke", "release"])
+def test_a_full_key_given_for_a_key_id_is_never_echoed(cli: Any, config: Path, command: str) -> None:
+    key = _create(config)
+    key_id, secret = key.split("_")[1], _secret_part(key)
+    other = _create(config, "other")  # a key from another store: unknown here, its secret no less secret
+    other_store_key = other.replace(other.split("_")[1], "0123456789abcdef", 1)
+    inputs = [
+        key,  # the real key, as pasted from a leak
+        other_store_key,  # shaped like a key, id unknown
+        key[:-5],  # truncated while pasting
+        key.replace("bst_", "BST_"),  # not a key shape at all
+        secret,  # the secret part alone
+        key + "\n",  # with the newline of a copied line
+    ]
+    for value in inputs:
+        result = cli("keys", command, "--config", config, value, check=False)
+        out = result.stdout + result.stderr
+        for part in (secret, _secret_part(other_store_key), secret[:20], value.strip()[-20:]):
+            assert part not in out, f"{command} {value[:8]}...: the secret appears in the output"
+        assert "Traceback" not in out
+    # The real key was recognised and acted on by its id alone.
+    store = KeyStore(config.parent / "state" / "keys.db")
+    record = store.get(key_id)
+    store.close()
+    assert record is not None
+    if command == "revoke":
+        assert record.revoked_at is not None
+    first = cli("keys", command, "--config", config, key, check=False)
+    assert key_id in first.stderr + first.stdout
+
+
+def test_a_bare_key_id_still_works_and_a_bad_one_is_not_repeated(cli: Any, config: Path) -> None:
+    key = _create(config)
+    key_id = key.split("_")[1]
+    assert f"revoked {key_id}" in cli("keys", "revoke", "--config", config, key_id).stdout
+    refused = cli("keys", "revoke", "--config", config, "hunter2-not-an-id", check=False)
+    assert refused.returncode == 2 and "expected a key id" in refused.stderr
+    assert "hunter2" not in refused.stderr + refused.stdout
+
+
+def _pipe_into_early_closing_reader(*args: str | Path) -> subprocess.CompletedProcess[bytes]:
+    """Run `bastion ARGS | head -c 1`: the reader takes one byte and closes the pipe."""
+    writer = subprocess.Popen([*BASTION, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert writer.stdout is not None
+    writer.stdout.read(1)
+    writer.stdout.close()  # the reader goes away while the writer still has lines to write
+    stderr = writer.stderr.read() if writer.stderr else b""
+    writer.wait(timeout=60)
+    return subprocess.CompletedProcess(writer.args, writer.returncode, b"", stderr)
+
+
+def test_listing_into_a_closed_pipe_ends_quietly(config: Path) -> None:
+    import sqlite3
+
+    KeyStore(config.parent / "state" / "keys.db").close()
+    # More lines than a pipe holds (64 KiB), so the writer is still writing when the reader leaves.
+    rows = [(f"{i:016x}", b"\0" * 32, f"key-{i}", '["analyst"]', 1.0e9 + i, None) for i in range(2000)]
+    with sqlite3.connect(config.parent / "state" / "keys.db") as db:
+        db.executemany("INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, ?, NULL, NULL)", rows)
+    result = _pipe_into_early_closing_reader("keys", "list", "--config", config)
+    assert b"Traceback" not in result.stderr and b"BrokenPipe" not in result.stderr, result.stderr
+    assert result.returncode in (0, 1)
+
+
+def test_key_list_columns_are_aligned_and_separated(cli: Any, config: Path) -> None:
+    key = _create(config, "a-rather-long-key-name-for-the-column")
+    _create(config, "short")
+    store = KeyStore(config.parent / "state" / "keys.db")
+    store.quarantine(key.split("_")[1], now=2.0e9)  # "quarantined": longer than the old column
+    store.close()
+    lines = cli("keys", "list", "--config", config).stdout.splitlines()
+    header = lines[0]
+    starts = [header.index(h) for h in ("KEY ID", "NAME", "ROLES", "STATUS", "CREATED", "EXPIRES")]
+    for line in lines[1:]:
+        for start in starts[1:]:
+            assert line[start - 2 : start] == "  ", f"columns run together: {line!r}"
+            assert line[start] != " ", f"a column does not start under its header: {line!r}"
+    assert any("quarantined  " in line for line in lines[1:])
+
+
+def test_a_second_demo_keeps_keys_and_audit_log(cli: Any, tmp_path: Path) -> None:
+    root = tmp_path / "demo"
+    first = cli("demo", "--dir", root, "--no-serve")
+    assert "export ANALYST=bst_" in first.stderr
+    state = root / "state"
+    keys_before = KeyStore(state / "keys.db").list()
+    audit = state / "audit.db"
+    audit.parent.mkdir(exist_ok=True)
+    if not audit.exists():  # written by a server; stand in for one so its survival can be checked
+        audit.write_bytes(b"records")
+    audit_before = audit.read_bytes()
+
+    second = cli("demo", "--dir", root, "--no-serve")
+    assert "bst_" not in second.stdout + second.stderr, "a second run printed a key"
+    assert "kept" in second.stderr and "bastion keys create" in second.stderr and "--reset" in second.stderr
+    assert [k.key_id for k in KeyStore(state / "keys.db").list()] == [k.key_id for k in keys_before]
+    assert audit.read_bytes() == audit_before
+    assert (root / "bundles" / "breast-cancer-1").is_dir()  # the models were rebuilt beside the state
+
+    third = cli("demo", "--dir", root, "--no-serve", "--reset")
+    assert "export ANALYST=bst_" in third.stderr
+    fresh = {k.key_id for k in KeyStore(state / "keys.db").list()}
+    assert fresh.isdisjoint(k.key_id for k in keys_before) and len(fresh) == 2
+    assert not audit.exists() or audit.read_bytes() != audit_before
+
+
+def test_demo_never_deletes_a_directory_that_is_not_a_demo(cli: Any, tmp_path: Path) -> None:
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    for extra in ((), ("--reset",)):
+        result = cli("demo", "--dir", precious, "--no-serve", *extra, check=False)
+        assert result.returncode == 2 and "not a Bastion demo" in result.stderr
+        assert (precious / "thesis.tex").read_text() == "years of work"
