@@ -168,3 +168,28 @@ def test_demo_never_deletes_a_directory_that_is_not_a_demo(cli: Any, tmp_path: P
         result = cli("demo", "--dir", precious, "--no-serve", *extra, check=False)
         assert result.returncode == 2 and "not a Bastion demo" in result.stderr
         assert (precious / "thesis.tex").read_text() == "years of work"
+
+
+def test_a_key_encryption_key_given_for_its_location_is_never_echoed(cli: Any, tmp_path: Path) -> None:
+    from bastion.bundle.crypto import new_kek
+
+    kek = new_kek()  # pasted where `env:NAME` or `file:PATH` belongs
+    for args in (
+        ("verify", tmp_path, "--trusted-key", tmp_path / "k.pub", "--decryption-key", kek),
+        ("pack", tmp_path, "--output", tmp_path / "out", "--encrypt", kek),
+        (
+            "registry",
+            "push",
+            tmp_path,
+            "--registry",
+            tmp_path,
+            "--trusted-key",
+            tmp_path,
+            "--decryption-key",
+            kek,
+        ),
+    ):
+        result = cli(*args, check=False)
+        out = result.stdout + result.stderr
+        assert result.returncode == 2 and "env:NAME" in out, out
+        assert kek not in out and kek[:16] not in out

@@ -56,7 +56,8 @@ class LocalKeyProvider:
             except (OSError, UnicodeDecodeError) as e:
                 raise ValueError(f"{path}: cannot read the key file: {e}") from None
         else:
-            raise ValueError(f"key spec {spec!r} must be 'env:NAME' or 'file:PATH'")
+            # Not repeated: a key pasted where its location belongs would be printed in the error.
+            raise ValueError("a key spec must read 'env:NAME' or 'file:PATH' (the value given is not shown)")
         try:
             return cls(base64.b64decode(raw, validate=True))
         except ValueError as e:
