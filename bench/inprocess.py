@@ -51,7 +51,9 @@ def configs(args: argparse.Namespace, root: Path) -> tuple[list[tuple[str, Path]
             ("watch on", base),
         ]
     else:
-        grant = f'output = "{args.policy}", privacy_budget = 1e12 }} ]'
+        # A budget only where the policy spends one: on any other grant it is refused at start-up.
+        budget = ", privacy_budget = 1e12" if args.policy == "dp_scores" else ""
+        grant = f'output = "{args.policy}"{budget} }} ]'
         sides = [("probabilities", base), (args.policy, base.replace('output = "probabilities" } ]', grant))]
     out = []
     for i, (name, body) in enumerate(sides):

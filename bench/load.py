@@ -206,8 +206,10 @@ def main() -> None:
         policy_text = text.replace('state_dir = "state"', 'state_dir = "state-policy"')
         policy_text = policy_text.replace(
             'grants = [ { models = ["*"], actions = ["infer", "metadata"], output = "probabilities" } ]',
-            f'grants = [ {{ models = ["*"], actions = ["infer", "metadata"], output = "{args.policy}", '
-            "privacy_budget = 1e12 } ]",
+            f'grants = [ {{ models = ["*"], actions = ["infer", "metadata"], output = "{args.policy}"'
+            # A budget only where the policy spends one: on any other grant it is refused at start-up.
+            + (", privacy_budget = 1e12" if args.policy in ("dp_scores", "private_prediction") else "")
+            + " } ]",
         )
         policy_config.write_text(policy_text)
         servers = [("probabilities", build.config_path, ()), (args.policy, policy_config, ())]

@@ -78,6 +78,43 @@ class Grant(_Strict):
     global_privacy_budget: Annotated[float, Field(gt=0)] | None = None
     budget_window_seconds: Annotated[float, Field(gt=0)] = 86_400.0
 
+    @model_validator(mode="after")
+    def _parameters_apply_to_this_grant(self) -> Grant:
+        """A parameter set on a grant whose output does not use it would be accepted and ignored
+        (a budget nobody enforces): refuse it, saying which output uses it."""
+        for name in sorted(self.model_fields_set & _PARAMETER_USERS.keys()):
+            outputs, aggregates = _PARAMETER_USERS[name]
+            if self.output in outputs or (aggregates and Action.AGGREGATE in self.actions):
+                continue
+            users = " or ".join(f"output = {o.value!r}" for o in outputs)
+            if aggregates:
+                users += ' or the "aggregate" action'
+            raise ValueError(
+                f"{name} is used only by {users}; this grant (output = {self.output.value!r}) would ignore it"
+            )
+        if "delta" in self.model_fields_set and self.mechanism != "gaussian":
+            raise ValueError(
+                "delta is used only by mechanism = 'gaussian'; with 'laplace' it would be ignored"
+            )
+        return self
+
+
+# Which outputs use each policy parameter, and whether the aggregate action uses it too.
+_DP_OUTPUTS = frozenset({OutputDetail.DP_SCORES, OutputDetail.PRIVATE_PREDICTION})
+_PARAMETER_USERS: dict[str, tuple[frozenset[OutputDetail], bool]] = {
+    "top_k": (frozenset({OutputDetail.TOP_K}), False),
+    "decimals": (frozenset({OutputDetail.ROUNDED}), False),
+    "beta": (frozenset({OutputDetail.REVERSE_SIGMOID}), False),
+    "gamma": (frozenset({OutputDetail.REVERSE_SIGMOID}), False),
+    "mechanism": (frozenset({OutputDetail.DP_SCORES}), False),
+    "delta": (frozenset({OutputDetail.DP_SCORES}), False),
+    "epsilon": (frozenset({OutputDetail.DP_SCORES}), True),
+    "sigma": (frozenset({OutputDetail.PRIVATE_PREDICTION}), False),
+    "privacy_budget": (_DP_OUTPUTS, True),
+    "global_privacy_budget": (_DP_OUTPUTS, True),
+    "budget_window_seconds": (_DP_OUTPUTS, True),
+}
+
 
 class Role(_Strict):
     grants: list[Grant] = Field(default_factory=list)
@@ -118,6 +155,16 @@ class StateSettings(_Strict):
     redis_prefix: Annotated[str, Field(min_length=1, max_length=64)] = "bastion:"
     postgres_dsn: Annotated[str, Field(pattern=r"^postgres(ql)?://")] = "postgresql://127.0.0.1:5432/postgres"
     postgres_table: Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_]{0,62}$")] = "bastion_ledger"
+
+    @model_validator(mode="after")
+    def _settings_of_another_backend(self) -> StateSettings:
+        for name in sorted(self.model_fields_set):
+            for backend in ("redis", "postgres"):
+                if name.startswith(f"{backend}_") and self.backend != backend:
+                    raise ValueError(
+                        f"{name} is used only by backend = {backend!r}; with {self.backend!r} it would be ignored"
+                    )
+        return self
 
 
 class AuditSettings(_Strict):
@@ -163,6 +210,14 @@ class ModelRef(_Strict):
     isolate_after: Annotated[int, Field(ge=0, le=1000)] = 0
     isolation_window_seconds: Annotated[float, Field(gt=0)] = 3600.0
 
+    @model_validator(mode="after")
+    def _isolation_window_needs_isolation(self) -> ModelRef:
+        if "isolation_window_seconds" in self.model_fields_set and self.isolate_after == 0:
+            raise ValueError(
+                "isolation_window_seconds is used only when isolate_after > 0; with 0 it would be ignored"
+            )
+        return self
+
 
 class RolloutSettings(_Strict):
     """Split a model's unversioned traffic between a stable and a canary version."""
@@ -176,6 +231,13 @@ class RolloutSettings(_Strict):
     max_p99_latency_ms: Annotated[float, Field(gt=0)] | None = None
     window_seconds: Annotated[float, Field(gt=0)] = 30.0
     min_requests: Annotated[int, Field(ge=1)] = 20
+
+    @model_validator(mode="after")
+    def _canary_settings_need_a_canary(self) -> RolloutSettings:
+        unused = sorted((self.model_fields_set - {"stable", "canary"}) if self.canary is None else ())
+        if unused:
+            raise ValueError(f"{unused[0]} applies to a canary, and no canary is set: it would be ignored")
+        return self
 
 
 class Config(_Strict):

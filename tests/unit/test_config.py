@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
-from bastion.config import OutputDetail, load_config
+from bastion.config import Config, OutputDetail, load_config
 from bastion.errors import ConfigError
 from tests.helpers import run_cli
 
@@ -104,3 +106,274 @@ def test_grant_naming_a_regressor_with_a_policy_for_classes_stops_start_up(tmp_p
         result = run_cli(command, "--config", config, check=False)
         assert result.returncode == 2 and message in result.stderr
         assert "Traceback" not in result.stderr
+
+
+# -- A setting that is accepted must be enforced ------------------------------------------------------
+
+# Each case: a setting that the server would accept and then ignore, the field named in the refusal
+# and what the message says uses it.
+IGNORED = [
+    ('output = "label", top_k = 2', "top_k", "output = 'top_k'"),
+    ('output = "probabilities", decimals = 1', "decimals", "output = 'rounded'"),
+    ('output = "rounded", beta = 0.6', "beta", "output = 'reverse_sigmoid'"),
+    ('output = "rounded", gamma = 2.0', "gamma", "output = 'reverse_sigmoid'"),
+    ('output = "private_prediction", mechanism = "gaussian"', "mechanism", "output = 'dp_scores'"),
+    ('output = "top_k", epsilon = 0.5', "epsilon", "output = 'dp_scores' or the \"aggregate\" action"),
+    ('output = "dp_scores", sigma = 2.0', "sigma", "output = 'private_prediction'"),
+    ('output = "label", privacy_budget = 3.0', "privacy_budget", "output = 'dp_scores' or"),
+    ('output = "label", global_privacy_budget = 5.0', "global_privacy_budget", "'private_prediction'"),
+    ('output = "rounded", budget_window_seconds = 60', "budget_window_seconds", 'the "aggregate" action'),
+    ('output = "label", delta = 1e-5', "delta", "output = 'dp_scores'"),
+    ('output = "dp_scores", delta = 1e-5', "delta", "mechanism = 'gaussian'"),
+]
+
+
+@pytest.mark.parametrize(("grant", "field", "users"), IGNORED)
+def test_a_grant_parameter_its_output_would_ignore_is_refused_naming_it(
+    tmp_path: Path, grant: str, field: str, users: str
+) -> None:
+    path = _write(tmp_path, f'[roles.a]\ngrants = [{{ models = ["m"], actions = ["infer"], {grant} }}]\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: roles.a.grants.0:") and f"{field} is used only by" in message
+    assert users in message or field == "delta"
+    assert "would ignore" in message or "would be ignored" in message
+
+
+@pytest.mark.parametrize(
+    "grant",
+    [
+        'output = "top_k", top_k = 2',
+        'output = "rounded", decimals = 1',
+        'output = "reverse_sigmoid", beta = 0.6, gamma = 2.0',
+        'output = "dp_scores", mechanism = "gaussian", delta = 1e-5, epsilon = 0.5, privacy_budget = 3',
+        'output = "dp_scores", global_privacy_budget = 5, budget_window_seconds = 60',
+        'output = "private_prediction", sigma = 2.0, privacy_budget = 1, global_privacy_budget = 5',
+        # Aggregates spend epsilon under a budget whatever the grant's output.
+        "epsilon = 1.0, privacy_budget = 4.0, global_privacy_budget = 6, budget_window_seconds = 60",
+    ],
+)
+def test_a_grant_parameter_its_output_uses_is_accepted(tmp_path: Path, grant: str) -> None:
+    actions = '["infer", "aggregate"]' if "output" not in grant else '["infer"]'
+    load_config(
+        _write(tmp_path, f'[roles.a]\ngrants = [{{ models = ["m"], actions = {actions}, {grant} }}]\n')
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "reason"),
+    [
+        ('[state]\nredis_url = "redis://h:6379/0"\n', "state", "redis_url is used only by backend = 'redis'"),
+        ('[state]\nbackend = "redis"\npostgres_table = "t"\n', "state", "postgres_table is used only by"),
+        ('[state]\nbackend = "memory"\nredis_prefix = "x:"\n', "state", "with 'memory' it would be ignored"),
+        (
+            '[[models]]\npath = "m"\nisolation_window_seconds = 60\n',
+            "models.0",
+            "isolation_window_seconds is used only when isolate_after > 0",
+        ),
+        (
+            '[rollouts.m]\nstable = "1"\ncanary_weight = 0.5\n',
+            "rollouts.m",
+            "canary_weight applies to a canary",
+        ),
+        ('[rollouts.m]\nstable = "1"\nmin_requests = 5\n', "rollouts.m", "min_requests applies to a canary"),
+    ],
+)
+def test_a_setting_another_choice_would_ignore_is_refused(
+    tmp_path: Path, text: str, field: str, reason: str
+) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}: {field}:") and reason in str(err.value)
+
+
+def test_the_settings_that_apply_are_accepted(tmp_path: Path) -> None:
+    load_config(
+        _write(
+            tmp_path,
+            '[state]\nbackend = "redis"\nredis_url = "redis://h:6379/0"\nredis_prefix = "x:"\n'
+            '[[models]]\npath = "m"\nisolate_after = 2\nisolation_window_seconds = 60\n'
+            '[rollouts.m]\nstable = "1"\ncanary = "2"\ncanary_weight = 0.5\nmin_requests = 5\n',
+        )
+    )
+
+
+_E2E = "tests/e2e/"
+_REFUSED = "tests/unit/test_config.py::test_a_setting_another_choice_would_ignore_is_refused"
+_GRANT_REFUSED = (
+    "tests/unit/test_config.py::test_a_grant_parameter_its_output_would_ignore_is_refused_naming_it"
+)
+# Every field of the policy file (ServerSettings has its own owner and tests): the test that shows it
+# enforced. A parameter that only some choices use is also refused where it would be ignored.
+ENFORCED: dict[tuple[str, str], str] = {
+    ("Grant", "models"): _E2E + "test_http.py::test_role_without_the_model_gets_403",
+    ("Grant", "actions"): _E2E + "test_http.py::test_role_without_the_model_gets_403",
+    ("Grant", "output"): _E2E + "test_http.py::test_output_detail_is_enforced_server_side",
+    ("Grant", "sensitive_inputs"): _E2E + "test_http.py::test_sensitive_input_needs_its_grant",
+    ("Grant", "top_k"): _E2E + "test_output_policy.py::test_top_k_gives_classes_without_scores",
+    ("Grant", "decimals"): _E2E + "test_output_policy.py::test_rounded_scores",
+    ("Grant", "beta"): "tests/unit/test_privacy.py::test_reverse_sigmoid_keeps_the_argmax_and_sums_to_one",
+    ("Grant", "gamma"): "tests/unit/test_privacy.py::test_reverse_sigmoid_keeps_the_argmax_and_sums_to_one",
+    ("Grant", "mechanism"): "tests/unit/test_privacy.py::test_dp_calibration_and_injected_noise",
+    ("Grant", "epsilon"): _E2E + "test_output_policy.py::test_dp_budget_runs_out_and_is_audited",
+    ("Grant", "delta"): "tests/unit/test_privacy.py::test_gaussian_cost_matches_opendp",
+    ("Grant", "privacy_budget"): _E2E + "test_budgets.py::test_two_grants_with_two_windows_keep_two_accounts",
+    ("Grant", "sigma"): "tests/unit/stages/test_private_prediction.py::test_votes_and_budgets",
+    ("Grant", "global_privacy_budget"): _E2E
+    + "test_budgets.py::test_a_global_budget_on_dp_scores_binds_every_key_together",
+    ("Grant", "budget_window_seconds"): _E2E
+    + "test_budgets.py::test_two_grants_with_two_windows_keep_two_accounts",
+    ("Role", "rate"): _E2E + "test_http.py::test_burst_over_the_limit_gets_429_with_retry_after",
+    ("Role", "burst"): _E2E + "test_http.py::test_burst_over_the_limit_gets_429_with_retry_after",
+    ("Role", "daily_quota"): _E2E + "test_http.py::test_daily_quota_gets_429",
+    ("RequestLimits", "max_body_bytes"): _E2E
+    + "test_http.py::test_oversized_body_is_refused_without_content_length",
+    ("RequestLimits", "max_rows"): _E2E + "test_http.py::test_input_guard_rejects_each_bad_request_with_json",
+    **{
+        ("RequestLimits", field): "tests/unit/stages/test_address_limits.py::" + test
+        for field, test in {
+            "failed_auth_rate": "test_burst_then_rate",
+            "failed_auth_burst": "test_burst_then_rate",
+            "failed_auth_ipv6_prefix": "test_address_key_aggregates_ipv6_networks",
+            "failed_auth_max_addresses": "test_full_table_fails_towards_throttling",
+            "refusals_audited_per_window": "test_first_refusals_recorded_the_rest_counted_and_summarised_"
+            "when_the_window_ends",
+            "refusals_audited_total_per_window": "test_total_per_window_bounds_individual_records_across_addresses",
+            "refusal_window_seconds": "test_window_timer_writes_the_summary_without_further_traffic",
+        }.items()
+    },
+    ("StateSettings", "backend"): _E2E
+    + "test_replicas.py::test_privacy_budget_is_spent_once_across_replicas",
+    ("StateSettings", "redis_url"): _E2E
+    + "test_replicas.py::test_a_server_without_its_state_server_refuses_with_503",
+    ("StateSettings", "redis_prefix"): "tests/unit/test_service.py::"
+    "test_shutdown_waits_for_the_block_being_leased_and_returns_everything_unspent",
+    ("StateSettings", "postgres_dsn"): _E2E
+    + "test_replicas.py::test_a_server_without_its_state_server_refuses_with_503",
+    ("StateSettings", "postgres_table"): _E2E
+    + "test_replicas.py::test_privacy_budget_is_spent_once_across_replicas",
+    (
+        "AuditSettings",
+        "durability",
+    ): "tests/unit/audit/test_audit_log.py::test_best_effort_does_not_wait_but_still_records",
+    ("AuditSettings", "checkpoint_every_records"): "tests/unit/audit/test_audit_log.py::"
+    "test_intact_log_verifies_with_group_commit_and_checkpoints",
+    ("AuditSettings", "checkpoint_every_seconds"): "tests/unit/audit/test_audit_log.py::"
+    "test_intact_log_verifies_with_group_commit_and_checkpoints",
+    ("AuditSettings", "fsync"): _E2E + "test_crash.py::test_sigkill_under_load_loses_no_acknowledged_record",
+    (
+        "TokenSettings",
+        "issuer",
+    ): "tests/unit/test_tokens.py::test_other_server_key_issuer_or_audience_is_refused",
+    (
+        "TokenSettings",
+        "audience",
+    ): "tests/unit/test_tokens.py::test_other_server_key_issuer_or_audience_is_refused",
+    ("TokenSettings", "ttl_seconds"): "tests/unit/test_tokens.py::test_round_trip_and_ttl_cap",
+    ("MetricsSettings", "enabled"): _E2E + "test_budgets.py::test_disabled_metrics_are_not_served_to_anyone",
+    ("ModelRef", "path"): _E2E + "test_supply_chain.py::test_tampered_bundle_is_refused_and_the_others_serve",
+    ("ModelRef", "trusted_keys"): "tests/unit/bundle/test_verify.py::test_signature_from_an_untrusted_key",
+    ("ModelRef", "allow_env_drift"): "tests/unit/bundle/test_verify.py::test_environment_lock_that_disagrees",
+    (
+        "ModelRef",
+        "decryption_key",
+    ): "tests/unit/bundle/test_verify.py::test_encrypted_bundle_needs_the_right_key",
+    ("ModelRef", "unsafe_trust_pickle"): "tests/unit/bundle/test_verify.py::"
+    "test_pickle_refused_by_default_and_loaded_only_when_trusted",
+    (
+        "ModelRef",
+        "unsafe_unsigned",
+    ): "tests/unit/bundle/test_verify.py::test_plain_directory_needs_unsafe_unsigned",
+    ("ModelRef", "aggregates"): _E2E + "test_output_policy.py::test_aggregates_are_noisy_budgeted_and_cached",
+    (
+        "ModelRef",
+        "out_of_distribution",
+    ): "tests/unit/test_ood.py::test_the_screen_is_on_by_default_and_can_be_turned_off",
+    ("ModelRef", "extraction_watch"): _E2E
+    + "test_extraction.py::test_a_thief_is_quarantined_and_genuine_clients_are_not",
+    ("ModelRef", "isolate_after"): _E2E
+    + "test_extraction.py::test_a_model_flagged_by_several_principals_is_isolated_until_released",
+    ("ModelRef", "isolation_window_seconds"): _E2E
+    + "test_extraction.py::test_a_model_flagged_by_several_principals_is_isolated_until_released",
+    ("RolloutSettings", "stable"): "tests/unit/test_rollout.py::test_weighted_routing",
+    ("RolloutSettings", "canary"): "tests/unit/test_rollout.py::test_weighted_routing",
+    ("RolloutSettings", "canary_weight"): "tests/unit/test_rollout.py::test_weighted_routing",
+    (
+        "RolloutSettings",
+        "max_error_rate",
+    ): "tests/unit/test_rollout.py::test_error_rate_rolls_back_after_min_requests",
+    ("RolloutSettings", "max_p99_latency_ms"): "tests/unit/test_rollout.py::test_latency_rolls_back",
+    ("RolloutSettings", "window_seconds"): "tests/unit/test_rollout.py::test_old_events_leave_the_window",
+    (
+        "RolloutSettings",
+        "min_requests",
+    ): "tests/unit/test_rollout.py::test_error_rate_rolls_back_after_min_requests",
+}
+# Fields used only under some other choice: each is refused where it would be ignored, by this test.
+REFUSED_WHEN_IGNORED: dict[tuple[str, str], str] = {
+    **{("Grant", f): _GRANT_REFUSED for _, f, _ in IGNORED},
+    ("StateSettings", "redis_url"): _REFUSED,
+    ("StateSettings", "redis_prefix"): _REFUSED,
+    ("StateSettings", "postgres_dsn"): _REFUSED,
+    ("StateSettings", "postgres_table"): _REFUSED,
+    ("ModelRef", "isolation_window_seconds"): _REFUSED,
+    **{
+        ("RolloutSettings", f): _REFUSED
+        for f in ("canary_weight", "max_error_rate", "max_p99_latency_ms", "window_seconds", "min_requests")
+    },
+}
+_OWNED_ELSEWHERE = {"ServerSettings"}
+
+
+def _sections(model: type[BaseModel], seen: dict[str, type[BaseModel]]) -> None:
+    """Every settings model reachable from `model`, through fields, lists and dicts."""
+    seen[model.__name__] = model
+    for info in model.model_fields.values():
+        for inner in _models_in(info.annotation):
+            if inner.__name__ not in seen:
+                _sections(inner, seen)
+
+
+def _models_in(annotation: object) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def test_every_config_field_is_enforced_by_a_named_test_or_refused() -> None:
+    """A field added to the policy file without enforcement (or without a test that shows it) fails here:
+    name the test that shows it enforced in ENFORCED, or refuse it at start-up."""
+    seen: dict[str, type[BaseModel]] = {}
+    _sections(Config, seen)
+    fields = {
+        (name, field)
+        for name, model in seen.items()
+        if name not in _OWNED_ELSEWHERE | {"Config"}
+        for field, info in model.model_fields.items()
+        if not _models_in(info.annotation)  # a section: its own fields are walked instead
+    }
+    assert {"Grant", "Role", "ModelRef", "RolloutSettings", "MetricsSettings"} <= set(seen)
+    assert fields - ENFORCED.keys() == set(), "fields no test shows enforced"
+    assert ENFORCED.keys() - fields == set(), "table rows for fields that no longer exist"
+    assert REFUSED_WHEN_IGNORED.keys() <= fields
+    root = Path(__file__).resolve().parents[2]
+    for where in {*ENFORCED.values(), *REFUSED_WHEN_IGNORED.values()}:
+        path, name = where.split("::")
+        assert f"def {name}(" in (root / path).read_text(), f"{where}: no such test"
+    # Each refused field has a case in the refusal tests.
+    refused_cases = {f for _, f, _ in IGNORED} | {
+        "redis_url",
+        "postgres_table",
+        "redis_prefix",
+        "isolation_window_seconds",
+        "canary_weight",
+    }
+    assert {f for _, f in REFUSED_WHEN_IGNORED} - refused_cases <= {
+        "postgres_dsn",  # the same rule as postgres_table (one prefix test for the pair)
+        "max_error_rate",  # the same rule as canary_weight and min_requests
+        "max_p99_latency_ms",
+        "window_seconds",
+        "min_requests",
+    }
