@@ -140,13 +140,26 @@ def write_loan_model(model_dir: Path) -> None:
     write_skops_model(model_dir, estimator, inputs, OutputSpec(classes=["approve", "decline"]), "loan")
 
 
-def write_test_deployment(root: Path, *, port: int = 0, extra: str = "") -> tuple[Path, Any]:
+# The shared suite sends hundreds of bad credentials from one address and checks that each request has
+# its own audit record: no failed-auth throttling or counting there. Tests of those pass their own.
+UNTHROTTLED_FAILED_AUTH = (
+    "failed_auth_burst = 1000000\n"
+    "refusals_audited_per_window = 1000000\n"
+    "refusals_audited_total_per_window = 1000000\n"
+)
+
+
+def write_test_deployment(
+    root: Path, *, port: int = 0, extra: str = "", failed_auth: str = UNTHROTTLED_FAILED_AUTH
+) -> tuple[Path, Any]:
+    """`failed_auth`: lines added to the [limits] section."""
     build = build_demo(root, port=port)
     write_loan_model(root / "models" / "loan")
     build.publish(root / "models" / "loan")
     text = build.config_path.read_text()
     head = text[: text.index("# Analysts may ask")]
     head = head.replace("checkpoint_every_records = 1000", "checkpoint_every_records = 25")
+    head = head.replace("[limits]\n", "[limits]\n" + failed_auth, 1)
     loan = '[[models]]\npath = "bundles/loan-1"\ntrusted_keys = ["keys/release.pub"]\n\n'
     head = head.replace(
         'path = "bundles/breast-cancer-1"\ntrusted_keys = ["keys/release.pub"]\n',

@@ -146,6 +146,18 @@ class ServerSettings(_Strict):
 class RequestLimits(_Strict):
     max_body_bytes: Annotated[int, Field(ge=64)] = 1_048_576
     max_rows: Annotated[int, Field(ge=1)] = 1_000
+    # Failed authentication per client address, before identity (bastion.stages.address_limits): a bucket
+    # of `failed_auth_burst` failures refilled at `failed_auth_rate` a second; empty, everything from the
+    # address gets 429 auth_throttled, valid keys included. IPv6 addresses count per network of this size.
+    failed_auth_rate: Annotated[float, Field(gt=0)] = 0.5
+    failed_auth_burst: Annotated[int, Field(ge=1)] = 20
+    failed_auth_ipv6_prefix: Annotated[int, Field(ge=32, le=128)] = 64
+    failed_auth_max_addresses: Annotated[int, Field(ge=1, le=10_000_000)] = 10_000
+    # Per address and window the first refusals before identity get their own audit record (and at most
+    # the total across addresses); the rest are counted into one summary record per address and window.
+    refusals_audited_per_window: Annotated[int, Field(ge=0)] = 10
+    refusals_audited_total_per_window: Annotated[int, Field(ge=0)] = 1_000
+    refusal_window_seconds: Annotated[float, Field(ge=1, le=86_400)] = 60.0
 
 
 class StateSettings(_Strict):

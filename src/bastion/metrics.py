@@ -82,6 +82,16 @@ class Metrics:
             "Requests failed closed because the audit log was unavailable.",
             registry=self.registry,
         )
+        self.refusals_counted = Counter(
+            "bastion_refusals_counted",
+            "Refusals before identity counted into a per-address summary record instead of their own.",
+            registry=self.registry,
+        )
+        self.failed_auth_addresses = Gauge(
+            "bastion_failed_auth_addresses",
+            "Client addresses (IPv6: networks) tracked for failed authentication.",
+            registry=self.registry,
+        )
 
     def observe_request(self, route: str, model: str, status: int, latency: float) -> None:
         if not self.enabled:

@@ -23,6 +23,7 @@ from bastion.config import Action, Config, check_grants_name_models, load_config
 from bastion.context import RequestContext
 from bastion.errors import (
     AuthenticationFailed,
+    AuthThrottled,
     BastionError,
     ConfigError,
     MethodNotAllowed,
@@ -39,6 +40,7 @@ from bastion.registry import ModelRegistry
 from bastion.rollout import Rollback, Rollouts
 from bastion.routes import ROUTE_ACTIONS, Route
 from bastion.stages import Stage
+from bastion.stages.address_limits import FailedAuthLimiter, FailedAuthPolicy, ThrottleFailedAuth
 from bastion.stages.aggregates import AggregateSource, ComputeAggregates
 from bastion.stages.authorization import AuthorizeModel, AuthorizeServer
 from bastion.stages.endpoints import (
@@ -187,6 +189,10 @@ class Bastion:
         ).set(left)
         self.rollouts = self._rollouts(config, config_path)
         self._hmac_key = load_or_create_secret(paths.hmac_key)
+        # Kept across reloads (a SIGHUP must not forgive an address); its policy follows the config.
+        self.failed_auth = FailedAuthLimiter(
+            failed_auth_policy(config), record=self._record_event, clock=clock
+        )
         self.pipelines = self.build_pipelines(self._hmac_key)
 
     def build_pipelines(self, hmac_key: bytes) -> dict[Route, list[Stage]]:
@@ -195,7 +201,9 @@ class Bastion:
         decode = DecodeRequest(limits.max_body_bytes)
         if self.unsafe_no_defenses:
             return {Route.INFER: [_ResolveWithoutPolicy(self.registry), decode, Infer(), ShapeOutput()]}
-        authenticate = Authenticate(self.keys, self.tokens)
+        self.failed_auth.policy = failed_auth_policy(self.config)
+        # 0. before identity: an address that failed authentication too often is refused unchecked; 429
+        authenticate = ThrottleFailedAuth(self.failed_auth, Authenticate(self.keys, self.tokens))
         gate = ContainmentGate()
         limit = EnforceLimits(self.state, self.policy)
         watch = WatchQueries(Containment(self.keys, self.isolation, self.metrics, self._record_event))
@@ -250,7 +258,9 @@ class Bastion:
             Route.OPENAPI: [authenticate, gate, limit, DescribeApi()],
             # Only an API key can mint a token: a stolen token cannot renew itself.
             Route.TOKEN: [
-                Authenticate(self.keys, self.tokens, allow_tokens=False),
+                ThrottleFailedAuth(
+                    self.failed_auth, Authenticate(self.keys, self.tokens, allow_tokens=False)
+                ),
                 gate,
                 limit,
                 IssueToken(self.tokens, self.policy),
@@ -360,6 +370,7 @@ class Bastion:
             return
         self._closed = True
         if self.audit is not None:
+            self.failed_auth.flush(self.clock())  # the summaries of windows still open
             self.audit.close()
         self.state.close()
         self.keys.close()
@@ -436,11 +447,18 @@ class Bastion:
             self.metrics.auth_failures.labels(reason).inc()
         elif isinstance(error, RateLimited):
             self.metrics.limited.labels(error.code).inc()
+        if isinstance(error, AuthenticationFailed | AuthThrottled):
+            self.metrics.failed_auth_addresses.set(self.failed_auth.tracked)
 
     async def _record(
         self, route: Route, ctx: RequestContext, outcome: Outcome, reason: str, latency: float
     ) -> Outcome:
         assert self.audit is not None
+        if ctx.extra.get("audit_counted"):
+            # A refusal before identity past its address's allowance: counted into the address's
+            # summary record for the window (FailedAuthLimiter), not written on its own.
+            self.metrics.refusals_counted.inc()
+            return outcome
         model = ctx.model
         record = {
             "ts": ctx.now,
@@ -472,6 +490,19 @@ class Bastion:
             self.metrics.audit_failures.inc()
             return Outcome(503, {"error": "audit log unavailable", "code": "audit_unavailable"}, {})
         return outcome
+
+
+def failed_auth_policy(config: Config) -> FailedAuthPolicy:
+    limits = config.limits
+    return FailedAuthPolicy(
+        rate=limits.failed_auth_rate,
+        burst=limits.failed_auth_burst,
+        ipv6_prefix=limits.failed_auth_ipv6_prefix,
+        max_addresses=limits.failed_auth_max_addresses,
+        audited_per_window=limits.refusals_audited_per_window,
+        audited_total_per_window=limits.refusals_audited_total_per_window,
+        window_seconds=limits.refusal_window_seconds,
+    )
 
 
 def _state_store(config: Config, paths: StatePaths) -> StateStore:

@@ -89,16 +89,27 @@ class AuditLog:
         self.healthy = True
 
     def submit(self, body: dict[str, Any], *, wait: bool) -> asyncio.Future[int] | None:
-        """Chain and queue a record. With wait=True, return a future resolved once it is committed."""
+        """Chain and queue a record. With wait=True, return a future resolved once it is committed.
+
+        Without a running event loop (shutdown, after the server's loop ended) only wait=False is
+        possible: the record is queued and `close()` writes it.
+        """
         if not self.healthy:
             raise AuditUnavailable("audit log is not writable")
+        loop: asyncio.AbstractEventLoop | None = None
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            if wait:
+                raise
         seq = self._seq + 1
         body["seq"] = seq
         encoded = encode_body(body)
         head = chain_hash(self._head, encoded)
         self._rows.append((seq, encoded.decode(), self._head, head))
         self._seq, self._head = seq, head
-        loop = asyncio.get_running_loop()
+        if loop is None:
+            return None
         if not self._flush_scheduled:
             self._flush_scheduled = True
             if self._flush_delay and not wait:
