@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from bastion.config import Action, Config, Grant, OutputDetail, Role
 
 _DEFAULT_PARAMS = Grant(models=["*"], actions=[Action.INFER])
+_UNNAMED = "\0unnamed"  # stands for every model no grant names: they all fold the same way
+_CACHE_HALF = 2048  # folded grants kept: between this and twice this
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +65,14 @@ class TokenScope:
 class Policy:
     def __init__(self, roles: dict[str, Role]) -> None:
         self._roles = roles
-        self._cache: dict[tuple[tuple[str, ...], str], EffectiveGrant] = {}
+        # Model names reach grant() from callers (a token request's scope), so the cache is keyed by
+        # the names the policy itself uses, and kept in two generations like privacy.AnswerCache.
+        self._named = frozenset(m for role in roles.values() for g in role.grants for m in g.models)
+        self._young: dict[tuple[tuple[str, ...], str], EffectiveGrant] = {}
+        self._old: dict[tuple[tuple[str, ...], str], EffectiveGrant] = {}
+
+    def cache_size(self) -> int:
+        return len(self._young) + len(self._old)
 
     @classmethod
     def from_config(cls, config: Config) -> Policy:
@@ -73,11 +82,15 @@ class Policy:
         return self._roles.get(name)
 
     def grant(self, roles: tuple[str, ...], model: str) -> EffectiveGrant:
-        key = (roles, model)
-        grant = self._cache.get(key)
+        key = (roles, model if model in self._named else _UNNAMED)
+        grant = self._young.get(key)
         if grant is None:
-            grant = self._fold(roles, model)
-            self._cache[key] = grant
+            grant = self._old.get(key)
+            if grant is None:
+                grant = self._fold(roles, key[1])
+            if len(self._young) >= _CACHE_HALF:
+                self._old, self._young = self._young, {}
+            self._young[key] = grant
         return grant
 
     def _fold(self, roles: tuple[str, ...], model: str) -> EffectiveGrant:
@@ -97,6 +110,17 @@ class Policy:
                     output, params = g.output, g
                 sensitive = sensitive or g.sensitive_inputs
         return EffectiveGrant(frozenset(actions), output, sensitive, params) if actions else NO_GRANT
+
+    def most_detailed_output(self, roles: tuple[str, ...], action: Action) -> OutputDetail | None:
+        """The most revealing output detail that any of the roles' grants of `action` carries."""
+        details = [
+            g.output
+            for name in roles
+            if (role := self._roles.get(name))
+            for g in role.grants
+            if action in g.actions
+        ]
+        return max(details, key=lambda d: d.rank, default=None)
 
     def grants_anywhere(self, roles: tuple[str, ...], action: Action) -> bool:
         """Whether any of the roles grants `action` on any model."""

@@ -57,11 +57,11 @@ class DescribeModel:
         m = model.manifest
         regression = m.outputs.is_regression
         if regression:
-            outputs = [{"name": VALUE, "datatype": "FP64", "shape": [-1]}]
+            every = [{"name": VALUE, "datatype": "FP64", "shape": [-1]}]
             kind: dict[str, Any] = {"value_range": list(m.outputs.value_range or ())}
         else:
             n_classes = m.outputs.width
-            outputs = [
+            every = [
                 {"name": LABEL, "datatype": "BYTES", "shape": [-1]},
                 {
                     "name": TOP_K,
@@ -71,6 +71,9 @@ class DescribeModel:
                 {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, n_classes]},
             ]
             kind = {"classes": m.outputs.classes}
+        # Only the outputs this caller's answers carry (the same function decides both).
+        granted = output_names(grant.output, regression=regression)
+        outputs = [o for o in every if o["name"] in granted]
         inputs: list[dict[str, Any]] = []
         for spec in m.inputs:
             entry: dict[str, Any] = {"name": spec.name, "datatype": spec.datatype, "shape": spec.shape}
@@ -86,7 +89,8 @@ class DescribeModel:
                 "version": m.version,
                 "digest": model.digest,
                 **kind,
-                "granted_outputs": output_names(grant.output, regression=regression),
+                "granted_outputs": granted,
+                "granted_actions": sorted(a.value for a in grant.actions),
                 **describe_policy(grant.output, grant.output_params),
                 **(await self._remaining(ctx, grant)),
                 "sensitive_inputs_granted": grant.sensitive_inputs,
@@ -143,8 +147,15 @@ class IssueToken:
             )
         scope = self._scope(doc.get("scope", ["infer:*", "metadata:*"]), principal.roles, doc.get("output"))
         ttl = doc.get("ttl_seconds")
-        if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool) or not 1 <= ttl <= 86_400):
-            raise BadRequest("'ttl_seconds' must be an integer from 1 to 86400", code="malformed_request")
+        longest = self._tokens.default_ttl
+        if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < 1):
+            raise BadRequest(
+                f"'ttl_seconds' must be an integer from 1 to {longest}", code="malformed_request"
+            )
+        if ttl is not None and ttl > longest:  # asking for more than the server grants: refused, not cut
+            raise PermissionDenied(
+                f"'ttl_seconds' may be at most {longest} (tokens.ttl_seconds)", code="ttl_not_granted"
+            )
         token, expires_in = self._tokens.issue(key_id=principal.key_id, scope=scope, now=ctx.now, ttl=ttl)
         ctx.result = {
             "access_token": token,
@@ -158,6 +169,15 @@ class IssueToken:
             raise BadRequest(
                 "'scope' must be a non-empty list of 'action:model' strings", code="malformed_request"
             )
+        detail = None
+        if output is not None:
+            try:
+                detail = OutputDetail(output) if isinstance(output, str) else None
+            except ValueError:
+                detail = None
+            if detail is None:
+                names = ", ".join(d.value for d in OutputDetail)
+                raise BadRequest(f"'output' must be one of: {names}", code="malformed_request")
         pairs = set()
         for item in items:
             action_name, sep, model = item.partition(":")
@@ -178,12 +198,18 @@ class IssueToken:
                 raise PermissionDenied(
                     f"scope {item[:80]!r} is not granted to this key", code="scope_not_granted"
                 )
+            # The output claim narrows too: asking for more detail than the key gets is refused, never
+            # issued and quietly ignored. On a wildcard, the key's most detailed grant of the action.
+            if detail is not None:
+                most = (
+                    self._policy.most_detailed_output(roles, action)
+                    if model == "*"
+                    else self._policy.grant(roles, model).output
+                )
+                if most is None or detail.rank > most.rank:
+                    raise PermissionDenied(
+                        f"output {detail.value!r} is more than this key gets for {item[:80]!r}",
+                        code="output_not_granted",
+                    )
             pairs.add((action, model))
-        detail = None
-        if output is not None:
-            try:
-                detail = OutputDetail(output)
-            except ValueError:
-                names = ", ".join(d.value for d in OutputDetail)
-                raise BadRequest(f"'output' must be one of: {names}", code="malformed_request") from None
         return TokenScope(frozenset(pairs), detail)

@@ -1,0 +1,144 @@
+"""Smaller doors, from the caller's side over HTTP: a token only narrows its key, and a model's
+metadata lists exactly what the same caller's answers carry."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+from bastion.keys import KeyStore
+from tests.conftest import Deployment
+from tests.e2e.test_http import infer_body
+
+ONNX = "breast-cancer"
+REGRESSOR = "diabetes"
+
+
+def _key(dep: Deployment, role: str) -> str:
+    """A key for a role of the test policy, written to the server's key file (read on each request)."""
+    store = KeyStore(dep.root / "state" / "keys.db")
+    key = store.create(name=f"doors-{role}", roles=[role], now=0.0).secret
+    store.close()
+    dep.secrets.add(key)
+    return key
+
+
+def _token(dep: Deployment, key: str, body: Any) -> httpx.Response:
+    with dep.server.client(key) as c:
+        return c.post("/v2/auth/token", json=body)
+
+
+def _code(r: httpx.Response) -> tuple[int, str]:
+    return r.status_code, r.json().get("code", "")
+
+
+@pytest.mark.parametrize(
+    ("role", "body"),
+    [
+        ("analyst", {"scope": [f"infer:{ONNX}"], "output": "probabilities"}),
+        ("analyst", {"scope": [f"infer:{ONNX}"], "output": "full"}),  # probabilities by another name
+        ("topk", {"scope": ["infer:*"], "output": "probabilities"}),  # a wildcard: top_k is its most
+        ("analyst", {"scope": [f"infer:{ONNX}"], "output": "top_k"}),
+        ("analyst", {"scope": [f"metadata:{ONNX}"], "output": "rounded"}),
+        ("topk", {"scope": [f"infer:{ONNX}"], "output": "dp_scores"}),
+        ("topk", {"scope": [f"infer:{ONNX}", "metadata:*"], "output": "reverse_sigmoid"}),
+    ],
+)
+def test_a_token_cannot_ask_for_more_output_than_its_key(
+    deployment: Deployment, role: str, body: Any
+) -> None:
+    r = _token(deployment, _key(deployment, role), body)
+    assert _code(r) == (403, "output_not_granted"), r.text
+    assert "access_token" not in r.text
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({"scope": [f"infer:{ONNX}"], "ttl_seconds": 10**5}, (403, "ttl_not_granted")),  # over the 900 s cap
+        ({"scope": [f"infer:{ONNX}"], "ttl_seconds": 901}, (403, "ttl_not_granted")),
+        ({"scope": [f"infer:{ONNX}"], "ttl_seconds": 0}, (400, "malformed_request")),
+        ({"scope": [f"infer:{ONNX}"], "ttl_seconds": "60"}, (400, "malformed_request")),
+        ({"scope": [f"infer:{ONNX}"], "ttl_seconds": True}, (400, "malformed_request")),
+        ({"scope": [f"infer:{ONNX}"], "output": ["label"]}, (400, "malformed_request")),
+        ({"scope": [f"infer:{ONNX}"], "output": {"label": 1}}, (400, "malformed_request")),
+        ({"scope": [f"infer:{ONNX}"], "output": "everything"}, (400, "malformed_request")),
+        ({"scope": [f"infer:{ONNX}"], "sensitive_inputs": True}, (400, "malformed_request")),  # not a claim
+        ({"scope": [f"infer:{ONNX}"], "aud": "elsewhere"}, (400, "malformed_request")),
+        ({"scope": f"infer:{ONNX}"}, (400, "malformed_request")),
+        ({"scope": [f"admin:{ONNX}"]}, (403, "scope_not_granted")),
+        ({"scope": [f"infer:{REGRESSOR}"]}, (403, "scope_not_granted")),
+    ],
+)
+def test_every_token_claim_narrows_or_is_refused(
+    deployment: Deployment, body: Any, expected: tuple[int, str]
+) -> None:
+    r = _token(deployment, deployment.keys["analyst"], body)
+    assert _code(r) == expected, r.text
+
+
+def test_a_narrower_output_is_issued_and_served(deployment: Deployment) -> None:
+    r = _token(deployment, _key(deployment, "topk"), {"scope": [f"infer:{ONNX}"], "output": "label"})
+    assert r.status_code == 200, r.text
+    token = r.json()["access_token"]
+    deployment.secrets.add(token)
+    with deployment.server.client(token) as c:
+        answer = c.post(f"/v2/models/{ONNX}/infer", json=infer_body(deployment))
+    assert answer.status_code == 200 and [o["name"] for o in answer.json()["outputs"]] == ["label"]
+
+
+@pytest.mark.parametrize(
+    ("role", "model"),
+    [
+        ("analyst", ONNX),  # label
+        ("topk", ONNX),  # label and top_k
+        ("dp", ONNX),  # dp_scores
+        ("rounded", ONNX),
+        ("rsig", ONNX),
+        ("admin", ONNX),  # probabilities
+        ("rounded", REGRESSOR),  # a value
+        ("labels", REGRESSOR),  # a policy made for classes: nothing is served, nothing is listed
+    ],
+)
+def test_metadata_lists_exactly_the_outputs_the_same_caller_is_served(
+    deployment: Deployment, role: str, model: str
+) -> None:
+    key = deployment.keys.get(role) or _key(deployment, role)
+    body = infer_body(deployment) if model == ONNX else _regression_body(deployment)
+    with deployment.server.client(key) as c:
+        meta = c.get(f"/v2/models/{model}")
+        answer = c.post(f"/v2/models/{model}/infer", json=body)
+    assert meta.status_code == 200, meta.text
+    listed = [o["name"] for o in meta.json()["outputs"]]
+    served = [o["name"] for o in answer.json()["outputs"]] if answer.status_code == 200 else []
+    assert answer.status_code in (200, 403), answer.text
+    assert listed == served, f"{role} on {model}: metadata lists {listed}, the answer carries {served}"
+    assert meta.json()["parameters"]["granted_outputs"] == served
+    assert "infer" in meta.json()["parameters"]["granted_actions"]
+
+
+def test_metadata_through_a_narrowing_token_lists_what_the_token_gets(deployment: Deployment) -> None:
+    r = _token(
+        deployment,
+        deployment.keys["admin"],
+        {"scope": [f"infer:{ONNX}", f"metadata:{ONNX}"], "output": "top_k"},
+    )
+    assert r.status_code == 200, r.text
+    token = r.json()["access_token"]
+    deployment.secrets.add(token)
+    with deployment.server.client(token) as c:
+        listed = [o["name"] for o in c.get(f"/v2/models/{ONNX}").json()["outputs"]]
+        served = [
+            o["name"]
+            for o in c.post(f"/v2/models/{ONNX}/infer", json=infer_body(deployment)).json()["outputs"]
+        ]
+    assert listed == served == ["label", "top_k"]
+
+
+def _regression_body(dep: Deployment) -> dict[str, Any]:
+    from bastion.demo import infer_request, train_regressor
+
+    _, features = train_regressor()
+    return infer_request(features[:2])
