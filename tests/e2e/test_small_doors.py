@@ -57,7 +57,8 @@ def test_a_token_cannot_ask_for_more_output_than_its_key(
 @pytest.mark.parametrize(
     ("body", "expected"),
     [
-        ({"scope": [f"infer:{ONNX}"], "ttl_seconds": 10**5}, (403, "ttl_not_granted")),  # over the 900 s cap
+        ({"scope": [f"infer:{ONNX}"], "ttl_seconds": 86_400}, (403, "ttl_not_granted")),  # over the 900 s cap
+        ({"scope": [f"infer:{ONNX}"], "ttl_seconds": 10**5}, (400, "malformed_request")),  # over any cap
         ({"scope": [f"infer:{ONNX}"], "ttl_seconds": 901}, (403, "ttl_not_granted")),
         ({"scope": [f"infer:{ONNX}"], "ttl_seconds": 0}, (400, "malformed_request")),
         ({"scope": [f"infer:{ONNX}"], "ttl_seconds": "60"}, (400, "malformed_request")),

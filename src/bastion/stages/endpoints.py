@@ -148,10 +148,8 @@ class IssueToken:
         scope = self._scope(doc.get("scope", ["infer:*", "metadata:*"]), principal.roles, doc.get("output"))
         ttl = doc.get("ttl_seconds")
         longest = self._tokens.default_ttl
-        if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < 1):
-            raise BadRequest(
-                f"'ttl_seconds' must be an integer from 1 to {longest}", code="malformed_request"
-            )
+        if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool) or not 1 <= ttl <= 86_400):
+            raise BadRequest("'ttl_seconds' must be an integer from 1 to 86400", code="malformed_request")
         if ttl is not None and ttl > longest:  # asking for more than the server grants: refused, not cut
             raise PermissionDenied(
                 f"'ttl_seconds' may be at most {longest} (tokens.ttl_seconds)", code="ttl_not_granted"
