@@ -168,3 +168,159 @@ def test_digest_changes_with_one_flipped_byte(models: Path, tmp_path: Path) -> N
     data[len(data) // 2] ^= 0x01
     (model_dir / "model.onnx").write_bytes(bytes(data))
     assert artifact_digest(model_dir, manifest) != before
+
+
+# -- the trusted-pickle scanner: named globals only --------------------------------------------
+
+DANGEROUS = [
+    ("numpy.testing._private.utils", "runstring"),  # exec
+    ("numpy.testing", "runstring"),
+    ("numpy.f2py", "run_main"),
+    ("numpy.f2py.f2py2e", "run_main"),
+    ("numpy.f2py.crackfortran", "crackfortran"),
+    ("numpy", "load"),  # with allow_pickle, a second pickle from any path
+    ("numpy", "save"),  # writes files
+    ("numpy", "fromfile"),
+    ("numpy.core", "_ufunc_reconstruct"),  # __import__ + getattr of any name
+    ("numpy._core", "_ufunc_reconstruct"),
+    ("numpy.ctypeslib", "load_library"),
+    ("numpy.lib.npyio", "load"),
+    ("builtins", "eval"),
+    ("builtins", "exec"),
+    ("builtins", "compile"),
+    ("builtins", "getattr"),
+    ("builtins", "setattr"),
+    ("builtins", "__import__"),
+    ("builtins", "open"),
+    ("builtins", "breakpoint"),
+    ("__builtin__", "eval"),  # protocols 0-2 rename it to builtins.eval
+    ("os", "system"),
+    ("os", "execv"),
+    ("posix", "system"),
+    ("nt", "system"),
+    ("subprocess", "Popen"),
+    ("subprocess", "getoutput"),
+    ("commands", "getoutput"),  # renamed to subprocess.getoutput by protocols 0-2
+    ("pickle", "loads"),
+    ("_pickle", "loads"),
+    ("importlib", "import_module"),
+    ("runpy", "_run_code"),
+    ("runpy", "run_path"),
+    ("code", "InteractiveInterpreter"),
+    ("sys", "modules"),
+    ("operator", "attrgetter"),
+    ("operator", "methodcaller"),
+    ("functools", "partial"),
+    ("shutil", "rmtree"),
+    ("webbrowser", "open"),
+    ("ctypes", "CDLL"),
+    ("joblib", "load"),
+    ("scipy.io", "loadmat"),
+    ("sklearn.utils", "all_estimators"),  # a function of an allowed library is not an estimator
+    ("sklearn.utils._testing", "assert_run_python_script_without_output"),  # runs Python code
+    ("collections", "namedtuple"),
+    ("copyreg", "add_extension"),
+    ("_codecs", "decode"),
+]
+
+
+def _short(text: str) -> bytes:
+    raw = text.encode()
+    return b"\x8c" + bytes([len(raw)]) + raw  # SHORT_BINUNICODE
+
+
+def _carriers(module: str, name: str) -> dict[str, bytes]:
+    """The same global reached by each opcode that imports, and by tricks to hide it from a scanner."""
+    line = f"{module}\n{name}\n".encode()
+    return {
+        "GLOBAL": b"c" + line + b"(tR.",
+        "INST": b"(i" + line + b".",
+        "STACK_GLOBAL": b"\x80\x04" + _short(module) + _short(name) + b"\x93)R.",
+        # Strings an allowed global would use, pushed and popped after the real ones.
+        "STACK_GLOBAL after POP": b"\x80\x04"
+        + _short(module)
+        + _short(name)
+        + _short("numpy")
+        + _short("ndarray")
+        + b"00\x93)R.",
+        # The real strings memoised, then fetched back with an allowed pair in between.
+        "STACK_GLOBAL from memo": b"\x80\x04"
+        + _short(module)
+        + b"\x94"
+        + _short(name)
+        + b"\x94"
+        + _short("numpy")
+        + _short("ndarray")
+        + b"00h\x00h\x01\x93)R.",
+        # The module name built at load time by an allowed function (rot13 of a string).
+        "STACK_GLOBAL built": b"\x80\x04"
+        + b"\x8c\x07_codecs\x8c\x06encode\x93"
+        + _short(module.translate(_ROT13))
+        + _short("rot13")
+        + b"\x86R"
+        + _short(name)
+        + b"\x93)R.",
+    }
+
+
+_ROT13 = str.maketrans(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ",
+    "nopqrstuvwxyzabcdefghijklmNOPQRSTUVWXYZABCDEFGHIJKLM",
+)
+
+
+@pytest.mark.parametrize(("module", "name"), DANGEROUS, ids=[f"{m}.{n}" for m, n in DANGEROUS])
+def test_the_pickle_scan_refuses_dangerous_callables_by_every_route(module: str, name: str) -> None:
+    from bastion.runtimes.picklescan import scan_pickle
+
+    for carrier, data in _carriers(module, name).items():
+        with pytest.raises(ModelLoadError, match="pickle refused") as err:
+            scan_pickle(Path("model.pkl"), data)
+        assert "model.pkl" in str(err.value), carrier
+
+
+def test_the_pickle_scan_refuses_import_registries_and_hooks() -> None:
+    from bastion.runtimes.picklescan import scan_pickle
+
+    for data in (b"\x80\x02\x82\x01)R.", b"\x80\x02Pid\n.", b"\x80\x02X\x01\x00\x00\x00aQ."):
+        with pytest.raises(ModelLoadError, match="pickle refused"):
+            scan_pickle(Path("model.pkl"), data)
+
+
+def test_the_pickle_scan_passes_real_scikit_learn_models() -> None:
+    import warnings
+
+    from sklearn.compose import ColumnTransformer
+    from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression, Ridge
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
+
+    from bastion.demo import _train, train_regressor
+    from bastion.runtimes.picklescan import scan_pickle
+
+    classifier, x, _ = _train()  # the demo's own models
+    regressor, _ = train_regressor()
+    y = classifier.predict(x)
+    others = [
+        RandomForestClassifier(n_estimators=3, random_state=np.random.RandomState(0)),
+        HistGradientBoostingClassifier(max_iter=3),
+        KNeighborsClassifier(algorithm="kd_tree"),
+        MLPClassifier(max_iter=3),
+        make_pipeline(FunctionTransformer(np.log1p), LogisticRegression()),
+        make_pipeline(
+            ColumnTransformer(
+                [("s", StandardScaler(), [0, 1]), ("o", OneHotEncoder(handle_unknown="ignore"), [2])]
+            ),
+            LogisticRegression(),
+        ),
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fitted = [classifier, regressor, *(m.fit(np.abs(x), y) for m in others)]
+    assert isinstance(fitted[1], Ridge)
+    for model in fitted:
+        for protocol in (2, 4, 5):
+            scan_pickle(Path("model.pkl"), pickle.dumps(model, protocol=protocol))
