@@ -410,12 +410,17 @@ class Bastion:
         model = ctx.model
         if model is not None:
             outcome.headers["x-model-version"] = model.version
-            if route is Route.INFER:
-                rollback = self.rollouts.observe(
-                    model.name, model.version, error=outcome.status >= 500, latency=latency
-                )
-                if rollback is not None:
-                    await self._record_rollback(rollback)
+            # Only the runtime's own result on traffic the rollout routed (not the status: a client's
+            # bad input or its chosen version must not steer a rollback).
+            rollback = self.rollouts.observe(
+                model.name,
+                model.version,
+                routed=ctx.routed,
+                inference_seconds=ctx.inference_seconds,
+                failed=ctx.runtime_failed,
+            )
+            if rollback is not None:
+                await self._record_rollback(rollback)
         self.metrics.observe_request(route.value, model.name if model else UNKNOWN, outcome.status, latency)
         return outcome
 

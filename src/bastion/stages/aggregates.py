@@ -76,6 +76,8 @@ class ComputeAggregates:
             raise PermissionDenied(
                 f"aggregates are not offered for model {model.name!r}", code="aggregates_disabled"
             )
+        if request.rows < 1:  # the decoder refuses it first; a mean over nothing must never be charged
+            raise SchemaViolation("an aggregate over no rows", code="empty_tensor")
         params = grant.output_params
         value_range = model.manifest.outputs.value_range
         row, _ = budget_keys(principal.id, model.name, EPSILON, params)
@@ -85,6 +87,13 @@ class ComputeAggregates:
         if released is None:
             exact = _exact(np.asarray(proba, dtype=np.float64), value_range)
             cost = exact.shape[0] * params.epsilon
+            # Counts are integers already; sums are rounded to the noise source's grid. The noise is
+            # drawn before the spend (an answer refused for budget is discarded, never released), so
+            # that nothing that can fail runs after the budget is charged.
+            scale = laplace_scale(
+                params.epsilon, coordinates=exact.shape[1], resolution=self._noise.resolution, sensitivity=1.0
+            )
+            released = self._noise.laplace(exact, scale)
             # The same epsilon row as dp_scores on this model (one account per model and unit), and the
             # model's global budget when the grant sets one.
             await charge(
@@ -97,11 +106,6 @@ class ComputeAggregates:
                 now=ctx.now,
                 on_global_spend=self._on_global_spend,
             )
-            # Counts are integers already; sums are rounded to the noise source's grid.
-            scale = laplace_scale(
-                params.epsilon, coordinates=exact.shape[1], resolution=self._noise.resolution, sensitivity=1.0
-            )
-            released = self._noise.laplace(exact, scale)
             self._cache.put(key, released, expires=ctx.now + params.budget_window_seconds)
         ctx.extra["epsilon_spent"] = cost
         rows = request.rows
