@@ -34,6 +34,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     negative_data_rejection,
+    positive_data_acceptance,
     response_headers_conformance,
     response_schema_conformance,
     status_code_conformance,
@@ -73,6 +74,8 @@ CHECKS = [
     response_schema_conformance,
     negative_data_rejection,
 ]
+# Whether a tensor fits is the model's to say (422), not the document's: schema-valid bodies may be refused.
+CHECKS_WITH_BODY_SCHEMA = [*CHECKS, positive_data_acceptance]
 _HEALTH = {"/v2/health/live", "/v2/health/ready"}
 
 
@@ -227,6 +230,11 @@ def _expect(target: FuzzTarget, principal: str, case: Any, response: schemathesi
         assert secret.encode() not in body, f"{where}: a credential echoed in the response"
 
 
+def _integral_float_ttl(body: object) -> bool:
+    """Known drift, see test_integers_written_as_floats_are_integers: remove when that test passes."""
+    return isinstance(body, dict) and isinstance(body.get("ttl_seconds"), float)
+
+
 @pytest.mark.parametrize("principal", PRINCIPALS)
 def test_fuzz_every_documented_operation(target: FuzzTarget, principal: str) -> None:
     operations = [result.ok() for result in target.schema.get_all_operations()]
@@ -258,7 +266,9 @@ def test_fuzz_every_documented_operation(target: FuzzTarget, principal: str) -> 
             pytest.fail(f"{principal}: {case.method} {case.formatted_path}: no answer within {TIMEOUT[1]} s")
         target.statuses[(principal, case.operation.label, response.status_code)] += 1
         _expect(target, principal, case, response)
-        case.validate_response(response, checks=CHECKS)
+        model_body = case.path.endswith(("/infer", "/aggregate"))
+        lenient = model_body or _integral_float_ttl(case.body)
+        case.validate_response(response, checks=CHECKS if lenient else CHECKS_WITH_BODY_SCHEMA)
 
     fuzz()
     elapsed = time.monotonic() - started
@@ -282,3 +292,24 @@ def test_schema_is_served_to_every_authenticated_principal(target: FuzzTarget) -
             docs.append(response.json())
     assert docs[0] == docs[1] == docs[2]
     assert httpx.get(f"{target.server.base_url}/v2/openapi.json").status_code == 401
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="JSON Schema counts 60.0 as an integer; the server refuses it in ttl_seconds and shape (400)",
+)
+def test_integers_written_as_floats_are_integers(target: FuzzTarget) -> None:
+    # Found by the fuzzer (positive_data_acceptance on POST /v2/auth/token). The kind: every field the
+    # document types `integer` (ttl_seconds, shape) must take the integral float the schema allows.
+    spec = target.models["diabetes"][0]
+    cols = int(spec["shape"][-1])
+
+    def infer(client: httpx.Client, shape: list[float]) -> httpx.Response:
+        tensor = {"name": spec["name"], "datatype": spec["datatype"], "shape": shape, "data": [0.0] * cols}
+        return client.post("/v2/models/diabetes/infer", json={"inputs": [tensor]})
+
+    with target.server.client(target.keys["admin"]) as client:
+        assert infer(client, [1, cols]).status_code != 400  # the same tensor, shape written as integers
+        assert infer(client, [1.0, cols]).status_code != 400
+        token = client.post("/v2/auth/token", json={"scope": ["infer:*"], "ttl_seconds": 60.0})
+        assert token.status_code == 200, token.text

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from bastion import __version__
-from bastion.config import OutputDetail
+from bastion.config import Action, OutputDetail
 from bastion.routes import ROUTES, RouteSpec
 
 
@@ -193,10 +193,17 @@ OPENAPI: dict[str, Any] = {
             },
             "TokenRequest": {
                 "type": "object",
+                # What IssueToken accepts: no other field, a non-empty scope of "action:model" pairs.
+                "additionalProperties": False,
                 "properties": {
                     "scope": {
                         "type": "array",
-                        "items": {"type": "string", "examples": ["infer:breast-cancer"]},
+                        "minItems": 1,
+                        "items": {
+                            "type": "string",
+                            "pattern": f"^({'|'.join(a.value for a in Action)}):.",
+                            "examples": ["infer:breast-cancer"],
+                        },
                     },
                     "output": {"type": "string", "enum": [*(d.value for d in OutputDetail), "full"]},
                     "ttl_seconds": {"type": "integer", "minimum": 1, "maximum": 86400},
