@@ -26,6 +26,10 @@ test: $(STAMP)
 	scripts/ensure-postgres
 	$(BIN)/pytest -q
 
+# The in-process tier: stages, policy, state and the core without sockets, in seconds.
+unit: $(STAMP)
+	$(BIN)/pytest -q tests/unit
+
 bench: $(STAMP)
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(BIN)/python bench/load.py

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import secrets
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -400,8 +401,15 @@ class Bastion:
                 outcome.headers["Allow"] = str(ctx.extra.get("allowed", ""))
             reason = e.reason if isinstance(e, AuthenticationFailed) else e.code
             self._count_denial(e, reason)
-        except Exception as e:  # a bug must not leak a traceback to the client; log its type only
-            log.exception("unhandled error in %s: %s", route.value, type(e).__name__)
+        except Exception as e:  # a bug must not leak a traceback to the client
+            # The operator gets the type and the frames, never the message: a library's message can
+            # quote the input ("Found unknown categories [2]"), and no payload may reach a log.
+            log.error(
+                "unhandled error in %s: %s\n%s",
+                route.value,
+                type(e).__name__,
+                "".join(traceback.format_tb(e.__traceback__)),
+            )
             outcome = Outcome(500, {"error": "internal error", "code": "internal_error"}, {})
             reason = "internal_error"
         latency = time.perf_counter() - started

@@ -64,3 +64,49 @@ def test_shutdown_waits_for_the_block_being_leased_and_returns_everything_unspen
         remaining = asyncio.run(run())
     assert remaining == LIMIT - 49
     assert "state store unavailable" not in caplog.text
+
+
+def test_an_unexpected_error_logs_its_type_and_frames_never_its_message(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A library's exception message can quote the input it choked on; the catch-all of
+    `Bastion.handle` answers 500 internal_error and logs no message, whatever the stage."""
+    from bastion.context import RequestContext
+    from bastion.routes import ROUTE_ACTIONS, Route
+
+    config = tmp_path / "bastion.toml"
+    config.write_text('[server]\nstate_dir = "state"\n\n[state]\nbackend = "memory"\n')
+    secret_input = "Found unknown categories [31337.4242]"
+
+    class Explodes:
+        async def __call__(self, ctx: RequestContext) -> None:
+            raise ValueError(secret_input)
+
+    async def run() -> tuple[int, object]:
+        service = Bastion(load_config(config), config_path=config)
+        service.pipelines[Route.SERVER_METADATA] = [Explodes()]
+
+        async def no_body(limit: int) -> bytes:
+            return b""
+
+        ctx = RequestContext(
+            request_id="r1",
+            action=ROUTE_ACTIONS[Route.SERVER_METADATA],
+            now=0.0,
+            credentials=None,
+            read_body=no_body,
+        )
+        try:
+            outcome = await service.handle(Route.SERVER_METADATA, ctx)
+        finally:
+            await service.aclose()
+        return outcome.status, outcome.body
+
+    with caplog.at_level(logging.DEBUG):
+        status, body = asyncio.run(run())
+    assert status == 500
+    assert body == {"error": "internal error", "code": "internal_error"}
+    logged = caplog.text  # as a handler formats it, tracebacks included
+    assert "ValueError" in logged
+    assert "31337" not in logged
+    assert "test_service.py" in logged  # the frames are kept for the operator
