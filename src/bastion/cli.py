@@ -104,7 +104,7 @@ def _positive_int(text: str) -> int:
 
 def _key_store(config_path: Path):  # type: ignore[no-untyped-def]
     from bastion.keys import KeyStore
-    from bastion.service import StatePaths
+    from bastion.statedir import StatePaths
 
     config = _config(config_path)
     return config, KeyStore(StatePaths(config.server.state_dir).keys)
@@ -112,7 +112,7 @@ def _key_store(config_path: Path):  # type: ignore[no-untyped-def]
 
 def _isolation_store(config_path: Path):  # type: ignore[no-untyped-def]
     from bastion.isolation import IsolationStore
-    from bastion.service import StatePaths
+    from bastion.statedir import StatePaths
 
     return IsolationStore(StatePaths(_config(config_path).server.state_dir).isolation)
 
@@ -204,7 +204,7 @@ def cmd_keys_release(args: argparse.Namespace) -> int:
 
 
 def _audit_paths(args: argparse.Namespace) -> tuple[Path, Path]:
-    from bastion.service import StatePaths
+    from bastion.statedir import StatePaths
 
     if args.db is not None:
         return args.db, args.public_key or args.db.with_name("audit_signing.pub")
@@ -253,7 +253,7 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from bastion.demo import ONNX_MODEL, REGRESSION_MODEL, SKOPS_MODEL, STATE_DIR, build_demo
     from bastion.keys import KeyStore
-    from bastion.service import StatePaths
+    from bastion.statedir import StatePaths
 
     # The state (keys, audit log, budgets) of an earlier run is kept unless --reset says otherwise:
     # its keys' secrets were shown once and cannot be shown again.
@@ -459,7 +459,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _rollout_path(args: argparse.Namespace) -> Path:
-    from bastion.service import StatePaths
+    from bastion.statedir import StatePaths
 
     return StatePaths(_config(args.config).server.state_dir).root / "rollouts.json"
 

@@ -61,47 +61,10 @@ from bastion.stages.limits import EnforceLimits
 from bastion.stages.output_policy import PrivateScores, ShapeOutput
 from bastion.stages.query_audit import Containment, ContainmentGate, IsolationGate, WatchQueries
 from bastion.state import MemoryStateStore, SQLiteStateStore, StateStore
-from bastion.statedir import lock_state_dir
+from bastion.statedir import StatePaths, lock_state_dir
 from bastion.tokens import TokenAuthority, load_or_create_signing_key
 
 log = logging.getLogger("bastion")
-
-
-@dataclass(frozen=True, slots=True)
-class StatePaths:
-    root: Path
-
-    @property
-    def keys(self) -> Path:
-        return self.root / "keys.db"
-
-    @property
-    def limits(self) -> Path:
-        return self.root / "limits.db"
-
-    @property
-    def audit(self) -> Path:
-        return self.root / "audit.db"
-
-    @property
-    def isolation(self) -> Path:
-        return self.root / "isolation.db"
-
-    @property
-    def audit_key(self) -> Path:
-        return self.root / "audit_signing.key"
-
-    @property
-    def audit_public_key(self) -> Path:
-        return self.root / "audit_signing.pub"
-
-    @property
-    def token_key(self) -> Path:
-        return self.root / "token_signing.jwk"
-
-    @property
-    def hmac_key(self) -> Path:
-        return self.root / "payload_hmac.key"
 
 
 def load_or_create_secret(path: Path, size: int = 32) -> bytes:

@@ -16,11 +16,49 @@ from __future__ import annotations
 
 import fcntl
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from bastion.errors import StateDirLocked
 
 LOCK_NAME = "server.lock"
+
+
+@dataclass(frozen=True, slots=True)
+class StatePaths:
+    root: Path
+
+    @property
+    def keys(self) -> Path:
+        return self.root / "keys.db"
+
+    @property
+    def limits(self) -> Path:
+        return self.root / "limits.db"
+
+    @property
+    def audit(self) -> Path:
+        return self.root / "audit.db"
+
+    @property
+    def isolation(self) -> Path:
+        return self.root / "isolation.db"
+
+    @property
+    def audit_key(self) -> Path:
+        return self.root / "audit_signing.key"
+
+    @property
+    def audit_public_key(self) -> Path:
+        return self.root / "audit_signing.pub"
+
+    @property
+    def token_key(self) -> Path:
+        return self.root / "token_signing.jwk"
+
+    @property
+    def hmac_key(self) -> Path:
+        return self.root / "payload_hmac.key"
 
 
 class StateDirLock:
