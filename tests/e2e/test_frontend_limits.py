@@ -250,9 +250,8 @@ def test_a_connection_that_starts_no_request_is_closed(front: Front, trickle: by
 def test_an_idle_keep_alive_connection_is_closed(front: Front) -> None:
     with front.connect() as sock:
         sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
-        sock.settimeout(5)
-        first = sock.recv(65536)
-        assert first.startswith(b"HTTP/1.1 200"), first
+        status, _, _ = read_response(sock)
+        assert status == 200
         t0 = time.monotonic()
         assert_closed(sock, timeout=KEEP_ALIVE + 3)
         assert KEEP_ALIVE - 0.5 < time.monotonic() - t0 < KEEP_ALIVE + 1
@@ -409,3 +408,28 @@ def test_max_connections_beyond_the_fd_limit_is_refused_at_start(front: Front) -
     )
     assert result.returncode != 0
     assert "max_connections" in result.stderr and str(config) in result.stderr, result.stderr
+
+
+def test_an_upgrade_request_is_answered_as_plain_http_and_closed(front: Front) -> None:
+    with front.connect() as sock:
+        sock.sendall(
+            b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+            b"\x00\x01garbage after the upgrade point"
+        )
+        status, headers, _ = read_response(sock)
+        assert status == 200
+        assert headers["connection"] == "close"
+        assert_closed(sock)
+
+
+def test_deep_pipelining_is_cut_off(front: Front) -> None:
+    # Requests parsed ahead of their turn hold memory; past 16 the connection is closed.
+    with front.connect() as sock:
+        with contextlib.suppress(OSError):
+            sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n" * 2000)
+        sock.settimeout(5)
+        answers = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                answers += chunk
+        assert answers.count(b"HTTP/1.1 200") <= 17

@@ -174,7 +174,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                     self._close()  # pipelined too deep, or a callback failed: no well-ordered answer possible
                 return
             except httptools.HttpParserUpgrade:
-                self.send_400_response("Unsupported upgrade request.")
+                # No upgrade is supported (ws="none"): the request is answered as plain HTTP, as
+                # uvicorn does, and the connection closes after it (the parser stops at the upgrade).
+                if self.cycle is not None:
+                    self.cycle.keep_alive = False
                 return
             except httptools.HttpParserError:
                 self.send_400_response("Invalid HTTP request received.")
