@@ -32,10 +32,15 @@ class AggregateSource:
         self._max = max_body_bytes
 
     async def __call__(self, ctx: RequestContext) -> None:
+        model = ctx.model
+        assert model is not None
+        # Refused before the body is read: a model without aggregates spends no guard or inference on one.
+        if not model.aggregates:
+            raise PermissionDenied(
+                f"aggregates are not offered for model {model.name!r}", code="aggregates_disabled"
+            )
         doc = parse_json(await ctx.read_body(self._max))
         if isinstance(doc, dict) and doc.get("reference") is True:
-            model = ctx.model
-            assert model is not None
             if model.reference is None:
                 raise SchemaViolation(
                     f"model {model.name!r} has no reference dataset", code="no_reference_data"
@@ -72,10 +77,6 @@ class ComputeAggregates:
         )
         assert model is not None and request is not None and proba is not None and grant is not None
         assert principal is not None and ctx.payload_hmac is not None
-        if not model.aggregates:
-            raise PermissionDenied(
-                f"aggregates are not offered for model {model.name!r}", code="aggregates_disabled"
-            )
         if request.rows < 1:  # the decoder refuses it first; a mean over nothing must never be charged
             raise SchemaViolation("an aggregate over no rows", code="empty_tensor")
         params = grant.output_params
