@@ -27,6 +27,7 @@ from bastion.context import RequestContext
 from bastion.errors import PermissionDenied, RateLimited, SchemaViolation
 from bastion.privacy import AnswerCache, NoiseSource, dp_scores, dp_values, policy_tag, reverse_sigmoid
 from bastion.protocol import encode_infer_response
+from bastion.stages.inference import run_model
 from bastion.state import EVERYONE, BudgetKey, StateStore
 
 LABEL = "label"
@@ -183,7 +184,8 @@ class PrivateScores:
             return cached
         # The teachers (runtimes that can fail) vote and the noise is drawn before the charge: a failure
         # costs the caller nothing, and an answer refused for budget is discarded, never released.
-        noisy = self.noise.gaussian(model.teachers.votes(request.inputs), params.sigma)
+        teachers, inputs = model.teachers, request.inputs
+        noisy = self.noise.gaussian(run_model(ctx, lambda: teachers.votes(inputs)), params.sigma)
         cost = rho_per_row(params.sigma) * request.rows
         await charge(
             self._store,
