@@ -205,7 +205,7 @@ _REFUSED = "tests/unit/test_config.py::test_a_setting_another_choice_would_ignor
 _GRANT_REFUSED = (
     "tests/unit/test_config.py::test_a_grant_parameter_its_output_would_ignore_is_refused_naming_it"
 )
-# Every field of the policy file (ServerSettings has its own owner and tests): the test that shows it
+# Every field of the policy file: the test that shows it
 # enforced. A parameter that only some choices use is also refused where it would be ignored.
 ENFORCED: dict[tuple[str, str], str] = {
     ("Grant", "models"): _E2E + "test_http.py::test_role_without_the_model_gets_403",
@@ -324,7 +324,29 @@ REFUSED_WHEN_IGNORED: dict[tuple[str, str], str] = {
         for f in ("canary_weight", "max_error_rate", "max_p99_latency_ms", "window_seconds", "min_requests")
     },
 }
-_OWNED_ELSEWHERE = {"ServerSettings"}
+_FRONT = _E2E + "test_frontend_limits.py::"
+ENFORCED.update(
+    {
+        ("ServerSettings", "host"): _E2E
+        + "test_serve_settings.py::test_serve_listens_on_the_policy_files_host_and_port",
+        ("ServerSettings", "port"): _E2E
+        + "test_serve_settings.py::test_serve_listens_on_the_policy_files_host_and_port",
+        ("ServerSettings", "state_dir"): _E2E
+        + "test_state_lock.py::test_second_server_on_the_same_state_dir_refuses_and_the_first_is_unaffected",
+        ("ServerSettings", "max_header_bytes"): _FRONT + "test_head_over_its_byte_limit_gets_431_and_close",
+        ("ServerSettings", "max_header_fields"): _FRONT + "test_too_many_header_fields_get_431",
+        ("ServerSettings", "head_timeout_seconds"): _FRONT
+        + "test_slowloris_head_gets_408_within_the_head_timeout",
+        ("ServerSettings", "body_timeout_seconds"): _FRONT
+        + "test_a_body_that_does_not_arrive_gets_408_and_close",
+        ("ServerSettings", "keep_alive_seconds"): _FRONT + "test_an_idle_keep_alive_connection_is_closed",
+        ("ServerSettings", "max_concurrent_requests"): _FRONT
+        + "test_shedding_counts_requests_and_spares_health",
+        ("ServerSettings", "max_connections"): _FRONT
+        + "test_over_max_connections_the_oldest_idle_ones_are_closed",
+    }
+)
+_OWNED_ELSEWHERE: set[str] = set()
 
 
 def _sections(model: type[BaseModel], seen: dict[str, type[BaseModel]]) -> None:

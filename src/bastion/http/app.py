@@ -66,9 +66,7 @@ class BastionApp:
         outcome = await self.service.handle(route, ctx)
         await _send(send, outcome, ctx.request_id)
 
-    def _context(
-        self, scope: Scope, receive: Receive, route: Route, match: Match | None
-    ) -> RequestContext:
+    def _context(self, scope: Scope, receive: Receive, route: Route, match: Match | None) -> RequestContext:
         auth = declared = None
         for k, v in scope["headers"]:  # the first of each wins; no other header is read
             if k == b"authorization" and auth is None:
