@@ -44,6 +44,9 @@ class RequestContext:
     now: float  # wall-clock seconds, read once per request
     credentials: str | None  # the Authorization header value; never logged
     read_body: Callable[[int], Awaitable[bytes]]
+    # The transport's decoder for an inference body (V2 JSON when None): REST's binary tensor
+    # extension and gRPC bring their own, and every stage after decoding sees the same InferRequest.
+    decode: Callable[[bytes], InferRequest] | None = None
     client: str | None = None
     model_name: str | None = None
     model_version: str | None = None

@@ -39,7 +39,11 @@ class AggregateSource:
             raise PermissionDenied(
                 f"aggregates are not offered for model {model.name!r}", code="aggregates_disabled"
             )
-        doc = parse_json(await ctx.read_body(self._max))
+        body = await ctx.read_body(self._max)
+        if ctx.decode is not None:  # a transport's own encoding (binary tensors): a batch, never "reference"
+            ctx.request = ctx.decode(body)
+            return
+        doc = parse_json(body)
         if isinstance(doc, dict) and doc.get("reference") is True:
             if model.reference is None:
                 raise SchemaViolation(

@@ -28,7 +28,7 @@ class DecodeRequest:
 
     async def __call__(self, ctx: RequestContext) -> None:
         ctx.body = await ctx.read_body(self._max)
-        ctx.request = decode_infer_request(ctx.body)
+        ctx.request = (ctx.decode or decode_infer_request)(ctx.body)
 
 
 @dataclass(frozen=True, slots=True)
