@@ -3,41 +3,71 @@
 A principal gets exactly what its roles grant, per model, action, output detail
 and sensitive input; a token may only narrow that. Rules are folded once per
 (roles, model) pair into an `EffectiveGrant`, so the request path does a dict
-lookup, not a rule evaluation.
+lookup, not a rule evaluation. The fold is per action: only grants that include
+the action being performed say what it may return, spend or accept.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from itertools import combinations
+from typing import NamedTuple
 
-from bastion.config import Action, Config, Grant, OutputDetail, Role
+from bastion.config import _PARAMETER_USERS, Action, Config, Grant, OutputDetail, Role
+from bastion.errors import ConfigError
 
 _DEFAULT_PARAMS = Grant(models=["*"], actions=[Action.INFER])
 _UNNAMED = "\0unnamed"  # stands for every model no grant names: they all fold the same way
 _CACHE_HALF = 2048  # folded grants kept: between this and twice this
 
 
+class Applied(NamedTuple):
+    """What one action on one model may do: the single grant that applies to it, whole."""
+
+    output: OutputDetail
+    sensitive_inputs: bool
+    params: Grant  # the grant itself: its output policy's parameters (k, decimals, epsilon, budget...)
+
+
 @dataclass(frozen=True, slots=True)
 class EffectiveGrant:
+    """A principal's grant on one model. `by_action` holds, per granted action, the one grant that
+    applies to it; `for_action(a)` is the view a request performing `a` reads (`output`,
+    `sensitive_inputs`, `output_params`), so no action borrows another action's output or parameters."""
+
     actions: frozenset[Action] = frozenset()
     output: OutputDetail | None = None
     sensitive_inputs: bool = False
-    # The grant whose output policy applies: it carries the policy's parameters (k, decimals, epsilon...).
     output_params: Grant = _DEFAULT_PARAMS
+    by_action: Mapping[Action, Applied] = field(default_factory=dict, hash=False)
 
     def allows(self, action: Action) -> bool:
         return action in self.actions
 
+    def for_action(self, action: Action) -> EffectiveGrant:
+        """The view for a request performing `action`: that action's output, sensitive-input right and
+        parameters (no output and no sensitive inputs when the action is not granted)."""
+        applied = self.by_action.get(action) if action in self.actions else None
+        if applied is None:
+            return EffectiveGrant(self.actions, None, False, _DEFAULT_PARAMS, self.by_action)
+        return EffectiveGrant(
+            self.actions, applied.output, applied.sensitive_inputs, applied.params, self.by_action
+        )
+
     def narrowed(self, scope: TokenScope | None, model: str) -> EffectiveGrant:
+        """The grant a token with `scope` gets: its actions on this model only, each output capped at
+        the token's output claim. Returns the per-model grant (call `for_action` for a view)."""
         if scope is None:
             return self
         actions = self.actions & scope.actions_for(model)
-        output = self.output
-        if output is not None and scope.output is not None and scope.output.rank < output.rank:
-            output = scope.output
-        return EffectiveGrant(
-            actions, output if actions else None, self.sensitive_inputs and bool(actions), self.output_params
-        )
+        cap = scope.output
+        by_action = {
+            a: applied._replace(output=cap) if cap is not None and cap.rank < applied.output.rank else applied
+            for a, applied in self.by_action.items()
+            if a in actions
+        }
+        return EffectiveGrant(actions, by_action=by_action) if actions else NO_GRANT
 
 
 NO_GRANT = EffectiveGrant()
@@ -64,6 +94,9 @@ class TokenScope:
 
 class Policy:
     def __init__(self, roles: dict[str, Role]) -> None:
+        """Raises ConfigError when two grants overlap in a way no fold can honour (check_grant_overlaps);
+        start-up and `bastion check` run that check first with the file's path."""
+        check_grant_overlaps(roles, "policy")
         self._roles = roles
         # Model names reach grant() from callers (a token request's scope), so the cache is keyed by
         # the names the policy itself uses, and kept in two generations like privacy.AnswerCache.
@@ -94,22 +127,30 @@ class Policy:
         return grant
 
     def _fold(self, roles: tuple[str, ...], model: str) -> EffectiveGrant:
-        actions: set[Action] = set()
-        output: OutputDetail | None = None
-        params = _DEFAULT_PARAMS
-        sensitive = False
+        # Per action, the grants that include it; a grant naming the model outranks a "*" grant (the
+        # specific rule is the operator's word on this model), whichever roles they come from.
+        named: dict[Action, list[Grant]] = {}
+        wild: dict[Action, list[Grant]] = {}
         for role_name in roles:
             role = self._roles.get(role_name)
             if role is None:  # a key naming a role the config no longer has gets nothing from it
                 continue
             for g in role.grants:
-                if model not in g.models and "*" not in g.models:
+                bucket = named if model in g.models else wild if "*" in g.models else None
+                if bucket is None:
                     continue
-                actions.update(g.actions)
-                if output is None or g.output.rank > output.rank:
-                    output, params = g.output, g
-                sensitive = sensitive or g.sensitive_inputs
-        return EffectiveGrant(frozenset(actions), output, sensitive, params) if actions else NO_GRANT
+                for action in g.actions:
+                    bucket.setdefault(action, []).append(g)
+        by_action: dict[Action, Applied] = {}
+        for action in named.keys() | wild.keys():
+            # One grant applies to an action, whole: its output, sensitive-input right and parameters
+            # together, never mixed from several grants, so a key never gets more than one grant it
+            # holds gives. Among several, the most revealing output (the key holds that grant anyway);
+            # grants with the same output and different parameters are refused at start-up
+            # (check_grant_overlaps), so which of those is first cannot matter.
+            g = max(named.get(action) or wild[action], key=lambda g: g.output.rank)
+            by_action[action] = Applied(g.output, g.sensitive_inputs, g)
+        return EffectiveGrant(frozenset(by_action), by_action=by_action) if by_action else NO_GRANT
 
     def most_detailed_output(self, roles: tuple[str, ...], action: Action) -> OutputDetail | None:
         """The most revealing output detail that any of the roles' grants of `action` carries."""
@@ -131,3 +172,79 @@ class Policy:
     def server_actions(self, roles: tuple[str, ...]) -> frozenset[Action]:
         """Actions granted on the server itself (grants naming model '*'), e.g. admin for /metrics."""
         return self.grant(roles, "*").actions
+
+
+# What each action reads of the grant that applies to it. Infer: the output and its parameters, and the
+# sensitive-input right. Aggregate: the DP parameters and the sensitive-input right (no output detail).
+# Metadata and admin: nothing but being granted (metadata describes the infer grant).
+def _terms(action: Action, g: Grant) -> dict[str, object]:
+    if action is Action.INFER:
+        names = [n for n, (outputs, _) in _PARAMETER_USERS.items() if g.output in outputs]
+        return {"output": g.output.value, "sensitive_inputs": g.sensitive_inputs} | {
+            n: getattr(g, n) for n in names if n != "delta" or g.mechanism == "gaussian"
+        }
+    if action is Action.AGGREGATE:
+        names = [n for n, (_, aggregates) in _PARAMETER_USERS.items() if aggregates]
+        return {"sensitive_inputs": g.sensitive_inputs} | {n: getattr(g, n) for n in names}
+    return {}
+
+
+def _charged_units(g: Grant) -> set[str]:
+    """The privacy units a grant spends ('epsilon': dp_scores and aggregates; 'rho': private prediction)."""
+    units = set()
+    if Action.AGGREGATE in g.actions or (Action.INFER in g.actions and g.output is OutputDetail.DP_SCORES):
+        units.add("epsilon")
+    if Action.INFER in g.actions and g.output is OutputDetail.PRIVATE_PREDICTION:
+        units.add("rho")
+    return units
+
+
+def check_grant_overlaps(roles: Mapping[str, Role], path: object) -> None:
+    """Refuse grants that overlap in a way no fold can honour, naming both (`roles.X.grants.i`).
+
+    Any key may hold any set of roles, so pairs are checked across all roles. Raises ConfigError for:
+    - two grants of the same action on the same model, both naming it (or both "*"), that would apply
+      with different terms (for infer: the same output with different parameters or sensitive-input
+      right; for aggregate: different epsilon, budgets, window or sensitive-input right): one grant
+      applies per action, and which one would be arbitrary;
+    - two grants on a common model (a "*" covers every model) that spend the same unit and set
+      different `global_privacy_budget` or windows: all principals share that model's global ledger,
+      so it can have only one limit.
+    """
+    entries = [(f"roles.{r}.grants.{i}", g) for r, role in roles.items() for i, g in enumerate(role.grants)]
+    for (field_a, a), (field_b, b) in combinations(entries, 2):
+        names_a, names_b = set(a.models) - {"*"}, set(b.models) - {"*"}
+        same_level = sorted(names_a & names_b) or (["*"] if "*" in a.models and "*" in b.models else [])
+        for action in sorted(set(a.actions) & set(b.actions)) if same_level else []:
+            terms_a, terms_b = _terms(action, a), _terms(action, b)
+            if action is Action.INFER and a.output is not b.output:
+                continue  # the more revealing output applies, whole
+            differ = sorted(k for k in terms_a if terms_a[k] != terms_b[k])
+            if differ:
+                detail = ", ".join(f"{k} {terms_a[k]!r} vs {terms_b[k]!r}" for k in differ)
+                raise ConfigError(
+                    f"{path}: {field_a} and {field_b} both grant {action.value!r} on model "
+                    f"{same_level[0]!r} with different terms ({detail}): a key holding both could get "
+                    "either; make them agree, or name the model in only one"
+                )
+        # The models both cover: a "*" covers the other's named models, and two "*" every model.
+        common = (
+            (names_a & names_b)
+            | (names_b if "*" in a.models else set())
+            | (names_a if "*" in b.models else set())
+        )
+        if "*" in a.models and "*" in b.models:
+            common.add("*")
+        shared = _charged_units(a) & _charged_units(b)
+        if not common or not shared or a.global_privacy_budget is None or b.global_privacy_budget is None:
+            continue
+        if (a.global_privacy_budget, a.budget_window_seconds) != (
+            b.global_privacy_budget,
+            b.budget_window_seconds,
+        ):
+            raise ConfigError(
+                f"{path}: {field_a}.global_privacy_budget ({a.global_privacy_budget}, window "
+                f"{a.budget_window_seconds} s) and {field_b}.global_privacy_budget ({b.global_privacy_budget}, "
+                f"window {b.budget_window_seconds} s) differ for model {sorted(common)[0]!r} "
+                f"({sorted(shared)[0]}): all principals share one global budget per model, so it has one limit"
+            )

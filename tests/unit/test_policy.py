@@ -1,9 +1,13 @@
-"""The policy's folded-grant cache from the caller's side: names a caller chooses cannot grow it."""
+"""The policy from the caller's side: names a caller chooses cannot grow its cache, and a grant of one
+action never raises what another action may do."""
 
 from __future__ import annotations
 
+import pytest
+
 from bastion.config import Action, Grant, OutputDetail, Role
-from bastion.policy import Policy
+from bastion.errors import ConfigError
+from bastion.policy import EffectiveGrant, Policy, TokenScope, check_grant_overlaps
 
 ROLES = {
     "wide": Role(grants=[Grant(models=["*"], actions=[Action.INFER])]),
@@ -18,9 +22,9 @@ def test_caller_chosen_model_names_do_not_grow_the_cache() -> None:
         assert not policy.grant(("named",), f"infer-target-{i}").allows(Action.INFER)
     assert policy.cache_size() <= 2
     # Names the policy uses still fold on their own.
-    assert policy.grant(("named",), "m").output is OutputDetail.PROBABILITIES
-    assert policy.grant(("wide", "named"), "m").output is OutputDetail.PROBABILITIES
-    assert policy.grant(("wide", "named"), "other").output is OutputDetail.LABEL
+    assert policy.grant(("named",), "m").for_action(Action.INFER).output is OutputDetail.PROBABILITIES
+    assert policy.grant(("wide", "named"), "m").for_action(Action.INFER).output is OutputDetail.PROBABILITIES
+    assert policy.grant(("wide", "named"), "other").for_action(Action.INFER).output is OutputDetail.LABEL
 
 
 def test_the_cache_is_bounded_whatever_the_keys_roles() -> None:
@@ -37,3 +41,170 @@ def test_most_detailed_output_of_an_action() -> None:
     assert policy.most_detailed_output(("wide", "named"), Action.INFER) is OutputDetail.PROBABILITIES
     assert policy.most_detailed_output(("wide",), Action.INFER) is OutputDetail.LABEL
     assert policy.most_detailed_output(("wide",), Action.METADATA) is None
+
+
+# --- One grant per action: a grant of another action never raises what an action may do ---------------
+
+M = "m"
+
+
+def _g(actions: list[str], output: str = "label", models: list[str] | None = None, **params: object) -> Grant:
+    return Grant.model_validate({"models": models or [M], "actions": actions, "output": output, **params})
+
+
+def _infer(policy: Policy, roles: tuple[str, ...], model: str = M) -> EffectiveGrant:
+    return policy.grant(roles, model).for_action(Action.INFER)
+
+
+def test_a_metadata_grant_does_not_raise_infer_output() -> None:
+    policy = Policy({"r": Role(grants=[_g(["metadata"], "probabilities"), _g(["infer"], "label")])})
+    infer = _infer(policy, ("r",))
+    assert infer.output is OutputDetail.LABEL
+    assert policy.grant(("r",), M).allows(Action.METADATA)
+
+
+def test_an_aggregate_grant_does_not_raise_infer_output_or_lend_its_parameters() -> None:
+    agg = _g(["aggregate"], "probabilities", epsilon=1.0, privacy_budget=4.0)
+    policy = Policy({"r": Role(grants=[agg, _g(["infer"], "top_k", top_k=2)])})
+    infer = _infer(policy, ("r",))
+    assert infer.output is OutputDetail.TOP_K and infer.output_params.top_k == 2
+
+
+def test_an_infer_grant_does_not_replace_the_aggregate_budget() -> None:
+    dp = _g(["infer"], "dp_scores", epsilon=5.0, privacy_budget=50.0)
+    agg = _g(["aggregate"], epsilon=1.0, privacy_budget=4.0)
+    policy = Policy({"r": Role(grants=[dp, agg])})
+    aggregate = policy.grant(("r",), M).for_action(Action.AGGREGATE)
+    assert (aggregate.output_params.epsilon, aggregate.output_params.privacy_budget) == (1.0, 4.0)
+    infer = _infer(policy, ("r",))
+    assert (infer.output_params.epsilon, infer.output_params.privacy_budget) == (5.0, 50.0)
+
+
+def test_across_two_roles_of_one_key() -> None:
+    policy = Policy(
+        {"meta": Role(grants=[_g(["metadata"], "probabilities")]), "inf": Role(grants=[_g(["infer"])])}
+    )
+    assert _infer(policy, ("meta", "inf")).output is OutputDetail.LABEL
+    assert _infer(policy, ("inf", "meta")).output is OutputDetail.LABEL
+    assert _infer(policy, ("meta",)).output is None  # metadata only: no answer at all
+
+
+def test_a_wildcard_grant_of_another_action_does_not_raise_a_named_one() -> None:
+    policy = Policy(
+        {"r": Role(grants=[_g(["metadata", "admin"], "probabilities", models=["*"]), _g(["infer"], "label")])}
+    )
+    assert _infer(policy, ("r",)).output is OutputDetail.LABEL
+
+
+def test_a_named_grant_beats_a_wildcard_of_the_same_action() -> None:
+    policy = Policy(
+        {
+            "wide": Role(grants=[_g(["infer"], "probabilities", models=["*"])]),
+            "narrow": Role(grants=[_g(["infer"], "label")]),
+        }
+    )
+    assert _infer(policy, ("wide", "narrow")).output is OutputDetail.LABEL
+    assert _infer(policy, ("wide", "narrow"), "other").output is OutputDetail.PROBABILITIES
+
+
+def test_sensitive_inputs_granted_for_metadata_do_not_reach_infer() -> None:
+    policy = Policy({"r": Role(grants=[_g(["metadata"], sensitive_inputs=True), _g(["infer"])])})
+    assert not _infer(policy, ("r",)).sensitive_inputs
+    # Nor from another grant of infer with a less revealing output: one grant applies, whole.
+    policy = Policy(
+        {"r": Role(grants=[_g(["infer"], "label", sensitive_inputs=True), _g(["infer"], "top_k")])}
+    )
+    infer = _infer(policy, ("r",))
+    assert infer.output is OutputDetail.TOP_K and not infer.sensitive_inputs
+
+
+def test_a_token_narrows_each_action_on_its_own() -> None:
+    policy = Policy({"r": Role(grants=[_g(["metadata"], "probabilities"), _g(["infer"], "rounded")])})
+    scope = TokenScope(frozenset({(Action.INFER, M), (Action.METADATA, M)}), OutputDetail.TOP_K)
+    narrowed = policy.grant(("r",), M).narrowed(scope, M)
+    assert narrowed.for_action(Action.INFER).output is OutputDetail.TOP_K
+    only_meta = policy.grant(("r",), M).narrowed(TokenScope(frozenset({(Action.METADATA, M)})), M)
+    assert only_meta.for_action(Action.INFER).output is None
+
+
+# --- Overlaps no fold can honour are refused at start-up, naming both grants ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("roles", "words"),
+    [
+        (  # two roles, same output, different parameters
+            {"a": [_g(["infer"], "top_k", top_k=2)], "b": [_g(["infer"], "top_k", top_k=5)]},
+            ["roles.a.grants.0", "roles.b.grants.0", "top_k 2 vs 5"],
+        ),
+        (  # two wildcards of one role
+            {
+                "a": [
+                    _g(["infer"], "dp_scores", models=["*"], epsilon=2),
+                    _g(["infer"], "dp_scores", models=["*"]),
+                ]
+            },
+            ["roles.a.grants.0", "roles.a.grants.1", "epsilon 2.0 vs 1.0"],
+        ),
+        (  # two aggregate grants: output does not matter, the budget does
+            {
+                "a": [_g(["aggregate"], epsilon=1, privacy_budget=4)],
+                "b": [_g(["aggregate"], "probabilities")],
+            },
+            ["roles.a.grants.0", "roles.b.grants.0", "'aggregate'", "privacy_budget 4.0 vs 10.0"],
+        ),
+        (  # sensitive inputs on one of two equal grants
+            {"a": [_g(["infer"])], "b": [_g(["infer"], sensitive_inputs=True)]},
+            ["roles.a.grants.0", "roles.b.grants.0", "sensitive_inputs"],
+        ),
+    ],
+)
+def test_equal_grants_with_different_terms_are_refused(
+    roles: dict[str, list[Grant]], words: list[str]
+) -> None:
+    with pytest.raises(ConfigError) as e:
+        check_grant_overlaps({n: Role(grants=g) for n, g in roles.items()}, "bastion.toml")
+    for word in ["bastion.toml:", *words]:
+        assert word in str(e.value)
+    with pytest.raises(ConfigError):
+        Policy({n: Role(grants=g) for n, g in roles.items()})
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        (_g(["infer"], "dp_scores", global_privacy_budget=5), _g(["aggregate"], global_privacy_budget=6)),
+        (
+            _g(["infer"], "dp_scores", models=["*"], global_privacy_budget=5),
+            _g(["infer", "metadata"], "dp_scores", global_privacy_budget=5, budget_window_seconds=60),
+        ),
+        (
+            _g(["infer"], "private_prediction", global_privacy_budget=1),
+            _g(["infer"], "private_prediction", models=["*"], sigma=2, global_privacy_budget=2),
+        ),
+    ],
+)
+def test_two_global_budgets_on_one_ledger_row_are_refused(a: Grant, b: Grant) -> None:
+    with pytest.raises(ConfigError) as e:
+        check_grant_overlaps({"x": Role(grants=[a]), "y": Role(grants=[b])}, "bastion.toml")
+    assert "roles.x.grants.0.global_privacy_budget" in str(e.value)
+    assert "roles.y.grants.0.global_privacy_budget" in str(e.value)
+
+
+def test_overlaps_that_a_fold_honours_are_accepted() -> None:
+    check_grant_overlaps(
+        {
+            # Different outputs (the more revealing applies, whole), a wildcard under a named grant,
+            # different budgets on different models or units, one global limit repeated.
+            "a": Role(grants=[_g(["infer"], "top_k", top_k=2), _g(["infer"], "probabilities", models=["*"])]),
+            "b": Role(
+                grants=[
+                    _g(["infer"], "label"),
+                    _g(["infer"], "dp_scores", models=["n"], global_privacy_budget=3),
+                ]
+            ),
+            "c": Role(grants=[_g(["aggregate"], models=["n"], global_privacy_budget=3, privacy_budget=2)]),
+            "d": Role(grants=[_g(["infer"], "private_prediction", models=["n"], global_privacy_budget=9)]),
+        },
+        "bastion.toml",
+    )

@@ -32,7 +32,13 @@ class AuthorizeModel:
             version = self._pick_version(ctx.model_name)
             ctx.routed = version is not None
         ctx.model = self._registry.get(ctx.model_name, version)
-        grant = self._policy.grant(principal.roles, ctx.model_name).narrowed(principal.scope, ctx.model_name)
+        # The view for this action only: its output, parameters and sensitive-input right come from
+        # the grant of this action, never from a grant of another action on the same model.
+        grant = (
+            self._policy.grant(principal.roles, ctx.model_name)
+            .narrowed(principal.scope, ctx.model_name)
+            .for_action(self._action)
+        )
         if not grant.allows(self._action):
             raise PermissionDenied(f"not permitted to {self._action.value} model {ctx.model_name!r}")
         ctx.grant = grant

@@ -53,7 +53,10 @@ class DescribeModel:
 
     async def __call__(self, ctx: RequestContext) -> None:
         model, grant = ctx.model, ctx.grant
-        assert model is not None and grant is not None and grant.output is not None
+        assert model is not None and grant is not None
+        # Metadata describes what this caller's infer requests get: the infer grant, not the metadata
+        # grant (whose output detail and parameters never apply to an answer).
+        grant = grant.for_action(Action.INFER)
         m = model.manifest
         regression = m.outputs.is_regression
         if regression:
@@ -72,7 +75,7 @@ class DescribeModel:
             ]
             kind = {"classes": m.outputs.classes}
         # Only the outputs this caller's answers carry (the same function decides both).
-        granted = output_names(grant.output, regression=regression)
+        granted = [] if grant.output is None else output_names(grant.output, regression=regression)
         outputs = [o for o in every if o["name"] in granted]
         inputs: list[dict[str, Any]] = []
         for spec in m.inputs:
@@ -91,7 +94,11 @@ class DescribeModel:
                 **kind,
                 "granted_outputs": granted,
                 "granted_actions": sorted(a.value for a in grant.actions),
-                **describe_policy(grant.output, grant.output_params),
+                **(
+                    {"output_policy": None}
+                    if grant.output is None
+                    else describe_policy(grant.output, grant.output_params)
+                ),
                 **(await self._remaining(ctx, grant)),
                 "sensitive_inputs_granted": grant.sensitive_inputs,
             },
@@ -197,12 +204,14 @@ class IssueToken:
                     f"scope {item[:80]!r} is not granted to this key", code="scope_not_granted"
                 )
             # The output claim narrows too: asking for more detail than the key gets is refused, never
-            # issued and quietly ignored. On a wildcard, the key's most detailed grant of the action.
+            # issued and quietly ignored. The claim caps infer answers (which metadata describes), so it
+            # is checked against the key's infer grant on the pair's model; on a wildcard, its most
+            # detailed infer grant anywhere.
             if detail is not None:
                 most = (
-                    self._policy.most_detailed_output(roles, action)
+                    self._policy.most_detailed_output(roles, Action.INFER)
                     if model == "*"
-                    else self._policy.grant(roles, model).output
+                    else self._policy.grant(roles, model).for_action(Action.INFER).output
                 )
                 if most is None or detail.rank > most.rank:
                     raise PermissionDenied(
