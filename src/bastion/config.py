@@ -319,6 +319,9 @@ def check_grants_name_models(
 ) -> None:
     """A grant naming a model that is not served is almost always a typo, and one that names a
     regressor with a policy made for classes could never answer: refuse both."""
+    from bastion.policy import check_grant_overlaps  # policy imports this module
+
+    check_grant_overlaps(config.roles, path)
     for role_name, role in config.roles.items():
         for i, grant in enumerate(role.grants):
             for model in grant.models:
