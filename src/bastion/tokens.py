@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,12 @@ from bastion.policy import TokenScope
 
 ALGORITHM = "Ed25519"  # RFC 9864 fully specified name for EdDSA over Ed25519
 _CACHE_MAX = 10_000
+# A compact JWS: three base64url segments, ASCII only. Anything else (a JWE, whitespace, padding, a
+# character outside the alphabet, a string that is not even UTF-8) is refused before it is hashed or parsed.
+_COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+# Our tokens run to a few hundred characters; a token request's body (4 KiB at most) cannot make one
+# larger than about 6 KiB. Longer strings are refused unparsed.
+MAX_TOKEN_CHARS = 16_384
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +84,10 @@ class TokenAuthority:
         return token, ttl
 
     def verify(self, token: str, *, now: float) -> VerifiedToken:
-        digest = hashlib.sha256(token.encode()).digest()
+        """The token's key id and scope, or AuthenticationFailed (its `reason` names the check)."""
+        if len(token) > MAX_TOKEN_CHARS or _COMPACT_JWS.fullmatch(token) is None:
+            raise AuthenticationFailed("token_malformed")
+        digest = hashlib.sha256(token.encode("ascii")).digest()
         cached = self._verified.get(digest)
         if cached is not None:
             if now < cached.expires_at:
