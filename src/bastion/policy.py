@@ -143,12 +143,7 @@ class Policy:
                     bucket.setdefault(action, []).append(g)
         by_action: dict[Action, Applied] = {}
         for action in named.keys() | wild.keys():
-            # One grant applies to an action, whole: its output, sensitive-input right and parameters
-            # together, never mixed from several grants, so a key never gets more than one grant it
-            # holds gives. Among several, the most revealing output (the key holds that grant anyway);
-            # grants with the same output and different parameters are refused at start-up
-            # (check_grant_overlaps), so which of those is first cannot matter.
-            g = max(named.get(action) or wild[action], key=lambda g: g.output.rank)
+            g = _choose(action, named.get(action) or wild[action])
             by_action[action] = Applied(g.output, g.sensitive_inputs, g)
         return EffectiveGrant(frozenset(by_action), by_action=by_action) if by_action else NO_GRANT
 
@@ -172,6 +167,42 @@ class Policy:
     def server_actions(self, roles: tuple[str, ...]) -> frozenset[Action]:
         """Actions granted on the server itself (grants naming model '*'), e.g. admin for /metrics."""
         return self.grant(roles, "*").actions
+
+
+def _choose(action: Action, candidates: list[Grant]) -> Grant:
+    """The one grant that applies to `action`, whole (output, sensitive-input right and parameters
+    together, never mixed from several grants, so a key never gets more than one grant it holds gives).
+
+    For infer, the most revealing output: the key holds that grant anyway. Among grants with the same
+    output (only possible across roles: one role's are refused at start-up), and for aggregate, where
+    the output does not matter, the most restrictive (`_restrictiveness`): holding one more role never
+    loosens the noise, budget or inputs another role already set for this output."""
+    if action is Action.INFER:
+        top = max(g.output.rank for g in candidates)
+        candidates = [g for g in candidates if g.output.rank == top]
+    return min(candidates, key=_restrictiveness)
+
+
+def _restrictiveness(g: Grant) -> tuple[object, ...]:
+    """Smaller is more restrictive. Only the parameters a grant's output or aggregates use can differ
+    (the config refuses setting the others), so one order serves every output: no sensitive inputs; a
+    global budget; the lowest long-run spending rate (budget per second of window), then budget; the
+    smallest epsilon; the largest sigma; the fewest classes; the fewest decimals; the strongest
+    perturbation. The mechanism and delta only break the last ties, so that the choice is stable."""
+    return (
+        g.sensitive_inputs,
+        g.global_privacy_budget is None,
+        g.privacy_budget / g.budget_window_seconds,
+        g.privacy_budget,
+        g.epsilon,
+        -g.sigma,
+        g.top_k,
+        g.decimals,
+        -g.beta,
+        -g.gamma,
+        g.mechanism,
+        g.delta,
+    )
 
 
 # What each action reads of the grant that applies to it. Infer: the output and its parameters, and the
@@ -202,20 +233,23 @@ def _charged_units(g: Grant) -> set[str]:
 def check_grant_overlaps(roles: Mapping[str, Role], path: object) -> None:
     """Refuse grants that overlap in a way no fold can honour, naming both (`roles.X.grants.i`).
 
-    Any key may hold any set of roles, so pairs are checked across all roles. Raises ConfigError for:
-    - two grants of the same action on the same model, both naming it (or both "*"), that would apply
-      with different terms (for infer: the same output with different parameters or sensitive-input
-      right; for aggregate: different epsilon, budgets, window or sensitive-input right): one grant
-      applies per action, and which one would be arbitrary;
-    - two grants on a common model (a "*" covers every model) that spend the same unit and set
-      different `global_privacy_budget` or windows: all principals share that model's global ledger,
-      so it can have only one limit.
+    Raises ConfigError for:
+    - two grants of one role for the same action on the same model, both naming it (or both "*"),
+      that would apply with different terms (infer: the same output with different parameters or
+      sensitive-input right; aggregate: different epsilon, budgets, window or sensitive-input right).
+      Every key of the role holds both, and which was meant cannot be told. (Across roles, a key that
+      holds both gets the most restrictive: see `_choose`.)
+    - two grants on a common model (a "*" covers every model), in any roles, that spend the same unit
+      and set different `global_privacy_budget` or windows: all principals share the model's global
+      ledger row, so it can have only one limit.
     """
-    entries = [(f"roles.{r}.grants.{i}", g) for r, role in roles.items() for i, g in enumerate(role.grants)]
-    for (field_a, a), (field_b, b) in combinations(entries, 2):
+    entries = [
+        (r, f"roles.{r}.grants.{i}", g) for r, role in roles.items() for i, g in enumerate(role.grants)
+    ]
+    for (role_a, field_a, a), (role_b, field_b, b) in combinations(entries, 2):
         names_a, names_b = set(a.models) - {"*"}, set(b.models) - {"*"}
         same_level = sorted(names_a & names_b) or (["*"] if "*" in a.models and "*" in b.models else [])
-        for action in sorted(set(a.actions) & set(b.actions)) if same_level else []:
+        for action in sorted(set(a.actions) & set(b.actions)) if same_level and role_a == role_b else []:
             terms_a, terms_b = _terms(action, a), _terms(action, b)
             if action is Action.INFER and a.output is not b.output:
                 continue  # the more revealing output applies, whole
@@ -224,8 +258,8 @@ def check_grant_overlaps(roles: Mapping[str, Role], path: object) -> None:
                 detail = ", ".join(f"{k} {terms_a[k]!r} vs {terms_b[k]!r}" for k in differ)
                 raise ConfigError(
                     f"{path}: {field_a} and {field_b} both grant {action.value!r} on model "
-                    f"{same_level[0]!r} with different terms ({detail}): a key holding both could get "
-                    "either; make them agree, or name the model in only one"
+                    f"{same_level[0]!r} with different terms ({detail}): every key of the role holds "
+                    "both and which one was meant cannot be told; make them agree, or name the model in one"
                 )
         # The models both cover: a "*" covers the other's named models, and two "*" every model.
         common = (

@@ -131,43 +131,51 @@ def test_a_token_narrows_each_action_on_its_own() -> None:
 
 
 @pytest.mark.parametrize(
-    ("roles", "words"),
+    ("grants", "words"),
     [
-        (  # two roles, same output, different parameters
-            {"a": [_g(["infer"], "top_k", top_k=2)], "b": [_g(["infer"], "top_k", top_k=5)]},
-            ["roles.a.grants.0", "roles.b.grants.0", "top_k 2 vs 5"],
+        ([_g(["infer"], "top_k", top_k=2), _g(["infer"], "top_k", top_k=5)], ["top_k 2 vs 5"]),
+        (  # two wildcards
+            [_g(["infer"], "dp_scores", models=["*"], epsilon=2), _g(["infer"], "dp_scores", models=["*"])],
+            ["epsilon 2.0 vs 1.0"],
         ),
-        (  # two wildcards of one role
-            {
-                "a": [
-                    _g(["infer"], "dp_scores", models=["*"], epsilon=2),
-                    _g(["infer"], "dp_scores", models=["*"]),
-                ]
-            },
-            ["roles.a.grants.0", "roles.a.grants.1", "epsilon 2.0 vs 1.0"],
+        (  # aggregate: the output does not matter, the budget does
+            [_g(["aggregate"], privacy_budget=4), _g(["infer", "aggregate"], "probabilities")],
+            ["'aggregate'", "privacy_budget 4.0 vs 10.0"],
         ),
-        (  # two aggregate grants: output does not matter, the budget does
-            {
-                "a": [_g(["aggregate"], epsilon=1, privacy_budget=4)],
-                "b": [_g(["aggregate"], "probabilities")],
-            },
-            ["roles.a.grants.0", "roles.b.grants.0", "'aggregate'", "privacy_budget 4.0 vs 10.0"],
-        ),
-        (  # sensitive inputs on one of two equal grants
-            {"a": [_g(["infer"])], "b": [_g(["infer"], sensitive_inputs=True)]},
-            ["roles.a.grants.0", "roles.b.grants.0", "sensitive_inputs"],
-        ),
+        ([_g(["infer"]), _g(["infer", "metadata"], sensitive_inputs=True)], ["sensitive_inputs"]),
     ],
 )
-def test_equal_grants_with_different_terms_are_refused(
-    roles: dict[str, list[Grant]], words: list[str]
+def test_equal_grants_of_one_role_with_different_terms_are_refused(
+    grants: list[Grant], words: list[str]
 ) -> None:
     with pytest.raises(ConfigError) as e:
-        check_grant_overlaps({n: Role(grants=g) for n, g in roles.items()}, "bastion.toml")
-    for word in ["bastion.toml:", *words]:
+        check_grant_overlaps({"a": Role(grants=grants)}, "bastion.toml")
+    for word in ["bastion.toml:", "roles.a.grants.0", "roles.a.grants.1", *words]:
         assert word in str(e.value)
     with pytest.raises(ConfigError):
-        Policy({n: Role(grants=g) for n, g in roles.items()})
+        Policy({"a": Role(grants=grants)})
+
+
+def test_across_roles_the_most_restrictive_equal_grant_applies() -> None:
+    policy = Policy(
+        {
+            "k2": Role(grants=[_g(["infer"], "top_k", top_k=2), _g(["aggregate"], privacy_budget=4)]),
+            "k5": Role(grants=[_g(["infer"], "top_k", top_k=5, sensitive_inputs=True), _g(["aggregate"])]),
+            "dp_hour": Role(
+                grants=[
+                    _g(["infer"], "dp_scores", models=["n"], privacy_budget=5, budget_window_seconds=3600)
+                ]
+            ),
+            "dp_day": Role(grants=[_g(["infer"], "dp_scores", models=["n"], privacy_budget=10, epsilon=0.5)]),
+        }
+    )
+    for roles in [("k2", "k5"), ("k5", "k2")]:
+        infer = _infer(policy, roles)
+        assert infer.output_params.top_k == 2 and not infer.sensitive_inputs
+        assert policy.grant(roles, M).for_action(Action.AGGREGATE).output_params.privacy_budget == 4
+    # 10 a day is a slower spending rate than 5 an hour: that grant applies, whole (its epsilon too).
+    dp = _infer(policy, ("dp_hour", "dp_day"), "n").output_params
+    assert (dp.privacy_budget, dp.budget_window_seconds, dp.epsilon) == (10, 86_400, 0.5)
 
 
 @pytest.mark.parametrize(
