@@ -253,10 +253,18 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from bastion.demo import ONNX_MODEL, REGRESSION_MODEL, SKOPS_MODEL, STATE_DIR, build_demo
     from bastion.keys import KeyStore
-    from bastion.statedir import StatePaths
+    from bastion.statedir import StatePaths, holder_pid
 
     # The state (keys, audit log, budgets) of an earlier run is kept unless --reset says otherwise:
     # its keys' secrets were shown once and cannot be shown again.
+    if args.reset:
+        # Wiping a running server's state would leave it writing to deleted files: refuse, and say who.
+        pid = holder_pid(Path(args.dir) / STATE_DIR)
+        if pid is not None:
+            holder = f"PID {pid}" if pid > 0 else "a process whose PID is not recorded"
+            return _fail(
+                f"{args.dir}/{STATE_DIR} is held by a running server ({holder}): stop it before --reset"
+            )
     print("training models on scikit-learn's breast-cancer and diabetes datasets ...", file=sys.stderr)
     try:
         build = build_demo(args.dir, port=args.port, keep_state=not args.reset)

@@ -78,6 +78,19 @@ class RemoteError(Exception):
     """The server refused or could not be reached; the message names the status and code."""
 
 
+def redact_url(url: str) -> str:
+    """The URL as it may be printed: scheme, host, port and path only. A user:password@ part, a query
+    string and a fragment can carry credentials, so they are dropped (and what follows "@" kept)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        host = parts.netloc.rpartition("@")[2]
+    except ValueError:
+        return "<unparsable URL>"
+    return f"{parts.scheme}://{host}{parts.path}" if parts.scheme else "<URL without a scheme>"
+
+
 class RemoteModel:
     """A served classifier, queried over the Open Inference Protocol V2 as an attacker would:
     with one key, through the public API, seeing only what the key's output policy returns."""
@@ -86,7 +99,9 @@ class RemoteModel:
         self, base_url: str, model: str, key: str, *, batch: int = 256, timeout: float = 30.0
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
-            raise RemoteError(f"{base_url!r}: the server's URL must start with http:// or https://")
+            raise RemoteError(
+                f"{redact_url(base_url)!r}: the server's URL must start with http:// or https://"
+            )
         self._base = base_url.rstrip("/")
         self._model = model
         self._key = key
@@ -138,6 +153,7 @@ class RemoteModel:
         return np.concatenate(out)
 
     def _call(self, method: str, path: str, body: object | None = None) -> dict:  # type: ignore[type-arg]
+        import http.client
         import json
         import urllib.error
         import urllib.request
@@ -160,8 +176,12 @@ class RemoteModel:
             except ValueError:
                 reason = e.reason
             raise RemoteError(f"{method} {path}: HTTP {e.code} ({reason})") from None
-        except (urllib.error.URLError, OSError) as e:
-            raise RemoteError(f"{method} {path}: cannot reach {self._base}: {e}") from None
+        except urllib.error.URLError as e:  # the reason (refused, timed out, unknown host) holds no URL
+            raise RemoteError(f"{method} {path}: cannot reach {redact_url(self._base)}: {e.reason}") from None
+        except (OSError, ValueError, http.client.HTTPException) as e:  # InvalidURL repeats the netloc
+            raise RemoteError(
+                f"{method} {path}: cannot reach {redact_url(self._base)}: {type(e).__name__}"
+            ) from None
 
 
 @dataclass(frozen=True)

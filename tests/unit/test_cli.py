@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -193,3 +194,42 @@ def test_a_key_encryption_key_given_for_its_location_is_never_echoed(cli: Any, t
         out = result.stdout + result.stderr
         assert result.returncode == 2 and "env:NAME" in out, out
         assert kek not in out and kek[:16] not in out
+
+
+def test_demo_reset_refuses_while_a_server_holds_its_state(cli: Any, tmp_path: Path) -> None:
+    from bastion.statedir import lock_state_dir
+
+    root = tmp_path / "demo"
+    cli("demo", "--dir", root, "--no-serve")
+    keys_before = [k.key_id for k in KeyStore(root / "state" / "keys.db").list()]
+    lock = lock_state_dir(root / "state")  # what `bastion serve` holds while it runs
+    try:
+        result = cli("demo", "--dir", root, "--no-serve", "--reset", check=False)
+    finally:
+        lock.release()
+    assert result.returncode == 2, result.stderr
+    assert f"PID {os.getpid()}" in result.stderr and "state" in result.stderr
+    assert [k.key_id for k in KeyStore(root / "state" / "keys.db").list()] == keys_before
+    # Once the server is gone, --reset wipes as before.
+    assert cli("demo", "--dir", root, "--no-serve", "--reset").returncode == 0
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://user:hunter2secret@127.0.0.1:1/",
+        "http://hunter2secret@127.0.0.1:1",
+        "http://127.0.0.1:1/?token=hunter2secret",
+        "http://127.0.0.1:1/#hunter2secret",
+        "http://u:hunter2secret@127.0.0.1:notaport/",  # http.client.InvalidURL repeats the netloc
+        "ftp://u:hunter2secret@127.0.0.1/",  # the wrong scheme, refused before any request
+    ],
+)
+def test_redteam_never_prints_credentials_in_its_url(url: str) -> None:
+    from bastion.redteam import RemoteError, RemoteModel, redact_url
+
+    with pytest.raises(RemoteError) as e:
+        RemoteModel(url, "m", "k", timeout=2)
+    assert "hunter2secret" not in str(e.value)
+    assert "127.0.0.1" in str(e.value)
+    assert "hunter2secret" not in redact_url(url)
