@@ -4,6 +4,7 @@ budget (the caller's privacy budget, as its model metadata shows it, does not mo
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -113,6 +114,10 @@ class Served:
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     root = tmp_path_factory.mktemp("degenerate")
     config, build = write_test_deployment(root, extra=ROLE)
+    # Aggregates on every model, so that each aggregate case reaches the decoder (a model without them
+    # refuses the route before reading the body: 403 aggregates_disabled, tested elsewhere).
+    text = re.sub(r"(?m)^aggregates = true.*\n", "", config.read_text())
+    config.write_text(re.sub(r'(?m)^(path = "bundles/[^"]+".*\n)', r"\1aggregates = true\n", text))
     key = create_key(config, "degen")
     server = start_server(config, root / "server.log")
     try:
