@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bastion.errors import AuditIntegrityError, ConfigError, StateDirLocked
+from bastion.errors import AuditIntegrityError, BastionException, ConfigError, StateDirLocked
 
 log = logging.getLogger("bastion")
 
@@ -340,7 +340,7 @@ def _passphrase(*, confirm: bool) -> bytes:
     return first.encode()
 
 
-class _CliError(Exception):
+class _CliError(BastionException):
     """A message for the operator; main() prints it and exits 2."""
 
 

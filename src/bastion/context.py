@@ -39,6 +39,14 @@ class InferRequest:
 
 @dataclass(slots=True)
 class RequestContext:
+    """One request on its way through a pipeline.
+
+    The transport's fields come first and are the only ones its constructor takes; every field
+    after them is a stage's result (`init=False`), so no transport can hand the pipeline a
+    decision such as `rows_from_signed_reference`. Each result field names the stage that sets it.
+    """
+
+    # The transport's part: what arrived, set when the context is built.
     request_id: str
     action: Action
     now: float  # wall-clock seconds, read once per request
@@ -50,24 +58,37 @@ class RequestContext:
     client: str | None = None
     model_name: str | None = None
     model_version: str | None = None
-    principal: Principal | None = None
-    model: ServedModel | None = None
-    grant: EffectiveGrant | None = None
-    body: bytes | None = None
-    request: InferRequest | None = None
-    prediction: np.ndarray | None = None  # (rows, classes) probabilities, or (rows, 1) values
-    output_detail: OutputDetail | None = None
-    result: dict[str, Any] | None = None  # the JSON response body when the pipeline succeeds
-    result_text: bytes | None = None  # a plain-text response body (metrics)
-    payload_hmac: str | None = None
-    # The rows in the reference data's whitened space and their squared distances to its centre:
-    # measured once by the input guard's out-of-distribution screen, reused by query auditing.
-    measured: tuple[np.ndarray, list[float]] | None = None
-    # True when the rollout chose the version (an unversioned request): only such traffic is evidence
-    # about a canary. A request naming its version chose it itself, and could steer a rollback.
-    routed: bool = False
-    # The runtime's own time for this batch in seconds (None: the runtime never ran), and whether it
-    # raised: the server's failure, as opposed to a refusal of the client's input.
-    inference_seconds: float | None = None
-    runtime_failed: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    # The methods the path answers (the Allow header), for a request with the wrong one (WrongMethod).
+    allowed_methods: str | None = None
+
+    # The pipeline's part, one writer each.
+    principal: Principal | None = field(default=None, init=False)  # Authenticate
+    # ThrottleFailedAuth: a refusal before identity past its address's allowance, counted into the
+    # address's summary record instead of written on its own.
+    audit_counted: bool = field(default=False, init=False)
+    model: ServedModel | None = field(default=None, init=False)  # AuthorizeModel
+    grant: EffectiveGrant | None = field(default=None, init=False)  # AuthorizeModel
+    output_detail: OutputDetail | None = field(default=None, init=False)  # AuthorizeModel: the grant's
+    # AuthorizeModel: True when the rollout chose the version (an unversioned request): only such
+    # traffic is evidence about a canary. A request naming its version chose it itself, and could
+    # steer a rollback.
+    routed: bool = field(default=False, init=False)
+    body: bytes | None = field(default=None, init=False)  # DecodeRequest
+    request: InferRequest | None = field(default=None, init=False)  # DecodeRequest, AggregateSource
+    # AggregateSource's reference branch only: the rows are the bundle's own signed reference data,
+    # so the input guard and query auditing skip them. Nothing a client sends can set it.
+    rows_from_signed_reference: bool = field(default=False, init=False)
+    payload_hmac: str | None = field(default=None, init=False)  # GuardInput (AggregateSource: reference)
+    # GuardInput's out-of-distribution screen: the rows in the reference data's whitened space and
+    # their squared distances to its centre, measured once and reused by query auditing.
+    measured: tuple[np.ndarray, list[float]] | None = field(default=None, init=False)
+    # Infer: (rows, classes) probabilities, or (rows, 1) values; the runtime's own time for this batch
+    # in seconds (None: it never ran), and whether it raised (the server's failure, not the client's).
+    prediction: np.ndarray | None = field(default=None, init=False)
+    inference_seconds: float | None = field(default=None, init=False)
+    runtime_failed: bool = field(default=False, init=False)
+    # ShapeOutput / ComputeAggregates / an endpoint: the answer, and the privacy spent on it (audited).
+    epsilon_spent: float | None = field(default=None, init=False)
+    rho_spent: float | None = field(default=None, init=False)
+    result: dict[str, Any] | None = field(default=None, init=False)  # the JSON response body
+    result_text: bytes | None = field(default=None, init=False)  # a plain-text response body (metrics)

@@ -10,7 +10,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from bastion.errors import NotFound
+from bastion.errors import ErrorCode, NotFound
 
 UNKNOWN = "_unknown"
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -112,5 +112,5 @@ class Metrics:
     def render(self) -> bytes:
         """The exposition text. Raises NotFound when metrics are disabled."""
         if not self.enabled:
-            raise NotFound("metrics are disabled on this server", code="metrics_disabled")
+            raise NotFound("metrics are disabled on this server", code=ErrorCode.METRICS_DISABLED)
         return bytes(generate_latest(self.registry))

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bastion.errors import BastionException
+
 
 @dataclass(frozen=True)
 class MembershipResult:
@@ -74,7 +76,7 @@ def membership_inference(
     )
 
 
-class RemoteError(Exception):
+class RemoteError(BastionException):
     """The server refused or could not be reached; the message names the status and code."""
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from bastion.bundle.crypto import LocalKeyProvider
 from bastion.bundle.verify import BundleRefused, TrustPolicy, is_bundle, verify_bundle
 from bastion.config import ModelRef
-from bastion.errors import ModelLoadError, NotFound
+from bastion.errors import ErrorCode, ModelLoadError, NotFound
 from bastion.extraction import ExtractionMonitor
 from bastion.manifest import MANIFEST_NAME, Manifest, read_manifest
 from bastion.ood import DistributionScreen, input_rows
@@ -191,12 +191,12 @@ class ModelRegistry:
     def get(self, name: str, version: str | None = None) -> ServedModel:
         versions = self._models.get(name)
         if not versions:
-            raise NotFound(f"model {name!r} not found", code="model_not_found")
+            raise NotFound(f"model {name!r} not found", code=ErrorCode.MODEL_NOT_FOUND)
         if version is None:
             # The newest version serves unversioned requests (numeric versions compare as numbers).
             newest = max(versions, key=lambda v: (v.isdigit(), int(v) if v.isdigit() else 0, v))
             return versions[newest]
         model = versions.get(version)
         if model is None:
-            raise NotFound(f"model {name!r} has no version {version!r}", code="model_not_found")
+            raise NotFound(f"model {name!r} has no version {version!r}", code=ErrorCode.MODEL_NOT_FOUND)
         return model

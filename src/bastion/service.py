@@ -23,10 +23,12 @@ from bastion.audit.log import AuditUnavailable
 from bastion.config import Action, Config, check_grants_name_models, load_config
 from bastion.context import RequestContext
 from bastion.errors import (
+    HTTP_STATUS,
     AuthenticationFailed,
     AuthThrottled,
     BastionError,
     ConfigError,
+    ErrorCode,
     MethodNotAllowed,
     NotReady,
     RateLimited,
@@ -354,15 +356,13 @@ class Bastion:
         try:
             stages = self.pipelines.get(route)
             if stages is None:
-                raise NotReady("route disabled", code="route_disabled")
+                raise NotReady("route disabled", code=ErrorCode.ROUTE_DISABLED)
             for stage in stages:
                 await stage(ctx)
             outcome = Outcome(200, ctx.result_text if ctx.result_text is not None else ctx.result or {}, {})
         except BastionError as e:
             outcome = error_outcome(e)
-            if isinstance(e, MethodNotAllowed):
-                outcome.headers["Allow"] = str(ctx.extra.get("allowed", ""))
-            reason = e.reason if isinstance(e, AuthenticationFailed) else e.code
+            reason = e.reason if isinstance(e, AuthenticationFailed) else e.code.value
             self._count_denial(e, reason)
         except Exception as e:  # a bug must not leak a traceback to the client
             # The operator gets the type and the frames, never the message: a library's message can
@@ -373,8 +373,8 @@ class Bastion:
                 type(e).__name__,
                 "".join(traceback.format_tb(e.__traceback__)),
             )
-            outcome = Outcome(500, {"error": "internal error", "code": "internal_error"}, {})
-            reason = "internal_error"
+            outcome = _fixed_outcome(ErrorCode.INTERNAL_ERROR, "internal error")
+            reason = ErrorCode.INTERNAL_ERROR.value
         latency = time.perf_counter() - started
         if self.audit is not None:
             outcome = await self._record(route, ctx, outcome, reason, latency)
@@ -430,7 +430,7 @@ class Bastion:
         self, route: Route, ctx: RequestContext, outcome: Outcome, reason: str, latency: float
     ) -> Outcome:
         assert self.audit is not None
-        if ctx.extra.get("audit_counted"):
+        if ctx.audit_counted:
             # A refusal before identity past its address's allowance: counted into the address's
             # summary record for the window (FailedAuthLimiter), not written on its own.
             self.metrics.refusals_counted.inc()
@@ -453,8 +453,8 @@ class Bastion:
             "latency_ms": round(latency * 1000, 3),
             "payload_hmac": ctx.payload_hmac,
             "output_policy": ctx.output_detail.value if ctx.output_detail else None,
-            "epsilon_spent": ctx.extra.get("epsilon_spent"),
-            "rho_spent": ctx.extra.get("rho_spent"),
+            "epsilon_spent": ctx.epsilon_spent,
+            "rho_spent": ctx.rho_spent,
             "client": ctx.client,
         }
         try:
@@ -464,7 +464,7 @@ class Bastion:
         except AuditUnavailable:
             # Fail closed: an answer that cannot be audited is not given.
             self.metrics.audit_failures.inc()
-            return Outcome(503, {"error": "audit log unavailable", "code": "audit_unavailable"}, {})
+            return _fixed_outcome(ErrorCode.AUDIT_UNAVAILABLE, "audit log unavailable")
         return outcome
 
 
@@ -501,7 +501,14 @@ def error_outcome(error: BastionError) -> Outcome:
         headers["WWW-Authenticate"] = 'Bearer realm="bastion"'
     if isinstance(error, RateLimited):
         headers["Retry-After"] = str(max(1, int(error.retry_after + 0.999)))
+    if isinstance(error, MethodNotAllowed):
+        headers["Allow"] = error.allowed
     return Outcome(error.status, {"error": error.message, "code": error.code}, headers)
+
+
+def _fixed_outcome(code: ErrorCode, message: str) -> Outcome:
+    """An answer the server gives without an exception of the request's (its own failure)."""
+    return Outcome(HTTP_STATUS[code], {"error": message, "code": code}, {})
 
 
 class _ResolveWithoutPolicy:

@@ -43,7 +43,7 @@ from schemathesis.specs.openapi.checks import (
 from tests.conftest import Deployment
 from tests.helpers import RunningServer, create_key, start_server
 
-EXAMPLES = int(os.environ.get("BASTION_FUZZ_EXAMPLES", "600"))
+EXAMPLES = int(os.environ.get("BASTION_FUZZ_EXAMPLES", "500"))
 TIMEOUT = (5.0, 20.0)  # connect, read (s): a request that takes longer counts as a hang
 
 # Limits that never refuse, so the fuzzer reaches every stage; aggregates and admin for full coverage.
@@ -178,13 +178,16 @@ def _draw_case(target: FuzzTarget, data: st.DataObject, operations: list[Any]) -
     mode = data.draw(st.sampled_from([GenerationMode.POSITIVE, GenerationMode.NEGATIVE]), label="mode")
     fixed: dict[str, Any] = {}
     # Mostly a served model: random names only ever reach 404, the deep path is where faults hide.
-    if "{model_name}" in operation.path and data.draw(st.integers(0, 3), label="served model") > 0:
+    if "{model_name}" in operation.path and data.draw(st.integers(0, 4), label="served model") > 0:
         name = data.draw(st.sampled_from(sorted(target.models)), label="model")
         fixed["path_parameters"] = {"model_name": name}
         if "{model_version}" in operation.path:
-            version = data.draw(st.sampled_from(["1", "2", "0", "1.0"]), label="version")
+            version = data.draw(st.sampled_from(["1", "1", "2", "1.0"]), label="version")
             fixed["path_parameters"]["model_version"] = version
-        if operation.method.upper() == "POST" and data.draw(st.booleans(), label="shaped body"):
+        # Three in four: bodies shaped like the model's inputs reach the runtime. The rest (and every
+        # request naming no served model) come from the document's schema: the slow part of generation
+        # (~0.1 s a body), and the decoder's own property tests cover malformed bodies in-process.
+        if operation.method.upper() == "POST" and data.draw(st.integers(0, 3), label="shaped body") > 0:
             fixed["body"] = data.draw(_tensor_body(target.models[name]), label="body")
     return data.draw(operation.as_strategy(generation_mode=mode, **fixed), label="case")
 
@@ -193,7 +196,8 @@ def _credential(target: FuzzTarget, principal: str, data: st.DataObject) -> str 
     if principal == "anonymous":
         return None
     if principal == "bad_credential":
-        return data.draw(_bad_credentials(target), label="credential")
+        # Strip: a header value's surrounding whitespace is not part of it (the client refuses to send it).
+        return data.draw(_bad_credentials(target), label="credential").strip()
     return f"Bearer {target.keys[principal]}"
 
 

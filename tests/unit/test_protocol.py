@@ -37,7 +37,8 @@ def _guard(body: bytes, grant: EffectiveGrant = GRANT) -> RequestContext:
     async def read(limit: int) -> bytes:
         return body
 
-    ctx = RequestContext("r", Action.INFER, 0.0, None, read, model=MODEL, grant=grant)
+    ctx = RequestContext("r", Action.INFER, 0.0, None, read)
+    ctx.model, ctx.grant = MODEL, grant
     ctx.request = decode_infer_request(body)
     asyncio.run(GuardInput(max_rows=10, hmac_key=b"k" * 32)(ctx))
     return ctx
@@ -172,7 +173,8 @@ def test_the_guard_refuses_a_request_of_no_rows_however_it_was_built() -> None:
     async def read(limit: int) -> bytes:
         return b""
 
-    ctx = RequestContext("r", Action.INFER, 0.0, None, read, model=MODEL, grant=GRANT)
+    ctx = RequestContext("r", Action.INFER, 0.0, None, read)
+    ctx.model, ctx.grant = MODEL, GRANT
     empty = {"x": np.zeros((0, 3), np.float32), "c": np.zeros((0, 1), np.int64)}
     ctx.request = InferRequest(None, empty, None, {}, 0)
     with pytest.raises(SchemaViolation) as err:

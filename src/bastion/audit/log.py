@@ -29,6 +29,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bastion.audit.chain import GENESIS, SCHEMA, chain_hash, checkpoint_message, encode_body
+from bastion.errors import BastionException
 
 log = logging.getLogger("bastion.audit")
 
@@ -36,7 +37,7 @@ _Row = tuple[int, str, str, str]  # seq, body, prev_hash, hash
 _WAL_CHECKPOINT_EVERY = 200  # commits between passive WAL checkpoints
 
 
-class AuditUnavailable(Exception):
+class AuditUnavailable(BastionException):
     """The audit record could not be committed; in sync mode the request must fail closed."""
 
 

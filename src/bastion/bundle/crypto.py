@@ -17,10 +17,12 @@ from typing import Protocol
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from bastion.errors import BastionException
+
 _NONCE = 12
 
 
-class DecryptionFailed(Exception):
+class DecryptionFailed(BastionException):
     """Wrong key, or the ciphertext was changed. Deliberately says no more."""
 
 

@@ -17,12 +17,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from bastion.bundle.format import SIGNATURE_FILE
 from bastion.bundle.hashing import hash_files, list_files
+from bastion.errors import BastionException
 from bastion.files import write_private_file
 
 PASSPHRASE_ENV = "BASTION_SIGNING_PASSPHRASE"  # noqa: S105 (the variable's name, not a secret)
 
 
-class SignatureError(Exception):
+class SignatureError(BastionException):
     """The signature is missing, malformed, or made by no trusted key."""
 
 

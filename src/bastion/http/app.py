@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from bastion.context import RequestContext
-from bastion.errors import BadRequest, PayloadTooLarge
+from bastion.errors import BadRequest, ErrorCode, PayloadTooLarge
 from bastion.routes import ROUTE_ACTIONS, Match, Route, Router
 from bastion.service import Bastion, Outcome
 
@@ -62,7 +62,7 @@ class BastionApp:
             route = match.spec.route
         ctx = self._context(scope, receive, route, match)
         if route is Route.WRONG_METHOD:
-            ctx.extra["allowed"] = ", ".join(_ROUTER.allowed_methods(path))
+            ctx.allowed_methods = ", ".join(_ROUTER.allowed_methods(path))
         outcome = await self.service.handle(route, ctx)
         await _send(send, outcome, ctx.request_id)
 
@@ -78,14 +78,14 @@ class BastionApp:
         async def read_body(limit: int) -> bytes:
             if declared is not None:
                 if not declared.isdigit():
-                    raise BadRequest("invalid Content-Length", code="bad_content_length")
+                    raise BadRequest("invalid Content-Length", code=ErrorCode.BAD_CONTENT_LENGTH)
                 if int(declared) > limit:
                     raise PayloadTooLarge(f"body larger than {limit} bytes")
             chunks, size = [], 0
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
-                    raise BadRequest("client disconnected", code="client_disconnected")
+                    raise BadRequest("client disconnected", code=ErrorCode.CLIENT_DISCONNECTED)
                 chunk = message.get("body", b"")
                 size += len(chunk)
                 if size > limit:

@@ -36,7 +36,14 @@ import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from bastion.errors import BastionError, ConfigError, HeadersTooLarge, PayloadTooLarge, RequestTimeout
+from bastion.errors import (
+    BastionError,
+    BastionException,
+    ConfigError,
+    HeadersTooLarge,
+    PayloadTooLarge,
+    RequestTimeout,
+)
 
 log = logging.getLogger("bastion.http")
 
@@ -72,8 +79,8 @@ class _Phase(enum.Enum):
     WAIT = "wait"  # request complete, the application is answering: no deadline
 
 
-class _PipelineTooDeep(Exception):
-    pass
+class _PipelineTooDeep(BastionException):
+    """More pipelined requests than the front end buffers; the connection is closed."""
 
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):

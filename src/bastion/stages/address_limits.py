@@ -258,7 +258,7 @@ class FailedAuthLimiter:
 class ThrottleFailedAuth:
     """Stage: the address's failed-authentication bucket around identity (any `Authenticate`).
 
-    Marks `ctx.extra["audit_counted"]` for a refusal whose record the limiter only counts.
+    Sets `ctx.audit_counted` for a refusal whose record the limiter only counts.
     """
 
     def __init__(self, limiter: FailedAuthLimiter, authenticate: Stage) -> None:
@@ -270,11 +270,11 @@ class ThrottleFailedAuth:
         refusal = self._limiter.check(key, ctx.now)
         if refusal is not None:
             if not refusal.audit_individually:
-                ctx.extra["audit_counted"] = True
+                ctx.audit_counted = True
             raise AuthThrottled(retry_after=refusal.retry_after)
         try:
             await self._authenticate(ctx)
         except AuthenticationFailed as e:
             if not self._limiter.failed(key, e.reason, ctx.now):
-                ctx.extra["audit_counted"] = True
+                ctx.audit_counted = True
             raise

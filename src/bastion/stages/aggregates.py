@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from bastion.context import InferRequest, RequestContext
-from bastion.errors import PermissionDenied, SchemaViolation
+from bastion.errors import ErrorCode, PermissionDenied, SchemaViolation
 from bastion.privacy import AnswerCache, NoiseSource, laplace_scale, policy_tag
 from bastion.protocol import decode_infer_document, parse_json
 from bastion.stages.output_policy import EPSILON, budget_keys, charge
@@ -37,7 +37,7 @@ class AggregateSource:
         # Refused before the body is read: a model without aggregates spends no guard or inference on one.
         if not model.aggregates:
             raise PermissionDenied(
-                f"aggregates are not offered for model {model.name!r}", code="aggregates_disabled"
+                f"aggregates are not offered for model {model.name!r}", code=ErrorCode.AGGREGATES_DISABLED
             )
         body = await ctx.read_body(self._max)
         if ctx.decode is not None:  # a transport's own encoding (binary tensors): a batch, never "reference"
@@ -47,13 +47,13 @@ class AggregateSource:
         if isinstance(doc, dict) and doc.get("reference") is True:
             if model.reference is None:
                 raise SchemaViolation(
-                    f"model {model.name!r} has no reference dataset", code="no_reference_data"
+                    f"model {model.name!r} has no reference dataset", code=ErrorCode.NO_REFERENCE_DATA
                 )
             rows = next(iter(model.reference.values())).shape[0]
             ctx.request = InferRequest(None, dict(model.reference), None, {}, rows)
             # Signed data from the bundle: no input guard, and a fixed cache key.
             ctx.payload_hmac = f"reference:{model.digest}"
-            ctx.extra["trusted_rows"] = True
+            ctx.rows_from_signed_reference = True
             return
         ctx.request = decode_infer_document(doc)
 
@@ -82,7 +82,7 @@ class ComputeAggregates:
         assert model is not None and request is not None and proba is not None and grant is not None
         assert principal is not None and ctx.payload_hmac is not None
         if request.rows < 1:  # the decoder refuses it first; a mean over nothing must never be charged
-            raise SchemaViolation("an aggregate over no rows", code="empty_tensor")
+            raise SchemaViolation("an aggregate over no rows", code=ErrorCode.EMPTY_TENSOR)
         params = grant.output_params
         value_range = model.manifest.outputs.value_range
         row, _ = budget_keys(principal.id, model.name, EPSILON, params)
@@ -112,7 +112,7 @@ class ComputeAggregates:
                 on_global_spend=self._on_global_spend,
             )
             self._cache.put(key, released, expires=ctx.now + params.budget_window_seconds)
-        ctx.extra["epsilon_spent"] = cost
+        ctx.epsilon_spent = cost
         rows = request.rows
         if value_range is not None:
             low, high = value_range

@@ -7,7 +7,7 @@ from typing import Any
 from bastion import __version__
 from bastion.config import Action, OutputDetail
 from bastion.context import RequestContext
-from bastion.errors import BadRequest, MethodNotAllowed, NotFound, PermissionDenied
+from bastion.errors import BadRequest, ErrorCode, MethodNotAllowed, NotFound, PermissionDenied
 from bastion.metrics import Metrics
 from bastion.policy import EffectiveGrant, Policy, TokenScope
 from bastion.protocol import parse_json
@@ -128,12 +128,13 @@ class DescribeApi:
 
 class RouteNotFound:
     async def __call__(self, ctx: RequestContext) -> None:
-        raise NotFound("no such route", code="route_not_found")
+        raise NotFound("no such route", code=ErrorCode.ROUTE_NOT_FOUND)
 
 
 class WrongMethod:
     async def __call__(self, ctx: RequestContext) -> None:
-        raise MethodNotAllowed(f"use {ctx.extra.get('allowed', 'another method')} on this path")
+        allowed = ctx.allowed_methods or ""
+        raise MethodNotAllowed(f"use {allowed or 'another method'} on this path", allowed=allowed)
 
 
 class IssueToken:
@@ -150,16 +151,18 @@ class IssueToken:
         doc = parse_json(body) if body.strip() else {}
         if not isinstance(doc, dict) or set(doc) - {"scope", "output", "ttl_seconds"}:
             raise BadRequest(
-                "token request takes 'scope', 'output' and 'ttl_seconds'", code="malformed_request"
+                "token request takes 'scope', 'output' and 'ttl_seconds'", code=ErrorCode.MALFORMED_REQUEST
             )
         scope = self._scope(doc.get("scope", ["infer:*", "metadata:*"]), principal.roles, doc.get("output"))
         ttl = doc.get("ttl_seconds")
         longest = self._tokens.default_ttl
         if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool) or not 1 <= ttl <= 86_400):
-            raise BadRequest("'ttl_seconds' must be an integer from 1 to 86400", code="malformed_request")
+            raise BadRequest(
+                "'ttl_seconds' must be an integer from 1 to 86400", code=ErrorCode.MALFORMED_REQUEST
+            )
         if ttl is not None and ttl > longest:  # asking for more than the server grants: refused, not cut
             raise PermissionDenied(
-                f"'ttl_seconds' may be at most {longest} (tokens.ttl_seconds)", code="ttl_not_granted"
+                f"'ttl_seconds' may be at most {longest} (tokens.ttl_seconds)", code=ErrorCode.TTL_NOT_GRANTED
             )
         token, expires_in = self._tokens.issue(key_id=principal.key_id, scope=scope, now=ctx.now, ttl=ttl)
         ctx.result = {
@@ -172,7 +175,7 @@ class IssueToken:
     def _scope(self, items: Any, roles: tuple[str, ...], output: Any) -> TokenScope:
         if not isinstance(items, list) or not items or not all(isinstance(i, str) for i in items):
             raise BadRequest(
-                "'scope' must be a non-empty list of 'action:model' strings", code="malformed_request"
+                "'scope' must be a non-empty list of 'action:model' strings", code=ErrorCode.MALFORMED_REQUEST
             )
         detail = None
         if output is not None:
@@ -182,16 +185,20 @@ class IssueToken:
                 detail = None
             if detail is None:
                 names = ", ".join(d.value for d in OutputDetail)
-                raise BadRequest(f"'output' must be one of: {names}", code="malformed_request")
+                raise BadRequest(f"'output' must be one of: {names}", code=ErrorCode.MALFORMED_REQUEST)
         pairs = set()
         for item in items:
             action_name, sep, model = item.partition(":")
             try:
                 action = Action(action_name)
             except ValueError:
-                raise BadRequest(f"unknown action in scope {item[:80]!r}", code="malformed_request") from None
+                raise BadRequest(
+                    f"unknown action in scope {item[:80]!r}", code=ErrorCode.MALFORMED_REQUEST
+                ) from None
             if not sep or not model:
-                raise BadRequest(f"scope {item[:80]!r} must read 'action:model'", code="malformed_request")
+                raise BadRequest(
+                    f"scope {item[:80]!r} must read 'action:model'", code=ErrorCode.MALFORMED_REQUEST
+                )
             # A wildcard pair narrows to the key's own grants (a token's grant is always the intersection),
             # but asking for an action the key holds nowhere is refused outright.
             granted = (
@@ -201,7 +208,7 @@ class IssueToken:
             )
             if not granted:
                 raise PermissionDenied(
-                    f"scope {item[:80]!r} is not granted to this key", code="scope_not_granted"
+                    f"scope {item[:80]!r} is not granted to this key", code=ErrorCode.SCOPE_NOT_GRANTED
                 )
             # The output claim narrows too: asking for more detail than the key gets is refused, never
             # issued and quietly ignored. The claim caps infer answers (which metadata describes), so it
@@ -216,7 +223,7 @@ class IssueToken:
                 if most is None or detail.rank > most.rank:
                     raise PermissionDenied(
                         f"output {detail.value!r} is more than this key gets for {item[:80]!r}",
-                        code="output_not_granted",
+                        code=ErrorCode.OUTPUT_NOT_GRANTED,
                     )
             pairs.add((action, model))
         return TokenScope(frozenset(pairs), detail)

@@ -9,14 +9,11 @@ from collections.abc import Callable
 import numpy as np
 
 from bastion.context import RequestContext
-from bastion.errors import BastionError
+from bastion.errors import ModelFailed
 
 log = logging.getLogger("bastion.inference")
 
-
-class ModelFailed(BastionError):
-    status = 500
-    code = "inference_failed"
+__all__ = ["Infer", "ModelFailed", "run_model"]
 
 
 def run_model(ctx: RequestContext, predict: Callable[[], np.ndarray]) -> np.ndarray:

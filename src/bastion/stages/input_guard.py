@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bastion.context import RequestContext
-from bastion.errors import PayloadTooLarge, PermissionDenied, SchemaViolation
+from bastion.errors import ErrorCode, PayloadTooLarge, PermissionDenied, SchemaViolation
 from bastion.manifest import InputSpec, Manifest
 from bastion.protocol import decode_infer_request
 
@@ -85,27 +85,27 @@ class GuardInput:
     async def __call__(self, ctx: RequestContext) -> None:
         request, model, grant = ctx.request, ctx.model, ctx.grant
         assert request is not None and model is not None and grant is not None
-        if ctx.extra.get("trusted_rows"):  # the bundle's own signed reference data
+        if ctx.rows_from_signed_reference:  # the bundle's own signed reference data
             return
         specs = self._specs(model.manifest)
         for name in request.inputs:
             if name not in specs:
                 raise SchemaViolation(
-                    f"input {name[:64]!r} is not an input of this model", code="unknown_input"
+                    f"input {name[:64]!r} is not an input of this model", code=ErrorCode.UNKNOWN_INPUT
                 )
         for name, compiled in specs.items():
             if name not in request.inputs:
-                raise SchemaViolation(f"input {name!r} is missing", code="missing_input")
+                raise SchemaViolation(f"input {name!r} is missing", code=ErrorCode.MISSING_INPUT)
             if compiled.spec.sensitive and not grant.sensitive_inputs:
                 raise PermissionDenied(
-                    f"input {name!r} is sensitive and not granted", code="sensitive_input_denied"
+                    f"input {name!r} is sensitive and not granted", code=ErrorCode.SENSITIVE_INPUT_DENIED
                 )
         rows = request.rows
         if rows < 1:  # the decoder refuses it too; this guard sees every request the runtime will
-            raise SchemaViolation("the request holds no rows", code="empty_tensor")
+            raise SchemaViolation("the request holds no rows", code=ErrorCode.EMPTY_TENSOR)
         if rows > self._max_rows:
             raise PayloadTooLarge(
-                f"{rows} rows in one request; at most {self._max_rows}", code="too_many_rows"
+                f"{rows} rows in one request; at most {self._max_rows}", code=ErrorCode.TOO_MANY_ROWS
             )
         for name, array in request.inputs.items():
             self._check(specs[name], array, rows)
@@ -117,7 +117,8 @@ class GuardInput:
                     self._on_out_of_distribution(ctx)
                 # No distance and no value in the message: either would help map the reference data.
                 raise SchemaViolation(
-                    f"row {row} is outside the distribution this model serves", code="out_of_distribution"
+                    f"row {row} is outside the distribution this model serves",
+                    code=ErrorCode.OUT_OF_DISTRIBUTION,
                 )
         ctx.payload_hmac = self._fingerprint(request.inputs)
 
@@ -126,17 +127,17 @@ class GuardInput:
         spec = c.spec
         label = f"input {spec.name!r}"
         if array.dtype != spec.numpy_dtype:
-            raise SchemaViolation(f"{label}: datatype must be {spec.datatype}", code="wrong_datatype")
+            raise SchemaViolation(f"{label}: datatype must be {spec.datatype}", code=ErrorCode.WRONG_DATATYPE)
         if array.ndim != len(spec.shape) or any(
             want != -1 and got != want for got, want in zip(array.shape, spec.shape, strict=True)
         ):
-            raise SchemaViolation(f"{label}: shape must be {spec.shape}", code="wrong_shape")
+            raise SchemaViolation(f"{label}: shape must be {spec.shape}", code=ErrorCode.WRONG_SHAPE)
         if array.shape[0] != rows:
             raise SchemaViolation(
-                f"{label}: every input must have the same number of rows", code="wrong_shape"
+                f"{label}: every input must have the same number of rows", code=ErrorCode.WRONG_SHAPE
             )
         if c.check_finite and not np.isfinite(array).all():
-            raise SchemaViolation(f"{label}: NaN or infinity is not allowed", code="not_finite")
+            raise SchemaViolation(f"{label}: NaN or infinity is not allowed", code=ErrorCode.NOT_FINITE)
         for bound, outside, words in (
             (c.low, np.less, "below its minimum"),
             (c.high, np.greater, "above its maximum"),
@@ -148,11 +149,11 @@ class GuardInput:
                 col = _first_column(mask)
                 value = bound if bound.ndim == 0 else bound[col]
                 raise SchemaViolation(
-                    f"{label}: column {col} is {words} {float(value):g}", code="out_of_range"
+                    f"{label}: column {col} is {words} {float(value):g}", code=ErrorCode.OUT_OF_RANGE
                 )
         if c.categories is not None and not np.isin(array, c.categories).all():
             raise SchemaViolation(
-                f"{label}: a value is not one of the allowed categories", code="not_a_category"
+                f"{label}: a value is not one of the allowed categories", code=ErrorCode.NOT_A_CATEGORY
             )
 
     def _fingerprint(self, inputs: dict[str, np.ndarray]) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bastion.context import RequestContext
-from bastion.errors import RateLimited
+from bastion.errors import ErrorCode, RateLimited
 from bastion.policy import Policy
 from bastion.state import LimitSpec, StateStore
 
@@ -40,6 +40,6 @@ class EnforceLimits:
         if not admission.allowed:
             if admission.reason == "quota_exhausted":
                 raise RateLimited(
-                    "daily quota exhausted", retry_after=admission.retry_after, code="quota_exhausted"
+                    "daily quota exhausted", retry_after=admission.retry_after, code=ErrorCode.QUOTA_EXHAUSTED
                 )
             raise RateLimited("rate limit exceeded", retry_after=admission.retry_after)

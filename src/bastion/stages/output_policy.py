@@ -24,7 +24,7 @@ import numpy as np
 
 from bastion.config import Grant, OutputDetail
 from bastion.context import RequestContext
-from bastion.errors import PermissionDenied, RateLimited, SchemaViolation
+from bastion.errors import ErrorCode, PermissionDenied, RateLimited, SchemaViolation
 from bastion.privacy import AnswerCache, NoiseSource, dp_scores, dp_values, policy_tag, reverse_sigmoid
 from bastion.protocol import encode_infer_response
 from bastion.stages.inference import run_model
@@ -53,7 +53,7 @@ def check_applicable(detail: OutputDetail, *, regression: bool) -> None:
         raise PermissionDenied(
             f"output policy {detail.value!r} is made for classes and does not apply to a regression "
             "model: grant rounded, dp_scores or probabilities for it",
-            code="policy_not_applicable",
+            code=ErrorCode.POLICY_NOT_APPLICABLE,
         )
 
 
@@ -174,13 +174,13 @@ class PrivateScores:
         if model.teachers is None:
             raise PermissionDenied(
                 "private prediction needs a bundle packed with --teachers",
-                code="private_prediction_unavailable",
+                code=ErrorCode.PRIVATE_PREDICTION_UNAVAILABLE,
             )
         row, _ = budget_keys(principal.id, model.name, RHO, params)
         key = self.cache.key(row, model.digest, ctx.payload_hmac, policy_tag("pate", params.sigma))
         cached = self.cache.get(key, now=ctx.now)
         if cached is not None:
-            ctx.extra["rho_spent"] = 0.0
+            ctx.rho_spent = 0.0
             return cached
         # The teachers (runtimes that can fail) vote and the noise is drawn before the charge: a failure
         # costs the caller nothing, and an answer refused for budget is discarded, never released.
@@ -197,7 +197,7 @@ class PrivateScores:
             now=ctx.now,
             on_global_spend=self.on_global_spend,
         )
-        ctx.extra["rho_spent"] = cost
+        ctx.rho_spent = cost
         self.cache.put(key, noisy, expires=ctx.now + params.budget_window_seconds)
         return noisy
 
@@ -208,7 +208,7 @@ class PrivateScores:
         key = self.cache.key(row, ctx.model.digest, ctx.payload_hmac, policy)
         cached = self.cache.get(key, now=ctx.now)
         if cached is not None:
-            ctx.extra["epsilon_spent"] = 0.0
+            ctx.epsilon_spent = 0.0
             return cached
         cost = params.epsilon * prediction.shape[0]
         value_range = ctx.model.manifest.outputs.value_range
@@ -240,7 +240,7 @@ class PrivateScores:
             now=ctx.now,
             on_global_spend=self.on_global_spend,
         )
-        ctx.extra["epsilon_spent"] = cost
+        ctx.epsilon_spent = cost
         self.cache.put(key, scores, expires=ctx.now + params.budget_window_seconds)
         return scores
 
@@ -249,7 +249,7 @@ def _exhausted(cost: float, remaining: float, retry_after: float, unit: str) -> 
     return RateLimited(
         f"privacy budget exhausted: this answer costs {unit} {cost:g}, {remaining:g} left in the window",
         retry_after=retry_after,
-        code="privacy_budget_exhausted",
+        code=ErrorCode.PRIVACY_BUDGET_EXHAUSTED,
     )
 
 
@@ -270,10 +270,10 @@ class ShapeOutput:
         for name in wanted:
             if name not in ((VALUE,) if regression else ALL_OUTPUTS):
                 raise SchemaViolation(
-                    f"output {name[:64]!r} is not an output of this model", code="unknown_output"
+                    f"output {name[:64]!r} is not an output of this model", code=ErrorCode.UNKNOWN_OUTPUT
                 )
             if name not in allowed:
-                raise PermissionDenied(f"output {name!r} is not granted", code="output_not_granted")
+                raise PermissionDenied(f"output {name!r} is not granted", code=ErrorCode.OUTPUT_NOT_GRANTED)
         scores = await self._scores(ctx, np.asarray(proba, dtype=np.float64), detail, params)
         if regression:
             value = {
@@ -328,13 +328,13 @@ class ShapeOutput:
         if detail is OutputDetail.PRIVATE_PREDICTION:
             if self._private is None:
                 raise PermissionDenied(
-                    "private prediction is not available on this server", code="dp_unavailable"
+                    "private prediction is not available on this server", code=ErrorCode.DP_UNAVAILABLE
                 )
             return await self._private.private_prediction(ctx, params)
         if detail is OutputDetail.DP_SCORES:
             if self._private is None:
                 raise PermissionDenied(
-                    "differential privacy is not available on this server", code="dp_unavailable"
+                    "differential privacy is not available on this server", code=ErrorCode.DP_UNAVAILABLE
                 )
             return await self._private.answer(ctx, proba, params)
         if detail is OutputDetail.REVERSE_SIGMOID:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bastion.context import RequestContext
-from bastion.errors import NotReady, PermissionDenied
+from bastion.errors import ErrorCode, NotReady, PermissionDenied
 from bastion.extraction import Suspicion
 from bastion.isolation import IsolationStore
 from bastion.keys import KeyStore
@@ -34,7 +34,7 @@ QUARANTINED = (
 
 
 def quarantined() -> PermissionDenied:
-    return PermissionDenied(QUARANTINED, code="key_quarantined")
+    return PermissionDenied(QUARANTINED, code=ErrorCode.KEY_QUARANTINED)
 
 
 class IsolationGate:
@@ -47,7 +47,7 @@ class IsolationGate:
             raise NotReady(
                 f"model {model.name!r} is isolated: query auditing flagged several principals on it. "
                 "An operator can review the incidents and release it with `bastion models release NAME`",
-                code="model_isolated",
+                code=ErrorCode.MODEL_ISOLATED,
             )
 
 
@@ -131,7 +131,7 @@ class WatchQueries:
     async def __call__(self, ctx: RequestContext) -> None:
         model, request, principal = ctx.model, ctx.request, ctx.principal
         assert model is not None and request is not None and principal is not None
-        if model.monitor is None or ctx.extra.get("trusted_rows"):
+        if model.monitor is None or ctx.rows_from_signed_reference:
             return
         monitor = model.monitor
         measured = ctx.measured

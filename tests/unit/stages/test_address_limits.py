@@ -171,9 +171,9 @@ def test_stage_refuses_before_authenticating_and_marks_counted_refusals() -> Non
         try:
             await stage(ctx)
         except AuthThrottled as e:
-            return f"throttled {e.status} {e.code} {e.retry_after > 0}", bool(ctx.extra.get("audit_counted"))
+            return f"throttled {e.status} {e.code} {e.retry_after > 0}", ctx.audit_counted
         except AuthenticationFailed:
-            return "failed", bool(ctx.extra.get("audit_counted"))
+            return "failed", ctx.audit_counted
         return "ok", False
 
     async def run() -> list[tuple[str, bool]]:

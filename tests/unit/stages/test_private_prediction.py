@@ -59,9 +59,9 @@ def _ctx(teachers: TeacherEnsemble | None, who: str = "k1", row: float = 0.0) ->
         100.0,
         None,
         read,
-        principal=Principal(who, ("r",)),
-        model=ServedModel(MANIFEST, Fixed(0), "sha256:x", teachers),
     )
+    ctx.principal = Principal(who, ("r",))
+    ctx.model = ServedModel(MANIFEST, Fixed(0), "sha256:x", teachers)
     ctx.request = InferRequest(None, {"x": np.array([[row, 1.0]], dtype=np.float32)}, None, {}, 1)
     ctx.payload_hmac = f"h{row}"
     return ctx

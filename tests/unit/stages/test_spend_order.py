@@ -63,9 +63,9 @@ def _ctx(category: int, teachers: TeacherEnsemble) -> RequestContext:
         100.0,
         None,
         read,
-        principal=Principal("k1", ("r",)),
-        model=ServedModel(MANIFEST, _teacher([0, 1, 2]), "sha256:x", teachers),
     )
+    ctx.principal = Principal("k1", ("r",))
+    ctx.model = ServedModel(MANIFEST, _teacher([0, 1, 2]), "sha256:x", teachers)
     ctx.request = InferRequest(None, {"c": np.array([[category]], dtype=np.int64)}, None, {}, 1)
     ctx.payload_hmac = f"h{category}"
     return ctx
