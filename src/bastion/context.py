@@ -26,6 +26,9 @@ class Principal:
         return f"key:{self.key_id}"
 
 
+BINARY_ALL = "*"  # in InferRequest.binary_outputs: every output of the answer
+
+
 @dataclass(slots=True)
 class InferRequest:
     """A decoded Open Inference Protocol V2 request: tensors by name, ready for the runtime."""
@@ -35,6 +38,9 @@ class InferRequest:
     requested_outputs: list[str] | None
     parameters: dict[str, Any]
     rows: int
+    # Outputs the caller asked to receive as raw bytes (the binary tensor extension; BINARY_ALL for
+    # all): only the transport's encoding of the answer reads it, never a policy decision.
+    binary_outputs: frozenset[str] = frozenset()
 
 
 @dataclass(slots=True)

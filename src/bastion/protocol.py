@@ -4,18 +4,22 @@ Decoding checks only that a request is well formed and that each tensor's data
 fits the datatype and shape the request itself declares; whether it fits the
 model is the input guard's job. A tensor with a zero dimension, or inputs with
 different row counts, are refused here (422), before any stage spends anything.
+The per-tensor checks (`tensor_header`, `tensor_from_values`, `check_count`) are shared with the
+binary tensor extension (`bastion.protocol_binary`): every encoding of a tensor passes the same ones.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import orjson
 
-from bastion.context import InferRequest
+from bastion.context import BINARY_ALL, InferRequest
 from bastion.errors import BadRequest, ErrorCode, SchemaViolation
 from bastion.manifest import V2_TO_NUMPY
 
@@ -39,10 +43,40 @@ def parse_json(body: bytes) -> Any:
     raise BadRequest("request body is not valid JSON (UTF-8)", code=ErrorCode.MALFORMED_JSON)
 
 
-def _tensor(entry: Any, index: int) -> tuple[str, np.ndarray]:
+@dataclass(frozen=True, slots=True)
+class TensorHeader:
+    """One entry of a request's "inputs" whose name, datatype string and shape are well formed.
+
+    Where its values come from is the transport's business: JSON `data` (`json_tensor`), the binary
+    extension's raw bytes (`bastion.protocol_binary`), gRPC contents. Every source ends in the same
+    checks of `tensor_from_values` or `tensor_from_bytes`.
+    """
+
+    name: str
+    datatype: str
+    shape: list[int]
+    entry: dict[str, Any]
+    parameters: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        return f"input {self.name[:64]!r}"
+
+    @property
+    def count(self) -> int:
+        """Elements the shape declares: the product of its dimensions."""
+        return math.prod(self.shape)
+
+
+TensorReader = Callable[[TensorHeader], np.ndarray]
+
+
+def tensor_header(entry: Any, index: int) -> TensorHeader:
+    """The checks every tensor passes, whatever carries its values. Raises BadRequest (400) for a
+    malformed entry, SchemaViolation 422 `empty_tensor` for a zero dimension."""
     if not isinstance(entry, dict):
         raise BadRequest(f"inputs[{index}] must be an object", code=ErrorCode.MALFORMED_REQUEST)
-    name, datatype, shape, data = (entry.get(k) for k in ("name", "datatype", "shape", "data"))
+    name, datatype, shape = (entry.get(k) for k in ("name", "datatype", "shape"))
     if not isinstance(name, str) or not name:
         raise BadRequest(f"inputs[{index}].name must be a non-empty string", code=ErrorCode.MALFORMED_REQUEST)
     label = f"input {name[:64]!r}"
@@ -60,13 +94,46 @@ def _tensor(entry: Any, index: int) -> tuple[str, np.ndarray]:
     if 0 in shape:
         # Nothing to infer: no runtime, screen or privacy mechanism is defined on an empty batch.
         raise SchemaViolation(f"{label}: shape {shape} has a zero dimension", code=ErrorCode.EMPTY_TENSOR)
-    if data is None:
-        raise BadRequest(f"{label}: data is missing", code=ErrorCode.MALFORMED_REQUEST)
-    target = V2_TO_NUMPY.get(datatype)
+    parameters = entry.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise BadRequest(f"{label}: parameters must be an object", code=ErrorCode.MALFORMED_REQUEST)
+    if "binary_data_size" in parameters and "data" in entry:
+        # Two sources for one tensor: whichever a later reader trusted, the other would be unchecked.
+        raise BadRequest(f"{label}: has both data and binary_data_size", code=ErrorCode.MALFORMED_BINARY)
+    return TensorHeader(name, datatype, shape, entry, parameters)
+
+
+def numpy_dtype(header: TensorHeader) -> np.dtype[np.generic]:
+    """The numpy dtype of a supported V2 datatype; SchemaViolation 422 `unsupported_datatype` otherwise
+    (BYTES and BF16 among them: no served model takes strings, and numpy has no bfloat16)."""
+    target = V2_TO_NUMPY.get(header.datatype)
     if target is None:
         raise SchemaViolation(
-            f"{label}: datatype {datatype[:16]!r} is not supported", code=ErrorCode.UNSUPPORTED_DATATYPE
+            f"{header.label}: datatype {header.datatype[:16]!r} is not supported",
+            code=ErrorCode.UNSUPPORTED_DATATYPE,
         )
+    return target
+
+
+def json_tensor(header: TensorHeader) -> np.ndarray:
+    """The tensor from the entry's JSON `data`."""
+    data = header.entry.get("data")
+    if data is None:
+        if "binary_data_size" in header.parameters:
+            raise BadRequest(
+                f"{header.label}: binary_data_size needs the Inference-Header-Content-Length header "
+                "(the length of the JSON part of a binary tensor request)",
+                code=ErrorCode.BAD_HEADER_LENGTH,
+            )
+        raise BadRequest(f"{header.label}: data is missing", code=ErrorCode.MALFORMED_REQUEST)
+    return tensor_from_values(header, data)
+
+
+def tensor_from_values(header: TensorHeader, data: Any) -> np.ndarray:
+    """A tensor from a (flat or nested) list of values: each must fit the declared datatype, and
+    there must be exactly as many as the shape declares. Raises SchemaViolation (422)."""
+    label, datatype, shape = header.label, header.datatype, header.shape
+    target = numpy_dtype(header)
     try:
         array = np.asarray(data)
     except (ValueError, OverflowError):
@@ -79,20 +146,40 @@ def _tensor(entry: Any, index: int) -> tuple[str, np.ndarray]:
         info = np.iinfo(target)  # type: ignore[type-var]
         if array.min() < info.min or array.max() > info.max:
             raise SchemaViolation(f"{label}: values do not fit {datatype}", code=ErrorCode.WRONG_DATATYPE)
-    if array.size != math.prod(shape):
+    check_count(header, array.size)
+    with np.errstate(over="ignore"):  # FP32 overflow becomes inf, which the guard rejects
+        return array.astype(target, copy=False).reshape(shape)
+
+
+def check_count(header: TensorHeader, count: int) -> None:
+    """SchemaViolation 422 `shape_mismatch` unless `count` values fill the declared shape."""
+    if count != header.count:
         raise SchemaViolation(
-            f"{label}: data holds {array.size} values but shape {shape} needs {math.prod(shape)}",
+            f"{header.label}: data holds {count} values but shape {header.shape} needs {header.count}",
             code=ErrorCode.SHAPE_MISMATCH,
         )
-    with np.errstate(over="ignore"):  # FP32 overflow becomes inf, which the guard rejects
-        return name, array.astype(target, copy=False).reshape(shape)
 
 
 def decode_infer_request(body: bytes) -> InferRequest:
-    return decode_infer_document(parse_json(body))
+    """A V2 JSON request body to an InferRequest. Raises BadRequest (400), SchemaViolation (422)."""
+    try:
+        doc = parse_json(body)
+    except BadRequest:
+        # Say what is missing rather than "not JSON": a binary tensor body sent without its header.
+        if b'"binary_data_size"' in body:
+            raise BadRequest(
+                "binary tensor data needs the Inference-Header-Content-Length header "
+                "(the length of the JSON part of the body)",
+                code=ErrorCode.BAD_HEADER_LENGTH,
+            ) from None
+        raise
+    return decode_infer_document(doc)
 
 
-def decode_infer_document(doc: Any) -> InferRequest:
+def decode_infer_document(doc: Any, read: TensorReader = json_tensor) -> InferRequest:
+    """A V2 request document to an InferRequest. `read` turns each input's checked header into its
+    tensor (JSON `data` by default; the binary extension passes its own). Raises BadRequest (400),
+    SchemaViolation (422)."""
     if not isinstance(doc, dict):
         raise BadRequest("request body must be a JSON object", code=ErrorCode.MALFORMED_REQUEST)
     inputs = doc.get("inputs")
@@ -108,35 +195,49 @@ def decode_infer_document(doc: Any) -> InferRequest:
         raise BadRequest("'parameters' must be an object", code=ErrorCode.MALFORMED_REQUEST)
     tensors: dict[str, np.ndarray] = {}
     for i, entry in enumerate(inputs):
-        name, array = _tensor(entry, i)
+        header = tensor_header(entry, i)
+        name, array = header.name, read(header)
         if name in tensors:
             raise BadRequest(f"input {name[:64]!r} appears twice", code=ErrorCode.MALFORMED_REQUEST)
         tensors[name] = array
-    requested = _requested_outputs(doc.get("outputs"))
+    requested, binary_outputs = _requested_outputs(doc.get("outputs"), parameters)
     rows = next(iter(tensors.values())).shape[0]
     if any(array.shape[0] != rows for array in tensors.values()):
         raise SchemaViolation("every input must have the same number of rows", code=ErrorCode.WRONG_SHAPE)
-    return InferRequest(request_id, tensors, requested, parameters, rows)
+    return InferRequest(request_id, tensors, requested, parameters, rows, binary_outputs)
 
 
-def _requested_outputs(outputs: Any) -> list[str] | None:
+def _requested_outputs(outputs: Any, parameters: dict[str, Any]) -> tuple[list[str] | None, frozenset[str]]:
+    """The outputs asked for (None: every granted one) and those to answer as raw bytes: each output's
+    `binary_data`, defaulting to the request's `binary_data_output` ("*" when no output is named)."""
+    every_binary = parameters.get("binary_data_output", False)
+    if not isinstance(every_binary, bool):
+        raise BadRequest("parameters.binary_data_output must be a boolean", code=ErrorCode.MALFORMED_REQUEST)
     if outputs is None:
-        return None
+        return None, frozenset({BINARY_ALL} if every_binary else ())
     if not isinstance(outputs, list) or not all(
         isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs
     ):
         raise BadRequest(
             "'outputs' must be a list of objects with a 'name'", code=ErrorCode.MALFORMED_REQUEST
         )
+    binary = set()
     for o in outputs:
         params = o.get("parameters") or {}
         if not isinstance(params, dict):
             raise BadRequest("outputs[].parameters must be an object", code=ErrorCode.MALFORMED_REQUEST)
-        if params.get("binary_data"):
+        if "classification" in params:  # Triton's top-k-as-strings: an answer this server does not give
             raise BadRequest(
-                "binary tensor data is not supported; use JSON data", code=ErrorCode.UNSUPPORTED_PARAMETER
+                "outputs[].parameters.classification is not supported", code=ErrorCode.UNSUPPORTED_PARAMETER
             )
-    return [o["name"] for o in outputs]
+        wanted = params.get("binary_data", every_binary)
+        if not isinstance(wanted, bool):
+            raise BadRequest(
+                "outputs[].parameters.binary_data must be a boolean", code=ErrorCode.MALFORMED_REQUEST
+            )
+        if wanted:
+            binary.add(o["name"])
+    return [o["name"] for o in outputs], frozenset(binary)
 
 
 def encode_infer_response(

@@ -18,6 +18,8 @@ import orjson
 
 from bastion.context import RequestContext
 from bastion.errors import BadRequest, ErrorCode, PayloadTooLarge
+from bastion.protocol_binary import decoder as binary_decoder
+from bastion.protocol_binary import encode_response
 from bastion.routes import ROUTE_ACTIONS, Match, Route, Router
 from bastion.service import Bastion, Outcome
 
@@ -64,15 +66,21 @@ class BastionApp:
         if route is Route.WRONG_METHOD:
             ctx.allowed_methods = ", ".join(_ROUTER.allowed_methods(path))
         outcome = await self.service.handle(route, ctx)
-        await _send(send, outcome, ctx.request_id)
+        # Raw output bytes only when an answer's outputs were asked for so (the binary extension).
+        binary = (
+            ctx.request.binary_outputs if route is Route.INFER and ctx.request is not None else frozenset()
+        )
+        await _send(send, outcome, ctx.request_id, binary)
 
     def _context(self, scope: Scope, receive: Receive, route: Route, match: Match | None) -> RequestContext:
-        auth = declared = None
+        auth = declared = header_length = None
         for k, v in scope["headers"]:  # the first of each wins; no other header is read
             if k == b"authorization" and auth is None:
                 auth = v
             elif k == b"content-length" and declared is None:
                 declared = v
+            elif k == b"inference-header-content-length" and header_length is None:
+                header_length = v
         client = scope.get("client")
 
         async def read_body(limit: int) -> bytes:
@@ -103,6 +111,8 @@ class BastionApp:
             client=client[0] if client else None,
             model_name=match.model_name if match is not None else None,
             model_version=match.model_version if match is not None else None,
+            # The binary tensor extension: a JSON header, then raw tensor bytes (checked when decoded).
+            decode=binary_decoder(header_length) if header_length is not None else None,
         )
 
     def _on_sighup(self) -> None:
@@ -126,9 +136,16 @@ class BastionApp:
                 return
 
 
-async def _send(send: Send, outcome: Outcome, request_id: str | None) -> None:
+async def _send(
+    send: Send, outcome: Outcome, request_id: str | None, binary: frozenset[str] = frozenset()
+) -> None:
+    """`binary`: the outputs to send as raw bytes after the JSON header; errors are always JSON."""
+    header_length = None
     if isinstance(outcome.body, bytes):
         body, content_type = outcome.body, b"text/plain; version=0.0.4; charset=utf-8"
+    elif binary and outcome.status == 200:
+        body, header_length = encode_response(outcome.body, binary)
+        content_type = _JSON if header_length is None else b"application/octet-stream"
     else:
         body, content_type = orjson.dumps(outcome.body), _JSON
     headers = [
@@ -137,6 +154,8 @@ async def _send(send: Send, outcome: Outcome, request_id: str | None) -> None:
         (b"cache-control", b"no-store"),
         (b"x-content-type-options", b"nosniff"),
     ]
+    if header_length is not None:
+        headers.append((b"inference-header-content-length", str(header_length).encode()))
     if request_id is not None:
         headers.append((b"x-request-id", request_id.encode()))
     headers.extend((k.lower().encode(), v.encode()) for k, v in outcome.headers.items())

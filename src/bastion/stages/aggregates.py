@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from bastion.context import InferRequest, RequestContext
-from bastion.errors import ErrorCode, PermissionDenied, SchemaViolation
+from bastion.errors import BadRequest, ErrorCode, PermissionDenied, SchemaViolation
 from bastion.privacy import AnswerCache, NoiseSource, laplace_scale, policy_tag
 from bastion.protocol import decode_infer_document, parse_json
 from bastion.stages.output_policy import EPSILON, budget_keys, charge
@@ -41,7 +41,7 @@ class AggregateSource:
             )
         body = await ctx.read_body(self._max)
         if ctx.decode is not None:  # a transport's own encoding (binary tensors): a batch, never "reference"
-            ctx.request = ctx.decode(body)
+            ctx.request = _statistics_only(ctx.decode(body))
             return
         doc = parse_json(body)
         if isinstance(doc, dict) and doc.get("reference") is True:
@@ -55,7 +55,18 @@ class AggregateSource:
             ctx.payload_hmac = f"reference:{model.digest}"
             ctx.rows_from_signed_reference = True
             return
-        ctx.request = decode_infer_document(doc)
+        ctx.request = _statistics_only(decode_infer_document(doc))
+
+
+def _statistics_only(request: InferRequest) -> InferRequest:
+    # An aggregate answers statistics, not output tensors: a request for raw output bytes would be
+    # accepted and ignored, so it is refused.
+    if request.binary_outputs:
+        raise BadRequest(
+            "aggregates answer JSON statistics; binary_data outputs are not offered",
+            code=ErrorCode.UNSUPPORTED_PARAMETER,
+        )
+    return request
 
 
 class ComputeAggregates:

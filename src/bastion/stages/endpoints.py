@@ -31,7 +31,9 @@ _MAX_TOKEN_REQUEST = 4096
 
 class DescribeServer:
     async def __call__(self, ctx: RequestContext) -> None:
-        ctx.result = {"name": "bastion", "version": __version__, "extensions": ["bastion_auth"]}
+        # binary_tensor_data: Triton's name for the binary extension, which its clients look for.
+        extensions = ["bastion_auth", "binary_tensor_data"]
+        ctx.result = {"name": "bastion", "version": __version__, "extensions": extensions}
 
 
 class DescribeModel:
