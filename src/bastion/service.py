@@ -483,11 +483,11 @@ def failed_auth_policy(config: Config) -> FailedAuthPolicy:
 
 def _state_store(config: Config, paths: StatePaths) -> StateStore:
     if config.state.backend == "redis":
-        from bastion.state_redis import RedisStateStore
+        from bastion.state.redis import RedisStateStore
 
         return RedisStateStore(config.state.redis_url, prefix=config.state.redis_prefix)
     if config.state.backend == "postgres":
-        from bastion.state_postgres import PostgresStateStore
+        from bastion.state.postgres import PostgresStateStore
 
         return PostgresStateStore(config.state.postgres_dsn, table=config.state.postgres_table)
     if config.state.backend == "sqlite":

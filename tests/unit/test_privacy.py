@@ -29,8 +29,8 @@ from bastion.state import (
     SQLiteStateStore,
     StateStore,
 )
-from bastion.state_postgres import PostgresStateStore
-from bastion.state_redis import RedisStateStore
+from bastion.state.postgres import PostgresStateStore
+from bastion.state.redis import RedisStateStore
 from tests.helpers import (
     POSTGRES_DSN,
     REDIS_URL,

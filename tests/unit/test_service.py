@@ -12,7 +12,7 @@ import pytest
 from bastion.config import load_config
 from bastion.service import Bastion
 from bastion.state import BudgetKey, SQLiteStateStore, StateStore
-from bastion.state_redis import RedisStateStore
+from bastion.state.redis import RedisStateStore
 from tests.helpers import REDIS_URL, drop_redis_keys, redis_prefix
 
 LIMIT, WINDOW, NOW = 10_000.0, 3600.0, 1000.0

@@ -21,8 +21,8 @@ from bastion.state import (
     MemoryStateStore,
     SQLiteStateStore,
 )
-from bastion.state_postgres import PostgresStateStore
-from bastion.state_redis import RedisStateStore
+from bastion.state.postgres import PostgresStateStore
+from bastion.state.redis import RedisStateStore
 from tests.helpers import (
     POSTGRES_DSN,
     REDIS_URL,
