@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from openapi_spec_validator import validate
 
-from bastion.http.openapi import OPENAPI
+from bastion.openapi import OPENAPI
 from bastion.routes import ROUTES, Route, Router
 
 README = Path(__file__).resolve().parents[2] / "README.md"

@@ -123,7 +123,7 @@ class ExportMetrics:
 
 class DescribeApi:
     async def __call__(self, ctx: RequestContext) -> None:
-        from bastion.http.openapi import OPENAPI
+        from bastion.openapi import OPENAPI
 
         ctx.result = OPENAPI
 

@@ -1,0 +1,224 @@
+"""The OpenAPI 3.1 document for the HTTP API, served at /v2/openapi.json.
+
+Its paths are generated from the route table (`bastion.routes.ROUTES`), the same table that
+routes requests, so a served route cannot be missing from the document.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bastion import __version__
+from bastion.config import Action, OutputDetail
+from bastion.routes import ROUTES, RouteSpec
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+_ERR = _ref("Error")
+_NAME = {"name": "model_name", "in": "path", "required": True, "schema": {"type": "string"}}
+_VERSION = {"name": "model_version", "in": "path", "required": True, "schema": {"type": "string"}}
+_SECURED: list[dict[str, list[str]]] = [{"bearer": []}]
+_ERROR_TEXT = {
+    400: "Malformed request",
+    401: "Missing or invalid credentials",
+    403: "Not permitted",
+    404: "Unknown model",
+    429: "Over a rate limit or quota (see Retry-After)",
+    503: "Not ready, or the audit log is unavailable",
+}
+
+
+def _response_schema(name: str) -> dict[str, Any]:
+    if name == "text":
+        return {
+            "description": "Prometheus text format",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        }
+    return _json({"type": "object"} if name == "object" else _ref(name), "Success")
+
+
+def _operation(spec: RouteSpec, versioned: bool) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": spec.summary,
+        "operationId": f"{spec.route.value}_versioned" if versioned else spec.route.value,
+        "security": [] if spec.public else _SECURED,
+    }
+    if "{model_name}" in spec.path:
+        op["parameters"] = [_NAME, _VERSION] if versioned else [_NAME]
+    if spec.request is not None:
+        op["requestBody"] = {
+            "required": spec.request_required,
+            "content": {"application/json": {"schema": _ref(spec.request)}},
+        }
+    responses: dict[str, Any] = {"200": _response_schema(spec.response)}
+    for status in spec.errors:
+        schema = _ERR if not spec.public else {"type": "object"}
+        responses[str(status)] = _json(schema, _ERROR_TEXT[status])
+    for status, text in spec.extra_responses.items():
+        responses[str(status)] = _json(_ERR, text)
+    op["responses"] = responses
+    return op
+
+
+def _paths() -> dict[str, Any]:
+    paths: dict[str, Any] = {}
+    for spec in ROUTES:
+        for path, versioned in spec.paths():
+            paths.setdefault(path, {})[spec.method.lower()] = _operation(spec, versioned)
+    return paths
+
+
+_TENSOR_META = {
+    "type": "object",
+    "required": ["name", "datatype", "shape"],
+    "properties": {
+        "name": {"type": "string"},
+        "datatype": {"type": "string"},
+        "shape": {"type": "array", "items": {"type": "integer"}},
+        "parameters": {"type": "object"},
+    },
+}
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "Bastion",
+        "version": __version__,
+        "description": "Open Inference Protocol V2 REST API with authentication, input guard, rate limits, "
+        "output policy and a tamper-evident audit log in the request path.",
+    },
+    "paths": _paths(),
+    "components": {
+        "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer", "description": "API key or token"}
+        },
+        "schemas": {
+            "Error": {
+                "type": "object",
+                "required": ["error", "code"],
+                "properties": {"error": {"type": "string"}, "code": {"type": "string"}},
+            },
+            "ServerMetadata": {
+                "type": "object",
+                "required": ["name", "version", "extensions"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "version": {"type": "string"},
+                    "extensions": {"type": "array", "items": {"type": "string"}},
+                },
+            },
+            "ModelReady": {
+                "type": "object",
+                "required": ["name", "ready"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "version": {"type": "string"},
+                    "ready": {"type": "boolean"},
+                },
+            },
+            "ModelMetadata": {
+                "type": "object",
+                "required": ["name", "platform", "inputs", "outputs"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "versions": {"type": "array", "items": {"type": "string"}},
+                    "platform": {"type": "string"},
+                    "inputs": {"type": "array", "items": _TENSOR_META},
+                    "outputs": {"type": "array", "items": _TENSOR_META},
+                    "parameters": {"type": "object"},
+                },
+            },
+            "RequestInput": {
+                "type": "object",
+                "required": ["name", "shape", "datatype", "data"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                    "datatype": {"type": "string"},
+                    "parameters": {"type": "object"},
+                    "data": {"type": "array"},
+                },
+            },
+            "RequestOutput": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {"name": {"type": "string"}, "parameters": {"type": "object"}},
+            },
+            "InferRequest": {
+                "type": "object",
+                "required": ["inputs"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "parameters": {"type": "object"},
+                    "inputs": {"type": "array", "items": _ref("RequestInput")},
+                    "outputs": {"type": "array", "items": _ref("RequestOutput")},
+                },
+            },
+            "ResponseOutput": {
+                "type": "object",
+                "required": ["name", "shape", "datatype", "data"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "shape": {"type": "array", "items": {"type": "integer"}},
+                    "datatype": {"type": "string"},
+                    "data": {"type": "array"},
+                },
+            },
+            "InferResponse": {
+                "type": "object",
+                "required": ["model_name", "outputs"],
+                "properties": {
+                    "model_name": {"type": "string"},
+                    "model_version": {"type": "string"},
+                    "id": {"type": "string"},
+                    "outputs": {"type": "array", "items": _ref("ResponseOutput")},
+                },
+            },
+            "AggregateResponse": {
+                "type": "object",
+                "required": ["model_name", "statistics"],
+                "properties": {
+                    "model_name": {"type": "string"},
+                    "model_version": {"type": "string"},
+                    "rows": {"type": "integer"},
+                    "statistics": {"type": "object"},
+                },
+            },
+            "TokenRequest": {
+                "type": "object",
+                # What IssueToken accepts: no other field, a non-empty scope of "action:model" pairs.
+                "additionalProperties": False,
+                "properties": {
+                    "scope": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "string",
+                            "pattern": f"^({'|'.join(a.value for a in Action)}):.",
+                            "examples": ["infer:breast-cancer"],
+                        },
+                    },
+                    "output": {"type": "string", "enum": [*(d.value for d in OutputDetail), "full"]},
+                    "ttl_seconds": {"type": "integer", "minimum": 1, "maximum": 86400},
+                },
+            },
+            "TokenResponse": {
+                "type": "object",
+                "required": ["access_token", "token_type", "expires_in", "scope"],
+                "properties": {
+                    "access_token": {"type": "string"},
+                    "token_type": {"type": "string"},
+                    "expires_in": {"type": "integer"},
+                    "scope": {"type": "array", "items": {"type": "string"}},
+                },
+            },
+        },
+    },
+}
