@@ -58,6 +58,10 @@ def _operation(spec: RouteSpec, versioned: bool) -> dict[str, Any]:
             "content": {"application/json": {"schema": _ref(spec.request)}},
         }
     responses: dict[str, Any] = {"200": _response_schema(spec.response)}
+    if spec.response == "InferResponse":  # the binary tensor extension's answer
+        responses["200"]["content"]["application/octet-stream"] = {
+            "schema": {"type": "string", "format": "binary"}
+        }
     for status in spec.errors:
         schema = _ERR if not spec.public else {"type": "object"}
         responses[str(status)] = _json(schema, _ERROR_TEXT[status])
@@ -153,6 +157,14 @@ OPENAPI: dict[str, Any] = {
             },
             "InferRequest": {
                 "type": "object",
+                "description": (
+                    "A V2 inference request. Binary tensor extension (Triton's binary_tensor_data): "
+                    "send this document as the first Inference-Header-Content-Length bytes of the "
+                    "body, an input's raw little-endian bytes after it in input order, each such "
+                    "input with parameters.binary_data_size and no data. Outputs with "
+                    "parameters.binary_data true (or parameters.binary_data_output true for all) "
+                    "come back the same way, as application/octet-stream with that header."
+                ),
                 "required": ["inputs"],
                 "properties": {
                     "id": {"type": "string"},
@@ -163,11 +175,13 @@ OPENAPI: dict[str, Any] = {
             },
             "ResponseOutput": {
                 "type": "object",
-                "required": ["name", "shape", "datatype", "data"],
+                "description": "data, or parameters.binary_data_size when sent as raw bytes",
+                "required": ["name", "shape", "datatype"],
                 "properties": {
                     "name": {"type": "string"},
                     "shape": {"type": "array", "items": {"type": "integer"}},
                     "datatype": {"type": "string"},
+                    "parameters": {"type": "object"},
                     "data": {"type": "array"},
                 },
             },
