@@ -199,6 +199,42 @@ class MetricsSettings(_Strict):
     enabled: bool = True
 
 
+class GrpcSettings(_Strict):
+    """The Open Inference Protocol V2 over gRPC (bastion.grpc), on a second port of the same process.
+
+    Off by default: a port that is not open cannot be attacked, and REST serves every route. Plaintext
+    only for now (TLS is issue #13): keep `host` on loopback or behind a TLS-terminating proxy.
+    """
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8001  # Triton's and KServe's gRPC port
+    # Larger messages are refused by gRPC itself (RESOURCE_EXHAUSTED) before they are read into the
+    # pipeline. None: `[limits] max_body_bytes` plus 64 KiB, so that a message just over the body cap
+    # still reaches the pipeline and gets its audited refusal (413 payload_too_large).
+    max_receive_message_bytes: Annotated[int, Field(ge=1024, le=1 << 30)] | None = None
+    max_send_message_bytes: Annotated[int, Field(ge=1024, le=1 << 30)] = 4 * 1024 * 1024
+    # RPCs in progress (health ones included: gRPC counts every call); over it, RESOURCE_EXHAUSTED.
+    max_concurrent_rpcs: Annotated[int, Field(ge=1, le=100_000)] = 1024
+    # A connection with no RPC in progress for this long is closed (GOAWAY), so idle ones don't pile up.
+    idle_timeout_seconds: Annotated[float, Field(ge=1, le=86_400)] = 60.0
+
+    @model_validator(mode="after")
+    def _settings_need_grpc_enabled(self) -> GrpcSettings:
+        unused = sorted(self.model_fields_set - {"enabled"}) if not self.enabled else []
+        if unused:
+            raise ValueError(
+                f"{unused[0]} applies to the gRPC server, and enabled = false: it would be ignored"
+            )
+        return self
+
+    def receive_limit(self, max_body_bytes: int) -> int:
+        """The largest request message in bytes gRPC reads."""
+        if self.max_receive_message_bytes is not None:
+            return self.max_receive_message_bytes
+        return max_body_bytes + 64 * 1024
+
+
 class ModelRef(_Strict):
     """One model to serve: a signed bundle (or, only when marked unsafe, a plain model directory)."""
 
@@ -259,6 +295,7 @@ class Config(_Strict):
     audit: AuditSettings = AuditSettings()
     tokens: TokenSettings = TokenSettings()
     metrics: MetricsSettings = MetricsSettings()
+    grpc: GrpcSettings = GrpcSettings()
     models: list[ModelRef] = Field(default_factory=list)
     roles: dict[str, Role] = Field(default_factory=dict)
     rollouts: dict[str, RolloutSettings] = Field(default_factory=dict)

@@ -178,6 +178,8 @@ def test_a_grant_parameter_its_output_uses_is_accepted(tmp_path: Path, grant: st
             "canary_weight applies to a canary",
         ),
         ('[rollouts.m]\nstable = "1"\nmin_requests = 5\n', "rollouts.m", "min_requests applies to a canary"),
+        ("[grpc]\nport = 9001\n", "grpc", "port applies to the gRPC server, and enabled = false"),
+        ('[grpc]\nenabled = false\nhost = "0.0.0.0"\n', "grpc", "host applies to the gRPC server"),
     ],
 )
 def test_a_setting_another_choice_would_ignore_is_refused(
@@ -346,6 +348,32 @@ ENFORCED.update(
         + "test_over_max_connections_the_oldest_idle_ones_are_closed",
     }
 )
+_GRPC = _E2E + "test_grpc.py::"
+ENFORCED.update(
+    {
+        ("GrpcSettings", "enabled"): _GRPC + "test_grpc_is_off_unless_enabled",
+        ("GrpcSettings", "host"): _GRPC + "test_grpc_settings_are_enforced",
+        ("GrpcSettings", "port"): _GRPC + "test_grpc_settings_are_enforced",
+        ("GrpcSettings", "max_receive_message_bytes"): _GRPC + "test_grpc_settings_are_enforced",
+        ("GrpcSettings", "max_send_message_bytes"): _GRPC + "test_grpc_settings_are_enforced",
+        ("GrpcSettings", "max_concurrent_rpcs"): _GRPC + "test_grpc_concurrency_limit",
+        ("GrpcSettings", "idle_timeout_seconds"): _GRPC + "test_an_idle_connection_is_closed",
+    }
+)
+# Every [grpc] setting but `enabled` is refused while the server is off (one rule, two cases).
+REFUSED_WHEN_IGNORED.update(
+    {
+        ("GrpcSettings", f): _REFUSED
+        for f in (
+            "host",
+            "port",
+            "max_receive_message_bytes",
+            "max_send_message_bytes",
+            "max_concurrent_rpcs",
+            "idle_timeout_seconds",
+        )
+    }
+)
 _OWNED_ELSEWHERE: set[str] = set()
 
 
@@ -391,6 +419,8 @@ def test_every_config_field_is_enforced_by_a_named_test_or_refused() -> None:
         "redis_prefix",
         "isolation_window_seconds",
         "canary_weight",
+        "port",
+        "host",
     }
     assert {f for _, f in REFUSED_WHEN_IGNORED} - refused_cases <= {
         "postgres_dsn",  # the same rule as postgres_table (one prefix test for the pair)
@@ -398,4 +428,9 @@ def test_every_config_field_is_enforced_by_a_named_test_or_refused() -> None:
         "max_p99_latency_ms",
         "window_seconds",
         "min_requests",
+        # the [grpc] rule (a setting while enabled = false), shown on port and host
+        "max_receive_message_bytes",
+        "max_send_message_bytes",
+        "max_concurrent_rpcs",
+        "idle_timeout_seconds",
     }

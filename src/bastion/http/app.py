@@ -12,7 +12,7 @@ import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -22,6 +22,9 @@ from bastion.protocol_binary import decoder as binary_decoder
 from bastion.protocol_binary import encode_response
 from bastion.routes import ROUTE_ACTIONS, Match, Route, Router
 from bastion.service import Bastion, Outcome
+
+if TYPE_CHECKING:
+    from bastion.grpc.server import GrpcServer
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -38,6 +41,7 @@ class BastionApp:
     def __init__(self, service: Bastion) -> None:
         self.service = service
         self._reload_task: asyncio.Task[None] | None = None
+        self._grpc: GrpcServer | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -125,12 +129,25 @@ class BastionApp:
                 # Models and libraries make a large, long-lived heap; a full collection walking it
                 # stalled requests for tens of milliseconds (measured: p99 70 ms under load). Freeze it.
                 await self.service.startup()
+                if self.service.config.grpc.enabled:
+                    # V2 over gRPC on its own port, on this loop and these pipelines ([grpc] in the policy file).
+                    from bastion.grpc.server import GrpcServer
+
+                    grpc_server = GrpcServer(self.service, self.service.config.grpc)
+                    try:
+                        await grpc_server.start()
+                    except OSError as e:
+                        await send({"type": "lifespan.startup.failed", "message": str(e)})
+                        return
+                    self._grpc = grpc_server
                 # SIGHUP re-reads the policy file and re-verifies the models without dropping requests.
                 asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
                 gc.collect()
                 gc.freeze()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                if self._grpc is not None:  # its RPCs finish before the service closes under them
+                    await self._grpc.stop()
                 await self.service.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
                 return

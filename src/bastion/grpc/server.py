@@ -1,0 +1,259 @@
+"""`inference.GRPCInferenceService` (Open Inference Protocol V2 over gRPC), on the REST pipelines.
+
+Each RPC builds the same `RequestContext` the HTTP app builds (credentials from the `authorization`
+metadata, the client address from the peer, the model from the message, the serialized message as
+the body) and calls `Bastion.handle`, so identity, limits, authorization, the input guard, query
+auditing, the output policy and the audit record are the REST path's own. Only the encoding differs:
+an answer becomes the RPC's response message, a refusal a gRPC status (`GRPC_STATUS`) whose details
+are the error message and whose trailing metadata carries `bastion-error-code` (and `retry-after`).
+
+Messages are read as bytes and parsed here, not by grpc: grpc answers a message its deserializer
+cannot parse with INTERNAL, and a client's garbage is not the server's failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+from urllib.parse import unquote
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+
+from bastion.config import GrpcSettings
+from bastion.context import InferRequest, RequestContext
+from bastion.errors import GRPC_STATUS, PayloadTooLarge
+from bastion.grpc import grpc_predict_v2_pb2 as pb
+from bastion.grpc.codec import decode_model_infer, encode_model_infer, encode_model_metadata
+from bastion.routes import ROUTE_ACTIONS, Route
+from bastion.service import Bastion, Outcome
+
+log = logging.getLogger("bastion.grpc")
+
+SERVICE = "inference.GRPCInferenceService"
+_M = TypeVar("_M", bound=Message)
+# The model names REST routes (bastion.routes); anything else is answered as REST answers an
+# unknown path: 401 before 404.
+_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
+
+
+def _valid_name(name: str, longest: int) -> bool:
+    return 0 < len(name) <= longest and name[0] not in "_.-" and set(name) <= _NAME_CHARS
+
+
+def peer_address(peer: str) -> str | None:
+    """The client address of a grpc peer string ("ipv4:127.0.0.1:5000", "ipv6:[::1]:5000")."""
+    kind, _, rest = unquote(peer).partition(":")
+    if kind == "ipv4":
+        return rest.rpartition(":")[0] or None
+    if kind == "ipv6":
+        return rest.rpartition(":")[0].strip("[]") or None
+    return None
+
+
+class _Refused(Exception):
+    """A refusal already encoded as a gRPC status (raised to leave a handler)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, metadata: tuple[tuple[str, str], ...]) -> None:
+        super().__init__(details)
+        self.code, self.details, self.metadata = code, details, metadata
+
+
+class InferenceService:
+    """The RPCs of `inference.GRPCInferenceService`; every decision is `Bastion.handle`'s."""
+
+    def __init__(self, service: Bastion) -> None:
+        self.service = service
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        def unary(fn: Callable[[bytes, grpc.aio.ServicerContext[Any, Any]], Awaitable[Message]]) -> Any:
+            # No request deserializer: the handler gets the bytes (see the module docstring).
+            return grpc.unary_unary_rpc_method_handler(fn, response_serializer=_serialize)
+
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "ServerLive": unary(self.server_live),
+                "ServerReady": unary(self.server_ready),
+                "ModelReady": unary(self.model_ready),
+                "ServerMetadata": unary(self.server_metadata),
+                "ModelMetadata": unary(self.model_metadata),
+                "ModelInfer": unary(self.model_infer),
+            },
+        )
+
+    # Health: answered to anyone, like /v2/health/*, and not audited.
+
+    async def server_live(self, body: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Message:
+        await _parse(pb.ServerLiveRequest, body, context)
+        return pb.ServerLiveResponse(live=True)
+
+    async def server_ready(self, body: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Message:
+        await _parse(pb.ServerReadyRequest, body, context)
+        return pb.ServerReadyResponse(ready=await self.service.is_ready())
+
+    async def server_metadata(self, body: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Message:
+        await _parse(pb.ServerMetadataRequest, body, context)
+        doc = await self._run(Route.SERVER_METADATA, body, context, None, None)
+        return pb.ServerMetadataResponse(
+            name=doc["name"], version=doc["version"], extensions=doc.get("extensions", [])
+        )
+
+    async def model_ready(self, body: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Message:
+        message = await _parse(pb.ModelReadyRequest, body, context)
+        doc = await self._run(Route.MODEL_READY, body, context, message.name, message.version)
+        return pb.ModelReadyResponse(ready=bool(doc.get("ready")))
+
+    async def model_metadata(self, body: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Message:
+        message = await _parse(pb.ModelMetadataRequest, body, context)
+        doc = await self._run(Route.MODEL_METADATA, body, context, message.name, message.version)
+        return encode_model_metadata(doc)
+
+    async def model_infer(self, body: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Message:
+        message = await _parse(pb.ModelInferRequest, body, context)
+
+        def decode(_: bytes) -> InferRequest:
+            # The bytes read_body returned are `body`, parsed above into `message`.
+            return decode_model_infer(message)
+
+        doc = await self._run(
+            Route.INFER, body, context, message.model_name, message.model_version, decode=decode
+        )
+        # Raw outputs to a client that sent raw inputs, as Triton does (tritonclient reads them).
+        return encode_model_infer(doc, raw=bool(message.raw_input_contents))
+
+    async def _run(
+        self,
+        route: Route,
+        body: bytes,
+        context: grpc.aio.ServicerContext[Any, Any],
+        model_name: str | None,
+        model_version: str | None,
+        *,
+        decode: Callable[[bytes], InferRequest] | None = None,
+    ) -> dict[str, Any]:
+        """Run `route`'s pipeline; its answer's document, or abort the RPC with its refusal."""
+        version = model_version or None  # proto3: "" is "not given"
+        if model_name is not None and (
+            not _valid_name(model_name, 64) or (version is not None and not _valid_name(version, 32))
+        ):
+            route, model_name, version = Route.NOT_FOUND, None, None
+        credentials = None
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization" and isinstance(value, str):
+                credentials = value
+                break  # the first wins, as in the HTTP app
+
+        async def read_body(limit: int) -> bytes:
+            if len(body) > limit:
+                raise PayloadTooLarge(f"message larger than {limit} bytes")
+            return body
+
+        ctx = RequestContext(
+            request_id=os.urandom(8).hex(),
+            action=ROUTE_ACTIONS[route],
+            now=self.service.clock(),
+            credentials=credentials,
+            read_body=read_body,
+            decode=decode,
+            client=peer_address(context.peer()),
+            model_name=model_name,
+            model_version=version,
+        )
+        outcome = await self.service.handle(route, ctx)
+        metadata = _metadata(outcome, ctx.request_id)
+        if outcome.status >= 400 or not isinstance(outcome.body, dict):
+            await _abort(context, outcome, metadata)
+        context.set_trailing_metadata(metadata)
+        assert isinstance(outcome.body, dict)
+        return outcome.body
+
+
+def _metadata(outcome: Outcome, request_id: str) -> tuple[tuple[str, str], ...]:
+    pairs = [("x-request-id", request_id)]
+    for name, value in outcome.headers.items():
+        lower = name.lower()
+        if lower in ("retry-after", "x-model-version"):
+            pairs.append((lower, value))
+    return tuple(pairs)
+
+
+async def _abort(
+    context: grpc.aio.ServicerContext[Any, Any], outcome: Outcome, metadata: tuple[tuple[str, str], ...]
+) -> None:
+    body = outcome.body if isinstance(outcome.body, dict) else {}
+    code = str(body.get("code", "internal_error"))
+    status = grpc.StatusCode[GRPC_STATUS.get(outcome.status, "INTERNAL")]
+    await context.abort(
+        status, str(body.get("error", "internal error")), (*metadata, ("bastion-error-code", code))
+    )
+
+
+async def _parse(cls: type[_M], body: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> _M:
+    """The message, or INVALID_ARGUMENT: bytes that are not one are refused like the HTTP front end
+    refuses a request it cannot frame, before the pipeline (there is no model or credential to read)."""
+    try:
+        return cls.FromString(body)
+    except DecodeError:
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the message is not a valid {cls.DESCRIPTOR.name}",
+            (("bastion-error-code", "malformed_request"),),
+        )
+        raise  # abort raises; this line is for the type checker
+
+
+def _serialize(message: Message) -> bytes:
+    return message.SerializeToString()
+
+
+class GrpcServer:
+    """The gRPC server on the HTTP server's event loop: `await start()`, then `await stop()`."""
+
+    def __init__(self, service: Bastion, settings: GrpcSettings) -> None:
+        self._service = service
+        self._settings = settings
+        self._server: grpc.aio.Server | None = None
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        """Listen on `[grpc] host:port`. Raises OSError naming the address if it cannot bind."""
+        s = self._settings
+        receive = s.receive_limit(self._service.config.limits.max_body_bytes)
+        idle_ms = int(s.idle_timeout_seconds * 1000)
+        server = grpc.aio.server(
+            maximum_concurrent_rpcs=s.max_concurrent_rpcs,
+            options=[
+                ("grpc.max_receive_message_length", receive),
+                ("grpc.max_send_message_length", s.max_send_message_bytes),
+                ("grpc.max_connection_idle_ms", idle_ms),
+                # Even a busy connection is recycled now and then (GOAWAY, then a grace for its RPCs).
+                ("grpc.max_connection_age_ms", max(idle_ms, 30 * 60 * 1000)),
+                ("grpc.max_connection_age_grace_ms", 10_000),
+                # A client pinging without RPCs more than once in 5 minutes is sent GOAWAY after two strikes.
+                ("grpc.http2.min_ping_interval_without_data_ms", 300_000),
+                ("grpc.http2.max_ping_strikes", 2),
+                ("grpc.max_metadata_size", 16 * 1024),
+                # Without this a second server on the same port would share it silently.
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        server.add_generic_rpc_handlers((InferenceService(self._service).handler(),))
+        address = f"[{s.host}]:{s.port}" if ":" in s.host else f"{s.host}:{s.port}"
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError as e:
+            raise OSError(f"[grpc] cannot listen on {address}: {e}") from None
+        if port == 0:
+            raise OSError(f"[grpc] cannot listen on {address}")
+        await server.start()
+        self._server, self.port = server, port
+        log.info("gRPC (Open Inference Protocol V2) listening on %s:%d, plaintext", s.host, port)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop accepting RPCs; those in progress get `grace` seconds to finish."""
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
