@@ -26,9 +26,10 @@ test: $(STAMP)
 	scripts/ensure-postgres
 	$(BIN)/pytest -q
 
-# The in-process tier: stages, policy, state and the core without sockets, in seconds.
+# The in-process tier: stages, policy, state and the core without sockets or subprocesses, in
+# seconds; tests marked `slow` (other processes, long property tests) run in `make test`.
 unit: $(STAMP)
-	$(BIN)/pytest -q tests/unit
+	$(BIN)/pytest -q -m "not slow" tests/unit
 
 bench: $(STAMP)
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)

@@ -106,6 +106,7 @@ def _pipe_into_early_closing_reader(*args: str | Path) -> subprocess.CompletedPr
     return subprocess.CompletedProcess(writer.args, writer.returncode, b"", stderr)
 
 
+@pytest.mark.slow
 def test_listing_into_a_closed_pipe_ends_quietly(config: Path) -> None:
     import sqlite3
 
@@ -135,6 +136,7 @@ def test_key_list_columns_are_aligned_and_separated(cli: Any, config: Path) -> N
     assert any("quarantined  " in line for line in lines[1:])
 
 
+@pytest.mark.slow
 def test_a_second_demo_keeps_keys_and_audit_log(cli: Any, tmp_path: Path) -> None:
     root = tmp_path / "demo"
     first = cli("demo", "--dir", root, "--no-serve")
@@ -196,6 +198,7 @@ def test_a_key_encryption_key_given_for_its_location_is_never_echoed(cli: Any, t
         assert kek not in out and kek[:16] not in out
 
 
+@pytest.mark.slow
 def test_demo_reset_refuses_while_a_server_holds_its_state(cli: Any, tmp_path: Path) -> None:
     from bastion.statedir import lock_state_dir
 

@@ -69,6 +69,7 @@ def test_not_toml_and_missing_file(tmp_path: Path) -> None:
         load_config(tmp_path / "absent.toml")
 
 
+@pytest.mark.slow
 def test_serve_with_invalid_config_exits_with_one_clear_line(tmp_path: Path) -> None:
     path = _write(tmp_path, '[audit]\ndurability = "maybe"\n')
     result = run_cli("serve", "--config", path, check=False)
@@ -77,6 +78,7 @@ def test_serve_with_invalid_config_exits_with_one_clear_line(tmp_path: Path) -> 
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_grant_naming_an_unserved_model_stops_start_up(tmp_path: Path) -> None:
     from tests.helpers import write_test_deployment
 
@@ -91,6 +93,7 @@ def test_grant_naming_an_unserved_model_stops_start_up(tmp_path: Path) -> None:
     assert "roles.outsider.grants.0.models: model 'laon' is not served" in result.stderr
 
 
+@pytest.mark.slow
 def test_grant_naming_a_regressor_with_a_policy_for_classes_stops_start_up(tmp_path: Path) -> None:
     from tests.helpers import write_test_deployment
 

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import bastion
 import bastion.stages
 
@@ -51,6 +53,7 @@ def test_no_stage_or_core_module_names_bastion_http() -> None:
     assert {m: i for m, i in offending.items() if i} == {}
 
 
+@pytest.mark.slow
 def test_importing_every_stage_and_the_core_loads_no_http_module() -> None:
     # A fresh interpreter: what the stages pull in transitively, not what this test session loaded.
     code = (

@@ -162,6 +162,7 @@ def _spender(path: str, queue: multiprocessing.Queue) -> None:  # type: ignore[t
     queue.put(asyncio.run(run()))
 
 
+@pytest.mark.slow
 def test_sqlite_budget_is_never_exceeded_across_processes(tmp_path: Path) -> None:
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()

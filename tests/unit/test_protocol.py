@@ -112,6 +112,7 @@ json_values = st.recursive(
     data=json_values,
     extra=json_values,
 )
+@pytest.mark.slow
 def test_fuzzed_requests_only_raise_client_errors(
     name: str, datatype: str, shape: object, data: object, extra: object
 ) -> None:
@@ -235,6 +236,7 @@ documents = st.fixed_dictionaries(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(documents, any_json))
 def test_decoder_takes_any_json_document(doc: object) -> None:
@@ -257,6 +259,7 @@ def _valid_body() -> bytes:
         max_size=4,
     )
 )
+@pytest.mark.slow
 def test_decoder_takes_mutated_bodies(edits: list[tuple[str, int, bytes]]) -> None:
     body = bytearray(_valid_body())
     for kind, at, raw in edits:
@@ -331,6 +334,7 @@ def _tensors(draw: st.DrawFn) -> tuple[str, list[int], list[object]]:
     return datatype, shape, draw(st.lists(values, min_size=size, max_size=size))
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(_tensors(), st.booleans())
 def test_valid_tensors_round_trip(tensor: tuple[str, list[int], list[object]], nested: bool) -> None:

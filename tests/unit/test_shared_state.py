@@ -88,6 +88,7 @@ def _replica(backend: str, namespace: str, queue: multiprocessing.Queue) -> None
     queue.put(asyncio.run(run()))
 
 
+@pytest.mark.slow
 def test_replicas_never_pass_the_limits_and_give_back_what_they_hold(backend: tuple[str, str]) -> None:
     """Four processes lease from one budget (400 answers) and one quota (150) in blocks: together they
     never pass either, and once they have shut down what is left is exactly the rest."""

@@ -62,6 +62,7 @@ def _worker(path: str, n: int, queue: multiprocessing.Queue) -> None:  # type: i
     queue.put(asyncio.run(run()))
 
 
+@pytest.mark.slow
 def test_sqlite_quota_is_exact_across_processes(tmp_path: Path) -> None:
     """Four worker processes race for 150 units: exactly 150 are granted, never more."""
     ctx = multiprocessing.get_context("spawn")

@@ -176,6 +176,7 @@ def _mutated(draw: st.DrawFn) -> str:
     return mutated
 
 
+@pytest.mark.slow
 @settings(max_examples=500, deadline=None)
 @given(_mutated())
 def test_mutated_tokens_are_refused(token: str) -> None:
