@@ -53,6 +53,14 @@ FRAMING_SLACK_BYTES = 16_384
 MAX_PIPELINED = 16
 # File descriptors kept for everything but client connections (models, state, audit, logs).
 RESERVED_FDS = 256
+# Lingering close (as nginx's lingering_close): after a refusal the server stops writing but reads
+# and discards what the client is still sending, for at most LINGER_SECONDS (LINGER_IDLE_SECONDS
+# after the last byte) and LINGER_MAX_BYTES. Closing with unread bytes makes the kernel send a
+# reset, and a client still uploading a moderately oversized body would then see "connection
+# reset" instead of the 413 written for it; a flood past these bounds is cut off.
+LINGER_SECONDS = 2.0
+LINGER_IDLE_SECONDS = 0.5
+LINGER_MAX_BYTES = 1 << 20
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,6 +107,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._message_start = 0  # _fed when the current request's first byte arrived
         self._fields = 0
         self._error: BastionError | _PipelineTooDeep | None = None
+        self._linger_left = 0  # > 0 while lingering: bytes still to discard before closing
+        self._linger_end = 0.0  # loop time at which a lingering close ends whatever comes
 
     # Connection lifetime
 
@@ -121,14 +131,28 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._cancel()
         super().connection_lost(exc)
 
-    def _close(self) -> None:
+    def _close(self, *, linger: bool = False) -> None:
         self._cancel()
         if self.cycle is not None and not self.cycle.response_complete:
             self.cycle.disconnected = True
             self.cycle.message_event.set()
+        if linger and not self.transport.is_closing() and self.transport.can_write_eof():
+            # Half-close: the answer and then FIN go out; what the client still sends is read and dropped.
+            self._linger_left = LINGER_MAX_BYTES
+            self._linger_end = self.loop.time() + LINGER_SECONDS
+            self.transport.write_eof()
+            self.flow.resume_reading()
+            self._linger()
+            return
         self.transport.close()
 
     # Deadlines
+
+    def _linger(self) -> None:
+        """(Re)arm the lingering close: LINGER_IDLE_SECONDS from now, never past its end."""
+        self._cancel()
+        wait = min(LINGER_IDLE_SECONDS, self._linger_end - self.loop.time())
+        self._deadline = self.loop.call_later(max(wait, 0.0), self.transport.close)
 
     def _arm(self, seconds: float) -> None:
         self._cancel()
@@ -155,6 +179,13 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         self._unset_keepalive_if_required()
         if self.transport.is_closing():
+            return
+        if self._linger_left > 0:
+            self._linger_left -= len(data)
+            if self._linger_left <= 0:
+                self.transport.close()
+            else:
+                self._linger()
             return
         if self._phase is _Phase.IDLE:
             self._start_message(self._fed)
@@ -273,7 +304,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 + body
             )
         log.info("front end refused a request: %s", error.code)
-        self._close()
+        self._close(linger=True)
 
 
 def protocol_class(limits: FrontendLimits) -> type[LimitedHttpToolsProtocol]:
