@@ -267,7 +267,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             )
     print("training models on scikit-learn's breast-cancer and diabetes datasets ...", file=sys.stderr)
     try:
-        build = build_demo(args.dir, port=args.port, keep_state=not args.reset)
+        build = build_demo(args.dir, port=args.port, grpc_port=args.grpc_port, keep_state=not args.reset)
     except FileExistsError as e:
         return _fail(str(e))
     config = _config(build.config_path)
@@ -312,6 +312,8 @@ Try, in another terminal (with ANALYST and ADMIN set to an analyst's and an admi
   curl -s -H "Authorization: Bearer $ADMIN" {base}/metrics | grep bastion_requests
   .venv/bin/bastion audit verify --config {build.config_path}
   .venv/bin/bastion verify {args.dir}/bundles/{ONNX_MODEL}-1 --trusted-key {args.dir}/keys/release.pub
+
+V2 over gRPC (tritonclient.grpc, KServe) answers on 127.0.0.1:{args.grpc_port}, same keys (README "gRPC").
 """,
         file=sys.stderr,
         flush=True,
@@ -771,6 +773,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="build a demo deployment and serve it")
     demo.add_argument("--dir", type=Path, default=Path("demo"))
     demo.add_argument("--port", type=int, default=8000)
+    demo.add_argument("--grpc-port", type=int, default=8001, help="V2 over gRPC (Triton's port)")
     demo.add_argument("--no-serve", action="store_true")
     demo.add_argument(
         "--reset",

@@ -197,7 +197,7 @@ checkpoint_every_seconds = 30
 
 [tokens]
 ttl_seconds = 900
-
+{grpc}
 # Signed bundles (bastion pack + bastion sign), verified before they serve.
 [[models]]
 path = "bundles/breast-cancer-1"
@@ -270,10 +270,21 @@ def _clear(root: Path, *, keep_state: bool) -> None:
     (root / MARKER).write_text("written by `bastion demo`; the directory is rebuilt on each run\n")
 
 
-def build_demo(root: Path, *, port: int = 8000, keep_state: bool = False) -> DemoBuild:
+# Triton's and KServe's clients speak V2 over gRPC too; plaintext, so on loopback only.
+_DEMO_GRPC = """
+[grpc]
+enabled = true
+host = "127.0.0.1"
+port = {port}
+"""
+
+
+def build_demo(
+    root: Path, *, port: int = 8000, grpc_port: int | None = None, keep_state: bool = False
+) -> DemoBuild:
     """Write the demo deployment into `root` (models, bundles, policy, requests); the state directory
-    (keys, audit log, budgets) is wiped unless `keep_state`. Raises FileExistsError if `root` is a
-    non-empty directory that is not a demo."""
+    (keys, audit log, budgets) is wiped unless `keep_state`; `grpc_port`: serve V2 over gRPC there too.
+    Raises FileExistsError if `root` is a non-empty directory that is not a demo."""
     _clear(root, keep_state=keep_state)
     estimator, features, classes = _train()
     spec = feature_spec(features)
@@ -307,7 +318,8 @@ def build_demo(root: Path, *, port: int = 8000, keep_state: bool = False) -> Dem
         preprocessing=(),
     )
     config_path = root / "bastion.toml"
-    config_path.write_text(DEMO_CONFIG.format(port=port, state_dir=STATE_DIR), encoding="utf-8")
+    grpc = "" if grpc_port is None else _DEMO_GRPC.format(port=grpc_port)
+    config_path.write_text(DEMO_CONFIG.format(port=port, state_dir=STATE_DIR, grpc=grpc), encoding="utf-8")
     request = infer_request(features[:2], request_id="demo-1")
     (root / "request.json").write_text(json.dumps(request) + "\n", encoding="utf-8")
     for name, rows in (("diabetes-request.json", 2), ("diabetes-batch.json", 200)):
