@@ -314,6 +314,7 @@ def mutated(draw: st.DrawFn) -> tuple[bytes, bytes]:
     return str(length).encode(), bytes(body)
 
 
+@pytest.mark.slow
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mutated())
 def test_mutated_requests_give_a_request_or_a_4xx(framed: tuple[bytes, bytes]) -> None:
