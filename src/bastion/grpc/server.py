@@ -24,7 +24,7 @@ from google.protobuf.message import DecodeError, Message
 
 from bastion.config import GrpcSettings
 from bastion.context import InferRequest, RequestContext
-from bastion.errors import GRPC_STATUS, PayloadTooLarge
+from bastion.errors import GRPC_STATUS, BastionException, PayloadTooLarge
 from bastion.grpc import grpc_predict_v2_pb2 as pb
 from bastion.grpc.codec import decode_model_infer, encode_model_infer, encode_model_metadata
 from bastion.routes import ROUTE_ACTIONS, Route
@@ -53,7 +53,7 @@ def peer_address(peer: str) -> str | None:
     return None
 
 
-class _Refused(Exception):
+class _Refused(BastionException):
     """A refusal already encoded as a gRPC status (raised to leave a handler)."""
 
     def __init__(self, code: grpc.StatusCode, details: str, metadata: tuple[tuple[str, str], ...]) -> None:
