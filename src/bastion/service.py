@@ -1,15 +1,15 @@
-"""The Bastion service: builds every part from the config and runs one request through its pipeline.
+"""The Bastion service: opens its parts and runs one request through its route's pipeline.
 
-The order of the defenses is here, in `build_pipelines`, and nowhere else. The
-audit write is the outer layer of `handle`, so no path through any stage can
-skip it, and in "sync" durability the response waits for the record's commit.
+The pipelines are built in `bastion.assembly.build_pipelines`, the one place that says in
+which order the defenses run. The audit write is the outer layer of `handle`, so no path
+through any stage can skip it, and in "sync" durability the response waits for the record's
+commit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 import traceback
 from collections.abc import Callable
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bastion.assembly import build_pipelines, failed_auth_policy, load_or_create_secret, open_state_store
 from bastion.audit import AuditLog
 from bastion.audit.chain import load_or_create_audit_key
 from bastion.audit.log import AuditUnavailable
@@ -33,7 +34,6 @@ from bastion.errors import (
     NotReady,
     RateLimited,
 )
-from bastion.files import write_private_file
 from bastion.isolation import IsolationStore
 from bastion.keys import KeyStore
 from bastion.metrics import UNKNOWN, Metrics
@@ -43,38 +43,12 @@ from bastion.registry import ModelRegistry
 from bastion.rollout import Rollback, Rollouts
 from bastion.routes import ROUTE_ACTIONS, Route
 from bastion.stages import Stage
-from bastion.stages.address_limits import FailedAuthLimiter, FailedAuthPolicy, ThrottleFailedAuth
-from bastion.stages.aggregates import AggregateSource, ComputeAggregates
-from bastion.stages.authorization import AuthorizeModel, AuthorizeServer
-from bastion.stages.endpoints import (
-    DescribeApi,
-    DescribeModel,
-    DescribeServer,
-    ExportMetrics,
-    IssueToken,
-    ModelReadiness,
-    RouteNotFound,
-    WrongMethod,
-)
-from bastion.stages.identity import Authenticate
-from bastion.stages.inference import Infer
-from bastion.stages.input_guard import DecodeRequest, GuardInput
-from bastion.stages.limits import EnforceLimits
-from bastion.stages.output_policy import PrivateScores, ShapeOutput
-from bastion.stages.query_audit import Containment, ContainmentGate, IsolationGate, WatchQueries
-from bastion.state import MemoryStateStore, SQLiteStateStore, StateStore
+from bastion.stages.address_limits import FailedAuthLimiter
+from bastion.stages.output_policy import PrivateScores
 from bastion.statedir import StatePaths, lock_state_dir
 from bastion.tokens import TokenAuthority, load_or_create_signing_key
 
 log = logging.getLogger("bastion")
-
-
-def load_or_create_secret(path: Path, size: int = 32) -> bytes:
-    if path.exists():
-        return path.read_bytes()
-    secret = secrets.token_bytes(size)
-    write_private_file(path, secret)
-    return secret
 
 
 @dataclass(slots=True)
@@ -133,7 +107,7 @@ class Bastion:
             audience=config.tokens.audience,
             default_ttl=config.tokens.ttl_seconds,
         )
-        self.state = _state_store(config, paths)
+        self.state = open_state_store(config, paths)
         self.audit: AuditLog | None = None
         if unsafe_no_defenses:
             log.warning("UNSAFE: serving with every defense off (benchmark baseline only)")
@@ -162,89 +136,7 @@ class Bastion:
         self.pipelines = self.build_pipelines(self._hmac_key)
 
     def build_pipelines(self, hmac_key: bytes) -> dict[Route, list[Stage]]:
-        """The order of the defenses, per route. Read top to bottom."""
-        limits = self.config.limits
-        decode = DecodeRequest(limits.max_body_bytes)
-        if self.unsafe_no_defenses:
-            return {Route.INFER: [_ResolveWithoutPolicy(self.registry), decode, Infer(), ShapeOutput()]}
-        self.failed_auth.policy = failed_auth_policy(self.config)
-        # 0. before identity: an address that failed authentication too often is refused unchecked; 429
-        authenticate = ThrottleFailedAuth(self.failed_auth, Authenticate(self.keys, self.tokens))
-        gate = ContainmentGate()
-        limit = EnforceLimits(self.state, self.policy)
-        watch = WatchQueries(Containment(self.keys, self.isolation, self.metrics, self._record_event))
-        isolated = IsolationGate(self.isolation)
-        guard = GuardInput(max_rows=limits.max_rows, hmac_key=hmac_key, on_out_of_distribution=watch.refused)
-
-        def on_model(action: Action) -> AuthorizeModel:
-            return AuthorizeModel(self.policy, self.registry, action, self.rollouts.pick)
-
-        return {
-            Route.INFER: [
-                authenticate,  # 1. identity: key or token; 401
-                gate,  # 2. containment: a quarantined key is refused; 403
-                limit,  # 3. rate limit and daily quota; 429
-                on_model(Action.INFER),  # 4. model exists (404) and is granted (403)
-                isolated,  # 4b. a model isolated by query auditing answers nobody; 503
-                decode,  # 5. body size (413) and well-formed V2 JSON (400)
-                guard,  # 6. manifest schema, out-of-distribution screen; 422/413/403
-                watch,  # 7. query auditing: extraction suspected -> incident, key quarantined; 403
-                Infer(),  # 8. the runtime
-                # 9. output policy per grant (label, top-k, rounding, reverse sigmoid, DP noise under a
-                #    budget with the keyed answer cache); 403 for an ungranted output, 429 over budget
-                ShapeOutput(self.private_scores),
-            ],
-            # DP statistics over a batch: the same guard and model, then counts and sums with noise.
-            Route.AGGREGATE: [
-                authenticate,
-                gate,
-                limit,
-                on_model(Action.AGGREGATE),
-                isolated,
-                AggregateSource(limits.max_body_bytes),
-                guard,
-                watch,
-                Infer(),
-                ComputeAggregates(
-                    self.state,
-                    self.private_scores.noise,
-                    self.private_scores.cache,
-                    self.private_scores.on_global_spend,
-                ),
-            ],
-            Route.MODEL_METADATA: [
-                authenticate,
-                gate,
-                limit,
-                on_model(Action.METADATA),
-                DescribeModel(self.registry, self.state),
-            ],
-            Route.MODEL_READY: [authenticate, gate, limit, on_model(Action.METADATA), ModelReadiness()],
-            Route.SERVER_METADATA: [authenticate, gate, limit, DescribeServer()],
-            Route.OPENAPI: [authenticate, gate, limit, DescribeApi()],
-            # Only an API key can mint a token: a stolen token cannot renew itself.
-            Route.TOKEN: [
-                ThrottleFailedAuth(
-                    self.failed_auth, Authenticate(self.keys, self.tokens, allow_tokens=False)
-                ),
-                gate,
-                limit,
-                IssueToken(self.tokens, self.policy),
-            ],
-            # [metrics] enabled = false: no such route, for every caller (after authentication).
-            Route.METRICS: [
-                authenticate,
-                gate,
-                limit,
-                AuthorizeServer(self.policy, Action.ADMIN),
-                ExportMetrics(self.metrics),
-            ]
-            if self.metrics.enabled
-            else [authenticate, RouteNotFound()],
-            # Unknown paths and wrong methods answer 401 before 404/405: nothing to map anonymously.
-            Route.NOT_FOUND: [authenticate, RouteNotFound()],
-            Route.WRONG_METHOD: [authenticate, WrongMethod()],
-        }
+        return build_pipelines(self, hmac_key, record_event=self._record_event)
 
     def _rollouts(self, config: Config, config_path: Path) -> Rollouts:
         known = self.registry.configured_names
@@ -468,33 +360,6 @@ class Bastion:
         return outcome
 
 
-def failed_auth_policy(config: Config) -> FailedAuthPolicy:
-    limits = config.limits
-    return FailedAuthPolicy(
-        rate=limits.failed_auth_rate,
-        burst=limits.failed_auth_burst,
-        ipv6_prefix=limits.failed_auth_ipv6_prefix,
-        max_addresses=limits.failed_auth_max_addresses,
-        audited_per_window=limits.refusals_audited_per_window,
-        audited_total_per_window=limits.refusals_audited_total_per_window,
-        window_seconds=limits.refusal_window_seconds,
-    )
-
-
-def _state_store(config: Config, paths: StatePaths) -> StateStore:
-    if config.state.backend == "redis":
-        from bastion.state.redis import RedisStateStore
-
-        return RedisStateStore(config.state.redis_url, prefix=config.state.redis_prefix)
-    if config.state.backend == "postgres":
-        from bastion.state.postgres import PostgresStateStore
-
-        return PostgresStateStore(config.state.postgres_dsn, table=config.state.postgres_table)
-    if config.state.backend == "sqlite":
-        return SQLiteStateStore(paths.limits)
-    return MemoryStateStore()
-
-
 def error_outcome(error: BastionError) -> Outcome:
     headers: dict[str, str] = {}
     if isinstance(error, AuthenticationFailed):
@@ -509,19 +374,3 @@ def error_outcome(error: BastionError) -> Outcome:
 def _fixed_outcome(code: ErrorCode, message: str) -> Outcome:
     """An answer the server gives without an exception of the request's (its own failure)."""
     return Outcome(HTTP_STATUS[code], {"error": message, "code": code}, {})
-
-
-class _ResolveWithoutPolicy:
-    """Benchmark baseline only: find the model and grant everything."""
-
-    def __init__(self, registry: ModelRegistry) -> None:
-        self._registry = registry
-
-    async def __call__(self, ctx: RequestContext) -> None:
-        from bastion.config import OutputDetail
-        from bastion.policy import EffectiveGrant
-
-        assert ctx.model_name is not None
-        ctx.model = self._registry.get(ctx.model_name, ctx.model_version)
-        ctx.grant = EffectiveGrant(frozenset(Action), OutputDetail.PROBABILITIES, True)
-        ctx.output_detail = OutputDetail.PROBABILITIES

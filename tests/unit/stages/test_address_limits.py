@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
+from bastion.assembly import failed_auth_policy
 from bastion.config import Action, load_config
 from bastion.context import RequestContext
 from bastion.errors import AuthenticationFailed, AuthThrottled
-from bastion.service import failed_auth_policy
 from bastion.stages.address_limits import (
     OVERFLOW,
     FailedAuthLimiter,

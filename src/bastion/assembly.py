@@ -1,0 +1,205 @@
+"""Building Bastion from its policy file: config -> parts -> the pipelines, per route.
+
+`bastion.service.Bastion` opens the parts (state, audit, keys, models) and runs requests;
+what each route's pipeline is, in which order the defenses run, is written here once, as data,
+in `build_pipelines`. The audit write is not a stage: it is the outer layer of
+`Bastion.handle`, so no pipeline can leave it out.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from bastion.config import Action, Config
+from bastion.context import RequestContext
+from bastion.files import write_private_file
+from bastion.isolation import IsolationStore
+from bastion.keys import KeyStore
+from bastion.metrics import Metrics
+from bastion.policy import Policy
+from bastion.registry import ModelRegistry
+from bastion.rollout import Rollouts
+from bastion.routes import Route
+from bastion.stages import Stage
+from bastion.stages.address_limits import FailedAuthLimiter, FailedAuthPolicy, ThrottleFailedAuth
+from bastion.stages.aggregates import AggregateSource, ComputeAggregates
+from bastion.stages.authorization import AuthorizeModel, AuthorizeServer
+from bastion.stages.endpoints import (
+    DescribeApi,
+    DescribeModel,
+    DescribeServer,
+    ExportMetrics,
+    IssueToken,
+    ModelReadiness,
+    RouteNotFound,
+    WrongMethod,
+)
+from bastion.stages.identity import Authenticate
+from bastion.stages.inference import Infer
+from bastion.stages.input_guard import DecodeRequest, GuardInput
+from bastion.stages.limits import EnforceLimits
+from bastion.stages.output_policy import PrivateScores, ShapeOutput
+from bastion.stages.query_audit import Containment, ContainmentGate, IsolationGate, WatchQueries
+from bastion.state import MemoryStateStore, SQLiteStateStore, StateStore
+from bastion.statedir import StatePaths
+from bastion.tokens import TokenAuthority
+
+
+class PipelineParts(Protocol):
+    """The parts a pipeline is built from (`Bastion` holds them; reload swaps the first four)."""
+
+    config: Config
+    registry: ModelRegistry
+    policy: Policy
+    rollouts: Rollouts
+    metrics: Metrics
+    keys: KeyStore
+    isolation: IsolationStore
+    tokens: TokenAuthority
+    state: StateStore
+    private_scores: PrivateScores
+    failed_auth: FailedAuthLimiter
+    unsafe_no_defenses: bool
+
+
+def build_pipelines(
+    parts: PipelineParts, hmac_key: bytes, *, record_event: Callable[[dict[str, Any]], None]
+) -> dict[Route, list[Stage]]:
+    """The order of the defenses, per route. Read top to bottom.
+
+    `record_event` submits an audit record that is not a request's (incidents, refusal summaries).
+    """
+    limits = parts.config.limits
+    decode = DecodeRequest(limits.max_body_bytes)
+    if parts.unsafe_no_defenses:
+        return {Route.INFER: [_ResolveWithoutPolicy(parts.registry), decode, Infer(), ShapeOutput()]}
+    parts.failed_auth.policy = failed_auth_policy(parts.config)
+    # 0. before identity: an address that failed authentication too often is refused unchecked; 429
+    authenticate = ThrottleFailedAuth(parts.failed_auth, Authenticate(parts.keys, parts.tokens))
+    gate = ContainmentGate()
+    limit = EnforceLimits(parts.state, parts.policy)
+    watch = WatchQueries(Containment(parts.keys, parts.isolation, parts.metrics, record_event))
+    isolated = IsolationGate(parts.isolation)
+    guard = GuardInput(max_rows=limits.max_rows, hmac_key=hmac_key, on_out_of_distribution=watch.refused)
+
+    def on_model(action: Action) -> AuthorizeModel:
+        return AuthorizeModel(parts.policy, parts.registry, action, parts.rollouts.pick)
+
+    return {
+        Route.INFER: [
+            authenticate,  # 1. identity: key or token; 401
+            gate,  # 2. containment: a quarantined key is refused; 403
+            limit,  # 3. rate limit and daily quota; 429
+            on_model(Action.INFER),  # 4. model exists (404) and is granted (403)
+            isolated,  # 4b. a model isolated by query auditing answers nobody; 503
+            decode,  # 5. body size (413) and well-formed V2 JSON (400)
+            guard,  # 6. manifest schema, out-of-distribution screen; 422/413/403
+            watch,  # 7. query auditing: extraction suspected -> incident, key quarantined; 403
+            Infer(),  # 8. the runtime
+            # 9. output policy per grant (label, top-k, rounding, reverse sigmoid, DP noise under a
+            #    budget with the keyed answer cache); 403 for an ungranted output, 429 over budget
+            ShapeOutput(parts.private_scores),
+        ],
+        # DP statistics over a batch: the same guard and model, then counts and sums with noise.
+        Route.AGGREGATE: [
+            authenticate,
+            gate,
+            limit,
+            on_model(Action.AGGREGATE),
+            isolated,
+            AggregateSource(limits.max_body_bytes),
+            guard,
+            watch,
+            Infer(),
+            ComputeAggregates(
+                parts.state,
+                parts.private_scores.noise,
+                parts.private_scores.cache,
+                parts.private_scores.on_global_spend,
+            ),
+        ],
+        Route.MODEL_METADATA: [
+            authenticate,
+            gate,
+            limit,
+            on_model(Action.METADATA),
+            DescribeModel(parts.registry, parts.state),
+        ],
+        Route.MODEL_READY: [authenticate, gate, limit, on_model(Action.METADATA), ModelReadiness()],
+        Route.SERVER_METADATA: [authenticate, gate, limit, DescribeServer()],
+        Route.OPENAPI: [authenticate, gate, limit, DescribeApi()],
+        # Only an API key can mint a token: a stolen token cannot renew itparts.
+        Route.TOKEN: [
+            ThrottleFailedAuth(parts.failed_auth, Authenticate(parts.keys, parts.tokens, allow_tokens=False)),
+            gate,
+            limit,
+            IssueToken(parts.tokens, parts.policy),
+        ],
+        # [metrics] enabled = false: no such route, for every caller (after authentication).
+        Route.METRICS: [
+            authenticate,
+            gate,
+            limit,
+            AuthorizeServer(parts.policy, Action.ADMIN),
+            ExportMetrics(parts.metrics),
+        ]
+        if parts.metrics.enabled
+        else [authenticate, RouteNotFound()],
+        # Unknown paths and wrong methods answer 401 before 404/405: nothing to map anonymously.
+        Route.NOT_FOUND: [authenticate, RouteNotFound()],
+        Route.WRONG_METHOD: [authenticate, WrongMethod()],
+    }
+
+
+def load_or_create_secret(path: Path, size: int = 32) -> bytes:
+    if path.exists():
+        return path.read_bytes()
+    secret = secrets.token_bytes(size)
+    write_private_file(path, secret)
+    return secret
+
+
+def failed_auth_policy(config: Config) -> FailedAuthPolicy:
+    limits = config.limits
+    return FailedAuthPolicy(
+        rate=limits.failed_auth_rate,
+        burst=limits.failed_auth_burst,
+        ipv6_prefix=limits.failed_auth_ipv6_prefix,
+        max_addresses=limits.failed_auth_max_addresses,
+        audited_per_window=limits.refusals_audited_per_window,
+        audited_total_per_window=limits.refusals_audited_total_per_window,
+        window_seconds=limits.refusal_window_seconds,
+    )
+
+
+def open_state_store(config: Config, paths: StatePaths) -> StateStore:
+    if config.state.backend == "redis":
+        from bastion.state.redis import RedisStateStore
+
+        return RedisStateStore(config.state.redis_url, prefix=config.state.redis_prefix)
+    if config.state.backend == "postgres":
+        from bastion.state.postgres import PostgresStateStore
+
+        return PostgresStateStore(config.state.postgres_dsn, table=config.state.postgres_table)
+    if config.state.backend == "sqlite":
+        return SQLiteStateStore(paths.limits)
+    return MemoryStateStore()
+
+
+class _ResolveWithoutPolicy:
+    """Benchmark baseline only: find the model and grant everything."""
+
+    def __init__(self, registry: ModelRegistry) -> None:
+        self._registry = registry
+
+    async def __call__(self, ctx: RequestContext) -> None:
+        from bastion.config import OutputDetail
+        from bastion.policy import EffectiveGrant
+
+        assert ctx.model_name is not None
+        ctx.model = self._registry.get(ctx.model_name, ctx.model_version)
+        ctx.grant = EffectiveGrant(frozenset(Action), OutputDetail.PROBABILITIES, True)
+        ctx.output_detail = OutputDetail.PROBABILITIES
