@@ -23,6 +23,7 @@ class ErrorCode(StrEnum):
 
     # 400: the body or the request line is not a request
     BAD_REQUEST = "bad_request"
+    MALFORMED_HTTP = "malformed_http"  # the HTTP parser's own refusal (request line, header, chunk)
     MALFORMED_JSON = "malformed_json"
     MALFORMED_REQUEST = "malformed_request"
     UNSUPPORTED_PARAMETER = "unsupported_parameter"
@@ -93,6 +94,7 @@ class ErrorCode(StrEnum):
 # The HTTP status of every code, in one table (a unit test checks it covers the enum).
 HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.BAD_REQUEST: 400,
+    ErrorCode.MALFORMED_HTTP: 400,
     ErrorCode.MALFORMED_JSON: 400,
     ErrorCode.MALFORMED_REQUEST: 400,
     ErrorCode.UNSUPPORTED_PARAMETER: 400,

@@ -82,6 +82,8 @@ def tensor_header(entry: Any, index: int) -> TensorHeader:
     label = f"input {name[:64]!r}"
     if not isinstance(datatype, str):
         raise BadRequest(f"{label}: datatype must be a string", code=ErrorCode.MALFORMED_REQUEST)
+    if isinstance(shape, list):
+        shape = [integral(d) for d in shape]
     if (
         not isinstance(shape, list)
         or not 1 <= len(shape) <= _MAX_DIMS
@@ -103,6 +105,37 @@ def tensor_header(entry: Any, index: int) -> TensorHeader:
     return TensorHeader(name, datatype, shape, entry, parameters)
 
 
+def integral(value: Any) -> Any:
+    """An integral JSON float (60.0) as the int it is: JSON Schema's `integer` includes it, and so
+    do clients that serialise numbers as doubles. Anything else is returned as it is."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _holds_boolean(data: Any) -> bool:
+    """True if a JSON `true`/`false` sits anywhere in (nested) `data`."""
+    if isinstance(data, list):
+        return any(_holds_boolean(v) for v in data)
+    return isinstance(data, bool)
+
+
+def _exact_integers(header: TensorHeader, data: Any, target: np.dtype[np.generic]) -> np.ndarray:
+    """Integers numpy could not hold in int64 (UINT64 above 2**63 - 1, or out of any range): checked
+    one by one as Python ints, never rounded through float64. Raises SchemaViolation (422)."""
+    flat = np.asarray(data, dtype=object).ravel()
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in flat):
+        raise SchemaViolation(
+            f"{header.label}: data does not hold {header.datatype} values", code=ErrorCode.WRONG_DATATYPE
+        )
+    info = np.iinfo(target)  # type: ignore[type-var]
+    if any(v < info.min or v > info.max for v in flat):
+        raise SchemaViolation(
+            f"{header.label}: values do not fit {header.datatype}", code=ErrorCode.WRONG_DATATYPE
+        )
+    return np.array(flat.tolist(), dtype=target)
+
+
 def numpy_dtype(header: TensorHeader) -> np.dtype[np.generic]:
     """The numpy dtype of a supported V2 datatype; SchemaViolation 422 `unsupported_datatype` otherwise
     (BYTES and BF16 among them: no served model takes strings, and numpy has no bfloat16)."""
@@ -113,6 +146,24 @@ def numpy_dtype(header: TensorHeader) -> np.dtype[np.generic]:
             code=ErrorCode.UNSUPPORTED_DATATYPE,
         )
     return target
+
+
+def _json_tensor_without_booleans(header: TensorHeader) -> np.ndarray:
+    """`json_tensor`, refusing a JSON boolean among the values of a non-BOOL tensor: numpy would
+    read `[true, 1]` as `[1, 1]`. Used only when the body holds a `true` or `false` at all."""
+    if header.datatype != "BOOL" and _holds_boolean(header.entry.get("data")):
+        raise SchemaViolation(
+            f"{header.label}: data does not hold {header.datatype} values", code=ErrorCode.WRONG_DATATYPE
+        )
+    return json_tensor(header)
+
+
+def json_reader(json_text: bytes) -> TensorReader:
+    """The reader for the JSON-data inputs of a document parsed from `json_text`. Scanning every
+    value for booleans costs; a document without the literals `true`/`false` cannot hold one."""
+    if b"true" in json_text or b"false" in json_text:
+        return _json_tensor_without_booleans
+    return json_tensor
 
 
 def json_tensor(header: TensorHeader) -> np.ndarray:
@@ -140,6 +191,14 @@ def tensor_from_values(header: TensorHeader, data: Any) -> np.ndarray:
         raise SchemaViolation(
             f"{label}: data is ragged or not numeric", code=ErrorCode.WRONG_DATATYPE
         ) from None
+    if target.kind in "iu" and array.dtype.kind in "fO":
+        # Integers past int64 make numpy infer float64 (rounded) or object: check them exactly.
+        try:
+            array = _exact_integers(header, data, target)
+        except ValueError:
+            raise SchemaViolation(
+                f"{label}: data is ragged or not numeric", code=ErrorCode.WRONG_DATATYPE
+            ) from None
     if array.dtype.kind not in _ACCEPTED_KINDS[target.kind]:
         raise SchemaViolation(f"{label}: data does not hold {datatype} values", code=ErrorCode.WRONG_DATATYPE)
     if target.kind in "iu" and array.size:
@@ -173,7 +232,7 @@ def decode_infer_request(body: bytes) -> InferRequest:
                 code=ErrorCode.BAD_HEADER_LENGTH,
             ) from None
         raise
-    return decode_infer_document(doc)
+    return decode_infer_document(doc, json_reader(body))
 
 
 def decode_infer_document(doc: Any, read: TensorReader = json_tensor) -> InferRequest:

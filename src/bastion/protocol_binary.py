@@ -25,9 +25,10 @@ from bastion.errors import BadRequest, ErrorCode, SchemaViolation
 from bastion.manifest import V2_TO_NUMPY
 from bastion.protocol import (
     TensorHeader,
+    TensorReader,
     check_count,
     decode_infer_document,
-    json_tensor,
+    json_reader,
     numpy_dtype,
     parse_json,
 )
@@ -47,7 +48,7 @@ def decoder(header_length: bytes) -> Callable[[bytes], InferRequest]:
     def decode(body: bytes) -> InferRequest:
         length = parse_header_length(header_length, len(body))
         doc = parse_json(body[:length])
-        payload = _Payload(memoryview(body)[length:])
+        payload = _Payload(memoryview(body)[length:], json_reader(body[:length]))
         request = decode_infer_document(doc, payload.read)
         payload.finish()
         return request
@@ -75,14 +76,15 @@ def parse_header_length(raw: bytes, body_size: int) -> int:
 class _Payload:
     """The bytes after the JSON header, handed out to the binary inputs in their order."""
 
-    def __init__(self, raw: memoryview) -> None:
+    def __init__(self, raw: memoryview, json_read: TensorReader) -> None:
         self._raw = raw
         self._at = 0
+        self._json_read = json_read
 
     def read(self, header: TensorHeader) -> np.ndarray:
         size = header.parameters.get("binary_data_size")
         if size is None:  # the extension lets JSON and binary inputs mix in one request
-            return json_tensor(header)
+            return self._json_read(header)
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise BadRequest(
                 f"{header.label}: binary_data_size must be a non-negative integer",

@@ -235,11 +235,6 @@ def _expect(target: FuzzTarget, principal: str, case: Any, response: schemathesi
         assert secret.encode() not in body, f"{where}: a credential echoed in the response"
 
 
-def _integral_float_ttl(body: object) -> bool:
-    """Known drift, see test_integers_written_as_floats_are_integers: remove when that test passes."""
-    return isinstance(body, dict) and isinstance(body.get("ttl_seconds"), float)
-
-
 @pytest.mark.parametrize("principal", PRINCIPALS)
 def test_fuzz_every_documented_operation(target: FuzzTarget, principal: str) -> None:
     operations = [result.ok() for result in target.schema.get_all_operations()]
@@ -272,8 +267,7 @@ def test_fuzz_every_documented_operation(target: FuzzTarget, principal: str) -> 
         target.statuses[(principal, case.operation.label, response.status_code)] += 1
         _expect(target, principal, case, response)
         model_body = case.path.endswith(("/infer", "/aggregate"))
-        lenient = model_body or _integral_float_ttl(case.body)
-        case.validate_response(response, checks=CHECKS if lenient else CHECKS_WITH_BODY_SCHEMA)
+        case.validate_response(response, checks=CHECKS if model_body else CHECKS_WITH_BODY_SCHEMA)
 
     fuzz()
     elapsed = time.monotonic() - started
@@ -299,10 +293,6 @@ def test_schema_is_served_to_every_authenticated_principal(target: FuzzTarget) -
     assert httpx.get(f"{target.server.base_url}/v2/openapi.json").status_code == 401
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="JSON Schema counts 60.0 as an integer; the server refuses it in ttl_seconds and shape (400)",
-)
 def test_integers_written_as_floats_are_integers(target: FuzzTarget) -> None:
     # Found by the fuzzer (positive_data_acceptance on POST /v2/auth/token). The kind: every field the
     # document types `integer` (ttl_seconds, shape) must take the integral float the schema allows.
@@ -377,7 +367,6 @@ def _raw(target: FuzzTarget, request: bytes) -> tuple[bytes, bytes]:
     return head, body
 
 
-@pytest.mark.xfail(strict=True, reason="http/frontend.py: parser errors get uvicorn's text/plain 400")
 @pytest.mark.parametrize(
     "request_bytes",
     [

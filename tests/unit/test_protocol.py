@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from bastion.config import Action, OutputDetail
 from bastion.context import RequestContext
-from bastion.errors import BastionError, SchemaViolation
+from bastion.errors import BadRequest, BastionError, SchemaViolation
 from bastion.manifest import V2_TO_NUMPY, InputSpec, Manifest, OutputSpec
 from bastion.policy import EffectiveGrant
 from bastion.protocol import decode_infer_request
@@ -325,8 +325,7 @@ def _tensors(draw: st.DrawFn) -> tuple[str, list[int], list[object]]:
         values: st.SearchStrategy[object] = st.booleans()
     elif target.kind in "iu":
         info = np.iinfo(target)  # type: ignore[type-var]
-        # UINT64 above 2**63 mixed with smaller values is a known fault: test_uint64_beyond_int64_range.
-        values = st.integers(int(info.min), min(int(info.max), 2**63 - 1))
+        values = st.integers(int(info.min), int(info.max))  # UINT64 above 2**63 included
     else:
         values = st.floats(
             allow_nan=False, allow_infinity=False, width=16 if datatype == "FP16" else 32
@@ -340,7 +339,9 @@ def _tensors(draw: st.DrawFn) -> tuple[str, list[int], list[object]]:
 def test_valid_tensors_round_trip(tensor: tuple[str, list[int], list[object]], nested: bool) -> None:
     datatype, shape, flat = tensor
     target = V2_TO_NUMPY[datatype]
-    expected = np.asarray(flat).astype(target).reshape(shape)
+    # Integers built exactly (numpy would infer float64 for a UINT64 above 2**63 and round it).
+    exact = np.array(flat, dtype=object) if target.kind in "iu" else np.asarray(flat)
+    expected = exact.astype(target).reshape(shape)
     # V2 allows the data flat or nested to the tensor's shape: both decode to the same array.
     data = expected.tolist() if nested else flat
     doc = {"id": "r1", "inputs": [{"name": "t", "datatype": datatype, "shape": shape, "data": data}]}
@@ -352,21 +353,44 @@ def test_valid_tensors_round_trip(tensor: tuple[str, list[int], list[object]], n
         assert array.ravel().tolist() == flat
 
 
-@pytest.mark.xfail(
-    strict=True, reason="protocol.py: a JSON boolean mixed with numbers becomes 1/0 in a numeric tensor"
-)
 @pytest.mark.parametrize("datatype", ["FP32", "INT64", "UINT8"])
-def test_booleans_are_not_numbers(datatype: str) -> None:
-    # All-boolean data in a numeric tensor is refused (wrong_datatype); one boolean among numbers is not.
-    doc = {"inputs": [{"name": "t", "datatype": datatype, "shape": [2], "data": [True, 1]}]}
+@pytest.mark.parametrize("data", [[True, 1], [1, False], [[1.5], [True]], [2, [False]]])
+def test_booleans_are_not_numbers(datatype: str, data: list[object]) -> None:
+    # All-boolean data in a numeric tensor was refused (wrong_datatype); a boolean among numbers, nested
+    # or not, is refused too, on the JSON path, the binary extension's JSON inputs and aggregates.
+    doc = {"inputs": [{"name": "t", "datatype": datatype, "shape": [2], "data": data}]}
     with pytest.raises(SchemaViolation) as err:
         decode_infer_request(json.dumps(doc).encode())
     assert err.value.code == "wrong_datatype"
 
 
-@pytest.mark.xfail(
-    strict=True, reason="protocol.py: numpy infers float64 for [2**63, 1]; valid UINT64 data gets 422"
+@pytest.mark.parametrize(
+    ("datatype", "data"),
+    [
+        ("UINT64", [2**64, 1]),
+        ("INT64", [2**63, 1]),
+        ("INT64", [-(2**63) - 1, 1]),
+        ("UINT64", [-1, 2**63]),
+        ("UINT64", [2**63, 1.5]),
+        ("INT32", [2**40, 1]),
+    ],
 )
+def test_integers_outside_their_datatype_are_refused_exactly(datatype: str, data: list[object]) -> None:
+    doc = {"inputs": [{"name": "t", "datatype": datatype, "shape": [2], "data": data}]}
+    with pytest.raises(SchemaViolation) as err:
+        decode_infer_request(json.dumps(doc).encode())
+    assert err.value.code == "wrong_datatype"
+
+
+def test_integral_floats_are_integers_in_a_shape() -> None:
+    doc = {"inputs": [{"name": "t", "datatype": "FP32", "shape": [1.0, 2], "data": [0.5, 1]}]}
+    assert decode_infer_request(json.dumps(doc).encode()).inputs["t"].shape == (1, 2)
+    for shape in ([1.5, 2], [float("nan"), 2], ["1", 2], [True, 2]):
+        doc["inputs"][0]["shape"] = shape  # type: ignore[index]
+        with pytest.raises(BadRequest):
+            decode_infer_request(json.dumps(doc).encode())
+
+
 def test_uint64_beyond_int64_range() -> None:
     # Found by test_valid_tensors_round_trip. The kind: the dtype numpy infers from JSON numbers decides
     # acceptance, so values that fit the declared type are refused (or would be rounded through float64).

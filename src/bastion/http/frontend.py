@@ -37,9 +37,11 @@ import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from bastion.errors import (
+    BadRequest,
     BastionError,
     BastionException,
     ConfigError,
+    ErrorCode,
     HeadersTooLarge,
     PayloadTooLarge,
     RequestTimeout,
@@ -281,6 +283,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._arm(self.limits.keep_alive)
 
     # Refusals
+
+    def send_400_response(self, msg: str) -> None:
+        """The parser's own refusals (an unknown method, a malformed request line, header or chunk):
+        a JSON error like every other answer, instead of uvicorn's plain text."""
+        self._refuse(BadRequest("malformed HTTP request", code=ErrorCode.MALFORMED_HTTP))
 
     def _refuse(self, error: BastionError) -> None:
         """Answer `error` as JSON and close, unless an answer to this request has already begun."""

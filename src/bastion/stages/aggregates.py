@@ -20,7 +20,7 @@ import numpy as np
 from bastion.context import InferRequest, RequestContext
 from bastion.errors import BadRequest, ErrorCode, PermissionDenied, SchemaViolation
 from bastion.privacy import AnswerCache, NoiseSource, laplace_scale, policy_tag
-from bastion.protocol import decode_infer_document, parse_json
+from bastion.protocol import decode_infer_document, json_reader, parse_json
 from bastion.stages.output_policy import EPSILON, budget_keys, charge
 from bastion.state import StateStore
 
@@ -55,7 +55,7 @@ class AggregateSource:
             ctx.payload_hmac = f"reference:{model.digest}"
             ctx.rows_from_signed_reference = True
             return
-        ctx.request = _statistics_only(decode_infer_document(doc))
+        ctx.request = _statistics_only(decode_infer_document(doc, json_reader(body)))
 
 
 def _statistics_only(request: InferRequest) -> InferRequest:

@@ -10,7 +10,7 @@ from bastion.context import RequestContext
 from bastion.errors import BadRequest, ErrorCode, MethodNotAllowed, NotFound, PermissionDenied
 from bastion.metrics import Metrics
 from bastion.policy import EffectiveGrant, Policy, TokenScope
-from bastion.protocol import parse_json
+from bastion.protocol import integral, parse_json
 from bastion.registry import ModelRegistry
 from bastion.stages.output_policy import (
     EPSILON,
@@ -156,7 +156,7 @@ class IssueToken:
                 "token request takes 'scope', 'output' and 'ttl_seconds'", code=ErrorCode.MALFORMED_REQUEST
             )
         scope = self._scope(doc.get("scope", ["infer:*", "metadata:*"]), principal.roles, doc.get("output"))
-        ttl = doc.get("ttl_seconds")
+        ttl = integral(doc.get("ttl_seconds"))  # 60.0 is the integer 60, as JSON Schema reads it
         longest = self._tokens.default_ttl
         if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool) or not 1 <= ttl <= 86_400):
             raise BadRequest(
