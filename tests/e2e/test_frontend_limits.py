@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from bastion.demo import infer_request
+from bastion.http.frontend import FRAMING_SLACK_BYTES, LINGER_MAX_BYTES
 from tests.helpers import BASTION, RunningServer, create_key, start_server, write_test_deployment
 
 HEAD_TIMEOUT = BODY_TIMEOUT = KEEP_ALIVE = 2.0
@@ -302,16 +303,22 @@ def test_a_chunk_extension_flood_gets_413(front: Front) -> None:
 
 def test_a_body_to_a_route_that_never_reads_it_is_cut_off(front: Front) -> None:
     # The health probe answers at once; the endless body behind it must still be bounded.
+    # (A declared Content-Length over the limit is refused before any route: 413.)
     with front.connect() as sock:
         sock.sendall(b"POST /v2/health/live HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n")
+        assert read_response(sock)[0] == 413
+    with front.connect() as sock:
+        sock.sendall(b"POST /v2/health/live HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
         status, _, _ = read_response(sock)
         assert status == 200
         sent = 0
         with contextlib.suppress(OSError):
             while sent < 16 * MAX_BODY_BYTES:
-                sock.sendall(b"a" * 65536)
+                sock.sendall(b"10000\r\n" + b"a" * 65536 + b"\r\n")
                 sent += 65536
-        assert sent < 4 * MAX_BODY_BYTES
+        # Bounded: the request limit, the lingering close's allowance, and what the two sockets'
+        # kernel buffers on loopback hold (a few MiB), far below the 16 MiB the client tries.
+        assert sent < MAX_HEADER_BYTES + MAX_BODY_BYTES + FRAMING_SLACK_BYTES + LINGER_MAX_BYTES + (4 << 20)
         assert_closed(sock)
 
 
@@ -485,3 +492,13 @@ def test_an_oversized_upload_gets_its_413_without_a_reset(front: Front, make: ob
 def test_an_oversized_head_sent_in_full_gets_its_431_without_a_reset(front: Front) -> None:
     status, body = _upload_then_read(front, b"GET /v2/health/live HTTP/1.1\r\nX-Big: " + b"a" * (512 << 10))
     assert status == 431 and json.loads(body)["code"] == "headers_too_large"
+
+
+def test_a_kept_alive_client_sending_oversized_bodies_gets_413_every_time(front: Front) -> None:
+    # Refused at the head with `connection: close` (not answered kept-alive by the application and then
+    # cut mid-upload by the byte limit), so a pooling client never reuses a connection being closed.
+    with httpx.Client(headers={"Authorization": f"Bearer {front.key}"}, timeout=20) as client:
+        for _ in range(6):
+            r = client.post(f"{front.server.base_url}/v2/models/breast-cancer/infer", content=b" " * (2 << 20))
+            assert r.status_code == 413 and r.json()["code"] == "payload_too_large"
+            assert r.headers["connection"] == "close"

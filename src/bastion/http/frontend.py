@@ -62,7 +62,7 @@ RESERVED_FDS = 256
 # reset" instead of the 413 written for it; a flood past these bounds is cut off.
 LINGER_SECONDS = 2.0
 LINGER_IDLE_SECONDS = 0.5
-LINGER_MAX_BYTES = 1 << 20
+LINGER_MAX_BYTES = 2 << 20
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -259,6 +259,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         ):
             self._error = _PipelineTooDeep()
             raise self._error
+        declared = _content_length(self.headers)
+        if declared is not None and declared > self.limits.max_body_bytes:
+            # Refused here, with `connection: close`, before the application answers it as a kept-alive
+            # connection that the byte limit then cuts mid-upload (the client would reuse a dead one).
+            self._error = PayloadTooLarge(f"body larger than {self.limits.max_body_bytes} bytes")
+            raise self._error
         super().on_headers_complete()
         self._phase = _Phase.BODY
         self._arm(self.limits.body_timeout)
@@ -312,6 +318,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             )
         log.info("front end refused a request: %s", error.code)
         self._close(linger=True)
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    """The declared Content-Length (llhttp has refused a malformed or conflicting one already)."""
+    for name, value in headers:
+        if name == b"content-length" and value.strip().isdigit():
+            return int(value)
+    return None
 
 
 def protocol_class(limits: FrontendLimits) -> type[LimitedHttpToolsProtocol]:
