@@ -276,6 +276,9 @@ class RolloutSettings(_Strict):
     # Automatic rollback when, over the last `window_seconds`, the canary answered at least
     # `min_requests` requests and its error rate or p99 latency crossed these thresholds.
     max_error_rate: Annotated[float, Field(ge=0, le=1)] = 0.05
+    # Per-row model latency: the runtime's time for a request's batch divided by its rows (the
+    # client picks the batch size, so a time per batch would let it steer a rollback). A batch's
+    # fixed overhead weighs most on one-row requests: set it above their per-row time.
     max_p99_latency_ms: Annotated[float, Field(gt=0)] | None = None
     window_seconds: Annotated[float, Field(gt=0)] = 30.0
     min_requests: Annotated[int, Field(ge=1)] = 20

@@ -5,7 +5,9 @@ Unversioned requests for a model with a rollout go to the canary with probabilit
 version. Only the server's own evidence about the canary is observed: requests the
 rollout routed to it (never a request naming its version: a client could flood those
 to trigger or dilute a rollback) that reached the runtime. An error is the runtime
-failing, and latency is the runtime's time for the batch; a refusal of the client's
+failing, and latency is the runtime's time for the batch divided by its rows (the batch
+size is the client's choice: a time per batch would let a key with `infer` send
+max-row batches until the canary's p99 crossed the threshold); a refusal of the client's
 input (4xx) never reaches the runtime and is not counted, nor is its upload or audit
 time. When the error rate or p99 latency over the window crosses the configured
 threshold, the canary's weight drops to 0
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import secrets
 from collections import deque
@@ -45,14 +48,102 @@ class RolloutState:
     changed_at: float = 0.0
 
 
-@dataclass
-class _Window:
-    events: deque[tuple[float, bool, float]] = field(default_factory=deque)  # (time, error, latency s)
+# The window is kept as `_SLICES` time slices of counts, so memory and the work per request stay
+# constant whatever the request rate (a list of events re-sorted per request cost O(n log n) each).
+_SLICES = 32
+# Per-row latencies are counted in a log-scale histogram: 16 buckets per doubling from 1 ns, 40
+# doublings (to about 1100 s). It only reports the p99's value; the verdict itself is exact.
+_PER_OCTAVE = 16
+_LOWEST = 1e-9  # seconds per row
+_BUCKETS = 40 * _PER_OCTAVE
+# A bucket's geometric middle is within this relative error of any value in it (1 ns to 1100 s).
+QUANTILE_RELATIVE_ERROR = 2 ** (1 / (2 * _PER_OCTAVE)) - 1  # about 2.2 %
 
-    def add(self, now: float, error: bool, latency: float, span: float) -> None:
-        self.events.append((now, error, latency))
-        while self.events and self.events[0][0] < now - span:
-            self.events.popleft()
+
+def _bucket(value: float) -> int:
+    if value <= _LOWEST:
+        return 0
+    return min(_BUCKETS - 1, int(math.log2(value / _LOWEST) * _PER_OCTAVE))
+
+
+def _bucket_middle(index: int) -> float:
+    return float(_LOWEST * 2 ** ((index + 0.5) / _PER_OCTAVE))
+
+
+def _p99_rank(n: int) -> int:
+    """The 1-based rank of the p99 among n sorted values (nearest rank, numpy's "inverted_cdf"),
+    in integers: ceil(0.99 n) in floating point is off by one for some n."""
+    return (99 * n + 99) // 100
+
+
+@dataclass
+class _Slice:
+    index: int  # floor(time / slice width)
+    requests: int = 0
+    errors: int = 0
+    slow: int = 0  # requests over the latency threshold
+    histogram: dict[int, int] = field(default_factory=dict)  # bucket -> requests
+
+
+class _Window:
+    """A canary's routed requests over the last `span` seconds: request, error and slow counts kept
+    up to date in O(1) per request, and a histogram of per-row latencies for the p99's value.
+
+    The window moves in steps of span / 32, so it holds between 31/32 of `span` and `span`.
+    `slow_above`: the latency threshold in seconds per row (None: latency is not judged).
+    """
+
+    def __init__(self, span: float, slow_above: float | None) -> None:
+        self._width = span / _SLICES
+        self._slow_above = slow_above
+        self._slices: deque[_Slice] = deque()
+        self.requests = self.errors = self.slow = 0
+
+    def add(self, now: float, error: bool, per_row: float) -> None:
+        index = math.floor(now / self._width)
+        if self._slices and index < self._slices[-1].index:
+            index = self._slices[-1].index  # the clock stepped back: count it in the newest slice
+        while self._slices and self._slices[0].index <= index - _SLICES:
+            old = self._slices.popleft()
+            self.requests, self.errors, self.slow = (
+                self.requests - old.requests,
+                self.errors - old.errors,
+                self.slow - old.slow,
+            )
+        if not self._slices or self._slices[-1].index != index:
+            self._slices.append(_Slice(index))
+        current = self._slices[-1]
+        slow = self._slow_above is not None and per_row > self._slow_above
+        current.requests += 1
+        current.errors += error
+        current.slow += slow
+        self.requests += 1
+        self.errors += error
+        self.slow += slow
+        bucket = _bucket(per_row)
+        current.histogram[bucket] = current.histogram.get(bucket, 0) + 1
+
+    def p99_over_threshold(self) -> bool:
+        """Exactly whether the p99 of the window's per-row latencies exceeds `slow_above`: the p99
+        is over it when at least the values from its rank up are."""
+        return self.requests > 0 and self.slow >= self.requests - _p99_rank(self.requests) + 1
+
+    def p99(self) -> float:
+        """The p99 of the window's per-row latencies in seconds, within QUANTILE_RELATIVE_ERROR
+        (for 1 ns to 1100 s per row); O(buckets in use), so called only for a verdict's report.
+        Raises ValueError on an empty window."""
+        if self.requests == 0:
+            raise ValueError("no requests in the window")
+        merged: dict[int, int] = {}
+        for s in self._slices:
+            for bucket, count in s.histogram.items():
+                merged[bucket] = merged.get(bucket, 0) + count
+        rank, seen = _p99_rank(self.requests), 0
+        for bucket in sorted(merged):
+            seen += merged[bucket]
+            if seen >= rank:
+                return _bucket_middle(bucket)
+        raise AssertionError("the histogram holds fewer requests than the window")  # pragma: no cover
 
 
 @dataclass(frozen=True)
@@ -117,36 +208,46 @@ class Rollouts:
         return state.stable
 
     def observe(
-        self, model: str, version: str, *, routed: bool, inference_seconds: float | None, failed: bool
+        self,
+        model: str,
+        version: str,
+        *,
+        routed: bool,
+        inference_seconds: float | None,
+        rows: int,
+        failed: bool,
     ) -> Rollback | None:
         """Record one request; return a Rollback when this one tipped the canary over a threshold.
 
         `routed`: the rollout chose `version` for it. `inference_seconds`: the runtime's time for the
         batch, None if the runtime never ran (the request was refused before it: not evidence).
-        `failed`: the runtime raised.
+        `rows`: the batch's rows; latency is judged per row, since the client chooses the batch size.
+        `failed`: the runtime raised. O(1) per request.
         """
         if not routed or inference_seconds is None:
             return None
         state = self.states.get(model)
         if state is None or version != state.canary or state.weight == 0:
             return None
-        error, latency = failed, inference_seconds
         settings = self._settings[model]
-        window = self._windows.setdefault(model, _Window())
-        window.add(self._clock(), error, latency, settings.window_seconds)
-        n = len(window.events)
+        window = self._windows.get(model)
+        if window is None:
+            limit = settings.max_p99_latency_ms
+            slow_above = None if limit is None else limit / 1000
+            window = self._windows[model] = _Window(settings.window_seconds, slow_above)
+        window.add(self._clock(), failed, inference_seconds / max(rows, 1))
+        n = window.requests
         if n < settings.min_requests:
             return None
-        errors = sum(1 for _, e, _ in window.events if e)
-        if errors / n > settings.max_error_rate:
-            return self._roll_back(model, "error_rate", f"{errors} of {n} canary requests failed")
-        if settings.max_p99_latency_ms is not None:
-            latencies = sorted(lat for _, _, lat in window.events)
-            p99 = latencies[min(n - 1, int(0.99 * n))] * 1000
-            if p99 > settings.max_p99_latency_ms:
-                return self._roll_back(
-                    model, "latency", f"canary p99 {p99:.1f} ms over {settings.max_p99_latency_ms:g} ms"
-                )
+        if window.errors / n > settings.max_error_rate:
+            return self._roll_back(model, "error_rate", f"{window.errors} of {n} canary requests failed")
+        if settings.max_p99_latency_ms is not None and window.p99_over_threshold():
+            return self._roll_back(
+                model,
+                "latency",
+                f"canary p99 {window.p99() * 1000:.3g} ms per row over {settings.max_p99_latency_ms:g} ms"
+                f" ({window.slow} of {n} requests over)",
+            )
         return None
 
     # -- operator actions -----------------------------------------------------------------------

@@ -280,6 +280,7 @@ class Bastion:
                 model.version,
                 routed=ctx.routed,
                 inference_seconds=ctx.inference_seconds,
+                rows=ctx.request.rows if ctx.request is not None else 0,
                 failed=ctx.runtime_failed,
             )
             if rollback is not None:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import random
+import re
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 from bastion.config import RolloutSettings
-from bastion.rollout import Rollouts, load_states, save_states
+from bastion.rollout import QUANTILE_RELATIVE_ERROR, Rollouts, _Window, load_states, save_states
 
 
 class Clock:
@@ -40,21 +45,22 @@ def test_error_rate_rolls_back_after_min_requests(tmp_path: Path) -> None:
     results = []
     for i in range(10):
         clock.now += 0.1
-        results.append(r.observe("m", "2", routed=True, inference_seconds=0.001, failed=i % 2 == 0))
+        results.append(r.observe("m", "2", routed=True, rows=1, inference_seconds=0.001, failed=i % 2 == 0))
     assert results[:9] == [None] * 9  # not judged on fewer than min_requests
     rollback = results[9]
     assert rollback is not None and rollback.reason == "error_rate" and rollback.version == "2"
     assert "5 of 10 canary requests failed" in rollback.detail
     assert r.states["m"].weight == 0 and r.states["m"].status == "rolled_back"
     assert all(r.pick("m") == "1" for _ in range(50))  # every unversioned request back on stable
-    assert r.observe("m", "2", routed=True, inference_seconds=0.0, failed=True) is None  # once only
+    assert r.observe("m", "2", routed=True, rows=1, inference_seconds=0.0, failed=True) is None  # once only
     assert load_states(tmp_path / "rollouts.json")["m"].status == "rolled_back"  # persisted
 
 
 def test_stable_errors_do_not_count_against_the_canary(tmp_path: Path) -> None:
     r = _rollouts(tmp_path, Clock(), min_requests=1, max_error_rate=0.0)
     assert all(
-        r.observe("m", "1", routed=True, inference_seconds=1.0, failed=True) is None for _ in range(20)
+        r.observe("m", "1", routed=True, rows=1, inference_seconds=1.0, failed=True) is None
+        for _ in range(20)
     )
     assert r.states["m"].status == "canary"
 
@@ -63,19 +69,23 @@ def test_latency_rolls_back(tmp_path: Path) -> None:
     clock = Clock()
     r = _rollouts(tmp_path, clock, min_requests=5, max_p99_latency_ms=20)
     out = [
-        r.observe("m", "2", routed=True, inference_seconds=lat, failed=False)
+        r.observe("m", "2", routed=True, rows=1, inference_seconds=lat, failed=False)
         for lat in (0.005, 0.006, 0.004, 0.005, 0.2)
     ]
-    assert out[-1] is not None and out[-1].reason == "latency" and "p99 200.0 ms" in out[-1].detail
+    assert out[-1] is not None and out[-1].reason == "latency"
+    reported = re.search(r"p99 ([0-9.]+) ms per row over 20 ms \(1 of 5 requests over\)", out[-1].detail)
+    assert reported is not None and abs(float(reported[1]) / 200 - 1) <= QUANTILE_RELATIVE_ERROR
 
 
 def test_old_events_leave_the_window(tmp_path: Path) -> None:
     clock = Clock()
     r = _rollouts(tmp_path, clock, min_requests=3, max_error_rate=0.5, window_seconds=10)
-    r.observe("m", "2", routed=True, inference_seconds=0.0, failed=True)
-    r.observe("m", "2", routed=True, inference_seconds=0.0, failed=True)
+    r.observe("m", "2", routed=True, rows=1, inference_seconds=0.0, failed=True)
+    r.observe("m", "2", routed=True, rows=1, inference_seconds=0.0, failed=True)
     clock.now += 60  # the two failures are now outside the window
-    assert [r.observe("m", "2", routed=True, inference_seconds=0.0, failed=False) for _ in range(3)] == [
+    assert [
+        r.observe("m", "2", routed=True, rows=1, inference_seconds=0.0, failed=False) for _ in range(3)
+    ] == [
         None,
         None,
         None,
@@ -112,12 +122,14 @@ def test_requests_naming_the_canary_neither_trigger_nor_dilute(tmp_path: Path) -
     """A client that picks version 2 itself is not evidence: its failures cannot roll the canary back,
     and its successes cannot hide the canary's failures on routed traffic."""
     r = _rollouts(tmp_path, Clock(), min_requests=4, max_error_rate=0.25)
-    explicit = [r.observe("m", "2", routed=False, inference_seconds=0.001, failed=True) for _ in range(50)]
+    explicit = [
+        r.observe("m", "2", routed=False, rows=1, inference_seconds=0.001, failed=True) for _ in range(50)
+    ]
     assert explicit == [None] * 50 and r.states["m"].status == "canary"
     for _ in range(200):  # a flood of explicit-version successes
-        r.observe("m", "2", routed=False, inference_seconds=0.001, failed=False)
+        r.observe("m", "2", routed=False, rows=1, inference_seconds=0.001, failed=False)
     routed = [
-        r.observe("m", "2", routed=True, inference_seconds=0.001, failed=f)
+        r.observe("m", "2", routed=True, rows=1, inference_seconds=0.001, failed=f)
         for f in (False, True, True, False)
     ]
     assert routed[-1] is not None and "2 of 4 canary requests failed" in routed[-1].detail
@@ -127,9 +139,109 @@ def test_requests_refused_before_the_runtime_are_not_evidence(tmp_path: Path) ->
     """A routed request the input guard (or limits, or authorization) refused never ran the model."""
     r = _rollouts(tmp_path, Clock(), min_requests=1, max_error_rate=0.0, max_p99_latency_ms=1)
     assert all(
-        r.observe("m", "2", routed=True, inference_seconds=None, failed=False) is None for _ in range(50)
+        r.observe("m", "2", routed=True, rows=1, inference_seconds=None, failed=False) is None
+        for _ in range(50)
     )
     assert r.states["m"].status == "canary"
     # The runtime's own time is what counts: a slow runtime still rolls back.
-    rollback = r.observe("m", "2", routed=True, inference_seconds=0.5, failed=False)
+    rollback = r.observe("m", "2", routed=True, rows=1, inference_seconds=0.5, failed=False)
     assert rollback is not None and rollback.reason == "latency"
+
+
+def _runtime_seconds(rows: int, *, overhead: float, per_row: float) -> float:
+    """A runtime's time for a batch: a fixed cost per call plus a cost per row."""
+    return overhead + per_row * rows
+
+
+@pytest.mark.parametrize("attack_rows", [256, 1000, "mixed"])
+def test_max_row_batches_do_not_trigger_a_latency_rollback(tmp_path: Path, attack_rows: object) -> None:
+    """F9: a key with `infer` sends big batches to the unversioned route; those routed to a canary
+    that is normal per row take longer per batch than the threshold, and must not roll it back."""
+    clock = Clock()
+    r = _rollouts(tmp_path, clock, min_requests=20, max_p99_latency_ms=1.0, max_error_rate=0.5)
+    rng = random.Random(9)
+    batch_seconds = []
+    for i in range(2000):
+        clock.now += 0.005
+        rows = attack_rows if isinstance(attack_rows, int) else rng.choice([2, 64, 256, 999, 1000])
+        if i % 4 == 0:  # a genuine client's one-row request
+            rows = 1
+        seconds = _runtime_seconds(rows, overhead=0.0003, per_row=0.00002 * rng.uniform(0.5, 1.5))
+        batch_seconds.append(seconds)
+        assert r.observe("m", "2", routed=True, inference_seconds=seconds, rows=rows, failed=False) is None
+    # Judged per batch, these requests would have rolled the canary back: the threshold is 1 ms.
+    assert sorted(batch_seconds)[int(0.99 * len(batch_seconds))] * 1000 > 1.0
+    assert r.states["m"].status == "canary" and r.states["m"].weight > 0
+
+
+@pytest.mark.parametrize("rows", [1, 7, 256, 1000])
+def test_a_canary_slow_per_row_rolls_back_at_any_batch_size(tmp_path: Path, rows: int) -> None:
+    clock = Clock()
+    r = _rollouts(tmp_path, clock, min_requests=20, max_p99_latency_ms=1.0)
+    out = []
+    for _ in range(20):
+        clock.now += 0.01
+        seconds = _runtime_seconds(rows, overhead=0.0003, per_row=0.004)  # 4 ms a row
+        out.append(r.observe("m", "2", routed=True, inference_seconds=seconds, rows=rows, failed=False))
+    assert out[:19] == [None] * 19  # judged only from min_requests on
+    rollback = out[19]
+    assert rollback is not None and rollback.reason == "latency" and r.states["m"].weight == 0
+    reported = re.search(r"p99 ([0-9.]+) ms per row", rollback.detail)
+    expected = (0.0003 / rows + 0.004) * 1000
+    assert reported is not None and abs(float(reported[1]) / expected - 1) <= QUANTILE_RELATIVE_ERROR
+
+
+def test_a_few_slow_requests_among_many_are_under_the_p99(tmp_path: Path) -> None:
+    """p99: 1 % of requests may be slow; more than that rolls back (nearest rank, as numpy's)."""
+    clock = Clock()
+    r = _rollouts(tmp_path, clock, min_requests=100, max_p99_latency_ms=1.0)
+    for i in range(200):
+        clock.now += 0.01
+        slow = i in {0, 199}  # at most 1 %: never more than the values above the p99's rank
+        out = r.observe(
+            "m", "2", routed=True, inference_seconds=0.01 if slow else 0.0001, rows=1, failed=False
+        )
+        assert out is None
+    clock.now += 0.01
+    out = r.observe("m", "2", routed=True, inference_seconds=0.01, rows=1, failed=False)
+    assert out is not None and "(3 of 201 requests over)" in out.detail
+
+
+@pytest.mark.parametrize("n", [1, 20, 99, 100, 101, 1000, 12345])
+def test_p99_matches_numpy_within_the_stated_error(n: int) -> None:
+    rng = np.random.default_rng(n)
+    values = rng.lognormal(mean=-9, sigma=2.5, size=n)  # per-row seconds, ~10 ns to ~10 ms
+    window = _Window(span=30.0, slow_above=None)
+    for v in values:
+        window.add(1000.0, False, float(v))
+    exact = float(np.quantile(values, 0.99, method="inverted_cdf"))
+    assert abs(window.p99() / exact - 1) <= QUANTILE_RELATIVE_ERROR * (1 + 1e-9)
+    assert QUANTILE_RELATIVE_ERROR < 0.025
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_latency_verdict_is_exact(seed: int) -> None:
+    """Whether the p99 is over the threshold is decided from exact counts, not the histogram: the
+    verdict agrees with numpy's p99 even for a threshold inside the p99's histogram bucket."""
+    rng = np.random.default_rng(seed)
+    values = rng.exponential(0.001, size=int(rng.integers(1, 3000)))
+    exact = float(np.quantile(values, 0.99, method="inverted_cdf"))
+    for threshold in (exact, exact * (1 - 1e-9), exact * 0.999, exact * 1.001, float(np.median(values))):
+        window = _Window(span=30.0, slow_above=threshold)
+        for v in values:
+            window.add(1000.0, False, float(v))
+        assert window.p99_over_threshold() == (exact > threshold)
+
+
+def test_the_window_stays_bounded_and_slides(tmp_path: Path) -> None:
+    """Memory is 32 slices of counts however many requests arrive; old slices leave, and a clock
+    that steps back is counted in the newest slice rather than corrupting the order."""
+    window = _Window(span=32.0, slow_above=0.001)
+    for i in range(64_000):
+        window.add(1000.0 + i / 1000, i % 10 == 0, 0.002 if i % 100 == 0 else 0.0001)
+    assert len(window._slices) <= 32
+    assert 31_000 <= window.requests <= 32_000  # the last 31-32 s of 64 s
+    assert window.errors == pytest.approx(window.requests / 10, abs=2)
+    assert window.slow == pytest.approx(window.requests / 100, abs=2)
+    window.add(900.0, True, 0.0)  # the clock stepped back
+    assert window.requests <= 32_001 and len(window._slices) <= 32
