@@ -114,12 +114,7 @@ def build_pipelines(
             guard,
             watch,
             Infer(),
-            ComputeAggregates(
-                parts.state,
-                parts.private_scores.noise,
-                parts.private_scores.cache,
-                parts.private_scores.on_global_spend,
-            ),
+            ComputeAggregates(parts.private_scores),
         ],
         Route.MODEL_METADATA: [
             authenticate,

@@ -12,17 +12,15 @@ principal gets the identical answer from the keyed cache and spends nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from bastion.context import InferRequest, RequestContext
 from bastion.errors import BadRequest, ErrorCode, PermissionDenied, SchemaViolation
-from bastion.privacy import AnswerCache, NoiseSource, laplace_scale, policy_tag
+from bastion.privacy import laplace_scale, policy_tag
 from bastion.protocol import decode_infer_document, json_reader, parse_json
-from bastion.stages.output_policy import EPSILON, budget_keys, charge
-from bastion.state import StateStore
+from bastion.stages.output_policy import EPSILON, PrivateScores
 
 
 class AggregateSource:
@@ -70,59 +68,34 @@ def _statistics_only(request: InferRequest) -> InferRequest:
 
 
 class ComputeAggregates:
-    def __init__(
-        self,
-        store: StateStore,
-        noise: NoiseSource,
-        cache: AnswerCache,
-        on_global_spend: Callable[[str, str, float], None] = lambda model, unit, remaining: None,
-    ) -> None:
-        self._store = store
-        self._noise = noise
-        self._cache = cache
-        self._on_global_spend = on_global_spend
+    """Noisy counts, sums and means, released through the same keyed cache and budgets as dp_scores
+    (one epsilon account per principal, model and window)."""
+
+    def __init__(self, scores: PrivateScores) -> None:
+        self._scores = scores
 
     async def __call__(self, ctx: RequestContext) -> None:
-        model, request, proba, grant, principal = (
-            ctx.model,
-            ctx.request,
-            ctx.prediction,
-            ctx.grant,
-            ctx.principal,
-        )
+        model, request, proba, grant = ctx.model, ctx.request, ctx.prediction, ctx.grant
         assert model is not None and request is not None and proba is not None and grant is not None
-        assert principal is not None and ctx.payload_hmac is not None
         if request.rows < 1:  # the decoder refuses it first; a mean over nothing must never be charged
             raise SchemaViolation("an aggregate over no rows", code=ErrorCode.EMPTY_TENSOR)
         params = grant.output_params
         value_range = model.manifest.outputs.value_range
-        row, _ = budget_keys(principal.id, model.name, EPSILON, params)
-        key = self._cache.key(row, model.digest, ctx.payload_hmac, policy_tag("aggregate", params.epsilon))
-        released = self._cache.get(key, now=ctx.now)
-        cost = 0.0
-        if released is None:
-            exact = _exact(np.asarray(proba, dtype=np.float64), value_range)
-            cost = exact.shape[0] * params.epsilon
-            # Counts are integers already; sums are rounded to the noise source's grid. The noise is
-            # drawn before the spend (an answer refused for budget is discarded, never released), so
-            # that nothing that can fail runs after the budget is charged.
-            scale = laplace_scale(
-                params.epsilon, coordinates=exact.shape[1], resolution=self._noise.resolution, sensitivity=1.0
-            )
-            released = self._noise.laplace(exact, scale)
-            # The same epsilon row as dp_scores on this model (one account per model and unit), and the
-            # model's global budget when the grant sets one.
-            await charge(
-                self._store,
-                principal.id,
-                model.name,
-                cost,
-                params,
-                unit=EPSILON,
-                now=ctx.now,
-                on_global_spend=self._on_global_spend,
-            )
-            self._cache.put(key, released, expires=ctx.now + params.budget_window_seconds)
+        # Counts are integers already; sums are rounded to the noise source's grid. Each statistic
+        # (row of `exact`) costs epsilon.
+        exact = _exact(np.asarray(proba, dtype=np.float64), value_range)
+        noise = self._scores.noise
+        scale = laplace_scale(
+            params.epsilon, coordinates=exact.shape[1], resolution=noise.resolution, sensitivity=1.0
+        )
+        released, cost = await self._scores.release(
+            ctx,
+            params,
+            unit=EPSILON,
+            policy=policy_tag("aggregate", params.epsilon),
+            cost=exact.shape[0] * params.epsilon,
+            compute=lambda: noise.laplace(exact, scale),
+        )
         ctx.epsilon_spent = cost
         rows = request.rows
         if value_range is not None:

@@ -162,6 +162,45 @@ class PrivateScores:
         self.cache = cache
         self.on_global_spend: Callable[[str, str, float], None] = lambda model, unit, remaining: None
 
+    async def release(
+        self,
+        ctx: RequestContext,
+        params: Grant,
+        *,
+        unit: str,
+        policy: str,
+        cost: float,
+        compute: Callable[[], np.ndarray],
+    ) -> tuple[np.ndarray, float]:
+        """One DP release (dp_scores, PATE, aggregates) through the keyed answer cache.
+
+        The same question, from the same budget row, under the same policy, gets the same answer and
+        spends nothing (averaging repeated answers learns nothing). Otherwise `compute()` (the models
+        and the noise, which can fail) runs first and `cost` (in `unit`) is charged after it, so that
+        nothing that can fail runs after the spend. Returns (answer, spent).
+        Raises RateLimited 429 `privacy_budget_exhausted` (then the answer is discarded, unreleased).
+        """
+        principal, model = ctx.principal, ctx.model
+        assert principal is not None and model is not None and ctx.payload_hmac is not None
+        row, _ = budget_keys(principal.id, model.name, unit, params)
+        key = self.cache.key(row, model.digest, ctx.payload_hmac, policy)
+        cached = self.cache.get(key, now=ctx.now)
+        if cached is not None:
+            return cached, 0.0
+        released = compute()
+        await charge(
+            self._store,
+            principal.id,
+            model.name,
+            cost,
+            params,
+            unit=unit,
+            now=ctx.now,
+            on_global_spend=self.on_global_spend,
+        )
+        self.cache.put(key, released, expires=ctx.now + params.budget_window_seconds)
+        return released, cost
+
     async def private_prediction(self, ctx: RequestContext, params: Grant) -> np.ndarray:
         """PATE: Gaussian noise on the teachers' vote counts; the caller sees only the noisy argmax."""
         model, request, principal = ctx.model, ctx.request, ctx.principal
@@ -176,72 +215,48 @@ class PrivateScores:
                 "private prediction needs a bundle packed with --teachers",
                 code=ErrorCode.PRIVATE_PREDICTION_UNAVAILABLE,
             )
-        row, _ = budget_keys(principal.id, model.name, RHO, params)
-        key = self.cache.key(row, model.digest, ctx.payload_hmac, policy_tag("pate", params.sigma))
-        cached = self.cache.get(key, now=ctx.now)
-        if cached is not None:
-            ctx.rho_spent = 0.0
-            return cached
-        # The teachers (runtimes that can fail) vote and the noise is drawn before the charge: a failure
-        # costs the caller nothing, and an answer refused for budget is discarded, never released.
+        # The teachers (runtimes that can fail) vote and the noise is drawn before the charge.
         teachers, inputs = model.teachers, request.inputs
-        noisy = self.noise.gaussian(run_model(ctx, lambda: teachers.votes(inputs)), params.sigma)
-        cost = rho_per_row(params.sigma) * request.rows
-        await charge(
-            self._store,
-            principal.id,
-            model.name,
-            cost,
+        noisy, ctx.rho_spent = await self.release(
+            ctx,
             params,
             unit=RHO,
-            now=ctx.now,
-            on_global_spend=self.on_global_spend,
+            policy=policy_tag("pate", params.sigma),
+            cost=rho_per_row(params.sigma) * request.rows,
+            compute=lambda: self.noise.gaussian(run_model(ctx, lambda: teachers.votes(inputs)), params.sigma),
         )
-        ctx.rho_spent = cost
-        self.cache.put(key, noisy, expires=ctx.now + params.budget_window_seconds)
         return noisy
 
     async def answer(self, ctx: RequestContext, prediction: np.ndarray, params: Grant) -> np.ndarray:
-        assert ctx.principal is not None and ctx.model is not None and ctx.payload_hmac is not None
-        policy = policy_tag("dp_scores", params.mechanism, params.epsilon, params.delta)
-        row, _ = budget_keys(ctx.principal.id, ctx.model.name, EPSILON, params)
-        key = self.cache.key(row, ctx.model.digest, ctx.payload_hmac, policy)
-        cached = self.cache.get(key, now=ctx.now)
-        if cached is not None:
-            ctx.epsilon_spent = 0.0
-            return cached
-        cost = params.epsilon * prediction.shape[0]
+        assert ctx.model is not None
         value_range = ctx.model.manifest.outputs.value_range
-        if value_range is not None:
-            scores = dp_values(
+
+        def noisy() -> np.ndarray:
+            if value_range is not None:
+                return dp_values(
+                    prediction,
+                    value_range=value_range,
+                    mechanism=params.mechanism,
+                    epsilon=params.epsilon,
+                    delta=params.delta,
+                    noise=self.noise,
+                )
+            return dp_scores(
                 prediction,
-                value_range=value_range,
                 mechanism=params.mechanism,
                 epsilon=params.epsilon,
                 delta=params.delta,
                 noise=self.noise,
             )
-        else:
-            scores = dp_scores(
-                prediction,
-                mechanism=params.mechanism,
-                epsilon=params.epsilon,
-                delta=params.delta,
-                noise=self.noise,
-            )
-        # Charged only once the answer exists: nothing that can fail runs after the spend.
-        await charge(
-            self._store,
-            ctx.principal.id,
-            ctx.model.name,
-            cost,
+
+        scores, ctx.epsilon_spent = await self.release(
+            ctx,
             params,
             unit=EPSILON,
-            now=ctx.now,
-            on_global_spend=self.on_global_spend,
+            policy=policy_tag("dp_scores", params.mechanism, params.epsilon, params.delta),
+            cost=params.epsilon * prediction.shape[0],
+            compute=noisy,
         )
-        ctx.epsilon_spent = cost
-        self.cache.put(key, scores, expires=ctx.now + params.budget_window_seconds)
         return scores
 
 
