@@ -131,7 +131,7 @@ def build_pipelines(
             ThrottleFailedAuth(parts.failed_auth, Authenticate(parts.keys, parts.tokens, allow_tokens=False)),
             gate,
             limit,
-            IssueToken(parts.tokens, parts.policy),
+            IssueToken(parts.tokens, parts.policy, parts.registry),
         ],
         # [metrics] enabled = false: no such route, for every caller (after authentication).
         Route.METRICS: [

@@ -56,18 +56,36 @@ class EffectiveGrant:
         )
 
     def narrowed(self, scope: TokenScope | None, model: str) -> EffectiveGrant:
-        """The grant a token with `scope` gets: its actions on this model only, each output capped at
-        the token's output claim. Returns the per-model grant (call `for_action` for a view)."""
+        """The grant a token with `scope` gets: its actions on this model only, infer capped at the
+        token's output claim. Returns the per-model grant (call `for_action` for a view).
+
+        The claim is served only as `serves_claim` allows, with the infer grant's own parameters. A claim
+        above the grant's output leaves the grant's own (narrower) output; a claim below it that the grant
+        cannot serve (top_k under probabilities, private_prediction under label: their parameters were
+        never set) drops infer on this model: refused, never served with defaults no grant set."""
         if scope is None:
             return self
         actions = self.actions & scope.actions_for(model)
         cap = scope.output
+        infer = self.by_action.get(Action.INFER)
+        if cap is not None and infer is not None and Action.INFER in actions:
+            if serves_claim(infer.output, cap):
+                infer = infer._replace(output=cap)
+            elif cap.rank < infer.output.rank:
+                actions -= {Action.INFER}
         by_action = {
-            a: applied._replace(output=cap) if cap is not None and cap.rank < applied.output.rank else applied
+            a: infer if a is Action.INFER and infer is not None else applied
             for a, applied in self.by_action.items()
             if a in actions
         }
         return EffectiveGrant(actions, by_action=by_action) if actions else NO_GRANT
+
+
+def serves_claim(granted: OutputDetail, claim: OutputDetail) -> bool:
+    """Whether a grant of output `granted` can serve a token claiming output `claim` with the grant's own
+    parameters: its own output, or `label` under a class policy ranked above label (label takes no
+    parameters). Anything else would need parameters (k, decimals, sigma, budget...) the grant never set."""
+    return claim is granted or (claim is OutputDetail.LABEL and granted.rank > OutputDetail.LABEL.rank)
 
 
 NO_GRANT = EffectiveGrant()
@@ -157,6 +175,16 @@ class Policy:
             if action in g.actions
         ]
         return max(details, key=lambda d: d.rank, default=None)
+
+    def outputs_of(self, roles: tuple[str, ...], action: Action) -> frozenset[OutputDetail]:
+        """The output details of all the roles' grants of `action`, on any model."""
+        return frozenset(
+            g.output
+            for name in roles
+            if (role := self._roles.get(name))
+            for g in role.grants
+            if action in g.actions
+        )
 
     def grants_anywhere(self, roles: tuple[str, ...], action: Action) -> bool:
         """Whether any of the roles grants `action` on any model."""

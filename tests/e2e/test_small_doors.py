@@ -44,6 +44,20 @@ def _code(r: httpx.Response) -> tuple[int, str]:
         ("analyst", {"scope": [f"metadata:{ONNX}"], "output": "rounded"}),
         ("topk", {"scope": [f"infer:{ONNX}"], "output": "dp_scores"}),
         ("topk", {"scope": [f"infer:{ONNX}", "metadata:*"], "output": "reverse_sigmoid"}),
+        # Below the grant's output but needing parameters the grant never set (sigma, k, epsilon, beta,
+        # decimals): the token would be served with config defaults.
+        ("analyst", {"scope": [f"infer:{ONNX}"], "output": "private_prediction"}),
+        ("analyst", {"scope": [f"metadata:{ONNX}"], "output": "private_prediction"}),
+        ("analyst", {"scope": ["infer:*"], "output": "private_prediction"}),  # no grant anywhere serves it
+        ("analyst", {"scope": ["infer:*"], "output": "top_k"}),  # loan's probabilities set no k
+        ("analyst", {"scope": ["infer:loan"], "output": "dp_scores"}),
+        ("analyst", {"scope": ["infer:loan"], "output": "reverse_sigmoid"}),
+        ("analyst", {"scope": ["infer:loan"], "output": "rounded"}),
+        ("admin", {"scope": [f"infer:{ONNX}", f"metadata:{ONNX}"], "output": "top_k"}),
+        ("rounded", {"scope": [f"infer:{ONNX}"], "output": "top_k"}),
+        ("dp", {"scope": [f"infer:{ONNX}"], "output": "private_prediction"}),
+        ("topk", {"scope": [f"infer:{ONNX}"], "output": "private_prediction"}),
+        ("rounded", {"scope": [f"infer:{REGRESSOR}"], "output": "label"}),  # a regressor has no label
     ],
 )
 def test_a_token_cannot_ask_for_more_output_than_its_key(
@@ -120,22 +134,78 @@ def test_metadata_lists_exactly_the_outputs_the_same_caller_is_served(
     assert "infer" in meta.json()["parameters"]["granted_actions"]
 
 
-def test_metadata_through_a_narrowing_token_lists_what_the_token_gets(deployment: Deployment) -> None:
-    r = _token(
-        deployment,
-        deployment.keys["admin"],
-        {"scope": [f"infer:{ONNX}", f"metadata:{ONNX}"], "output": "top_k"},
-    )
+@pytest.mark.parametrize(
+    ("role", "body"),
+    [
+        ("admin", {"scope": [f"infer:{ONNX}", f"metadata:{ONNX}"], "output": "label"}),  # probabilities
+        ("admin", {"scope": ["infer:*", "metadata:*"], "output": "probabilities"}),  # its own output
+        ("topk", {"scope": [f"infer:{ONNX}", f"metadata:{ONNX}"], "output": "label"}),
+        ("topk", {"scope": [f"infer:{ONNX}", f"metadata:{ONNX}"], "output": "top_k"}),
+        ("dp", {"scope": [f"infer:{ONNX}", f"metadata:{ONNX}"], "output": "label"}),
+        ("rsig", {"scope": ["infer:*", "metadata:*"], "output": "label"}),
+        ("rounded", {"scope": [f"infer:{ONNX}", f"metadata:{ONNX}"], "output": "label"}),
+        ("analyst", {"scope": ["infer:*", f"metadata:{ONNX}"], "output": "label"}),
+    ],
+)
+def test_metadata_through_a_narrowing_token_describes_what_the_token_gets(
+    deployment: Deployment, role: str, body: Any
+) -> None:
+    """Issued, served as claimed, and described with the grant's own parameters, never defaults."""
+    key = deployment.keys.get(role) or _key(deployment, role)
+    r = _token(deployment, key, body)
     assert r.status_code == 200, r.text
     token = r.json()["access_token"]
     deployment.secrets.add(token)
     with deployment.server.client(token) as c:
-        listed = [o["name"] for o in c.get(f"/v2/models/{ONNX}").json()["outputs"]]
-        served = [
-            o["name"]
-            for o in c.post(f"/v2/models/{ONNX}/infer", json=infer_body(deployment)).json()["outputs"]
-        ]
-    assert listed == served == ["label", "top_k"]
+        meta = c.get(f"/v2/models/{ONNX}")
+        answer = c.post(f"/v2/models/{ONNX}/infer", json=infer_body(deployment))
+    with deployment.server.client(key) as c:
+        own = c.get(f"/v2/models/{ONNX}").json()["parameters"]  # what the key's grant itself sets
+    assert meta.status_code == 200 and answer.status_code == 200, (meta.text, answer.text)
+    params = meta.json()["parameters"]
+    listed = [o["name"] for o in meta.json()["outputs"]]
+    served = [o["name"] for o in answer.json()["outputs"]]
+    assert params["output_policy"] == body["output"]
+    assert listed == served == params["granted_outputs"]
+    if body["output"] == "label":
+        assert served == ["label"]
+    # Every policy parameter described (k, sigma, budgets...) is one the key's own grant describes, with
+    # the same value: none is a config default no grant set.
+    described = {k: v for k, v in params.items() if k not in _NOT_POLICY}
+    assert all(k in own and own[k] == v for k, v in described.items()), (described, own)
+    if body["output"] == own["output_policy"]:
+        assert described == {k: v for k, v in own.items() if k not in _NOT_POLICY}
+
+
+_NOT_POLICY = {
+    "version",
+    "digest",
+    "classes",
+    "output_policy",
+    "granted_outputs",
+    "granted_actions",
+    "sensitive_inputs_granted",
+}
+
+
+def test_a_token_claim_a_grant_no_longer_serves_is_refused_not_served_with_defaults() -> None:
+    """A token issued under one grant and used after the grant changed (a reload) gets infer only when the
+    current grant serves its claim with its own parameters; metadata never describes config defaults."""
+    from bastion.config import Action, Grant, OutputDetail, Role
+    from bastion.policy import Policy, TokenScope
+
+    scope = TokenScope(
+        frozenset({(Action.INFER, ONNX), (Action.METADATA, ONNX)}), OutputDetail.PRIVATE_PREDICTION
+    )
+    for output in ("label", "top_k", "probabilities", "dp_scores"):
+        grant = Grant(models=[ONNX], actions=[Action.INFER, Action.METADATA], output=OutputDetail(output))
+        narrowed = Policy({"r": Role(grants=[grant])}).grant(("r",), ONNX).narrowed(scope, ONNX)
+        assert not narrowed.for_action(Action.INFER).allows(Action.INFER), output
+        assert narrowed.for_action(Action.INFER).output is None, output
+        assert narrowed.allows(Action.METADATA)  # metadata still answers, describing no output
+    served = Grant(models=[ONNX], actions=[Action.INFER], output=OutputDetail.PRIVATE_PREDICTION, sigma=9.0)
+    view = Policy({"r": Role(grants=[served])}).grant(("r",), ONNX).narrowed(scope, ONNX)
+    assert view.for_action(Action.INFER).output_params.sigma == 9.0
 
 
 def _regression_body(dep: Deployment) -> dict[str, Any]:

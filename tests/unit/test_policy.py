@@ -120,9 +120,14 @@ def test_sensitive_inputs_granted_for_metadata_do_not_reach_infer() -> None:
 
 def test_a_token_narrows_each_action_on_its_own() -> None:
     policy = Policy({"r": Role(grants=[_g(["metadata"], "probabilities"), _g(["infer"], "rounded")])})
+    scope = TokenScope(frozenset({(Action.INFER, M), (Action.METADATA, M)}), OutputDetail.LABEL)
+    narrowed = policy.grant(("r",), M).narrowed(scope, M)
+    assert narrowed.for_action(Action.INFER).output is OutputDetail.LABEL
+    # top_k is below rounded, but the rounded grant sets no k: not served (the metadata grant's output
+    # does not lend it one).
     scope = TokenScope(frozenset({(Action.INFER, M), (Action.METADATA, M)}), OutputDetail.TOP_K)
     narrowed = policy.grant(("r",), M).narrowed(scope, M)
-    assert narrowed.for_action(Action.INFER).output is OutputDetail.TOP_K
+    assert not narrowed.allows(Action.INFER) and narrowed.allows(Action.METADATA)
     only_meta = policy.grant(("r",), M).narrowed(TokenScope(frozenset({(Action.METADATA, M)})), M)
     assert only_meta.for_action(Action.INFER).output is None
 

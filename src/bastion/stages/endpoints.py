@@ -9,7 +9,7 @@ from bastion.config import Action, OutputDetail
 from bastion.context import RequestContext
 from bastion.errors import BadRequest, ErrorCode, MethodNotAllowed, NotFound, PermissionDenied
 from bastion.metrics import Metrics
-from bastion.policy import EffectiveGrant, Policy, TokenScope
+from bastion.policy import EffectiveGrant, Policy, TokenScope, serves_claim
 from bastion.protocol import integral, parse_json
 from bastion.registry import ModelRegistry
 from bastion.stages.output_policy import (
@@ -142,9 +142,10 @@ class WrongMethod:
 class IssueToken:
     """Exchange an API key for a short-lived token whose scope can only narrow the key's grants."""
 
-    def __init__(self, tokens: TokenAuthority, policy: Policy) -> None:
+    def __init__(self, tokens: TokenAuthority, policy: Policy, registry: ModelRegistry | None = None) -> None:
         self._tokens = tokens
         self._policy = policy
+        self._registry = registry  # to refuse a class policy claimed for a regressor by name
 
     async def __call__(self, ctx: RequestContext) -> None:
         principal = ctx.principal
@@ -212,20 +213,27 @@ class IssueToken:
                 raise PermissionDenied(
                     f"scope {item[:80]!r} is not granted to this key", code=ErrorCode.SCOPE_NOT_GRANTED
                 )
-            # The output claim narrows too: asking for more detail than the key gets is refused, never
-            # issued and quietly ignored. The claim caps infer answers (which metadata describes), so it
-            # is checked against the key's infer grant on the pair's model; on a wildcard, its most
-            # detailed infer grant anywhere.
+            # The output claim narrows too, and only to what the key's own infer grant can serve with its
+            # own parameters (`serves_claim`): anything else is refused, never issued and then served with
+            # parameters no grant set, nor quietly ignored. The claim caps infer answers (which metadata
+            # describes), so it is checked against the key's infer grant on the pair's model; on a
+            # wildcard, against each of its infer grants anywhere.
             if detail is not None:
-                most = (
-                    self._policy.most_detailed_output(roles, Action.INFER)
-                    if model == "*"
-                    else self._policy.grant(roles, model).for_action(Action.INFER).output
-                )
-                if most is None or detail.rank > most.rank:
+                if model == "*":
+                    outputs = self._policy.outputs_of(roles, Action.INFER)
+                else:
+                    infer = self._policy.grant(roles, model).for_action(Action.INFER).output
+                    outputs = frozenset() if infer is None else frozenset({infer})
+                if model != "*" and self._regression_only(model) and not detail.applies_to_regression:
+                    outputs = frozenset()  # a regressor has no classes to label: nothing would be served
+                if not any(serves_claim(o, detail) for o in outputs):
                     raise PermissionDenied(
-                        f"output {detail.value!r} is more than this key gets for {item[:80]!r}",
+                        f"output {detail.value!r} is not one this key's grant serves for {item[:80]!r}",
                         code=ErrorCode.OUTPUT_NOT_GRANTED,
                     )
             pairs.add((action, model))
         return TokenScope(frozenset(pairs), detail)
+
+    def _regression_only(self, model: str) -> bool:
+        versions = [] if self._registry is None else [m for m in self._registry.models() if m.name == model]
+        return bool(versions) and all(m.manifest.outputs.is_regression for m in versions)
