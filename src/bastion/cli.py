@@ -60,6 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         head_timeout=server.head_timeout_seconds,
         body_timeout=server.body_timeout_seconds,
         keep_alive=server.keep_alive_seconds,
+        send_timeout=server.send_timeout_seconds,
         max_body_bytes=config.limits.max_body_bytes,
         max_connections=server.max_connections,
     )
@@ -270,6 +271,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         build = build_demo(args.dir, port=args.port, grpc_port=args.grpc_port, keep_state=not args.reset)
     except FileExistsError as e:
         return _fail(str(e))
+    if build.left:
+        shown = ", ".join(build.left[:20]) + (
+            f" and {len(build.left) - 20} more" if len(build.left) > 20 else ""
+        )
+        print(
+            f"warning: {args.dir}/ holds entries the demo did not write, left as they are: {shown}",
+            file=sys.stderr,
+        )
     config = _config(build.config_path)
     store = KeyStore(StatePaths(config.server.state_dir).keys)
     kept = len(store.list())

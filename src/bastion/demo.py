@@ -50,6 +50,7 @@ class DemoBuild:
     estimator: Any  # the fitted scikit-learn pipeline, for comparing answers
     signing_key: Path
     passphrase: bytes  # random, held in memory only: the demo's key cannot sign anything later
+    left: tuple[str, ...] = ()  # entries of `root` the demo did not write and so left alone
 
     def publish(
         self,
@@ -248,26 +249,58 @@ def is_demo_dir(root: Path) -> bool:
     return (root / MARKER).is_file() or ((root / "bastion.toml").is_file() and (root / "bundles").is_dir())
 
 
-def _clear(root: Path, *, keep_state: bool) -> None:
-    """Empty a demo directory for a rebuild, keeping its state directory if asked.
+# Every path `build_demo` writes, relative to its root: a rebuild deletes these and nothing else. The
+# marker only says "a demo was built here" (anyone can copy it), so it never licenses deleting more.
+_MODELS = (ONNX_MODEL, SKOPS_MODEL, REGRESSION_MODEL)
+DEMO_PATHS = (
+    MARKER,
+    "bastion.toml",
+    "request.json",
+    "diabetes-request.json",
+    "diabetes-batch.json",
+    "keys/release.key",
+    "keys/release.pub",
+    KEK_FILE,
+    *(f"models/{m}" for m in _MODELS),
+    *(f"bundles/{m}-1" for m in _MODELS),
+)
+_DEMO_DIRS = ("keys", "models", "bundles")  # removed only when a rebuild leaves them empty
 
-    Raises FileExistsError for a non-empty directory that is not a demo: it is never deleted.
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()  # a symlink is removed, never followed
+
+
+def _clear(root: Path, *, keep_state: bool) -> list[str]:
+    """Delete what an earlier demo wrote in `root` (`DEMO_PATHS`, and the state directory unless
+    `keep_state`), nothing else. Returns the entries left that the demo did not write (relative paths,
+    directories ending in '/'), for a warning.
+
+    Raises FileExistsError for a non-empty directory that is not a demo: nothing in it is touched.
     """
     if root.is_dir() and any(root.iterdir()) and not is_demo_dir(root):
         raise FileExistsError(
-            f"{root}: exists, is not empty and is not a Bastion demo; refusing to delete it "
+            f"{root}: exists, is not empty and is not a Bastion demo; refusing to write into it "
             "(choose another --dir)"
         )
-    if root.exists():
-        for child in root.iterdir():
-            if keep_state and child.name == STATE_DIR:
-                continue
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
+    for rel in (*DEMO_PATHS, *(() if keep_state else (STATE_DIR,))):
+        _remove(root / rel)
+    for name in _DEMO_DIRS:
+        folder = root / name
+        if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
+            folder.rmdir()
     root.mkdir(parents=True, exist_ok=True)
-    (root / MARKER).write_text("written by `bastion demo`; the directory is rebuilt on each run\n")
+    (root / MARKER).write_text("written by `bastion demo`; it rewrites only the files it wrote\n")
+    ours = {STATE_DIR, MARKER, *(rel.split("/", 1)[0] for rel in DEMO_PATHS)}
+    left = [c.name + ("/" if c.is_dir() else "") for c in root.iterdir() if c.name not in ours]
+    for name in _DEMO_DIRS:
+        folder = root / name
+        if folder.is_dir() and not folder.is_symlink():
+            left += [f"{name}/{c.name}" + ("/" if c.is_dir() else "") for c in folder.iterdir()]
+    return sorted(left)
 
 
 # Triton's and KServe's clients speak V2 over gRPC too; plaintext, so on loopback only.
@@ -284,8 +317,9 @@ def build_demo(
 ) -> DemoBuild:
     """Write the demo deployment into `root` (models, bundles, policy, requests); the state directory
     (keys, audit log, budgets) is wiped unless `keep_state`; `grpc_port`: serve V2 over gRPC there too.
+    Only what an earlier demo wrote is deleted (`DEMO_PATHS`); other entries stay, listed in `left`.
     Raises FileExistsError if `root` is a non-empty directory that is not a demo."""
-    _clear(root, keep_state=keep_state)
+    left = _clear(root, keep_state=keep_state)
     estimator, features, classes = _train()
     spec = feature_spec(features)
     write_onnx_model(root / "models" / ONNX_MODEL, estimator, spec, classes, ONNX_MODEL)
@@ -306,7 +340,13 @@ def build_demo(
     (root / KEK_FILE).write_text(new_kek() + "\n")
     (root / KEK_FILE).chmod(0o600)
     build = DemoBuild(
-        root, root / "bastion.toml", features, estimator, root / "keys" / "release.key", passphrase
+        root,
+        root / "bastion.toml",
+        features,
+        estimator,
+        root / "keys" / "release.key",
+        passphrase,
+        tuple(left),
     )
     # The training data rides in the bundle, signed: for /aggregate and for out-of-distribution screening.
     build.publish(root / "models" / ONNX_MODEL, reference=features)

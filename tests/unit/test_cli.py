@@ -173,6 +173,48 @@ def test_demo_never_deletes_a_directory_that_is_not_a_demo(cli: Any, tmp_path: P
         assert (precious / "thesis.tex").read_text() == "years of work"
 
 
+def _plant(root: Path) -> dict[Path, str]:
+    """Files an operator keeps beside (and inside the folders of) a demo."""
+    planted = {
+        root / "precious.txt": "mine",
+        root / "mydata" / "rows.csv": "1,2,3",
+        root / "models" / "mine" / "model.onnx": "my model",
+        root / "bundles" / "breast-cancer-2" / "x": "a later bundle",
+        root / "keys" / "other.pem": "my key",
+    }
+    for path, text in planted.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return planted
+
+
+@pytest.mark.slow
+def test_a_demo_rebuild_deletes_only_what_the_demo_wrote(cli: Any, tmp_path: Path) -> None:
+    root = tmp_path / "demo"
+    cli("demo", "--dir", root, "--no-serve")
+    planted = _plant(root)
+    for extra in ((), ("--reset",)):
+        result = cli("demo", "--dir", root, "--no-serve", *extra)
+        assert {p: p.read_text() for p in planted if p.exists()} == planted, extra
+        for name in ("precious.txt", "mydata/", "models/mine/", "bundles/breast-cancer-2/", "keys/other.pem"):
+            assert name in result.stderr, (name, result.stderr)  # named in the warning
+        assert (root / "bundles" / "breast-cancer-1").is_dir() and (root / "keys" / "release.pub").is_file()
+
+
+@pytest.mark.slow
+def test_a_copied_demo_marker_licenses_no_deletion(cli: Any, tmp_path: Path) -> None:
+    """The marker is a file anyone can copy: a directory holding one loses only the demo's own names."""
+    from bastion.demo import MARKER
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / MARKER).write_text("copied")
+    planted = _plant(victim)
+    result = cli("demo", "--dir", victim, "--no-serve", "--reset")
+    assert {p: p.read_text() for p in planted if p.exists()} == planted
+    assert "precious.txt" in result.stderr
+
+
 def test_a_key_encryption_key_given_for_its_location_is_never_echoed(cli: Any, tmp_path: Path) -> None:
     from bastion.bundle.crypto import new_kek
 
