@@ -798,6 +798,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    # Every file a command or the server writes (keys, audit records, budgets, rollouts, the demo's
+    # keys) is owner-only from its first byte, whatever the shell's umask; worker processes inherit it.
+    # Restored on return for callers that run main() in their own process (the tests).
+    umask = os.umask(0o077)
+    try:
+        return _run(args)
+    finally:
+        os.umask(umask)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         code = int(args.func(args))
         sys.stdout.flush()  # a reader that went away shows here, not in the interpreter's final flush

@@ -6,22 +6,24 @@ import os
 import sqlite3
 from pathlib import Path
 
+from bastion.statedir import PRIVATE_DIR, make_private_sqlite
+
 
 def open_shared_sqlite(path: Path, schema: str) -> sqlite3.Connection:
     """A SQLite file that other processes (workers, the CLI) open too: WAL, autocommit, a 5 s wait
-    on a busy lock, the schema created if missing, owner-only."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    on a busy lock, the schema created if missing, owner-only (with its -wal and -shm)."""
+    make_private_sqlite(path)
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA busy_timeout=5000")
     conn.executescript(schema)
-    path.chmod(0o600)
     return conn
 
 
 def write_private_file(path: Path, data: bytes) -> None:
-    """Create `path` with mode 0600 and write `data`; FileExistsError if it exists (a key is never replaced)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Create `path` with mode 0600 and write `data`; FileExistsError if it exists (a key is never replaced).
+    A missing directory is created 0700 (an existing one, perhaps the caller's own, is left as it is)."""
+    path.parent.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)

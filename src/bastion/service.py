@@ -45,7 +45,7 @@ from bastion.routes import ROUTE_ACTIONS, Route
 from bastion.stages import Stage
 from bastion.stages.address_limits import FailedAuthLimiter
 from bastion.stages.output_policy import PrivateScores
-from bastion.statedir import StatePaths, lock_state_dir
+from bastion.statedir import StatePaths, lock_state_dir, make_private_dir
 from bastion.tokens import TokenAuthority, load_or_create_signing_key
 
 log = logging.getLogger("bastion")
@@ -75,8 +75,7 @@ class Bastion:
         self.clock = clock
         self.unsafe_no_defenses = unsafe_no_defenses
         paths = StatePaths(config.server.state_dir)
-        paths.root.mkdir(parents=True, exist_ok=True)
-        paths.root.chmod(0o700)
+        make_private_dir(paths.root)
         self.paths = paths
         # First, before any database in the directory is opened: a second server touches nothing.
         self._state_lock = lock_state_dir(paths.root)

@@ -61,6 +61,31 @@ class StatePaths:
         return self.root / "payload_hmac.key"
 
 
+# Everything in a state directory holds keys, records or budgets: owner-only, whatever the umask of the
+# process that creates it (the CLI sets 0o077 too; a library user may not).
+PRIVATE_DIR = 0o700
+PRIVATE_FILE = 0o600
+
+
+def make_private_dir(path: Path) -> None:
+    """Create directory `path` (and missing parents) with mode 0700; an existing one is made 0700."""
+    path.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o777 != PRIVATE_DIR:  # chmod by another user fails even as a no-op
+        path.chmod(PRIVATE_DIR)
+
+
+def make_private_sqlite(path: Path) -> None:
+    """Before SQLite opens `path`: its directory 0700, the database file created (or made) 0600, and any
+    -wal/-shm/-journal left by an earlier run made 0600. SQLite gives the files it creates beside a
+    database the database's own mode, so they are owner-only from their first byte."""
+    make_private_dir(path.parent)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE))
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        side = path.with_name(path.name + suffix)
+        if side.exists():
+            side.chmod(PRIVATE_FILE)
+
+
 class StateDirLock:
     """An acquired lock; `release()` (idempotent) gives it back."""
 

@@ -3,6 +3,9 @@ metadata lists exactly what the same caller's answers carry."""
 
 from __future__ import annotations
 
+import os
+import stat
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -11,6 +14,7 @@ import pytest
 from bastion.keys import KeyStore
 from tests.conftest import Deployment
 from tests.e2e.test_http import infer_body
+from tests.helpers import create_key, run_cli, start_server, write_test_deployment
 
 ONNX = "breast-cancer"
 REGRESSOR = "diabetes"
@@ -213,3 +217,54 @@ def _regression_body(dep: Deployment) -> dict[str, Any]:
 
     _, features = train_regressor()
     return infer_request(features[:2])
+
+
+def _modes(state: Path) -> dict[str, str]:
+    """Every entry under `state` that is not owner-only: path -> octal mode."""
+    wrong = {}
+    for path in [state, *state.rglob("*")]:
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        if mode != (0o700 if path.is_dir() else 0o600):
+            wrong[str(path.relative_to(state.parent))] = oct(mode)
+    return wrong
+
+
+def test_every_file_the_server_writes_in_its_state_is_owner_only(tmp_path: Path) -> None:
+    """Under a permissive shell umask (022), the CLI and the server still write state owner-only:
+    keys, audit log, budgets, isolation, rollouts, signing keys and SQLite's -wal and -shm beside each."""
+    previous = os.umask(0o022)  # what the child processes inherit, as from an ordinary shell
+    try:
+        config, build = write_test_deployment(tmp_path)
+        admin, agg = create_key(config, "admin"), create_key(config, "agg")
+        server = start_server(config, tmp_path / "server.log")
+    finally:
+        os.umask(previous)
+    dep = Deployment(server, config, tmp_path, build, {}, secrets={admin, agg})
+    try:
+        with server.client(admin) as c:
+            assert c.post(f"/v2/models/{ONNX}/infer", json=infer_body(dep)).status_code == 200
+            assert c.get(f"/v2/models/{ONNX}").status_code == 200
+            assert c.get("/metrics").status_code == 200
+            assert c.post("/v2/auth/token", json={"scope": [f"infer:{ONNX}"]}).status_code == 200
+        with server.client(agg) as c:
+            spent = c.post(f"/v2/models/{ONNX}/aggregate", json=infer_body(dep))  # limits.db written
+            assert spent.status_code == 200, spent.text
+        state = tmp_path / "state"
+        names = {p.name for p in state.iterdir()}
+        assert {"keys.db-wal", "audit.db-wal", "limits.db-wal", "rollouts.json"} <= names, names
+        assert _modes(state) == {}
+    finally:
+        server.stop()
+    assert _modes(tmp_path / "state") == {}
+
+
+def test_the_demo_writes_its_state_owner_only(tmp_path: Path) -> None:
+    """`demo --no-serve` alone (no server has run to tighten state/) under a shell umask of 022."""
+    previous = os.umask(0o022)
+    try:
+        run_cli("demo", "--dir", tmp_path / "demo", "--no-serve")
+    finally:
+        os.umask(previous)
+    state = tmp_path / "demo" / "state"
+    assert (state / "keys.db").is_file()
+    assert _modes(state) == {}

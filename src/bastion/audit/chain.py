@@ -16,6 +16,8 @@ import orjson
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from bastion.statedir import make_private_dir
+
 GENESIS = "0" * 64
 
 SCHEMA = """
@@ -54,7 +56,7 @@ def load_or_create_audit_key(private_path: Path) -> Ed25519PrivateKey:
             raise ValueError(f"{private_path}: not an Ed25519 private key")
         return key
     key = Ed25519PrivateKey.generate()
-    private_path.parent.mkdir(parents=True, exist_ok=True)
+    make_private_dir(private_path.parent)
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bastion.audit.chain import GENESIS, SCHEMA, chain_hash, checkpoint_message, encode_body
 from bastion.errors import BastionException
+from bastion.statedir import make_private_sqlite
 
 log = logging.getLogger("bastion.audit")
 
@@ -53,7 +54,7 @@ class AuditLog:
         flush_delay: float = 0.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_private_sqlite(path)  # the records: owner-only, -wal and -shm too
         self.path = path
         self._key = signing_key
         self._every_records = checkpoint_every_records

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from bastion.state.base import BUDGET_SLACK, unavailable
 from bastion.state.leased import BUDGET, QUOTA, Book, LeasedStateStore, Return, block_size
+from bastion.statedir import make_private_sqlite
 
 log = logging.getLogger("bastion.state")
 
@@ -16,7 +17,7 @@ class SQLiteLedger:
     """The ledger in a SQLite file (WAL): one host, any number of worker processes."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_private_sqlite(path)  # budgets and quotas per principal: owner-only, -wal and -shm too
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._conn.execute("PRAGMA journal_mode=WAL")
         # WAL + NORMAL: a commit survives a process crash without an fsync.
