@@ -816,10 +816,12 @@ def _run(args: argparse.Namespace) -> int:
     except BrokenPipeError:
         # `bastion keys list | head`: the reader closed the pipe. Stop quietly, as Python's docs advise
         # (library/signal.html, "Note on SIGPIPE"): stdout goes to /dev/null so the flush at exit
-        # cannot raise again.
+        # cannot raise again. Exit 0, not 1 and not 141 (death by SIGPIPE, what `yes | head` gives): the
+        # reader took all it wanted, nothing failed, and a script under `set -o pipefail` must not see
+        # a failure. Only output is cut short: every command changes state before it prints.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-        return 1
+        return 0
     except (ConfigError, StateDirLocked, _CliError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
