@@ -137,6 +137,9 @@ class ServerSettings(_Strict):
     body_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
     # An idle keep-alive connection is closed after this long.
     keep_alive_seconds: Annotated[float, Field(gt=0, le=300)] = 5.0
+    # A connection whose answers the client does not take (writing paused: the socket's buffers full)
+    # for this long, or that still holds unsent bytes this long after its close, is aborted.
+    send_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
     # Requests in flight (not connections; never /v2/health/*) before new ones get 503 `overloaded`.
     max_concurrent_requests: Annotated[int, Field(ge=1, le=100_000)] = 1024
     # Open connections: beyond it the oldest idle (or still-sending-its-head) connection is closed.

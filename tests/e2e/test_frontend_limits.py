@@ -23,7 +23,7 @@ from bastion.demo import infer_request
 from bastion.http.frontend import FRAMING_SLACK_BYTES, LINGER_MAX_BYTES
 from tests.helpers import BASTION, RunningServer, create_key, start_server, write_test_deployment
 
-HEAD_TIMEOUT = BODY_TIMEOUT = KEEP_ALIVE = 2.0
+HEAD_TIMEOUT = BODY_TIMEOUT = KEEP_ALIVE = SEND_TIMEOUT = 2.0
 MAX_HEADER_BYTES = 16384
 MAX_HEADER_FIELDS = 50
 MAX_IN_FLIGHT = 4
@@ -36,6 +36,7 @@ max_header_fields = {MAX_HEADER_FIELDS}
 head_timeout_seconds = {HEAD_TIMEOUT}
 body_timeout_seconds = {BODY_TIMEOUT}
 keep_alive_seconds = {KEEP_ALIVE}
+send_timeout_seconds = {SEND_TIMEOUT}
 max_concurrent_requests = {MAX_IN_FLIGHT}
 max_connections = {MAX_CONNECTIONS}
 """
@@ -499,6 +500,72 @@ def test_a_kept_alive_client_sending_oversized_bodies_gets_413_every_time(front:
     # cut mid-upload by the byte limit), so a pooling client never reuses a connection being closed.
     with httpx.Client(headers={"Authorization": f"Bearer {front.key}"}, timeout=20) as client:
         for _ in range(6):
-            r = client.post(f"{front.server.base_url}/v2/models/breast-cancer/infer", content=b" " * (2 << 20))
+            r = client.post(
+                f"{front.server.base_url}/v2/models/breast-cancer/infer", content=b" " * (2 << 20)
+            )
             assert r.status_code == 413 and r.json()["code"] == "payload_too_large"
             assert r.headers["connection"] == "close"
+
+
+# Clients that do not take their answers: a slot is held only until the send deadline
+
+
+def _keyed_get(front: Front, path: str) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {front.key}\r\n\r\n".encode()
+
+
+def _never_read(front: Front, request: bytes, depth: int, n: int) -> list[socket.socket]:
+    """`n` connections whose receive windows are tiny and never open, each sent `depth` requests one at
+    a time (paced as the server answers, so that they are not refused at once as a pipeline too deep):
+    the server's answers pile up in the kernel's buffers, then in the transport's."""
+    socks = []
+    for _ in range(n):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+        sock.connect((front.host, front.port))
+        sock.setblocking(False)
+        socks.append(sock)
+    sending = list(socks)
+    for _ in range(depth):
+        for sock in list(sending):
+            try:
+                sent = sock.send(request)
+            except OSError:  # the server stopped reading, or closed
+                sent = 0
+            if sent != len(request):
+                sending.remove(sock)
+        time.sleep(0.008)
+    return socks
+
+
+def assert_ends(sock: socket.socket, timeout: float) -> None:
+    """The server closed (or reset) `sock` within `timeout`: what it holds is read, then EOF or RST."""
+    sock.setblocking(True)
+    sock.settimeout(timeout)
+    t0 = time.monotonic()
+    with contextlib.suppress(ConnectionResetError):
+        while sock.recv(65536):
+            assert time.monotonic() - t0 < timeout, "still open"
+
+
+def test_a_client_that_never_reads_its_answers_holds_no_slot_past_the_send_timeout(front: Front) -> None:
+    # 4 connections x 160 answers of 20 KiB: more than the kernel's socket buffers take (about 2 MiB
+    # each on loopback), so each connection's transport pauses writing and its answer's `send` waits.
+    fds = len(list(Path(f"/proc/{front.server.process.pid}/fd").iterdir()))
+    stuck = _never_read(front, _keyed_get(front, "/v2/openapi.json"), 160, MAX_IN_FLIGHT)
+    try:
+        t0 = time.monotonic()
+        first = keyed_infer(front)
+        assert first.status_code == 503, "the attack did not take every slot: the test proves nothing"
+        while (response := keyed_infer(front)).status_code != 200:
+            assert response.status_code == 503, response.text
+            assert time.monotonic() - t0 < SEND_TIMEOUT + 2, "slots still held past the send timeout"
+            time.sleep(0.1)
+        for sock in stuck:
+            assert_ends(sock, timeout=SEND_TIMEOUT + 2)
+    finally:
+        for sock in stuck:
+            sock.close()
+    assert health_ok(front) < 1
+    # Closed on the server's side too: no descriptor is left to a connection waiting for a flush.
+    assert len(list(Path(f"/proc/{front.server.process.pid}/fd").iterdir())) <= fds

@@ -345,6 +345,8 @@ ENFORCED.update(
         ("ServerSettings", "body_timeout_seconds"): _FRONT
         + "test_a_body_that_does_not_arrive_gets_408_and_close",
         ("ServerSettings", "keep_alive_seconds"): _FRONT + "test_an_idle_keep_alive_connection_is_closed",
+        ("ServerSettings", "send_timeout_seconds"): _FRONT
+        + "test_a_client_that_never_reads_its_answers_holds_no_slot_past_the_send_timeout",
         ("ServerSettings", "max_concurrent_requests"): _FRONT
         + "test_shedding_counts_requests_and_spares_health",
         ("ServerSettings", "max_connections"): _FRONT

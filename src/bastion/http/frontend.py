@@ -11,7 +11,15 @@ client sends before the parser sees it, and keeps one deadline per connection:
   request, framing included (chunk sizes, chunk extensions, trailers), must fit in
   `max_request_bytes` (else 413);
 - connections: beyond `max_connections` the oldest connection that is idle or still sending
-  its head is closed to make room; if every one is busy, the new one is.
+  its head is closed to make room; if every one is busy, the new one is;
+- send: a client that does not take its answers (the transport's writing paused because the
+  socket's buffers are full), or a connection closed with answers still unsent, is aborted after
+  `send_timeout` seconds; the answer's pending `send` returns, and its request stops counting as
+  load. Without it, the app's `send` waited for a drain that never came, holding a load-shedding
+  slot for ever, and a close waited for a flush that never came, holding a descriptor.
+
+A write to a connection already closed (by the client, or by a refusal or deadline here) is
+dropped, not raised into the application: a client going away is not an application error.
 
 Every refusal is JSON `{"error": ..., "code": ...}` with `connection: close`, and the
 connection is closed. httptools buffers a header value in Python bytes until its end, so the
@@ -34,7 +42,8 @@ from typing import Any, ClassVar
 
 import httptools
 import orjson
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn._types import ASGI3Application, ASGIReceiveCallable, ASGISendCallable, ASGISendEvent, Scope
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from bastion.errors import (
     BadRequest,
@@ -74,6 +83,7 @@ class FrontendLimits:
     head_timeout: float
     body_timeout: float
     keep_alive: float
+    send_timeout: float  # writing paused (answers not taken), or a close not flushed, this long: abort
     max_body_bytes: int
     max_connections: int
 
@@ -86,7 +96,7 @@ class _Phase(enum.Enum):
     IDLE = "idle"  # no request under way: keep-alive deadline
     HEAD = "head"  # a request's first byte has arrived, its head has not ended: head deadline
     BODY = "body"  # head ended, body not: body deadline
-    WAIT = "wait"  # request complete, the application is answering: no deadline
+    WAIT = "wait"  # request complete, the application is answering: no deadline (but the send deadline)
 
 
 class _PipelineTooDeep(BastionException):
@@ -111,6 +121,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._error: BastionError | _PipelineTooDeep | None = None
         self._linger_left = 0  # > 0 while lingering: bytes still to discard before closing
         self._linger_end = 0.0  # loop time at which a lingering close ends whatever comes
+        self._send_deadline: asyncio.TimerHandle | None = None
+        self._send_deadline_sticky = False  # armed by a close: resuming writing does not cancel it
+        self._writes_closed = False  # closed or half-closed here: nothing more can be written
+        self._running: RequestResponseCycle | None = None  # the cycle whose application runs
 
     # Connection lifetime
 
@@ -131,13 +145,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.open_connections.pop(self, None)
         self._cancel()
+        self._cancel_send_deadline()
+        self._disconnect_cycles()  # uvicorn marks only the newest cycle, not a pipelined one's predecessor
         super().connection_lost(exc)
 
     def _close(self, *, linger: bool = False) -> None:
         self._cancel()
-        if self.cycle is not None and not self.cycle.response_complete:
-            self.cycle.disconnected = True
-            self.cycle.message_event.set()
+        self._disconnect_cycles()
+        self._writes_closed = True
         if linger and not self.transport.is_closing() and self.transport.can_write_eof():
             # Half-close: the answer and then FIN go out; what the client still sends is read and dropped.
             self._linger_left = LINGER_MAX_BYTES
@@ -145,8 +160,70 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.write_eof()
             self.flow.resume_reading()
             self._linger()
-            return
-        self.transport.close()
+        else:
+            self.transport.close()
+        self._flush_by_deadline()
+
+    def _disconnect_cycles(self) -> None:
+        """Tell the running request and the newest one (pipelined) that their client is gone."""
+        for cycle in (self._running, self.cycle):
+            if cycle is not None and not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
+
+    # Answers out
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        self._running = cycle
+        protocol = self
+
+        async def send(message: ASGISendEvent) -> None:
+            if protocol.flow.write_paused and not cycle.disconnected:
+                await protocol.flow.drain()  # returns at the latest when the send deadline aborts
+            if protocol._writes_closed or protocol.transport.is_closing():
+                # The client went away (the transport saw a reset before connection_lost ran) or the
+                # front end closed the connection: the answer has nowhere to go. uvloop would raise.
+                cycle.disconnected = True
+            await cycle.send(message)
+
+        async def guarded(scope: Scope, receive: ASGIReceiveCallable, _send: ASGISendCallable) -> None:
+            await app(scope, receive, send)
+
+        super()._start_asgi_task(cycle, guarded)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._arm_send_deadline()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if not self._send_deadline_sticky:
+            self._cancel_send_deadline()
+
+    def _flush_by_deadline(self) -> None:
+        """A close waits for unsent bytes to flush: at most send_timeout, as a paused write does."""
+        if self.transport.get_write_buffer_size() > 0:
+            self._send_deadline_sticky = True
+            self._arm_send_deadline()
+
+    def _arm_send_deadline(self) -> None:
+        if self._send_deadline is None:
+            self._send_deadline = self.loop.call_later(self.limits.send_timeout, self._on_send_deadline)
+
+    def _cancel_send_deadline(self) -> None:
+        if self._send_deadline is not None:
+            self._send_deadline.cancel()
+            self._send_deadline = None
+
+    def _on_send_deadline(self) -> None:
+        self._send_deadline = None
+        log.info("a client took no answer for %.0f s: connection aborted", self.limits.send_timeout)
+        self._cancel()
+        self._disconnect_cycles()
+        self._writes_closed = True
+        # abort, not close: close would wait for the flush that is not coming. connection_lost follows,
+        # and wakes the answer's pending send (FlowControl.resume_writing).
+        self.transport.abort()
 
     # Deadlines
 
@@ -281,6 +358,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         pipelined = bool(self.pipeline)
         super().on_response_complete()
         self._unset_keepalive_if_required()  # one deadline per connection, ours
+        if self.transport.is_closing():  # uvicorn closed it after a `connection: close` answer
+            self._writes_closed = True
+            self._flush_by_deadline()
         if self._phase is _Phase.WAIT and not pipelined and not self.transport.is_closing():
             self._go_idle()
 
