@@ -290,7 +290,12 @@ class Rollouts:
 
 def save_states(path: Path, states: dict[str, RolloutState]) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({m: asdict(s) for m, s in states.items()}, indent=2) + "\n", encoding="utf-8")
+    text = json.dumps({m: asdict(s) for m, s in states.items()}, indent=2) + "\n"
+    # Owner-only whatever the process umask (an embedding caller's may be 022), like all of state/.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # a leftover tmp file keeps its old mode under O_CREAT
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
     os.replace(tmp, path)  # atomic: the server never reads half a file
 
 

@@ -245,3 +245,18 @@ def test_the_window_stays_bounded_and_slides(tmp_path: Path) -> None:
     assert window.slow == pytest.approx(window.requests / 100, abs=2)
     window.add(900.0, True, 0.0)  # the clock stepped back
     assert window.requests <= 32_001 and len(window._slices) <= 32
+
+
+def test_the_rollout_state_file_is_owner_only_whatever_the_umask(tmp_path: Path) -> None:
+    import os
+
+    path = tmp_path / "rollouts.json"
+    previous = os.umask(0o022)
+    try:
+        save_states(path, {})
+        (tmp_path / "rollouts.json.tmp").write_text("{}")  # a leftover from a crash, world-readable
+        os.chmod(tmp_path / "rollouts.json.tmp", 0o644)
+        save_states(path, {})
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o600
