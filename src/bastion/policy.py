@@ -165,17 +165,6 @@ class Policy:
             by_action[action] = Applied(g.output, g.sensitive_inputs, g)
         return EffectiveGrant(frozenset(by_action), by_action=by_action) if by_action else NO_GRANT
 
-    def most_detailed_output(self, roles: tuple[str, ...], action: Action) -> OutputDetail | None:
-        """The most revealing output detail that any of the roles' grants of `action` carries."""
-        details = [
-            g.output
-            for name in roles
-            if (role := self._roles.get(name))
-            for g in role.grants
-            if action in g.actions
-        ]
-        return max(details, key=lambda d: d.rank, default=None)
-
     def outputs_of(self, roles: tuple[str, ...], action: Action) -> frozenset[OutputDetail]:
         """The output details of all the roles' grants of `action`, on any model."""
         return frozenset(

@@ -36,13 +36,6 @@ def test_the_cache_is_bounded_whatever_the_keys_roles() -> None:
     assert policy.grant(("wide", "gone-1"), "m").allows(Action.INFER)  # an evicted entry folds again
 
 
-def test_most_detailed_output_of_an_action() -> None:
-    policy = Policy(ROLES)
-    assert policy.most_detailed_output(("wide", "named"), Action.INFER) is OutputDetail.PROBABILITIES
-    assert policy.most_detailed_output(("wide",), Action.INFER) is OutputDetail.LABEL
-    assert policy.most_detailed_output(("wide",), Action.METADATA) is None
-
-
 # --- One grant per action: a grant of another action never raises what an action may do ---------------
 
 M = "m"
