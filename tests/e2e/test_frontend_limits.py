@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -569,3 +570,54 @@ def test_a_client_that_never_reads_its_answers_holds_no_slot_past_the_send_timeo
     assert health_ok(front) < 1
     # Closed on the server's side too: no descriptor is left to a connection waiting for a flush.
     assert len(list(Path(f"/proc/{front.server.process.pid}/fd").iterdir())) <= fds
+
+
+# A client going away is not an application error: no traceback, no ERROR in the server's log
+
+
+def _reset_after(front: Front, request: bytes) -> None:
+    """Pipeline a few requests (the server stops reading), then reset (SO_LINGER 0): the answers
+    meet a dead socket whose reset the server has not read."""
+    with front.connect() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.sendall(request * 8)
+        time.sleep(0.01)
+
+
+def _pipeline_past_the_cap(front: Front, request: bytes) -> None:
+    """The front end closes the connection while an earlier request's answer is still being made."""
+    with front.connect() as sock, contextlib.suppress(OSError):
+        sock.sendall(request * 400)
+        drain(sock)
+
+
+def _refused_behind_an_answer(front: Front, request: bytes) -> None:
+    """A request refused at its head (413) behind a running and a queued one half-closes the connection
+    under the running answer."""
+    too_big = front.infer_head(MAX_BODY_BYTES + 1)
+    with front.connect() as sock, contextlib.suppress(OSError):
+        sock.sendall(request * 2 + too_big)
+        drain(sock)
+
+
+@pytest.mark.parametrize(
+    "go_away",
+    [
+        pytest.param(_reset_after, id="client-resets"),
+        pytest.param(_pipeline_past_the_cap, id="closed-for-pipelining-too-deep"),
+        pytest.param(_refused_behind_an_answer, id="half-closed-by-a-refusal"),
+    ],
+)
+def test_a_client_going_away_mid_answer_logs_no_traceback(front: Front, go_away: object) -> None:
+    log = front.server.log_path
+    start = log.stat().st_size
+    request = _keyed_get(front, "/v2/openapi.json")  # a 20 KiB answer, made while the client goes
+    for _ in range(20):
+        go_away(front, request)  # type: ignore[operator]
+    time.sleep(0.5)  # the answers still being written
+    assert health_ok(front) < 1
+    with log.open("rb") as f:
+        f.seek(start)
+        written = f.read().decode(errors="replace")
+    for bad in ("Traceback", "Exception in ASGI application", "ERROR"):
+        assert bad not in written, written[-3000:]
