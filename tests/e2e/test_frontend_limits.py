@@ -349,6 +349,40 @@ def test_shedding_counts_requests_and_spares_health(front: Front) -> None:
     assert keyed_infer(front).status_code == 200
 
 
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/v2/health/x",
+        "/v2/health/../models/breast-cancer/infer",  # as curl --path-as-is sends it; not normalised
+        "/v2/health/live/",
+        "/v2/health/livex",
+        "/v2/health/",
+    ],
+)
+def test_only_the_two_probes_are_spared_shedding(front: Front, target: str) -> None:
+    held = [front.connect(timeout=BODY_TIMEOUT + 3) for _ in range(MAX_IN_FLIGHT)]
+    try:
+        for sock in held:
+            sock.sendall(front.infer_head(len(front.body)) + front.body[:10])
+        time.sleep(0.3)
+        with front.connect() as sock:
+            sock.sendall(
+                front.infer_head(len(front.body)).replace(b"/v2/models/breast-cancer/infer", target.encode())
+            )
+            sock.sendall(front.body)
+            status, _, body = read_response(sock)
+        assert status == 503, body
+        assert json.loads(body)["code"] == "overloaded"
+        assert health_ok(front) < 1
+    finally:
+        for sock in held:
+            sock.close()
+    t0 = time.monotonic()  # the held requests end with their clients: the load with them
+    while keyed_infer(front).status_code != 200:
+        assert time.monotonic() - t0 < 2
+        time.sleep(0.05)
+
+
 def _open_idle(front: Front, n: int) -> list[socket.socket]:
     socks = []
     for _ in range(n):

@@ -2,8 +2,10 @@
 
 An idle or slow connection costs the server a file descriptor, which the front end bounds and
 times out; only a request the application is working on costs it work. So the count is of
-requests inside the application, and /v2/health/* is neither counted nor refused: a load
-balancer must see a busy replica as alive.
+requests inside the application, and the two probes (the public routes: /v2/health/live and
+/v2/health/ready, exactly) are neither counted nor refused: a load balancer must see a busy
+replica as alive. Any other path, /v2/health/x or /v2/health/../models/m included, is counted
+(a prefix match let those run the whole pipeline uncounted).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import orjson
 
 from bastion.errors import Overloaded
+from bastion.routes import ROUTES
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -22,6 +25,8 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 RETRY_AFTER_SECONDS = 1
+# Exact paths, from the route table: the routes that answer without credentials.
+EXEMPT_PATHS = frozenset(spec.path for spec in ROUTES if spec.public)
 
 
 class LoadShedder:
@@ -35,7 +40,7 @@ class LoadShedder:
         self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].startswith("/v2/health/"):
+        if scope["type"] != "http" or scope["path"] in EXEMPT_PATHS:
             await self.app(scope, receive, send)
             return
         if self.in_flight >= self.max_in_flight:
