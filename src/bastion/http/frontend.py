@@ -1,7 +1,8 @@
 """The HTTP front end's own limits, enforced before the application runs.
 
 uvicorn's httptools protocol (llhttp underneath) parses; this subclass meters every byte a
-client sends before the parser sees it, and keeps one deadline per connection:
+client sends before the parser sees it, and keeps one deadline per connection for what it reads
+(and one for what it writes):
 
 - idle: an open connection with no request under way is closed after `keep_alive` seconds
   (a fresh connection after `head_timeout`); it is never counted against load shedding;
