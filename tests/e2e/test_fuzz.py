@@ -44,7 +44,7 @@ from schemathesis.specs.openapi.checks import (
 from tests.conftest import Deployment
 from tests.helpers import RunningServer, create_key, start_server
 
-EXAMPLES = int(os.environ.get("BASTION_FUZZ_EXAMPLES", "500"))
+EXAMPLES = int(os.environ.get("BASTION_FUZZ_EXAMPLES", "600"))
 TIMEOUT = (5.0, 20.0)  # connect, read (s): a request that takes longer counts as a hang
 
 # Limits that never refuse, so the fuzzer reaches every stage; aggregates and admin for full coverage.
