@@ -29,6 +29,9 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from load import create_key  # noqa: E402
 
 from bastion.demo import build_demo, infer_request  # noqa: E402
 
@@ -121,13 +124,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bastion-flood-", dir=os.environ.get("BENCH_DIR")))
     build = build_demo(work / "demo", port=args.port)
     config = build.config_path
-    done = subprocess.run(
-        [*BASTION, "keys", "create", "--config", str(config), "--name", "bench", "--role", "admin"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    key = done.stdout.strip()
+    key = create_key(config, role="admin")
     server = subprocess.Popen([*BASTION, "serve", "--config", str(config), "--log-level", "warning"])
     base = f"http://127.0.0.1:{args.port}"
     try:

@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -28,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from load import BENCH_ROLE, cpu_seconds, free_port, run_wrk, start  # noqa: E402
+from load import bench_policy, cpu_seconds, create_key, free_port, run_wrk, start  # noqa: E402
 
 from bastion.demo import build_demo, infer_request  # noqa: E402
 
@@ -64,11 +63,7 @@ def main() -> None:
     build = build_demo(work / "demo")
     # As bench/load.py: query auditing on but alerting only (the same row every time would rightly
     # quarantine the key), the shipped audit durability (fsync) and SQLite state.
-    text = build.config_path.read_text() + BENCH_ROLE
-    text = text.replace(
-        'trusted_keys = ["keys/release.pub"]\n',
-        'trusted_keys = ["keys/release.pub"]\nextraction_watch = "alert"\n',
-    )
+    text = bench_policy(build.config_path)
     build.config_path.write_text(text)
     rows = np.asarray(build.features[: args.rows], dtype=np.float32)
     json_body = work / "request.json"
@@ -77,24 +72,7 @@ def main() -> None:
     bin_body = work / "request.bin"
     bin_body.write_bytes(raw)
     os.environ["BASTION_BENCH_HEADER_LENGTH"] = str(header_length)
-    key = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bastion.cli",
-            "keys",
-            "create",
-            "--config",
-            str(build.config_path),
-            "--name",
-            "bench",
-            "--role",
-            "bench",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
+    key = create_key(build.config_path)
 
     encodings = [("REST JSON", json_body, "infer.lua"), ("REST binary", bin_body, "infer_binary.lua")]
     results: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in encodings}

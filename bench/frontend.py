@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from load import BENCH_ROLE, cpu_seconds, free_port, run_wrk  # noqa: E402
+from load import bench_policy, cpu_seconds, create_key, free_port, run_wrk  # noqa: E402
 
 DEADLINE = 3.0  # head, body and keep-alive deadlines given to every candidate that has them
 HEADER_BYTES = 32768
@@ -373,32 +373,11 @@ def deployment(work: Path) -> tuple[Path, bytes, str]:
     from bastion.demo import build_demo, infer_request
 
     build = build_demo(work / "demo")
-    text = build.config_path.read_text() + BENCH_ROLE
-    text = text.replace(
-        'trusted_keys = ["keys/release.pub"]\n',
-        'trusted_keys = ["keys/release.pub"]\nextraction_watch = "alert"\n',
-    )
+    text = bench_policy(build.config_path)
     limits = f"head_timeout_seconds = {DEADLINE}\nbody_timeout_seconds = {DEADLINE}\nkeep_alive_seconds = {DEADLINE}\n"
     text = text.replace('state_dir = "state"\n', f'state_dir = "state"\n{limits}', 1)
     build.config_path.write_text(text)
-    key = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bastion.cli",
-            "keys",
-            "create",
-            "--config",
-            str(build.config_path),
-            "--name",
-            "bench",
-            "--role",
-            "bench",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
+    key = create_key(build.config_path)
     return build.config_path, json.dumps(infer_request(build.features[:1])).encode(), key
 
 

@@ -24,14 +24,12 @@ import gc
 import json
 import os
 import random
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from load import BENCH_ROLE
+from load import BENCH_ROLE, create_key
 
 from bastion.config import Action, load_config
 from bastion.context import RequestContext
@@ -61,12 +59,6 @@ def configs(args: argparse.Namespace, root: Path) -> tuple[list[tuple[str, Path]
         path.write_text(body.replace('state_dir = "state"', f'state_dir = "state-{i}"'))
         out.append((name, path))
     return out, build.features
-
-
-def create_key(config: Path) -> str:
-    command = ["keys", "create", "--config", str(config), "--name", "bench", "--role", "bench"]
-    done = subprocess.run([sys.executable, "-m", "bastion.cli", *command], capture_output=True, text=True)
-    return done.stdout.strip()
 
 
 async def run(args: argparse.Namespace) -> None:

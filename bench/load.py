@@ -43,6 +43,24 @@ grants = [ { models = ["*"], actions = ["infer", "metadata"], output = "probabil
 """
 
 
+def create_key(config: Path, role: str = "bench") -> str:
+    """A new API key for `role` in `config`'s deployment, through the CLI (printed once)."""
+    command = [sys.executable, "-m", "bastion.cli", "keys", "create", "--config", str(config)]
+    done = subprocess.run(
+        [*command, "--name", "bench", "--role", role], capture_output=True, text=True, check=True
+    )
+    return done.stdout.strip()
+
+
+def bench_policy(build_config: Path) -> str:
+    """The demo's policy with the bench role, and query auditing on but alerting only: a benchmark's
+    own near-identical rows would otherwise, rightly, get its key quarantined."""
+    return (build_config.read_text() + BENCH_ROLE).replace(
+        'trusted_keys = ["keys/release.pub"]\n',
+        'trusted_keys = ["keys/release.pub"]\nextraction_watch = "alert"\n',
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -169,13 +187,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bastion-bench-"))
     build = build_demo(work / "demo")
-    text = build.config_path.read_text() + BENCH_ROLE
-    # Query auditing stays on, but only alerts: the benchmark's own near-identical rows
-    # (infer_jitter.lua) would otherwise, rightly, get its key quarantined.
-    text = text.replace(
-        'trusted_keys = ["keys/release.pub"]\n',
-        'trusted_keys = ["keys/release.pub"]\nextraction_watch = "alert"\n',
-    )
+    text = bench_policy(build.config_path)
     if args.audit == "no-fsync":
         text = text.replace('durability = "sync"', 'durability = "sync"\nfsync = false')
     elif args.audit == "best-effort":
@@ -221,27 +233,7 @@ def main() -> None:
             )
         )
         servers = [("watch off", unwatched, ()), ("watch on", build.config_path, ())]
-    keys = {
-        config: subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "bastion.cli",
-                "keys",
-                "create",
-                "--config",
-                str(config),
-                "--name",
-                "bench",
-                "--role",
-                "bench",
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        for _, config, _ in servers
-    }
+    keys = {config: create_key(config) for _, config, _ in servers}
     results: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in servers}
     for rnd in range(args.rounds):
         for name, config, extra in servers:

@@ -26,7 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.load import BENCH_ROLE, cpu_seconds, free_port  # noqa: E402
+from bench.load import BENCH_ROLE, cpu_seconds, create_key, free_port  # noqa: E402
 
 from bastion.demo import build_demo, infer_request  # noqa: E402
 
@@ -138,15 +138,7 @@ def main() -> None:
             own = text.replace('state_dir = "state"', f'state_dir = "state-{name}"')
             path.write_text(f"{own}\n[grpc]\nenabled = true\nport = {gport}\n{BENCH_ROLE}")
             configs[name] = path
-        keys = {
-            name: subprocess.run(
-                [*BASTION, "keys", "create", "--config", str(path), "--name", "bench", "--role", "bench"],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout.strip()
-            for name, path in configs.items()
-        }
+        keys = {name: create_key(path) for name, path in configs.items()}
         rows = np.asarray(build.features[: args.rows], dtype=np.float32)
         ports = {name: free_port() for name in configs}
         procs = {
