@@ -65,6 +65,8 @@ def _operation(spec: RouteSpec, versioned: bool) -> dict[str, Any]:
     for status in spec.errors:
         schema = _ERR if not spec.public else {"type": "object"}
         responses[str(status)] = _json(schema, _ERROR_TEXT[status])
+    if spec.request is not None:  # every route that reads a body refuses one over its cap
+        responses["413"] = _json(_ERR, "Body too large")
     for status, text in spec.extra_responses.items():
         responses[str(status)] = _json(_ERR, text)
     op["responses"] = responses
