@@ -36,7 +36,10 @@ def cli(capfd: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
 
     def run(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
         capfd.readouterr()
-        code = main([str(a) for a in args])
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse's own refusal (usage, exit 2), as the real process ends
+            code = e.code if isinstance(e.code, int) else 2
         out, err = capfd.readouterr()
         if check and code != 0:
             raise AssertionError(f"bastion {args} failed: {err}")
@@ -68,6 +71,7 @@ def test_a_full_key_given_for_a_key_id_is_never_echoed(cli: Any, config: Path, c
         key[:-5],  # truncated while pasting
         key.replace("bst_", "BST_"),  # not a key shape at all
         secret,  # the secret part alone
+        "-" + secret[1:],  # a secret part that starts with "-" reads as an option to argparse
         key + "\n",  # with the newline of a copied line
     ]
     for value in inputs:
