@@ -6,12 +6,13 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from bastion.errors import AuditIntegrityError, BastionException, ConfigError, StateDirLocked
 
@@ -628,8 +629,35 @@ def cmd_redteam_membership(args: argparse.Namespace) -> int:
     return 0
 
 
+# A run of characters argparse may have copied from the command line into an error message.
+_ECHOED_RUN = re.compile(r"[^\s'\",=]{6,}")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse quotes the offending argument in its errors ("unrecognized arguments: ...", "ignored
+    explicit argument ..."); a key pasted in the wrong place, or one that starts with "-" and reads as
+    an option, must not be printed back to a terminal or a CI log. Any run of six or more characters
+    that came from the command line, and is not one of the parser's own words, is shown as "<hidden>".
+    """
+
+    given: Sequence[str] = ()  # the command line being parsed; set by main()
+
+    def error(self, message: str) -> NoReturn:
+        own_words = self.format_help()
+        given = self.given
+
+        def hide(match: re.Match[str]) -> str:
+            run = match.group(0)
+            if run in own_words or not any(run in arg for arg in given):
+                return run
+            return "<hidden>"
+
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {_ECHOED_RUN.sub(hide, message)}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bastion", description="A secure model server.")
+    parser = _Parser(prog="bastion", description="A secure model server.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -797,6 +825,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _Parser.given = tuple(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     # Every file a command or the server writes (keys, audit records, budgets, rollouts, the demo's
     # keys) is owner-only from its first byte, whatever the shell's umask; worker processes inherit it.

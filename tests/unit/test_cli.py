@@ -71,7 +71,10 @@ def test_a_full_key_given_for_a_key_id_is_never_echoed(cli: Any, config: Path, c
         key[:-5],  # truncated while pasting
         key.replace("bst_", "BST_"),  # not a key shape at all
         secret,  # the secret part alone
-        "-" + secret[1:],  # a secret part that starts with "-" reads as an option to argparse
+        # A secret part that starts with "-" reads as an option to argparse, which quotes what it
+        # cannot parse: as help with flags (-h), as the config option's value (-c), as an unknown
+        # short or long option.
+        *(prefix + secret[len(prefix) :] for prefix in ("-", "-h", "-c", "-k", "--", "--config=")),
         key + "\n",  # with the newline of a copied line
     ]
     for value in inputs:
