@@ -1,0 +1,1 @@
+"""Language models: the OpenAI-compatible front end, backends and the guards around them."""
