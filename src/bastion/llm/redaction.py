@@ -18,12 +18,14 @@ Offline by construction:
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+import phonenumbers
 import spacy
 import tldextract
 from detect_secrets.filters import heuristic
@@ -56,7 +58,7 @@ from detect_secrets.plugins.square_oauth import SquareOAuthDetector
 from detect_secrets.plugins.stripe import StripeDetector
 from detect_secrets.plugins.telegram_token import TelegramBotTokenDetector
 from detect_secrets.plugins.twilio import TwilioKeyDetector
-from presidio_analyzer import AnalyzerEngine, EntityRecognizer, RecognizerRegistry, RecognizerResult
+from presidio_analyzer import AnalyzerEngine, EntityRecognizer, RecognizerRegistry
 from presidio_analyzer.nlp_engine import NlpArtifacts, SpacyNlpEngine
 from presidio_analyzer.predefined_recognizers import (
     CreditCardRecognizer,
@@ -67,26 +69,37 @@ from presidio_analyzer.predefined_recognizers import (
     UsSsnRecognizer,
 )
 from presidio_anonymizer import AnonymizerEngine
-from presidio_anonymizer.entities import OperatorConfig
+from presidio_anonymizer.entities import OperatorConfig, RecognizerResult
 from spacy.tokens import Doc
 
 from bastion.errors import ConfigError
 
-SECRET = "SECRET"
+class _WithholdText(logging.Filter):
+    """Keeps the libraries' logs free of the text being scanned.
 
-# Our entity name -> the Presidio recognizer that finds it (told to report it under our name).
-_RECOGNIZERS: Mapping[str, type[EntityRecognizer]] = MappingProxyType(
-    {
-        "EMAIL": EmailRecognizer,  # replaced below by the offline subclass
-        "CREDIT_CARD": CreditCardRecognizer,
-        "PHONE_NUMBER": PhoneRecognizer,
-        "IBAN": IbanRecognizer,
-        "US_SSN": UsSsnRecognizer,
-        "IP_ADDRESS": IpRecognizer,
-    }
-)
+    Presidio logs, at DEBUG, the context words around each finding (the value among them) and, at
+    ERROR, an IBAN candidate that failed to parse. This filter, on their loggers, drops records
+    below WARNING and keeps the rest as their message template alone: no arguments, no traceback.
+    """
 
-ENTITIES: frozenset[str] = frozenset(_RECOGNIZERS)
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return False
+        record.args = None
+        record.exc_info = None
+        record.exc_text = None
+        return True
+
+
+_LIBRARY_LOGGERS = ("presidio-analyzer", "presidio-anonymizer", "decision_process", "detect-secrets")
+for _name in _LIBRARY_LOGGERS:
+    _logger = logging.getLogger(_name)
+    if not any(isinstance(f, _WithholdText) for f in _logger.filters):
+        _logger.addFilter(_WithholdText())
+
+SECRET = "SECRET"  # noqa: S105  # the placeholder type of credentials, not one
+
+ENTITIES: frozenset[str] = frozenset({"EMAIL", "CREDIT_CARD", "PHONE_NUMBER", "IBAN", "US_SSN", "IP_ADDRESS"})
 """Every PII entity name a `Redactor` accepts; its placeholder is the name in brackets."""
 
 DEFAULT_ENTITIES: frozenset[str] = ENTITIES
@@ -96,6 +109,11 @@ DEFAULT_ENTITIES: frozenset[str] = ENTITIES
 # and the dashed SSN and drops the bare 9-digit runs that are order numbers far more often
 # (bench/REDACTION.md has precision and recall at this threshold).
 DEFAULT_SCORE_THRESHOLD = 0.4
+
+# National-format phone numbers are read as numbers of these regions; a number written with its
+# "+" country code is found whatever the list. Each region costs about 5 ms per 4 KB of text
+# (phonenumbers tries every candidate against each), so the default is short.
+DEFAULT_PHONE_REGIONS: tuple[str, ...] = ("US", "GB")
 
 # A PEM private key spans lines; detect-secrets flags its header line only, so the whole block
 # (header to footer, or to the end of the text if cut) is replaced.
@@ -108,6 +126,11 @@ _PEM_BLOCK = re.compile(
 # A token goes on past a detector's match (a JWT's signature after its lazy regex, a GitHub
 # token after its prefix group) to the end of the run of token characters; a final "." is prose.
 _TOKEN_TAIL = re.compile(r"[A-Za-z0-9_\-+/=]+(?:\.[A-Za-z0-9_\-+/=]+)*")
+
+
+# The password of a URL's userinfo (`scheme://user:pass@host`). detect-secrets' BasicAuthDetector
+# refuses one holding RFC 3986 sub-delimiters ("!", "$", "&", ...), which real passwords do hold.
+_URL_PASSWORD = re.compile(r"://[^\s/:@]+:([^\s/@]+)@")
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +151,7 @@ class Redacted:
         return sum(self.counts.values())
 
 
-class _BlankSpacyEngine(SpacyNlpEngine):  # type: ignore[misc]  # presidio is untyped
+class _BlankSpacyEngine(SpacyNlpEngine):
     """Presidio's spaCy engine over `spacy.blank("en")`: tokens and stop words, no model, no NER.
 
     Presidio's context enhancer matches context words ("phone", "ssn", "card") against lemmas; a
@@ -140,7 +163,7 @@ class _BlankSpacyEngine(SpacyNlpEngine):  # type: ignore[misc]  # presidio is un
         self.load()
 
     def load(self) -> None:
-        self.nlp = {"en": spacy.blank("en")}
+        self.nlp = {"en": spacy.blank("en")}  # type: ignore[assignment]  # declared None upstream
 
     def get_supported_entities(self) -> list[str]:
         return []
@@ -161,11 +184,27 @@ class _BlankSpacyEngine(SpacyNlpEngine):  # type: ignore[misc]  # presidio is un
 _OFFLINE_TLD = tldextract.TLDExtract(cache_dir=None, suffix_list_urls=(), fallback_to_snapshot=True)
 
 
-class _EmailRecognizer(EmailRecognizer):  # type: ignore[misc]
+class _EmailRecognizer(EmailRecognizer):
     """Presidio's email recognizer, its domain check on the bundled suffix list (never fetched)."""
 
     def validate_result(self, pattern_text: str) -> bool:
         return _OFFLINE_TLD(pattern_text).fqdn != ""
+
+
+def _recognizer(name: str, phone_regions: tuple[str, ...]) -> EntityRecognizer:
+    # Each reports its finding under our entity name, which is also the placeholder.
+    if name == "EMAIL":
+        return _EmailRecognizer(supported_entity=name)
+    if name == "CREDIT_CARD":  # Luhn-checked
+        return CreditCardRecognizer(supported_entity=name)
+    if name == "PHONE_NUMBER":  # parsed and validated by phonenumbers
+        return PhoneRecognizer(supported_entity=name, supported_regions=phone_regions)
+    if name == "IBAN":  # mod-97 check digits and per-country length
+        return IbanRecognizer(supported_entity=name)
+    if name == "US_SSN":  # shape, context words, and the SSA's never-issued ranges
+        return UsSsnRecognizer(supported_entity=name)
+    assert name == "IP_ADDRESS"
+    return IpRecognizer(supported_entity=name)
 
 
 def _secret_plugins() -> tuple[BasePlugin, ...]:
@@ -200,8 +239,10 @@ class Redactor:
     """Replaces PII and secrets in text with typed placeholders.
 
     `entities`: PII types to find, a subset of `ENTITIES` (EMAIL, CREDIT_CARD, PHONE_NUMBER, IBAN,
-    US_SSN, IP_ADDRESS); `secrets`: also find credentials (placeholder `[SECRET]`). Raises
-    `ConfigError` naming an unknown entity, or if nothing at all is asked for. Build one per
+    US_SSN, IP_ADDRESS); `secrets`: also find credentials (placeholder `[SECRET]`);
+    `score_threshold`: Presidio's score (0..1) a finding needs; `phone_regions`: ISO 3166 codes
+    for national-format phone numbers. Raises `ConfigError` naming an unknown entity or region, a
+    threshold outside [0, 1], or nothing at all to find. Build one per
     policy at start-up (about a second, once: Presidio compiles its patterns) and share it;
     `redact` is synchronous and CPU-bound (tens of microseconds to milliseconds, see
     bench/REDACTION.md), so an event loop may call it inline for prompts of a few kilobytes.
@@ -213,6 +254,7 @@ class Redactor:
         entities: Iterable[str] = DEFAULT_ENTITIES,
         secrets: bool = True,
         score_threshold: float = DEFAULT_SCORE_THRESHOLD,
+        phone_regions: Iterable[str] = DEFAULT_PHONE_REGIONS,
     ) -> None:
         if isinstance(entities, str):  # a bare "EMAIL" would iterate as letters
             raise ConfigError("redaction entities: expected a list of names, got one string")
@@ -225,6 +267,13 @@ class Redactor:
             )
         if not wanted and not secrets:
             raise ConfigError("redaction: no entity and secrets off; leave redaction out instead")
+        regions = tuple(phone_regions)
+        bad_regions = sorted(set(regions) - phonenumbers.SUPPORTED_REGIONS)
+        if bad_regions or not regions:
+            raise ConfigError(
+                f"redaction phone_regions: {', '.join(map(repr, bad_regions)) or 'empty'}; "
+                "expected ISO 3166 codes such as 'US', 'GB'"
+            )
         if not 0.0 <= score_threshold <= 1.0:
             raise ConfigError(f"redaction score_threshold: {score_threshold} is outside [0, 1]")
         self.entities = wanted
@@ -232,10 +281,7 @@ class Redactor:
         self._threshold = score_threshold
         self._analyzer: AnalyzerEngine | None = None
         if wanted:
-            recognizers = [
-                (_EmailRecognizer if name == "EMAIL" else _RECOGNIZERS[name])(supported_entity=name)
-                for name in sorted(wanted)
-            ]
+            recognizers = [_recognizer(name, regions) for name in sorted(wanted)]
             registry = RecognizerRegistry(recognizers=recognizers, supported_languages=["en"])
             self._analyzer = AnalyzerEngine(
                 registry=registry, nlp_engine=_BlankSpacyEngine(), supported_languages=["en"]
@@ -244,7 +290,7 @@ class Redactor:
         self._regex_plugins = tuple(p for p in plugins if isinstance(p, RegexBasedDetector))
         self._entropy_plugins = tuple(p for p in plugins if isinstance(p, HighEntropyStringsPlugin))
         self._keyword = KeywordDetector()
-        self._anonymizer = AnonymizerEngine()
+        self._anonymizer = AnonymizerEngine()  # type: ignore[no-untyped-call]
         self._operators = {
             name: OperatorConfig("replace", {"new_value": f"[{name}]"}) for name in (*wanted, SECRET)
         }
@@ -258,7 +304,8 @@ class Redactor:
         findings: list[RecognizerResult] = []
         if self._analyzer is not None:
             findings.extend(
-                self._analyzer.analyze(
+                RecognizerResult(entity_type=f.entity_type, start=f.start, end=f.end, score=f.score)
+                for f in self._analyzer.analyze(
                     text=text,
                     language="en",
                     entities=sorted(self.entities),
@@ -283,6 +330,8 @@ class Redactor:
         for line in text.splitlines(keepends=True):
             for start, end in self._token_spans(line):
                 yield offset + start, offset + end
+            for match in _URL_PASSWORD.finditer(line):
+                yield offset + match.start(1), offset + match.end(1)
             for value in self._assigned_values(line):
                 start = line.find(value)
                 while start != -1:  # every occurrence on the line, not only the first
@@ -317,10 +366,14 @@ class Redactor:
                     heuristic.is_likely_id_string(value, line, plugin)
                 ):
                     found.add(value)
-        # Keyword assignments (`password = "…"`, `api_key: …`), quoted or as in config files.
-        if not heuristic.is_indirect_reference(line):
-            for denylist in (QUOTES_REQUIRED_DENYLIST_REGEX_TO_GROUP, CONFIG_DENYLIST_REGEX_TO_GROUP):
-                found.update(self._keyword.analyze_string(line, denylist_regex_to_group=denylist))
+        # Keyword assignments (`password = "…"`, `api_key: …`), quoted or as in config files, unless
+        # the value is a lookup (`key = os.environ["KEY"]`); that filter's regex is slow on long
+        # lines, so it runs only on a line that has an assignment.
+        assigned: set[str] = set()
+        for denylist in (QUOTES_REQUIRED_DENYLIST_REGEX_TO_GROUP, CONFIG_DENYLIST_REGEX_TO_GROUP):
+            assigned.update(self._keyword.analyze_string(line, denylist_regex_to_group=denylist))
+        if assigned and not heuristic.is_indirect_reference(line):
+            found |= assigned
         return {value for value in found if value and not _filtered(value)}
 
 
