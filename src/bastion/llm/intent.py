@@ -1,0 +1,718 @@
+"""Query auditing for prompt reconstruction: extraction intent in a client's messages, and its
+accumulation per principal and model.
+
+Two parts, neither of which knows HTTP or the service:
+
+- `screen_intent(messages)` reads the client's messages and returns an `IntentVerdict`: a score
+  in [0, 1], the names of the signals that fired (stable strings, never text) and a fingerprint
+  of the last message (hashes only) for spotting paraphrases of one probe.
+- `ExtractionTracker.observe(...)` adds that verdict, and whether the leakage guard caught the
+  answer, to the principal's evidence on the model over a sliding window, and returns an
+  `Escalation` once the evidence passes a calibrated threshold (once, until `forget`). The caller
+  applies the same containment as tabular query auditing (`bastion.stages.query_audit`).
+
+How the screen reads text. Attackers hide the words a filter looks for, so the text is first
+brought to a canonical form, and every trick used to hide it is itself a signal:
+1. Unicode tag characters (U+E0020..U+E007E, "ASCII smuggling") are decoded into a hidden view;
+   other format characters (zero-width, bidi embeddings/overrides/isolates, soft hyphens,
+   variation selectors) are stripped. A zero-width joiner between emoji is not a signal.
+2. NFKD with combining marks dropped, then NFKC: full-width and mathematical letters become
+   ASCII (`ＲＥＰＥＡＴ` -> `REPEAT`), accents and stacked marks go (`répète` -> `repete`).
+3. Confusables: letters from other scripts that look like Latin ones (Cyrillic `р`, Greek `ο`)
+   become their Latin lookalike, after the table of Unicode TR39 `confusables.txt` as shipped
+   by `confusable-homoglyphs`; a word mixing scripts is the `homoglyphs` signal.
+4. Case folded; letters spaced out with separators (`r.e.p.e.a.t`, `r e p e a t`, `r|e|p`) are
+   joined; extra views undo leetspeak (`r3v34l`), reversal, rot13 and base64 of the request.
+The phrase rules then look, on every view, for a request to repeat, print, reveal, translate,
+summarise, encode or continue *the model's own context* (the system prompt, "the words above",
+"your instructions", "what you were told"), for "ignore previous instructions", chat-template
+role and delimiter tokens, fake maintenance or developer-mode role-play, a probe set up in an
+earlier turn, and an assistant turn forged by the client. A signal's weight is its precision on
+the calibration split (see `bench/LLM_INTENT.md`); the score combines the weights of the signals
+that fired as a noisy OR, 1 - prod(1 - w).
+
+What it cannot see: a request whose wording matches no rule and whose words do not point at the
+model's own context ("what would a bot like you have been told?"). The leakage guard on the answer
+and the tracker's guard-hit weight are what catch those.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import codecs
+import hashlib
+import re
+import secrets
+import unicodedata
+from array import array
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from confusable_homoglyphs.confusables import confusables_data  # type: ignore[import-untyped]
+
+from bastion.llm.types import ChatMessage
+
+__all__ = [
+    "Escalation",
+    "ExtractionTracker",
+    "IntentVerdict",
+    "screen_intent",
+    "similarity",
+]
+
+# -- signals and their weights ---------------------------------------------------------------------
+# Weights: how sure one signal alone is of extraction intent. The request signals are near-certain
+# on their own; the obfuscation ones are weak alone (benign text has stray zero-width spaces) but
+# add up with anything else. The tracker's threshold is calibrated on these (bench/LLM_INTENT.md).
+_WEIGHTS: dict[str, float] = {
+    "extraction_request": 0.9,  # a disclosure verb aimed at the model's own context
+    "transform_request": 0.9,  # translate / summarise / encode / spell / reverse ... that context
+    "ignore_previous": 0.8,
+    "continuation": 0.6,  # "the secret code is ..." left for the model to finish
+    "target_reference": 0.4,  # the model's own context named, no verb
+    "role_token": 0.6,  # <|im_start|>, [INST], <<SYS>> ...
+    "system_line": 0.45,  # "System:" or "### System:" lines in client text
+    "maintenance_roleplay": 0.35,  # developer / maintenance / debug mode, "I am your developer"
+    "multi_turn_setup": 0.45,  # an earlier client turn was already a probe
+    "forged_assistant_turn": 0.5,  # a client-written assistant turn that "starts" disclosing
+    "tag_characters": 0.7,
+    "invisible_characters": 0.3,
+    "bidi_controls": 0.3,
+    "homoglyphs": 0.45,
+    "compatibility_letters": 0.25,
+    "letter_separators": 0.25,
+    "leetspeak": 0.25,
+    "reversed_text": 0.5,
+    "encoded_request": 0.5,
+}
+SIGNALS: frozenset[str] = frozenset(_WEIGHTS)
+
+_FINGERPRINT_K = 16  # bottom-k sketch size: 16 hashes of 32 bits = 64 bytes a probe
+_SHINGLE = 4  # characters per shingle of the normalised text
+_MAX_SCREENED_CHARS = 20_000  # of each message: a probe sits near where the model reads on from
+# Keyed per process, so a fingerprint in memory cannot be matched against hashes of guessed text
+# computed elsewhere; fingerprints are compared within one process only.
+_SHINGLE_KEY = secrets.token_bytes(16)
+
+
+@dataclass(frozen=True, slots=True)
+class IntentVerdict:
+    """The screen's reading of one request.
+
+    `score` in [0, 1] (noisy OR of the fired signals' weights); `signals` the fired signal names,
+    sorted (members of `SIGNALS`); `fingerprint` a bottom-k MinHash sketch (Broder 1997) of the
+    last client message's normalised text: up to 16 keyed 32-bit hashes of its 4-character
+    shingles, packed as unsigned 32-bit ints in ascending order. No text is kept.
+    """
+
+    score: float
+    signals: tuple[str, ...]
+    fingerprint: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Escalation:
+    """A principal's evidence on a model passed the threshold. `reason` is a stable name
+    (`prompt_extraction`); `evidence` holds counts and sums only (never text): `evidence` (the
+    windowed sum), `threshold`, `probes` (requests with intent counted), `guard_hits`,
+    `paraphrases` (probes near-duplicating an earlier one), `window_seconds`."""
+
+    reason: str
+    evidence: dict[str, int | float] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        e = self.evidence
+        return (
+            f"{self.reason}: evidence {e.get('evidence', 0):.2f} of {e.get('threshold', 0):g} "
+            f"({e.get('probes', 0)} probes, {e.get('guard_hits', 0)} guard hits, "
+            f"{e.get('paraphrases', 0)} paraphrases) within {e.get('window_seconds', 0):g} s"
+        )
+
+
+# -- normalisation ---------------------------------------------------------------------------------
+_ZERO_WIDTH = frozenset("\u200b\u200c\u200d\u2060\u2061\u2062\u2063\u2064\ufeff\u180e")
+_BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+_SILENT = frozenset("\u00ad\u200e\u200f\u061c\u034f")  # soft hyphen, LRM/RLM, ALM, CGJ: in real text
+_ZWJ = "\u200d"
+
+
+def _build_confusables() -> dict[int, str]:
+    """Non-ASCII letter -> its ASCII lookalike, from TR39's table: str.translate does the rest."""
+    table: dict[int, str] = {}
+    for char, entries in confusables_data.items():
+        if len(char) != 1 or char.isascii():
+            continue
+        for entry in entries:
+            target = entry.get("c", "")
+            if len(target) == 1 and target.isascii() and target.isalnum():
+                table[ord(char)] = target
+                break
+    return table
+
+
+_CONFUSABLES = _build_confusables()
+_LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s", "!": "i"})
+_LEET_WORD = re.compile(r"\S*[a-z][0-9@$!]\S*|\S*[0-9@$][a-z]\S*")
+# Three or more single letters joined by the same short run of separators: r.e.p.e.a.t, r e p e a t.
+# The separator must repeat (a backreference), so a different one between words keeps them apart.
+_SPACED = re.compile(r"(?<![a-z0-9])[a-z0-9]([^a-z0-9\n]{1,3})[a-z0-9](?![a-z0-9])(?:\1[a-z0-9](?![a-z0-9])){2,}")
+_NON_WORD = re.compile(r"[^a-z0-9]+")
+# Letters alone, every separator gone ("r e p e a t y o u r", "rep eat your sys tem prompt"): a verb
+# run into the model's context. Read only for a request the words view misses.
+_COMPACT = re.compile(
+    r"(?:repeat|print|reveal|show|display|output|echo|recite|dump|leak|disclose|tellme|giveme|writeout|"
+    r"copy|translate|summari[sz]e|encode|spell|reverse|whatare|whatis|whatwere|ignore|disregard|forget)"
+    r".{0,40}?(?:yourinstructions|yoursystemprompt|systemprompt|yourprompt|yourrules|wordsabove|textabove|"
+    r"everythingabove|initialprompt|originalprompt|previousinstructions|priorinstructions|hiddenprompt|"
+    r"secretcode|youweretold|yourguidelines|yourconfiguration|yourdirectives|yoursecret)"
+)
+_B64 = re.compile(r"[A-Za-z0-9+/_-]{16,}={0,2}")
+_HEX = re.compile(r"\b(?:[0-9a-fA-F]{2}[\s:]?){8,}")
+
+
+def _is_emoji(char: str) -> bool:
+    return unicodedata.category(char) == "So" or 0x1F000 <= ord(char) <= 0x1FAFF
+
+
+def _script(char: str) -> str:
+    name = unicodedata.name(char, "")
+    return name.split(" ", 1)[0] if name else ""
+
+
+@dataclass(slots=True)
+class _Text:
+    """One message's views (lowercase, ASCII-ish) and the obfuscation signals found making them."""
+
+    base: str  # canonical text: stripped, NFKC, confusables mapped, case folded
+    views: dict[str, str]  # signal that the view undoes ("" for none) -> words view (a-z0-9 and spaces)
+    signals: set[str]
+
+
+def _strip_format(text: str, signals: set[str]) -> tuple[str, str]:
+    """Drop format characters; returns (visible text, hidden ASCII carried by tag characters)."""
+    out: list[str] = []
+    hidden: list[str] = []
+    previous = ""
+    for i, char in enumerate(text):
+        code = ord(char)
+        if 0xE0000 <= code <= 0xE007F:
+            signals.add("tag_characters")
+            if 0xE0020 <= code <= 0xE007E:
+                hidden.append(chr(code - 0xE0000))
+            continue
+        if char in _BIDI:
+            signals.add("bidi_controls")
+            continue
+        if char in _ZERO_WIDTH:
+            after = text[i + 1] if i + 1 < len(text) else ""
+            if not (char == _ZWJ and previous and _is_emoji(previous) and after and _is_emoji(after)):
+                signals.add("invisible_characters")
+            continue
+        if char in _SILENT or 0xFE00 <= code <= 0xFE0F or 0xE0100 <= code <= 0xE01EF:
+            continue  # legitimate in real text; stripped so they hide nothing
+        if unicodedata.category(char) == "Cf":
+            signals.add("invisible_characters")
+            continue
+        out.append(char)
+        previous = char
+    return "".join(out), "".join(hidden)
+
+
+def _canonical(text: str, signals: set[str]) -> str:
+    # Full-width and mathematical letters: obfuscation when several are used.
+    compat = sum(1 for c in text if 0xFF01 <= ord(c) <= 0xFF5E or 0x1D400 <= ord(c) <= 0x1D7FF)
+    if compat >= 3:
+        signals.add("compatibility_letters")
+    decomposed = unicodedata.normalize("NFKD", text)
+    marks_dropped = "".join(c for c in decomposed if not unicodedata.combining(c))
+    text = unicodedata.normalize("NFKC", marks_dropped)
+    if not text.isascii():
+        _mark_homoglyphs(text, signals)
+        text = text.translate(_CONFUSABLES)
+    return text.casefold()
+
+
+def _mark_homoglyphs(text: str, signals: set[str]) -> None:
+    """A word mixing Latin letters with lookalikes from another script; or, in Latin text, a word
+    made wholly of non-Latin lookalikes (`рrint` and `рго` in an English sentence)."""
+    latin_words = 0
+    lookalike_words = 0
+    for word in re.findall(r"[^\W\d_]+", text):
+        scripts = {_script(c) for c in word}
+        if "LATIN" in scripts and len(scripts) > 1 and any(ord(c) in _CONFUSABLES for c in word if c > "\x7f"):
+            signals.add("homoglyphs")
+            return
+        if scripts == {"LATIN"}:
+            latin_words += 1
+        elif len(word) >= 3 and all(ord(c) in _CONFUSABLES for c in word):
+            lookalike_words += 1
+    if lookalike_words and latin_words >= 2:
+        signals.add("homoglyphs")
+
+
+def _join_spaced(text: str, signals: set[str]) -> str:
+    def join(match: re.Match[str]) -> str:
+        letters = re.sub(r"[^a-z0-9]", "", match.group(0))
+        if len(letters) >= 4:
+            signals.add("letter_separators")
+        return letters
+
+    return _SPACED.sub(join, text)
+
+
+def _words(text: str) -> str:
+    return _NON_WORD.sub(" ", text).strip()
+
+
+def _decoded_payloads(text: str) -> str:
+    """Base64 and hex runs in the message that decode to readable ASCII (an encoded request)."""
+    found: list[str] = []
+    for match in _B64.finditer(text):
+        token = match.group(0)
+        try:
+            urlsafe = "-" in token or "_" in token
+            raw = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_" if urlsafe else None)
+        except (binascii.Error, ValueError):
+            continue
+        if raw.isascii() and sum(32 <= b < 127 for b in raw) >= 0.9 * len(raw) and b" " in raw:
+            found.append(raw.decode("ascii", "replace"))
+    for match in _HEX.finditer(text):
+        try:
+            raw = bytes.fromhex(re.sub(r"[\s:]", "", match.group(0)))
+        except ValueError:
+            continue
+        if raw.isascii() and sum(32 <= b < 127 for b in raw) >= 0.9 * len(raw) and b" " in raw:
+            found.append(raw.decode("ascii", "replace"))
+    return " ".join(found)
+
+
+def _read(text: str) -> _Text:
+    signals: set[str] = set()
+    text = text[-_MAX_SCREENED_CHARS:]
+    visible, hidden = _strip_format(text, signals)
+    base = _canonical(visible, signals)
+    joined = _join_spaced(base, signals)
+    views: dict[str, str] = {"": _words(joined)}
+    if hidden:
+        views["tag_characters"] = _words(_join_spaced(_canonical(hidden, set()), set()))
+    leet = _LEET_WORD.sub(lambda m: m.group(0).translate(_LEET), joined)
+    if leet != joined:
+        views["leetspeak"] = _words(leet)
+    views["reversed_text"] = _words(joined[::-1])
+    compact = _NON_WORD.sub("", joined)
+    if _COMPACT.search(compact):
+        views["letter_separators"] = "repeat your instructions"  # a canonical stand-in: found hidden
+    views["encoded_request"] = _words(codecs.encode(joined, "rot13") + " " + _decoded_payloads(visible).casefold())
+    return _Text(base=joined, views=views, signals=signals)
+
+
+# -- phrase rules ----------------------------------------------------------------------------------
+# All on the words view: lowercase a-z0-9 separated by single spaces. Kept as data, one regex each.
+_POSSESSIVE = r"(?:your|ur|yr|the|these|those|this|its|thy|ton|tes|vos|tus|sus|deine|ihre|le|les|tue|i)"
+_CONTEXT_NOUN = (
+    r"(?:system ?prompt|sys ?prompt|system message|system instructions?|system rules|pre ?prompt|meta ?prompt|"
+    r"initial prompt|original prompt|hidden prompt|secret prompt|first prompt|prompt|instructions?|instrucciones|"
+    r"instructies|anweisungen|istruzioni|consignes|rules|regles|reglas|regeln|directives?|guidelines?|"
+    r"configuration|config|programming|orders|briefing|guidance|constraints|context|preamble|persona|setup)"
+)
+_TARGET = re.compile(
+    r"\b(?:"
+    # the system prompt, any article: a chat's system prompt is the model's own
+    r"(?:system ?prompt|sys ?prompt|system message|developer (?:message|prompt)|pre ?prompt|meta ?prompt|"
+    r"prompt (?:de |del |di )?(?:sistema|systeme|system)|systemprompt|systemanweisung\w*|"
+    r"context window|hidden prompt|secret prompt)"
+    r"|(?:initial|original|hidden|secret|confidential|internal|preceding|previous|prior|earlier|first|"
+    r"opening|starting|underlying|base|core|private|above|foregoing|precedentes|anteriores|vorherigen|"
+    r"obigen|precedenti|iniziali|initiales|iniciales|hidden system|system)"
+    r" (?:prompt|instructions?|rules|directives?|guidelines?|text|message|configuration|orders|setup|"
+    r"context|consignes|instrucciones|anweisungen|istruzioni)"
+    r"|(?:your|ur|yr|tes|vos|tus|deine|ihre|tue|le tue|tue) " + _CONTEXT_NOUN + r"(?! (?:for|on|about|in my|from my))"
+    r"|(?:words|text|everything|anything|all|content|contents|message|messages|lines|sentences|stuff|tokens|"
+    r"characters|letters|paragraph|paragraphs|what is written|what was written|what s written)"
+    r" (?:(?:written|typed|said|given|shown|stated|that (?:is|was|were|are|appears?|came|comes)|which "
+    r"(?:is|was|are|were)) )?(?:above|before (?:this|my|that)|prior to (?:this|my)|preceding|earlier|"
+    r"at the (?:start|beginning|top)|before the (?:user|conversation|chat)|ci dessus|oben|arriba|sopra)"
+    r"|(?:start|beginning|top|first part) of (?:the|this|our|your) (?:conversation|chat|context|prompt|session|"
+    r"input|memory|window|document)"
+    r"|(?:what|everything|anything|all|things) (?:that )?(?:you (?:were|ve been|have been|had been|are|got)|"
+    r"they (?:told|gave)|was (?:said|given) to you|your (?:creator|developer|owner|operator)s? "
+    r"(?:told|gave|wrote|said))(?: (?:told|given|instructed|programmed|configured|asked|taught|fed|shown))?"
+    r"|(?:instructions?|rules|prompt|text|message|directives?|orders|guidelines?) (?:that )?(?:you|u) "
+    r"(?:were|ve been|have been|had been|got|received|are (?:following|using|running|under|given))"
+    r"|(?:prompt|instructions?|rules|text|message) (?:that )?(?:defines?|configures?|governs?|controls?|"
+    r"shapes?|sets? up|initiali[sz]es?) (?:you|your)"
+    r"|(?:your|the) (?:secret|hidden|confidential|internal|private|special|protected) "
+    r"(?:code|password|passcode|passphrase|key|token|word|phrase|value|number|string|information|info|data)"
+    r"|(?:how|what) (?:were|was|have|are) you (?:configured|programmed|set up|instructed|prompted|initiali[sz]ed)"
+    r"|(?:verbatim|word for word|character for character|exactly as (?:written|given|it was given))"
+    r")\b"
+)
+_EXTRACT_VERB = re.compile(
+    r"\b(?:repeat|reprint|print|printf|reveal|show|display|output|echo|recite|dump|leak|disclose|expose|"
+    r"return|write|rewrite|retype|type|copy|paste|reproduce|tell|give|share|list|state|quote|restate|read|"
+    r"emit|send|provide|say|recall|remind|cat|what (?:is|are|was|were|s)|what does|whats|which|describe|"
+    r"explain|repite|repetir|repete|repetez|repeter|wiederhole|wiederholen|ripeti|zeige|gib|muestra|montre|"
+    r"affiche|escribe|dime|dis moi|sag mir|mostrami|scrivi|imprime|imprima)\b"
+)
+_TRANSFORM_VERB = re.compile(
+    r"\b(?:translate|translated|translation|traduce|traduis|traduire|ubersetze|uebersetze|traduci|"
+    r"summari[sz]e|summary|summari[sz]ing|tl ?dr|paraphrase|condense|outline|"
+    r"encode|encoded|encoding|encrypt|convert|base ?64|b64|hex|hexadecimal|rot ?13|rot13|caesar|cipher|"
+    r"shift(?:ed)? (?:each|every|all|by)|reverse|reversed|backwards?|spell|spelled|spelling|"
+    r"upper ?case|lower ?case|capitals|all caps|json|yaml|xml|csv|markdown|code block|table|"
+    r"poem|song|haiku|limerick|acrostic|rhyme|story|morse|pig latin|emoji|binary|ascii|unicode|"
+    r"bullet(?: points)?|numbered list|one (?:letter|word|character) (?:per|at a)|between (?:each|every|all)|"
+    r"separat\w*|hyphen\w*|dash(?:es)?|dots?|periods|commas|spaces between|insert|interleave|"
+    r"replace|substitute|format|formatted|variable|python|string|array|letter by letter|word by word|"
+    r"character by character|first letters?|each (?:word|letter|character)|every (?:word|letter|character)|"
+    r"leetspeak|leet|piglatin|french|german|spanish|italian|chinese|japanese|russian|portuguese|latin)\b"
+)
+_IGNORE = re.compile(
+    r"\b(?:ignore|disregard|forget|override|overrule|bypass|skip|drop|discard|abandon|cancel|nevermind|"
+    r"never mind|void|ignora|ignorez|ignoriere|olvida|oublie|vergiss|dimentica)"
+    r" (?:all |any |every |each |of |the |your |these |those |that |earlier |about )*"
+    r"(?:previous|prior|above|earlier|preceding|original|initial|former|existing|old|system|given|"
+    r"current|default|programmed|prior|safety|anteriores|precedentes|vorherigen|precedenti|instructions|"
+    r"rules)\b"
+    r"(?: \w+){0,2}? ?(?:instructions?|rules|directions|prompts?|guidelines|commands|constraints|context|"
+    r"directives?|programming|restrictions|limitations|orders|policies|policy|text|everything|settings)?"
+    r"|\b(?:ignore|disregard|forget) (?:everything|anything|all) (?:above|before|prior|previous|you were told|"
+    r"you ve been told|said)"
+    r"|\bnew (?:instructions|rules|system prompt|directive)s?\b(?: follow| are| is)?"
+    r"|\b(?:from now on|starting now|henceforth)\b(?: \w+){0,4} (?:no (?:rules|restrictions|limits|filter)|"
+    r"unrestricted|unfiltered)"
+)
+_CONTINUATION_TAIL = re.compile(
+    r"\b(?:(?:the|your|my|our) )?(?:secret |hidden |confidential |access |admin |magic |pass |internal )?"
+    r"(?:code|password|passcode|passphrase|key|token|secret|phrase|word|pin)s? (?:is|was|are|reads|equals|=)"
+    r"\s*$"
+)
+_CONTINUATION = re.compile(
+    r"\b(?:continue|complete|finish|extend|carry on|keep going|go on|resume|fill in|fill out)"
+    r"(?: \w+){0,4} (?:above|prompt|instructions?|system|text before|from where|where (?:it|you|the) "
+    r"(?:left|stopped)|sentence (?:that )?(?:begins|starts)|you are (?:a|an))"
+    r"|\bbegin(?:ning)? (?:your (?:reply|answer|response) )?with (?:you are|your instructions|my instructions|"
+    r"the system prompt|sure here)"
+    r"|\bstart (?:your (?:reply|answer|response) )?with (?:you are|your instructions|my instructions|"
+    r"the system prompt|sure here)"
+)
+_ROLE_TOKEN = re.compile(
+    r"<\|\s*(?:im_start|im_end|im_sep|system|user|assistant|endoftext|eot_id|start_header_id|end_header_id|"
+    r"begin_of_text|end_of_text|eom_id|pad|sep|fim_\w+)\s*\|>"
+    r"|\[/?\s*inst\s*\]|<<\s*/?\s*sys\s*>>|<\s*/?\s*(?:start_of_turn|end_of_turn|system|s)\s*>|<\|\w+\|>",
+)
+_SYSTEM_LINE = re.compile(
+    r"(?m)^[ \t>*_`#-]*(?:\[?\s*)?(?:system|sys|developer|admin|administrator|root|operator|assistant|"
+    r"instruction|instructions|response)(?: (?:message|prompt|note|override|update|notice|command))?"
+    r"\s*\]?\s*:"
+)
+_ROLEPLAY = re.compile(
+    r"\b(?:developer|developers|dev|maintenance|debug|debugging|diagnostic|diagnostics|admin|administrator|"
+    r"god|sudo|root|service|unrestricted|jailbreak|jailbroken|dan|unlocked|unfiltered|audit|superuser|"
+    r"override|test|testing) (?:mode|access|override|session|console|protocol|clearance|privileges)\b"
+    r"|\b(?:i am|i m|im|this is) (?:your|the|an?) (?:developer|creator|administrator|admin|engineer|owner|"
+    r"operator|maker|programmer|sysadmin|maintainer|supervisor|author)s?\b"
+    r"|\b(?:authori[sz]ed|official|sanctioned|approved) (?:request|audit|test|override|personnel|staff|"
+    r"security|red team|pentest|penetration)\b"
+    r"|\b(?:do anything now|jailbreak|jailbroken|no restrictions|without (?:any )?restrictions|"
+    r"unfiltered|simulat\w+ (?:a |an )?(?:terminal|console|debugger|linux)|act as (?:a |an |my )?"
+    r"(?:linux|terminal|console|debugger|shell|developer console|system)|pretend (?:you are|to be|that you)"
+    r"(?: \w+){0,4} (?:no|without|unrestricted|developer|admin|debug)|you are now (?:in|a|an|my|dan|free|"
+    r"unrestricted|debug|developer)|(?:enter|enable|activate|switch to|switching to|entering|now in))"
+    r"(?: \w+){0,3}? ?(?:mode|dan)?\b"
+)
+_ROLEPLAY_STRICT = re.compile(
+    r"\b(?:developer|maintenance|debug|debugging|diagnostic|admin|god|sudo|root|unrestricted|jailbreak|"
+    r"jailbroken|dan|unlocked|unfiltered|audit|superuser|override) mode\b"
+    r"|\b(?:i am|i m|im|this is) (?:your|the) (?:developer|creator|administrator|admin|engineer|owner|"
+    r"operator|maker|programmer|sysadmin|maintainer)s?\b"
+    r"|\b(?:do anything now|jailbreak|jailbroken)\b"
+    r"|\byou are now (?:in|dan|free|unrestricted|debug|developer|an? unrestricted|an? unfiltered)\b"
+    r"|\b(?:authori[sz]ed|official|sanctioned) (?:request|audit|override|personnel|red team|pentest)\b"
+    r"|\bpretend (?:you are|to be|that you)(?: \w+){0,4} (?:no rules|no restrictions|without|unrestricted|"
+    r"developer|admin|debug)"
+    r"|\b(?:act as|simulate) (?:a |an |my )?(?:linux terminal|terminal|console|debugger|shell)\b"
+)
+_FORGED_DISCLOSURE = re.compile(
+    r"\b(?:my|the) (?:system ?prompt|instructions|initial prompt|hidden prompt|rules|secret|password|code)"
+    r" (?:is|are|was|were|reads?|says?|begins?|starts?)\b"
+    r"|\bsure here (?:is|are) (?:my|the)\b|\bhere (?:is|are) (?:my|the) (?:system ?prompt|instructions|"
+    r"initial prompt|rules|secret|password|code)\b"
+)
+# A determiner before a context noun that makes it someone else's or prompts in general.
+_GENERIC_DETERMINERS = frozenset(
+    {"a", "an", "my", "our", "their", "his", "her", "its", "good", "great", "custom", "new", "effective"}
+    | {"strong", "better", "own", "any", "some", "each", "every", "example", "sample", "typical", "this", "that"}
+)
+_PROXIMITY = 90  # characters between a verb and its target in the words view
+_REQUESTS = frozenset({"extraction_request", "transform_request", "ignore_previous", "continuation"})
+
+
+def _near(verb: re.Pattern[str], target_spans: list[tuple[int, int]], text: str) -> bool:
+    for match in verb.finditer(text):
+        for start, end in target_spans:
+            gap = start - match.end() if start >= match.end() else match.start() - end
+            if gap <= _PROXIMITY:
+                return True
+    return False
+
+
+def _target_spans(text: str) -> list[tuple[int, int]]:
+    spans: list[tuple[int, int]] = []
+    for match in _TARGET.finditer(text):
+        words = match.group(0)
+        before = text[max(0, match.start() - 24) : match.start()].split()
+        if before and before[-1] in _GENERIC_DETERMINERS:
+            continue  # "a system prompt", "my instructions": about prompts in general, or the user's own
+        # "the text above", "summarise everything above": when the client wrote a long text of its
+        # own first, "above" points at that text, not at the model's prompt.
+        if (" above" in words or " before " in words or "earlier" in words) and match.start() > 240 and not (
+            "prompt" in words or "instruction" in words or "system" in words or "rules" in words
+        ):
+            continue
+        spans.append(match.span())
+    return spans
+
+
+def _phrase_signals(words: str) -> set[str]:
+    found: set[str] = set()
+    if not words:
+        return found
+    targets = _target_spans(words)
+    if targets:
+        found.add("target_reference")
+        if _near(_EXTRACT_VERB, targets, words):
+            found.add("extraction_request")
+        if _near(_TRANSFORM_VERB, targets, words):
+            found.add("transform_request")
+    if _IGNORE.search(words):
+        found.add("ignore_previous")
+    if _CONTINUATION_TAIL.search(words[-60:]) or _CONTINUATION.search(words):
+        found.add("continuation")
+    if _ROLEPLAY_STRICT.search(words):
+        found.add("maintenance_roleplay")
+    return found
+
+
+def _message_signals(content: str) -> tuple[set[str], str]:
+    """Signals of one client-written message, and its canonical text (for the fingerprint)."""
+    read = _read(content)
+    signals = set(read.signals)
+    if _ROLE_TOKEN.search(read.base):
+        signals.add("role_token")
+    if _SYSTEM_LINE.search(read.base):
+        signals.add("system_line")
+    plain = _phrase_signals(read.views[""])
+    signals |= plain
+    for trick, view in read.views.items():
+        if not trick or not view:
+            continue
+        hidden = _phrase_signals(view)
+        # A view that undoes a trick counts only if it finds a request the plain text does not show.
+        if (hidden - plain) & _REQUESTS:
+            signals |= hidden
+            signals.add(trick)
+    if not signals & _REQUESTS:
+        # Spelled-out letters alone are common (acronyms, puzzles); they count when they hide words.
+        signals.discard("letter_separators")
+    return signals, read.views[""]
+
+
+def _noisy_or(signals: Iterable[str]) -> float:
+    miss = 1.0
+    for name in signals:
+        miss *= 1.0 - _WEIGHTS[name]
+    return round(1.0 - miss, 6)
+
+
+def _fingerprint(words: str) -> bytes:
+    """Bottom-k sketch of the 4-character shingles (Broder 1997): keyed blake2b, 32 bits each."""
+    text = f" {words} "
+    shingles = {text[i : i + _SHINGLE] for i in range(max(1, len(text) - _SHINGLE + 1))}
+    hashes = {
+        int.from_bytes(hashlib.blake2b(s.encode(), digest_size=4, key=_SHINGLE_KEY).digest(), "big")
+        for s in shingles
+    }
+    return array("I", sorted(hashes)[:_FINGERPRINT_K]).tobytes()
+
+
+def similarity(a: bytes, b: bytes) -> float:
+    """Estimated Jaccard similarity in [0, 1] of the shingle sets behind two fingerprints (the
+    bottom-k estimator: the share of the k smallest hashes of the union found in both)."""
+    if not a or not b:
+        return 0.0
+    first, second = set(array("I", a)), set(array("I", b))
+    union = sorted(first | second)[:_FINGERPRINT_K]
+    both = sum(1 for h in union if h in first and h in second)
+    return both / len(union)
+
+
+def screen_intent(messages: Sequence[ChatMessage]) -> IntentVerdict:
+    """Extraction-intent signals in the client's messages (not the protected prompt).
+
+    The last client message (user or client `system`) is read in full; earlier client turns count
+    as a set-up (`multi_turn_setup`) when they were probes themselves; assistant turns written by
+    the client count when they pretend to have started disclosing (`forged_assistant_turn`).
+    Pure and synchronous: no I/O, no state; costs well under a millisecond for a short message.
+    """
+    client = [m for m in messages if m.role != "assistant"]
+    if not client:
+        return IntentVerdict(0.0, ())
+    current, words = _message_signals(client[-1].content)
+    setup = 0.0
+    for earlier in client[-9:-1]:  # eight turns back: a set-up is recent, and this bounds the work
+        signals, _ = _message_signals(earlier.content)
+        setup = max(setup, _noisy_or(signals))
+    if setup >= 0.35:
+        current.add("multi_turn_setup")
+    for message in messages[-8:]:
+        if message.role == "assistant":
+            view = _read(message.content).views[""]
+            if _FORGED_DISCLOSURE.search(view) or _target_spans(view):
+                current.add("forged_assistant_turn")
+                break
+    names = tuple(sorted(current))
+    return IntentVerdict(_noisy_or(names), names, _fingerprint(words) if names else b"")
+
+
+# -- accumulation ----------------------------------------------------------------------------------
+@dataclass(slots=True)
+class _Evidence:
+    """One principal's evidence on one model: (time, points) of counted requests and fingerprints
+    of recent probes, both bounded."""
+
+    events: deque[tuple[float, float, int]]  # (time, points, kind bits: 1 probe, 2 guard, 4 paraphrase)
+    probes: deque[tuple[float, bytes]]
+    escalated: bool = False
+
+
+class ExtractionTracker:
+    """Per principal and model, in memory: sliding-window evidence of prompt extraction.
+
+    Each observed request adds points: its intent score when at least `min_score` (scores below are
+    a single weak signal, which benign text shows), and when the leakage guard caught the answer
+    `guard_probe_weight` if the request was a counted probe, else `guard_weight` (the guard's own
+    false refusals of benign requests must not add up to an escalation on their own), and
+    `paraphrase_weight` when the probe's fingerprint has estimated Jaccard similarity at least
+    `paraphrase_similarity` with an earlier probe of the window (many rewordings of one probe).
+    Once the points within `window_seconds` reach `threshold`, `observe` returns an `Escalation`,
+    once per (principal, model) until `forget`.
+
+    Bounds. Only principals with evidence are stored (a request that adds no points and finds no
+    record stores nothing), at most `max_principals`, evicted least recently used; each keeps at
+    most `max_models` models (least recently used evicted), `_MAX_EVENTS` events and `_MAX_PROBES`
+    fingerprints per model. To push out its own record by eviction, a principal must make
+    `max_principals` *other* principals present evidence after its last request: that takes as many
+    keys, each sending a probe. Clean traffic never evicts anyone. Time comes from the caller (`now`,
+    seconds); used from the event loop only, so no lock.
+    """
+
+    _MAX_EVENTS = 64
+    _MAX_PROBES = 16
+
+    def __init__(
+        self,
+        *,
+        threshold: float = 6.0,
+        window_seconds: float = 86_400.0,
+        min_score: float = 0.5,
+        guard_weight: float = 1.0,
+        guard_probe_weight: float = 2.0,
+        paraphrase_weight: float = 0.5,
+        paraphrase_similarity: float = 0.5,
+        max_principals: int = 10_000,
+        max_models: int = 32,
+    ) -> None:
+        if threshold <= 0 or window_seconds <= 0 or max_principals < 1 or max_models < 1:
+            raise ValueError("threshold, window_seconds, max_principals and max_models must be positive")
+        self.threshold = threshold
+        self.window_seconds = window_seconds
+        self.min_score = min_score
+        self.guard_weight = guard_weight
+        self.guard_probe_weight = guard_probe_weight
+        self.paraphrase_weight = paraphrase_weight
+        self.paraphrase_similarity = paraphrase_similarity
+        self.max_principals = max_principals
+        self.max_models = max_models
+        self._principals: OrderedDict[str, OrderedDict[str, _Evidence]] = OrderedDict()
+
+    def __len__(self) -> int:
+        """Principals currently holding evidence."""
+        return len(self._principals)
+
+    def observe(
+        self, principal: str, model: str, verdict: IntentVerdict, *, guard_hit: bool, now: float
+    ) -> Escalation | None:
+        """Count one request of `principal` on `model`: its screen verdict and whether the leakage
+        guard refused (or had to regenerate) its answer. Returns an `Escalation` the first time the
+        windowed evidence reaches the threshold, else None."""
+        points, kind = 0.0, 0
+        if verdict.score >= self.min_score:
+            points, kind = verdict.score, 1
+        if guard_hit:
+            points += self.guard_probe_weight if kind else self.guard_weight
+            kind |= 2
+        models = self._principals.get(principal)
+        evidence = models.get(model) if models is not None else None
+        if evidence is None and points == 0.0 and not verdict.signals:
+            return None  # nothing to count, nothing stored: clean traffic costs no memory
+        if models is None:
+            models = self._admit(principal)
+        else:
+            self._principals.move_to_end(principal)
+        if evidence is None:
+            evidence = _Evidence(deque(maxlen=self._MAX_EVENTS), deque(maxlen=self._MAX_PROBES))
+            models[model] = evidence
+            if len(models) > self.max_models:
+                models.popitem(last=False)
+        else:
+            models.move_to_end(model)
+        horizon = now - self.window_seconds
+        while evidence.events and evidence.events[0][0] < horizon:
+            evidence.events.popleft()
+        while evidence.probes and evidence.probes[0][0] < horizon:
+            evidence.probes.popleft()
+        if verdict.signals and verdict.fingerprint:
+            if any(similarity(verdict.fingerprint, seen) >= self.paraphrase_similarity for _, seen in evidence.probes):
+                points += self.paraphrase_weight
+                kind |= 4
+            evidence.probes.append((now, verdict.fingerprint))
+        if points > 0.0:
+            evidence.events.append((now, points, kind))
+        if evidence.escalated:
+            return None
+        total = sum(p for _, p, _ in evidence.events)
+        if total < self.threshold:
+            return None
+        evidence.escalated = True
+        return Escalation(
+            "prompt_extraction",
+            {
+                "evidence": round(total, 3),
+                "threshold": self.threshold,
+                "probes": sum(1 for _, _, k in evidence.events if k & 1),
+                "guard_hits": sum(1 for _, _, k in evidence.events if k & 2),
+                "paraphrases": sum(1 for _, _, k in evidence.events if k & 4),
+                "window_seconds": self.window_seconds,
+            },
+        )
+
+    def _admit(self, principal: str) -> OrderedDict[str, _Evidence]:
+        if len(self._principals) >= self.max_principals:
+            self._principals.popitem(last=False)
+        models: OrderedDict[str, _Evidence] = OrderedDict()
+        self._principals[principal] = models
+        return models
+
+    def forget(self, principal: str, model: str | None = None) -> None:
+        """Start the principal afresh, on one model or all (after an operator releases its key)."""
+        if model is None:
+            self._principals.pop(principal, None)
+            return
+        models = self._principals.get(principal)
+        if models is not None:
+            models.pop(model, None)
+            if not models:
+                del self._principals[principal]
