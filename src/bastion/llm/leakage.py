@@ -1,0 +1,672 @@
+"""The leakage guard: no answer leaves while it discloses a protected prompt, in any common disguise.
+
+    guard = LeakageGuard(prompt)                  # once per protected prompt (builds the tables)
+    text, canary = guard.plant_canary()           # per request: the system message to send
+    guard.check(answer, canary)                   # a whole answer: None, or raises LeakDetected
+    scanner = guard.stream(canary)                # a streamed answer:
+    safe = scanner.feed(delta)                    #   the text now safe to release ("" if none)
+    rest = scanner.finish()                       #   the held-back rest, after the final check
+
+Detectors (`LeakDetected.detector` is "<detector>/<view>", for the audit record only):
+
+- `canary`: the per-request random canary planted in the prompt (proof the prompt was copied).
+- `secret`: a declared secret (`ProtectedPrompt.secrets`), or any fragment of it of at least
+  `m = max(min_fragment_chars, ceil(fragment_fraction * len))` characters of its separator-free
+  form. One answer therefore discloses fewer than `m` consecutive characters of a secret in any
+  view; piecing fragments together across requests is query auditing's job (`bastion.llm.intent`).
+- `overlap`: the share of the prompt's distinct `kgram_chars`-character grams (on the
+  separator-free view: word n-grams that survive `|` between letters) found in the answer, in any
+  view, direction or Caesar shift, united: >= `overlap_threshold`.
+- `rouge_l`: Rouge-L recall (Lin 2004) of the prompt's content words (stop words left out) by the
+  answer's words, in order, in reverse order, and with each word reversed: >= `rouge_l_threshold`.
+
+Views, each computed incrementally from the answer's characters (so streaming costs O(1) per
+character, not a rescan):
+
+- `compact`: NFKD, combining marks and format characters (zero-width) dropped, Cyrillic/Greek
+  look-alikes folded (a subset of Unicode TR39 confusables), case-folded, everything but [a-z0-9]
+  removed: `S|E|C|R|E|T`, `s-e-c-r-e-t`, one letter per line, JSON, upper case all read "secret".
+  Every pattern is also matched reversed and under every Caesar shift of its letters (rot13 too).
+- `leet`: the compact view with @->a, $->s, !->i and digits folded to the letters they imitate,
+  the patterns folded alike (0/o, 1/i/l, 3/e, 4/a, 5/s, 7/t, 8/b, 6/9/g, 2/z).
+- `spelled`: words read as letters: single characters, NATO/ICAO code words ("Sierra"), English
+  letter names ("ess", "ee", "see"), digit words ("seven", "niner"); "S as in Sierra" and
+  "S for Sierra" read "s"; other words are skipped.
+- `base64@k` (k = 0..3) and `hex@k` (k = 0..1): every base64 (standard and URL-safe) or hex
+  character of the answer, whitespace and prose between them skipped, decoded from each of the
+  possible alignments, so an encoded run is read wherever it starts, split over lines or embedded
+  in prose; "0x"/"\\x" prefixes dropped. The decoded text's compact view is matched forwards and
+  reversed.
+
+Streaming hold-back, and why it is safe. Before any character is released, every view of all the
+text so far (released and held) has been checked. The released prefix then never contains a
+canary, a secret fragment, or overlap/recall at the threshold, since each view of a prefix is a
+prefix of the view (all four detectors are monotone in the text). On top of that the scanner holds
+back, in each view, the longest suffix that is a proper prefix of a canary or secret pattern, and
+the raw characters still pending in a view (a word not yet ended, an incomplete base64 group or
+hex pair). So when a pattern completes, none of its characters has left: the stream ends with no
+byte of the leaking occurrence sent. The hold-back is therefore bounded by the longest pattern,
+`max(len(canary), m)` view characters (under 12 for the defaults), plus one pending unit: a word
+in the spelled view, 4 base64 or 2 hex characters per decoded character. In raw characters it is
+as long as the separators the model writes between them; for ordinary prose it is a few characters.
+The overlap and Rouge-L detectors need no hold-back: what was released had, when released, less
+than the threshold, which is the guarantee they give (the answer cut there reveals less than that).
+
+Not covered (see bench/LLM.md): translation into words (only codes kept verbatim are caught),
+paraphrase below the thresholds, encodings chained (base64 of rot13), encodings not listed here
+(decimal character codes, binary, morse), and secrets pieced together over many requests.
+"""
+
+from __future__ import annotations
+
+import binascii
+import math
+import secrets as _secrets
+import string
+import unicodedata
+from collections.abc import Callable, Iterable
+from functools import lru_cache
+
+from bastion.errors import BastionError, ConfigError, ErrorCode
+from bastion.llm.types import ProtectedPrompt
+
+__all__ = ["LeakDetected", "LeakageGuard", "StreamScanner"]
+
+
+class LeakDetected(BastionError):
+    """The answer would disclose the protected prompt; it was withheld.
+
+    `detector` ("<detector>/<view>", e.g. "secret/base64@2") and `score` (1.0 for an exact
+    match, else the overlap or recall reached) are for the audit record and metrics; the message
+    is the same for every detector, and nothing of the text is carried.
+    """
+
+    code = ErrorCode.FORBIDDEN
+
+    def __init__(self, detector: str, score: float) -> None:
+        super().__init__("the answer was withheld by the output guard")
+        self.detector = detector
+        self.score = score
+
+
+# --- normalisation ---------------------------------------------------------------------------
+
+_ALNUM = frozenset(string.ascii_lowercase + string.digits)
+# A subset of Unicode TR39 confusables (confusablesSummary.txt): Cyrillic and Greek letters that
+# NFKD leaves alone but that read as Latin ones.
+_HOMOGLYPHS = str.maketrans(
+    # Cyrillic, then Greek
+    "авекмнорстухіїјѕԁԛԝɡαβεηικνορτυχςϲζ",
+    "abekmhopctyxiijsdqwgabenikvoptuxscz",
+)
+
+
+@lru_cache(maxsize=8192)
+def _norm_char(ch: str) -> str:
+    """One raw character as the views read it: "" for a mark or a format character."""
+    out = []
+    for c in unicodedata.normalize("NFKD", ch):
+        if unicodedata.category(c) in ("Mn", "Me", "Cf"):
+            continue
+        out.append(c)
+    return "".join(out).casefold().translate(_HOMOGLYPHS)
+
+
+def _normalise(text: str, base: int) -> tuple[str, list[int]]:
+    """`text` normalised, with the raw index (from `base`) each normalised character came from."""
+    if text.isascii():
+        return text.lower(), list(range(base, base + len(text)))
+    chars: list[str] = []
+    pos: list[int] = []
+    for i, ch in enumerate(text):
+        n = ch.lower() if ch.isascii() else _norm_char(ch)
+        chars.append(n)
+        pos.extend([base + i] * len(n))
+    return "".join(chars), pos
+
+
+def _compact(text: str) -> str:
+    norm, _ = _normalise(text, 0)
+    return "".join(c for c in norm if c in _ALNUM)
+
+
+_LEET_PRE = {"@": "a", "$": "s", "!": "i"}
+_LEET_FOLD = str.maketrans("01l34578962", "oiieastbggz")
+
+
+def _leet(compact: str) -> str:
+    return compact.translate(_LEET_FOLD)
+
+
+_SHIFTS = [
+    str.maketrans(string.ascii_lowercase, string.ascii_lowercase[k:] + string.ascii_lowercase[:k])
+    for k in range(26)
+]
+
+
+def _variants(s: str, *, shifts: bool) -> set[str]:
+    """`s` forwards and reversed, under every Caesar shift of its letters when `shifts`."""
+    out = set()
+    for k in range(26) if shifts else (0,):
+        t = s.translate(_SHIFTS[k])
+        out.add(t)
+        out.add(t[::-1])
+    return out
+
+
+def _pairs(spec: str) -> dict[str, str]:
+    """`"a:b c:d"` -> `{"a": "b", "c": "d"}`."""
+    return dict(pair.split(":", 1) for pair in spec.split())
+
+
+# Spelled-out letters: ICAO/NATO code words (with common spellings), English letter names,
+# digit words. Words that are also common English ("are", "you", "see", "why", "oh") are included:
+# outside spelling they only add single characters, and a pattern needs five or more in a row.
+_NATO = _pairs(
+    "alfa:a alpha:a bravo:b charlie:c delta:d echo:e foxtrot:f golf:g hotel:h india:i juliet:j "
+    "juliett:j kilo:k lima:l mike:m november:n oscar:o papa:p quebec:q romeo:r sierra:s tango:t "
+    "uniform:u victor:v whiskey:w whisky:w xray:x yankee:y zulu:z"
+)
+_LETTER_NAMES = _pairs(
+    "ay:a aye:a bee:b cee:c see:c sea:c dee:d ee:e ef:f eff:f gee:g aitch:h haitch:h eye:i jay:j "
+    "kay:k el:l ell:l em:m en:n oh:o pee:p pea:p cue:q queue:q ar:r are:r ess:s tee:t tea:t you:u "
+    "vee:v ex:x why:y wye:y zee:z zed:z"
+)
+_DIGIT_WORDS = _pairs("zero:0 one:1 two:2 three:3 four:4 five:5 six:6 seven:7 eight:8 nine:9 niner:9")
+_SPELLED = {**_LETTER_NAMES, **_NATO, **_DIGIT_WORDS}
+
+# Left out of Rouge-L so that sharing "the", "you", "to" does not chain into recall.
+_STOPWORDS = frozenset(
+    str.split(
+        "a an the and or but if of to in on at by for with from as is are was were be been being "
+        "it its this that these those you your yours i me my we our us he she they them their his "
+        "her do does did not no so than then there here what which who whom will would can could "
+        "should may might must shall have has had any all some each"
+    )
+)
+
+
+def _words(text: str) -> list[str]:
+    norm, _ = _normalise(text, 0)
+    out, cur = [], []
+    for c in norm:
+        if c in _ALNUM:
+            cur.append(c)
+        elif cur:
+            out.append("".join(cur))
+            cur = []
+    if cur:
+        out.append("".join(cur))
+    return out
+
+
+# --- the tables a guard builds once per prompt --------------------------------------------------
+
+
+class _Table:
+    """Exact patterns (with their proper prefixes, for the hold-back) and the prompt's k-grams."""
+
+    __slots__ = ("exact", "kgrams", "lengths", "max_prefix", "prefixes")
+
+    def __init__(self) -> None:
+        self.exact: dict[str, str] = {}
+        self.prefixes: set[str] = set()
+        self.kgrams: dict[str, tuple[int, ...]] = {}
+        self.lengths: tuple[int, ...] = ()
+        self.max_prefix = 0
+
+    def add_exact(self, patterns: Iterable[str], label: str) -> None:
+        for p in patterns:
+            self.exact.setdefault(p, label)
+            for i in range(1, len(p)):
+                self.prefixes.add(p[:i])
+        self.lengths = tuple(sorted({len(p) for p in self.exact}))
+        self.max_prefix = max(self.lengths, default=1) - 1
+
+    def add_kgram(self, gram: str, gram_id: int) -> None:
+        ids = self.kgrams.get(gram)
+        if ids is None:
+            self.kgrams[gram] = (gram_id,)
+        elif gram_id not in ids:
+            self.kgrams[gram] = (*ids, gram_id)
+
+    def with_exact(self, patterns: Iterable[str], label: str) -> _Table:
+        """A copy with more exact patterns (the per-request canary); the k-grams are shared."""
+        t = _Table()
+        t.exact = dict(self.exact)
+        t.prefixes = set(self.prefixes)
+        t.kgrams = self.kgrams
+        t.add_exact(patterns, label)
+        return t
+
+
+class _Lcs:
+    """Incremental LCS length of a fixed word sequence `a` and a growing one.
+
+    Bit-parallel: Hyyrö, "Bit-parallel LCS-length computation revisited" (AWOCA 2004), after
+    Allison & Dix (1986) and Crochemore et al. (2001): per appended word w, with M the bit mask of
+    w's positions in `a`, U = V & M; V = (V + U) | (V - U); the LCS is the count of zero bits of V.
+    """
+
+    __slots__ = ("mask", "masks", "n", "v")
+
+    def __init__(self, a: list[str]) -> None:
+        self.n = len(a)
+        self.mask = (1 << self.n) - 1
+        self.masks: dict[str, int] = {}
+        for i, w in enumerate(a):
+            self.masks[w] = self.masks.get(w, 0) | (1 << i)
+        self.v = self.mask
+
+    def push(self, w: str) -> None:
+        m = self.masks.get(w)
+        if m is not None:
+            v = self.v
+            u = v & m
+            self.v = ((v + u) | (v - u)) & self.mask
+
+    @property
+    def length(self) -> int:
+        return self.n - self.v.bit_count()
+
+
+# --- the incremental views -----------------------------------------------------------------------
+
+
+class _Scan:
+    """One view's matcher: the tail it needs, the exact and k-gram look-ups, its hold-back point."""
+
+    __slots__ = ("hold", "keep", "kgram", "name", "owner", "pos", "table", "tail")
+
+    def __init__(self, owner: StreamScanner, table: _Table, name: str) -> None:
+        self.owner = owner
+        self.table = table
+        self.name = name
+        self.kgram = owner.kgram_chars
+        self.keep = max(table.max_prefix + 1, self.kgram) - 1
+        self.tail = ""
+        self.pos: list[int] = []
+        self.hold: int | None = None
+
+    def push(self, chars: str, pos: list[int]) -> None:
+        if not chars:
+            return
+        tail = self.tail + chars
+        tpos = self.pos + pos
+        t = self.table
+        exact, kgrams, k = t.exact, t.kgrams, self.kgram
+        for end in range(len(self.tail) + 1, len(tail) + 1):
+            for n in t.lengths:
+                if end >= n:
+                    label = exact.get(tail[end - n : end])
+                    if label is not None:
+                        raise LeakDetected(f"{label}/{self.name}", 1.0)
+            if end >= k:
+                ids = kgrams.get(tail[end - k : end])
+                if ids is not None:
+                    self.owner.cover(ids, self.name)
+        self.hold = None
+        prefixes = t.prefixes
+        for s in range(min(t.max_prefix, len(tail)), 0, -1):
+            if tail[-s:] in prefixes:
+                self.hold = tpos[-s]
+                break
+        if len(tail) > self.keep:
+            cut = len(tail) - self.keep
+            tail, tpos = tail[cut:], tpos[cut:]
+        self.tail, self.pos = tail, tpos
+
+    def release_all(self) -> None:
+        self.hold = None
+
+
+class _Decoder:
+    """base64 or hex characters of the answer decoded from one alignment into a `_Scan`."""
+
+    __slots__ = ("group", "group_pos", "scan", "size", "skip")
+
+    def __init__(self, scan: _Scan, *, size: int, skip: int) -> None:
+        self.scan = scan
+        self.size = size  # 4 base64 characters or 2 hex digits per unit
+        self.skip = skip
+        self.group: list[str] = []
+        self.group_pos = 0
+
+    def push(self, chars: str, pos: list[int]) -> None:
+        out: list[str] = []
+        out_pos: list[int] = []
+        group, size = self.group, self.size
+        for c, p in zip(chars, pos, strict=True):
+            if self.skip:
+                self.skip -= 1
+                continue
+            if not group:
+                self.group_pos = p
+            group.append(c)
+            if len(group) == size:
+                self._decode("".join(group), out, out_pos)
+                group.clear()
+        self.scan.push("".join(out), out_pos)
+
+    def _decode(self, unit: str, out: list[str], out_pos: list[int]) -> None:
+        try:
+            raw = (
+                binascii.a2b_base64(unit + "=" * (-len(unit) % 4)) if self.size == 4 else bytes.fromhex(unit)
+            )
+        except (binascii.Error, ValueError):
+            return
+        for b in raw:
+            c = chr(b).lower()  # latin-1: one byte, one character
+            if c in _ALNUM:
+                out.append(c)
+                out_pos.append(self.group_pos)
+
+    @property
+    def pending(self) -> int | None:
+        return self.group_pos if self.group else None
+
+    def flush(self) -> None:
+        out: list[str] = []
+        out_pos: list[int] = []
+        if self.size == 4 and len(self.group) >= 2:
+            self._decode("".join(self.group), out, out_pos)
+        self.group.clear()
+        self.scan.push("".join(out), out_pos)
+
+
+_B64_CHARS = frozenset(string.ascii_letters + string.digits + "+/-_")
+_B64_URLSAFE = str.maketrans("-_", "+/")
+_HEX_CHARS = frozenset("0123456789abcdef")
+
+
+class StreamScanner:
+    """Checks one streamed answer; built by `LeakageGuard.stream`. Not thread-safe (one per answer).
+
+    `feed(delta)` returns the text now safe to release (possibly ""), or raises `LeakDetected`
+    before any character of the leaking occurrence is returned; `finish()` runs the final check and
+    returns the held-back rest. After a `LeakDetected`, every later call raises it again.
+    """
+
+    def __init__(self, guard: LeakageGuard, canary: str) -> None:
+        c = _compact(canary)
+        if len(c) < 8:
+            raise ValueError("the canary must be the one plant_canary() returned")
+        self.kgram_chars = guard.kgram_chars
+        self._guard = guard
+        main = guard.main_table.with_exact(_variants(c, shifts=True), "canary")
+        leet = guard.leet_table.with_exact(_variants(_leet(c), shifts=False), "canary")
+        dec = guard.dec_table.with_exact(_variants(c, shifts=False), "canary")
+        self._compact = _Scan(self, main, "compact")
+        self._leet = _Scan(self, leet, "leet")
+        self._spelled = _Scan(self, main, "spelled")
+        self._b64 = [_Decoder(_Scan(self, dec, f"base64@{k}"), size=4, skip=k) for k in range(4)]
+        self._hex = [_Decoder(_Scan(self, dec, f"hex@{k}"), size=2, skip=k) for k in range(2)]
+        self._scans = [self._compact, self._leet, self._spelled] + [d.scan for d in self._b64 + self._hex]
+        self._covered: set[int] = set()
+        self._lcs = [
+            _Lcs(guard.content_words),
+            _Lcs(guard.content_words[::-1]),
+            _Lcs(guard.content_words[::-1]),
+        ]
+        # The word in progress and the speller's state ("as in Sierra", "double u").
+        self._word: list[str] = []
+        self._word_pos = 0
+        self._spell_state = ""
+        self._hex_zero: int | None = None  # a "0" held to see whether an "x" follows
+        self._held = ""
+        self._held_base = 0
+        self._raw_len = 0
+        self._failed: LeakDetected | None = None
+
+    # -- detectors called by the views --
+
+    def cover(self, ids: tuple[int, ...], view: str) -> None:
+        self._covered.update(ids)
+        share = len(self._covered) / self._guard.kgram_count
+        if share >= self._guard.overlap_threshold:
+            raise LeakDetected(f"overlap/{view}", round(share, 3))
+
+    def _word_done(self, w: str, p: int) -> None:
+        if w not in _STOPWORDS:
+            fwd, rev, rev_chars = self._lcs
+            fwd.push(w)
+            rev.push(w)
+            rev_chars.push(w[::-1])
+            n = self._guard.content_word_count
+            best = max(fwd.length, rev.length, rev_chars.length) / n
+            if best >= self._guard.rouge_l_threshold:
+                raise LeakDetected("rouge_l/words", round(best, 3))
+        self._spell(w, p)
+
+    def _spell(self, w: str, p: int) -> None:
+        state = self._spell_state
+        self._spell_state = ""
+        if state == "letter" and w == "as":
+            self._spell_state = "as"
+            return
+        if (state == "letter" and w in ("for", "like")) or (state == "as" and w == "in"):
+            self._spell_state = "example"
+            return
+        if state == "example":  # the word after "S as in": "Sierra", "sugar"
+            return
+        if state == "double" and w in ("u", "you"):
+            self._spelled.push("w", [p])
+            return
+        if w == "double":
+            self._spell_state = "double"
+            return
+        if len(w) == 1:
+            self._spelled.push(w, [p])
+            self._spell_state = "letter"
+        elif w.isdigit():
+            self._spelled.push(w, [p] * len(w))
+        else:
+            c = _SPELLED.get(w)
+            if c is not None:
+                self._spelled.push(c, [p])
+
+    # -- the stream --
+
+    def feed(self, delta: str) -> str:
+        """Check `delta` (the next text of the answer) and return the text now safe to release.
+
+        Raises `LeakDetected` if the answer so far leaks; then nothing more is released.
+        """
+        if self._failed is not None:
+            raise self._failed
+        try:
+            self._process(delta)
+        except LeakDetected as e:
+            self._failed = e
+            self._held = ""
+            raise
+        return self._release(self._hold_point())
+
+    def finish(self) -> str:
+        """The final check, with every pending unit flushed; returns the rest of the answer."""
+        if self._failed is not None:
+            raise self._failed
+        try:
+            if self._word:
+                self._word_done("".join(self._word), self._word_pos)
+                self._word = []
+            if self._hex_zero is not None:
+                for d in self._hex:
+                    d.push("0", [self._hex_zero])
+                self._hex_zero = None
+            for d in self._b64 + self._hex:
+                d.flush()
+        except LeakDetected as e:
+            self._failed = e
+            self._held = ""
+            raise
+        return self._release(self._raw_len)
+
+    def _release(self, upto: int) -> str:
+        n = max(0, upto - self._held_base)
+        out, self._held = self._held[:n], self._held[n:]
+        self._held_base += n
+        return out
+
+    def _hold_point(self) -> int:
+        point = self._raw_len
+        for s in self._scans:
+            if s.hold is not None and s.hold < point:
+                point = s.hold
+        pending = [self._word_pos if self._word else None, self._hex_zero]
+        pending += [d.pending for d in self._b64 + self._hex]
+        for p in pending:
+            if p is not None and p < point:
+                point = p
+        return point
+
+    def _process(self, delta: str) -> None:
+        base = self._raw_len
+        self._raw_len += len(delta)
+        self._held += delta
+        norm, npos = _normalise(delta, base)
+
+        # compact and leet
+        comp = [(c, p) for c, p in zip(norm, npos, strict=True) if c in _ALNUM]
+        self._compact.push("".join(c for c, _ in comp), [p for _, p in comp])
+        leet = [(_LEET_PRE.get(c, c), p) for c, p in zip(norm, npos, strict=True)]
+        leet = [(c, p) for c, p in leet if c in _ALNUM]
+        self._leet.push(_leet("".join(c for c, _ in leet)), [p for _, p in leet])
+
+        # words: Rouge-L and the spelled view
+        for c, p in zip(norm, npos, strict=True):
+            if c in _ALNUM:
+                if not self._word:
+                    self._word_pos = p
+                self._word.append(c)
+            elif self._word:
+                w = "".join(self._word)
+                self._word = []
+                self._word_done(w, self._word_pos)
+
+        # base64 from the raw characters (it is case-sensitive)
+        b64 = [(c, base + i) for i, c in enumerate(delta) if c in _B64_CHARS]
+        if b64:
+            chars = "".join(c for c, _ in b64).translate(_B64_URLSAFE)
+            pos = [p for _, p in b64]
+            for d in self._b64:
+                d.push(chars, pos)
+
+        # hex from the normalised ones, "0x" prefixes dropped
+        hx_c: list[str] = []
+        hx_p: list[int] = []
+        for c, p in zip(norm, npos, strict=True):
+            if self._hex_zero is not None:
+                zero, self._hex_zero = self._hex_zero, None
+                if c == "x":
+                    continue
+                hx_c.append("0")
+                hx_p.append(zero)
+            if c == "0":
+                self._hex_zero = p
+            elif c in _HEX_CHARS:
+                hx_c.append(c)
+                hx_p.append(p)
+        if hx_c:
+            chars = "".join(hx_c)
+            for d in self._hex:
+                d.push(chars, hx_p)
+
+
+class LeakageGuard:
+    """The leakage guard of one protected prompt; build once, use for every request.
+
+    Thresholds (keyword-only; the defaults were calibrated on bench/llm, see bench/LLM.md):
+
+    - `overlap_threshold` (0.15): share of the prompt's distinct `kgram_chars`-grams (20
+      separator-free characters, about four words) that refuses an answer.
+    - `rouge_l_threshold` (0.5): Rouge-L recall of the prompt's content words that refuses one.
+    - `fragment_fraction` (0.5), `min_fragment_chars` (5): a secret fragment of
+      `max(min_fragment_chars, ceil(fragment_fraction * len))` characters refuses an answer.
+    - `canary_chars` (10): the canary's length, from a 32-letter alphabet (50 bits).
+
+    Raises `ConfigError` if a secret has fewer than 4 letters or digits (it would refuse ordinary
+    text), or if the prompt has no text to protect. `random_choice` (default `secrets.choice`) is
+    injected for tests.
+    """
+
+    CANARY_ALPHABET = "abcdefghjkmnpqrstuvwxyz23456789"  # no 0/o, 1/i/l: the leet view folds them
+
+    def __init__(
+        self,
+        prompt: ProtectedPrompt,
+        *,
+        overlap_threshold: float = 0.15,
+        rouge_l_threshold: float = 0.5,
+        kgram_chars: int = 20,
+        fragment_fraction: float = 0.5,
+        min_fragment_chars: int = 5,
+        canary_chars: int = 10,
+        random_choice: Callable[[str], str] = _secrets.choice,
+    ) -> None:
+        if not 0 < overlap_threshold <= 1 or not 0 < rouge_l_threshold <= 1:
+            raise ConfigError("leakage guard thresholds must be in (0, 1]")
+        if kgram_chars < 8 or min_fragment_chars < 4 or canary_chars < 8:
+            raise ConfigError("leakage guard: kgram_chars >= 8, min_fragment_chars >= 4, canary_chars >= 8")
+        self.prompt_name = prompt.name
+        self._text = prompt.text
+        self.overlap_threshold = overlap_threshold
+        self.rouge_l_threshold = rouge_l_threshold
+        self.kgram_chars = kgram_chars
+        self.canary_chars = canary_chars
+        self._choice = random_choice
+
+        compact = _compact(prompt.text)
+        grams = sorted({compact[i : i + kgram_chars] for i in range(len(compact) - kgram_chars + 1)})
+        if not grams:
+            raise ConfigError(f"protected prompt {prompt.name!r}: too short to protect by overlap")
+        self.kgram_count = len(grams)
+        words = [w for w in _words(prompt.text) if w not in _STOPWORDS]
+        self.content_words = words
+        self.content_word_count = max(1, len(words))
+
+        fragments: set[str] = set()
+        for s in prompt.secrets:
+            c = _compact(s)
+            if len(c) < 4:
+                raise ConfigError(
+                    f"protected prompt {prompt.name!r}: a declared secret has fewer than 4 letters or digits"
+                )
+            m = min(len(c), max(min_fragment_chars, math.ceil(fragment_fraction * len(c))))
+            fragments.update(c[i : i + m] for i in range(len(c) - m + 1))
+        self.fragment_lengths = sorted({len(f) for f in fragments})
+
+        self.main_table = _Table()
+        self.leet_table = _Table()
+        self.dec_table = _Table()
+        for f in fragments:
+            self.main_table.add_exact(_variants(f, shifts=True), "secret")
+            self.leet_table.add_exact(_variants(_leet(f), shifts=False), "secret")
+            self.dec_table.add_exact(_variants(f, shifts=False), "secret")
+        for i, g in enumerate(grams):
+            for v in _variants(g, shifts=True):
+                self.main_table.add_kgram(v, i)
+            for v in _variants(_leet(g), shifts=False):
+                self.leet_table.add_kgram(v, i)
+            for v in _variants(g, shifts=False):
+                self.dec_table.add_kgram(v, i)
+
+    def plant_canary(self) -> tuple[str, str]:
+        """The prompt text with a fresh random canary planted at its start and end, and the canary.
+
+        Returns (system message text, canary); the canary is `canary_chars` characters (10: about
+        six tokens, twice) and is passed to `check`/`stream` for this request only.
+        """
+        canary = "".join(self._choice(self.CANARY_ALPHABET) for _ in range(self.canary_chars))
+        text = f"Reference {canary}.\n{self._text}\nReference {canary}."
+        return text, canary
+
+    def stream(self, canary: str) -> StreamScanner:
+        """A scanner for one streamed answer to a request that was sent `canary`."""
+        return StreamScanner(self, canary)
+
+    def check(self, text: str, canary: str) -> None:
+        """Return None if `text` (a whole answer) leaks nothing, else raise `LeakDetected`."""
+        scanner = self.stream(canary)
+        scanner.feed(text)
+        scanner.finish()
