@@ -74,6 +74,7 @@ from spacy.tokens import Doc
 
 from bastion.errors import ConfigError
 
+
 class _WithholdText(logging.Filter):
     """Keeps the libraries' logs free of the text being scanned.
 
