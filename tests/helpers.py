@@ -153,7 +153,7 @@ def write_test_deployment(
     root: Path, *, port: int = 0, extra: str = "", failed_auth: str = UNTHROTTLED_FAILED_AUTH
 ) -> tuple[Path, Any]:
     """`failed_auth`: lines added to the [limits] section."""
-    build = build_demo(root, port=port)
+    build = build_demo(root, port=port, llm=False)
     write_loan_model(root / "models" / "loan")
     build.publish(root / "models" / "loan")
     text = build.config_path.read_text()

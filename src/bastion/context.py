@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bastion.config import Action, OutputDetail
+from bastion.config import Action, ChatLimits, OutputDetail
+from bastion.llm.types import ChatMessage, Completion, StreamEnd, Usage
 from bastion.policy import EffectiveGrant, TokenScope
 from bastion.registry import ServedModel
+
+if TYPE_CHECKING:
+    from bastion.llm.intent import IntentVerdict
+    from bastion.llm.models import ChatModel
+    from bastion.llm.protocol import ChatRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,3 +104,33 @@ class RequestContext:
     rho_spent: float | None = field(default=None, init=False)
     result: dict[str, Any] | None = field(default=None, init=False)  # the JSON response body
     result_text: bytes | None = field(default=None, init=False)  # a plain-text response body (metrics)
+    # Language models (/v1), one stage each: DecodeChat, AuthorizeChat, WatchPrompts, Generate.
+    chat: ChatExchange | None = field(default=None, init=False)
+
+
+@dataclass(slots=True)
+class ChatExchange:
+    """What a `/v1/chat/completions` request gathers on its way: audited, never its text.
+
+    `stream` is set instead of `completion` for `stream: true`: the deltas the leakage guard has
+    released, then one `StreamEnd`; the service writes the stream's closing audit record after it.
+    """
+
+    request: ChatRequest  # DecodeChat
+    model: ChatModel | None = None  # AuthorizeChat
+    limits: ChatLimits | None = None  # AuthorizeChat: the principal's roles' most generous caps
+    # ComposeChat: the client's messages as the model sees them after the protected prompt (demoted,
+    # redacted); the protected prompt itself is added by Generate, with its canary.
+    messages: tuple[ChatMessage, ...] = ()
+    intent: IntentVerdict | None = None  # WatchPrompts
+    max_tokens: int = 0  # Generate: the cap this request runs under
+    prompt_tokens: int = 0  # Generate
+    tokens_reserved: int = 0  # Generate: charged to the token budget, before the refund of unused ones
+    usage: Usage | None = None  # Generate (streams: when the stream ends)
+    finish_reason: str | None = None
+    # Generate: "pass", or the detector that withheld the answer; "regenerated" when a retry passed.
+    guard: str | None = None
+    guard_score: float | None = None
+    redactions: dict[str, int] = field(default_factory=dict)  # entity type -> count, input and output
+    completion: Completion | None = None
+    stream: AsyncGenerator[str | StreamEnd, None] | None = None

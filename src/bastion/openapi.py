@@ -32,6 +32,8 @@ _ERROR_TEXT = {
     404: "Unknown model",
     429: "Over a rate limit or quota (see Retry-After)",
     503: "Not ready, or the audit log is unavailable",
+    502: "The language model's upstream failed",
+    504: "The language model's upstream did not answer in time",
 }
 
 
@@ -62,13 +64,14 @@ def _operation(spec: RouteSpec, versioned: bool) -> dict[str, Any]:
         responses["200"]["content"]["application/octet-stream"] = {
             "schema": {"type": "string", "format": "binary"}
         }
+    error = _ref("OpenAIError") if spec.openai else _ERR
     for status in spec.errors:
-        schema = _ERR if not spec.public else {"type": "object"}
+        schema = error if not spec.public else {"type": "object"}
         responses[str(status)] = _json(schema, _ERROR_TEXT[status])
     if spec.request is not None:  # every route that reads a body refuses one over its cap
-        responses["413"] = _json(_ERR, "Body too large")
+        responses["413"] = _json(error, "Body too large")
     for status, text in spec.extra_responses.items():
-        responses[str(status)] = _json(_ERR, text)
+        responses[str(status)] = _json(error, text)
     op["responses"] = responses
     return op
 
@@ -223,6 +226,87 @@ OPENAPI: dict[str, Any] = {
                     },
                     "output": {"type": "string", "enum": [*(d.value for d in OutputDetail), "full"]},
                     "ttl_seconds": {"type": "integer", "minimum": 1, "maximum": 86400},
+                },
+            },
+            "OpenAIError": {
+                "type": "object",
+                "required": ["error"],
+                "properties": {
+                    "error": {
+                        "type": "object",
+                        "required": ["message", "type", "code"],
+                        "properties": {
+                            "message": {"type": "string"},
+                            "type": {"type": "string"},
+                            "param": {"type": ["string", "null"]},
+                            "code": {"type": "string"},
+                        },
+                    }
+                },
+            },
+            "ChatModel": {
+                "type": "object",
+                "required": ["id", "object", "created", "owned_by"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "object": {"const": "model"},
+                    "created": {"type": "integer"},
+                    "owned_by": {"type": "string"},
+                },
+            },
+            "ModelList": {
+                "type": "object",
+                "required": ["object", "data"],
+                "properties": {
+                    "object": {"const": "list"},
+                    "data": {"type": "array", "items": _ref("ChatModel")},
+                },
+            },
+            "ChatCompletionRequest": {
+                "type": "object",
+                "description": "OpenAI's chat completion request; parameters not listed are refused by name.",
+                "additionalProperties": False,
+                "required": ["model", "messages"],
+                "properties": {
+                    "model": {"type": "string"},
+                    "messages": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "required": ["role", "content"],
+                            "properties": {
+                                "role": {"enum": ["system", "developer", "user", "assistant"]},
+                                "content": {"oneOf": [{"type": "string"}, {"type": "array"}]},
+                                "name": {"type": "string"},
+                            },
+                        },
+                    },
+                    "max_tokens": {"type": "integer", "minimum": 1},
+                    "max_completion_tokens": {"type": "integer", "minimum": 1},
+                    "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+                    "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+                    "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+                    "stream": {"type": "boolean"},
+                    "stream_options": {
+                        "type": "object",
+                        "properties": {"include_usage": {"type": "boolean"}},
+                    },
+                    "seed": {"type": "integer"},
+                    "n": {"type": "integer", "minimum": 1, "maximum": 1},
+                    "user": {"type": "string"},
+                },
+            },
+            "ChatCompletion": {
+                "type": "object",
+                "required": ["id", "object", "created", "model", "choices", "usage"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "object": {"const": "chat.completion"},
+                    "created": {"type": "integer"},
+                    "model": {"type": "string"},
+                    "choices": {"type": "array"},
+                    "usage": {"type": "object"},
                 },
             },
             "TokenResponse": {

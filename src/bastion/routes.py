@@ -26,6 +26,9 @@ class Route(StrEnum):
     METRICS = "metrics"
     OPENAPI = "openapi"
     AGGREGATE = "aggregate"
+    CHAT = "chat"  # OpenAI-compatible chat completions
+    CHAT_MODELS = "chat_models"  # OpenAI-compatible model list
+    CHAT_MODEL = "chat_model"  # OpenAI-compatible model retrieval
     LIVE = "live"
     READY = "ready"
     NOT_FOUND = "not_found"
@@ -53,6 +56,8 @@ class RouteSpec:
     public: bool = False  # answers without credentials (orchestrator probes)
     errors: tuple[int, ...] = (400, 401, 403, 404, 429, 503)
     extra_responses: dict[int, str] = field(default_factory=dict)
+    # The shape of its errors: V2's `{"error", "code"}`, or OpenAI's `{"error": {...}}` on /v1.
+    openai: bool = False
 
     def paths(self) -> list[tuple[str, bool]]:
         """(path template, has a version) for each path this spec serves."""
@@ -135,6 +140,36 @@ ROUTES: tuple[RouteSpec, ...] = (
         "TokenResponse",
         request="TokenRequest",
         request_required=False,
+    ),
+    RouteSpec(
+        Route.CHAT_MODELS,
+        "GET",
+        "/v1/models",
+        Action.METADATA,
+        "The language models this caller may chat with (OpenAI-compatible)",
+        "ModelList",
+        openai=True,
+    ),
+    RouteSpec(
+        Route.CHAT_MODEL,
+        "GET",
+        "/v1/models/{model_name}",
+        Action.METADATA,
+        "One language model, if this caller may chat with it (OpenAI-compatible)",
+        "ChatModel",
+        openai=True,
+    ),
+    RouteSpec(
+        Route.CHAT,
+        "POST",
+        "/v1/chat/completions",
+        Action.CHAT,
+        "Chat completion behind a protected system prompt and the leakage guard (OpenAI-compatible; "
+        "stream: true answers server-sent events ending in data: [DONE])",
+        "ChatCompletion",
+        request="ChatCompletionRequest",
+        openai=True,
+        errors=(400, 401, 403, 404, 429, 502, 503, 504),
     ),
     RouteSpec(Route.OPENAPI, "GET", "/v2/openapi.json", Action.METADATA, "This document", "object"),
     RouteSpec(Route.METRICS, "GET", "/metrics", Action.ADMIN, "Prometheus metrics (admin grant)", "text"),

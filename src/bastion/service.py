@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,9 @@ from bastion.errors import (
 )
 from bastion.isolation import IsolationStore
 from bastion.keys import KeyStore
+from bastion.llm.intent import ExtractionTracker
+from bastion.llm.models import ChatModel, load_chat_models
+from bastion.llm.types import ChatBackend, StreamEnd
 from bastion.metrics import UNKNOWN, Metrics
 from bastion.policy import Policy
 from bastion.privacy import AnswerCache, NoiseSource, OpenDPNoise
@@ -44,6 +47,7 @@ from bastion.rollout import Rollback, Rollouts
 from bastion.routes import ROUTE_ACTIONS, Route
 from bastion.stages import Stage
 from bastion.stages.address_limits import FailedAuthLimiter
+from bastion.stages.chat import LazyRedactor, user_digest
 from bastion.stages.output_policy import PrivateScores
 from bastion.statedir import StatePaths, lock_state_dir, make_private_dir
 from bastion.tokens import TokenAuthority, load_or_create_signing_key
@@ -56,6 +60,9 @@ class Outcome:
     status: int
     body: dict[str, Any] | bytes
     headers: dict[str, str]
+    # A streamed answer (`stream: true` on /v1): text deltas, then one StreamEnd; it raises BastionError
+    # if it is cut off (the leakage guard, the audit). Its closing audit record is written before it ends.
+    stream: AsyncGenerator[str | StreamEnd, None] | None = None
 
 
 class Bastion:
@@ -67,8 +74,12 @@ class Bastion:
         unsafe_no_defenses: bool = False,
         clock: Callable[[], float] = time.time,
         noise: NoiseSource | None = None,
+        chat_backends: Mapping[str, ChatBackend] | None = None,
     ) -> None:
+        """`chat_backends`: ready language-model backends by model name, used instead of building the
+        ones `[llm]` names (tests and benchmarks put a scripted backend beside the real ones)."""
         self.config = config
+        self._chat_backends = chat_backends
         self.config_path = config_path
         self._reloading = False
         self._closed = False
@@ -132,6 +143,11 @@ class Bastion:
         self.failed_auth = FailedAuthLimiter(
             failed_auth_policy(config), record=self._record_event, clock=clock
         )
+        self.started = int(clock())
+        self.redactor = LazyRedactor()
+        self.extraction_tracker = ExtractionTracker()
+        self.chat_models: dict[str, ChatModel] = {}
+        self.chat_models = load_chat_models(config, config_path, backends=self._chat_backends)
         self.pipelines = self.build_pipelines(self._hmac_key)
 
     def build_pipelines(self, hmac_key: bytes) -> dict[Route, list[Stage]]:
@@ -175,6 +191,9 @@ class Bastion:
             check_grants_name_models(
                 config, registry.configured_names, self.config_path, regressors=registry.regressors
             )
+            if config.llm != self.config.llm:
+                # Backends hold loaded models and connections: [llm] changes take a restart.
+                raise ConfigError(f"{self.config_path}: llm: changed; language models change on restart only")
             previous = (self.registry, self.policy, self.rollouts, self.config)
             self.registry, self.policy, self.config = registry, Policy.from_config(config), config
             try:
@@ -238,6 +257,8 @@ class Bastion:
         """The server's shutdown, on its event loop. The state store goes first: it waits for the
         blocks being leased in the background, so that those too are given back."""
         if not self._closed:
+            for model in self.chat_models.values():
+                await model.backend.aclose()
             await self.state.aclose()
             self.close()
 
@@ -251,6 +272,8 @@ class Bastion:
             for stage in stages:
                 await stage(ctx)
             outcome = Outcome(200, ctx.result_text if ctx.result_text is not None else ctx.result or {}, {})
+            if ctx.chat is not None and ctx.chat.stream is not None:
+                return await self._open_stream(route, ctx, outcome, started)
         except BastionError as e:
             outcome = error_outcome(e)
             reason = e.reason if isinstance(e, AuthenticationFailed) else e.code.value
@@ -284,8 +307,65 @@ class Bastion:
             )
             if rollback is not None:
                 await self._record_rollback(rollback)
-        self.metrics.observe_request(route.value, model.name if model else UNKNOWN, outcome.status, latency)
+        name = model.name if model else ctx.chat.model.name if ctx.chat and ctx.chat.model else UNKNOWN
+        self.metrics.observe_request(route.value, name, outcome.status, latency)
         return outcome
+
+    async def _open_stream(
+        self, route: Route, ctx: RequestContext, outcome: Outcome, started: float
+    ) -> Outcome:
+        """A streamed answer gets two audit records: one committed before its first byte leaves (the
+        decision to answer), one when it ends (tokens, the guard's verdict, how it ended), committed
+        before its last event: a stream whose closing record fails ends in an error, not [DONE]."""
+        chat = ctx.chat
+        assert chat is not None and chat.stream is not None
+        source = chat.stream
+        if self.audit is not None:
+            opened = await self._record(route, ctx, outcome, "stream_opened", time.perf_counter() - started)
+            if opened.status != 200:
+                await source.aclose()  # releases the model's slot and refunds the reserved tokens
+                return opened
+
+        async def audited() -> AsyncGenerator[str | StreamEnd, None]:
+            status, reason, closed = 499, "client_disconnected", False
+            try:
+                async for item in source:
+                    if isinstance(item, StreamEnd):
+                        status, reason, closed = 200, "ok", True
+                        await self._close_stream(route, ctx, reason, status, started)
+                    yield item
+            except BastionError as e:
+                status, reason = e.status, e.code.value
+                self._count_denial(e, reason)
+                if not closed:
+                    closed = True
+                    await self._close_stream(route, ctx, reason, status, started)
+                raise
+            finally:
+                await source.aclose()  # the model's slot released, unused tokens refunded
+                if not closed:  # the client went away mid-stream
+                    try:
+                        await self._close_stream(route, ctx, reason, status, started)
+                    except BastionError:
+                        log.error("the closing audit record of a stream the client left was not written")
+                model = ctx.chat.model if ctx.chat is not None else None
+                self.metrics.observe_request(
+                    route.value, model.name if model else UNKNOWN, status, time.perf_counter() - started
+                )
+
+        outcome.stream = audited()
+        return outcome
+
+    async def _close_stream(
+        self, route: Route, ctx: RequestContext, reason: str, status: int, started: float
+    ) -> None:
+        if self.audit is None:
+            return
+        closed = await self._record(
+            route, ctx, Outcome(status, {}, {}), reason, time.perf_counter() - started, stream_end=True
+        )
+        if closed.status != status:
+            raise AuditUnavailableError("audit log unavailable")
 
     def _record_event(self, record: dict[str, Any]) -> None:
         """An audit record that is not a request's (a rollback, an incident); the request that
@@ -319,7 +399,14 @@ class Bastion:
             self.metrics.failed_auth_addresses.set(self.failed_auth.tracked)
 
     async def _record(
-        self, route: Route, ctx: RequestContext, outcome: Outcome, reason: str, latency: float
+        self,
+        route: Route,
+        ctx: RequestContext,
+        outcome: Outcome,
+        reason: str,
+        latency: float,
+        *,
+        stream_end: bool = False,
     ) -> Outcome:
         assert self.audit is not None
         if ctx.audit_counted:
@@ -349,6 +436,8 @@ class Bastion:
             "rho_spent": ctx.rho_spent,
             "client": ctx.client,
         }
+        if ctx.chat is not None:
+            record.update(_chat_record(ctx, stream_end=stream_end))
         try:
             pending = self.audit.submit(record, wait=self._wait_for_audit)
             if pending is not None:
@@ -358,6 +447,38 @@ class Bastion:
             self.metrics.audit_failures.inc()
             return _fixed_outcome(ErrorCode.AUDIT_UNAVAILABLE, "audit log unavailable")
         return outcome
+
+
+def _chat_record(ctx: RequestContext, *, stream_end: bool) -> dict[str, Any]:
+    """What a language-model request adds to its audit record: names, digests and counts, never a
+    message, the prompt's text or the answer."""
+    chat = ctx.chat
+    assert chat is not None
+    model = chat.model
+    prompt = model.prompt if model is not None else None
+    record: dict[str, Any] = {
+        "model": model.name if model is not None else chat.request.model[:64],
+        "prompt": prompt.name if prompt else None,
+        "prompt_digest": prompt.digest if prompt else None,
+        "stream": chat.request.stream,
+        "max_tokens": chat.max_tokens or None,
+        "prompt_tokens": chat.usage.prompt_tokens if chat.usage else chat.prompt_tokens or None,
+        "completion_tokens": chat.usage.completion_tokens if chat.usage else None,
+        "tokens_charged": chat.tokens_reserved or None,
+        "guard": chat.guard,
+        "guard_score": chat.guard_score,
+        "intent_score": chat.intent.score if chat.intent else None,
+        "intent_signals": list(chat.intent.signals) if chat.intent else None,
+        "redactions": dict(chat.redactions) or None,
+        "user_digest": user_digest(chat.request.user),
+    }
+    if chat.request.stream:
+        record["stream_event"] = "end" if stream_end else "open"
+    return record
+
+
+class AuditUnavailableError(BastionError):
+    code = ErrorCode.AUDIT_UNAVAILABLE
 
 
 def error_outcome(error: BastionError) -> Outcome:

@@ -27,7 +27,7 @@ Run = Callable[..., Awaitable[Outcome]]
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoBuild:
-    return build_demo(tmp_path_factory.mktemp("core") / "demo")
+    return build_demo(tmp_path_factory.mktemp("core") / "demo", llm=False)
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ import orjson
 
 from bastion.context import RequestContext
 from bastion.errors import BadRequest, ErrorCode, PayloadTooLarge
+from bastion.http import openai
 from bastion.protocol_binary import decoder as binary_decoder
 from bastion.protocol_binary import encode_response
 from bastion.routes import ROUTE_ACTIONS, Match, Route, Router
@@ -70,6 +71,12 @@ class BastionApp:
         if route is Route.WRONG_METHOD:
             ctx.allowed_methods = ", ".join(_ROUTER.allowed_methods(path))
         outcome = await self.service.handle(route, ctx)
+        if (match is not None and match.spec.openai) or path.startswith("/v1/"):
+            if outcome.stream is not None:
+                await openai.send_stream(send, receive, outcome, ctx)
+            else:
+                await _send(send, openai.encode(route, outcome, ctx), ctx.request_id)
+            return
         # Raw output bytes only when an answer's outputs were asked for so (the binary extension).
         binary = (
             ctx.request.binary_outputs if route is Route.INFER and ctx.request is not None else frozenset()

@@ -1,0 +1,134 @@
+"""The language models a policy file serves on `/v1`: each a backend, its protected prompt and its gate.
+
+Built once at start-up from `[llm]`: prompts are read from their files, digested and checked
+(each declared secret must occur in its prompt); backends are constructed (the local model is
+loaded here, so a missing package fails start-up, not the first request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from bastion.config import ChatModelSettings, Config, ProtectedPromptSettings
+from bastion.errors import BackendError, ConfigError, ErrorCode
+from bastion.llm.types import ChatBackend, ProtectedPrompt
+
+log = logging.getLogger("bastion.llm")
+
+_MAX_PROMPT_BYTES = 64 * 1024
+
+
+class ConcurrencyGate:
+    """At most `limit` generations at once, at most `waiting` callers queued; beyond, 503 `model_busy`
+    at once (a queue without bound would hold every client's connection and memory)."""
+
+    def __init__(self, limit: int, waiting: int) -> None:
+        self._slots = asyncio.Semaphore(limit)
+        self._max_waiting = waiting
+        self._waiting = 0
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        if self._slots.locked():
+            if self._waiting >= self._max_waiting:
+                raise BackendError("the model is busy; try again shortly", code=ErrorCode.MODEL_BUSY)
+            self._waiting += 1
+            try:
+                await self._slots.acquire()
+            finally:
+                self._waiting -= 1
+        else:
+            await self._slots.acquire()
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+
+@dataclass(slots=True)
+class ChatModel:
+    settings: ChatModelSettings
+    backend: ChatBackend
+    prompt: ProtectedPrompt | None
+    gate: ConcurrencyGate
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+
+def load_prompt(name: str, settings: ProtectedPromptSettings, config_path: Path) -> ProtectedPrompt:
+    """Raises ConfigError naming the field; the message never quotes the prompt or a secret."""
+    where = f"{config_path}: llm.prompts.{name}"
+    try:
+        raw = settings.file.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{where}.file: cannot read {settings.file}: {e.strerror}") from None
+    if len(raw) > _MAX_PROMPT_BYTES:
+        raise ConfigError(f"{where}.file: larger than {_MAX_PROMPT_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}.file: not UTF-8 text") from None
+    if not text:
+        raise ConfigError(f"{where}.file: empty")
+    for i, secret in enumerate(settings.secrets):
+        if secret not in text:
+            raise ConfigError(f"{where}.secrets.{i}: does not occur in the prompt's text")
+    digest = "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return ProtectedPrompt(name=name, text=text, digest=digest, secrets=tuple(settings.secrets))
+
+
+def build_backend(settings: ChatModelSettings, config_path: Path) -> ChatBackend:
+    where = f"{config_path}: llm.models.{settings.name}"
+    if settings.backend == "local":
+        from bastion.llm.local import LocalChatBackend
+
+        try:
+            return LocalChatBackend(n_ctx=settings.context_tokens, max_waiting=settings.max_waiting)
+        except Exception as e:  # a missing package or model file stops start-up with its reason
+            raise ConfigError(
+                f"{where}.backend: the local model cannot load: {type(e).__name__}: {e}"
+            ) from None
+    from bastion.llm.upstream import UpstreamChatBackend, resolve_credential
+
+    assert settings.upstream_url is not None  # the config validator guarantees it
+    credential = None
+    if settings.upstream_credential is not None:
+        try:
+            credential = resolve_credential(settings.upstream_credential)
+        except Exception as e:  # its message names the variable or file, never the value
+            raise ConfigError(f"{where}.upstream_credential: {e}") from None
+    return UpstreamChatBackend(
+        settings.upstream_url,
+        settings.upstream_model or settings.name,
+        credential=credential,
+        timeout=settings.upstream_timeout_seconds,
+    )
+
+
+def load_chat_models(
+    config: Config, config_path: Path, *, backends: Mapping[str, ChatBackend] | None = None
+) -> dict[str, ChatModel]:
+    """`backends`: ready backends by model name, instead of building them (tests and benchmarks
+    put a scripted backend beside the real ones this way)."""
+    prompts = {
+        name: load_prompt(name, settings, config_path) for name, settings in config.llm.prompts.items()
+    }
+    models = {}
+    for settings in config.llm.models:
+        given = (backends or {}).get(settings.name)
+        backend = given if given is not None else build_backend(settings, config_path)
+        models[settings.name] = ChatModel(
+            settings=settings,
+            backend=backend,
+            prompt=prompts[settings.prompt] if settings.prompt is not None else None,
+            gate=ConcurrencyGate(settings.max_concurrent, settings.max_waiting),
+        )
+    return models

@@ -1,0 +1,478 @@
+"""Language-model stages (`/v1/chat/completions`), in pipeline order.
+
+- `DecodeChat`: the body under the principal's roles' byte cap, as a well-formed chat request.
+- `AuthorizeChat`: the model is a served language model (404) and granted `chat` (403).
+- `ComposeChat`: the client's messages under policy (a client system message refused or demoted;
+  message count and max_tokens capped by role and model; PII and secrets redacted where the model
+  says), and their prompt tokens counted with the protected prompt (400 over the context).
+- `WatchPrompts`: query auditing for prompt extraction: intent signals on the client's messages,
+  and guard hits, per principal and model; past the threshold an incident and the key quarantined.
+- `ReserveTokens`: prompt tokens + max_tokens charged to the principal's token budget (429).
+- `Generate`: the backend under the model's concurrency gate, the protected prompt first with a fresh
+  canary, every answer read by the leakage guard before any byte leaves; unused tokens refunded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import AsyncGenerator, Callable, Mapping
+from typing import Any
+
+from bastion.config import Action, ChatLimits
+from bastion.context import ChatExchange, RequestContext
+from bastion.errors import (
+    BadRequest,
+    ErrorCode,
+    NotFound,
+    OutputWithheld,
+    PayloadTooLarge,
+    PermissionDenied,
+    RateLimited,
+)
+from bastion.keys import KeyStore
+from bastion.llm.intent import Escalation, ExtractionTracker, IntentVerdict, screen_intent
+from bastion.llm.leakage import LeakageGuard, LeakDetected
+from bastion.llm.models import ChatModel
+from bastion.llm.protocol import decode_chat_request
+from bastion.llm.redaction import Redactor
+from bastion.llm.types import ChatMessage, Completion, GenerationParams, StreamEnd, Usage
+from bastion.metrics import Metrics
+from bastion.policy import Policy
+from bastion.stages.query_audit import quarantined
+from bastion.state import BudgetKey, StateStore
+
+log = logging.getLogger("bastion.llm")
+
+# The token budget's ledger scope: over every language model (a model name never holds "*").
+TOKEN_SCOPE = "*/tokens"  # noqa: S105 (a ledger scope, not a secret)
+
+
+class ChatPolicy:
+    """Each principal's chat caps: with several roles the most generous of each (as rate limits)."""
+
+    def __init__(self, policy: Policy, max_body_bytes: int) -> None:
+        self._policy = policy
+        self._max_body = max_body_bytes
+        self._cache: dict[tuple[str, ...], ChatLimits] = {}
+
+    def limits(self, roles: tuple[str, ...]) -> ChatLimits:
+        found = self._cache.get(roles)
+        if found is None:
+            chats = [r.chat for r in (self._policy.role(n) for n in roles) if r is not None]
+            found = (
+                ChatLimits(
+                    max_tokens=max(c.max_tokens for c in chats),
+                    max_messages=max(c.max_messages for c in chats),
+                    max_request_bytes=min(self._max_body, max(c.max_request_bytes for c in chats)),
+                    token_budget=max(c.token_budget for c in chats),
+                    token_budget_window_seconds=max(c.token_budget_window_seconds for c in chats),
+                )
+                if chats
+                else ChatLimits(max_request_bytes=min(self._max_body, ChatLimits().max_request_bytes))
+            )
+            self._cache[roles] = found
+        return found
+
+
+class DecodeChat:
+    def __init__(self, chat_policy: ChatPolicy) -> None:
+        self._chat_policy = chat_policy
+
+    async def __call__(self, ctx: RequestContext) -> None:
+        assert ctx.principal is not None, "DecodeChat runs after Authenticate"
+        limits = self._chat_policy.limits(ctx.principal.roles)
+        ctx.body = await ctx.read_body(limits.max_request_bytes)
+        ctx.chat = ChatExchange(request=decode_chat_request(ctx.body), limits=limits)
+        ctx.model_name = ctx.chat.request.model
+
+
+class AuthorizeChat:
+    def __init__(self, policy: Policy, models: Mapping[str, ChatModel]) -> None:
+        self._policy = policy
+        self._models = models
+
+    async def __call__(self, ctx: RequestContext) -> None:
+        chat, principal = ctx.chat, ctx.principal
+        assert chat is not None and principal is not None
+        name = chat.request.model
+        model = self._models.get(name)
+        if model is None:
+            raise NotFound(f"model {name[:64]!r} is not served", code=ErrorCode.MODEL_NOT_FOUND)
+        grant = self._policy.grant(principal.roles, name).narrowed(principal.scope, name)
+        if not grant.allows(Action.CHAT):
+            raise PermissionDenied(f"not permitted to chat with model {name!r}")
+        chat.model = model
+
+
+class LazyRedactor:
+    """One `Redactor` for every model, built on first use: a server whose models redact nothing
+    never loads its recognizers."""
+
+    def __init__(self) -> None:
+        self._redactor: Redactor | None = None
+
+    def redact_into(self, chat: ChatExchange, text: str) -> str:
+        """The text with its findings replaced; their counts added to the exchange's (audited)."""
+        if self._redactor is None:
+            self._redactor = Redactor()
+        found = self._redactor.redact(text)
+        for entity, count in found.counts.items():
+            chat.redactions[entity] = chat.redactions.get(entity, 0) + count
+        return found.text
+
+
+class ComposeChat:
+    """The client's messages as the model will see them after the protected prompt."""
+
+    def __init__(self, redactor: LazyRedactor) -> None:
+        self._redactor = redactor
+
+    async def __call__(self, ctx: RequestContext) -> None:
+        chat = ctx.chat
+        assert chat is not None and chat.model is not None and chat.limits is not None
+        model, request, limits = chat.model, chat.request, chat.limits
+        if len(request.messages) > limits.max_messages:
+            raise PayloadTooLarge(
+                f"{len(request.messages)} messages; this role may send {limits.max_messages}",
+                code=ErrorCode.TOO_MANY_MESSAGES,
+            )
+        cap = min(limits.max_tokens, model.settings.max_tokens)
+        if request.max_tokens is not None and request.max_tokens > cap:
+            raise BadRequest(
+                f"max_tokens: at most {cap} for this caller and model", code=ErrorCode.MAX_TOKENS_TOO_LARGE
+            )
+        chat.max_tokens = request.max_tokens or cap
+        messages = []
+        for m in request.messages:
+            if m.role == "system" and model.prompt is not None:
+                # The protected prompt speaks for the operator; a client's system message cannot.
+                if model.settings.client_system == "refuse":
+                    raise PermissionDenied(
+                        "system messages are not accepted for this model",
+                        code=ErrorCode.SYSTEM_MESSAGE_REFUSED,
+                    )
+                m = ChatMessage("user", m.content)
+            messages.append(m)
+        if model.settings.redact in ("input", "both"):
+            messages = [ChatMessage(m.role, self._redactor.redact_into(chat, m.content)) for m in messages]
+        if messages and messages[0].role == "assistant" and model.prompt is not None:
+            raise BadRequest(
+                "messages: the first message must be the user's", code=ErrorCode.MALFORMED_REQUEST
+            )
+        chat.messages = tuple(messages)
+        chat.prompt_tokens = model.backend.count_tokens(_with_prompt(model, chat.messages, _PLACEHOLDER))
+        if chat.prompt_tokens + chat.max_tokens > model.settings.context_tokens:
+            raise BadRequest(
+                f"this request needs {chat.prompt_tokens} prompt tokens + {chat.max_tokens} completion "
+                f"tokens; the model's context is {model.settings.context_tokens}",
+                code=ErrorCode.CONTEXT_LENGTH_EXCEEDED,
+            )
+
+
+# Stands in for the canary when prompt tokens are counted before one is planted (same length class).
+_PLACEHOLDER = "0" * 16
+
+
+def _with_prompt(
+    model: ChatModel, messages: tuple[ChatMessage, ...], canary_text: str | None
+) -> list[ChatMessage]:
+    if model.prompt is None or canary_text is None:
+        return list(messages)
+    return [ChatMessage("system", canary_text), *messages]
+
+
+class PromptContainment:
+    """An escalation of prompt-extraction suspicion: an incident record (signals and counts, never a
+    message) and, as the model's `extraction_watch` says, the key quarantined (403 from now on)."""
+
+    def __init__(self, keys: KeyStore, metrics: Metrics, record: Callable[[dict[str, Any]], None]) -> None:
+        self._keys = keys
+        self._metrics = metrics
+        self._record = record
+
+    def __call__(self, ctx: RequestContext, escalation: Escalation) -> None:
+        chat, principal = ctx.chat, ctx.principal
+        assert chat is not None and chat.model is not None and principal is not None
+        model = chat.model
+        action = model.settings.extraction_watch
+        self._record(
+            {
+                "ts": ctx.now,
+                "request_id": ctx.request_id,
+                "route": "incident",
+                "action": Action.CHAT.value,
+                "principal": principal.id,
+                "via": principal.via,
+                "model": model.name,
+                "prompt": model.prompt.name if model.prompt else None,
+                "prompt_digest": model.prompt.digest if model.prompt else None,
+                "decision": action,
+                "reason": "prompt_extraction_suspected",
+                "detail": escalation.reason,
+                "evidence": dict(escalation.evidence),
+            }
+        )
+        self._metrics.incidents.labels(model.name, "prompt_extraction", action).inc()
+        if action == "quarantine":
+            self._keys.quarantine(principal.key_id, now=ctx.now)
+            raise quarantined()
+
+
+_NO_INTENT = IntentVerdict(0.0, ())
+
+
+class WatchPrompts:
+    """Intent screening of every request; the tracker decides when a principal has probed enough."""
+
+    def __init__(self, tracker: ExtractionTracker, contain: PromptContainment) -> None:
+        self._tracker = tracker
+        self._contain = contain
+
+    async def __call__(self, ctx: RequestContext) -> None:
+        chat = ctx.chat
+        assert chat is not None and chat.model is not None
+        chat.intent = screen_intent(chat.request.messages)
+        self.observe(ctx, guard_hit=False)
+
+    def observe(self, ctx: RequestContext, *, guard_hit: bool) -> None:
+        """Count this request's intent (on its way in), or a guard hit on its answer (on its way out:
+        the guard's weight only, the intent was counted already)."""
+        chat, principal = ctx.chat, ctx.principal
+        assert (
+            chat is not None and chat.model is not None and chat.intent is not None and principal is not None
+        )
+        if chat.model.settings.extraction_watch == "off":
+            return
+        verdict = _NO_INTENT if guard_hit else chat.intent
+        escalation = self._tracker.observe(
+            principal.id, chat.model.name, verdict, guard_hit=guard_hit, now=ctx.now
+        )
+        if escalation is not None:
+            self._contain(ctx, escalation)
+
+
+class ReserveTokens:
+    def __init__(self, store: StateStore) -> None:
+        self._store = store
+
+    async def __call__(self, ctx: RequestContext) -> None:
+        chat, principal = ctx.chat, ctx.principal
+        assert chat is not None and chat.limits is not None and principal is not None
+        assert chat.model is not None
+        # A model that may regenerate once after a guard hit may run twice: reserve for both.
+        attempts = 2 if chat.model.prompt is not None and chat.model.settings.on_leak == "regenerate" else 1
+        cost = (chat.prompt_tokens + chat.max_tokens) * attempts
+        spent = await self._store.spend_budget(
+            token_budget_key(principal.id, chat.limits),
+            cost=cost,
+            limit=chat.limits.token_budget,
+            now=ctx.now,
+        )
+        if not spent.allowed:
+            raise RateLimited(
+                f"token budget exhausted: this request needs {cost} tokens, {int(spent.remaining)} are left "
+                "in this window",
+                retry_after=spent.retry_after,
+                code=ErrorCode.TOKEN_BUDGET_EXHAUSTED,
+            )
+        chat.tokens_reserved = cost
+
+
+def token_budget_key(principal: str, limits: ChatLimits) -> BudgetKey:
+    return BudgetKey(principal, TOKEN_SCOPE, limits.token_budget_window_seconds)
+
+
+class Generate:
+    def __init__(self, store: StateStore, watch: WatchPrompts, redactor: LazyRedactor) -> None:
+        self._store = store
+        self._watch = watch
+        self._redactor = redactor
+        self._guards: dict[str, LeakageGuard] = {}  # per prompt digest
+
+    def _guard(self, model: ChatModel) -> LeakageGuard | None:
+        if model.prompt is None:
+            return None
+        guard = self._guards.get(model.prompt.digest)
+        if guard is None:
+            guard = self._guards[model.prompt.digest] = LeakageGuard(model.prompt)
+        return guard
+
+    async def __call__(self, ctx: RequestContext) -> None:
+        chat = ctx.chat
+        assert chat is not None and chat.model is not None
+        if chat.request.stream:
+            chat.stream = self._stream(ctx)
+            return
+        try:
+            chat.completion = await self._complete(ctx)
+        finally:
+            await self._refund(ctx)
+
+    def _params(self, chat: ChatExchange, *, retry: bool = False) -> GenerationParams:
+        request = chat.request
+        # A retry after a guard hit samples (greedy decoding would give the same answer again).
+        temperature = max(request.temperature, 0.7) if retry else request.temperature
+        return GenerationParams(
+            max_tokens=chat.max_tokens,
+            temperature=temperature,
+            top_p=request.top_p,
+            stop=request.stop,
+            seed=request.seed,
+        )
+
+    async def _complete(self, ctx: RequestContext) -> Completion:
+        chat = ctx.chat
+        assert chat is not None and chat.model is not None
+        model = chat.model
+        guard = self._guard(model)
+        attempts = 2 if model.settings.on_leak == "regenerate" else 1
+        async with model.gate.slot():
+            for attempt in range(attempts):
+                system, canary = guard.plant_canary() if guard is not None else (None, "")
+                completion = await model.backend.complete(
+                    _with_prompt(model, chat.messages, system), self._params(chat, retry=attempt > 0)
+                )
+                chat.usage = _add(chat.usage, completion.usage)
+                try:
+                    if guard is not None:
+                        guard.check(completion.text, canary)
+                except LeakDetected as hit:
+                    self._withheld(ctx, hit)
+                    if attempt + 1 < attempts:
+                        continue
+                    self._watch.observe(ctx, guard_hit=True)
+                    raise OutputWithheld(detector=hit.detector, score=hit.score) from None
+                chat.guard = "pass" if attempt == 0 else "regenerated"
+                chat.guard_score = None
+                chat.finish_reason = completion.finish_reason
+                return Completion(
+                    self._redact_output(chat, completion.text), completion.usage, completion.finish_reason
+                )
+        raise AssertionError("unreachable")
+
+    def _withheld(self, ctx: RequestContext, hit: LeakDetected) -> None:
+        chat = ctx.chat
+        assert chat is not None
+        chat.guard, chat.guard_score = hit.detector, hit.score
+
+    def _redact_output(self, chat: ChatExchange, text: str) -> str:
+        assert chat.model is not None
+        if chat.model.settings.redact not in ("output", "both"):
+            return text
+        return self._redactor.redact_into(chat, text)
+
+    async def _stream(self, ctx: RequestContext) -> AsyncGenerator[str | StreamEnd, None]:
+        chat = ctx.chat
+        assert chat is not None and chat.model is not None
+        model = chat.model
+        guard = self._guard(model)
+        try:
+            async with model.gate.slot():
+                system, canary = guard.plant_canary() if guard is not None else (None, "")
+                scanner = guard.stream(canary) if guard is not None else None
+                end: StreamEnd | None = None
+                received = 0
+                try:
+                    async for item in model.backend.stream(
+                        _with_prompt(model, chat.messages, system), self._params(chat)
+                    ):
+                        if isinstance(item, StreamEnd):
+                            end = item
+                            break
+                        # Until the backend's own count arrives, a delta counts as a token: a client
+                        # that goes away mid-stream pays for what was generated, not nothing.
+                        received += 1
+                        chat.usage = Usage(chat.prompt_tokens, received)
+                        released = scanner.feed(item) if scanner is not None else item
+                        if released:
+                            yield released
+                    if end is None:
+                        raise AssertionError("a backend's stream ended without its StreamEnd")
+                    chat.usage = end.usage
+                    rest = scanner.finish() if scanner is not None else ""
+                except LeakDetected as hit:
+                    self._withheld(ctx, hit)
+                    self._watch.observe(ctx, guard_hit=True)
+                    raise OutputWithheld(detector=hit.detector, score=hit.score) from None
+                if rest:
+                    yield rest
+                chat.guard = "pass" if guard is not None else None
+                chat.finish_reason = end.finish_reason
+                yield end
+        finally:
+            await self._refund(ctx)
+
+    async def _refund(self, ctx: RequestContext) -> None:
+        """Give back the reserved tokens the answer did not use (all of them if it never ran)."""
+        chat, principal = ctx.chat, ctx.principal
+        assert chat is not None and chat.limits is not None and principal is not None
+        used = chat.usage.total_tokens if chat.usage is not None else 0
+        unused = chat.tokens_reserved - used
+        chat.tokens_reserved = used
+        if unused > 0:
+            await self._store.spend_budget(
+                token_budget_key(principal.id, chat.limits),
+                cost=-unused,
+                limit=chat.limits.token_budget,
+                now=ctx.now,
+            )
+
+
+def _add(a: Usage | None, b: Usage) -> Usage:
+    if a is None:
+        return b
+    return Usage(a.prompt_tokens + b.prompt_tokens, a.completion_tokens + b.completion_tokens)
+
+
+def user_digest(user: str | None) -> str | None:
+    """The `user` field is an end-user id the client chose: audited as a digest, never as given."""
+    return None if user is None else "sha256:" + hashlib.sha256(user.encode()).hexdigest()[:32]
+
+
+def _granted_chat_models(
+    policy: Policy, models: Mapping[str, ChatModel], ctx: RequestContext
+) -> list[ChatModel]:
+    principal = ctx.principal
+    assert principal is not None
+    return [
+        m
+        for name, m in models.items()
+        if policy.grant(principal.roles, name).narrowed(principal.scope, name).allows(Action.CHAT)
+    ]
+
+
+def _model_entry(model: ChatModel, created: int) -> dict[str, Any]:
+    return {"id": model.name, "object": "model", "created": created, "owned_by": "bastion"}
+
+
+class ListChatModels:
+    """`GET /v1/models`: only the models this caller may chat with (deny by default: the others are
+    not named)."""
+
+    def __init__(self, policy: Policy, models: Mapping[str, ChatModel], started: int) -> None:
+        self._policy = policy
+        self._models = models
+        self._started = started
+
+    async def __call__(self, ctx: RequestContext) -> None:
+        granted = _granted_chat_models(self._policy, self._models, ctx)
+        ctx.result = {"object": "list", "data": [_model_entry(m, self._started) for m in granted]}
+
+
+class DescribeChatModel:
+    """`GET /v1/models/{id}`: 404 for a model not served, 403 for one not granted."""
+
+    def __init__(self, policy: Policy, models: Mapping[str, ChatModel], started: int) -> None:
+        self._policy = policy
+        self._models = models
+        self._started = started
+
+    async def __call__(self, ctx: RequestContext) -> None:
+        assert ctx.model_name is not None
+        model = self._models.get(ctx.model_name)
+        if model is None:
+            raise NotFound(f"model {ctx.model_name!r} is not served", code=ErrorCode.MODEL_NOT_FOUND)
+        if model not in _granted_chat_models(self._policy, {model.name: model}, ctx):
+            raise PermissionDenied(f"not permitted to chat with model {model.name!r}")
+        ctx.result = _model_entry(model, self._started)
