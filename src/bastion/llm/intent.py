@@ -91,7 +91,9 @@ SIGNALS: frozenset[str] = frozenset(_WEIGHTS)
 
 _FINGERPRINT_K = 16  # bottom-k sketch size: 16 hashes of 32 bits = 64 bytes a probe
 _SHINGLE = 4  # characters per shingle of the normalised text
-_MAX_SCREENED_CHARS = 20_000  # of each message: a probe sits near where the model reads on from
+# Of a longer message, the first 4,000 and the last 16,000 characters are read: every rule runs in
+# linear time, and this bounds the cost (tens of ms at most) whatever the request-size cap.
+_HEAD_CHARS, _TAIL_CHARS = 4_000, 16_000
 # Keyed per process, so a fingerprint in memory cannot be matched against hashes of guessed text
 # computed elsewhere; fingerprints are compared within one process only.
 _SHINGLE_KEY = secrets.token_bytes(16)
@@ -155,7 +157,8 @@ def _build_confusables() -> dict[int, str]:
 
 _CONFUSABLES = _build_confusables()
 _LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s", "!": "i"})
-_LEET_WORD = re.compile(r"\S*[a-z][0-9@$!]\S*|\S*[0-9@$][a-z]\S*")
+_TOKEN = re.compile(r"\S{1,40}")  # bounded: a regex with two unbounded runs is quadratic on one long token
+_LETTER_DIGIT = re.compile(r"[a-z][0-9@$!]|[0-9@$][a-z]")
 # Three or more single letters joined by the same short run of separators: r.e.p.e.a.t, r e p e a t.
 # The separator must repeat (a backreference), so a different one between words keeps them apart.
 _SPACED = re.compile(r"(?<![a-z0-9])[a-z0-9]([^a-z0-9\n]{1,3})[a-z0-9](?![a-z0-9])(?:\1[a-z0-9](?![a-z0-9])){2,}")
@@ -289,16 +292,22 @@ def _decoded_payloads(text: str) -> str:
     return " ".join(found)
 
 
+def _unleet(match: re.Match[str]) -> str:
+    token = match.group(0)
+    return token.translate(_LEET) if _LETTER_DIGIT.search(token) else token
+
+
 def _read(text: str) -> _Text:
     signals: set[str] = set()
-    text = text[-_MAX_SCREENED_CHARS:]
+    if len(text) > _HEAD_CHARS + _TAIL_CHARS:
+        text = text[:_HEAD_CHARS] + "\n" + text[-_TAIL_CHARS:]
     visible, hidden = _strip_format(text, signals)
     base = _canonical(visible, signals)
     joined = _join_spaced(base, signals)
     views: dict[str, str] = {"": _words(joined)}
     if hidden:
         views["tag_characters"] = _words(_join_spaced(_canonical(hidden, set()), set()))
-    leet = _LEET_WORD.sub(lambda m: m.group(0).translate(_LEET), joined)
+    leet = _TOKEN.sub(_unleet, joined)
     if leet != joined:
         views["leetspeak"] = _words(leet)
     views["reversed_text"] = _words(joined[::-1])
@@ -327,14 +336,25 @@ _TARGET = re.compile(
     r"|(?:initial|original|hidden|secret|confidential|internal|preceding|previous|prior|earlier|first|"
     r"opening|starting|underlying|base|core|private|above|foregoing|precedentes|anteriores|vorherigen|"
     r"obigen|precedenti|iniziali|initiales|iniciales|hidden system|system)"
-    r" (?:prompt|instructions?|rules|directives?|guidelines?|text|message|configuration|orders|setup|"
-    r"context|consignes|instrucciones|anweisungen|istruzioni)(?! (?:for|on|about|of|to|from|in) (?!you|this|our))"
-    r"|(?:your|ur|yr|tes|vos|tus|deine|ihre|tue|le tue|tue) " + _CONTEXT_NOUN + r"(?! (?:for|on|about|in my|from my))"
+    r" (?:prompt|instructions?|rules|directives?|guidelines?|text|message|configuration|orders|setup|preamble|"
+    r"context|consignes|instrucciones|anweisungen|istruzioni)"
+    r"(?! (?:for|on|about|of|to|from|in) (?:the|a|an|my|his|her|their|using|\w+ing)\b)"
+    r"|(?:your|ur|yr|tes|vos|tus|deine|ihre|tue|le tue|tue) (?:(?:full|exact|complete|entire|whole|original|"
+    r"initial|hidden|secret|own|internal|actual|real|first|current|core|private|confidential|precise|"
+    r"verbatim|starting|opening|underlying|system) )?" + _CONTEXT_NOUN + r"(?! (?:for|on|about|in my|from my))"
     r"|(?:words|text|everything|anything|all|content|contents|message|messages|lines|sentences|stuff|tokens|"
     r"characters|letters|paragraph|paragraphs|what is written|what was written|what s written)"
     r" (?:(?:written|typed|said|given|shown|stated|that (?:is|was|were|are|appears?|came|comes)|which "
-    r"(?:is|was|are|were)) )?(?:above|before (?:this|my|that)|prior to (?:this|my)|preceding|earlier|"
+    r"(?:is|was|are|were|came)) )?(?:above|before (?:this|my|that|the user|user)|(?<=came )before|"
+    r"prior to (?:this|my)|preceding|earlier|"
     r"at the (?:start|beginning|top)|before the (?:user|conversation|chat)|ci dessus|oben|arriba|sopra)"
+    r"|(?:full|entire|complete|whole|exact) (?:system )?(?:prompt|instructions|rules|context|configuration)"
+    r"(?! (?:for|on|about|of|to|from|in) (?:the|a|an|my|his|her|their|using|\w+ing)\b)"
+    r"|(?:the|your|that) (?:secret |hidden |protected |magic |access |admin |master )?(?:password|passphrase|"
+    r"passcode|pass code|code word|codeword|secret word|secret code|access code|pin|secret key|api key|"
+    r"secret phrase|key phrase|secret)"
+    r"(?! (?:policy|policies|field|manager|reset|requirements?|rules|strength|hash|hashing|box|prompt|"
+    r"for (?:my|the|a)|to (?:my|a)|of (?:my|a|the)|ingredient|sauce|santa|garden|life|history|service))"
     r"|(?:start|beginning|top|first part) of (?:the|this|our|your) (?:conversation|chat|context|prompt|session|"
     r"input|memory|window|document)"
     r"|(?:what|everything|anything|all|things) (?:that )?(?:you (?:were|ve been|have been|had been|are|got)|"
@@ -353,7 +373,9 @@ _TARGET = re.compile(
 _EXTRACT_VERB = re.compile(
     r"\b(?:repeat|reprint|print|printf|reveal|show|display|output|echo|recite|dump|leak|disclose|expose|"
     r"return|write|rewrite|retype|type|copy|paste|reproduce|tell|give|share|list|state|quote|restate|read|"
-    r"emit|send|provide|say|recall|remind|cat|what (?:is|are|was|were|s)|what does|whats|which|describe|"
+    r"emit|send|provide|say|recall|remind|cat|see|view|know|access|learn|hear|shout|sing|whisper|reading|"
+    r"repeating|printing|revealing|showing|reciting|outputting|reveals|repeats|prints|"
+    r"what (?:is|are|was|were|s)|what does|whats|which|describe|"
     r"explain|repite|repetir|repete|repetez|repeter|wiederhole|wiederholen|ripeti|zeige|gib|muestra|montre|"
     r"affiche|escribe|dime|dis moi|sag mir|mostrami|scrivi|imprime|imprima)\b"
 )
@@ -363,7 +385,7 @@ _TRANSFORM_VERB = re.compile(
     r"encode|encoded|encoding|encrypt|convert|base ?64|b64|hex|hexadecimal|rot ?13|rot13|caesar|cipher|"
     r"shift(?:ed)? (?:each|every|all|by)|reverse|reversed|backwards?|spell|spelled|spelling|"
     r"upper ?case|lower ?case|capitals|all caps|json|yaml|xml|csv|markdown|code block|table|"
-    r"poem|song|haiku|limerick|acrostic|rhyme|story|morse|pig latin|emoji|binary|ascii|unicode|"
+    r"poem|song|haiku|limerick|acrostic|rhyme|story|verse|morse|capital letters|pig latin|emoji|binary|ascii|unicode|"
     r"bullet(?: points)?|numbered list|one (?:letter|word|character) (?:per|at a)|between (?:each|every|all)|"
     r"separat\w*|hyphen\w*|dash(?:es)?|dots?|periods|commas|spaces between|insert|interleave|"
     r"replace|substitute|format|formatted|variable|python|string|array|letter by letter|word by word|"
@@ -378,7 +400,7 @@ _IGNORE = re.compile(
     r"current|default|programmed|prior|safety|anteriores|precedentes|vorherigen|precedenti|instructions|"
     r"rules)\b"
     r"(?: \w+){0,2}? ?(?:instructions?|rules|directions|prompts?|guidelines|commands|constraints|context|"
-    r"directives?|programming|restrictions|limitations|orders|policies|policy|text|everything|settings)?"
+    r"directives?|programming|restrictions|limitations|orders|policies|policy|text|everything|settings)\b"
     r"|\b(?:ignore|disregard|forget) (?:everything|anything|all) (?:above|before|prior|previous|you were told|"
     r"you ve been told|said)"
     r"|\bnew (?:instructions|rules|system prompt|directive)s?\b(?: follow| are| is)?"
@@ -394,6 +416,7 @@ _CONTINUATION = re.compile(
     r"\b(?:continue|complete|finish|extend|carry on|keep going|go on|resume|fill in|fill out)"
     r"(?: \w+){0,4} (?:above|prompt|instructions?|system|text before|from where|where (?:it|you|the) "
     r"(?:left|stopped)|sentence (?:that )?(?:begins|starts)|you are (?:a|an))"
+    r"|\b(?:continue|complete|finish)(?: \w+){0,4} you are\b"
     r"|\bbegin(?:ning)? (?:your (?:reply|answer|response) )?with (?:you are|your instructions|my instructions|"
     r"the system prompt|sure here)"
     r"|\bstart (?:your (?:reply|answer|response) )?with (?:you are|your instructions|my instructions|"
@@ -402,6 +425,8 @@ _CONTINUATION = re.compile(
 _ROLE_TOKEN = re.compile(
     r"<\|\s*(?:im_start|im_end|im_sep|system|user|assistant|endoftext|eot_id|start_header_id|end_header_id|"
     r"begin_of_text|end_of_text|eom_id|pad|sep|fim_\w+)\s*\|>"
+    r"|(?:end|start|begin|beginning) of (?:the )?(?:user |system |developer )?(?:input|prompt|instructions|message|"
+    r"context|conversation|turn)\W{0,8}(?:system|admin|developer|assistant)\s*:"
     r"|\[/?\s*inst\s*\]|<<\s*/?\s*sys\s*>>|<\s*/?\s*(?:start_of_turn|end_of_turn|system|s)\s*>|<\|\w+\|>",
 )
 _SYSTEM_LINE = re.compile(
@@ -435,6 +460,8 @@ _ROLEPLAY_STRICT = re.compile(
     r"|\bpretend (?:you are|to be|that you)(?: \w+){0,4} (?:no rules|no restrictions|without|unrestricted|"
     r"developer|admin|debug)"
     r"|\b(?:act as|simulate) (?:a |an |my )?(?:linux terminal|terminal|console|debugger|shell)\b"
+    r"|\bmaintenance (?:window|period|check|procedure)\b|\bas (?:the|your) (?:admin|administrator|developer|"
+    r"creator|operator|owner|sysadmin|system administrator)\b"
 )
 _FORGED_DISCLOSURE = re.compile(
     r"\b(?:my|the) (?:system ?prompt|instructions|initial prompt|hidden prompt|rules|secret|password|code)"
@@ -446,6 +473,12 @@ _FORGED_DISCLOSURE = re.compile(
 _GENERIC_DETERMINERS = frozenset(
     {"a", "an", "my", "our", "their", "his", "her", "its", "good", "great", "custom", "new", "effective"}
     | {"strong", "better", "own", "any", "some", "each", "every", "example", "sample", "typical", "this", "that"}
+)
+# A game set up in an earlier turn and applied to the model's context in a later one.
+_SETUP_VERB = re.compile(
+    r"\b(?:spell\w*|reverse\w*|backwards?|encod\w+|base ?64|hex\w*|rot ?13|caesar|translat\w+|repeat\w*|"
+    r"echo\w*|print\w*|between (?:each|every)|separat\w+|one (?:letter|word|character) (?:per|at a)|"
+    r"letter by letter|acrostic|pig latin|morse)\b"
 )
 _PROXIMITY = 90  # characters between a verb and its target in the words view
 _REQUESTS = frozenset({"extraction_request", "transform_request", "ignore_previous", "continuation"})
@@ -568,6 +601,10 @@ def screen_intent(messages: Sequence[ChatMessage]) -> IntentVerdict:
         setup = max(setup, _noisy_or(signals))
     if setup >= 0.35:
         current.add("multi_turn_setup")
+    elif "target_reference" in current and len(client) > 1 and any(
+        _SETUP_VERB.search(_read(m.content).views[""]) for m in client[-9:-1]
+    ):
+        current.add("multi_turn_setup")  # "spell things with a | between letters" ... "now your secret code"
     for message in messages[-8:]:
         if message.role == "assistant":
             view = _read(message.content).views[""]
