@@ -139,8 +139,8 @@ def simulate(rows: list[dict[str, Any]], make: Any, label: str, key: str = "verd
         escalated = escalated or tracker.observe("benign", "chat", verdict, guard_hit=False, now=float(i) * 1e-3)
         state = tracker._principals.get("benign", {}).get("chat")
         if state is not None:
-            burst = max(burst, sum(p for _, p in state.recent))
-    total = sum(p for _, p, _ in state.events) if state is not None else 0.0
+            burst = max(burst, state.burst(float("-inf"))[0])
+    total = state.total(float("-inf"))[0] if state is not None else 0.0
     print(
         f"[{label}] benign user sending all {len(benign)} benign prompts in one window: "
         f"{'ESCALATED' if escalated else 'not escalated'}; highest burst {burst:.2f} of {tracker.threshold:g} "

@@ -46,7 +46,7 @@ import re
 import secrets
 import unicodedata
 from array import array
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -616,15 +616,62 @@ def screen_intent(messages: Sequence[ChatMessage]) -> IntentVerdict:
 
 
 # -- accumulation ----------------------------------------------------------------------------------
-@dataclass(slots=True)
-class _Evidence:
-    """One principal's evidence on one model, all bounded: the points of its last requests (every
-    request once the record exists), the counted ones over the window, and recent probes' sketches."""
+_EVENTS = 32  # counted requests kept per principal and model (the window total sums at most these)
+_PROBES = 8  # probe sketches kept per principal and model, for the paraphrase test
+_PROBE_KIND, _GUARD_KIND, _PARAPHRASE_KIND = 1, 2, 4
 
-    recent: deque[tuple[float, float]]  # (time, points) of the last `recent_requests` requests
-    events: deque[tuple[float, float, int]]  # (time, points, kind bits: 1 probe, 2 guard, 4 paraphrase)
-    probes: deque[tuple[float, bytes]]
-    escalated: bool = False
+
+class _Evidence:
+    """One principal's evidence on one model in fixed-size ring buffers (2.4 KB a record, measured):
+    the points of its last `recent` requests, the time, points and kind of its last `_EVENTS`
+    counted requests, and the time and sketch of its last `_PROBES` probes."""
+
+    __slots__ = ("escalated", "event_kinds", "event_points", "event_times", "events", "probe_sketches",
+                 "probe_times", "probes", "recent", "recent_times", "requests")
+
+    def __init__(self, recent: int) -> None:
+        self.recent = array("d", bytes(8 * recent))
+        self.recent_times = array("d", [float("-inf")]) * recent
+        self.requests = 0
+        self.event_times = array("d", [float("-inf")]) * _EVENTS
+        self.event_points = array("d", bytes(8 * _EVENTS))
+        self.event_kinds = bytearray(_EVENTS)
+        self.events = 0
+        self.probe_times = array("d", [float("-inf")]) * _PROBES
+        self.probe_sketches: list[bytes] = [b""] * _PROBES
+        self.probes = 0
+        self.escalated = False
+
+    def add(self, now: float, points: float, kind: int) -> None:
+        slot = self.requests % len(self.recent)
+        self.recent[slot], self.recent_times[slot] = points, now
+        self.requests += 1
+        if points > 0.0:
+            slot = self.events % _EVENTS
+            self.event_times[slot], self.event_points[slot], self.event_kinds[slot] = now, points, kind
+            self.events += 1
+
+    def add_probe(self, now: float, sketch: bytes) -> None:
+        slot = self.probes % _PROBES
+        self.probe_times[slot], self.probe_sketches[slot] = now, sketch
+        self.probes += 1
+
+    def live_probes(self, horizon: float) -> list[bytes]:
+        return [s for t, s in zip(self.probe_times, self.probe_sketches, strict=True) if t >= horizon and s]
+
+    def burst(self, horizon: float) -> tuple[float, int]:
+        """Sum of points and count of the last requests since `horizon`."""
+        live = [p for t, p in zip(self.recent_times, self.recent, strict=True) if t >= horizon]
+        return sum(live), len(live)
+
+    def total(self, horizon: float, kind: int = 0) -> tuple[float, int]:
+        """Sum of points and count of counted requests since `horizon` (of one kind, if given)."""
+        points, count = 0.0, 0
+        for t, p, k in zip(self.event_times, self.event_points, self.event_kinds, strict=True):
+            if t >= horizon and (not kind or k & kind):
+                points += p
+                count += 1
+        return points, count
 
 
 class ExtractionTracker:
@@ -635,28 +682,29 @@ class ExtractionTracker:
     `guard_probe_weight` if the request was a counted probe, else `guard_weight` (the guard's own
     false refusals of benign requests must not add up to an escalation on their own); and
     `paraphrase_weight` when the probe's fingerprint has estimated Jaccard similarity of at least
-    `paraphrase_similarity` with an earlier probe of the window (many rewordings of one probe).
+    `paraphrase_similarity` with one of the principal's last 8 probes within the window (many
+    rewordings of one probe).
 
     Two tests, either escalates (once per principal and model, until `forget`):
-    - burst: the points of the principal's last `recent_requests` requests within the window reach
-      `threshold`. An attacker is caught fast; a benign user's rare false positives are spread
-      over many requests and stay under it however many requests it sends.
-    - total: the counted points within `window_seconds` reach `window_threshold`, whatever the
-      requests between them: an attacker who dilutes its probes with benign requests is caught too,
-      later. This is the bound on a heavy benign user: its false positives over one window.
+    - burst: the points of its last `recent_requests` requests within the window reach `threshold`. An
+      attacker is caught fast; a benign user's rare false positives are spread over many requests
+      and stay under it however many requests it sends.
+    - total: the points of its last 32 counted requests within `window_seconds` reach
+      `window_threshold`, whatever the requests between them: an attacker who dilutes its probes
+      with benign requests is caught too, later. This is the bound on a heavy benign user: its
+      false positives over one window.
     The defaults are calibrated in bench/LLM_INTENT.md (bench/llm_intent.py).
 
     Bounds. Only principals with evidence are stored (a request that adds no points and finds no
     record stores nothing), at most `max_principals`, evicted least recently used; each keeps at
-    most `max_models` models (least recently used evicted) and per model at most
-    `recent_requests` + `_MAX_EVENTS` points and `_MAX_PROBES` sketches. To push out its own record
-    by eviction, a principal must make `max_principals` *other* principals present evidence after
-    its last request: that takes as many keys, each sending a probe. Clean traffic never evicts
-    anyone. Time comes from the caller (`now`, seconds); used from the event loop only, so no lock.
+    most `max_models` models (least recently used evicted), each in fixed-size buffers (2.4 KB
+    measured; so at most max_principals x max_models x 2.4 KB: 80 MB with the defaults if every
+    principal probes eight models, 10 MB with one). To push out
+    its own record by eviction, a principal must make `max_principals` *other* principals present
+    evidence after its last request: that takes as many keys, each sending a probe. Clean traffic
+    never evicts anyone. Time comes from the caller (`now`, seconds); used from the event loop only,
+    so no lock.
     """
-
-    _MAX_EVENTS = 64
-    _MAX_PROBES = 16
 
     def __init__(
         self,
@@ -670,8 +718,8 @@ class ExtractionTracker:
         guard_probe_weight: float = 2.0,
         paraphrase_weight: float = 0.5,
         paraphrase_similarity: float = 0.5,
-        max_principals: int = 10_000,
-        max_models: int = 32,
+        max_principals: int = 4_096,
+        max_models: int = 8,
     ) -> None:
         sizes = (recent_requests, max_principals, max_models)
         if min(threshold, window_threshold, window_seconds) <= 0 or min(sizes) < 1:
@@ -701,10 +749,10 @@ class ExtractionTracker:
         test passes its threshold, else None."""
         points, kind = 0.0, 0
         if verdict.score >= self.min_score:
-            points, kind = verdict.score, 1
+            points, kind = verdict.score, _PROBE_KIND
         if guard_hit:
             points += self.guard_probe_weight if kind else self.guard_weight
-            kind |= 2
+            kind |= _GUARD_KIND
         models = self._principals.get(principal)
         evidence = models.get(model) if models is not None else None
         if evidence is None and points == 0.0 and not verdict.signals:
@@ -714,34 +762,27 @@ class ExtractionTracker:
         else:
             self._principals.move_to_end(principal)
         if evidence is None:
-            evidence = _Evidence(
-                deque(maxlen=self.recent_requests), deque(maxlen=self._MAX_EVENTS), deque(maxlen=self._MAX_PROBES)
-            )
-            models[model] = evidence
+            evidence = models[model] = _Evidence(self.recent_requests)
             if len(models) > self.max_models:
                 models.popitem(last=False)
         else:
             models.move_to_end(model)
         horizon = now - self.window_seconds
-        for queue in (evidence.recent, evidence.events, evidence.probes):
-            while queue and queue[0][0] < horizon:
-                queue.popleft()
         if verdict.signals and verdict.fingerprint:
-            if any(similarity(verdict.fingerprint, seen) >= self.paraphrase_similarity for _, seen in evidence.probes):
+            similar = (similarity(verdict.fingerprint, seen) for seen in evidence.live_probes(horizon))
+            if any(s >= self.paraphrase_similarity for s in similar):
                 points += self.paraphrase_weight
-                kind |= 4
-            evidence.probes.append((now, verdict.fingerprint))
-        evidence.recent.append((now, points))
-        if points > 0.0:
-            evidence.events.append((now, points, kind))
+                kind |= _PARAPHRASE_KIND
+            evidence.add_probe(now, verdict.fingerprint)
+        evidence.add(now, points, kind)
         if evidence.escalated:
             return None
-        burst = sum(p for _, p in evidence.recent)
-        total = sum(p for _, p, _ in evidence.events)
+        burst, recent = evidence.burst(horizon)
+        total, counted = evidence.total(horizon)
         if burst >= self.threshold:
-            test, value, limit = "burst", burst, self.threshold
+            value, limit, over = burst, self.threshold, recent
         elif total >= self.window_threshold:
-            test, value, limit = "total", total, self.window_threshold
+            value, limit, over = total, self.window_threshold, counted
         else:
             return None
         evidence.escalated = True
@@ -750,10 +791,10 @@ class ExtractionTracker:
             {
                 "evidence": round(value, 3),
                 "threshold": limit,
-                "requests": len(evidence.recent) if test == "burst" else len(evidence.events),
-                "probes": sum(1 for _, _, k in evidence.events if k & 1),
-                "guard_hits": sum(1 for _, _, k in evidence.events if k & 2),
-                "paraphrases": sum(1 for _, _, k in evidence.events if k & 4),
+                "requests": over,
+                "probes": evidence.total(horizon, _PROBE_KIND)[1],
+                "guard_hits": evidence.total(horizon, _GUARD_KIND)[1],
+                "paraphrases": evidence.total(horizon, _PARAPHRASE_KIND)[1],
                 "window_seconds": self.window_seconds,
             },
         )
