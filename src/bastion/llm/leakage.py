@@ -12,7 +12,8 @@ Detectors (`LeakDetected.detector` is "<detector>/<view>", for the audit record 
 - `canary`: the per-request random canary planted in the prompt (proof the prompt was copied).
 - `secret`: a declared secret (`ProtectedPrompt.secrets`), or any fragment of it of at least
   `m = max(min_fragment_chars, ceil(fragment_fraction * len))` characters of its separator-free
-  form. One answer therefore discloses fewer than `m` consecutive characters of a secret in any
+  form (crossing a word boundary, for a secret of several words: "lighthouse" alone is a word,
+  "obsidianl" is the secret). One answer therefore discloses fewer than `m` consecutive characters of a secret in any
   view; piecing fragments together across requests is query auditing's job (`bastion.llm.intent`).
 - `overlap`: the share of the prompt's distinct `kgram_chars`-character grams (on the
   separator-free view: word n-grams that survive `|` between letters) found in the answer, in any
@@ -31,12 +32,14 @@ character, not a rescan):
   the patterns folded alike (0/o, 1/i/l, 3/e, 4/a, 5/s, 7/t, 8/b, 6/9/g, 2/z).
 - `spelled`: words read as letters: single characters, NATO/ICAO code words ("Sierra"), English
   letter names ("ess", "ee", "see"), digit words ("seven", "niner"); "S as in Sierra" and
-  "S for Sierra" read "s"; other words are skipped.
+  "S for Sierra" read "s"; other words are skipped, up to three in a row ("then the digit 7"); a
+  fourth breaks the view (no pattern spans the break).
 - `base64@k` (k = 0..3) and `hex@k` (k = 0..1): every base64 (standard and URL-safe) or hex
   character of the answer, whitespace and prose between them skipped, decoded from each of the
   possible alignments, so an encoded run is read wherever it starts, split over lines or embedded
   in prose; "0x"/"\\x" prefixes dropped. The decoded text's compact view is matched forwards and
-  reversed.
+  reversed; a decoded byte that is not text (a control or non-ASCII byte, as prose read as base64
+  gives) breaks it.
 
 Streaming hold-back, and why it is safe. Before any character is released, every view of all the
 text so far (released and held) has been checked. The released prefix then never contains a
@@ -61,6 +64,7 @@ from __future__ import annotations
 
 import binascii
 import math
+import re
 import secrets as _secrets
 import string
 import unicodedata
@@ -215,13 +219,14 @@ class _Table:
         self.lengths: tuple[int, ...] = ()
         self.max_prefix = 0
 
-    def add_exact(self, patterns: Iterable[str], label: str) -> None:
+    def add_exact(self, patterns: Iterable[str], label: str) -> _Table:
         for p in patterns:
             self.exact.setdefault(p, label)
             for i in range(1, len(p)):
                 self.prefixes.add(p[:i])
         self.lengths = tuple(sorted({len(p) for p in self.exact}))
         self.max_prefix = max(self.lengths, default=1) - 1
+        return self
 
     def add_kgram(self, gram: str, gram_id: int) -> None:
         ids = self.kgrams.get(gram)
@@ -229,15 +234,6 @@ class _Table:
             self.kgrams[gram] = (gram_id,)
         elif gram_id not in ids:
             self.kgrams[gram] = (*ids, gram_id)
-
-    def with_exact(self, patterns: Iterable[str], label: str) -> _Table:
-        """A copy with more exact patterns (the per-request canary); the k-grams are shared."""
-        t = _Table()
-        t.exact = dict(self.exact)
-        t.prefixes = set(self.prefixes)
-        t.kgrams = self.kgrams
-        t.add_exact(patterns, label)
-        return t
 
 
 class _Lcs:
@@ -274,16 +270,21 @@ class _Lcs:
 
 
 class _Scan:
-    """One view's matcher: the tail it needs, the exact and k-gram look-ups, its hold-back point."""
+    """One view's matcher: the tail it needs, the exact and k-gram look-ups, its hold-back point.
 
-    __slots__ = ("hold", "keep", "kgram", "name", "owner", "pos", "table", "tail")
+    `table` is the prompt's (secrets and k-grams, built once), `extra` the request's (its canary):
+    two look-ups rather than a per-request copy of the prompt's table.
+    """
 
-    def __init__(self, owner: StreamScanner, table: _Table, name: str) -> None:
+    __slots__ = ("extra", "hold", "keep", "kgram", "name", "owner", "pos", "table", "tail")
+
+    def __init__(self, owner: StreamScanner, table: _Table, extra: _Table, name: str) -> None:
         self.owner = owner
         self.table = table
+        self.extra = extra
         self.name = name
         self.kgram = owner.kgram_chars
-        self.keep = max(table.max_prefix + 1, self.kgram) - 1
+        self.keep = max(table.max_prefix + 1, extra.max_prefix + 1, self.kgram) - 1
         self.tail = ""
         self.pos: list[int] = []
         self.hold: int | None = None
@@ -293,31 +294,34 @@ class _Scan:
             return
         tail = self.tail + chars
         tpos = self.pos + pos
-        t = self.table
-        exact, kgrams, k = t.exact, t.kgrams, self.kgram
+        kgrams, k = self.table.kgrams, self.kgram
         for end in range(len(self.tail) + 1, len(tail) + 1):
-            for n in t.lengths:
-                if end >= n:
-                    label = exact.get(tail[end - n : end])
-                    if label is not None:
-                        raise LeakDetected(f"{label}/{self.name}", 1.0)
+            for t in (self.table, self.extra):
+                for n in t.lengths:
+                    if end >= n:
+                        label = t.exact.get(tail[end - n : end])
+                        if label is not None:
+                            raise LeakDetected(f"{label}/{self.name}", 1.0)
             if end >= k:
                 ids = kgrams.get(tail[end - k : end])
                 if ids is not None:
                     self.owner.cover(ids, self.name)
+        # The hold-back: the longest suffix that may still grow into a pattern.
         self.hold = None
-        prefixes = t.prefixes
-        for s in range(min(t.max_prefix, len(tail)), 0, -1):
-            if tail[-s:] in prefixes:
-                self.hold = tpos[-s]
-                break
+        for t in (self.table, self.extra):
+            for s in range(min(t.max_prefix, len(tail)), 0, -1):
+                if tail[-s:] in t.prefixes:
+                    if self.hold is None or tpos[-s] < self.hold:
+                        self.hold = tpos[-s]
+                    break
         if len(tail) > self.keep:
             cut = len(tail) - self.keep
             tail, tpos = tail[cut:], tpos[cut:]
         self.tail, self.pos = tail, tpos
 
-    def release_all(self) -> None:
-        self.hold = None
+    def reset(self) -> None:
+        """A break in the view: no pattern spans it, so nothing before it need be held."""
+        self.tail, self.pos, self.hold = "", [], None
 
 
 class _Decoder:
@@ -354,12 +358,19 @@ class _Decoder:
                 binascii.a2b_base64(unit + "=" * (-len(unit) % 4)) if self.size == 4 else bytes.fromhex(unit)
             )
         except (binascii.Error, ValueError):
-            return
+            raw = b"\x00"
         for b in raw:
             c = chr(b).lower()  # latin-1: one byte, one character
             if c in _ALNUM:
                 out.append(c)
                 out_pos.append(self.group_pos)
+            elif b < 0x09 or 0x0D < b < 0x20 or b > 0x7E:
+                # Not text: prose read as base64 decodes to such bytes. A break, so that the few
+                # letters among them neither join into a pattern nor stay held.
+                self.scan.push("".join(out), out_pos)
+                self.scan.reset()
+                out.clear()
+                out_pos.clear()
 
     @property
     def pending(self) -> int | None:
@@ -393,14 +404,18 @@ class StreamScanner:
             raise ValueError("the canary must be the one plant_canary() returned")
         self.kgram_chars = guard.kgram_chars
         self._guard = guard
-        main = guard.main_table.with_exact(_variants(c, shifts=True), "canary")
-        leet = guard.leet_table.with_exact(_variants(_leet(c), shifts=False), "canary")
-        dec = guard.dec_table.with_exact(_variants(c, shifts=False), "canary")
-        self._compact = _Scan(self, main, "compact")
-        self._leet = _Scan(self, leet, "leet")
-        self._spelled = _Scan(self, main, "spelled")
-        self._b64 = [_Decoder(_Scan(self, dec, f"base64@{k}"), size=4, skip=k) for k in range(4)]
-        self._hex = [_Decoder(_Scan(self, dec, f"hex@{k}"), size=2, skip=k) for k in range(2)]
+        main = _Table().add_exact(_variants(c, shifts=True), "canary")
+        leet = _Table().add_exact(_variants(_leet(c), shifts=False), "canary")
+        dec = _Table().add_exact(_variants(c, shifts=False), "canary")
+        self._compact = _Scan(self, guard.main_table, main, "compact")
+        self._leet = _Scan(self, guard.leet_table, leet, "leet")
+        self._spelled = _Scan(self, guard.main_table, main, "spelled")
+        self._b64 = [
+            _Decoder(_Scan(self, guard.dec_table, dec, f"base64@{k}"), size=4, skip=k) for k in range(4)
+        ]
+        self._hex = [
+            _Decoder(_Scan(self, guard.dec_table, dec, f"hex@{k}"), size=2, skip=k) for k in range(2)
+        ]
         self._scans = [self._compact, self._leet, self._spelled] + [d.scan for d in self._b64 + self._hex]
         self._covered: set[int] = set()
         self._lcs = [
@@ -412,6 +427,7 @@ class StreamScanner:
         self._word: list[str] = []
         self._word_pos = 0
         self._spell_state = ""
+        self._unspelled = 0  # words in a row that spell nothing: a fourth is a break
         self._hex_zero: int | None = None  # a "0" held to see whether an "x" follows
         self._held = ""
         self._held_base = 0
@@ -419,6 +435,15 @@ class StreamScanner:
         self._failed: LeakDetected | None = None
 
     # -- detectors called by the views --
+
+    @property
+    def scores(self) -> dict[str, float]:
+        """The overlap and Rouge-L recall reached so far, in [0, 1] (for calibration and audit)."""
+        n = self._guard.content_word_count
+        return {
+            "overlap": len(self._covered) / self._guard.kgram_count,
+            "rouge_l": max(lcs.length for lcs in self._lcs) / n,
+        }
 
     def cover(self, ids: tuple[int, ...], view: str) -> None:
         self._covered.update(ids)
@@ -455,15 +480,16 @@ class StreamScanner:
         if w == "double":
             self._spell_state = "double"
             return
+        c = w if len(w) == 1 or w.isdigit() else _SPELLED.get(w)
+        if c is None:
+            self._unspelled += 1
+            if self._unspelled > 3:  # "then the digit 7" passes; prose between letters does not
+                self._spelled.reset()
+            return
+        self._unspelled = 0
+        self._spelled.push(c, [p] * len(c))
         if len(w) == 1:
-            self._spelled.push(w, [p])
             self._spell_state = "letter"
-        elif w.isdigit():
-            self._spelled.push(w, [p] * len(w))
-        else:
-            c = _SPELLED.get(w)
-            if c is not None:
-                self._spelled.push(c, [p])
 
     # -- the stream --
 
@@ -627,13 +653,24 @@ class LeakageGuard:
 
         fragments: set[str] = set()
         for s in prompt.secrets:
-            c = _compact(s)
+            parts = [w for w in (_compact(w) for w in re.split(r"[\W_]+", s)) if w]
+            c = "".join(parts)
             if len(c) < 4:
                 raise ConfigError(
                     f"protected prompt {prompt.name!r}: a declared secret has fewer than 4 letters or digits"
                 )
             m = min(len(c), max(min_fragment_chars, math.ceil(fragment_fraction * len(c))))
-            fragments.update(c[i : i + m] for i in range(len(c) - m + 1))
+            # A fragment of a secret of several words must cross a word boundary: "lighthouse" alone
+            # is an ordinary word, "obsidianl" is the secret.
+            # The words in reverse order too ("say the words in reverse order").
+            for ps in (parts, parts[::-1]) if len(parts) > 1 else (parts,):
+                c = "".join(ps)
+                word_of = [i for i, w in enumerate(ps) for _ in w]
+                fragments.update(
+                    c[i : i + m]
+                    for i in range(len(c) - m + 1)
+                    if len(ps) == 1 or m == len(c) or word_of[i] != word_of[i + m - 1]
+                )
         self.fragment_lengths = sorted({len(f) for f in fragments})
 
         self.main_table = _Table()
