@@ -343,8 +343,9 @@ class ChatModelSettings(_Strict):
     # or only record ("alert").
     extraction_watch: Literal["quarantine", "alert", "off"] = "quarantine"
     # PII and secrets replaced by placeholders: in the client's messages before they reach the
-    # model ("input"), in the answer ("output"), both, or neither.
-    redact: Literal["none", "input", "output", "both"] = "input"
+    # model ("input"), in the answer ("output"), both, or neither. Default: "input" for an upstream
+    # (the text leaves this server), "none" for the local model.
+    redact: Literal["none", "input", "output", "both"] | None = None
     max_tokens: Annotated[int, Field(ge=1, le=32_768)] = 512  # the model's own cap, over any role's
     context_tokens: Annotated[int, Field(ge=256, le=131_072)] = 2048
     # Generations at once on this model, and requests that may wait for one (more: 503 model_busy).
@@ -355,6 +356,14 @@ class ChatModelSettings(_Strict):
     # "env:NAME" or "file:PATH": the upstream's API key; never logged.
     upstream_credential: Annotated[str, Field(pattern=r"^(env|file):.+$")] | None = None
     upstream_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 60.0
+
+    @property
+    def redacts_input(self) -> bool:
+        return self.redact in ("input", "both") or (self.redact is None and self.backend == "upstream")
+
+    @property
+    def redacts_output(self) -> bool:
+        return self.redact in ("output", "both")
 
     @model_validator(mode="after")
     def _upstream_settings_need_upstream(self) -> ChatModelSettings:
@@ -452,7 +461,11 @@ def load_config(path: Path) -> Config:
         update={
             "prompts": {
                 name: p.model_copy(update={"file": base / p.file}) for name, p in config.llm.prompts.items()
-            }
+            },
+            "models": [
+                m.model_copy(update={"upstream_credential": _rebase_key_spec(m.upstream_credential, base)})
+                for m in config.llm.models
+            ],
         }
     )
     return config.model_copy(update={"server": server, "models": models, "llm": llm})

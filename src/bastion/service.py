@@ -148,6 +148,8 @@ class Bastion:
         self.extraction_tracker = ExtractionTracker()
         self.chat_models: dict[str, ChatModel] = {}
         self.chat_models = load_chat_models(config, config_path, backends=self._chat_backends)
+        if any(m.settings.redacts_input or m.settings.redacts_output for m in self.chat_models.values()):
+            self.redactor.load()  # at start-up, not on the first request
         self.pipelines = self.build_pipelines(self._hmac_key)
 
     def build_pipelines(self, hmac_key: bytes) -> dict[Route, list[Stage]]:

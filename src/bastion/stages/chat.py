@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import AsyncGenerator, Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bastion.config import Action, ChatLimits
 from bastion.context import ChatExchange, RequestContext
@@ -35,12 +35,14 @@ from bastion.llm.intent import Escalation, ExtractionTracker, IntentVerdict, scr
 from bastion.llm.leakage import LeakageGuard, LeakDetected
 from bastion.llm.models import ChatModel
 from bastion.llm.protocol import decode_chat_request
-from bastion.llm.redaction import Redactor
 from bastion.llm.types import ChatMessage, Completion, GenerationParams, StreamEnd, Usage
 from bastion.metrics import Metrics
 from bastion.policy import Policy
 from bastion.stages.query_audit import quarantined
 from bastion.state import BudgetKey, StateStore
+
+if TYPE_CHECKING:
+    from bastion.llm.redaction import Redactor
 
 log = logging.getLogger("bastion.llm")
 
@@ -112,11 +114,17 @@ class LazyRedactor:
     def __init__(self) -> None:
         self._redactor: Redactor | None = None
 
+    def load(self) -> Redactor:
+        """Build the redactor now (about a second: Presidio compiles its recognizers)."""
+        if self._redactor is None:
+            from bastion.llm.redaction import Redactor
+
+            self._redactor = Redactor()
+        return self._redactor
+
     def redact_into(self, chat: ChatExchange, text: str) -> str:
         """The text with its findings replaced; their counts added to the exchange's (audited)."""
-        if self._redactor is None:
-            self._redactor = Redactor()
-        found = self._redactor.redact(text)
+        found = self.load().redact(text)
         for entity, count in found.counts.items():
             chat.redactions[entity] = chat.redactions.get(entity, 0) + count
         return found.text
@@ -154,7 +162,7 @@ class ComposeChat:
                     )
                 m = ChatMessage("user", m.content)
             messages.append(m)
-        if model.settings.redact in ("input", "both"):
+        if model.settings.redacts_input:
             messages = [ChatMessage(m.role, self._redactor.redact_into(chat, m.content)) for m in messages]
         if messages and messages[0].role == "assistant" and model.prompt is not None:
             raise BadRequest(
@@ -366,7 +374,7 @@ class Generate:
 
     def _redact_output(self, chat: ChatExchange, text: str) -> str:
         assert chat.model is not None
-        if chat.model.settings.redact not in ("output", "both"):
+        if not chat.model.settings.redacts_output:
             return text
         return self._redactor.redact_into(chat, text)
 
