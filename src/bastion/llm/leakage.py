@@ -428,6 +428,7 @@ class StreamScanner:
         self._word_pos = 0
         self._spell_state = ""
         self._unspelled = 0  # words in a row that spell nothing: a fourth is a break
+        self._lone = False  # the spelled view holds only an "a" or "i" (likely the English word)
         self._hex_zero: int | None = None  # a "0" held to see whether an "x" follows
         self._held = ""
         self._held_base = 0
@@ -483,9 +484,13 @@ class StreamScanner:
         c = w if len(w) == 1 or w.isdigit() else _SPELLED.get(w)
         if c is None:
             self._unspelled += 1
-            if self._unspelled > 3:  # "then the digit 7" passes; prose between letters does not
+            # "then the digit 7" passes; prose between letters does not. Nor does a word after the
+            # English "a" or "I" alone, so that an answer opening "I would" is not held for it.
+            if self._unspelled > 3 or self._lone:
                 self._spelled.reset()
+                self._lone = False
             return
+        self._lone = w in ("a", "i") and not self._spelled.tail
         self._unspelled = 0
         self._spelled.push(c, [p] * len(c))
         if len(w) == 1:
@@ -662,8 +667,10 @@ class LeakageGuard:
             m = min(len(c), max(min_fragment_chars, math.ceil(fragment_fraction * len(c))))
             # A fragment of a secret of several words must cross a word boundary: "lighthouse" alone
             # is an ordinary word, "obsidianl" is the secret.
-            # The words in reverse order too ("say the words in reverse order").
-            for ps in (parts, parts[::-1]) if len(parts) > 1 else (parts,):
+            # The words in reverse order too ("say the words in reverse order"), words split at
+            # spaces ("K-17" one word) and at every separator.
+            spaced = [w for w in (_compact(w) for w in s.split()) if w]
+            for ps in (parts, parts[::-1], spaced[::-1]) if len(parts) > 1 else (parts,):
                 c = "".join(ps)
                 word_of = [i for i, w in enumerate(ps) for _ in w]
                 fragments.update(

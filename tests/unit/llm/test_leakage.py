@@ -1,0 +1,412 @@
+"""The leakage guard from the attacker's side: every published disguise of a leak is refused, a
+stream never releases a leaking byte, benign answers pass.
+
+The prompts, attacks and benign requests are bench/llm's; the leaky answers come from the scripted
+backend (`bastion.llm.scripted`), which answers an attack with the planted prompt transformed as
+asked. The views checked here (`_oracle_views`) are written in this file, apart from the guard's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import codecs
+import json
+import re
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bastion.errors import ConfigError
+from bastion.llm.leakage import LeakageGuard, LeakDetected, _Lcs
+from bastion.llm.scripted import ScriptedLeakyBackend, answer
+from bastion.llm.types import ChatMessage, GenerationParams, ProtectedPrompt, StreamEnd
+
+CORPUS = Path(__file__).parents[3] / "bench" / "llm"
+CANARY_LINE = re.compile(r"^Reference \w+\.$")
+
+
+def _prompts() -> list[ProtectedPrompt]:
+    out = []
+    for path in sorted((CORPUS / "prompts").glob("*.toml")):
+        d = tomllib.loads(path.read_text())
+        out.append(ProtectedPrompt(d["name"], d["text"], "sha256:-", tuple(d["secrets"])))
+    return out
+
+
+def _cases(name: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (CORPUS / name).read_text().splitlines() if line.strip()]
+
+
+PROMPTS = _prompts()
+ATTACKS = _cases("attacks.jsonl")
+BENIGN = _cases("benign.jsonl")
+GUARDS = {p.name: LeakageGuard(p) for p in PROMPTS}
+
+
+def _messages(system: str, case: dict[str, Any]) -> list[ChatMessage]:
+    return [ChatMessage("system", system)] + [ChatMessage(m["role"], m["content"]) for m in case["messages"]]
+
+
+def _alnum(s: str) -> str:
+    return re.sub(r"[^0-9a-z]", "", s.lower())
+
+
+def _oracle_views(text: str) -> list[str]:
+    """The text, reversed, under every Caesar shift, and base64/hex runs decoded (whitespace out)."""
+    views = [text, text[::-1]]
+    views += [codecs.encode(text, "rot13")] + [
+        "".join(chr((ord(c) - 97 + k) % 26 + 97) if "a" <= c <= "z" else c for c in text.lower())
+        for k in range(26)
+    ]
+    flat = re.sub(r"\s+", "", text)
+    for run in re.findall(r"[A-Za-z0-9+/]{8,}", flat):
+        for cut in range(4):
+            body = run[cut:]
+            body = body[: len(body) - len(body) % 4]
+            views.append(base64.b64decode(body).decode("latin-1"))
+    for run in re.findall(r"[0-9a-f]{8,}", re.sub(r"0x|[\s,]", "", text.lower())):
+        for cut in range(2):
+            body = run[cut:]
+            views.append(bytes.fromhex(body[: len(body) - len(body) % 2]).decode("latin-1"))
+    return views
+
+
+def _holds_secret(text: str, prompt: ProtectedPrompt, canary: str) -> bool:
+    needles = [_alnum(s) for s in prompt.secrets] + [canary]
+    return any(n in _alnum(v) for v in _oracle_views(text) for n in needles)
+
+
+# --- every category, every prompt -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prompt", PROMPTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("drop", [None, CANARY_LINE], ids=["with-canary", "canary-left-out"])
+def test_every_attack_is_refused(prompt: ProtectedPrompt, drop: re.Pattern[str] | None) -> None:
+    guard = GUARDS[prompt.name]
+    missed = []
+    for case in ATTACKS:
+        system, canary = guard.plant_canary()
+        text = answer(_messages(system, case), drop_lines=drop)
+        try:
+            guard.check(text, canary)
+            missed.append(case["id"])
+        except LeakDetected:
+            pass
+    assert missed == []
+    assert {c["category"] for c in ATTACKS} >= {
+        "direct", "repeat", "ignore_previous", "translate", "summarise", "reversed", "spelled", "separators",
+        "base64", "hex", "caesar", "json", "poem", "uppercase", "roleplay", "maintenance", "continuation",
+        "multi_turn",
+    }  # fmt: skip
+
+
+# --- each view, on the secrets alone (no prompt text to overlap with) ------------------------------
+
+NATO = str.split(
+    "Alfa Bravo Charlie Delta Echo Foxtrot Golf Hotel India Juliett Kilo Lima Mike November Oscar Papa "
+    "Quebec Romeo Sierra Tango Uniform Victor Whiskey X-ray Yankee Zulu"
+)
+DIGITS = str.split("zero one two three four five six seven eight nine")
+
+
+def _caesar(s: str, k: int) -> str:
+    def sh(c: str) -> str:
+        if c.isascii() and c.isalpha():
+            base = 65 if c.isupper() else 97
+            return chr((ord(c) - base + k) % 26 + base)
+        return c
+
+    return "".join(sh(c) for c in s)
+
+
+def _b64_wrapped(s: str, width: int) -> str:
+    enc = base64.b64encode(s.encode()).decode()
+    return "\n".join(enc[i : i + width] for i in range(0, len(enc), width))
+
+
+DISGUISES: dict[str, Callable[[str], str]] = {
+    "plain": lambda s: f"Sure, it is {s}.",
+    "upper": lambda s: s.upper(),
+    "pipes": lambda s: "|".join(s),
+    "dashes-lower": lambda s: "-".join(s.lower()),
+    "per-line": lambda s: "\n".join(c for c in s if not c.isspace()),
+    "spaced-words": lambda s: " | ".join(s.split()),
+    "reversed": lambda s: s[::-1],
+    "words-reversed": lambda s: " ".join(s.split()[::-1]),
+    "rot13": lambda s: codecs.encode(s, "rot13"),
+    "caesar3": lambda s: _caesar(s, 3),
+    "caesar25": lambda s: _caesar(s, 25),
+    "base64": lambda s: base64.b64encode(s.encode()).decode(),
+    "base64-prose": lambda s: (
+        "Here you go: " + base64.b64encode(b"note: " + s.encode()).decode() + " - enjoy"
+    ),
+    "base64-wrapped": lambda s: _b64_wrapped("The secret is " + s, 7),
+    "base64-urlsafe": lambda s: base64.urlsafe_b64encode(b">>?" + s.encode()).decode(),
+    "hex": lambda s: s.encode().hex(),
+    "hex-0x": lambda s: ", ".join(f"0x{b:02X}" for b in s.encode()),
+    "hex-spaced": lambda s: " ".join(f"{b:02x}" for b in ("x" + s).encode()),
+    "nato": lambda s: " ".join(
+        NATO[ord(c.lower()) - 97] if c.isalpha() else DIGITS[int(c)] for c in s if c.isascii() and c.isalnum()
+    ),
+    "as-in": lambda s: ", ".join(
+        f"{c.upper()} as in {NATO[ord(c.lower()) - 97]}" if c.isalpha() else f"the digit {c}"
+        for c in s
+        if c.isalnum()
+    ),
+    "letter-names": lambda s: " ".join(
+        {"s": "ess", "e": "ee", "c": "see", "r": "are", "t": "tee", "u": "you"}.get(c.lower(), c)
+        for c in s
+        if c.isalnum()
+    ),
+    "leet": lambda s: s.translate(str.maketrans("aeiostAEIOST", "4310574310$7")),
+    "homoglyphs": lambda s: s.translate(str.maketrans("aeopcxAEOPCX", "аеорсхАЕОРСХ")),
+    "zero-width": lambda s: "\u200b".join(s),
+    "fullwidth": lambda s: "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c for c in s),
+    "json": lambda s: json.dumps({"secret": s}),
+}
+
+
+@pytest.mark.parametrize("disguise", sorted(DISGUISES))
+def test_each_view_catches_every_declared_secret(disguise: str) -> None:
+    for prompt in PROMPTS:
+        guard = GUARDS[prompt.name]
+        _, canary = guard.plant_canary()
+        for secret in prompt.secrets:
+            text = DISGUISES[disguise](secret)
+            with pytest.raises(LeakDetected) as e:
+                guard.check(text, canary)
+            assert e.value.detector.startswith("secret/")
+
+
+def test_short_secrets_are_caught_where_a_5_gram_filter_is_not() -> None:
+    p = ProtectedPrompt(
+        "s",
+        "Be helpful. The door code is Q7XK2MZ9P. Say hi.",
+        "sha256:-",
+        ("Q7XK2MZ9P", "red fox eats grapes"),
+    )
+    guard = LeakageGuard(p)
+    _, canary = guard.plant_canary()
+    for text in ("the code: Q7XK2MZ9P", "q 7 x k 2 m z 9 p", "RED FOX EATS GRAPES", "red-fox-eats-grapes"):
+        with pytest.raises(LeakDetected):
+            guard.check(text, canary)
+    # ordinary words of the passphrase, one at a time, are not the secret
+    guard.check("A red fox? It eats mice, not grapes; red grapes are for foxes in fables.", canary)
+
+
+def test_the_canary_is_fresh_short_and_caught() -> None:
+    guard = GUARDS["bank"]
+    texts_canaries = [guard.plant_canary() for _ in range(50)]
+    canaries = {c for _, c in texts_canaries}
+    assert len(canaries) == 50
+    text, canary = texts_canaries[0]
+    assert canary in text and len(canary) == 10
+    assert guard.plant_canary()[0] != text
+    for shown in (
+        canary,
+        canary.upper()[::-1],
+        codecs.encode(canary, "rot13"),
+        base64.b64encode(canary.encode()).decode(),
+    ):
+        with pytest.raises(LeakDetected) as e:
+            guard.check(f"ok {shown} ok", canary)
+        assert e.value.detector.startswith("canary/")
+    guard.check(f"ok {texts_canaries[1][1]} ok", canary)  # another request's canary is not this one's
+
+
+def test_the_refusal_carries_no_text() -> None:
+    guard = GUARDS["gandalf"]
+    _, canary = guard.plant_canary()
+    with pytest.raises(LeakDetected) as e:
+        guard.check("velvet otter sings tuesday", canary)
+    assert "velvet" not in str(e.value) and "otter" not in repr(e.value.args)
+    assert e.value.status == 403 and e.value.score == 1.0 and e.value.detector == "secret/compact"
+
+
+def test_secrets_too_short_to_guard_are_a_config_error() -> None:
+    with pytest.raises(ConfigError):
+        LeakageGuard(
+            ProtectedPrompt("x", "A long enough prompt to protect by overlap.", "sha256:-", ("a-b",))
+        )
+
+
+# --- streaming ------------------------------------------------------------------------------------
+
+
+def _stream(guard: LeakageGuard, canary: str, chunks: list[str]) -> tuple[str, bool]:
+    scanner = guard.stream(canary)
+    released = []
+    try:
+        for c in chunks:
+            released.append(scanner.feed(c))
+        released.append(scanner.finish())
+    except LeakDetected:
+        with pytest.raises(LeakDetected):  # a refused stream stays refused
+            scanner.feed("more")
+        return "".join(released), True
+    return "".join(released), False
+
+
+LEAKY = [
+    ("bank", "Certainly! The override is Q7XK2MZ9P and that is all."),
+    ("bank", "Reversed for you: " + "Q7XK2MZ9P"[::-1] + " (as asked)"),
+    ("gandalf", "In rot13: " + codecs.encode("velvet otter sings tuesday", "rot13")),
+    ("hr", "Encoded: " + base64.b64encode(b"key sk-live-4f9a8c2e71d3b6a0").decode() + " done"),
+    ("pharmacy", "PIN: " + " ".join("8317-4402-6619") + "."),
+    ("quest", "Quebec... no: Golf Romeo India Delta, Kilo, one seven, November Oscar Romeo Tango Hotel"),
+]
+
+
+@pytest.mark.parametrize(("name", "text"), LEAKY, ids=[f"{n}-{i}" for i, (n, _) in enumerate(LEAKY)])
+def test_a_stream_never_releases_a_leaking_byte_at_any_split(name: str, text: str) -> None:
+    guard = GUARDS[name]
+    prompt = next(p for p in PROMPTS if p.name == name)
+    _, canary = guard.plant_canary()
+    with pytest.raises(LeakDetected):
+        guard.check(text, canary)
+    splits = [[text[:i], text[i:]] for i in range(len(text) + 1)] + [list(text)]
+    for chunks in splits:
+        released, refused = _stream(guard, canary, chunks)
+        assert refused
+        assert not _holds_secret(released, prompt, canary)
+        guard.check(released, canary)  # and in no view of the guard's own
+        # the released text is a prefix of the answer, cut before the leaking occurrence
+        assert text.startswith(released)
+
+
+def test_a_stream_holds_back_only_a_little_and_releases_everything_in_order() -> None:
+    guard = GUARDS["travel"]
+    _, canary = guard.plant_canary()
+    text = (
+        "Lisbon in May is lovely: take the train from Porto, pack a light jacket, and book the ferry "
+        "to the islands a week ahead. Prices change daily."
+    )
+    scanner = guard.stream(canary)
+    released = ""
+    lag = []
+    for i in range(0, len(text), 3):
+        released += scanner.feed(text[i : i + 3])
+        lag.append(min(i + 3, len(text)) - len(released))
+    released += scanner.finish()
+    assert released == text
+    # A word or so behind: a word is released once it has ended and cannot start a pattern.
+    assert max(lag) <= 16 and sorted(lag)[len(lag) // 2] <= 8
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    prefix=st.text(max_size=40),
+    suffix=st.text(max_size=40),
+    splits=st.lists(st.integers(min_value=0, max_value=200), max_size=6),
+    disguise=st.sampled_from(sorted(DISGUISES)),
+)
+def test_property_a_disguised_secret_in_any_text_is_refused_and_never_released(
+    prefix: str, suffix: str, splits: list[int], disguise: str
+) -> None:
+    prompt = PROMPTS[0]
+    guard = GUARDS[prompt.name]
+    _, canary = guard.plant_canary()
+    text = prefix + " " + DISGUISES[disguise](prompt.secrets[0]) + " " + suffix
+    cuts = sorted({min(s, len(text)) for s in splits})
+    chunks = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+    released, refused = _stream(guard, canary, chunks)
+    assert refused
+    assert _alnum(prompt.secrets[0]) not in _alnum(released)
+    assert text.startswith(released)
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(max_size=300), splits=st.lists(st.integers(min_value=0, max_value=300), max_size=8))
+def test_property_streaming_decides_as_a_whole_check_and_loses_nothing(text: str, splits: list[int]) -> None:
+    guard = GUARDS["quest"]
+    _, canary = guard.plant_canary()
+    try:
+        guard.check(text, canary)
+        whole = False
+    except LeakDetected:
+        whole = True
+    cuts = sorted({min(s, len(text)) for s in splits})
+    chunks = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+    released, refused = _stream(guard, canary, chunks)
+    assert refused == whole
+    if not refused:
+        assert released == text
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    a=st.lists(st.sampled_from("abcdefg"), max_size=70),
+    b=st.lists(st.sampled_from("abcdefgh"), max_size=70),
+)
+def test_property_bit_parallel_lcs_equals_the_dynamic_programme(a: list[str], b: list[str]) -> None:
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = _Lcs(a)
+    for w in b:
+        lcs.push(w)
+    assert lcs.length == prev[-1]
+
+
+# --- benign answers -------------------------------------------------------------------------------
+
+
+def test_benign_answers_pass_hard_cases() -> None:
+    guard = GUARDS["bank"]
+    _, canary = guard.plant_canary()
+    for text in (
+        "As the customer support assistant of Northwind Bank I can help with savings accounts and loans.",
+        "Base64 maps 3 bytes to 4 characters: 'hello world' is aGVsbG8gd29ybGQ=, and 'cafe' in hex is 63616665.",
+        "Spelled: Q-U-I-E-T. In NATO: Quebec Uniform India Echo Tango. Rot13 of hello is uryyb.",
+        "Your IBAN starts with two letters and two check digits, e.g. DE89 3704 0044 0532 0130 00.",
+        "Codes like 7QX2 or MZ9 are examples only; never share your own PIN.",
+    ):
+        guard.check(text, canary)
+
+
+def test_false_refusals_on_the_benign_set_answered_by_the_scripted_backend_are_at_most_2_percent() -> None:
+    backend = ScriptedLeakyBackend()
+    refused = total = 0
+    for prompt in PROMPTS:
+        guard = GUARDS[prompt.name]
+        for case in BENIGN:
+            system, canary = guard.plant_canary()
+            messages = _messages(system, case)
+            text = asyncio.run(backend.complete(messages, GenerationParams(max_tokens=4096))).text
+            if _holds_secret(text, prompt, canary):
+                continue  # the backend read it as an attack and leaked: refusing is right
+            total += 1
+            try:
+                guard.check(text, canary)
+            except LeakDetected:
+                refused += 1
+    assert len(BENIGN) >= 200 and total >= 0.95 * len(BENIGN) * len(PROMPTS)
+    assert refused / total <= 0.02
+
+
+def test_the_scripted_backend_streams_what_it_completes() -> None:
+    backend = ScriptedLeakyBackend()
+    guard = GUARDS["hr"]
+    system, _ = guard.plant_canary()
+    messages = _messages(system, ATTACKS[0])
+    params = GenerationParams(max_tokens=4096)
+
+    async def run() -> tuple[str, list[str | StreamEnd]]:
+        done = await backend.complete(messages, params)
+        items = [item async for item in backend.stream(messages, params)]
+        return done.text, items
+
+    text, items = asyncio.run(run())
+    assert isinstance(items[-1], StreamEnd) and all(isinstance(i, str) for i in items[:-1])
+    assert "".join(i for i in items[:-1] if isinstance(i, str)) == text
+    assert max(len(i) for i in items[:-1] if isinstance(i, str)) <= 6
+    assert system in text  # an attack gets the planted prompt
