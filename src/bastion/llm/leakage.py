@@ -49,8 +49,9 @@ back, in each view, the longest suffix that is a proper prefix of a canary or se
 the raw characters still pending in a view (a word not yet ended, an incomplete base64 group or
 hex pair). So when a pattern completes, none of its characters has left: the stream ends with no
 byte of the leaking occurrence sent. The hold-back is therefore bounded by the longest pattern,
-`max(len(canary), m)` view characters (under 12 for the defaults), plus one pending unit: a word
-in the spelled view, 4 base64 or 2 hex characters per decoded character. In raw characters it is
+`max(len(canary), m)` view characters (under 12 for the defaults), plus one pending unit (a word
+not yet ended, 4 base64 or 2 hex characters per decoded character); in the spelled view a held
+prefix may be followed by up to three words that spell nothing before the view breaks. In raw characters it is
 as long as the separators the model writes between them; for ordinary prose it is a few characters.
 The overlap and Rouge-L detectors need no hold-back: what was released had, when released, less
 than the threshold, which is the guarantee they give (the answer cut there reveals less than that).
