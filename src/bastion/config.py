@@ -346,6 +346,8 @@ class ChatModelSettings(_Strict):
     # model ("input"), in the answer ("output"), both, or neither. Default: "input" for an upstream
     # (the text leaves this server), "none" for the local model.
     redact: Literal["none", "input", "output", "both"] | None = None
+    # Benchmark baselines only: answers leave unread by the leakage guard (logged as a warning).
+    unsafe_no_leakage_guard: bool = False
     max_tokens: Annotated[int, Field(ge=1, le=32_768)] = 512  # the model's own cap, over any role's
     context_tokens: Annotated[int, Field(ge=256, le=131_072)] = 2048
     # Generations at once on this model, and requests that may wait for one (more: 503 model_busy).

@@ -183,6 +183,28 @@ def test_a_grant_parameter_its_output_uses_is_accepted(tmp_path: Path, grant: st
         ('[rollouts.m]\nstable = "1"\nmin_requests = 5\n', "rollouts.m", "min_requests applies to a canary"),
         ("[grpc]\nport = 9001\n", "grpc", "port applies to the gRPC server, and enabled = false"),
         ('[grpc]\nenabled = false\nhost = "0.0.0.0"\n', "grpc", "host applies to the gRPC server"),
+        (
+            '[[llm.models]]\nname = "a"\nbackend = "local"\nupstream_model = "x"\n',
+            "llm.models.0",
+            'upstream_model is used only by backend = "upstream"',
+        ),
+        (
+            '[[llm.models]]\nname = "a"\nbackend = "local"\nupstream_timeout_seconds = 5\n',
+            "llm.models.0",
+            'upstream_timeout_seconds is used only by backend = "upstream"',
+        ),
+        ('[[llm.models]]\nname = "a"\nbackend = "upstream"\n', "llm.models.0", "needs upstream_url"),
+        (
+            '[[llm.models]]\nname = "a"\nbackend = "local"\non_leak = "regenerate"\n',
+            "llm.models.0",
+            "on_leak applies to a protected prompt",
+        ),
+        ('[llm.prompts.p]\nfile = "p.txt"\n', "llm", "prompts.p: no model uses it"),
+        (
+            '[roles.r]\ngrants = [{ models = ["m"], actions = ["infer"] }]\n[roles.r.chat]\nmax_tokens = 9\n',
+            "roles.r",
+            'no grant has the "chat" action',
+        ),
     ],
 )
 def test_a_setting_another_choice_would_ignore_is_refused(
@@ -379,6 +401,56 @@ REFUSED_WHEN_IGNORED.update(
         )
     }
 )
+_CHAT = "tests/unit/llm/test_chat_core.py::"
+_CHAT_UPSTREAM = _E2E + "test_chat_upstream.py::"
+ENFORCED.update(
+    {
+        ("ChatLimits", "max_tokens"): _CHAT + "test_refusals_before_the_model",
+        ("ChatLimits", "max_messages"): _CHAT + "test_refusals_before_the_model",
+        ("ChatLimits", "max_request_bytes"): _CHAT + "test_the_roles_request_byte_cap",
+        ("ChatLimits", "token_budget"): _CHAT
+        + "test_the_token_budget_refuses_with_429_and_refunds_what_was_not_used",
+        ("ChatLimits", "token_budget_window_seconds"): _CHAT
+        + "test_the_token_budget_window_sets_retry_after",
+        ("ProtectedPromptSettings", "file"): _CHAT
+        + "test_a_granted_chat_answers_behind_the_protected_prompt",
+        ("ProtectedPromptSettings", "secrets"): _CHAT
+        + "test_the_guard_withholds_an_answer_that_leaks_the_secret",
+        ("ChatModelSettings", "name"): _CHAT + "test_no_key_a_wrong_model_and_an_ungranted_one",
+        ("ChatModelSettings", "backend"): _E2E
+        + "test_openai_client.py::test_a_chat_completion",  # local; upstream: test_chat_upstream.py
+        ("ChatModelSettings", "prompt"): _CHAT + "test_a_granted_chat_answers_behind_the_protected_prompt",
+        ("ChatModelSettings", "client_system"): _CHAT
+        + "test_a_client_system_message_is_demoted_where_policy_says",
+        ("ChatModelSettings", "on_leak"): _CHAT + "test_regenerate_once_then_refuse",
+        ("ChatModelSettings", "extraction_watch"): _CHAT
+        + "test_prompt_extraction_auditing_contains_an_attacker",
+        ("ChatModelSettings", "redact"): _CHAT_UPSTREAM + "test_redaction_off_passes_the_text_unchanged",
+        ("ChatModelSettings", "max_tokens"): _CHAT + "test_the_models_own_max_tokens_and_context",
+        ("ChatModelSettings", "unsafe_no_leakage_guard"): _CHAT
+        + "test_unsafe_no_leakage_guard_lets_the_leak_through_and_says_so",
+        ("ChatModelSettings", "context_tokens"): _CHAT + "test_the_models_own_max_tokens_and_context",
+        ("ChatModelSettings", "max_concurrent"): _CHAT + "test_a_busy_model_answers_503_model_busy",
+        ("ChatModelSettings", "max_waiting"): _CHAT + "test_a_busy_model_answers_503_model_busy",
+        ("ChatModelSettings", "upstream_url"): _CHAT_UPSTREAM
+        + "test_the_openai_client_through_bastion_to_a_real_upstream",
+        ("ChatModelSettings", "upstream_model"): _CHAT_UPSTREAM
+        + "test_bastion_sends_the_upstream_model_the_credential_and_the_prompt_first",
+        ("ChatModelSettings", "upstream_credential"): _CHAT_UPSTREAM
+        + "test_a_refused_credential_is_502_and_never_echoed",
+        ("ChatModelSettings", "upstream_timeout_seconds"): _CHAT_UPSTREAM
+        + "test_an_upstream_that_hangs_is_cut_off_at_its_timeout",
+    }
+)
+REFUSED_WHEN_IGNORED.update(
+    {
+        **{
+            ("ChatModelSettings", f): _REFUSED
+            for f in ("upstream_model", "upstream_timeout_seconds", "upstream_url", "on_leak")
+        },
+        ("ProtectedPromptSettings", "file"): _REFUSED,
+    }
+)
 _OWNED_ELSEWHERE: set[str] = set()
 
 
@@ -426,6 +498,10 @@ def test_every_config_field_is_enforced_by_a_named_test_or_refused() -> None:
         "canary_weight",
         "port",
         "host",
+        "upstream_model",
+        "upstream_timeout_seconds",
+        "on_leak",
+        "file",  # a prompt no model uses
     }
     assert {f for _, f in REFUSED_WHEN_IGNORED} - refused_cases <= {
         "postgres_dsn",  # the same rule as postgres_table (one prefix test for the pair)
@@ -433,6 +509,7 @@ def test_every_config_field_is_enforced_by_a_named_test_or_refused() -> None:
         "max_p99_latency_ms",
         "window_seconds",
         "min_requests",
+        "upstream_url",  # the same rule as upstream_model (every upstream_* field)
         # the [grpc] rule (a setting while enabled = false), shown on port and host
         "max_receive_message_bytes",
         "max_send_message_bytes",

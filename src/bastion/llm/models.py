@@ -123,6 +123,10 @@ def load_chat_models(
     }
     models = {}
     for settings in config.llm.models:
+        if settings.unsafe_no_leakage_guard:
+            log.warning(
+                "UNSAFE: model %s answers without the leakage guard (benchmark baseline only)", settings.name
+            )
         given = (backends or {}).get(settings.name)
         backend = given if given is not None else build_backend(settings, config_path)
         models[settings.name] = ChatModel(

@@ -307,7 +307,7 @@ class Generate:
         self._guards: dict[str, LeakageGuard] = {}  # per prompt digest
 
     def _guard(self, model: ChatModel) -> LeakageGuard | None:
-        if model.prompt is None:
+        if model.prompt is None or model.settings.unsafe_no_leakage_guard:
             return None
         guard = self._guards.get(model.prompt.digest)
         if guard is None:
