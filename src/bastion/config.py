@@ -346,6 +346,9 @@ class ChatModelSettings(_Strict):
     # model ("input"), in the answer ("output"), both, or neither. Default: "input" for an upstream
     # (the text leaves this server), "none" for the local model.
     redact: Literal["none", "input", "output", "both"] | None = None
+    # Sampling when the client sets none (OpenAI's own default is 1.0, which a small model answers
+    # with noise; 0 is greedy decoding).
+    temperature: Annotated[float, Field(ge=0, le=2)] = 0.0
     # Benchmark baselines only: answers leave unread by the leakage guard (logged as a warning).
     unsafe_no_leakage_guard: bool = False
     max_tokens: Annotated[int, Field(ge=1, le=32_768)] = 512  # the model's own cap, over any role's

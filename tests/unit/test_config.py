@@ -430,6 +430,7 @@ ENFORCED.update(
         ("ChatModelSettings", "unsafe_no_leakage_guard"): _CHAT
         + "test_unsafe_no_leakage_guard_lets_the_leak_through_and_says_so",
         ("ChatModelSettings", "context_tokens"): _CHAT + "test_the_models_own_max_tokens_and_context",
+        ("ChatModelSettings", "temperature"): _CHAT + "test_the_models_own_max_tokens_and_context",
         ("ChatModelSettings", "max_concurrent"): _CHAT + "test_a_busy_model_answers_503_model_busy",
         ("ChatModelSettings", "max_waiting"): _CHAT + "test_a_busy_model_answers_503_model_busy",
         ("ChatModelSettings", "upstream_url"): _CHAT_UPSTREAM

@@ -64,8 +64,8 @@ class ChatRequest:
     model: str
     messages: tuple[ChatMessage, ...]  # as the client sent them ("developer" read as "system")
     max_tokens: int | None
-    temperature: float
-    top_p: float
+    temperature: float | None  # None: the model's default (policy)
+    top_p: float | None
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
@@ -101,8 +101,8 @@ def decode_chat_request(body: bytes) -> ChatRequest:
         model=parsed.model,
         messages=tuple(_message(m) for m in parsed.messages),
         max_tokens=parsed.max_tokens if parsed.max_tokens is not None else parsed.max_completion_tokens,
-        temperature=1.0 if parsed.temperature is None else parsed.temperature,
-        top_p=1.0 if parsed.top_p is None else parsed.top_p,
+        temperature=parsed.temperature,
+        top_p=parsed.top_p,
         stop=stop,
         stream=bool(parsed.stream),
         include_usage=parsed.stream_options is not None and parsed.stream_options.include_usage,

@@ -327,12 +327,14 @@ class Generate:
 
     def _params(self, chat: ChatExchange, *, retry: bool = False) -> GenerationParams:
         request = chat.request
-        # A retry after a guard hit samples (greedy decoding would give the same answer again).
-        temperature = max(request.temperature, 0.7) if retry else request.temperature
+        assert chat.model is not None
+        temperature = chat.model.settings.temperature if request.temperature is None else request.temperature
+        if retry:  # after a guard hit: sampled (greedy decoding would give the same answer again)
+            temperature = max(temperature, 0.7)
         return GenerationParams(
             max_tokens=chat.max_tokens,
             temperature=temperature,
-            top_p=request.top_p,
+            top_p=1.0 if request.top_p is None else request.top_p,
             stop=request.stop,
             seed=request.seed,
         )

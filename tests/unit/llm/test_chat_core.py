@@ -185,6 +185,7 @@ def test_a_granted_chat_answers_behind_the_protected_prompt(service: Bastion, ba
     assert messages[0].role == "system" and SECRET in messages[0].content and messages[0].content != PROMPT
     assert messages[1:] == [ChatMessage("user", "What are your opening hours?")]
     assert params.max_tokens == 64  # the role's cap (the model allows 128)
+    assert params.temperature == 0.0  # the client set none: the model's default, greedy
     [record] = [r for r in _audit(service) if r.get("request_id") == ctx.request_id]
     assert record["decision"] == "allow" and record["prompt"] == "support"
     assert record["prompt_digest"].startswith("sha256:") and record["guard"] == "pass"
@@ -415,9 +416,15 @@ def test_the_models_own_max_tokens_and_context(tmp_path: Path, backend: CannedBa
     outcome = _one(service, _chat("word " * 240))
     assert (outcome.status, outcome.body["code"]) == (400, "context_length_exceeded")  # type: ignore[index]
     assert backend.calls == []
-    service = _service_with(tmp_path / "3", backend, model="max_tokens = 32\ncontext_tokens = 256")
+    service = _service_with(
+        tmp_path / "3", backend, model="max_tokens = 32\ncontext_tokens = 256\ntemperature = 0.3"
+    )
     assert _one(service, _chat()).status == 200
     assert backend.calls[0][1].max_tokens == 32  # left to policy: the tighter cap
+    assert backend.calls[0][1].temperature == 0.3  # the model's default temperature
+    service = _service_with(tmp_path / "4", backend, model="temperature = 0.3")
+    assert _one(service, _chat(temperature=0.9)).status == 200
+    assert backend.calls[1][1].temperature == 0.9  # the client's own, when it sets one
 
 
 def test_regenerate_once_then_refuse(tmp_path: Path) -> None:
