@@ -30,7 +30,8 @@ def main() -> None:
     ap.add_argument("--base", default="http://127.0.0.1:8300")
     ap.add_argument("--secret", default="")
     a = ap.parse_args()
-    probes = json.load(open(a.probes))
+    with open(a.probes) as f:
+        probes = json.load(f)
     with httpx.Client(base_url=a.base, headers={"Authorization": f"Bearer {a.key}"}, timeout=120) as c:
         for i, p in enumerate(probes):
             body = {"model": "assistant", "max_tokens": 64, **p}
