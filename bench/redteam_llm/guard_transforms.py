@@ -122,7 +122,7 @@ def main() -> None:
         text = Path(sys.argv[1]).read_text().strip()
         secret = sys.argv[2]
     else:
-        text = Path("/tmp/rt-demo/prompts/support.txt")  # noqa: S108 (the demo red-teamed).read_text().strip()
+        text = Path("/tmp/rt-demo/prompts/support.txt").read_text().strip()  # noqa: S108 (the demo red-teamed)
         secret = "KESTREL-8743-KESTREL"  # noqa: S105 (the demo's own, to grade)
     prompt = ProtectedPrompt(name="p", text=text, digest="sha256:x", secrets=(secret,))
     guard = LeakageGuard(prompt)
