@@ -262,40 +262,69 @@ OPENAPI: dict[str, Any] = {
                     "data": {"type": "array", "items": _ref("ChatModel")},
                 },
             },
+            # What bastion.llm.protocol.decode_chat_request accepts, exactly (the fuzzer checks both ways).
             "ChatCompletionRequest": {
                 "type": "object",
                 "description": "OpenAI's chat completion request; parameters not listed are refused by name.",
                 "additionalProperties": False,
                 "required": ["model", "messages"],
                 "properties": {
-                    "model": {"type": "string"},
+                    "model": {"type": "string", "minLength": 1, "maxLength": 64},
                     "messages": {
                         "type": "array",
                         "minItems": 1,
                         "items": {
                             "type": "object",
+                            "additionalProperties": False,
                             "required": ["role", "content"],
                             "properties": {
                                 "role": {"enum": ["system", "developer", "user", "assistant"]},
-                                "content": {"oneOf": [{"type": "string"}, {"type": "array"}]},
-                                "name": {"type": "string"},
+                                "content": {
+                                    "oneOf": [
+                                        {"type": "string"},
+                                        {
+                                            "type": "array",
+                                            "items": {
+                                                "type": "object",
+                                                "additionalProperties": False,
+                                                "required": ["type", "text"],
+                                                "properties": {
+                                                    "type": {"const": "text"},
+                                                    "text": {"type": "string"},
+                                                },
+                                            },
+                                        },
+                                    ]
+                                },
+                                "name": {"type": ["string", "null"], "maxLength": 64},
                             },
                         },
                     },
-                    "max_tokens": {"type": "integer", "minimum": 1},
-                    "max_completion_tokens": {"type": "integer", "minimum": 1},
-                    "temperature": {"type": "number", "minimum": 0, "maximum": 2},
-                    "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-                    "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
-                    "stream": {"type": "boolean"},
+                    "max_tokens": {"type": ["integer", "null"], "minimum": 1},
+                    "max_completion_tokens": {"type": ["integer", "null"], "minimum": 1},
+                    "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2},
+                    "top_p": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1},
+                    "stop": {
+                        "oneOf": [
+                            {"type": "string", "minLength": 1},
+                            {"type": "array", "maxItems": 4, "items": {"type": "string", "minLength": 1}},
+                            {"type": "null"},
+                        ]
+                    },
+                    "stream": {"type": ["boolean", "null"]},
                     "stream_options": {
-                        "type": "object",
+                        "type": ["object", "null"],
+                        "additionalProperties": False,
                         "properties": {"include_usage": {"type": "boolean"}},
                     },
-                    "seed": {"type": "integer"},
-                    "n": {"type": "integer", "minimum": 1, "maximum": 1},
-                    "user": {"type": "string"},
+                    "seed": {"type": ["integer", "null"], "minimum": -(2**63), "maximum": 2**63 - 1},
+                    "n": {"type": ["integer", "null"], "minimum": 1, "maximum": 1},
+                    "user": {"type": ["string", "null"], "maxLength": 256},
                 },
+                # One of the two names for the completion cap; stream_options only on a stream.
+                "not": {"required": ["max_tokens", "max_completion_tokens"]},
+                "if": {"required": ["stream_options"], "properties": {"stream_options": {"type": "object"}}},
+                "then": {"required": ["stream"], "properties": {"stream": {"const": True}}},
             },
             "ChatCompletion": {
                 "type": "object",

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from bastion.errors import BadRequest, ErrorCode
 from bastion.llm.types import ChatMessage, Completion, Usage
@@ -21,14 +21,27 @@ from bastion.protocol import parse_json
 _MAX_STOP = 4  # OpenAI's own limit on stop sequences
 
 
+# Strict: "5" is not an integer and 0 is not a boolean, as the OpenAPI document says.
+_STRICT = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+def _integral(value: object) -> object:
+    """JSON Schema's integer is any number with no fraction: 5.0 is 5 (and 5.5 stays refused)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# An integer as JSON Schema reads one (strict mode alone would refuse 5.0).
+Integer = Annotated[int, BeforeValidator(_integral)]
+
+
 class _Part(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = _STRICT
     type: Literal["text"]
     text: str
 
 
 class _Message(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = _STRICT
     # "developer" is OpenAI's newer name for the system role: both are a client's system message.
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[_Part]
@@ -36,23 +49,27 @@ class _Message(BaseModel):
 
 
 class _StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = _STRICT
     include_usage: bool = False
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = _STRICT
     model: Annotated[str, Field(min_length=1, max_length=64)]
     messages: Annotated[list[_Message], Field(min_length=1)]
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Annotated[Integer, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[Integer, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    stop: str | Annotated[list[str], Field(max_length=_MAX_STOP)] | None = None
+    stop: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=_MAX_STOP)]
+        | None
+    ) = None
     stream: bool | None = None
     stream_options: _StreamOptions | None = None
-    seed: int | None = None
-    n: Annotated[int, Field(ge=1, le=1)] | None = None  # one choice: more would multiply leak chances
+    seed: Annotated[Integer, Field(ge=-(2**63), lt=2**63)] | None = None  # OpenAI's: a 64-bit integer
+    n: Annotated[Integer, Field(ge=1, le=1)] | None = None  # one choice: more would multiply leak chances
     # Accepted as OpenAI documents it: an end-user id for abuse monitoring. Bastion audits a digest of it.
     user: Annotated[str, Field(max_length=256)] | None = None
 
@@ -95,8 +112,6 @@ def decode_chat_request(body: bytes) -> ChatRequest:
     if parsed.stream_options is not None and not parsed.stream:
         raise BadRequest("stream_options: only with stream = true", code=ErrorCode.MALFORMED_REQUEST)
     stop = (parsed.stop,) if isinstance(parsed.stop, str) else tuple(parsed.stop or ())
-    if any(not s for s in stop):
-        raise BadRequest("stop: an empty stop sequence", code=ErrorCode.MALFORMED_REQUEST)
     return ChatRequest(
         model=parsed.model,
         messages=tuple(_message(m) for m in parsed.messages),
