@@ -124,6 +124,12 @@ class ChatLimits(_Strict):
     max_tokens: Annotated[int, Field(ge=1, le=32_768)] = 256  # completion tokens per request
     max_messages: Annotated[int, Field(ge=1, le=1_000)] = 32
     max_request_bytes: Annotated[int, Field(ge=256, le=16 * 1024 * 1024)] = 64 * 1024
+    # Prompt tokens a request may bring, protected prompt included: a long prompt holds the model for
+    # seconds (about 100 tokens a second at one thread), whatever its max_tokens.
+    max_prompt_tokens: Annotated[int, Field(ge=16, le=131_072)] = 1024
+    # This principal's requests running or waiting on one model at once (429 too_many_in_flight
+    # beyond): one key cannot fill a model's queue and lock the others out.
+    max_in_flight: Annotated[int, Field(ge=1, le=1_000)] = 2
     # Prompt + completion tokens a principal may use per window, over every language model; shared
     # by replicas through the state backend, as quotas are. A request reserves its prompt tokens
     # plus its max_tokens before generation and gets back what it did not use.

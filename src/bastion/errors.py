@@ -63,6 +63,7 @@ class ErrorCode(StrEnum):
     PAYLOAD_TOO_LARGE = "payload_too_large"
     TOO_MANY_ROWS = "too_many_rows"
     TOO_MANY_MESSAGES = "too_many_messages"
+    PROMPT_TOO_LONG = "prompt_too_long"  # more prompt tokens than the caller's role allows
     # 422: well-formed, but not what the model takes
     SCHEMA_VIOLATION = "schema_violation"
     EMPTY_TENSOR = "empty_tensor"
@@ -80,6 +81,7 @@ class ErrorCode(StrEnum):
     UNKNOWN_OUTPUT = "unknown_output"
     # 429
     RATE_LIMITED = "rate_limited"
+    TOO_MANY_IN_FLIGHT = "too_many_in_flight"  # a principal's requests running or queued on a language model
     QUOTA_EXHAUSTED = "quota_exhausted"
     AUTH_THROTTLED = "auth_throttled"
     PRIVACY_BUDGET_EXHAUSTED = "privacy_budget_exhausted"
@@ -138,6 +140,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.PAYLOAD_TOO_LARGE: 413,
     ErrorCode.TOO_MANY_ROWS: 413,
     ErrorCode.TOO_MANY_MESSAGES: 413,
+    ErrorCode.PROMPT_TOO_LONG: 413,
     ErrorCode.SCHEMA_VIOLATION: 422,
     ErrorCode.EMPTY_TENSOR: 422,
     ErrorCode.UNSUPPORTED_DATATYPE: 422,
@@ -153,6 +156,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.NOT_A_CATEGORY: 422,
     ErrorCode.UNKNOWN_OUTPUT: 422,
     ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.TOO_MANY_IN_FLIGHT: 429,
     ErrorCode.QUOTA_EXHAUSTED: 429,
     ErrorCode.AUTH_THROTTLED: 429,
     ErrorCode.PRIVACY_BUDGET_EXHAUSTED: 429,

@@ -408,6 +408,8 @@ ENFORCED.update(
         ("ChatLimits", "max_tokens"): _CHAT + "test_refusals_before_the_model",
         ("ChatLimits", "max_messages"): _CHAT + "test_refusals_before_the_model",
         ("ChatLimits", "max_request_bytes"): _CHAT + "test_the_roles_request_byte_cap",
+        ("ChatLimits", "max_prompt_tokens"): _CHAT + "test_the_roles_prompt_token_cap",
+        ("ChatLimits", "max_in_flight"): _CHAT + "test_one_key_cannot_fill_the_queue",
         ("ChatLimits", "token_budget"): _CHAT
         + "test_the_token_budget_refuses_with_429_and_refunds_what_was_not_used",
         ("ChatLimits", "token_budget_window_seconds"): _CHAT

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bastion.config import ChatModelSettings, Config, ProtectedPromptSettings
-from bastion.errors import BackendError, ConfigError, ErrorCode
+from bastion.errors import BackendError, ConfigError, ErrorCode, RateLimited
+from bastion.llm.leakage import LeakageGuard
 from bastion.llm.types import ChatBackend, ProtectedPrompt
 
 log = logging.getLogger("bastion.llm")
@@ -26,15 +27,38 @@ _MAX_PROMPT_BYTES = 64 * 1024
 
 class ConcurrencyGate:
     """At most `limit` generations at once, at most `waiting` callers queued; beyond, 503 `model_busy`
-    at once (a queue without bound would hold every client's connection and memory)."""
+    at once (a queue without bound would hold every client's connection and memory). One principal
+    may hold at most `per_principal` of the running and waiting places together (429 beyond), so one
+    key cannot fill the queue and lock every other user out."""
 
     def __init__(self, limit: int, waiting: int) -> None:
         self._slots = asyncio.Semaphore(limit)
         self._max_waiting = waiting
         self._waiting = 0
+        self._held: dict[str, int] = {}  # principal -> places it holds (running or waiting)
 
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
+    async def slot(self, principal: str, per_principal: int) -> AsyncIterator[None]:
+        held = self._held.get(principal, 0)
+        if held >= per_principal:
+            raise RateLimited(
+                f"{held} of this caller's requests to this model are already running or waiting",
+                retry_after=1.0,
+                code=ErrorCode.TOO_MANY_IN_FLIGHT,
+            )
+        self._held[principal] = held + 1
+        try:
+            async with self._place():
+                yield
+        finally:
+            left = self._held[principal] - 1
+            if left:
+                self._held[principal] = left
+            else:
+                del self._held[principal]
+
+    @asynccontextmanager
+    async def _place(self) -> AsyncIterator[None]:
         if self._slots.locked():
             if self._waiting >= self._max_waiting:
                 raise BackendError("the model is busy; try again shortly", code=ErrorCode.MODEL_BUSY)
@@ -57,6 +81,7 @@ class ChatModel:
     backend: ChatBackend
     prompt: ProtectedPrompt | None
     gate: ConcurrencyGate
+    guard: LeakageGuard | None  # None: no protected prompt, or unsafe_no_leakage_guard (benchmarks)
 
     @property
     def name(self) -> str:
@@ -121,6 +146,12 @@ def load_chat_models(
     prompts = {
         name: load_prompt(name, settings, config_path) for name, settings in config.llm.prompts.items()
     }
+    guards = {}  # one per prompt: built at start-up, where a prompt too short to protect is refused
+    for name, loaded in prompts.items():
+        try:
+            guards[loaded.digest] = LeakageGuard(loaded)
+        except ConfigError as e:
+            raise ConfigError(f"{config_path}: llm.prompts.{name}: {e}") from None
     models = {}
     for settings in config.llm.models:
         if settings.unsafe_no_leakage_guard:
@@ -129,10 +160,12 @@ def load_chat_models(
             )
         given = (backends or {}).get(settings.name)
         backend = given if given is not None else build_backend(settings, config_path)
+        prompt = prompts[settings.prompt] if settings.prompt is not None else None
         models[settings.name] = ChatModel(
             settings=settings,
             backend=backend,
-            prompt=prompts[settings.prompt] if settings.prompt is not None else None,
+            prompt=prompt,
             gate=ConcurrencyGate(settings.max_concurrent, settings.max_waiting),
+            guard=guards.get(prompt.digest) if prompt and not settings.unsafe_no_leakage_guard else None,
         )
     return models

@@ -14,9 +14,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from collections.abc import AsyncGenerator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any
 
 from bastion.config import Action, ChatLimits
@@ -32,7 +34,7 @@ from bastion.errors import (
 )
 from bastion.keys import KeyStore
 from bastion.llm.intent import Escalation, ExtractionTracker, IntentVerdict, screen_intent
-from bastion.llm.leakage import LeakageGuard, LeakDetected
+from bastion.llm.leakage import LeakDetected
 from bastion.llm.models import ChatModel
 from bastion.llm.protocol import decode_chat_request
 from bastion.llm.types import ChatMessage, Completion, GenerationParams, StreamEnd, Usage
@@ -67,6 +69,8 @@ class ChatPolicy:
                     max_tokens=max(c.max_tokens for c in chats),
                     max_messages=max(c.max_messages for c in chats),
                     max_request_bytes=min(self._max_body, max(c.max_request_bytes for c in chats)),
+                    max_prompt_tokens=max(c.max_prompt_tokens for c in chats),
+                    max_in_flight=max(c.max_in_flight for c in chats),
                     token_budget=max(c.token_budget for c in chats),
                     token_budget_window_seconds=max(c.token_budget_window_seconds for c in chats),
                 )
@@ -164,22 +168,32 @@ class ComposeChat:
             messages.append(m)
         if model.settings.redacts_input:
             messages = [ChatMessage(m.role, self._redactor.redact_into(chat, m.content)) for m in messages]
-        if messages and messages[0].role == "assistant" and model.prompt is not None:
+        if model.prompt is not None and messages[-1].role != "user":
+            # A trailing assistant turn is a prefill: the model would continue the client's words
+            # ("The escalation code is"), and a stop sequence would cut each answer to one piece.
             raise BadRequest(
-                "messages: the first message must be the user's", code=ErrorCode.MALFORMED_REQUEST
+                "messages: the last message must be the user's", code=ErrorCode.MALFORMED_REQUEST
             )
         chat.messages = tuple(messages)
-        chat.prompt_tokens = model.backend.count_tokens(_with_prompt(model, chat.messages, _PLACEHOLDER))
+        # Counted with the protected prompt and a canary of the real length, as the model will see it;
+        # the tokenizer may be a round trip (the local model's socket): off the event loop.
+        system = model.guard.plant_canary()[0] if model.guard is not None else None
+        if system is None and model.prompt is not None:
+            system = model.prompt.text
+        chat.prompt_tokens = await asyncio.to_thread(
+            model.backend.count_tokens, _with_prompt(model, chat.messages, system)
+        )
+        if chat.prompt_tokens > limits.max_prompt_tokens:
+            raise PayloadTooLarge(
+                f"this request is {chat.prompt_tokens} prompt tokens; this role may send {limits.max_prompt_tokens}",
+                code=ErrorCode.PROMPT_TOO_LONG,
+            )
         if chat.prompt_tokens + chat.max_tokens > model.settings.context_tokens:
             raise BadRequest(
                 f"this request needs {chat.prompt_tokens} prompt tokens + {chat.max_tokens} completion "
                 f"tokens; the model's context is {model.settings.context_tokens}",
                 code=ErrorCode.CONTEXT_LENGTH_EXCEEDED,
             )
-
-
-# Stands in for the canary when prompt tokens are counted before one is planted (same length class).
-_PLACEHOLDER = "0" * 16
 
 
 def _with_prompt(
@@ -304,15 +318,6 @@ class Generate:
         self._store = store
         self._watch = watch
         self._redactor = redactor
-        self._guards: dict[str, LeakageGuard] = {}  # per prompt digest
-
-    def _guard(self, model: ChatModel) -> LeakageGuard | None:
-        if model.prompt is None or model.settings.unsafe_no_leakage_guard:
-            return None
-        guard = self._guards.get(model.prompt.digest)
-        if guard is None:
-            guard = self._guards[model.prompt.digest] = LeakageGuard(model.prompt)
-        return guard
 
     async def __call__(self, ctx: RequestContext) -> None:
         chat = ctx.chat
@@ -343,9 +348,9 @@ class Generate:
         chat = ctx.chat
         assert chat is not None and chat.model is not None
         model = chat.model
-        guard = self._guard(model)
+        guard = model.guard
         attempts = 2 if model.settings.on_leak == "regenerate" else 1
-        async with model.gate.slot():
+        async with self._slot(ctx):
             for attempt in range(attempts):
                 system, canary = guard.plant_canary() if guard is not None else (None, "")
                 completion = await model.backend.complete(
@@ -384,9 +389,9 @@ class Generate:
         chat = ctx.chat
         assert chat is not None and chat.model is not None
         model = chat.model
-        guard = self._guard(model)
+        guard = model.guard
         try:
-            async with model.gate.slot():
+            async with self._slot(ctx):
                 system, canary = guard.plant_canary() if guard is not None else (None, "")
                 scanner = guard.stream(canary) if guard is not None else None
                 end: StreamEnd | None = None
@@ -420,6 +425,13 @@ class Generate:
                 yield end
         finally:
             await self._refund(ctx)
+
+    def _slot(self, ctx: RequestContext) -> AbstractAsyncContextManager[None]:
+        chat, principal = ctx.chat, ctx.principal
+        assert (
+            chat is not None and chat.model is not None and chat.limits is not None and principal is not None
+        )
+        return chat.model.gate.slot(principal.id, chat.limits.max_in_flight)
 
     async def _refund(self, ctx: RequestContext) -> None:
         """Give back the reserved tokens the answer did not use (all of them if it never ran)."""
