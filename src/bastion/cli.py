@@ -269,6 +269,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             )
     print("training models on scikit-learn's breast-cancer and diabetes datasets ...", file=sys.stderr)
     try:
+        if args.grpc_port is None:  # beside the HTTP port, so `--port` alone moves the whole demo
+            args.grpc_port = 8001 if args.port == 8000 else args.port + 1
         build = build_demo(args.dir, port=args.port, grpc_port=args.grpc_port, keep_state=not args.reset)
     except FileExistsError as e:
         return _fail(str(e))
@@ -810,7 +812,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="build a demo deployment and serve it")
     demo.add_argument("--dir", type=Path, default=Path("demo"))
     demo.add_argument("--port", type=int, default=8000)
-    demo.add_argument("--grpc-port", type=int, default=8001, help="V2 over gRPC (Triton's port)")
+    demo.add_argument(
+        "--grpc-port", type=int, default=None, help="V2 over gRPC (default 8001; with --port P, P + 1)"
+    )
     demo.add_argument("--no-serve", action="store_true")
     demo.add_argument(
         "--reset",

@@ -86,6 +86,7 @@ def test_a_streamed_completion_ends_like_the_openai_api(llm: LLMDeployment) -> N
         stream_options={"include_usage": True},
     )
     chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"  # the role first, as OpenAI sends it
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text.strip()
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]

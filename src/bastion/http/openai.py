@@ -62,7 +62,8 @@ async def send_stream(send: Send, receive: Receive, outcome: Outcome, ctx: Reque
         await send({"type": "http.response.body", "body": data, "more_body": True})
 
     async def pump() -> None:
-        first = True
+        # As OpenAI does: the role first, with empty content, whatever comes next (an empty answer too).
+        await body(chunk_event(request_id, model, created, delta={"role": "assistant", "content": ""}))
         try:
             async for item in stream:
                 if isinstance(item, StreamEnd):
@@ -73,9 +74,7 @@ async def send_stream(send: Send, receive: Receive, outcome: Outcome, ctx: Reque
                         await body(chunk_event(request_id, model, created, usage=item.usage))
                     await body(DONE_EVENT)
                     return
-                delta = {"role": "assistant", "content": item} if first else {"content": item}
-                first = False
-                await body(chunk_event(request_id, model, created, delta=delta))
+                await body(chunk_event(request_id, model, created, delta={"content": item}))
         except BastionError as e:
             await body(error_event(e.status, e.message, e.code.value))
 

@@ -8,6 +8,7 @@ ignored. Shapes follow the OpenAI API reference (platform.openai.com/docs/api-re
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -90,6 +91,9 @@ class ChatRequest:
     user: str | None
 
 
+_UNION_TAG = re.compile(r"^(str|int|float|bool|none|list\[.*\]|constrained-.*|function-.*)$")
+
+
 def decode_chat_request(body: bytes) -> ChatRequest:
     """Raises BadRequest (400 `malformed_json` / `malformed_request` / `unsupported_parameter`) naming
     the field, never quoting a message's content."""
@@ -100,7 +104,14 @@ def decode_chat_request(body: bytes) -> ChatRequest:
         parsed = _Body.model_validate(doc)
     except ValidationError as e:
         err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "(body)"
+        # pydantic names the union member it tried ("content.str", "stop.list[...]"): not a field.
+        path = [str(p) for p in err["loc"] if not _UNION_TAG.match(str(p))]
+        where = ".".join(path) or "(body)"
+        if len(path) < len(err["loc"]):  # a union: the first member's complaint would mislead
+            raise BadRequest(
+                f"{where}: not one of the accepted forms (see /v2/openapi.json)",
+                code=ErrorCode.MALFORMED_REQUEST,
+            ) from None
         if err["type"] == "extra_forbidden":
             raise BadRequest(
                 f"{where}: not supported by this server", code=ErrorCode.UNSUPPORTED_PARAMETER

@@ -104,7 +104,8 @@ class AuthorizeChat:
         name = chat.request.model
         model = self._models.get(name)
         if model is None:
-            raise NotFound(f"model {name[:64]!r} is not served", code=ErrorCode.MODEL_NOT_FOUND)
+            # The name is the client's text: not repeated (it could carry anything up to 64 characters).
+            raise NotFound("this model is not served", code=ErrorCode.MODEL_NOT_FOUND)
         grant = self._policy.grant(principal.roles, name).narrowed(principal.scope, name)
         if not grant.allows(Action.CHAT):
             raise PermissionDenied(f"not permitted to chat with model {name!r}")
