@@ -133,7 +133,8 @@ class Escalation:
     (`prompt_extraction`); `evidence` holds counts and sums only (never text): `evidence` (the sum
     that passed), `threshold` (the one it passed), `requests` (over which it was summed), and over
     the window `probes` (requests with intent counted), `guard_hits`, `paraphrases` (probes
-    near-duplicating an earlier one), `window_seconds`."""
+    near-duplicating an earlier one), `retries` (requests repeating an earlier one, counted once;
+    since the record began), `window_seconds`."""
 
     reason: str
     evidence: dict[str, int | float] = field(default_factory=dict)
@@ -548,19 +549,27 @@ def _phrase_signals(words: str) -> set[str]:
 # -- the protected prompt's own terms --------------------------------------------------------------
 # Words that never name a secret: function words, auxiliaries and the verbs prompts put around one.
 _STOPWORDS = frozenset(
-    "a an the this that these those is are was were be been being am it its of in on at to for from by "
-    "with without as and or but not no never nor if then so than too very can could may might must shall "
-    "should will would do does did done have has had having you your yours we our us they them their he "
-    "she his her i me my mine who whom whose which what when where why how all any each every some such "
-    "only own same other another into onto over under about above below after before between through "
-    "during until up down out off again there here also just use used using uses go goes give gives "
-    "given get gets tell told say says said share shared keep kept must mention mentioned reveal "
-    "revealed anyone anybody nobody everyone whoever whatever one ones always please note following "
-    "follow follows called named reads equals".split()
+    {
+        "a", "an", "the", "this", "that", "these", "those", "is", "are", "was", "were", "be", "been", "being",
+        "am", "it", "its", "of", "in", "on", "at", "to", "for", "from", "by", "with", "without", "as", "and",
+        "or", "but", "not", "no", "never", "nor", "if", "then", "so", "than", "too", "very", "can", "could",
+        "may", "might", "must", "shall", "should", "will", "would", "do", "does", "did", "done", "have", "has",
+        "had", "having", "you", "your", "yours", "we", "our", "us", "they", "them", "their", "he", "she", "his",
+        "her", "i", "me", "my", "mine", "who", "whom", "whose", "which", "what", "when", "where", "why", "how",
+        "all", "any", "each", "every", "some", "such", "only", "own", "same", "other", "another", "into",
+        "onto", "over", "under", "about", "above", "below", "after", "before", "between", "through", "during",
+        "until", "up", "down", "out", "off", "again", "there", "here", "also", "just", "use", "used", "using",
+        "uses", "go", "goes", "give", "gives", "given", "get", "gets", "tell", "told", "say", "says", "said",
+        "share", "shared", "keep", "kept", "mention", "mentioned", "reveal", "revealed", "anyone",
+        "anybody", "nobody", "everyone", "whoever", "whatever", "one", "ones", "always", "please", "note",
+        "following", "follow", "follows", "called", "named", "reads", "equals"
+    }
 )
 # Nouns that name a secret on their own: "what is the passphrase?" asks for it without a modifier.
 _SECRET_NOUNS = frozenset({"passphrase", "password", "passcode", "passkey", "passwort", "codeword"})
-_LINKING = frozenset({"is", "are", "was", "were", "be", "the", "a", "an", "at", "as", "reads", "equals", "called", "named"})
+_LINKING = frozenset(
+    {"is", "are", "was", "were", "be", "the", "a", "an", "at", "as", "reads", "equals", "called", "named"}
+)
 _CLAUSE_END = re.compile(r"[.;!?\n]")
 _PROMPT_WORD = re.compile(r"[a-z0-9]+")
 _TERM_SPAN = 4  # words between a term's head and one of its modifiers in the client's message
@@ -792,20 +801,25 @@ def screen_intent(messages: Sequence[ChatMessage], *, terms: ProtectedTerms | No
 # -- accumulation ----------------------------------------------------------------------------------
 _EVENTS = 32  # counted requests kept per principal and model (the window total sums at most these)
 _PROBES = 8  # probe sketches kept per principal and model, for the paraphrase test
-_PROBE_KIND, _GUARD_KIND, _PARAPHRASE_KIND = 1, 2, 4
+_SEEN = 16  # requests kept per principal and model for the retry test (probes and withheld answers)
+_NEAR_CHARS = 256  # a retry may differ slightly only in a short message (padding hides a new probe)
+_PROBE_KIND, _GUARD_KIND, _PARAPHRASE_KIND, _UNEXPLAINED_KIND, _DUPLICATE_KIND = 1, 2, 4, 8, 16
 
 
 class _Evidence:
-    """One principal's evidence on one model in fixed-size ring buffers (2.4 KB a record, measured):
-    the points of its last `recent` requests, the time, points and kind of its last `_EVENTS`
-    counted requests, and the time and sketch of its last `_PROBES` probes."""
+    """One principal's evidence on one model in fixed-size ring buffers (4.6 KB a record, measured):
+    the points and kind of its last `recent` requests, the time, points and kind of its last
+    `_EVENTS` counted requests, the time and sketch of its last `_PROBES` probes, and the digest,
+    sketch and guard-hit flag of its last `_SEEN` probes or withheld answers (the retry test)."""
 
     __slots__ = ("escalated", "event_kinds", "event_points", "event_times", "events", "probe_sketches",
-                 "probe_times", "probes", "recent", "recent_times", "requests")
+                 "probe_times", "probes", "recent", "recent_kinds", "recent_times", "requests", "retries", "seen",
+                 "seen_digests", "seen_hits", "seen_near", "seen_sketches", "seen_times")
 
     def __init__(self, recent: int) -> None:
         self.recent = array("d", bytes(8 * recent))
         self.recent_times = array("d", [float("-inf")]) * recent
+        self.recent_kinds = bytearray(recent)
         self.requests = 0
         self.event_times = array("d", [float("-inf")]) * _EVENTS
         self.event_points = array("d", bytes(8 * _EVENTS))
@@ -814,12 +828,21 @@ class _Evidence:
         self.probe_times = array("d", [float("-inf")]) * _PROBES
         self.probe_sketches: list[bytes] = [b""] * _PROBES
         self.probes = 0
+        self.seen_times = array("d", [float("-inf")]) * _SEEN
+        self.seen_digests: list[bytes] = [b""] * _SEEN
+        self.seen_sketches: list[bytes] = [b""] * _SEEN
+        self.seen_near = bytearray(_SEEN)  # short and not a probe: a near-duplicate is a retry too
+        self.seen_hits = bytearray(_SEEN)  # its answer was withheld (counted once)
+        self.seen = 0
+        self.retries = 0
         self.escalated = False
 
     def add(self, now: float, points: float, kind: int) -> None:
         slot = self.requests % len(self.recent)
-        self.recent[slot], self.recent_times[slot] = points, now
+        self.recent[slot], self.recent_times[slot], self.recent_kinds[slot] = points, now, kind
         self.requests += 1
+        if kind & _DUPLICATE_KIND:
+            self.retries += 1  # not in the event ring: retries must not push counted events out
         if points > 0.0:
             slot = self.events % _EVENTS
             self.event_times[slot], self.event_points[slot], self.event_kinds[slot] = now, points, kind
@@ -833,10 +856,37 @@ class _Evidence:
     def live_probes(self, horizon: float) -> list[bytes]:
         return [s for t, s in zip(self.probe_times, self.probe_sketches, strict=True) if t >= horizon and s]
 
-    def burst(self, horizon: float) -> tuple[float, int]:
-        """Sum of points and count of the last requests since `horizon`."""
-        live = [p for t, p in zip(self.recent_times, self.recent, strict=True) if t >= horizon]
-        return sum(live), len(live)
+    def find_seen(self, verdict: IntentVerdict, *, near: bool, similar: float, horizon: float) -> int:
+        """The slot of an earlier request within the window that `verdict`'s request retries: the
+        same normalised text, or (`near`, both short, not probes) a sketch at least `similar`."""
+        for slot in range(_SEEN):
+            if self.seen_times[slot] < horizon or not self.seen_digests[slot]:
+                continue
+            if self.seen_digests[slot] == verdict.digest:
+                return slot
+            if near and self.seen_near[slot] and similarity(self.seen_sketches[slot], verdict.fingerprint) >= similar:
+                return slot
+        return -1
+
+    def add_seen(self, now: float, verdict: IntentVerdict, *, near: bool) -> int:
+        slot = self.seen % _SEEN
+        self.seen_times[slot], self.seen_digests[slot] = now, verdict.digest
+        self.seen_sketches[slot], self.seen_near[slot], self.seen_hits[slot] = verdict.fingerprint, near, 0
+        self.seen += 1
+        return slot
+
+    def burst(self, horizon: float, unexplained_cap: float = float("inf")) -> tuple[float, int]:
+        """Sum of points and count of the last requests since `horizon`; guard hits on requests with
+        no counted intent add at most `unexplained_cap` of that sum."""
+        points, unexplained, count = 0.0, 0.0, 0
+        for t, p, k in zip(self.recent_times, self.recent, self.recent_kinds, strict=True):
+            if t >= horizon:
+                count += 1
+                if k & _UNEXPLAINED_KIND:
+                    unexplained += p
+                else:
+                    points += p
+        return points + min(unexplained, unexplained_cap), count
 
     def total(self, horizon: float, kind: int = 0) -> tuple[float, int]:
         """Sum of points and count of counted requests since `horizon` (of one kind, if given)."""
@@ -859,6 +909,22 @@ class ExtractionTracker:
     `paraphrase_similarity` with one of the principal's last 8 probes within the window (many
     rewordings of one probe).
 
+    Retries count once. A request whose normalised text is the same as one of the principal's last
+    16 probes or withheld requests within the window (case, punctuation and spacing aside), or, for
+    a short request (at most 256 normalised characters) that is not a probe, whose sketch is at least
+    `duplicate_similarity` like one, adds no points: neither its intent again nor a second guard hit
+    (a user pressing "retry" on a question the model answers with its secret). Distinct probes and
+    paraphrases still count, each. A long near-duplicate is not a retry: padding would otherwise
+    hide new probes behind one repeated text. What this leaves open: repeating one probe verbatim
+    gets the attacker fresh samples of one answer, each checked by the guard, and no evidence.
+
+    Guard hits with no intent ("unexplained": the screen saw no probe in the request) add
+    `guard_weight` each when distinct, but at most `unexplained_guard_cap` of the burst sum, so a
+    model that blurts its secret to ordinary questions cannot escalate its users quickly; they
+    count in full toward the window total, so an attacker whose probes the screen cannot see is
+    still caught after window_threshold / guard_weight (30 with the defaults) distinct withheld
+    answers within the window, sooner with any visible probe.
+
     Two tests, either escalates (once per principal and model, until `forget`):
     - burst: the points of its last `recent_requests` requests within the window reach `threshold`. An
       attacker is caught fast; a benign user's rare false positives are spread over many requests
@@ -869,15 +935,23 @@ class ExtractionTracker:
       false positives over one window.
     The defaults are calibrated in bench/LLM_INTENT.md (bench/llm_intent.py).
 
+    Calls. `observe(..., guard_hit=False)` when a request comes in; `observe_guard_hit(...)` with
+    the same verdict when the guard withholds its answer. The older form, `observe` with an empty
+    `IntentVerdict(0.0, ())` and `guard_hit=True`, is read as a guard hit on the principal's last
+    request on that model (kept for each of the last `max_principals` principal-model pairs; with
+    concurrent requests of one principal it may pick the wrong one). `observe` with a request's own
+    verdict and `guard_hit=True` counts both at once.
+
     Bounds. Only principals with evidence are stored (a request that adds no points and finds no
     record stores nothing), at most `max_principals`, evicted least recently used; each keeps at
-    most `max_models` models (least recently used evicted), each in fixed-size buffers (2.4 KB
-    measured; so at most max_principals x max_models x 2.4 KB: 80 MB with the defaults if every
-    principal probes eight models, 10 MB with one). To push out
+    most `max_models` models (least recently used evicted), each in fixed-size buffers (4.6 KB
+    measured; so at most max_principals x max_models x 4.6 KB: 150 MB with the defaults if every
+    principal probes eight models, 19 MB with one), plus the last verdict of `max_principals`
+    principal-model pairs (about 0.5 KB each). To push out
     its own record by eviction, a principal must make `max_principals` *other* principals present
     evidence after its last request: that takes as many keys, each sending a probe. Clean traffic
-    never evicts anyone. Time comes from the caller (`now`, seconds); used from the event loop only,
-    so no lock.
+    never evicts anyone's evidence. Time comes from the caller (`now`, seconds); used from the event
+    loop only, so no lock.
     """
 
     def __init__(
@@ -892,12 +966,16 @@ class ExtractionTracker:
         guard_probe_weight: float = 2.0,
         paraphrase_weight: float = 0.5,
         paraphrase_similarity: float = 0.5,
+        duplicate_similarity: float = 0.8,
+        unexplained_guard_cap: float = 3.0,
         max_principals: int = 4_096,
         max_models: int = 8,
     ) -> None:
         sizes = (recent_requests, max_principals, max_models)
         if min(threshold, window_threshold, window_seconds) <= 0 or min(sizes) < 1:
             raise ValueError("thresholds, window, recent_requests, max_principals and max_models must be positive")
+        if not 0.0 < duplicate_similarity <= 1.0 or unexplained_guard_cap < 0:
+            raise ValueError("duplicate_similarity must be in (0, 1] and unexplained_guard_cap not negative")
         self.threshold = threshold
         self.recent_requests = recent_requests
         self.window_threshold = window_threshold
@@ -907,9 +985,12 @@ class ExtractionTracker:
         self.guard_probe_weight = guard_probe_weight
         self.paraphrase_weight = paraphrase_weight
         self.paraphrase_similarity = paraphrase_similarity
+        self.duplicate_similarity = duplicate_similarity
+        self.unexplained_guard_cap = unexplained_guard_cap
         self.max_principals = max_principals
         self.max_models = max_models
         self._principals: OrderedDict[str, OrderedDict[str, _Evidence]] = OrderedDict()
+        self._last: OrderedDict[tuple[str, str], IntentVerdict] = OrderedDict()
 
     def __len__(self) -> int:
         """Principals currently holding evidence."""
@@ -920,16 +1001,34 @@ class ExtractionTracker:
     ) -> Escalation | None:
         """Count one request of `principal` on `model`: its screen verdict and whether the leakage
         guard refused (or had to regenerate) its answer. Returns an `Escalation` the first time a
-        test passes its threshold, else None."""
-        points, kind = 0.0, 0
-        if verdict.score >= self.min_score:
-            points, kind = verdict.score, _PROBE_KIND
-        if guard_hit:
-            points += self.guard_probe_weight if kind else self.guard_weight
-            kind |= _GUARD_KIND
+        test passes its threshold, else None. See the class for the older guard-hit form."""
+        if not guard_hit:
+            self._last[(principal, model)] = verdict
+            self._last.move_to_end((principal, model))
+            if len(self._last) > self.max_principals:
+                self._last.popitem(last=False)
+            return self._count(principal, model, verdict, intake=True, guard_hit=False, now=now)
+        if not verdict.signals and not verdict.digest:
+            # The older form: a guard hit on the last request, whose verdict was counted already.
+            last = self._last.get((principal, model))
+            return self._count(principal, model, last or verdict, intake=False, guard_hit=True, now=now)
+        return self._count(principal, model, verdict, intake=True, guard_hit=True, now=now)
+
+    def observe_guard_hit(
+        self, principal: str, model: str, verdict: IntentVerdict, *, now: float
+    ) -> Escalation | None:
+        """The leakage guard withheld the answer to a request already counted with `observe` (pass
+        the same `verdict`): adds the guard's weight, once per retried text. Returns an
+        `Escalation` the first time a test passes its threshold, else None."""
+        return self._count(principal, model, verdict, intake=False, guard_hit=True, now=now)
+
+    def _count(
+        self, principal: str, model: str, verdict: IntentVerdict, *, intake: bool, guard_hit: bool, now: float
+    ) -> Escalation | None:
+        probe = verdict.score >= self.min_score
         models = self._principals.get(principal)
         evidence = models.get(model) if models is not None else None
-        if evidence is None and points == 0.0 and not verdict.signals:
+        if evidence is None and not guard_hit and not probe and not verdict.signals:
             return None  # nothing to count, nothing stored: clean traffic costs no memory
         if models is None:
             models = self._admit(principal)
@@ -942,16 +1041,36 @@ class ExtractionTracker:
         else:
             models.move_to_end(model)
         horizon = now - self.window_seconds
-        if verdict.signals and verdict.fingerprint:
-            similar = (similarity(verdict.fingerprint, seen) for seen in evidence.live_probes(horizon))
-            if any(s >= self.paraphrase_similarity for s in similar):
-                points += self.paraphrase_weight
-                kind |= _PARAPHRASE_KIND
-            evidence.add_probe(now, verdict.fingerprint)
+        near = not probe and 0 < verdict.size <= _NEAR_CHARS
+        slot = evidence.find_seen(verdict, near=near, similar=self.duplicate_similarity, horizon=horizon) \
+            if verdict.digest else -1
+        points, kind = 0.0, 0
+        if intake and slot >= 0 and (probe or guard_hit):
+            kind |= _DUPLICATE_KIND  # a retry: its intent was counted the first time
+        elif intake and probe:
+            points, kind = verdict.score, _PROBE_KIND
+            if verdict.fingerprint:
+                similar = (similarity(verdict.fingerprint, seen) for seen in evidence.live_probes(horizon))
+                if any(s >= self.paraphrase_similarity for s in similar):
+                    points += self.paraphrase_weight
+                    kind |= _PARAPHRASE_KIND
+                evidence.add_probe(now, verdict.fingerprint)
+            if verdict.digest:
+                slot = evidence.add_seen(now, verdict, near=False)
+        if guard_hit:
+            if slot >= 0 and evidence.seen_hits[slot]:
+                kind |= _DUPLICATE_KIND  # the same answer withheld again: counted once
+            else:
+                if slot < 0 and verdict.digest:
+                    slot = evidence.add_seen(now, verdict, near=near)
+                if slot >= 0:
+                    evidence.seen_hits[slot] = 1
+                points += self.guard_probe_weight if probe else self.guard_weight
+                kind |= _GUARD_KIND if probe else _GUARD_KIND | _UNEXPLAINED_KIND
         evidence.add(now, points, kind)
         if evidence.escalated:
             return None
-        burst, recent = evidence.burst(horizon)
+        burst, recent = evidence.burst(horizon, self.unexplained_guard_cap)
         total, counted = evidence.total(horizon)
         if burst >= self.threshold:
             value, limit, over = burst, self.threshold, recent
@@ -969,6 +1088,7 @@ class ExtractionTracker:
                 "probes": evidence.total(horizon, _PROBE_KIND)[1],
                 "guard_hits": evidence.total(horizon, _GUARD_KIND)[1],
                 "paraphrases": evidence.total(horizon, _PARAPHRASE_KIND)[1],
+                "retries": evidence.retries,
                 "window_seconds": self.window_seconds,
             },
         )
@@ -982,6 +1102,8 @@ class ExtractionTracker:
 
     def forget(self, principal: str, model: str | None = None) -> None:
         """Start the principal afresh, on one model or all (after an operator releases its key)."""
+        for key in [k for k in self._last if k[0] == principal and (model is None or k[1] == model)]:
+            del self._last[key]
         if model is None:
             self._principals.pop(principal, None)
             return
