@@ -155,7 +155,7 @@ def build_pipelines(
             ReserveTokens(parts.state),  # 8. the principal's token budget; 429
             # 9. the model behind the protected prompt and its canary; the leakage guard reads every
             #    answer before a byte leaves (403 output_withheld); unused tokens refunded
-            Generate(parts.state, watch_prompts, parts.redactor),
+            Generate(parts.state, watch_prompts, parts.redactor, parts.metrics),
         ],
         Route.CHAT_MODELS: [
             authenticate,

@@ -77,6 +77,19 @@ class Metrics:
             ["model", "signal", "action"],
             registry=self.registry,
         )
+        self.llm_tokens = Counter(
+            "bastion_llm_tokens",
+            "Language-model tokens used, by model and kind (prompt, completion).",
+            ["model", "kind"],
+            registry=self.registry,
+        )
+        self.llm_guard_hits = Counter(
+            "bastion_llm_guard_hits",
+            "Answers the leakage guard withheld, by model and detector family "
+            "(canary, secret, overlap, rouge_l).",
+            ["model", "detector"],
+            registry=self.registry,
+        )
         self.audit_failures = Counter(
             "bastion_audit_failures",
             "Requests failed closed because the audit log was unavailable.",

@@ -315,10 +315,13 @@ def token_budget_key(principal: str, limits: ChatLimits) -> BudgetKey:
 
 
 class Generate:
-    def __init__(self, store: StateStore, watch: WatchPrompts, redactor: LazyRedactor) -> None:
+    def __init__(
+        self, store: StateStore, watch: WatchPrompts, redactor: LazyRedactor, metrics: Metrics
+    ) -> None:
         self._store = store
         self._watch = watch
         self._redactor = redactor
+        self._metrics = metrics
 
     async def __call__(self, ctx: RequestContext) -> None:
         chat = ctx.chat
@@ -377,8 +380,13 @@ class Generate:
 
     def _withheld(self, ctx: RequestContext, hit: LeakDetected) -> None:
         chat = ctx.chat
-        assert chat is not None
+        assert chat is not None and chat.model is not None
         chat.guard, chat.guard_score = hit.detector, hit.score
+        if self._metrics.enabled:
+            family = hit.detector.split("/", 1)[0]
+            self._metrics.llm_guard_hits.labels(
+                chat.model.name, family if family in _FAMILIES else "other"
+            ).inc()
 
     def _redact_output(self, chat: ChatExchange, text: str) -> str:
         assert chat.model is not None
@@ -439,6 +447,9 @@ class Generate:
         chat, principal = ctx.chat, ctx.principal
         assert chat is not None and chat.limits is not None and principal is not None
         used = chat.usage.total_tokens if chat.usage is not None else 0
+        if chat.usage is not None and chat.model is not None and self._metrics.enabled:
+            self._metrics.llm_tokens.labels(chat.model.name, "prompt").inc(chat.usage.prompt_tokens)
+            self._metrics.llm_tokens.labels(chat.model.name, "completion").inc(chat.usage.completion_tokens)
         unused = chat.tokens_reserved - used
         chat.tokens_reserved = used
         if unused > 0:
@@ -448,6 +459,10 @@ class Generate:
                 limit=chat.limits.token_budget,
                 now=ctx.now,
             )
+
+
+# The leakage guard's detector families: the metric's label set (a detector's full name is audited).
+_FAMILIES = frozenset({"canary", "secret", "overlap", "rouge_l"})
 
 
 def _add(a: Usage | None, b: Usage) -> Usage:

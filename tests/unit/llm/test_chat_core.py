@@ -190,6 +190,8 @@ def test_a_granted_chat_answers_behind_the_protected_prompt(service: Bastion, ba
     assert record["decision"] == "allow" and record["prompt"] == "support"
     assert record["prompt_digest"].startswith("sha256:") and record["guard"] == "pass"
     assert record["completion_tokens"] == 5 and record["prompt_tokens"] > 0
+    metrics = service.metrics.render().decode()
+    assert 'bastion_llm_tokens_total{kind="completion",model="assistant"} 5.0' in metrics
 
 
 def test_no_key_a_wrong_model_and_an_ungranted_one(service: Bastion) -> None:
@@ -281,6 +283,10 @@ def test_the_guard_withholds_an_answer_that_leaks_the_secret(
     [record] = [r for r in _audit(service) if r.get("request_id") == ctx.request_id]
     assert record["decision"] == "deny" and record["reason"] == "output_withheld"
     assert record["guard"] and record["guard"] != "pass"
+    metrics = service.metrics.render().decode()
+    family = record["guard"].split("/")[0]
+    assert f'bastion_llm_guard_hits_total{{detector="{family}",model="assistant"}} 1.0' in metrics
+    assert SECRET not in metrics
 
 
 def test_a_stream_is_guarded_and_audited_twice(service: Bastion, backend: CannedBackend) -> None:
