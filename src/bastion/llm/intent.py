@@ -649,7 +649,8 @@ def _to_phrase(words: list[str]) -> tuple[str, ...]:
 
 def _phrase_before(words: list[str]) -> tuple[str, ...]:
     i = len(words)
-    while i and words[i - 1] in _LINKING:
+    # "is", "the", ":" and verbs ("follow the X"): up to three words between the phrase and the secret.
+    while i and len(words) - i < 3 and (words[i - 1] in _LINKING or not _content(words[i - 1])):
         i -= 1
     run: list[str] = []
     while i and _content(words[i - 1]):
