@@ -69,13 +69,14 @@ import re
 import secrets as _secrets
 import string
 import unicodedata
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from functools import lru_cache
 
 from bastion.errors import BastionError, ConfigError, ErrorCode
 from bastion.llm.types import ProtectedPrompt
 
-__all__ = ["LeakDetected", "LeakageGuard", "StreamScanner"]
+__all__ = ["LeakDetected", "LeakageGuard", "Revealed", "StreamScanner"]
 
 
 class LeakDetected(BastionError):
@@ -100,9 +101,9 @@ _ALNUM = frozenset(string.ascii_lowercase + string.digits)
 # A subset of Unicode TR39 confusables (confusablesSummary.txt): Cyrillic and Greek letters that
 # NFKD leaves alone but that read as Latin ones.
 _HOMOGLYPHS = str.maketrans(
-    # Cyrillic, then Greek
-    "авекмнорстухіїјѕԁԛԝɡαβεηικνορτυχςϲζ",
-    "abekmhopctyxiijsdqwgabenikvoptuxscz",
+    # Cyrillic, then Greek, then Cherokee capitals (casefold maps Cherokee small letters to them)
+    "авекмнорстухіїјѕԁԛԝɡαβεηικνορτυχςϲζᎠᎡᎢᎥᎪᎫᎬᏀᎻᏔᎷᏃᏢᏚᏟᏞᏦᏴᏙᏔ",
+    "abekmhopctyxiijsdqwgabenikvoptuxsczdrtiajeghwmzpsclkbvw",
 )
 
 
@@ -180,6 +181,29 @@ _LETTER_NAMES = _pairs(
 _DIGIT_WORDS = _pairs("zero:0 one:1 two:2 three:3 four:4 five:5 six:6 seven:7 eight:8 nine:9 niner:9")
 _SPELLED = {**_LETTER_NAMES, **_NATO, **_DIGIT_WORDS}
 
+# Number words, read into digits by `_Numbers`: English units (the digit words, with French and
+# Spanish ones: "huit sept quatre trois", "ocho siete"), teens, tens, "hundred", "thousand".
+# ("un", "une" are left out: they are French articles far more often than "one".)
+_UNITS = {
+    **{k: int(v) for k, v in _DIGIT_WORDS.items()},
+    **{k: int(v) for k, v in _pairs(
+        "deux:2 trois:3 quatre:4 cinq:5 six:6 sept:7 huit:8 neuf:9 "
+        "cero:0 uno:1 dos:2 tres:3 cuatro:4 cinco:5 seis:6 siete:7 ocho:8 nueve:9"
+    ).items()},
+}  # fmt: skip
+_TEENS = {
+    w: 10 + i
+    for i, w in enumerate(
+        str.split("ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen")
+    )
+}
+_TENS = {
+    k: int(v)
+    for k, v in _pairs(
+        "twenty:20 thirty:30 forty:40 fourty:40 fifty:50 sixty:60 seventy:70 eighty:80 ninety:90"
+    ).items()
+}
+
 # Left out of Rouge-L so that sharing "the", "you", "to" does not chain into recall.
 _STOPWORDS = frozenset(
     str.split(
@@ -205,13 +229,16 @@ def _words(text: str) -> list[str]:
     return out
 
 
+# Words allowed between two components of a secret read in order ("first X, and then Y").
+_ORDER_GAP = 8
+
 # --- the tables a guard builds once per prompt --------------------------------------------------
 
 
 class _Table:
     """Exact patterns (with their proper prefixes, for the hold-back) and the prompt's k-grams."""
 
-    __slots__ = ("exact", "kgrams", "lengths", "max_prefix", "prefixes")
+    __slots__ = ("exact", "kgrams", "lengths", "max_prefix", "prefixes", "reveal", "reveal_lengths")
 
     def __init__(self) -> None:
         self.exact: dict[str, str] = {}
@@ -219,15 +246,31 @@ class _Table:
         self.kgrams: dict[str, tuple[int, ...]] = {}
         self.lengths: tuple[int, ...] = ()
         self.max_prefix = 0
+        # Pieces of a secret that count toward the cumulative ledger: piece -> ((secret id, bitmap
+        # of the secret positions it reveals), ...).
+        self.reveal: dict[str, tuple[tuple[int, int], ...]] = {}
+        self.reveal_lengths: tuple[int, ...] = ()
+
+    def _prefix(self, p: str) -> None:
+        for i in range(1, len(p)):
+            self.prefixes.add(p[:i])
+        self.max_prefix = max(self.max_prefix, len(p) - 1)
 
     def add_exact(self, patterns: Iterable[str], label: str) -> _Table:
         for p in patterns:
             self.exact.setdefault(p, label)
-            for i in range(1, len(p)):
-                self.prefixes.add(p[:i])
+            self._prefix(p)
         self.lengths = tuple(sorted({len(p) for p in self.exact}))
-        self.max_prefix = max(self.lengths, default=1) - 1
         return self
+
+    def add_reveal(self, patterns: Iterable[str], sid: int, mask: int) -> None:
+        for p in patterns:
+            old = self.reveal.get(p, ())
+            merged = dict(old)
+            merged[sid] = merged.get(sid, 0) | mask
+            self.reveal[p] = tuple(merged.items())
+            self._prefix(p)
+        self.reveal_lengths = tuple(sorted({len(p) for p in self.reveal}))
 
     def add_kgram(self, gram: str, gram_id: int) -> None:
         ids = self.kgrams.get(gram)
@@ -277,13 +320,16 @@ class _Scan:
     two look-ups rather than a per-request copy of the prompt's table.
     """
 
-    __slots__ = ("extra", "hold", "keep", "kgram", "name", "owner", "pos", "table", "tail")
+    __slots__ = ("extra", "hold", "keep", "kgram", "name", "owner", "pos", "reveals", "table", "tail")
 
-    def __init__(self, owner: StreamScanner, table: _Table, extra: _Table, name: str) -> None:
+    def __init__(
+        self, owner: StreamScanner, table: _Table, extra: _Table, name: str, *, reveals: bool = True
+    ) -> None:
         self.owner = owner
         self.table = table
         self.extra = extra
         self.name = name
+        self.reveals = reveals  # whether pieces read in this view count toward the ledger
         self.kgram = owner.kgram_chars
         self.keep = max(table.max_prefix + 1, extra.max_prefix + 1, self.kgram) - 1
         self.tail = ""
@@ -296,13 +342,23 @@ class _Scan:
         tail = self.tail + chars
         tpos = self.pos + pos
         kgrams, k = self.table.kgrams, self.kgram
+        start = self.owner.answer_start
+        reveal = self.table.reveal if self.reveals else None
         for end in range(len(self.tail) + 1, len(tail) + 1):
+            if tpos[end - 1] < start:
+                continue  # ends inside the prefix the client wrote: no verdict on its own text
             for t in (self.table, self.extra):
                 for n in t.lengths:
                     if end >= n:
                         label = t.exact.get(tail[end - n : end])
                         if label is not None:
                             raise LeakDetected(f"{label}/{self.name}", 1.0)
+            if reveal:
+                for n in self.table.reveal_lengths:
+                    if end >= n:
+                        got = reveal.get(tail[end - n : end])
+                        if got is not None:
+                            self.owner.reveal(got, self.name)
             if end >= k:
                 ids = kgrams.get(tail[end - k : end])
                 if ids is not None:
@@ -399,12 +455,19 @@ class StreamScanner:
     returns the held-back rest. After a `LeakDetected`, every later call raises it again.
     """
 
-    def __init__(self, guard: LeakageGuard, canary: str) -> None:
+    def __init__(
+        self, guard: LeakageGuard, canary: str, *, revealed: Revealed | None = None, prefix: str = ""
+    ) -> None:
         c = _compact(canary)
         if len(c) < 8:
             raise ValueError("the canary must be the one plant_canary() returned")
         self.kgram_chars = guard.kgram_chars
         self._guard = guard
+        self._ledger = revealed
+        self._pieces: dict[int, int] = {}  # secret id -> positions this answer revealed (bitmap)
+        # Raw offset where the answer starts (after the client's prefix): nothing that ends before
+        # it is a verdict, since the client wrote it.
+        self.answer_start = len(prefix)
         main = _Table().add_exact(_variants(c, shifts=True), "canary")
         leet = _Table().add_exact(_variants(_leet(c), shifts=False), "canary")
         dec = _Table().add_exact(_variants(c, shifts=False), "canary")
@@ -417,7 +480,21 @@ class StreamScanner:
         self._hex = [
             _Decoder(_Scan(self, guard.dec_table, dec, f"hex@{k}"), size=2, skip=k) for k in range(2)
         ]
-        self._scans = [self._compact, self._leet, self._spelled] + [d.scan for d in self._b64 + self._hex]
+        # Filler between characters: every other character of the compact view ("KxExSx...", "K.E.")
+        # and the words with a running index stripped ("| 0 | K |", "0K 1E 2S"). Read without
+        # Caesar shifts and not counted toward the ledger (fewer false matches in noisy views).
+        self._stride = [_Scan(self, guard.dec_table, dec, f"stride2@{k}", reveals=False) for k in range(2)]
+        self._parity = 0
+        self._indexed = _Scan(self, guard.dec_table, dec, "indexed", reveals=False)
+        self._index: int | None = None  # the index the next row should carry
+        self._index_miss = 0
+        self._scans = [self._compact, self._leet, self._spelled, *self._stride, self._indexed]
+        self._scans += [d.scan for d in self._b64 + self._hex]
+        # Per ordered sequence: components matched so far, and the word count at the last match.
+        self._order = [(0, 0)] * len(guard.ordered)
+        self._words_seen = 0
+        self._num: tuple[int, int, str, int] | None = None  # number words: total, current, kind, start
+        self._in_prefix = False
         self._covered: set[int] = set()
         self._lcs = [
             _Lcs(guard.content_words),
@@ -427,6 +504,7 @@ class StreamScanner:
         # The word in progress and the speller's state ("as in Sierra", "double u").
         self._word: list[str] = []
         self._word_pos = 0
+        self._word_chars: list[int] = []  # the raw position of each character of the word
         self._spell_state = ""
         self._unspelled = 0  # words in a row that spell nothing: a fourth is a break
         self._lone = False  # the spelled view holds only an "a" or "i" (likely the English word)
@@ -435,6 +513,11 @@ class StreamScanner:
         self._held_base = 0
         self._raw_len = 0
         self._failed: LeakDetected | None = None
+        if prefix:
+            self._in_prefix = True
+            self._process(prefix)  # raises nothing: every match in it ends before answer_start
+            self._in_prefix = False
+            self._held, self._held_base = "", len(prefix)
 
     # -- detectors called by the views --
 
@@ -453,8 +536,105 @@ class StreamScanner:
         if share >= self._guard.overlap_threshold:
             raise LeakDetected(f"overlap/{view}", round(share, 3))
 
+    def reveal(self, got: tuple[tuple[int, int], ...], view: str) -> None:
+        """Add secret positions this answer revealed; refuse once, with the ledger, they cover more
+        than half of a secret or all of a protected component."""
+        g = self._guard
+        for sid, mask in got:
+            mine = self._pieces.get(sid, 0) | mask
+            self._pieces[sid] = mine
+            total = mine | (self._ledger.bits((g.ledger_key, sid)) if self._ledger is not None else 0)
+            share = total.bit_count() / g.secret_lengths[sid]
+            if share > 0.5 or any(total & pm == pm for pm in g.protected_masks[sid]):
+                raise LeakDetected("secret/cumulative", round(share, 3))
+
+    def _ordered(self, w: str) -> None:
+        """All of a secret's components as words, in order (or reversed order), at most
+        `_ORDER_GAP` words apart: "first KESTREL, and then 8743, and then KESTREL"."""
+        self._words_seen += 1
+        for i, seq in enumerate(self._guard.ordered):
+            j, last = self._order[i]
+            if j and self._words_seen - last > _ORDER_GAP + 1:
+                j = 0  # too far apart: start again
+            if w == seq[j]:
+                j += 1
+                if j == len(seq):
+                    if not self._in_prefix:
+                        raise LeakDetected("secret/ordered", 1.0)
+                    j = 0
+                last = self._words_seen
+            elif w == seq[0]:
+                j, last = 1, self._words_seen
+            self._order[i] = (j, last)
+
+    def _index_word(self, w: str, p: int) -> None:
+        """The `indexed` view: the word with a leading running index stripped."""
+        cut = 0
+        if self._index is None:
+            if w[0] in "01" and (len(w) == 1 or not w[1].isdigit()):
+                self._index, self._index_miss, cut = int(w[0]) + 1, 0, 1
+        else:
+            idx = str(self._index)
+            if w.startswith(idx):
+                self._index, self._index_miss, cut = self._index + 1, 0, len(idx)
+            else:
+                self._index_miss += 1
+                if self._index_miss > 3:  # no index for four words: the list has ended
+                    self._index = None
+        if cut < len(w):
+            pos = self._word_chars if len(self._word_chars) == len(w) else [p] * len(w)
+            self._indexed.push(w[cut:], pos[cut:])
+
+    def _number(self, w: str, p: int) -> bool:
+        """Number words into digits on the spelled view: "eight seven four three", "eighty-seven
+        forty-three", "eight thousand seven hundred forty-three" all read "8743". False if `w` is
+        not a number word here."""
+        kind, v = "unit", _UNITS.get(w)
+        if v is None:
+            kind, v = "teen", _TEENS.get(w)
+        if v is None:
+            kind, v = "tens", _TENS.get(w)
+        if v is None:
+            if self._num is None or w not in ("hundred", "thousand"):
+                return False
+            kind, v = w, 0
+        n = self._num
+        if n is not None:
+            total, cur, last, start = n
+            if kind == "unit":
+                joins = last in ("tens", "hundred", "thousand")
+            elif kind in ("teen", "tens"):
+                joins = last in ("hundred", "thousand")
+            elif kind == "hundred":
+                joins = last in ("unit", "teen", "tens") and cur < 100
+            else:
+                joins = last != "thousand" and total == 0
+            if joins:
+                if kind == "hundred":
+                    cur *= 100
+                elif kind == "thousand":
+                    total, cur = (total + cur) * 1000, 0
+                else:
+                    cur += v
+                self._num = (total, cur, kind, start)
+                return True
+            self._flush_number()
+            if kind in ("hundred", "thousand"):
+                return False
+        self._num = (0, v, kind, p)
+        return True
+
+    def _flush_number(self) -> None:
+        if self._num is not None:
+            total, cur, _, start = self._num
+            self._num = None
+            digits = str(total + cur)
+            self._spelled.push(digits, [start] * len(digits))
+
     def _word_done(self, w: str, p: int) -> None:
-        if w not in _STOPWORDS:
+        self._ordered(w)
+        self._index_word(w, p)
+        if w not in _STOPWORDS and not self._in_prefix:
             fwd, rev, rev_chars = self._lcs
             fwd.push(w)
             rev.push(w)
@@ -479,6 +659,13 @@ class StreamScanner:
         if state == "double" and w in ("u", "you"):
             self._spelled.push("w", [p])
             return
+        if self._number(w, p):
+            self._unspelled = 0
+            self._lone = False
+            return
+        if w == "and" and self._num is not None and self._num[2] in ("hundred", "thousand"):
+            return  # "two thousand and five"
+        self._flush_number()
         if w == "double":
             self._spell_state = "double"
             return
@@ -521,7 +708,8 @@ class StreamScanner:
         try:
             if self._word:
                 self._word_done("".join(self._word), self._word_pos)
-                self._word = []
+                self._word, self._word_chars = [], []
+            self._flush_number()
             if self._hex_zero is not None:
                 for d in self._hex:
                     d.push("0", [self._hex_zero])
@@ -532,6 +720,10 @@ class StreamScanner:
             self._failed = e
             self._held = ""
             raise
+        if self._ledger is not None:  # only an answer that passed adds to the ledger
+            for sid, mask in self._pieces.items():
+                self._ledger.add((self._guard.ledger_key, sid), mask)
+            self._pieces = {}
         return self._release(self._raw_len)
 
     def _release(self, upto: int) -> str:
@@ -546,6 +738,8 @@ class StreamScanner:
             if s.hold is not None and s.hold < point:
                 point = s.hold
         pending = [self._word_pos if self._word else None, self._hex_zero]
+        if self._num is not None:
+            pending.append(self._num[3])
         pending += [d.pending for d in self._b64 + self._hex]
         for p in pending:
             if p is not None and p < point:
@@ -561,6 +755,12 @@ class StreamScanner:
         # compact and leet
         comp = [(c, p) for c, p in zip(norm, npos, strict=True) if c in _ALNUM]
         self._compact.push("".join(c for c, _ in comp), [p for _, p in comp])
+        if comp:
+            par = self._parity
+            for k in range(2):
+                sub = comp[(k - par) % 2 :: 2]
+                self._stride[k].push("".join(c for c, _ in sub), [p for _, p in sub])
+            self._parity = (par + len(comp)) % 2
         leet = [(_LEET_PRE.get(c, c), p) for c, p in zip(norm, npos, strict=True)]
         leet = [(c, p) for c, p in leet if c in _ALNUM]
         self._leet.push(_leet("".join(c for c, _ in leet)), [p for _, p in leet])
@@ -571,10 +771,11 @@ class StreamScanner:
                 if not self._word:
                     self._word_pos = p
                 self._word.append(c)
+                self._word_chars.append(p)
             elif self._word:
                 w = "".join(self._word)
-                self._word = []
                 self._word_done(w, self._word_pos)
+                self._word, self._word_chars = [], []
 
         # base64 from the raw characters (it is case-sensitive)
         b64 = [(c, base + i) for i, c in enumerate(delta) if c in _B64_CHARS]
@@ -657,8 +858,15 @@ class LeakageGuard:
         self.content_words = words
         self.content_word_count = max(1, len(words))
 
+        # The ledger's key: the prompt's digest and the secret's index, never the secret's text.
+        self.ledger_key = prompt.digest
+        self.secret_lengths: list[int] = []
+        self.protected_masks: list[tuple[int, ...]] = []
+        self.ordered: list[tuple[str, ...]] = []
         fragments: set[str] = set()
-        for s in prompt.secrets:
+        components: set[str] = set()
+        units: list[tuple[str, int, int]] = []  # (piece, secret id, bitmap of its positions)
+        for sid, s in enumerate(prompt.secrets):
             parts = [w for w in (_compact(w) for w in re.split(r"[\W_]+", s)) if w]
             c = "".join(parts)
             if len(c) < 4:
@@ -666,6 +874,13 @@ class LeakageGuard:
                     f"protected prompt {prompt.name!r}: a declared secret has fewer than 4 letters or digits"
                 )
             m = min(len(c), max(min_fragment_chars, math.ceil(fragment_fraction * len(c))))
+            self.secret_lengths.append(len(c))
+            self._pieces_of(sid, parts, m, components, units)
+            if len(c) >= 10:  # every other character: "KSRL73ETE / ETE84KSRL" (half the secret each)
+                fragments.update((c[0::2], c[1::2]))
+            content = tuple(w for w in parts if w not in _STOPWORDS)
+            if len(content) >= 2:
+                self.ordered += [content, content[::-1]]
             # A fragment of a secret of several words must cross a word boundary: "lighthouse" alone
             # is an ordinary word, "obsidianl" is the secret.
             # The words in reverse order too ("say the words in reverse order"), words split at
@@ -684,10 +899,21 @@ class LeakageGuard:
         self.main_table = _Table()
         self.leet_table = _Table()
         self.dec_table = _Table()
-        for f in fragments:
+        for f in fragments | components:
             self.main_table.add_exact(_variants(f, shifts=True), "secret")
-            self.leet_table.add_exact(_variants(_leet(f), shifts=False), "secret")
+            # Leet folds digits into letters: a 4-digit component would read as ordinary words
+            # ("0517" as "osit", in "position"), so short ones are left out of that view.
+            if f in fragments or len(f) >= 6:
+                self.leet_table.add_exact(_variants(_leet(f), shifts=False), "secret")
             self.dec_table.add_exact(_variants(f, shifts=False), "secret")
+        for piece, sid, mask in units:
+            # Caesar shifts and leet only for long pieces: three letters shifted 26 ways match
+            # ordinary trigrams ("ant", "bou"), which would fill benign principals' ledgers.
+            long = len(piece) >= 6
+            self.main_table.add_reveal(_variants(piece, shifts=long), sid, mask)
+            if long:
+                self.leet_table.add_reveal(_variants(_leet(piece), shifts=False), sid, mask)
+            self.dec_table.add_reveal(_variants(piece, shifts=False), sid, mask)
         for i, g in enumerate(grams):
             for v in _variants(g, shifts=True):
                 self.main_table.add_kgram(v, i)
@@ -695,6 +921,34 @@ class LeakageGuard:
                 self.leet_table.add_kgram(v, i)
             for v in _variants(g, shifts=False):
                 self.dec_table.add_kgram(v, i)
+
+    def _pieces_of(
+        self, sid: int, parts: list[str], m: int, components: set[str], units: list[tuple[str, int, int]]
+    ) -> None:
+        """The protected components of one secret (refused alone) and the pieces that count toward
+        the ledger: runs of 3 characters inside a protected component, and runs across a boundary
+        between two components that are not stop words, with at least 3 characters of a plain
+        side (or all of it, if shorter) and 1 of a protected side, shorter than `m` (from `m` on,
+        a run across a boundary is refused on its own)."""
+        offs = [sum(len(w) for w in parts[:j]) for j in range(len(parts))]
+        prot = [_protected(w) for w in parts]
+        masks = []
+        for w, o, pr in zip(parts, offs, prot, strict=True):
+            if pr:
+                components.add(w)
+                masks.append(((1 << len(w)) - 1) << o)
+                units += [(w[i : i + 3], sid, 0b111 << (o + i)) for i in range(len(w) - 2)]
+        self.protected_masks.append(tuple(masks))
+        for j in range(len(parts) - 1):
+            a, b, o = parts[j], parts[j + 1], offs[j + 1]
+            if a in _STOPWORDS or b in _STOPWORDS:
+                continue  # "of the" would be read in every benign answer
+            kmin = 1 if prot[j] else min(3, len(a))
+            jmin = 1 if prot[j + 1] else min(3, len(b))
+            for k in range(kmin, len(a) + 1):
+                for n in range(jmin, len(b) + 1):
+                    if 4 <= k + n < m:
+                        units.append((a[-k:] + b[:n], sid, ((1 << (k + n)) - 1) << (o - k)))
 
     def plant_canary(self) -> tuple[str, str]:
         """The prompt text with a fresh random canary planted at its start and end, and the canary.
@@ -706,12 +960,72 @@ class LeakageGuard:
         text = f"Reference {canary}.\n{self._text}\nReference {canary}."
         return text, canary
 
-    def stream(self, canary: str) -> StreamScanner:
-        """A scanner for one streamed answer to a request that was sent `canary`."""
-        return StreamScanner(self, canary)
+    def stream(self, canary: str, *, revealed: Revealed | None = None, prefix: str = "") -> StreamScanner:
+        """A scanner for one streamed answer to a request that was sent `canary`.
 
-    def check(self, text: str, canary: str) -> None:
-        """Return None if `text` (a whole answer) leaks nothing, else raise `LeakDetected`."""
-        scanner = self.stream(canary)
+        `revealed`: the principal's ledger (see `Revealed`); read while the answer streams, added
+        to only when `finish()` returns (a refused answer adds nothing). `prefix`: text the answer
+        continues, i.e. a final assistant message the client sent (a prefill); it is read by every
+        view so that a piece the answer completes is seen whole, but never released, and no match
+        that ends inside it is a verdict (the client wrote it: refusing would be a guessing oracle).
+        """
+        return StreamScanner(self, canary, revealed=revealed, prefix=prefix)
+
+    def check(self, text: str, canary: str, *, revealed: Revealed | None = None, prefix: str = "") -> None:
+        """Return None if `text` (a whole answer) leaks nothing, else raise `LeakDetected`.
+
+        `revealed` and `prefix` as for `stream`; on None the answer's pieces are added to `revealed`.
+        """
+        scanner = self.stream(canary, revealed=revealed, prefix=prefix)
         scanner.feed(text)
         scanner.finish()
+
+
+def _protected(w: str) -> bool:
+    """Whether a secret's component carries entropy of its own, and so is refused alone.
+
+    At least 4 characters and: digits (all, or mixed with letters: "8743", "4f9a8c2e", "de44"),
+    except a 4-digit year 1900-2099 (7 bits, and in many benign answers: "2024"); or letters with
+    no vowel ("xkqz"). Any other run of letters is taken for a dictionary-like word ("kestrel",
+    "velvet", "protocol"): its entropy is the word list's, a few bits, and refusing it would refuse
+    ordinary prose; such words are protected together (fragments, order, the ledger), not alone.
+    """
+    if len(w) < 4:
+        return False
+    if w.isdigit():
+        return not (len(w) == 4 and w[:2] in ("19", "20"))
+    return any(ch.isdigit() for ch in w) or not any(v in w for v in "aeiouy")
+
+
+class Revealed:
+    """One principal's ledger of secret positions its answers revealed, over requests.
+
+    The caller keeps one per principal (and model, or not: keys carry the prompt's digest) and
+    passes it to `LeakageGuard.check`/`stream`. Each key is (prompt digest, secret index) and its
+    value a bitmap of positions in the secret's separator-free form: no secret text is stored.
+    Bounded: at most `max_secrets` keys (least recently used dropped first; dropping forgets, so
+    size it above the number of secrets a principal can reach). Not thread-safe: concurrent answers
+    of one principal are each checked against the ledger as it stood while they streamed.
+    """
+
+    def __init__(self, *, max_secrets: int = 256) -> None:
+        if max_secrets < 1:
+            raise ValueError("max_secrets must be at least 1")
+        self._bits: OrderedDict[tuple[str, int], int] = OrderedDict()
+        self._max = max_secrets
+
+    def bits(self, key: tuple[str, int]) -> int:
+        """The positions revealed so far of one secret, as a bitmap (0 if none)."""
+        return self._bits.get(key, 0)
+
+    def add(self, key: tuple[str, int], mask: int) -> None:
+        """Add revealed positions (a bitmap) of one secret."""
+        if not mask:
+            return
+        self._bits[key] = self._bits.get(key, 0) | mask
+        self._bits.move_to_end(key)
+        while len(self._bits) > self._max:
+            self._bits.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._bits)

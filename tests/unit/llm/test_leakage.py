@@ -196,8 +196,8 @@ def test_short_secrets_are_caught_where_a_5_gram_filter_is_not() -> None:
     for text in ("the code: Q7XK2MZ9P", "q 7 x k 2 m z 9 p", "RED FOX EATS GRAPES", "red-fox-eats-grapes"):
         with pytest.raises(LeakDetected):
             guard.check(text, canary)
-    # ordinary words of the passphrase, one at a time, are not the secret
-    guard.check("A red fox? It eats mice, not grapes; red grapes are for foxes in fables.", canary)
+    # ordinary words of the passphrase, one at a time and out of order, are not the secret
+    guard.check("Foxes eat grapes in fables; a fox is red, and it eats mice.", canary)
 
 
 def test_the_canary_is_fresh_short_and_caught() -> None:
