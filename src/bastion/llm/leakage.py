@@ -494,7 +494,6 @@ class StreamScanner:
         self._order = [(0, 0)] * len(guard.ordered)
         self._words_seen = 0
         self._num: tuple[int, int, str, int] | None = None  # number words: total, current, kind, start
-        self._in_prefix = False
         self._covered: set[int] = set()
         self._lcs = [
             _Lcs(guard.content_words),
@@ -514,9 +513,7 @@ class StreamScanner:
         self._raw_len = 0
         self._failed: LeakDetected | None = None
         if prefix:
-            self._in_prefix = True
             self._process(prefix)  # raises nothing: every match in it ends before answer_start
-            self._in_prefix = False
             self._held, self._held_base = "", len(prefix)
 
     # -- detectors called by the views --
@@ -548,7 +545,7 @@ class StreamScanner:
             if share > 0.5 or any(total & pm == pm for pm in g.protected_masks[sid]):
                 raise LeakDetected("secret/cumulative", round(share, 3))
 
-    def _ordered(self, w: str) -> None:
+    def _ordered(self, w: str, p: int) -> None:
         """All of a secret's components as words, in order (or reversed order), at most
         `_ORDER_GAP` words apart: "first KESTREL, and then 8743, and then KESTREL"."""
         self._words_seen += 1
@@ -559,7 +556,7 @@ class StreamScanner:
             if w == seq[j]:
                 j += 1
                 if j == len(seq):
-                    if not self._in_prefix:
+                    if p >= self.answer_start:  # not a word of the client's prefix
                         raise LeakDetected("secret/ordered", 1.0)
                     j = 0
                 last = self._words_seen
@@ -632,9 +629,9 @@ class StreamScanner:
             self._spelled.push(digits, [start] * len(digits))
 
     def _word_done(self, w: str, p: int) -> None:
-        self._ordered(w)
+        self._ordered(w, p)
         self._index_word(w, p)
-        if w not in _STOPWORDS and not self._in_prefix:
+        if w not in _STOPWORDS and p >= self.answer_start:
             fwd, rev, rev_chars = self._lcs
             fwd.push(w)
             rev.push(w)
