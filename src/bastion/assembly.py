@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from bastion.config import Action, Config
 from bastion.context import RequestContext
 from bastion.files import write_private_file
+from bastion.incidents import IncidentStore
 from bastion.isolation import IsolationStore
 from bastion.keys import KeyStore
 from bastion.llm.intent import ExtractionTracker
@@ -27,6 +28,14 @@ from bastion.rollout import Rollouts
 from bastion.routes import Route
 from bastion.stages import Stage
 from bastion.stages.address_limits import FailedAuthLimiter, FailedAuthPolicy, ThrottleFailedAuth
+from bastion.stages.admin import (
+    ListIncidents,
+    NoteIncident,
+    ReleaseKey,
+    ReleaseModel,
+    ShowIncident,
+    TransitionIncident,
+)
 from bastion.stages.aggregates import AggregateSource, ComputeAggregates
 from bastion.stages.authorization import AuthorizeModel, AuthorizeServer
 from bastion.stages.chat import (
@@ -73,6 +82,7 @@ class PipelineParts(Protocol):
     metrics: Metrics
     keys: KeyStore
     isolation: IsolationStore
+    incidents: IncidentStore
     tokens: TokenAuthority
     state: StateStore
     private_scores: PrivateScores
@@ -100,7 +110,9 @@ def build_pipelines(
     authenticate = ThrottleFailedAuth(parts.failed_auth, Authenticate(parts.keys, parts.tokens))
     gate = ContainmentGate()
     limit = EnforceLimits(parts.state, parts.policy)
-    watch = WatchQueries(Containment(parts.keys, parts.isolation, parts.metrics, record_event))
+    watch = WatchQueries(
+        Containment(parts.keys, parts.isolation, parts.metrics, record_event, parts.incidents)
+    )
     isolated = IsolationGate(parts.isolation)
     guard = GuardInput(max_rows=limits.max_rows, hmac_key=hmac_key, on_out_of_distribution=watch.refused)
 
@@ -110,7 +122,7 @@ def build_pipelines(
     chat_models = parts.chat_models
     watch_prompts = WatchPrompts(
         parts.extraction_tracker,
-        PromptContainment(parts.keys, parts.metrics, record_event, parts.extraction_tracker),
+        PromptContainment(parts.keys, parts.metrics, record_event, parts.extraction_tracker, parts.incidents),
     )
 
     return {
@@ -157,6 +169,18 @@ def build_pipelines(
             #    answer before a byte leaves (403 output_withheld); unused tokens refunded
             Generate(parts.state, watch_prompts, parts.redactor, parts.metrics),
         ],
+        # Operators: incidents and releases (admin grant; each change audited).
+        **{
+            route: [authenticate, gate, limit, AuthorizeServer(parts.policy, Action.ADMIN), stage]
+            for route, stage in (
+                (Route.INCIDENTS, ListIncidents(parts.incidents)),
+                (Route.INCIDENT, ShowIncident(parts.incidents)),
+                (Route.INCIDENT_TRANSITION, TransitionIncident(parts.incidents)),
+                (Route.INCIDENT_NOTE, NoteIncident(parts.incidents)),
+                (Route.KEY_RELEASE, ReleaseKey(parts.keys)),
+                (Route.MODEL_RELEASE, ReleaseModel(parts.isolation)),
+            )
+        },
         Route.CHAT_MODELS: [
             authenticate,
             gate,
@@ -192,7 +216,7 @@ def build_pipelines(
             gate,
             limit,
             AuthorizeServer(parts.policy, Action.ADMIN),
-            ExportMetrics(parts.metrics),
+            ExportMetrics(parts.metrics, parts.incidents),
         ]
         if parts.metrics.enabled
         else [authenticate, RouteNotFound()],

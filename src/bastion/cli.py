@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
-from bastion.errors import AuditIntegrityError, BastionException, ConfigError, StateDirLocked
+from bastion.errors import AuditIntegrityError, BastionError, BastionException, ConfigError, StateDirLocked
 
 log = logging.getLogger("bastion")
 
@@ -117,6 +117,92 @@ def _isolation_store(config_path: Path):  # type: ignore[no-untyped-def]
     from bastion.statedir import StatePaths
 
     return IsolationStore(StatePaths(_config(config_path).server.state_dir).isolation)
+
+
+def _incident_store(config_path: Path):  # type: ignore[no-untyped-def]
+    from bastion.incidents import IncidentStore
+    from bastion.statedir import StatePaths
+
+    return IncidentStore(StatePaths(_config(config_path).server.state_dir).incidents)
+
+
+def _operator() -> str:
+    """Who changed an incident from the command line: the local user (no secret)."""
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return f"cli:uid{os.getuid()}"
+
+
+def cmd_incidents_list(args: argparse.Namespace) -> int:
+    from bastion.incidents import IncidentState
+
+    store = _incident_store(args.config)
+    state = IncidentState(args.state) if args.state else None
+    rows = [
+        (i.id, i.state.value, _when(i.opened_at), i.kind, i.model, i.principal or "-", i.action)
+        for i in store.list(state=state, limit=args.limit)
+    ]
+    _table(("id", "state", "opened", "kind", "model", "principal", "containment"), rows)
+    return 0
+
+
+def cmd_incidents_show(args: argparse.Namespace) -> int:
+    incident = _incident_store(args.config).get(args.id)
+    print(json.dumps(incident.as_dict(), indent=2, sort_keys=True))
+    return 0
+
+
+def _move(args: argparse.Namespace, to: str) -> int:
+    from bastion.incidents import IncidentState
+
+    incident = _incident_store(args.config).transition(
+        args.id, IncidentState(to), actor=_operator(), now=time.time(), note=args.note
+    )
+    print(f"incident {incident.id}: {incident.state.value}")
+    return 0
+
+
+def cmd_incidents_ack(args: argparse.Namespace) -> int:
+    return _move(args, "investigating")
+
+
+def cmd_incidents_resolve(args: argparse.Namespace) -> int:
+    return _move(args, "closed" if args.close else "remediated")
+
+
+def cmd_incidents_note(args: argparse.Namespace) -> int:
+    incident = _incident_store(args.config).note(args.id, args.text, actor=_operator(), now=time.time())
+    print(f"incident {incident.id}: note added ({len(incident.events)} events)")
+    return 0
+
+
+def cmd_incidents_export(args: argparse.Namespace) -> int:
+    """Markdown or JSON for a post-incident review, with the audit log's sequence numbers."""
+    from bastion.incidents import export_markdown
+    from bastion.statedir import StatePaths
+
+    incident = _incident_store(args.config).get(args.id)
+    seqs: dict[str, int] = {}
+    audit = StatePaths(_config(args.config).server.state_dir).audit
+    if incident.request_id and audit.exists():
+        import sqlite3
+
+        with sqlite3.connect(f"file:{audit}?mode=ro", uri=True) as db:
+            for seq, body in db.execute(
+                "SELECT seq, body FROM records WHERE body LIKE ?", (f"%{incident.request_id}%",)
+            ):
+                if json.loads(body).get("request_id") == incident.request_id:
+                    seqs[incident.request_id] = int(seq)
+    if args.format == "json":
+        doc = incident.as_dict()
+        doc["audit_seq"] = seqs.get(incident.request_id or "")
+        print(json.dumps(doc, indent=2, sort_keys=True))
+    else:
+        print(export_markdown(incident, seqs), end="")
+    return 0
 
 
 def cmd_models_isolated(args: argparse.Namespace) -> int:
@@ -717,6 +803,33 @@ def build_parser() -> argparse.ArgumentParser:
     release_model = with_config(models.add_parser("release", help="serve an isolated model again"))
     release_model.add_argument("model")
     release_model.set_defaults(func=cmd_models_release)
+    incidents = sub.add_parser("incidents", help="incidents recorded by query auditing").add_subparsers(
+        dest="incidents_command", required=True
+    )
+    listing = with_config(incidents.add_parser("list", help="newest first"))
+    listing.add_argument(
+        "--state", choices=["open", "contained", "investigating", "remediated", "closed"], default=None
+    )
+    listing.add_argument("--limit", type=int, default=50)
+    listing.set_defaults(func=cmd_incidents_list)
+    for name, func, text in (
+        ("show", cmd_incidents_show, "one incident with its timeline, as JSON"),
+        ("ack", cmd_incidents_ack, "acknowledge: investigating"),
+        ("resolve", cmd_incidents_resolve, "remediated (or closed with --close)"),
+        ("note", cmd_incidents_note, "add a note to the timeline"),
+        ("export", cmd_incidents_export, "Markdown or JSON for a post-incident review"),
+    ):
+        p = with_config(incidents.add_parser(name, help=text))
+        p.add_argument("id", type=int)
+        if name in ("ack", "resolve"):
+            p.add_argument("--note", default=None)
+        if name == "resolve":
+            p.add_argument("--close", action="store_true", help="closed: reviewed and archived")
+        if name == "note":
+            p.add_argument("text")
+        if name == "export":
+            p.add_argument("--format", choices=["markdown", "json"], default="markdown")
+        p.set_defaults(func=func)
     audit = sub.add_parser("audit", help="verify and export the audit log").add_subparsers(
         dest="audit", required=True
     )
@@ -857,6 +970,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     except (ConfigError, StateDirLocked, _CliError) as e:
         return _fail(str(e))
+    except BastionError as e:  # a refusal of the library's (no such incident, a move not allowed)
+        return _fail(e.message, 1)
     except KeyboardInterrupt:
         return 130
 

@@ -72,6 +72,7 @@ class RequestContext:
     model_version: str | None = None
     # The methods the path answers (the Allow header), for a request with the wrong one (WrongMethod).
     allowed_methods: str | None = None
+    resource_id: str | None = None  # an incident's or a key's id in the path (admin routes)
 
     # The pipeline's part, one writer each.
     principal: Principal | None = field(default=None, init=False)  # Authenticate
@@ -106,6 +107,8 @@ class RequestContext:
     result_text: bytes | None = field(default=None, init=False)  # a plain-text response body (metrics)
     # Language models (/v1), one stage each: DecodeChat, AuthorizeChat, WatchPrompts, Generate.
     chat: ChatExchange | None = field(default=None, init=False)
+    # An admin route's change (what, to what), audited with the request: e.g. ("incident:7", "closed").
+    operation: tuple[str, str] | None = field(default=None, init=False)
 
 
 @dataclass(slots=True)

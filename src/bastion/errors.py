@@ -32,6 +32,7 @@ class ErrorCode(StrEnum):
     # the binary tensor extension: Inference-Header-Content-Length or binary_data_size framing
     BAD_HEADER_LENGTH = "bad_header_length"
     MALFORMED_BINARY = "malformed_binary"
+    INVALID_TRANSITION = "invalid_transition"  # an incident cannot move to that state from its own
     # /v1 (language models): a request over the model's context or the role's max_tokens
     CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # OpenAI's own code for it
     MAX_TOKENS_TOO_LARGE = "max_tokens_too_large"
@@ -54,6 +55,7 @@ class ErrorCode(StrEnum):
     NOT_FOUND = "not_found"
     ROUTE_NOT_FOUND = "route_not_found"
     MODEL_NOT_FOUND = "model_not_found"
+    INCIDENT_NOT_FOUND = "incident_not_found"
     METRICS_DISABLED = "metrics_disabled"
     # 405
     METHOD_NOT_ALLOWED = "method_not_allowed"
@@ -116,6 +118,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.CLIENT_DISCONNECTED: 400,
     ErrorCode.BAD_HEADER_LENGTH: 400,
     ErrorCode.MALFORMED_BINARY: 400,
+    ErrorCode.INVALID_TRANSITION: 400,
     ErrorCode.CONTEXT_LENGTH_EXCEEDED: 400,
     ErrorCode.MAX_TOKENS_TOO_LARGE: 400,
     ErrorCode.UNAUTHENTICATED: 401,
@@ -134,6 +137,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.ROUTE_NOT_FOUND: 404,
     ErrorCode.MODEL_NOT_FOUND: 404,
+    ErrorCode.INCIDENT_NOT_FOUND: 404,
     ErrorCode.METRICS_DISABLED: 404,
     ErrorCode.METHOD_NOT_ALLOWED: 405,
     ErrorCode.REQUEST_TIMEOUT: 408,

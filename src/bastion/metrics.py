@@ -77,6 +77,12 @@ class Metrics:
             ["model", "signal", "action"],
             registry=self.registry,
         )
+        self.incident_states = Gauge(
+            "bastion_incidents_by_state",
+            "Incidents by lifecycle state (open, contained, investigating, remediated, closed).",
+            ["state"],
+            registry=self.registry,
+        )
         self.llm_tokens = Counter(
             "bastion_llm_tokens",
             "Language-model tokens used, by model and kind (prompt, completion).",

@@ -54,6 +54,16 @@ def _operation(spec: RouteSpec, versioned: bool) -> dict[str, Any]:
     }
     if "{model_name}" in spec.path:
         op["parameters"] = [_NAME, _VERSION] if versioned else [_NAME]
+    for name, pattern in (("incident_id", "^[1-9][0-9]{0,11}$"), ("key_id", "^[0-9a-f]{16}$")):
+        if "{" + name + "}" in spec.path:
+            op["parameters"] = [
+                {
+                    "name": name,
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string", "pattern": pattern},
+                }
+            ]
     if spec.request is not None:
         op["requestBody"] = {
             "required": spec.request_required,
@@ -338,6 +348,50 @@ OPENAPI: dict[str, Any] = {
                     "usage": {"type": "object"},
                 },
             },
+            "Incident": {
+                "type": "object",
+                "required": ["id", "state", "kind", "model", "action", "evidence", "events"],
+                "properties": {
+                    "id": {"type": "integer"},
+                    "state": {"enum": ["open", "contained", "investigating", "remediated", "closed"]},
+                    "kind": {"type": "string"},
+                    "model": {"type": "string"},
+                    "principal": {"type": ["string", "null"]},
+                    "action": {"type": "string"},
+                    "detail": {"type": "string"},
+                    "evidence": {"type": "object"},
+                    "request_id": {"type": ["string", "null"]},
+                    "opened_at": {"type": "number"},
+                    "updated_at": {"type": "number"},
+                    "events": {"type": "array", "items": {"type": "object"}},
+                },
+            },
+            "IncidentList": {
+                "type": "object",
+                "required": ["incidents", "counts"],
+                "properties": {
+                    "incidents": {"type": "array", "items": _ref("Incident")},
+                    "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
+                },
+            },
+            "IncidentTransition": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["state"],
+                "properties": {
+                    "state": {"enum": ["open", "contained", "investigating", "remediated", "closed"]},
+                    "note": {"type": "string", "maxLength": 2000},
+                },
+            },
+            "IncidentNote": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["note"],
+                "properties": {
+                    "note": {"type": "string", "minLength": 1, "maxLength": 2000, "pattern": "\\S"}
+                },
+            },
+            "Empty": {"type": "object", "additionalProperties": False, "properties": {}},
             "TokenResponse": {
                 "type": "object",
                 "required": ["access_token", "token_type", "expires_in", "scope"],

@@ -29,6 +29,12 @@ class Route(StrEnum):
     CHAT = "chat"  # OpenAI-compatible chat completions
     CHAT_MODELS = "chat_models"  # OpenAI-compatible model list
     CHAT_MODEL = "chat_model"  # OpenAI-compatible model retrieval
+    INCIDENTS = "incidents"  # admin: the incident list
+    INCIDENT = "incident"  # admin: one incident, with its timeline
+    INCIDENT_TRANSITION = "incident_transition"  # admin: move an incident along its lifecycle
+    INCIDENT_NOTE = "incident_note"  # admin: add a note
+    KEY_RELEASE = "key_release"  # admin: release a quarantined key
+    MODEL_RELEASE = "model_release"  # admin: release an isolated model
     LIVE = "live"
     READY = "ready"
     NOT_FOUND = "not_found"
@@ -171,6 +177,60 @@ ROUTES: tuple[RouteSpec, ...] = (
         openai=True,
         errors=(400, 401, 403, 404, 429, 502, 503, 504),
     ),
+    RouteSpec(
+        Route.INCIDENTS,
+        "GET",
+        "/v2/admin/incidents",
+        Action.ADMIN,
+        "Incidents, newest first (admin grant)",
+        "IncidentList",
+    ),
+    RouteSpec(
+        Route.INCIDENT,
+        "GET",
+        "/v2/admin/incidents/{incident_id}",
+        Action.ADMIN,
+        "One incident with its timeline (admin grant)",
+        "Incident",
+    ),
+    RouteSpec(
+        Route.INCIDENT_TRANSITION,
+        "POST",
+        "/v2/admin/incidents/{incident_id}/transition",
+        Action.ADMIN,
+        "Move an incident along open -> contained -> investigating -> remediated -> closed (audited)",
+        "Incident",
+        request="IncidentTransition",
+    ),
+    RouteSpec(
+        Route.INCIDENT_NOTE,
+        "POST",
+        "/v2/admin/incidents/{incident_id}/notes",
+        Action.ADMIN,
+        "Add a note to an incident's timeline (audited)",
+        "Incident",
+        request="IncidentNote",
+    ),
+    RouteSpec(
+        Route.KEY_RELEASE,
+        "POST",
+        "/v2/admin/keys/{key_id}/release",
+        Action.ADMIN,
+        "Release a key quarantined by query auditing (audited)",
+        "object",
+        request_required=False,
+        request="Empty",
+    ),
+    RouteSpec(
+        Route.MODEL_RELEASE,
+        "POST",
+        "/v2/admin/models/{model_name}/release",
+        Action.ADMIN,
+        "Release a model isolated by query auditing (audited)",
+        "object",
+        request_required=False,
+        request="Empty",
+    ),
     RouteSpec(Route.OPENAPI, "GET", "/v2/openapi.json", Action.METADATA, "This document", "object"),
     RouteSpec(Route.METRICS, "GET", "/metrics", Action.ADMIN, "Prometheus metrics (admin grant)", "text"),
 )
@@ -185,6 +245,8 @@ ROUTE_ACTIONS: dict[Route, Action] = {
 _PARAMETER_PATTERNS = {
     "model_name": r"(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]{0,63})",
     "model_version": r"(?P<version>[A-Za-z0-9][A-Za-z0-9_.-]{0,31})",
+    "incident_id": r"(?P<resource>[1-9][0-9]{0,11})",
+    "key_id": r"(?P<resource>[0-9a-f]{16})",
 }
 
 
@@ -194,6 +256,7 @@ class Match:
     model_name: str | None
     model_version: str | None
     method_allowed: bool
+    resource_id: str | None = None  # an incident's or a key's id in the path
 
 
 class Router:
@@ -219,7 +282,9 @@ class Router:
             if m is None:
                 continue
             groups = m.groupdict()
-            found = Match(spec, groups.get("name"), groups.get("version"), spec.method == method)
+            found = Match(
+                spec, groups.get("name"), groups.get("version"), spec.method == method, groups.get("resource")
+            )
             if found.method_allowed:
                 return found
             wrong = wrong or found

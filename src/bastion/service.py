@@ -34,6 +34,7 @@ from bastion.errors import (
     NotReady,
     RateLimited,
 )
+from bastion.incidents import IncidentStore
 from bastion.isolation import IsolationStore
 from bastion.keys import KeyStore
 from bastion.llm.intent import ExtractionTracker
@@ -111,6 +112,7 @@ class Bastion:
         self.metrics.models_refused.set(len(self.registry.failures))
         self.keys = KeyStore(paths.keys)
         self.isolation = IsolationStore(paths.isolation)
+        self.incidents = IncidentStore(paths.incidents)
         self.tokens = TokenAuthority(
             load_or_create_signing_key(paths.token_key),
             issuer=config.tokens.issuer,
@@ -253,6 +255,7 @@ class Bastion:
         self.state.close()
         self.keys.close()
         self.isolation.close()
+        self.incidents.close()
         self._state_lock.release()
 
     async def aclose(self) -> None:
@@ -440,6 +443,8 @@ class Bastion:
         }
         if ctx.chat is not None:
             record.update(_chat_record(ctx, stream_end=stream_end))
+        if ctx.operation is not None:  # an admin's change: what, and to what
+            record["target"], record["change"] = ctx.operation
         try:
             pending = self.audit.submit(record, wait=self._wait_for_audit)
             if pending is not None:

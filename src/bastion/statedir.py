@@ -45,6 +45,10 @@ class StatePaths:
         return self.root / "isolation.db"
 
     @property
+    def incidents(self) -> Path:
+        return self.root / "incidents.db"
+
+    @property
     def audit_key(self) -> Path:
         return self.root / "audit_signing.key"
 

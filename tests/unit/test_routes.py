@@ -15,7 +15,12 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def _concrete(template: str) -> str:
-    return template.replace("{model_name}", "iris").replace("{model_version}", "7")
+    return (
+        template.replace("{model_name}", "iris")
+        .replace("{model_version}", "7")
+        .replace("{incident_id}", "12")
+        .replace("{key_id}", "0123456789abcdef")
+    )
 
 
 def _table_paths() -> set[tuple[str, str]]:

@@ -122,6 +122,7 @@ class BastionApp:
             client=client[0] if client else None,
             model_name=match.model_name if match is not None else None,
             model_version=match.model_version if match is not None else None,
+            resource_id=match.resource_id if match is not None else None,
             # The binary tensor extension: a JSON header, then raw tensor bytes (checked when decoded).
             decode=binary_decoder(header_length) if header_length is not None else None,
         )

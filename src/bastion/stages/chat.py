@@ -32,6 +32,7 @@ from bastion.errors import (
     PermissionDenied,
     RateLimited,
 )
+from bastion.incidents import IncidentStore
 from bastion.keys import KeyStore
 from bastion.llm.intent import Escalation, ExtractionTracker, IntentVerdict, screen_intent
 from bastion.llm.leakage import LeakDetected
@@ -215,9 +216,11 @@ class PromptContainment:
         metrics: Metrics,
         record: Callable[[dict[str, Any]], None],
         tracker: ExtractionTracker,
+        incidents: IncidentStore,
     ) -> None:
         self._keys = keys
         self._tracker = tracker
+        self._incidents = incidents
         self._metrics = metrics
         self._record = record
 
@@ -242,6 +245,20 @@ class PromptContainment:
                 "detail": escalation.reason,
                 "evidence": dict(escalation.evidence),
             }
+        )
+        self._incidents.open(
+            kind="prompt_extraction_suspected",
+            model=model.name,
+            principal=principal.id,
+            action=action,
+            detail=escalation.describe(),
+            evidence={
+                **escalation.evidence,
+                "prompt": model.prompt.name if model.prompt else None,
+                "prompt_digest": model.prompt.digest if model.prompt else None,
+            },
+            request_id=ctx.request_id,
+            now=ctx.now,
         )
         self._metrics.incidents.labels(model.name, "prompt_extraction", action).inc()
         if action == "quarantine":

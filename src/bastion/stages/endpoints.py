@@ -8,6 +8,7 @@ from bastion import __version__
 from bastion.config import Action, OutputDetail
 from bastion.context import RequestContext
 from bastion.errors import BadRequest, ErrorCode, MethodNotAllowed, NotFound, PermissionDenied
+from bastion.incidents import IncidentStore
 from bastion.metrics import Metrics
 from bastion.policy import EffectiveGrant, Policy, TokenScope, serves_claim
 from bastion.protocol import integral, parse_json
@@ -114,10 +115,14 @@ class ModelReadiness:
 
 
 class ExportMetrics:
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, incidents: IncidentStore | None = None) -> None:
         self._metrics = metrics
+        self._incidents = incidents
 
     async def __call__(self, ctx: RequestContext) -> None:
+        if self._incidents is not None:  # read when scraped: the CLI changes incidents too
+            for state, count in self._incidents.counts().items():
+                self._metrics.incident_states.labels(state).set(count)
         ctx.result_text = self._metrics.render()
 
 

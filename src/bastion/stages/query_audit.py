@@ -23,6 +23,7 @@ from typing import Any
 from bastion.context import RequestContext
 from bastion.errors import ErrorCode, NotReady, PermissionDenied
 from bastion.extraction import Suspicion
+from bastion.incidents import IncidentStore
 from bastion.isolation import IsolationStore
 from bastion.keys import KeyStore
 from bastion.metrics import Metrics
@@ -64,18 +65,20 @@ class Containment:
         isolation: IsolationStore,
         metrics: Metrics,
         record: Callable[[dict[str, Any]], None],
+        incidents: IncidentStore,
     ) -> None:
         self._keys = keys
         self._isolation = isolation
         self._metrics = metrics
         self._record = record
+        self._incidents = incidents
         self._flagged: dict[str, deque[tuple[float, str]]] = {}  # model -> (time, principal) flagged
 
     def __call__(self, ctx: RequestContext, suspicion: Suspicion) -> None:
         model, principal = ctx.model, ctx.principal
         assert model is not None and principal is not None and model.monitor is not None
         action = model.extraction_watch
-        self._record_incident(ctx, action, suspicion.describe())
+        self._record_incident(ctx, action, suspicion.describe(), signal=suspicion.signal)
         self._metrics.incidents.labels(model.name, suspicion.signal, action).inc()
         if model.isolate_after:
             self._count_towards_isolation(ctx)
@@ -84,11 +87,22 @@ class Containment:
             model.monitor.forget(principal.id)  # a released key starts afresh
             raise quarantined()
 
-    def _record_incident(self, ctx: RequestContext, decision: str, detail: str) -> None:
+    def _record_incident(self, ctx: RequestContext, decision: str, detail: str, *, signal: str) -> None:
         """Lineage of the request that tipped it (the keyed HMAC of its payload, None if the row was
-        refused before the HMAC), never a row."""
+        refused before the HMAC), never a row; and an incident for operators to move along."""
         model, principal = ctx.model, ctx.principal
         assert model is not None and principal is not None
+        isolation = decision == "isolate_model"
+        self._incidents.open(
+            kind="several_principals" if isolation else "extraction_suspected",
+            model=model.name,
+            principal=None if isolation else principal.id,
+            action=decision,
+            detail=detail,
+            evidence={"signal": signal, "version": model.version, "digest": model.digest},
+            request_id=ctx.request_id,
+            now=ctx.now,
+        )
         self._record(
             {
                 "ts": ctx.now,
@@ -119,7 +133,7 @@ class Containment:
             return
         detail = f"{len(principals)} principals flagged within {model.isolation_window:g} s"
         if self._isolation.isolate(model.name, now=ctx.now, reason=detail):
-            self._record_incident(ctx, "isolate_model", detail)
+            self._record_incident(ctx, "isolate_model", detail, signal="several_principals")
             self._metrics.incidents.labels(model.name, "several_principals", "isolate_model").inc()
         flagged.clear()
 

@@ -1,0 +1,340 @@
+"""Incidents as a lifecycle: open -> contained -> investigating -> remediated -> closed.
+
+Query auditing opens an incident when it flags a principal (model extraction, prompt extraction)
+or isolates a model; operators move it along with notes (`bastion incidents ...`, or the admin API
+under `/v2/admin/incidents`). Every incident keeps who changed what and when, and its evidence:
+signals, counts, the model's digest, the request id of the audit record that opened it (never a
+payload, a prompt or an answer). A small SQLite table beside the keys, shared by every worker and
+the CLI, like `isolation.py`.
+
+The lifecycle follows the incident-handling phases of NIST SP 800-61r2 (containment, eradication
+and recovery, post-incident activity): states only move forward, except that a remediated incident
+may be reopened for investigation.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from bastion.errors import BadRequest, ErrorCode, NotFound
+from bastion.files import open_shared_sqlite
+
+
+class IncidentState(StrEnum):
+    OPEN = "open"  # recorded; nothing contained it (extraction_watch = "alert")
+    CONTAINED = "contained"  # the key quarantined or the model isolated
+    INVESTIGATING = "investigating"  # acknowledged by an operator
+    REMEDIATED = "remediated"  # the cause is dealt with (key released or revoked, prompt changed...)
+    CLOSED = "closed"  # reviewed; archived
+
+
+# Forward only; a remediated incident may go back to investigating (the fix did not hold).
+_NEXT: dict[IncidentState, frozenset[IncidentState]] = {
+    IncidentState.OPEN: frozenset(
+        {IncidentState.CONTAINED, IncidentState.INVESTIGATING, IncidentState.REMEDIATED, IncidentState.CLOSED}
+    ),
+    IncidentState.CONTAINED: frozenset(
+        {IncidentState.INVESTIGATING, IncidentState.REMEDIATED, IncidentState.CLOSED}
+    ),
+    IncidentState.INVESTIGATING: frozenset({IncidentState.REMEDIATED, IncidentState.CLOSED}),
+    IncidentState.REMEDIATED: frozenset({IncidentState.INVESTIGATING, IncidentState.CLOSED}),
+    IncidentState.CLOSED: frozenset(),
+}
+
+_MAX_NOTE = 2000  # characters of an operator's note
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS incidents (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    opened_at   REAL NOT NULL,
+    kind        TEXT NOT NULL,
+    model       TEXT NOT NULL,
+    principal   TEXT,
+    action      TEXT NOT NULL,
+    detail      TEXT NOT NULL,
+    evidence    TEXT NOT NULL,
+    request_id  TEXT,
+    state       TEXT NOT NULL,
+    updated_at  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS incident_events (
+    incident_id INTEGER NOT NULL REFERENCES incidents(id),
+    at          REAL NOT NULL,
+    actor       TEXT NOT NULL,
+    action      TEXT NOT NULL,
+    from_state  TEXT,
+    to_state    TEXT,
+    note        TEXT
+);
+CREATE INDEX IF NOT EXISTS incident_events_by_incident ON incident_events (incident_id);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class IncidentEvent:
+    at: float
+    actor: str  # "bastion" (the server), "key:<id>" (an admin over the API), "cli:<user>"
+    action: str  # opened, transition, note
+    from_state: str | None
+    to_state: str | None
+    note: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Incident:
+    id: int
+    opened_at: float
+    kind: str  # extraction_suspected, prompt_extraction_suspected, several_principals
+    model: str
+    principal: str | None  # "key:<id>"; None for a model-wide incident (isolation)
+    action: str  # what containment did: quarantine, alert, isolate_model
+    detail: str
+    evidence: dict[str, Any]
+    request_id: str | None  # the audit record of the request that tipped it
+    state: IncidentState
+    updated_at: float
+    events: tuple[IncidentEvent, ...] = field(default=())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "opened_at": self.opened_at,
+            "kind": self.kind,
+            "model": self.model,
+            "principal": self.principal,
+            "action": self.action,
+            "detail": self.detail,
+            "evidence": self.evidence,
+            "request_id": self.request_id,
+            "state": self.state.value,
+            "updated_at": self.updated_at,
+            "events": [
+                {
+                    "at": e.at,
+                    "actor": e.actor,
+                    "action": e.action,
+                    "from": e.from_state,
+                    "to": e.to_state,
+                    "note": e.note,
+                }
+                for e in self.events
+            ],
+        }
+
+
+class IncidentStore:
+    def __init__(self, path: Path) -> None:
+        self._conn = open_shared_sqlite(path, _SCHEMA)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def open(
+        self,
+        *,
+        kind: str,
+        model: str,
+        principal: str | None,
+        action: str,
+        detail: str,
+        evidence: dict[str, Any],
+        request_id: str | None,
+        now: float,
+    ) -> int:
+        """Record a new incident; contained at once when containment acted. Returns its id."""
+        state = IncidentState.OPEN if action == "alert" else IncidentState.CONTAINED
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                cur = self._conn.execute(
+                    "INSERT INTO incidents (opened_at, kind, model, principal, action, detail, evidence, "
+                    "request_id, state, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        now,
+                        kind,
+                        model,
+                        principal,
+                        action,
+                        detail,
+                        json.dumps(evidence),
+                        request_id,
+                        state,
+                        now,
+                    ),
+                )
+                incident_id = int(cur.lastrowid or 0)
+                self._event(incident_id, now, "bastion", "opened", None, state, None)
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+        return incident_id
+
+    def get(self, incident_id: int) -> Incident:
+        """Raises NotFound (404 `incident_not_found`)."""
+        with self._lock:
+            row = self._conn.execute(
+                f"SELECT {_COLUMNS} FROM incidents WHERE id = ?", (incident_id,)
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"no incident {incident_id}", code=ErrorCode.INCIDENT_NOT_FOUND)
+            events = self._conn.execute(
+                "SELECT at, actor, action, from_state, to_state, note FROM incident_events "
+                "WHERE incident_id = ? ORDER BY rowid",
+                (incident_id,),
+            ).fetchall()
+        return _incident(row, tuple(IncidentEvent(*e) for e in events))
+
+    def list(self, *, state: IncidentState | None = None, limit: int = 100) -> list[Incident]:
+        """Newest first, without their events."""
+        with self._lock:
+            if state is None:
+                rows = self._conn.execute(
+                    f"SELECT {_COLUMNS} FROM incidents ORDER BY id DESC LIMIT ?", (limit,)
+                ).fetchall()
+            else:
+                rows = self._conn.execute(
+                    f"SELECT {_COLUMNS} FROM incidents WHERE state = ? ORDER BY id DESC LIMIT ?",
+                    (state.value, limit),
+                ).fetchall()
+        return [_incident(r, ()) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        """Incidents per state (every state, zeros included)."""
+        with self._lock:
+            rows = self._conn.execute("SELECT state, COUNT(*) FROM incidents GROUP BY state").fetchall()
+        found = dict(rows)
+        return {s.value: int(found.get(s.value, 0)) for s in IncidentState}
+
+    def transition(
+        self, incident_id: int, to: IncidentState, *, actor: str, now: float, note: str | None = None
+    ) -> Incident:
+        """Move an incident to `to`. Raises NotFound, or BadRequest (409-like, 400
+        `invalid_transition`) for a move the lifecycle does not allow."""
+        note = _checked_note(note)
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._conn.execute(
+                    "SELECT state FROM incidents WHERE id = ?", (incident_id,)
+                ).fetchone()
+                if row is None:
+                    raise NotFound(f"no incident {incident_id}", code=ErrorCode.INCIDENT_NOT_FOUND)
+                current = IncidentState(row[0])
+                if to not in _NEXT[current]:
+                    raise BadRequest(
+                        f"incident {incident_id} is {current.value}: it cannot become {to.value}",
+                        code=ErrorCode.INVALID_TRANSITION,
+                    )
+                self._conn.execute(
+                    "UPDATE incidents SET state = ?, updated_at = ? WHERE id = ?",
+                    (to.value, now, incident_id),
+                )
+                self._event(incident_id, now, actor, "transition", current, to, note)
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+        return self.get(incident_id)
+
+    def note(self, incident_id: int, text: str, *, actor: str, now: float) -> Incident:
+        checked = _checked_note(text)
+        if not checked:
+            raise BadRequest("an empty note", code=ErrorCode.MALFORMED_REQUEST)
+        with self._lock:
+            if self._conn.execute("SELECT 1 FROM incidents WHERE id = ?", (incident_id,)).fetchone() is None:
+                raise NotFound(f"no incident {incident_id}", code=ErrorCode.INCIDENT_NOT_FOUND)
+            self._conn.execute("UPDATE incidents SET updated_at = ? WHERE id = ?", (now, incident_id))
+            self._event(incident_id, now, actor, "note", None, None, checked)
+        return self.get(incident_id)
+
+    def _event(
+        self,
+        incident_id: int,
+        now: float,
+        actor: str,
+        action: str,
+        from_state: IncidentState | None,
+        to_state: IncidentState | None,
+        note: str | None,
+    ) -> None:
+        self._conn.execute(
+            "INSERT INTO incident_events VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                incident_id,
+                now,
+                actor,
+                action,
+                from_state.value if from_state else None,
+                to_state.value if to_state else None,
+                note,
+            ),
+        )
+
+
+_COLUMNS = "id, opened_at, kind, model, principal, action, detail, evidence, request_id, state, updated_at"
+
+
+def _incident(row: tuple[Any, ...], events: tuple[IncidentEvent, ...]) -> Incident:
+    return Incident(
+        id=row[0],
+        opened_at=row[1],
+        kind=row[2],
+        model=row[3],
+        principal=row[4],
+        action=row[5],
+        detail=row[6],
+        evidence=json.loads(row[7]),
+        request_id=row[8],
+        state=IncidentState(row[9]),
+        updated_at=row[10],
+        events=events,
+    )
+
+
+def _checked_note(note: str | None) -> str | None:
+    if note is None:
+        return None
+    note = "".join(ch if ch.isprintable() or ch == "\n" else "?" for ch in note.strip())
+    if len(note) > _MAX_NOTE:
+        raise BadRequest(f"a note longer than {_MAX_NOTE} characters", code=ErrorCode.MALFORMED_REQUEST)
+    return note
+
+
+def export_markdown(incident: Incident, audit_seqs: dict[str, int] | None = None) -> str:
+    """A post-incident review's record: the lifecycle, the evidence (signals, counts, digests) and
+    the audit log's sequence numbers, never a payload. `audit_seqs`: request id -> audit `seq`."""
+    seqs = audit_seqs or {}
+    lines = [
+        f"# Incident {incident.id}: {incident.kind} on {incident.model}",
+        "",
+        f"- state: **{incident.state.value}**",
+        f"- opened: {_iso(incident.opened_at)}; last change: {_iso(incident.updated_at)}",
+        f"- principal: {incident.principal or '(model-wide)'}",
+        f"- containment: {incident.action}",
+        f"- detail: {incident.detail}",
+    ]
+    if incident.request_id:
+        seq = seqs.get(incident.request_id)
+        where = f"audit record seq {seq}" if seq is not None else "audit record"
+        lines.append(f"- tipped by request `{incident.request_id}` ({where})")
+    lines += ["", "## Evidence", "", "| signal | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in sorted(incident.evidence.items())]
+    lines += ["", "## Timeline", "", "| when | who | what | note |", "|---|---|---|---|"]
+    for e in incident.events:
+        what = e.action if e.to_state is None else f"{e.action}: {e.from_state or '-'} -> {e.to_state}"
+        note = (e.note or "").replace("|", "\\|").replace("\n", " ")
+        lines.append(f"| {_iso(e.at)} | {e.actor} | {what} | {note} |")
+    return "\n".join(lines) + "\n"
+
+
+def _iso(ts: float) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -1,0 +1,121 @@
+"""Admin routes: incidents and the release of what query auditing contained (`/v2/admin/...`).
+
+Each runs after `AuthorizeServer(ADMIN)`; each change is recorded in the incident's timeline (actor:
+the admin's principal) and, as every request, in the audit log, with `ctx.operation` saying what
+changed. Bodies are small JSON objects; a note is an operator's text, kept in the incident only.
+"""
+
+from __future__ import annotations
+
+from bastion.context import RequestContext
+from bastion.errors import BadRequest, ErrorCode, NotFound
+from bastion.incidents import IncidentState, IncidentStore
+from bastion.isolation import IsolationStore
+from bastion.keys import KeyStore
+from bastion.protocol import parse_json
+
+_MAX_BODY = 8 * 1024
+
+
+async def _json_object(ctx: RequestContext, allowed: set[str]) -> dict[str, object]:
+    body = await ctx.read_body(_MAX_BODY)
+    doc = parse_json(body) if body.strip() else {}
+    if not isinstance(doc, dict) or set(doc) - allowed:
+        raise BadRequest(
+            f"the body must be a JSON object with only {sorted(allowed)}", code=ErrorCode.MALFORMED_REQUEST
+        )
+    return doc
+
+
+def _incident_id(ctx: RequestContext) -> int:
+    assert ctx.resource_id is not None, "the route's pattern holds the id"
+    return int(ctx.resource_id)
+
+
+def _actor(ctx: RequestContext) -> str:
+    assert ctx.principal is not None
+    return ctx.principal.id
+
+
+class ListIncidents:
+    def __init__(self, incidents: IncidentStore) -> None:
+        self._incidents = incidents
+
+    async def __call__(self, ctx: RequestContext) -> None:
+        listed = self._incidents.list(limit=200)
+        ctx.result = {"incidents": [i.as_dict() for i in listed], "counts": self._incidents.counts()}
+
+
+class ShowIncident:
+    def __init__(self, incidents: IncidentStore) -> None:
+        self._incidents = incidents
+
+    async def __call__(self, ctx: RequestContext) -> None:
+        ctx.result = self._incidents.get(_incident_id(ctx)).as_dict()
+
+
+class TransitionIncident:
+    """`{"state": "investigating", "note": "..."}`: acknowledge (investigating), resolve
+    (remediated), close. 400 `invalid_transition` for a move the lifecycle does not allow."""
+
+    def __init__(self, incidents: IncidentStore) -> None:
+        self._incidents = incidents
+
+    async def __call__(self, ctx: RequestContext) -> None:
+        doc = await _json_object(ctx, {"state", "note"})
+        state, note = doc.get("state"), doc.get("note")
+        if not isinstance(state, str) or state not in {s.value for s in IncidentState}:
+            raise BadRequest(
+                f"state: one of {', '.join(s.value for s in IncidentState)}", code=ErrorCode.MALFORMED_REQUEST
+            )
+        if note is not None and not isinstance(note, str):
+            raise BadRequest("note: a string", code=ErrorCode.MALFORMED_REQUEST)
+        incident_id = _incident_id(ctx)
+        incident = self._incidents.transition(
+            incident_id, IncidentState(state), actor=_actor(ctx), now=ctx.now, note=note
+        )
+        ctx.operation = (f"incident:{incident_id}", f"state={state}")
+        ctx.result = incident.as_dict()
+
+
+class NoteIncident:
+    def __init__(self, incidents: IncidentStore) -> None:
+        self._incidents = incidents
+
+    async def __call__(self, ctx: RequestContext) -> None:
+        doc = await _json_object(ctx, {"note"})
+        note = doc.get("note")
+        if not isinstance(note, str):
+            raise BadRequest("note: a string", code=ErrorCode.MALFORMED_REQUEST)
+        incident_id = _incident_id(ctx)
+        incident = self._incidents.note(incident_id, note, actor=_actor(ctx), now=ctx.now)
+        ctx.operation = (f"incident:{incident_id}", "note")
+        ctx.result = incident.as_dict()
+
+
+class ReleaseKey:
+    def __init__(self, keys: KeyStore) -> None:
+        self._keys = keys
+
+    async def __call__(self, ctx: RequestContext) -> None:
+        await _json_object(ctx, set())
+        key_id = ctx.resource_id
+        assert key_id is not None
+        if not self._keys.release(key_id):
+            raise NotFound(f"key {key_id} is not quarantined (or does not exist)", code=ErrorCode.NOT_FOUND)
+        ctx.operation = (f"key:{key_id}", "released")
+        ctx.result = {"key_id": key_id, "released": True}
+
+
+class ReleaseModel:
+    def __init__(self, isolation: IsolationStore) -> None:
+        self._isolation = isolation
+
+    async def __call__(self, ctx: RequestContext) -> None:
+        await _json_object(ctx, set())
+        name = ctx.model_name
+        assert name is not None
+        if not self._isolation.release(name):
+            raise NotFound(f"model {name!r} is not isolated", code=ErrorCode.NOT_FOUND)
+        ctx.operation = (f"model:{name}", "released")
+        ctx.result = {"model": name, "released": True}

@@ -1,0 +1,225 @@
+"""Incidents as a lifecycle: the store, the admin routes through the core, and the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bastion.config import load_config
+from bastion.context import RequestContext
+from bastion.demo import build_demo
+from bastion.errors import BadRequest, NotFound
+from bastion.incidents import IncidentState, IncidentStore, export_markdown
+from bastion.routes import ROUTE_ACTIONS, Route
+from bastion.service import Bastion, Outcome
+
+
+def _open(store: IncidentStore, action: str = "quarantine") -> int:
+    return store.open(
+        kind="extraction_suspected",
+        model="breast-cancer",
+        principal="key:0123456789abcdef",
+        action=action,
+        detail="near_duplicates: 40 of 128",
+        evidence={"signal": "near_duplicates", "digest": "sha256:ab"},
+        request_id="r1",
+        now=1000.0,
+    )
+
+
+def test_the_lifecycle_moves_forward_and_keeps_who_and_when(tmp_path: Path) -> None:
+    store = IncidentStore(tmp_path / "incidents.db")
+    contained, recorded = _open(store), _open(store, action="alert")
+    assert store.get(contained).state is IncidentState.CONTAINED  # containment acted
+    assert store.get(recorded).state is IncidentState.OPEN  # only recorded ("alert")
+    store.transition(contained, IncidentState.INVESTIGATING, actor="key:a", now=1001.0, note="looking")
+    store.note(contained, "the key belongs to a partner's test harness", actor="key:a", now=1002.0)
+    store.transition(contained, IncidentState.REMEDIATED, actor="cli:ops", now=1003.0)
+    store.transition(contained, IncidentState.INVESTIGATING, actor="cli:ops", now=1004.0)  # reopened
+    done = store.transition(contained, IncidentState.CLOSED, actor="cli:ops", now=1005.0)
+    assert [(e.actor, e.action, e.to_state) for e in done.events] == [
+        ("bastion", "opened", "contained"),
+        ("key:a", "transition", "investigating"),
+        ("key:a", "note", None),
+        ("cli:ops", "transition", "remediated"),
+        ("cli:ops", "transition", "investigating"),
+        ("cli:ops", "transition", "closed"),
+    ]
+    assert store.counts() == {
+        "open": 1,
+        "contained": 0,
+        "investigating": 0,
+        "remediated": 0,
+        "closed": 1,
+    }
+    for to in IncidentState:  # closed is final
+        with pytest.raises(BadRequest) as refused:
+            store.transition(contained, to, actor="x", now=1006.0)
+        assert refused.value.code == "invalid_transition"
+    store.transition(recorded, IncidentState.INVESTIGATING, actor="x", now=1)
+    with pytest.raises(BadRequest):  # never back to contained from investigating
+        store.transition(recorded, IncidentState.CONTAINED, actor="x", now=2)
+    with pytest.raises(NotFound):
+        store.get(999)
+    with pytest.raises(BadRequest):
+        store.note(recorded, "x" * 2001, actor="x", now=3)
+    store.close()
+
+
+def test_the_export_carries_evidence_and_the_audit_seq_and_escapes_notes(tmp_path: Path) -> None:
+    store = IncidentStore(tmp_path / "incidents.db")
+    incident_id = _open(store)
+    store.note(incident_id, "a | pipe\nand a new line", actor="cli:ops", now=1001.0)
+    text = export_markdown(store.get(incident_id), {"r1": 42})
+    assert "audit record seq 42" in text and "| signal | near_duplicates |" in text
+    assert "| a \\| pipe and a new line |" in text  # a note cannot break the table
+    store.close()
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[Bastion]:
+    demo = build_demo(tmp_path / "demo", llm=False)
+    s = Bastion(load_config(demo.config_path), config_path=demo.config_path)
+    yield s
+    s.close()
+
+
+def _ctx(route: Route, credentials: str, body: dict[str, Any] | None = None, **kw: Any) -> RequestContext:
+    raw = json.dumps(body).encode() if body is not None else b""
+
+    async def read_body(limit: int) -> bytes:
+        return raw
+
+    return RequestContext(
+        request_id=f"i{time.perf_counter_ns()}",
+        action=ROUTE_ACTIONS[route],
+        now=time.time(),
+        credentials=credentials,
+        read_body=read_body,
+        **kw,
+    )
+
+
+def test_admin_routes_move_an_incident_release_the_key_and_audit_each_step(service: Bastion) -> None:
+    thief = service.keys.create(name="thief", roles=["analyst"], now=time.time())
+    service.keys.quarantine(thief.record.key_id, now=time.time())
+    incident_id = service.incidents.open(
+        kind="extraction_suspected",
+        model="breast-cancer",
+        principal=f"key:{thief.record.key_id}",
+        action="quarantine",
+        detail="d",
+        evidence={},
+        request_id=None,
+        now=time.time(),
+    )
+    admin = f"Bearer {service.keys.create(name='a', roles=['admin'], now=time.time()).secret}"
+    analyst = f"Bearer {service.keys.create(name='b', roles=['analyst'], now=time.time()).secret}"
+    iid = str(incident_id)
+
+    async def calls(s: Bastion) -> list[Outcome]:
+        await s.startup()
+        try:
+            return [
+                # A non-admin key can neither read nor act.
+                await s.handle(Route.INCIDENTS, _ctx(Route.INCIDENTS, analyst)),
+                await s.handle(
+                    Route.INCIDENT_TRANSITION,
+                    _ctx(Route.INCIDENT_TRANSITION, analyst, {"state": "closed"}, resource_id=iid),
+                ),
+                await s.handle(
+                    Route.KEY_RELEASE, _ctx(Route.KEY_RELEASE, analyst, resource_id=thief.record.key_id)
+                ),
+                # The admin acknowledges, notes, releases the key, resolves.
+                await s.handle(Route.INCIDENTS, _ctx(Route.INCIDENTS, admin)),
+                await s.handle(
+                    Route.INCIDENT_TRANSITION,
+                    _ctx(Route.INCIDENT_TRANSITION, admin, {"state": "investigating"}, resource_id=iid),
+                ),
+                await s.handle(
+                    Route.INCIDENT_NOTE,
+                    _ctx(Route.INCIDENT_NOTE, admin, {"note": "partner"}, resource_id=iid),
+                ),
+                await s.handle(
+                    Route.KEY_RELEASE, _ctx(Route.KEY_RELEASE, admin, resource_id=thief.record.key_id)
+                ),
+                await s.handle(
+                    Route.INCIDENT_TRANSITION,
+                    _ctx(Route.INCIDENT_TRANSITION, admin, {"state": "remediated"}, resource_id=iid),
+                ),
+                await s.handle(
+                    Route.INCIDENT_TRANSITION,
+                    _ctx(Route.INCIDENT_TRANSITION, admin, {"state": "contained"}, resource_id=iid),
+                ),
+                await s.handle(Route.INCIDENT, _ctx(Route.INCIDENT, admin, resource_id="99999")),
+                await s.handle(Route.METRICS, _ctx(Route.METRICS, admin)),
+            ]
+        finally:
+            await s.aclose()
+
+    outcomes = asyncio.run(calls(service))
+    assert [o.status for o in outcomes] == [403, 403, 403, 200, 200, 200, 200, 200, 400, 404, 200]
+    listed = outcomes[3].body
+    assert isinstance(listed, dict) and listed["incidents"][0]["id"] == incident_id
+    assert listed["counts"]["contained"] == 1
+    assert outcomes[8].body["code"] == "invalid_transition"  # type: ignore[index]
+
+    metrics = outcomes[10].body
+    assert isinstance(metrics, bytes) and b'bastion_incidents_by_state{state="remediated"} 1.0' in metrics
+    with sqlite3.connect(service.paths.audit) as db:
+        records = [json.loads(b) for (b,) in db.execute("SELECT body FROM records ORDER BY seq")]
+    changes = [(r["route"], r["target"], r["change"]) for r in records if "change" in r]
+    assert changes == [
+        ("incident_transition", f"incident:{iid}", "state=investigating"),
+        ("incident_note", f"incident:{iid}", "note"),
+        ("key_release", f"key:{thief.record.key_id}", "released"),
+        ("incident_transition", f"incident:{iid}", "state=remediated"),
+    ]
+    assert not any("partner" in json.dumps(r) for r in records)  # the note is in the incident, not the log
+    store = IncidentStore(service.paths.incidents)
+    assert [e.note for e in store.get(incident_id).events if e.action == "note"] == ["partner"]
+    store.close()
+    from bastion.keys import KeyStore
+
+    keys = KeyStore(service.paths.keys)
+    assert keys.get(thief.record.key_id).quarantined_at is None  # type: ignore[union-attr]
+    keys.close()
+
+
+def test_the_cli_lists_acknowledges_resolves_and_exports(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bastion.cli import main
+
+    demo = build_demo(tmp_path / "demo", llm=False)
+    config = str(demo.config_path)
+    store = IncidentStore(load_config(demo.config_path).server.state_dir / "incidents.db")
+    incident_id = _open(store)
+    store.close()
+    assert main(["incidents", "list", "--config", config]) == 0
+    assert "contained" in capsys.readouterr().out
+    assert main(["incidents", "ack", "--config", config, str(incident_id), "--note", "on it"]) == 0
+    assert main(["incidents", "note", "--config", config, str(incident_id), "false positive: a partner"]) == 0
+    assert main(["incidents", "resolve", "--config", config, str(incident_id)]) == 0
+    assert main(["incidents", "resolve", "--config", config, str(incident_id), "--close"]) == 0
+    assert "closed" in capsys.readouterr().out
+    # Closed is final: a clear refusal, exit 1, no traceback.
+    assert main(["incidents", "ack", "--config", config, str(incident_id)]) == 1
+    assert "cannot become investigating" in capsys.readouterr().err
+    assert main(["incidents", "show", "--config", config, "999"]) == 1
+    assert main(["incidents", "export", "--config", config, str(incident_id), "--format", "json"]) == 0
+    exported = json.loads(capsys.readouterr().out)
+    assert exported["state"] == "closed" and [e["to"] for e in exported["events"] if e["to"]] == [
+        "contained",
+        "investigating",
+        "remediated",
+        "closed",
+    ]
+    assert all(e["actor"].startswith(("bastion", "cli:")) for e in exported["events"])
