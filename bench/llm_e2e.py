@@ -29,9 +29,11 @@ Phases:
 3. containment (lane B, after phase 1): for each seed a fresh attacker key sends the attacks,
    shuffled with that seed, to the same `P-q`, until `key_quarantined` (at most 40 attempts).
 4. cost (alone, after the lanes): `--cost-n` benign requests (every 7th of the set, on prompt i mod 6),
-   each streamed to the guard-on model and to the baseline, interleaved (the order alternates),
-   max_tokens 96: time to the first content chunk and tokens/s ((completion tokens - 1) / time from
-   the first content chunk to the end; and completion tokens / total time).
+   each streamed to the guard-on model, the baseline and a "cold" baseline (`P-plain` with the
+   prompt between canary-shaped lines, as the guard plants them: a fresh prefix each time, so no
+   reuse of llama.cpp's cached prompt), interleaved (the order rotates), max_tokens 96: time to the
+   first content chunk and tokens/s ((completion tokens - 1) / time from the first content chunk to
+   the end; and completion tokens / total time).
 
 Lanes A and B run at once (two models generate at once, one core each); phase 4 runs alone.
 Results: stdout, and `--json PATH` for the raw rows.
