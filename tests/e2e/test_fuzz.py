@@ -215,7 +215,8 @@ def _draw_case(target: FuzzTarget, data: st.DataObject, operations: list[Any]) -
         # Three in four: bodies shaped like the model's inputs reach the runtime. The rest (and every
         # request naming no served model) come from the document's schema: the slow part of generation
         # (~0.1 s a body), and the decoder's own property tests cover malformed bodies in-process.
-        if operation.method.upper() == "POST" and data.draw(st.integers(0, 3), label="shaped body") > 0:
+        takes_tensors = operation.path.endswith(("/infer", "/aggregate"))
+        if takes_tensors and data.draw(st.integers(0, 3), label="shaped body") > 0:
             fixed["body"] = data.draw(_tensor_body(target.models[name]), label="body")
     return data.draw(operation.as_strategy(generation_mode=mode, **fixed), label="case")
 
