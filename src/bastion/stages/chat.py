@@ -179,9 +179,7 @@ class ComposeChat:
         chat.messages = tuple(messages)
         # Counted with the protected prompt and a canary of the real length, as the model will see it;
         # the tokenizer may be a round trip (the local model's socket): off the event loop.
-        system = model.guard.plant_canary()[0] if model.guard is not None else None
-        if system is None and model.prompt is not None:
-            system = model.prompt.text
+        system = _system_prompt(model)[0]
         chat.prompt_tokens = await asyncio.to_thread(
             model.backend.count_tokens, _with_prompt(model, chat.messages, system)
         )
@@ -196,6 +194,14 @@ class ComposeChat:
                 f"tokens; the model's context is {model.settings.context_tokens}",
                 code=ErrorCode.CONTEXT_LENGTH_EXCEEDED,
             )
+
+
+def _system_prompt(model: ChatModel) -> tuple[str | None, str]:
+    """The system message for one request and its canary: the protected prompt with a fresh canary
+    planted by the guard; without a guard (the benchmark baseline) the prompt as written, no canary."""
+    if model.guard is not None:
+        return model.guard.plant_canary()
+    return (model.prompt.text if model.prompt is not None else None), ""
 
 
 def _with_prompt(
@@ -373,7 +379,7 @@ class Generate:
         attempts = 2 if model.settings.on_leak == "regenerate" else 1
         async with self._slot(ctx):
             for attempt in range(attempts):
-                system, canary = guard.plant_canary() if guard is not None else (None, "")
+                system, canary = _system_prompt(model)
                 completion = await model.backend.complete(
                     _with_prompt(model, chat.messages, system), self._params(chat, retry=attempt > 0)
                 )
@@ -387,7 +393,7 @@ class Generate:
                         continue
                     self._watch.observe(ctx, guard_hit=True)
                     raise OutputWithheld(detector=hit.detector, score=hit.score) from None
-                chat.guard = "pass" if attempt == 0 else "regenerated"
+                chat.guard = None if guard is None else "pass" if attempt == 0 else "regenerated"
                 chat.guard_score = None
                 chat.finish_reason = completion.finish_reason
                 return Completion(
@@ -418,7 +424,7 @@ class Generate:
         guard = model.guard
         try:
             async with self._slot(ctx):
-                system, canary = guard.plant_canary() if guard is not None else (None, "")
+                system, canary = _system_prompt(model)
                 scanner = guard.stream(canary) if guard is not None else None
                 end: StreamEnd | None = None
                 received = 0

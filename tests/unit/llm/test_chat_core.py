@@ -617,3 +617,7 @@ def test_unsafe_no_leakage_guard_lets_the_leak_through_and_says_so(
     assert "UNSAFE" in caplog.text and SECRET not in caplog.text
     outcome = _one(service, _chat("code?"))
     assert outcome.status == 200  # the benchmark baseline: the leak the guard exists to stop
+    [(messages, _)] = backend.calls
+    assert messages[0] == ChatMessage("system", PROMPT)  # the prompt as written, no canary
+    [record] = [r for r in _audit_of(tmp_path) if r.get("route") == "chat"]
+    assert record["guard"] is None  # not "pass": nothing read the answer
