@@ -814,7 +814,7 @@ _PROBE_KIND, _GUARD_KIND, _PARAPHRASE_KIND, _UNEXPLAINED_KIND, _DUPLICATE_KIND =
 
 
 class _Evidence:
-    """One principal's evidence on one model in fixed-size ring buffers (4.6 KB a record, measured):
+    """One principal's evidence on one model in fixed-size ring buffers (about 5 KB a record):
     the points and kind of its last `recent` requests, the time, points and kind of its last
     `_EVENTS` counted requests, the time and sketch of its last `_PROBES` probes, and the digest,
     sketch and guard-hit flag of its last `_SEEN` probes or withheld answers (the retry test)."""
@@ -951,9 +951,9 @@ class ExtractionTracker:
 
     Bounds. Only principals with evidence are stored (a request that adds no points and finds no
     record stores nothing), at most `max_principals`, evicted least recently used; each keeps at
-    most `max_models` models (least recently used evicted), each in fixed-size buffers (4.6 KB
-    measured; so at most max_principals x max_models x 4.6 KB: 150 MB with the defaults if every
-    principal probes eight models, 19 MB with one), plus the last verdict of `max_principals`
+    most `max_models` models (least recently used evicted), each in fixed-size buffers (about 5 KB;
+    so at most max_principals x max_models x 5 KB: 165 MB with the defaults if every principal
+    probes eight models, 21 MB with one), plus the last verdict of `max_principals`
     principal-model pairs (about 0.5 KB each). To push out
     its own record by eviction, a principal must make `max_principals` *other* principals present
     evidence after its last request: that takes as many keys, each sending a probe. Clean traffic
