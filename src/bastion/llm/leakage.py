@@ -183,11 +183,12 @@ _SPELLED = {**_LETTER_NAMES, **_NATO, **_DIGIT_WORDS}
 
 # Number words, read into digits by `_Numbers`: English units (the digit words, with French and
 # Spanish ones: "huit sept quatre trois", "ocho siete"), teens, tens, "hundred", "thousand".
-# ("un", "une" are left out: they are French articles far more often than "one".)
+# ("un" is a French article as often as "one": read as 1 all the same, since it only adds a digit
+# to the spelled view, where a pattern needs several in a row.)
 _UNITS = {
     **{k: int(v) for k, v in _DIGIT_WORDS.items()},
     **{k: int(v) for k, v in _pairs(
-        "deux:2 trois:3 quatre:4 cinq:5 six:6 sept:7 huit:8 neuf:9 "
+        "un:1 deux:2 trois:3 quatre:4 cinq:5 six:6 sept:7 huit:8 neuf:9 "
         "cero:0 uno:1 dos:2 tres:3 cuatro:4 cinco:5 seis:6 siete:7 ocho:8 nueve:9"
     ).items()},
 }  # fmt: skip
@@ -491,6 +492,9 @@ class StreamScanner:
         self._scans = [self._compact, self._leet, self._spelled, *self._stride, self._indexed]
         self._scans += [d.scan for d in self._b64 + self._hex]
         # Per ordered sequence: components matched so far, and the word count at the last match.
+        # The answer's compact text while all of it is a piece of a secret ("8743", "tre"): a bare
+        # piece, as an answer cut by `stop` sequences is; None once it is not.
+        self._bare: str | None = ""
         self._order = [(0, 0)] * len(guard.ordered)
         self._words_seen = 0
         self._num: tuple[int, int, str, int] | None = None  # number words: total, current, kind, start
@@ -533,21 +537,48 @@ class StreamScanner:
         if share >= self._guard.overlap_threshold:
             raise LeakDetected(f"overlap/{view}", round(share, 3))
 
-    def reveal(self, got: tuple[tuple[int, int], ...], view: str) -> None:
+    def reveal(self, got: tuple[tuple[int, int], ...], view: str, *, alone_ok: bool = False) -> None:
         """Add secret positions this answer revealed; refuse once, with the ledger, they cover more
-        than half of a secret or all of a protected component."""
+        than half of a secret or all of a protected component. `alone_ok`: not when they are the
+        first and only pieces of that secret (a one-word answer "Lighthouse." is a word)."""
         g = self._guard
         for sid, mask in got:
-            mine = self._pieces.get(sid, 0) | mask
+            before = self._pieces.get(sid, 0)
+            mine = before | mask
             self._pieces[sid] = mine
-            total = mine | (self._ledger.bits((g.ledger_key, sid)) if self._ledger is not None else 0)
+            prior = self._ledger.bits((g.ledger_key, sid)) if self._ledger is not None else 0
+            if alone_ok and not before and not prior:
+                continue
+            total = mine | prior
+            if total == prior:
+                continue  # nothing new: the principal had these already
             share = total.bit_count() / g.secret_lengths[sid]
             if share > 0.5 or any(total & pm == pm for pm in g.protected_masks[sid]):
                 raise LeakDetected("secret/cumulative", round(share, 3))
 
+    def _bare_piece(self) -> None:
+        """A whole answer that is a piece of a secret (3 characters or more) reveals its positions,
+        wherever they are in the secret, forwards or reversed."""
+        bare = self._bare
+        if bare is None or len(bare) < 3:
+            return
+        got = []
+        for sid, c in enumerate(self._guard.bare_targets):
+            mask = 0
+            for piece in (bare, bare[::-1]):
+                at = c.find(piece)
+                while at >= 0:
+                    mask |= ((1 << len(piece)) - 1) << at
+                    at = c.find(piece, at + 1)
+            if mask:
+                got.append((sid, mask))
+        self.reveal(tuple(got), "bare", alone_ok=True)
+
     def _ordered(self, w: str, p: int) -> None:
         """All of a secret's components as words, in order (or reversed order), at most
-        `_ORDER_GAP` words apart: "first KESTREL, and then 8743, and then KESTREL"."""
+        `_ORDER_GAP` words apart, stop words not counted: "first KESTREL, and then 8743"."""
+        if w in _STOPWORDS:
+            return
         self._words_seen += 1
         for i, seq in enumerate(self._guard.ordered):
             j, last = self._order[i]
@@ -707,6 +738,7 @@ class StreamScanner:
                 self._word_done("".join(self._word), self._word_pos)
                 self._word, self._word_chars = [], []
             self._flush_number()
+            self._bare_piece()
             if self._hex_zero is not None:
                 for d in self._hex:
                     d.push("0", [self._hex_zero])
@@ -735,6 +767,8 @@ class StreamScanner:
             if s.hold is not None and s.hold < point:
                 point = s.hold
         pending = [self._word_pos if self._word else None, self._hex_zero]
+        if self._bare:
+            pending.append(self.answer_start)
         if self._num is not None:
             pending.append(self._num[3])
         pending += [d.pending for d in self._b64 + self._hex]
@@ -752,6 +786,11 @@ class StreamScanner:
         # compact and leet
         comp = [(c, p) for c, p in zip(norm, npos, strict=True) if c in _ALNUM]
         self._compact.push("".join(c for c, _ in comp), [p for _, p in comp])
+        if self._bare is not None:
+            self._bare += "".join(c for c, p in comp if p >= self.answer_start)
+            targets = self._guard.bare_targets
+            if self._bare and not any(self._bare in c or self._bare[::-1] in c for c in targets):
+                self._bare = None
         if comp:
             par = self._parity
             for k in range(2):
@@ -858,6 +897,7 @@ class LeakageGuard:
         # The ledger's key: the prompt's digest and the secret's index, never the secret's text.
         self.ledger_key = prompt.digest
         self.secret_lengths: list[int] = []
+        self.bare_targets: list[str] = []  # each secret's separator-free form, for bare answers
         self.protected_masks: list[tuple[int, ...]] = []
         self.ordered: list[tuple[str, ...]] = []
         fragments: set[str] = set()
@@ -872,6 +912,7 @@ class LeakageGuard:
                 )
             m = min(len(c), max(min_fragment_chars, math.ceil(fragment_fraction * len(c))))
             self.secret_lengths.append(len(c))
+            self.bare_targets.append(c)
             self._pieces_of(sid, parts, m, components, units)
             if len(c) >= 10:  # every other character: "KSRL73ETE / ETE84KSRL" (half the secret each)
                 fragments.update((c[0::2], c[1::2]))
@@ -944,7 +985,8 @@ class LeakageGuard:
             jmin = 1 if prot[j + 1] else min(3, len(b))
             for k in range(kmin, len(a) + 1):
                 for n in range(jmin, len(b) + 1):
-                    if 4 <= k + n < m:
+                    # Two protected sides: any 3 characters ("1|05" of "5001 0517") are the secret's.
+                    if (3 if prot[j] and prot[j + 1] else 4) <= k + n < m:
                         units.append((a[-k:] + b[:n], sid, ((1 << (k + n)) - 1) << (o - k)))
 
     def plant_canary(self) -> tuple[str, str]:

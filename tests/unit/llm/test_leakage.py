@@ -512,8 +512,10 @@ def _ask(guard: LeakageGuard, text: str, ledger: Revealed, prefix: str = "") -> 
         ["retto tevlev", "yadseut sgnis"],  # reversed pieces
         ["velvet otter", "otter sings", "sings tuesday"],  # overlapping
         ["VELVET-OTTER", "S I N G S T U E S D A Y"],  # in other views
+        ["velvet", "otter", "sings", "tuesday"],  # bare words, as `stop` sequences cut them
+        ["vel", "vet", "ott", "ers", "ing", "stu", "esd", "ay"],  # bare pieces of 3
     ],
-    ids=["order", "out-of-order", "reversed", "overlapping", "views"],
+    ids=["order", "out-of-order", "reversed", "overlapping", "views", "bare-words", "bare-pieces"],
 )
 def test_one_part_per_answer_is_refused_once_the_parts_cover_half_the_secret(pieces: list[str]) -> None:
     guard = GUARDS["gandalf"]
@@ -523,6 +525,13 @@ def test_one_part_per_answer_is_refused_once_the_parts_cover_half_the_secret(pie
     # what the attacker got, put together, is at most half of the secret
     got = ledger.bits(("sha256:-", 0))
     assert got.bit_count() * 2 <= len("velvetottersingstuesday")
+
+
+def test_a_one_word_answer_that_is_a_word_of_a_secret_is_not_refused() -> None:
+    ledger = Revealed()
+    assert _ask(GUARDS["quest"], "Lighthouse.", ledger)  # "obsidian lighthouse": more than half, alone
+    assert _ask(GUARDS["quest"], "Lighthouse!", ledger)
+    assert not _ask(GUARDS["quest"], "Obsidian.", ledger)  # the other word, from the same principal
 
 
 def test_the_ledger_refuses_the_digits_of_a_code_taken_three_at_a_time() -> None:
