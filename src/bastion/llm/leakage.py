@@ -4,6 +4,8 @@
     text, canary = guard.plant_canary()           # per request: the system message to send
     guard.check(answer, canary)                   # a whole answer: None, or raises LeakDetected
     scanner = guard.stream(canary)                # a streamed answer:
+    ledger = Revealed()                           # per principal, kept by the caller, and then
+    guard.check(answer, canary, revealed=ledger, prefix=prefill)  # pieces over requests counted
     safe = scanner.feed(delta)                    #   the text now safe to release ("" if none)
     rest = scanner.finish()                       #   the held-back rest, after the final check
 
@@ -13,8 +15,28 @@ Detectors (`LeakDetected.detector` is "<detector>/<view>", for the audit record 
 - `secret`: a declared secret (`ProtectedPrompt.secrets`), or any fragment of it of at least
   `m = max(min_fragment_chars, ceil(fragment_fraction * len))` characters of its separator-free
   form (crossing a word boundary, for a secret of several words: "lighthouse" alone is a word,
-  "obsidianl" is the secret). One answer therefore discloses fewer than `m` consecutive characters of a secret in any
-  view; piecing fragments together across requests is query auditing's job (`bastion.llm.intent`).
+  "obsidianl" is the secret). And each **protected component** alone (`_protected`: a part
+  between separators of 4+ characters holding digits, "8743", "4f9a8c2e", or letters without a
+  vowel; not a plain word such as "kestrel", whose entropy is its word list's, nor a year
+  1900-2099); and every other character of a secret of 10+ ("KSRL73ETE").
+- `secret/ordered`: all of a secret's components (stop words left out) as words, in order or in
+  reverse order, at most 8 other words (stop words not counted) between two of them: "first
+  KESTREL, and then 8743, and then KESTREL", a passphrase with words between. The words before
+  the last one may have been released (as for overlap: the text cut there lacks a component).
+- `secret/cumulative`: the positions of each secret that pieces revealed, united over this answer
+  and the principal's earlier ones (`Revealed`, if passed): refused when they would cover more than
+  half of a secret or all of a protected component, and an answer that adds no new position is
+  never refused by it. A piece is, in any view but the filler ones: 3 characters inside a
+  protected component; a run across a boundary between two components that are not stop words
+  with 3+ characters of a plain side (or all of it) and 1+ of a protected one (3+ in all between
+  two protected ones), shorter than `m`; or a whole answer that is a piece of a secret of 3+
+  characters ("8743", "tre": an answer cut by `stop` sequences), all its occurrences counted, but
+  not refused on its own when it is the principal's first piece of that secret (a one-word answer
+  "Lighthouse." is a word). A benign principal's ledger does not fill: a plain word, an ordinary
+  trigram ("est"), a year, "of the" count for nothing; only digits of a code, a run binding two
+  words of the secret, or a bare piece do (measured: the benign set, 220 requests by one principal
+  per prompt, adds no refusal). With `prefix` (a prefill the answer continues), a piece that starts
+  in the prefix and ends in the answer counts whole: "KESTREL-87" + "4" is "l874".
 - `overlap`: the share of the prompt's distinct `kgram_chars`-character grams (on the
   separator-free view: word n-grams that survive `|` between letters) found in the answer, in any
   view, direction or Caesar shift, united: >= `overlap_threshold`.
@@ -31,7 +53,9 @@ character, not a rescan):
 - `leet`: the compact view with @->a, $->s, !->i and digits folded to the letters they imitate,
   the patterns folded alike (0/o, 1/i/l, 3/e, 4/a, 5/s, 7/t, 8/b, 6/9/g, 2/z).
 - `spelled`: words read as letters: single characters, NATO/ICAO code words ("Sierra"), English
-  letter names ("ess", "ee", "see"), digit words ("seven", "niner"); "S as in Sierra" and
+  letter names ("ess", "ee", "see"), number words ("seven", "niner", "eighty-seven forty-three",
+  "eight thousand seven hundred forty-three", French and Spanish digit words "huit", "ocho":
+  the rules of `StreamScanner._number`); "S as in Sierra" and
   "S for Sierra" read "s"; other words are skipped, up to three in a row ("then the digit 7"); a
   fourth breaks the view (no pattern spans the break).
 - `base64@k` (k = 0..3) and `hex@k` (k = 0..1): every base64 (standard and URL-safe) or hex
@@ -40,6 +64,10 @@ character, not a rescan):
   in prose; "0x"/"\\x" prefixes dropped. The decoded text's compact view is matched forwards and
   reversed; a decoded byte that is not text (a control or non-ASCII byte, as prose read as base64
   gives) breaks it.
+- `stride2@k` (k = 0, 1): every other character of the compact view ("KxExSxTx", "%4B%45"), and
+  `indexed`: the words with a running index stripped from their start ("| 0 | K |", "0K 1E 2S",
+  "1. K"). Filler views: matched forwards and reversed only (no Caesar, no leet) and not counted
+  toward the ledger, so that their noise refuses nothing (measured: 0 benign refusals).
 
 Streaming hold-back, and why it is safe. Before any character is released, every view of all the
 text so far (released and held) has been checked. The released prefix then never contains a
@@ -49,16 +77,23 @@ back, in each view, the longest suffix that is a proper prefix of a canary or se
 the raw characters still pending in a view (a word not yet ended, an incomplete base64 group or
 hex pair). So when a pattern completes, none of its characters has left: the stream ends with no
 byte of the leaking occurrence sent. The hold-back is therefore bounded by the longest pattern,
-`max(len(canary), m)` view characters (under 12 for the defaults), plus one pending unit (a word
-not yet ended, 4 base64 or 2 hex characters per decoded character); in the spelled view a held
-prefix may be followed by up to three words that spell nothing before the view breaks. In raw characters it is
+`max(len(canary), m, longest protected component)` view characters (ledger pieces are shorter
+than `m`), plus one pending unit (a word not yet ended, 4 base64 or 2 hex characters per decoded
+character, a number phrase not yet ended: at most "nine thousand nine hundred ninety-nine"); in
+the spelled view a held prefix may be followed by up to three words that spell nothing before the
+view breaks. One more: while the whole answer so far is a piece of a secret (a bare piece), all of
+it is held, that is at most the longest secret's characters and the separators between them. In raw characters it is
 as long as the separators the model writes between them; for ordinary prose it is a few characters.
 The overlap and Rouge-L detectors need no hold-back: what was released had, when released, less
 than the threshold, which is the guarantee they give (the answer cut there reveals less than that).
 
 Not covered (see bench/LLM.md): translation into words (only codes kept verbatim are caught),
-paraphrase below the thresholds, encodings chained (base64 of rot13), encodings not listed here
-(decimal character codes, binary, morse), and secrets pieced together over many requests.
+paraphrase below the thresholds, encodings chained (base64 of base64, hex of base64), encodings
+not listed here (decimal/octal character codes, binary, Morse, base32/85, utf-16 hex, \\u and
+&# escapes, letter positions A=1), ciphers of the digits (digit+1, Caesar on digits), pig latin,
+and a secret's plain words taken one per answer with prose around each (no prefix, not bare):
+such a word is not attributable to the secret. The ledger is per principal only: principals that
+collude are not summed.
 """
 
 from __future__ import annotations
@@ -181,7 +216,7 @@ _LETTER_NAMES = _pairs(
 _DIGIT_WORDS = _pairs("zero:0 one:1 two:2 three:3 four:4 five:5 six:6 seven:7 eight:8 nine:9 niner:9")
 _SPELLED = {**_LETTER_NAMES, **_NATO, **_DIGIT_WORDS}
 
-# Number words, read into digits by `_Numbers`: English units (the digit words, with French and
+# Number words, read into digits by `StreamScanner._number`: English units (the digit words, with French and
 # Spanish ones: "huit sept quatre trois", "ocho siete"), teens, tens, "hundred", "thousand".
 # ("un" is a French article as often as "one": read as 1 all the same, since it only adds a digit
 # to the spelled view, where a pattern needs several in a row.)
