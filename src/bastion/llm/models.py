@@ -17,6 +17,7 @@ from pathlib import Path
 
 from bastion.config import ChatModelSettings, Config, ProtectedPromptSettings
 from bastion.errors import BackendError, ConfigError, ErrorCode, RateLimited
+from bastion.llm.intent import ProtectedTerms
 from bastion.llm.leakage import LeakageGuard
 from bastion.llm.types import ChatBackend, ProtectedPrompt
 
@@ -82,6 +83,8 @@ class ChatModel:
     prompt: ProtectedPrompt | None
     gate: ConcurrencyGate
     guard: LeakageGuard | None  # None: no protected prompt, or unsafe_no_leakage_guard (benchmarks)
+    # The words that name the prompt's secrets ("escalation code"), for prompt-extraction auditing.
+    terms: ProtectedTerms | None = None
 
     @property
     def name(self) -> str:
@@ -167,5 +170,6 @@ def load_chat_models(
             prompt=prompt,
             gate=ConcurrencyGate(settings.max_concurrent, settings.max_waiting),
             guard=guards.get(prompt.digest) if prompt and not settings.unsafe_no_leakage_guard else None,
+            terms=ProtectedTerms.from_prompt(prompt) if prompt is not None else None,
         )
     return models

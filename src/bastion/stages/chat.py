@@ -34,7 +34,7 @@ from bastion.errors import (
 )
 from bastion.incidents import IncidentStore
 from bastion.keys import KeyStore
-from bastion.llm.intent import Escalation, ExtractionTracker, IntentVerdict, screen_intent
+from bastion.llm.intent import Escalation, ExtractionTracker, screen_intent
 from bastion.llm.leakage import LeakDetected
 from bastion.llm.models import ChatModel
 from bastion.llm.protocol import decode_chat_request
@@ -273,9 +273,6 @@ class PromptContainment:
             raise quarantined()
 
 
-_NO_INTENT = IntentVerdict(0.0, ())
-
-
 class WatchPrompts:
     """Intent screening of every request; the tracker decides when a principal has probed enough."""
 
@@ -286,7 +283,7 @@ class WatchPrompts:
     async def __call__(self, ctx: RequestContext) -> None:
         chat = ctx.chat
         assert chat is not None and chat.model is not None
-        chat.intent = screen_intent(chat.request.messages)
+        chat.intent = screen_intent(chat.request.messages, terms=chat.model.terms)
         self.observe(ctx, guard_hit=False)
 
     def observe(self, ctx: RequestContext, *, guard_hit: bool) -> None:
@@ -298,10 +295,14 @@ class WatchPrompts:
         )
         if chat.model.settings.extraction_watch == "off":
             return
-        verdict = _NO_INTENT if guard_hit else chat.intent
-        escalation = self._tracker.observe(
-            principal.id, chat.model.name, verdict, guard_hit=guard_hit, now=ctx.now
-        )
+        if guard_hit:  # charged to this request's own verdict (its intent was counted on the way in)
+            escalation = self._tracker.observe_guard_hit(
+                principal.id, chat.model.name, chat.intent, now=ctx.now
+            )
+        else:
+            escalation = self._tracker.observe(
+                principal.id, chat.model.name, chat.intent, guard_hit=False, now=ctx.now
+            )
         if escalation is not None:
             self._contain(ctx, escalation)
 
