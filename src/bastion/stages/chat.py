@@ -35,7 +35,7 @@ from bastion.errors import (
 from bastion.incidents import IncidentStore
 from bastion.keys import KeyStore
 from bastion.llm.intent import Escalation, ExtractionTracker, screen_intent
-from bastion.llm.leakage import LeakDetected
+from bastion.llm.leakage import LeakDetected, Revealed
 from bastion.llm.models import ChatModel
 from bastion.llm.protocol import decode_chat_request
 from bastion.llm.types import ChatMessage, Completion, GenerationParams, StreamEnd, Usage
@@ -346,6 +346,7 @@ class Generate:
         self._watch = watch
         self._redactor = redactor
         self._metrics = metrics
+        self._revealed: dict[str, Revealed] = {}
 
     async def __call__(self, ctx: RequestContext) -> None:
         chat = ctx.chat
@@ -387,7 +388,7 @@ class Generate:
                 chat.usage = _add(chat.usage, completion.usage)
                 try:
                     if guard is not None:
-                        guard.check(completion.text, canary)
+                        guard.check(completion.text, canary, revealed=self._ledger(ctx))
                 except LeakDetected as hit:
                     self._withheld(ctx, hit)
                     if attempt + 1 < attempts:
@@ -426,7 +427,7 @@ class Generate:
         try:
             async with self._slot(ctx):
                 system, canary = _system_prompt(model)
-                scanner = guard.stream(canary) if guard is not None else None
+                scanner = guard.stream(canary, revealed=self._ledger(ctx)) if guard is not None else None
                 end: StreamEnd | None = None
                 received = 0
                 try:
@@ -459,6 +460,19 @@ class Generate:
         finally:
             await self._refund(ctx)
 
+    def _ledger(self, ctx: RequestContext) -> Revealed:
+        """The principal's ledger of secret positions its answers revealed, across requests (a piece
+        per answer adds up): bounded, least recently used principals dropped first, in memory."""
+        assert ctx.principal is not None
+        who = ctx.principal.id
+        ledger = self._revealed.pop(who, None)
+        if ledger is None:
+            ledger = Revealed()
+            if len(self._revealed) >= _MAX_LEDGERS:
+                del self._revealed[next(iter(self._revealed))]
+        self._revealed[who] = ledger  # most recently used last
+        return ledger
+
     def _slot(self, ctx: RequestContext) -> AbstractAsyncContextManager[None]:
         chat, principal = ctx.chat, ctx.principal
         assert (
@@ -484,6 +498,9 @@ class Generate:
                 now=ctx.now,
             )
 
+
+# Principals whose revealed-positions ledgers are kept (a few hundred bytes each).
+_MAX_LEDGERS = 10_000
 
 # The leakage guard's detector families: the metric's label set (a detector's full name is audited).
 _FAMILIES = frozenset({"canary", "secret", "overlap", "rouge_l"})

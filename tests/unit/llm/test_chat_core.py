@@ -677,3 +677,26 @@ def test_a_user_retrying_a_question_the_guard_withholds_is_not_quarantined(
     finally:
         service.close()
     assert {o.body["code"] for o in outcomes} == {"output_withheld"}  # type: ignore[index]
+
+
+def test_pieces_of_a_secret_over_several_answers_add_up(tmp_path: Path, backend: CannedBackend) -> None:
+    # One piece per answer (a stop sequence or a tiny max_tokens): each alone is under the guard's
+    # fragment size; the principal's ledger of revealed positions is not.
+    pieces = iter(["The first digits are 734.", "And the last ones: 342.", "And again 734."])
+    backend.reply = lambda messages: next(pieces)
+    service = _service_with(tmp_path, backend)
+
+    async def calls(s: Bastion) -> list[Outcome]:
+        key, other = _key(s, "chatter"), _key(s, "chatter")
+        first = await s.handle(Route.CHAT, _ctx(Route.CHAT, key, _chat("first digits?")))
+        second = await s.handle(Route.CHAT, _ctx(Route.CHAT, key, _chat("last digits?")))
+        # Another principal's ledger is its own: the same piece is served to it.
+        third = await s.handle(Route.CHAT, _ctx(Route.CHAT, other, _chat("first digits?")))
+        return [first, second, third]
+
+    try:
+        first, second, third = _run(service, calls)
+    finally:
+        service.close()
+    assert first.status == 200 and third.status == 200
+    assert (second.status, second.body["code"]) == (403, "output_withheld")  # type: ignore[index]
