@@ -26,6 +26,7 @@ test: $(STAMP)
 	$(BIN)/mypy
 	scripts/ensure-redis
 	scripts/ensure-postgres
+	scripts/ensure-chromium
 	$(BIN)/pytest -q
 
 # The in-process tier: stages, policy, state and the core without sockets or subprocesses, in

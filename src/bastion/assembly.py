@@ -9,12 +9,14 @@ in `build_pipelines`. The audit write is not a stage: it is the outer layer of
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
+import weakref
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 from bastion.config import Action, Config
 from bastion.context import RequestContext
+from bastion.dashboard.summary import build_summary
 from bastion.files import write_private_file
 from bastion.incidents import IncidentStore
 from bastion.isolation import IsolationStore
@@ -26,6 +28,7 @@ from bastion.policy import Policy
 from bastion.registry import ModelRegistry
 from bastion.rollout import Rollouts
 from bastion.routes import Route
+from bastion.sessions import SessionAuthority
 from bastion.stages import Stage
 from bastion.stages.address_limits import FailedAuthLimiter, FailedAuthPolicy, ThrottleFailedAuth
 from bastion.stages.admin import (
@@ -51,6 +54,7 @@ from bastion.stages.chat import (
     ReserveTokens,
     WatchPrompts,
 )
+from bastion.stages.dashboard import CloseSession, OpenSession, ServeDashboard, Summarize
 from bastion.stages.endpoints import (
     DescribeApi,
     DescribeModel,
@@ -119,6 +123,26 @@ def build_pipelines(
     def on_model(action: Action) -> AuthorizeModel:
         return AuthorizeModel(parts.policy, parts.registry, action, parts.rollouts.pick)
 
+    sessions = session_authority(parts)
+    # The dashboard and /v2/admin/*: a key, a token, or the dashboard's session cookie.
+    authenticate_admin = ThrottleFailedAuth(
+        parts.failed_auth, Authenticate(parts.keys, parts.tokens, sessions=sessions)
+    )
+    admin = AuthorizeServer(parts.policy, Action.ADMIN)
+
+    def summary(now: float) -> Awaitable[dict[str, Any]]:
+        return build_summary(
+            metrics=parts.metrics,
+            incidents=parts.incidents,
+            keys=parts.keys,
+            registry=parts.registry,
+            isolation=parts.isolation,
+            rollouts=parts.rollouts,
+            roles=parts.config.roles,
+            store=parts.state,
+            now=now,
+        )
+
     chat_models = parts.chat_models
     watch_prompts = WatchPrompts(
         parts.extraction_tracker,
@@ -169,9 +193,9 @@ def build_pipelines(
             #    answer before a byte leaves (403 output_withheld); unused tokens refunded
             Generate(parts.state, watch_prompts, parts.redactor, parts.metrics),
         ],
-        # Operators: incidents and releases (admin grant; each change audited).
+        # Operators: incidents and releases, the dashboard (admin grant; each change audited).
         **{
-            route: [authenticate, gate, limit, AuthorizeServer(parts.policy, Action.ADMIN), stage]
+            route: [authenticate_admin, gate, limit, admin, stage]
             for route, stage in (
                 (Route.INCIDENTS, ListIncidents(parts.incidents)),
                 (Route.INCIDENT, ShowIncident(parts.incidents)),
@@ -179,8 +203,19 @@ def build_pipelines(
                 (Route.INCIDENT_NOTE, NoteIncident(parts.incidents)),
                 (Route.KEY_RELEASE, ReleaseKey(parts.keys)),
                 (Route.MODEL_RELEASE, ReleaseModel(parts.isolation)),
+                (Route.SESSION_LOGOUT, CloseSession(sessions)),
+                (Route.SUMMARY, Summarize(summary)),
+                (Route.DASHBOARD, ServeDashboard()),
             )
         },
+        # A session is opened with an API key only: not a token, not another session.
+        Route.SESSION: [
+            ThrottleFailedAuth(parts.failed_auth, Authenticate(parts.keys, parts.tokens, allow_tokens=False)),
+            gate,
+            limit,
+            admin,
+            OpenSession(sessions),
+        ],
         Route.CHAT_MODELS: [
             authenticate,
             gate,
@@ -224,6 +259,20 @@ def build_pipelines(
         Route.NOT_FOUND: [authenticate, RouteNotFound()],
         Route.WRONG_METHOD: [authenticate, WrongMethod()],
     }
+
+
+# One session authority per running service, kept across policy reloads (a SIGHUP must neither log
+# operators out nor revive a session they ended); its key dies with the process. Weak: a closed
+# service's sessions go with it.
+_SESSIONS: weakref.WeakKeyDictionary[PipelineParts, SessionAuthority] = weakref.WeakKeyDictionary()
+
+
+def session_authority(parts: PipelineParts) -> SessionAuthority:
+    """The dashboard's session authority of this service (created on first use)."""
+    sessions = _SESSIONS.get(parts)
+    if sessions is None:
+        sessions = _SESSIONS[parts] = SessionAuthority()
+    return sessions
 
 
 def load_or_create_secret(path: Path, size: int = 32) -> bytes:

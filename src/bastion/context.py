@@ -12,6 +12,7 @@ from bastion.config import Action, ChatLimits, OutputDetail
 from bastion.llm.types import ChatMessage, Completion, StreamEnd, Usage
 from bastion.policy import EffectiveGrant, TokenScope
 from bastion.registry import ServedModel
+from bastion.sessions import IssuedSession, Session
 
 if TYPE_CHECKING:
     from bastion.llm.intent import IntentVerdict
@@ -20,11 +21,22 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True, slots=True)
+class SessionCredentials:
+    """A dashboard session as the transport received it: the cookie's value, the CSRF header, and
+    whether the request changes state (only a safe method may go without the CSRF secret)."""
+
+    cookie: str
+    csrf_token: str | None
+    state_changing: bool
+    cross_site: bool = False  # the browser said so (Sec-Fetch-Site: cross-site or same-site)
+
+
+@dataclass(frozen=True, slots=True)
 class Principal:
     key_id: str
     roles: tuple[str, ...]
     scope: TokenScope | None = None  # set when the caller used a token: it narrows the key's grants
-    via: str = "key"  # "key" | "token"
+    via: str = "key"  # "key" | "token" | "session" (the dashboard's cookie)
     quarantined: bool = False  # query auditing suspected extraction; the containment gate refuses it
 
     @property
@@ -73,6 +85,8 @@ class RequestContext:
     # The methods the path answers (the Allow header), for a request with the wrong one (WrongMethod).
     allowed_methods: str | None = None
     resource_id: str | None = None  # an incident's or a key's id in the path (admin routes)
+    # A dashboard session's cookie and CSRF header, passed only on the routes that accept a session.
+    session: SessionCredentials | None = None
 
     # The pipeline's part, one writer each.
     principal: Principal | None = field(default=None, init=False)  # Authenticate
@@ -109,6 +123,11 @@ class RequestContext:
     chat: ChatExchange | None = field(default=None, init=False)
     # An admin route's change (what, to what), audited with the request: e.g. ("incident:7", "closed").
     operation: tuple[str, str] | None = field(default=None, init=False)
+    # Authenticate: the dashboard session this request came with; OpenSession / CloseSession: the
+    # session the transport sets as a cookie, or clears (the cookie value never enters a body).
+    session_open: Session | None = field(default=None, init=False)
+    session_issued: IssuedSession | None = field(default=None, init=False)
+    session_ended: bool = field(default=False, init=False)
 
 
 @dataclass(slots=True)

@@ -6,6 +6,7 @@ routes requests, so a served route cannot be missing from the document.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from bastion import __version__
@@ -25,6 +26,7 @@ _ERR = _ref("Error")
 _NAME = {"name": "model_name", "in": "path", "required": True, "schema": {"type": "string"}}
 _VERSION = {"name": "model_version", "in": "path", "required": True, "schema": {"type": "string"}}
 _SECURED: list[dict[str, list[str]]] = [{"bearer": []}]
+_SECURED_OR_SESSION: list[dict[str, list[str]]] = [{"bearer": []}, {"session": []}]
 _ERROR_TEXT = {
     400: "Malformed request",
     401: "Missing or invalid credentials",
@@ -37,12 +39,22 @@ _ERROR_TEXT = {
 }
 
 
+_FILES = {  # the dashboard's page and files: (media type, description)
+    "html": ("text/html", "An HTML page"),
+    "javascript": ("text/javascript", "The dashboard's script"),
+    "css": ("text/css", "The dashboard's style sheet"),
+}
+
+
 def _response_schema(name: str) -> dict[str, Any]:
     if name == "text":
         return {
             "description": "Prometheus text format",
             "content": {"text/plain": {"schema": {"type": "string"}}},
         }
+    if name in _FILES:
+        media, description = _FILES[name]
+        return {"description": description, "content": {media: {"schema": {"type": "string"}}}}
     return _json({"type": "object"} if name == "object" else _ref(name), "Success")
 
 
@@ -50,7 +62,7 @@ def _operation(spec: RouteSpec, versioned: bool) -> dict[str, Any]:
     op: dict[str, Any] = {
         "summary": spec.summary,
         "operationId": f"{spec.route.value}_versioned" if versioned else spec.route.value,
-        "security": [] if spec.public else _SECURED,
+        "security": [] if spec.public else _SECURED_OR_SESSION if spec.session else _SECURED,
     }
     if "{model_name}" in spec.path:
         op["parameters"] = [_NAME, _VERSION] if versioned else [_NAME]
@@ -90,7 +102,11 @@ def _paths() -> dict[str, Any]:
     paths: dict[str, Any] = {}
     for spec in ROUTES:
         for path, versioned in spec.paths():
-            paths.setdefault(path, {})[spec.method.lower()] = _operation(spec, versioned)
+            op = _operation(spec, versioned)
+            if any(op["operationId"] == o["operationId"] for ops in paths.values() for o in ops.values()):
+                # One route, several fixed paths (the dashboard's files): the path names each.
+                op["operationId"] += "_" + re.sub(r"[^a-z0-9]+", "_", path.rsplit("/", 1)[-1])
+            paths.setdefault(path, {})[spec.method.lower()] = op
     return paths
 
 
@@ -116,7 +132,14 @@ OPENAPI: dict[str, Any] = {
     "paths": _paths(),
     "components": {
         "securitySchemes": {
-            "bearer": {"type": "http", "scheme": "bearer", "description": "API key or token"}
+            "bearer": {"type": "http", "scheme": "bearer", "description": "API key or token"},
+            "session": {
+                "type": "apiKey",
+                "in": "cookie",
+                "name": "bastion_session",
+                "description": "A dashboard session (POST /v2/admin/session; `__Host-bastion_session` "
+                "over TLS); state-changing requests also send its CSRF token as X-CSRF-Token",
+            },
         },
         "schemas": {
             "Error": {
@@ -392,6 +415,43 @@ OPENAPI: dict[str, Any] = {
                 },
             },
             "Empty": {"type": "object", "additionalProperties": False, "properties": {}},
+            "Session": {
+                "type": "object",
+                "required": ["key_id", "csrf_token", "expires_in", "expires_at"],
+                "properties": {
+                    "key_id": {"type": "string"},
+                    "csrf_token": {"type": "string"},
+                    "expires_in": {"type": "integer"},
+                    "expires_at": {"type": "number"},
+                },
+            },
+            "Summary": {
+                "type": "object",
+                "required": [
+                    "generated_at",
+                    "traffic",
+                    "denials",
+                    "latency",
+                    "roles",
+                    "incidents",
+                    "quarantined_keys",
+                    "models",
+                    "drift",
+                    "llm",
+                ],
+                "properties": {
+                    "generated_at": {"type": "number"},
+                    "traffic": {"type": "object"},
+                    "denials": {"type": "object"},
+                    "latency": {"type": "object"},
+                    "roles": {"type": "array", "items": {"type": "object"}},
+                    "incidents": {"type": "object"},
+                    "quarantined_keys": {"type": "array", "items": {"type": "object"}},
+                    "models": {"type": "object"},
+                    "drift": {"type": "object"},
+                    "llm": {"type": "object"},
+                },
+            },
             "TokenResponse": {
                 "type": "object",
                 "required": ["access_token", "token_type", "expires_in", "scope"],

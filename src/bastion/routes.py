@@ -35,6 +35,11 @@ class Route(StrEnum):
     INCIDENT_NOTE = "incident_note"  # admin: add a note
     KEY_RELEASE = "key_release"  # admin: release a quarantined key
     MODEL_RELEASE = "model_release"  # admin: release an isolated model
+    SESSION = "session"  # admin: open a dashboard session (an API key in, an HttpOnly cookie out)
+    SESSION_LOGOUT = "session_logout"  # admin: end it
+    SUMMARY = "summary"  # admin: what the dashboard shows, as JSON
+    DASHBOARD = "dashboard"  # admin: the dashboard page
+    DASHBOARD_ASSET = "dashboard_asset"  # anyone: the login page, the script and the style sheet
     LIVE = "live"
     READY = "ready"
     NOT_FOUND = "not_found"
@@ -59,7 +64,8 @@ class RouteSpec:
     request: str | None = None  # a component schema name for the JSON body
     request_required: bool = True
     versioned: bool = False
-    public: bool = False  # answers without credentials (orchestrator probes)
+    public: bool = False  # answers without credentials (orchestrator probes, the dashboard's files)
+    session: bool = False  # also accepts a dashboard session's cookie (bastion.sessions)
     errors: tuple[int, ...] = (400, 401, 403, 404, 429, 503)
     extra_responses: dict[int, str] = field(default_factory=dict)
     # The shape of its errors: V2's `{"error", "code"}`, or OpenAI's `{"error": {...}}` on /v1.
@@ -184,6 +190,7 @@ ROUTES: tuple[RouteSpec, ...] = (
         Action.ADMIN,
         "Incidents, newest first (admin grant)",
         "IncidentList",
+        session=True,
     ),
     RouteSpec(
         Route.INCIDENT,
@@ -192,6 +199,7 @@ ROUTES: tuple[RouteSpec, ...] = (
         Action.ADMIN,
         "One incident with its timeline (admin grant)",
         "Incident",
+        session=True,
     ),
     RouteSpec(
         Route.INCIDENT_TRANSITION,
@@ -201,6 +209,7 @@ ROUTES: tuple[RouteSpec, ...] = (
         "Move an incident along open -> contained -> investigating -> remediated -> closed (audited)",
         "Incident",
         request="IncidentTransition",
+        session=True,
     ),
     RouteSpec(
         Route.INCIDENT_NOTE,
@@ -210,6 +219,7 @@ ROUTES: tuple[RouteSpec, ...] = (
         "Add a note to an incident's timeline (audited)",
         "Incident",
         request="IncidentNote",
+        session=True,
     ),
     RouteSpec(
         Route.KEY_RELEASE,
@@ -220,6 +230,7 @@ ROUTES: tuple[RouteSpec, ...] = (
         "object",
         request_required=False,
         request="Empty",
+        session=True,
     ),
     RouteSpec(
         Route.MODEL_RELEASE,
@@ -230,6 +241,78 @@ ROUTES: tuple[RouteSpec, ...] = (
         "object",
         request_required=False,
         request="Empty",
+        session=True,
+    ),
+    RouteSpec(
+        Route.SESSION,
+        "POST",
+        "/v2/admin/session",
+        Action.ADMIN,
+        "Open a dashboard session with an admin API key: an HttpOnly SameSite=Strict cookie, and the "
+        "CSRF token its state-changing requests must send as X-CSRF-Token (audited)",
+        "Session",
+        request_required=False,
+        request="Empty",
+    ),
+    RouteSpec(
+        Route.SESSION_LOGOUT,
+        "POST",
+        "/v2/admin/session/logout",
+        Action.ADMIN,
+        "End this dashboard session and clear its cookie (audited)",
+        "object",
+        request_required=False,
+        request="Empty",
+        session=True,
+    ),
+    RouteSpec(
+        Route.SUMMARY,
+        "GET",
+        "/v2/admin/summary",
+        Action.ADMIN,
+        "What the dashboard shows: traffic, denials, latency, limits, incidents, quarantined keys, "
+        "models and rollouts, drift, language-model guard (admin grant)",
+        "Summary",
+        session=True,
+    ),
+    RouteSpec(
+        Route.DASHBOARD,
+        "GET",
+        "/dashboard",
+        Action.ADMIN,
+        "The operators' dashboard page (admin grant; a session or a key)",
+        "html",
+        session=True,
+    ),
+    RouteSpec(
+        Route.DASHBOARD_ASSET,
+        "GET",
+        "/dashboard/login",
+        Action.METADATA,
+        "The dashboard's login page (no credentials: a fixed file, no data)",
+        "html",
+        public=True,
+        errors=(),
+    ),
+    RouteSpec(
+        Route.DASHBOARD_ASSET,
+        "GET",
+        "/dashboard/app.js",
+        Action.METADATA,
+        "The dashboard's script (no credentials: a fixed file, no data)",
+        "javascript",
+        public=True,
+        errors=(),
+    ),
+    RouteSpec(
+        Route.DASHBOARD_ASSET,
+        "GET",
+        "/dashboard/app.css",
+        Action.METADATA,
+        "The dashboard's style sheet (no credentials: a fixed file, no data)",
+        "css",
+        public=True,
+        errors=(),
     ),
     RouteSpec(Route.OPENAPI, "GET", "/v2/openapi.json", Action.METADATA, "This document", "object"),
     RouteSpec(Route.METRICS, "GET", "/metrics", Action.ADMIN, "Prometheus metrics (admin grant)", "text"),

@@ -16,13 +16,15 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from bastion.context import RequestContext
+from bastion import dashboard
+from bastion.context import RequestContext, SessionCredentials
 from bastion.errors import BadRequest, ErrorCode, PayloadTooLarge
 from bastion.http import openai
 from bastion.protocol_binary import decoder as binary_decoder
 from bastion.protocol_binary import encode_response
 from bastion.routes import ROUTE_ACTIONS, Match, Route, Router
 from bastion.service import Bastion, Outcome
+from bastion.sessions import COOKIE_NAME, CSRF_HEADER, SECURE_COOKIE_NAME
 
 if TYPE_CHECKING:
     from bastion.grpc.server import GrpcServer
@@ -60,6 +62,11 @@ class BastionApp:
             ready = await self.service.is_ready()
             await _send(send, Outcome(200 if ready else 503, {"ready": ready}, {}), None)
             return
+        # The dashboard's login page, script and style sheet: fixed files with no data, for anyone.
+        public_file = dashboard.asset(path) if method == "GET" else None
+        if public_file is not None:
+            await _send(send, Outcome(200, public_file[0], {"Content-Type": public_file[1], **_PAGE}), None)
+            return
         match = _ROUTER.match(path, method)
         if match is None:
             route = Route.NOT_FOUND
@@ -71,6 +78,8 @@ class BastionApp:
         if route is Route.WRONG_METHOD:
             ctx.allowed_methods = ", ".join(_ROUTER.allowed_methods(path))
         outcome = await self.service.handle(route, ctx)
+        if match is not None and (match.spec.session or route is Route.SESSION):
+            _session_headers(outcome, ctx, secure=scope.get("scheme") == "https")
         if (match is not None and match.spec.openai) or path.startswith("/v1/"):
             if outcome.stream is not None:
                 await openai.send_stream(send, receive, outcome, ctx)
@@ -125,6 +134,10 @@ class BastionApp:
             resource_id=match.resource_id if match is not None else None,
             # The binary tensor extension: a JSON header, then raw tensor bytes (checked when decoded).
             decode=binary_decoder(header_length) if header_length is not None else None,
+            # Only the dashboard and /v2/admin/* read the session cookie.
+            session=_session_credentials(scope, scope["method"])
+            if match is not None and match.spec.session and match.method_allowed
+            else None,
         )
 
     def _on_sighup(self) -> None:
@@ -167,7 +180,9 @@ async def _send(
     """`binary`: the outputs to send as raw bytes after the JSON header; errors are always JSON."""
     header_length = None
     if isinstance(outcome.body, bytes):
-        body, content_type = outcome.body, b"text/plain; version=0.0.4; charset=utf-8"
+        page_type = outcome.headers.pop("Content-Type", None)  # the dashboard's page and files
+        body = outcome.body
+        content_type = page_type.encode() if page_type else b"text/plain; version=0.0.4; charset=utf-8"
     elif binary and outcome.status == 200:
         body, header_length = encode_response(outcome.body, binary)
         content_type = _JSON if header_length is None else b"application/octet-stream"
@@ -186,3 +201,52 @@ async def _send(
     headers.extend((k.lower().encode(), v.encode()) for k, v in outcome.headers.items())
     await send({"type": "http.response.start", "status": outcome.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+# The dashboard's page and files: scripts and styles from this origin only (no inline script, no
+# inline style), never framed, no referrer.
+_PAGE = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Resource-Policy": "same-origin",
+}
+
+
+def _session_credentials(scope: Scope, method: str) -> SessionCredentials | None:
+    """The dashboard session's cookie, if sent (`__Host-` name over TLS), with the CSRF header and
+    the browser's Sec-Fetch-Site; None without the cookie."""
+    name = (SECURE_COOKIE_NAME if scope.get("scheme") == "https" else COOKIE_NAME).encode()
+    cookie = csrf = site = None
+    for k, v in scope["headers"]:
+        if k == b"cookie" and cookie is None:
+            for pair in v.split(b";"):
+                key, sep, value = pair.strip().partition(b"=")
+                if sep and key == name:
+                    cookie = value.decode("latin-1")
+                    break
+        elif k == CSRF_HEADER.encode() and csrf is None:
+            csrf = v.decode("latin-1")
+        elif k == b"sec-fetch-site" and site is None:
+            site = v
+    if cookie is None:
+        return None
+    return SessionCredentials(
+        cookie, csrf, state_changing=method not in ("GET", "HEAD"), cross_site=site in (b"cross-site", b"same-site")
+    )
+
+
+def _session_headers(outcome: Outcome, ctx: RequestContext, *, secure: bool) -> None:
+    """The session cookie set (a new session) or cleared (logout); the page's headers."""
+    name = SECURE_COOKIE_NAME if secure else COOKIE_NAME
+    attributes = "; Path=/; HttpOnly; SameSite=Strict" + ("; Secure" if secure else "")
+    if ctx.session_issued is not None and outcome.status == 200:
+        issued = ctx.session_issued
+        outcome.headers["Set-Cookie"] = f"{name}={issued.cookie_value}; Max-Age={issued.max_age}{attributes}"
+    elif ctx.session_ended or (outcome.status == 401 and ctx.session is not None):
+        # Ended, expired, forged or from another server: the browser drops it.
+        outcome.headers["Set-Cookie"] = f"{name}=; Max-Age=0{attributes}"
+    if isinstance(outcome.body, bytes) and outcome.status == 200:
+        outcome.headers.update({"Content-Type": dashboard.PAGE_TYPE, **_PAGE})

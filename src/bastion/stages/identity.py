@@ -1,21 +1,36 @@
-"""Identity: who is calling? API keys and short-lived tokens from `Authorization: Bearer ...`."""
+"""Identity: who is calling? API keys and short-lived tokens from `Authorization: Bearer ...`;
+on the routes built with a `SessionAuthority`, a dashboard session too (`bastion.sessions`)."""
 
 from __future__ import annotations
 
 from bastion.context import Principal, RequestContext
 from bastion.errors import AuthenticationFailed
 from bastion.keys import KEY_PREFIX, KeyStore
+from bastion.sessions import SessionAuthority
 from bastion.tokens import TokenAuthority
 
 
 class Authenticate:
-    def __init__(self, keys: KeyStore, tokens: TokenAuthority, *, allow_tokens: bool = True) -> None:
+    def __init__(
+        self,
+        keys: KeyStore,
+        tokens: TokenAuthority,
+        *,
+        allow_tokens: bool = True,
+        sessions: SessionAuthority | None = None,
+    ) -> None:
+        """`sessions`: accept a dashboard session when no Authorization header is sent (the
+        dashboard and admin routes only)."""
         self._keys = keys
         self._tokens = tokens
         self._allow_tokens = allow_tokens
+        self._sessions = sessions
 
     async def __call__(self, ctx: RequestContext) -> None:
         header = ctx.credentials
+        if not header and ctx.session is not None and self._sessions is not None:
+            self._session(ctx, self._sessions)
+            return
         if not header:
             raise AuthenticationFailed("missing_credentials")
         scheme, _, credential = header.partition(" ")
@@ -43,3 +58,25 @@ class Authenticate:
             via="token",
             quarantined=behind.quarantined_at is not None,
         )
+
+    def _session(self, ctx: RequestContext, sessions: SessionAuthority) -> None:
+        """The session's cookie opened, its CSRF secret checked when the request changes state,
+        and its key read now: revoked or expired, the key fails; quarantined, the session ends."""
+        presented = ctx.session
+        assert presented is not None
+        if presented.cross_site and presented.state_changing:
+            # SameSite=Strict keeps the cookie off cross-site requests already; a browser that says
+            # the request is cross-site is refused all the same.
+            raise AuthenticationFailed("session_cross_site")
+        session = sessions.open(presented.cookie, now=ctx.now)
+        if presented.state_changing:
+            sessions.require_csrf(session, presented.csrf_token)
+        record = self._keys.get(session.key_id)
+        if record is None:
+            raise AuthenticationFailed("session_key_unknown")
+        self._keys.require_active(record, now=ctx.now)
+        if record.quarantined_at is not None:
+            sessions.end(session, now=ctx.now)
+            raise AuthenticationFailed("session_key_quarantined")
+        ctx.principal = Principal(record.key_id, record.roles, via="session")
+        ctx.session_open = session
