@@ -266,6 +266,30 @@ class GrpcSettings(_Strict):
         return max_body_bytes + 64 * 1024
 
 
+class DriftSettings(_Strict):
+    """Drift and anomaly detection for one model with signed reference data (`[models.drift]`,
+    bastion.drift): thresholds that raise an alert (a metric and an audit event) when crossed."""
+
+    enabled: bool = True
+    # The sliding window of served rows compared with the reference data (PSI, Kolmogorov-Smirnov).
+    window_rows: Annotated[int, Field(ge=50, le=100_000)] = 500
+    # How often the background task evaluates, in seconds; the rates are judged per evaluation.
+    interval_seconds: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    psi_threshold: Annotated[float, Field(gt=0)] = 0.2  # per feature, against the reference's deciles
+    ks_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.2  # per feature, the two-sample statistic
+    prediction_psi_threshold: Annotated[float, Field(gt=0)] = 0.2  # predictions vs the reference's
+    ood_rate_threshold: Annotated[float, Field(gt=0, le=1)] = 0.05  # share refused out of distribution
+    latency_factor: Annotated[float, Field(gt=1)] = 3.0  # median latency over its EWMA baseline
+    error_rate_increase: Annotated[float, Field(gt=0, le=1)] = 0.05  # failure share above its baseline
+
+    @model_validator(mode="after")
+    def _settings_need_drift_enabled(self) -> DriftSettings:
+        unused = sorted(self.model_fields_set - {"enabled"}) if not self.enabled else []
+        if unused:
+            raise ValueError(f"{unused[0]} applies to drift detection, and enabled = false: it would be ignored")
+        return self
+
+
 class ModelRef(_Strict):
     """One model to serve: a signed bundle (or, only when marked unsafe, a plain model directory)."""
 
@@ -288,9 +312,15 @@ class ModelRef(_Strict):
     # flagged on it within isolation_window_seconds; 0: never (isolation is an availability trade).
     isolate_after: Annotated[int, Field(ge=0, le=1000)] = 0
     isolation_window_seconds: Annotated[float, Field(gt=0)] = 3600.0
+    # With a reference dataset: drift and anomaly alerts (on unless `enabled = false`).
+    drift: DriftSettings = DriftSettings()
 
     @model_validator(mode="after")
     def _isolation_window_needs_isolation(self) -> ModelRef:
+        if "ood_rate_threshold" in self.drift.model_fields_set and self.out_of_distribution == "off":
+            raise ValueError(
+                'drift.ood_rate_threshold is used only when out_of_distribution = "refuse": it would be ignored'
+            )
         if "isolation_window_seconds" in self.model_fields_set and self.isolate_after == 0:
             raise ValueError(
                 "isolation_window_seconds is used only when isolate_after > 0; with 0 it would be ignored"

@@ -111,6 +111,57 @@ class Metrics:
             "Client addresses (IPv6: networks) tracked for failed authentication.",
             registry=self.registry,
         )
+        # Drift (bastion.drift): set by its background task, labelled by the manifest's own names.
+        per_feature = ["model", "version", "feature"]
+        self.drift_psi = Gauge(
+            "bastion_drift_psi",
+            "Population stability index of a feature over the last window of served rows vs the reference.",
+            per_feature,
+            registry=self.registry,
+        )
+        self.drift_ks = Gauge(
+            "bastion_drift_ks",
+            "Two-sample Kolmogorov-Smirnov statistic of a feature, last window vs the reference.",
+            per_feature,
+            registry=self.registry,
+        )
+        self.drift_prediction_psi = Gauge(
+            "bastion_drift_prediction_psi",
+            "Population stability index of the predictions vs the model's on its reference data.",
+            ["model", "version"],
+            registry=self.registry,
+        )
+        self.drift_ood_rate = Gauge(
+            "bastion_drift_ood_rate",
+            "Share of the last window's requests refused as out of distribution.",
+            ["model", "version"],
+            registry=self.registry,
+        )
+        self.drift_error_rate = Gauge(
+            "bastion_drift_error_rate",
+            "Share of the last window's requests that failed on the server's side.",
+            ["model", "version"],
+            registry=self.registry,
+        )
+        self.drift_latency_p50 = Gauge(
+            "bastion_drift_latency_p50_seconds",
+            "Median latency of the last window's answered requests.",
+            ["model", "version"],
+            registry=self.registry,
+        )
+        self.drift_alert = Gauge(
+            "bastion_drift_alert",
+            "1 while a drift or anomaly alert is active, by signal (feature, prediction, "
+            "out_of_distribution, latency, errors) and feature (empty but for feature).",
+            ["model", "version", "signal", "feature"],
+            registry=self.registry,
+        )
+        self.drift_alerts = Counter(
+            "bastion_drift_alerts",
+            "Drift and anomaly alerts raised, by model, version and signal.",
+            ["model", "version", "signal"],
+            registry=self.registry,
+        )
 
     def observe_request(self, route: str, model: str, status: int, latency: float) -> None:
         if not self.enabled:

@@ -23,6 +23,7 @@ from bastion.audit.chain import load_or_create_audit_key
 from bastion.audit.log import AuditUnavailable
 from bastion.config import Action, Config, check_grants_name_models, load_config
 from bastion.context import RequestContext
+from bastion.drift import DriftWatch
 from bastion.errors import (
     HTTP_STATUS,
     AuthenticationFailed,
@@ -110,6 +111,14 @@ class Bastion:
         self.metrics = Metrics(enabled=config.metrics.enabled)
         self.metrics.models_loaded.set(len(self.registry.models()))
         self.metrics.models_refused.set(len(self.registry.failures))
+        # Drift and anomaly alerts per model with reference data (bastion.drift): requests feed its
+        # buffers in `handle`; `startup` starts the task that computes them.
+        self.drift = DriftWatch(self.metrics, self._record_event)
+        if not unsafe_no_defenses:
+            self.drift = DriftWatch.build(
+                config, self.registry, self.metrics, self._record_event, config_path=str(config_path)
+            )
+        self._drift_task: asyncio.Task[None] | None = None
         self.keys = KeyStore(paths.keys)
         self.isolation = IsolationStore(paths.isolation)
         self.incidents = IncidentStore(paths.incidents)
@@ -176,6 +185,17 @@ class Bastion:
 
     async def startup(self) -> None:
         await self._audit_load_events(self.registry)
+        if self._drift_task is None:
+            self._drift_task = asyncio.get_running_loop().create_task(self._watch_drift())
+
+    async def _watch_drift(self) -> None:
+        """The drift monitors' background task: their statistics every interval, off the request path."""
+        while True:
+            await asyncio.sleep(self.drift.tick)
+            try:
+                await self.drift.evaluate(self.clock())
+            except Exception as e:  # monitoring goes on; the type only (a message could quote data)
+                log.error("drift evaluation failed: %s", type(e).__name__)
 
     async def reload(self) -> None:
         """Re-read the policy file and re-verify the models, then switch over in one step.
@@ -202,9 +222,18 @@ class Bastion:
             self.registry, self.policy, self.config = registry, Policy.from_config(config), config
             try:
                 self.rollouts = self._rollouts(config, self.config_path)
+                drift = DriftWatch.build(
+                    config,
+                    registry,
+                    self.metrics,
+                    self._record_event,
+                    config_path=str(self.config_path),
+                    previous=self.drift,
+                )
             except ConfigError:
                 self.registry, self.policy, self.rollouts, self.config = previous
                 raise
+            self.drift = drift
             self.metrics.models_loaded.set(len(registry.models()))
             self.metrics.models_refused.set(len(registry.failures))
             self.pipelines = self.build_pipelines(self._hmac_key)
@@ -262,6 +291,8 @@ class Bastion:
         """The server's shutdown, on its event loop. The state store goes first: it waits for the
         blocks being leased in the background, so that those too are given back."""
         if not self._closed:
+            if self._drift_task is not None:
+                self._drift_task.cancel()
             for model in self.chat_models.values():
                 await model.backend.aclose()
             await self.state.aclose()
@@ -312,6 +343,7 @@ class Bastion:
             )
             if rollback is not None:
                 await self._record_rollback(rollback)
+        self.drift.observe(ctx, outcome.status, reason, latency)  # copies the admitted rows, O(rows)
         name = model.name if model else ctx.chat.model.name if ctx.chat and ctx.chat.model else UNKNOWN
         self.metrics.observe_request(route.value, name, outcome.status, latency)
         return outcome
