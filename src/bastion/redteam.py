@@ -77,7 +77,19 @@ def membership_inference(
 
 
 class RemoteError(BastionException):
-    """The server refused or could not be reached; the message names the status and code."""
+    """The server refused or could not be reached; the message names the status and code.
+
+    `status` is the HTTP status (0 when the server could not be reached) and `code` Bastion's
+    stable error code from the answer's body ("" when it had none)."""
+
+    def __init__(self, message: str, *, status: int = 0, code: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class Contained(RemoteError):
+    """The server answered 403 `key_quarantined`: containment struck and the key is refused from now on."""
 
 
 def redact_url(url: str) -> str:
@@ -118,6 +130,8 @@ class RemoteModel:
             raise RemoteError(f"model {model!r} has {len(inputs)} inputs; the harness sends one")
         self.classes: list[str] = [str(c) for c in classes]
         self._input = inputs[0]
+        self.rows_sent = 0  # rows in every infer request sent, answered or refused
+        self.requests_sent = 0
 
     def labels(self, y: np.ndarray) -> np.ndarray:
         """Class indices for `y`, given as indices or as class names."""
@@ -144,6 +158,8 @@ class RemoteModel:
                     }
                 ]
             }
+            self.rows_sent += len(rows)
+            self.requests_sent += 1
             answer = self._call("POST", f"/v2/models/{self._model}/infer", body)
             outputs = {o["name"]: o for o in answer["outputs"]}
             if "probabilities" in outputs:
@@ -155,6 +171,18 @@ class RemoteModel:
         return np.concatenate(out)
 
     def _call(self, method: str, path: str, body: object | None = None) -> dict:  # type: ignore[type-arg]
+        """One request; a 429 `rate_limited` is waited out (Retry-After, at most 5 s a time, 30 times),
+        as a patient attacker would: the rate limit slows an attack, it does not end it."""
+        import time
+
+        for _ in range(30):
+            try:
+                return self._call_once(method, path, body)
+            except _Throttled as e:
+                time.sleep(e.wait)
+        return self._call_once(method, path, body)
+
+    def _call_once(self, method: str, path: str, body: object | None) -> dict:  # type: ignore[type-arg]
         import http.client
         import json
         import urllib.error
@@ -172,18 +200,32 @@ class RemoteModel:
                 answer: dict = json.loads(response.read())  # type: ignore[type-arg]
                 return answer
         except urllib.error.HTTPError as e:
+            code = ""
             try:
                 detail = json.loads(e.read())
+                code = str(detail.get("code") or "")
                 reason = f"{detail.get('code')}: {detail.get('error')}"
-            except ValueError:
+            except (ValueError, AttributeError):
                 reason = e.reason
-            raise RemoteError(f"{method} {path}: HTTP {e.code} ({reason})") from None
+            if e.code == 429 and code == "rate_limited":
+                try:
+                    wait = float(e.headers.get("Retry-After", "1"))
+                except ValueError:
+                    wait = 1.0
+                raise _Throttled(min(max(wait, 0.05), 5.0)) from None
+            kind = Contained if e.code == 403 and code == "key_quarantined" else RemoteError
+            raise kind(f"{method} {path}: HTTP {e.code} ({reason})", status=e.code, code=code) from None
         except urllib.error.URLError as e:  # the reason (refused, timed out, unknown host) holds no URL
             raise RemoteError(f"{method} {path}: cannot reach {redact_url(self._base)}: {e.reason}") from None
         except (OSError, ValueError, http.client.HTTPException) as e:  # InvalidURL repeats the netloc
             raise RemoteError(
                 f"{method} {path}: cannot reach {redact_url(self._base)}: {type(e).__name__}"
             ) from None
+
+
+class _Throttled(Exception):
+    def __init__(self, wait: float) -> None:
+        self.wait = wait
 
 
 @dataclass(frozen=True)
