@@ -907,6 +907,9 @@ def build_parser() -> argparse.ArgumentParser:
     mi.add_argument("--max-gap-accuracy", type=float)
     mi.add_argument("--min-benign-accuracy", type=float)
     mi.set_defaults(func=cmd_redteam_membership)
+    from bastion.redteam_cli import add_run_parser
+
+    add_run_parser(redteam_sub)  # `bastion redteam run`: extraction, evasion, membership; HTML report
 
     registry = sub.add_parser("registry", help="a local registry of bundles by name and version")
     registry_sub = registry.add_subparsers(dest="registry_cmd", required=True)
@@ -937,6 +940,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--log-level", default="info")
     demo.add_argument("--max-concurrency", type=int)
     demo.set_defaults(func=cmd_demo)
+    from bastion.status import add_status_parser
+
+    add_status_parser(sub)  # `bastion status`: a running server summarised over HTTP
     return parser
 
 
