@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -157,6 +158,7 @@ async def child(args: argparse.Namespace) -> dict[str, Any]:
             wall += w1 - w0
             latencies.extend(x for r in results for x in r)
     await service.aclose()
+    shutil.rmtree(config.parent.parent, ignore_errors=True)
     latencies.sort()
     n = len(latencies)
     return {
@@ -263,8 +265,12 @@ def http(args: argparse.Namespace) -> None:
         for name, _ in trees:
             pythonpath, side = sides[name]
             os.environ["PYTHONPATH"] = pythonpath  # load.start's server inherits it
-            port = load.free_port()
-            proc = load.start(Path(side["config"]), port)
+            try:
+                port = load.free_port()
+                proc = load.start(Path(side["config"]), port)
+            except SystemExit:  # once seen on the loaded machine (a port race or a slow start): again
+                port = load.free_port()
+                proc = load.start(Path(side["config"]), port)
             try:
                 url = f"http://127.0.0.1:{port}/v2/models/breast-cancer/infer"
                 body = Path(side["body"])
@@ -286,8 +292,11 @@ def http(args: argparse.Namespace) -> None:
                 flush=True,
             )
 
+    for _, side in sides.values():
+        shutil.rmtree(Path(side["config"]).parent.parent, ignore_errors=True)
+
     def med(name: str, field: str) -> float:
-        return statistics.median(r[field] for r in results[name])
+        return float(statistics.median(r[field] for r in results[name]))
 
     base = trees[0][0]
     fields = ("rps", "p50", "p99", "cpu_us")
