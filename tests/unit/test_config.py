@@ -454,6 +454,28 @@ REFUSED_WHEN_IGNORED.update(
         ("ProtectedPromptSettings", "file"): _REFUSED,
     }
 )
+_DRIFT = "tests/unit/test_drift.py::"
+ENFORCED.update(
+    {
+        ("DriftSettings", f): _DRIFT + "test_each_feature_threshold_and_the_window_are_enforced"
+        for f in ("enabled", "window_rows", "psi_threshold", "ks_threshold")
+    }
+    | {
+        ("DriftSettings", "interval_seconds"): _DRIFT + "test_the_interval_spaces_evaluations",
+        ("DriftSettings", "prediction_psi_threshold"): _DRIFT + "test_a_shift_in_the_predicted_classes_alerts",
+        ("DriftSettings", "ood_rate_threshold"): _DRIFT + "test_out_of_distribution_refusals_alert_past_their_rate",
+        ("DriftSettings", "latency_factor"): _DRIFT
+        + "test_latency_alerts_past_its_factor_over_the_baseline_and_clears",
+        ("DriftSettings", "error_rate_increase"): _DRIFT + "test_errors_alert_past_their_increase_over_the_baseline",
+    }
+)
+# A drift setting while enabled = false (shown on window_rows), and ood_rate_threshold without the screen.
+REFUSED_WHEN_IGNORED.update(
+    {
+        ("DriftSettings", f): _DRIFT + "test_drift_settings_that_would_be_ignored_are_refused"
+        for f in ("window_rows", "ood_rate_threshold")
+    }
+)
 _OWNED_ELSEWHERE: set[str] = set()
 
 
@@ -505,6 +527,8 @@ def test_every_config_field_is_enforced_by_a_named_test_or_refused() -> None:
         "upstream_timeout_seconds",
         "on_leak",
         "file",  # a prompt no model uses
+        "window_rows",  # [models.drift] while enabled = false (tests/unit/test_drift.py)
+        "ood_rate_threshold",  # [models.drift] with out_of_distribution = "off"
     }
     assert {f for _, f in REFUSED_WHEN_IGNORED} - refused_cases <= {
         "postgres_dsn",  # the same rule as postgres_table (one prefix test for the pair)
