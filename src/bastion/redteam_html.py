@@ -189,6 +189,7 @@ def render(report: RedTeamReport) -> str:
                 series,
                 budget=ev.budget,
                 contained_at=ev.contained_at,
+                ylim=(0, 1.1 * max([ev.epsilon, *(d for _, p in series for _, d in p)])),
                 lines=((ev.epsilon, f"epsilon {ev.epsilon:g}"),),
             )
             + "</figure>",
