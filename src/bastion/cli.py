@@ -52,6 +52,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from bastion.service import Bastion
 
     config = _config(args.config)
+    # From here every line the server writes, uvicorn's and the libraries' too, goes through one
+    # redacting chain, JSON by default ([logging] format; bastion.logs).
+    from bastion.logs import configure as configure_logging
+
+    configure_logging(config.logging.format, replace_all=True)
     server = config.server
     # Before any model loads: a max_connections the process cannot reach is refused now, not under attack.
     raise_fd_limit(server.max_connections, args.config)
@@ -82,6 +87,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ws="none",
         access_log=False,  # the audit log is the access log, without payloads or query strings
         log_level=args.log_level,
+        log_config=None,  # no handlers of uvicorn's own: its loggers reach bastion.logs' chain
         lifespan="on",
         server_header=False,
         proxy_headers=False,  # X-Forwarded-For from a client must not rewrite the audited address

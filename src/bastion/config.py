@@ -266,6 +266,35 @@ class GrpcSettings(_Strict):
         return max_body_bytes + 64 * 1024
 
 
+class TracingSettings(_Strict):
+    """OpenTelemetry traces (bastion.tracing): a span per request, one per pipeline stage and one for
+    the audit write, exported over OTLP/HTTP. Off by default: off, no span object is ever made."""
+
+    enabled: bool = False
+    # The collector's OTLP/HTTP traces URL, e.g. "http://127.0.0.1:4318/v1/traces" (needs the
+    # `otlp` extra: pip install 'bastion-serve[otlp]'). Required when enabled: spans need somewhere to go.
+    otlp_endpoint: Annotated[str, Field(pattern=r"^https?://[^\s]+$", max_length=2048)] | None = None
+    # Share of requests without a caller's trace that are traced (TraceIdRatioBased); a caller's
+    # sampled flag in its traceparent is followed (ParentBased), as W3C Trace Context expects.
+    sample_ratio: Annotated[float, Field(ge=0, le=1)] = 1.0
+
+    @model_validator(mode="after")
+    def _settings_need_tracing_enabled(self) -> TracingSettings:
+        unused = sorted(self.model_fields_set - {"enabled"}) if not self.enabled else []
+        if unused:
+            raise ValueError(f"{unused[0]} applies to tracing, and enabled = false: it would be ignored")
+        if self.enabled and self.otlp_endpoint is None:
+            raise ValueError("enabled = true needs otlp_endpoint: the spans would go nowhere")
+        return self
+
+
+class LoggingSettings(_Strict):
+    """The server's log lines (bastion.logs): every one through the same redacting filter."""
+
+    # "json": one JSON object a line (for collectors); "text": one readable line (for a terminal).
+    format: Literal["json", "text"] = "json"
+
+
 class DriftSettings(_Strict):
     """Drift and anomaly detection for one model with signed reference data (`[models.drift]`,
     bastion.drift): thresholds that raise an alert (a metric and an audit event) when crossed."""
@@ -451,6 +480,8 @@ class Config(_Strict):
     tokens: TokenSettings = TokenSettings()
     metrics: MetricsSettings = MetricsSettings()
     grpc: GrpcSettings = GrpcSettings()
+    tracing: TracingSettings = TracingSettings()
+    logging: LoggingSettings = LoggingSettings()
     models: list[ModelRef] = Field(default_factory=list)
     roles: dict[str, Role] = Field(default_factory=dict)
     rollouts: dict[str, RolloutSettings] = Field(default_factory=dict)

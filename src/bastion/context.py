@@ -87,6 +87,9 @@ class RequestContext:
     resource_id: str | None = None  # an incident's or a key's id in the path (admin routes)
     # A dashboard session's cookie and CSRF header, passed only on the routes that accept a session.
     session: SessionCredentials | None = None
+    # The caller's W3C `traceparent` (REST header, gRPC metadata), as sent; read only by bastion.tracing,
+    # which ignores a malformed one.
+    traceparent: str | None = None
 
     # The pipeline's part, one writer each.
     principal: Principal | None = field(default=None, init=False)  # Authenticate

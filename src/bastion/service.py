@@ -15,7 +15,7 @@ import traceback
 from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bastion.assembly import build_pipelines, failed_auth_policy, load_or_create_secret, open_state_store
 from bastion.audit import AuditLog
@@ -54,6 +54,11 @@ from bastion.stages.output_policy import PrivateScores
 from bastion.statedir import StatePaths, lock_state_dir, make_private_dir
 from bastion.tokens import TokenAuthority, load_or_create_signing_key
 
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import SpanExporter
+
+    from bastion.tracing import Tracing
+
 log = logging.getLogger("bastion")
 
 
@@ -77,11 +82,15 @@ class Bastion:
         clock: Callable[[], float] = time.time,
         noise: NoiseSource | None = None,
         chat_backends: Mapping[str, ChatBackend] | None = None,
+        span_exporter: SpanExporter | None = None,
     ) -> None:
         """`chat_backends`: ready language-model backends by model name, used instead of building the
-        ones `[llm]` names (tests and benchmarks put a scripted backend beside the real ones)."""
+        ones `[llm]` names (tests and benchmarks put a scripted backend beside the real ones).
+        `span_exporter`: with `[tracing] enabled`, where spans go instead of the OTLP endpoint (tests:
+        the SDK's in-memory exporter)."""
         self.config = config
         self._chat_backends = chat_backends
+        self._span_exporter = span_exporter
         self.config_path = config_path
         self._reloading = False
         self._closed = False
@@ -157,6 +166,11 @@ class Bastion:
         self.started = int(clock())
         self.redactor = LazyRedactor()
         self.extraction_tracker = ExtractionTracker()
+        self.tracing: Tracing | None = None
+        if config.tracing.enabled:  # off, bastion.tracing (and OpenTelemetry's SDK) is never imported
+            from bastion.tracing import Tracing
+
+            self.tracing = Tracing(config.tracing, exporter=self._span_exporter)
         self.chat_models: dict[str, ChatModel] = {}
         self.chat_models = load_chat_models(config, config_path, backends=self._chat_backends)
         if any(m.settings.redacts_input or m.settings.redacts_output for m in self.chat_models.values()):
@@ -164,7 +178,9 @@ class Bastion:
         self.pipelines = self.build_pipelines(self._hmac_key)
 
     def build_pipelines(self, hmac_key: bytes) -> dict[Route, list[Stage]]:
-        return build_pipelines(self, hmac_key, record_event=self._record_event)
+        pipelines = build_pipelines(self, hmac_key, record_event=self._record_event)
+        # Traced, each stage runs in a child span; untraced, the stages are themselves (no cost).
+        return pipelines if self.tracing is None else self.tracing.wrap_pipelines(pipelines)
 
     def _rollouts(self, config: Config, config_path: Path) -> Rollouts:
         known = self.registry.configured_names
@@ -202,7 +218,7 @@ class Bastion:
 
         Models, roles, rollouts and request limits take effect; requests already running finish
         with the pipeline and model they started with. If anything fails, the previous
-        configuration keeps serving. (Server, state, audit and token settings need a restart.)
+        configuration keeps serving. (Server, state, audit, token, tracing and logging settings need a restart.)
         """
         if self._reloading:
             return
@@ -285,6 +301,8 @@ class Bastion:
         self.keys.close()
         self.isolation.close()
         self.incidents.close()
+        if self.tracing is not None:
+            self.tracing.provider.shutdown()  # the spans still queued are exported first
         self._state_lock.release()
 
     async def aclose(self) -> None:
@@ -299,6 +317,11 @@ class Bastion:
             self.close()
 
     async def handle(self, route: Route, ctx: RequestContext) -> Outcome:
+        if self.tracing is not None:
+            return await self.tracing.request(route, ctx, self._handle)
+        return await self._handle(route, ctx)
+
+    async def _handle(self, route: Route, ctx: RequestContext) -> Outcome:
         started = time.perf_counter()
         reason = "ok"
         try:
@@ -326,7 +349,9 @@ class Bastion:
             outcome = _fixed_outcome(ErrorCode.INTERNAL_ERROR, "internal error")
             reason = ErrorCode.INTERNAL_ERROR.value
         latency = time.perf_counter() - started
-        if self.audit is not None:
+        if self.audit is not None and self.tracing is not None:
+            outcome = await self.tracing.audit_write(self._record, route, ctx, outcome, reason, latency)
+        elif self.audit is not None:
             outcome = await self._record(route, ctx, outcome, reason, latency)
         model = ctx.model
         if model is not None:

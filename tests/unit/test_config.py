@@ -200,6 +200,8 @@ def test_a_grant_parameter_its_output_uses_is_accepted(tmp_path: Path, grant: st
             "on_leak applies to a protected prompt",
         ),
         ('[llm.prompts.p]\nfile = "p.txt"\n', "llm", "prompts.p: no model uses it"),
+        ("[tracing]\nsample_ratio = 0.5\n", "tracing", "sample_ratio applies to tracing, and enabled = false"),
+        ('[tracing]\notlp_endpoint = "http://127.0.0.1:4318/v1/traces"\n', "tracing", "otlp_endpoint applies"),
         (
             '[roles.r]\ngrants = [{ models = ["m"], actions = ["infer"] }]\n[roles.r.chat]\nmax_tokens = 9\n',
             "roles.r",
@@ -454,6 +456,19 @@ REFUSED_WHEN_IGNORED.update(
         ("ProtectedPromptSettings", "file"): _REFUSED,
     }
 )
+_TRACING = "tests/unit/test_tracing.py::"
+ENFORCED.update(
+    {
+        ("TracingSettings", "enabled"): _TRACING
+        + "test_tracing_off_makes_no_span_object_and_leaves_the_stages_unwrapped",
+        ("TracingSettings", "otlp_endpoint"): _TRACING + "test_spans_reach_the_otlp_endpoint_over_http",
+        ("TracingSettings", "sample_ratio"): _TRACING
+        + "test_sample_ratio_zero_traces_no_request_of_its_own_and_one_traces_each",
+        ("LoggingSettings", "format"): _E2E + "test_logs.py::test_attack_traffic_leaves_only_redacted_json_lines",
+    }
+)
+# Both [tracing] settings but `enabled` are refused while tracing is off.
+REFUSED_WHEN_IGNORED.update({("TracingSettings", f): _REFUSED for f in ("otlp_endpoint", "sample_ratio")})
 _DRIFT = "tests/unit/test_drift.py::"
 ENFORCED.update(
     {
@@ -529,6 +544,8 @@ def test_every_config_field_is_enforced_by_a_named_test_or_refused() -> None:
         "file",  # a prompt no model uses
         "window_rows",  # [models.drift] while enabled = false (tests/unit/test_drift.py)
         "ood_rate_threshold",  # [models.drift] with out_of_distribution = "off"
+        "sample_ratio",  # [tracing] while enabled = false
+        "otlp_endpoint",
     }
     assert {f for _, f in REFUSED_WHEN_IGNORED} - refused_cases <= {
         "postgres_dsn",  # the same rule as postgres_table (one prefix test for the pair)

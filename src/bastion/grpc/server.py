@@ -140,11 +140,12 @@ class InferenceService:
             not _valid_name(model_name, 64) or (version is not None and not _valid_name(version, 32))
         ):
             route, model_name, version = Route.NOT_FOUND, None, None
-        credentials = None
+        credentials = traceparent = None
         for key, value in context.invocation_metadata() or ():
-            if key == "authorization" and isinstance(value, str):
-                credentials = value
-                break  # the first wins, as in the HTTP app
+            if key == "authorization" and isinstance(value, str) and credentials is None:
+                credentials = value  # the first wins, as in the HTTP app
+            elif key == "traceparent" and isinstance(value, str) and traceparent is None:
+                traceparent = value  # W3C Trace Context over gRPC metadata (bastion.tracing)
 
         async def read_body(limit: int) -> bytes:
             if len(body) > limit:
@@ -161,6 +162,7 @@ class InferenceService:
             client=peer_address(context.peer()),
             model_name=model_name,
             model_version=version,
+            traceparent=traceparent,
         )
         outcome = await self.service.handle(route, ctx)
         metadata = _metadata(outcome, ctx.request_id)

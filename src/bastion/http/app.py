@@ -93,10 +93,12 @@ class BastionApp:
         await _send(send, outcome, ctx.request_id, binary)
 
     def _context(self, scope: Scope, receive: Receive, route: Route, match: Match | None) -> RequestContext:
-        auth = declared = header_length = None
+        auth = declared = header_length = traceparent = None
         for k, v in scope["headers"]:  # the first of each wins; no other header is read
             if k == b"authorization" and auth is None:
                 auth = v
+            elif k == b"traceparent" and traceparent is None:
+                traceparent = v
             elif k == b"content-length" and declared is None:
                 declared = v
             elif k == b"inference-header-content-length" and header_length is None:
@@ -138,6 +140,7 @@ class BastionApp:
             session=_session_credentials(scope, scope["method"])
             if match is not None and match.spec.session and match.method_allowed
             else None,
+            traceparent=traceparent.decode("latin-1") if traceparent is not None else None,
         )
 
     def _on_sighup(self) -> None:

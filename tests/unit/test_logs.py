@@ -1,0 +1,124 @@
+"""The redacting chain (bastion.logs) in process: records from several loggers, the way libraries
+make them (format args, extras, exceptions, warnings), written to a buffer and read back."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import secrets
+import warnings
+from collections.abc import Iterator
+
+import pytest
+
+from bastion.logs import REDACTED, configure, redact
+
+KEY = f"bst_{secrets.token_hex(8)}_{secrets.token_urlsafe(32)}"
+JWT = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiIwMTIzIn0." + secrets.token_urlsafe(43)
+PASSWORD = f"pw-{secrets.token_hex(8)}"
+OPAQUE = secrets.token_urlsafe(24)  # a bearer credential of no known shape
+
+
+LOGGERS = ["uvicorn.error", "httpx", "bastion", "somelib", "grpc._server", "py.warnings"]
+
+
+@pytest.fixture
+def lines() -> Iterator[io.StringIO]:
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    # Other tests in this process may have quietened these loggers (a level, dictConfig's disabling).
+    saved = {name: (logging.getLogger(name).level, logging.getLogger(name).disabled) for name in LOGGERS}
+    for name in LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET)
+        logging.getLogger(name).disabled = False
+    stream = io.StringIO()
+    handler = configure("json", stream=stream)
+    try:
+        yield stream
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        for name, (old_level, disabled) in saved.items():
+            logging.getLogger(name).setLevel(old_level)
+            logging.getLogger(name).disabled = disabled
+        assert root.handlers == handlers  # the handlers it found are left alone
+        logging.captureWarnings(False)
+
+
+def _records(stream: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_every_logger_goes_through_the_filter_and_comes_out_as_json(lines: io.StringIO) -> None:
+    logging.getLogger("uvicorn.error").warning("Invalid request from %s: %r", "1.2.3.4", f"Bearer {OPAQUE}")
+    logging.getLogger("httpx").info("HTTP Request: POST https://up.example/v1?api_key=%s", PASSWORD)
+    logging.getLogger("bastion").info(
+        "upstream refused", extra={"password": PASSWORD, "headers": {"Authorization": f"Bearer {JWT}"}}
+    )
+    logging.getLogger("somelib").error("config: {'client_secret': '%s', 'retries': 3}", PASSWORD)
+    logging.getLogger("somelib").info("bad format %d", KEY)  # a library's bug: the line is kept
+    try:
+        raise ValueError(f"could not parse token {JWT} for key {KEY}")
+    except ValueError:
+        logging.getLogger("grpc._server").exception("handler failed")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        logging.captureWarnings(False)  # pytest's own catch_warnings replaced showwarning: capture anew
+        logging.captureWarnings(True)
+        warnings.warn(f"deprecated: passing password={PASSWORD}", DeprecationWarning, stacklevel=1)
+    text = lines.getvalue()
+    records = _records(lines)
+    assert [r["logger"] for r in records] == [
+        "uvicorn.error",
+        "httpx",
+        "bastion",
+        "somelib",
+        "somelib",
+        "grpc._server",
+        "py.warnings",
+    ]
+    for secret in (KEY, KEY.split("_", 2)[2], JWT, PASSWORD, OPAQUE):
+        assert secret not in text
+    assert records[0]["message"] == f"Invalid request from 1.2.3.4: 'Bearer {REDACTED}'"
+    assert records[2]["password"] == REDACTED and records[2]["headers"] == {"Authorization": REDACTED}
+    assert records[3]["message"] == f"config: {{'client_secret': {REDACTED}, 'retries': 3}}"
+    assert "unformattable" in str(records[4]["message"])
+    assert "Traceback" in str(records[5]["exc"]) and "ValueError" in str(records[5]["exc"])
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (f"key {KEY} used", f"key {REDACTED} used"),
+        (f"cut short: {KEY[:30]}", f"cut short: {REDACTED}"),
+        (f"authorization: Bearer {OPAQUE}", f"authorization: {REDACTED} {REDACTED}"),
+        (f"token={JWT}&x=1", f"token={REDACTED}&x=1"),
+        (f'{{"api_key": "{PASSWORD}", "max_tokens": 5}}', f'{{"api_key": {REDACTED}, "max_tokens": 5}}'),
+        (f"DB_PASSWORD={PASSWORD} user=bob", f"DB_PASSWORD={REDACTED} user=bob"),
+        # What is not a secret stays readable: counts, public ids, digests, prose.
+        (
+            "max_tokens=512 prompt_tokens=12 token budget left",
+            "max_tokens=512 prompt_tokens=12 token budget left",
+        ),
+        ("key id 0123456789abcdef quarantined", "key id 0123456789abcdef quarantined"),
+        ("serving m version 1 (sha256:" + "ab" * 32 + ")", "serving m version 1 (sha256:" + "ab" * 32 + ")"),
+    ],
+)
+def test_redact(text: str, expected: str) -> None:
+    assert redact(text) == expected
+
+
+def test_text_format_is_redacted_too() -> None:
+    root = logging.getLogger()
+    level = root.level
+    stream = io.StringIO()
+    handler = configure("text", stream=stream)
+    try:
+        logging.getLogger("uvicorn.access").warning("GET /?password=%s with %s", PASSWORD, KEY)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        logging.captureWarnings(False)
+    line = stream.getvalue().strip()
+    assert line.endswith(f"WARNING uvicorn.access: GET /?password={REDACTED} with {REDACTED}")
