@@ -34,6 +34,12 @@ test: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -q -m "not slow" tests/unit
 
+# The red-team report of the demo (extraction, evasion, membership over HTTP against a fresh demo
+# on a free port): artifacts/redteam/redteam.html and redteam.json; exit 1 if the gate fails.
+.PHONY: redteam-report
+redteam-report: $(STAMP)
+	$(BIN)/python -m bastion.redteam_demo --dir artifacts/redteam-demo --out artifacts/redteam
+
 bench: $(STAMP)
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(BIN)/python bench/load.py
