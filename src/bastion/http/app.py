@@ -248,8 +248,11 @@ def _session_headers(outcome: Outcome, ctx: RequestContext, *, secure: bool) -> 
     if ctx.session_issued is not None and outcome.status == 200:
         issued = ctx.session_issued
         outcome.headers["Set-Cookie"] = f"{name}={issued.cookie_value}; Max-Age={issued.max_age}{attributes}"
-    elif ctx.session_ended or (outcome.status == 401 and ctx.session is not None):
-        # Ended, expired, forged or from another server: the browser drops it.
+    elif ctx.session_ended or (
+        outcome.status == 401 and ctx.session is not None and not ctx.session.state_changing
+    ):
+        # Ended, expired, forged or from another server: the browser drops it. Not on a refused POST:
+        # one without the CSRF token must not log the operator out.
         outcome.headers["Set-Cookie"] = f"{name}=; Max-Age=0{attributes}"
     if isinstance(outcome.body, bytes) and outcome.status == 200:
         outcome.headers.update({"Content-Type": dashboard.PAGE_TYPE, **_PAGE})

@@ -80,6 +80,7 @@
       const key = input.value.trim();
       input.value = "";
       message.textContent = "Signing in…";
+      message.className = "message";
       let response;
       try {
         response = await fetch("/v2/admin/session", {
@@ -96,6 +97,7 @@
         window.location.assign("/dashboard");
         return;
       }
+      message.className = "message error";
       message.textContent =
         response.status === 403
           ? "Refused: this key is not granted the admin role (or is quarantined)."
@@ -110,7 +112,8 @@
   function initDashboard() {
     const meta = document.querySelector('meta[name="bastion-csrf"]');
     const csrf = meta ? meta.getAttribute("content") : "";
-    let previous = null;
+    let previous = null; // the summary the rates are measured from
+    let rates = null;
     let timer = null;
 
     function say(text, kind) {
@@ -172,11 +175,15 @@
       const t = s.traffic;
       let allowedRate = "—";
       let deniedRate = "—";
-      if (previous && s.generated_at > previous.generated_at) {
+      // Rates over at least two seconds: a poll right after an action would make a spike of a few requests.
+      if (previous && s.generated_at - previous.generated_at >= 2) {
         const dt = s.generated_at - previous.generated_at;
-        allowedRate = ((t.allowed - previous.traffic.allowed) / dt).toFixed(1) + "/s";
-        deniedRate = ((t.denied - previous.traffic.denied) / dt).toFixed(1) + "/s";
+        rates = [((t.allowed - previous.traffic.allowed) / dt).toFixed(1) + "/s", ((t.denied - previous.traffic.denied) / dt).toFixed(1) + "/s"];
+        previous = s;
+      } else if (!previous) {
+        previous = s;
       }
+      if (rates) [allowedRate, deniedRate] = rates;
       replace(
         "traffic-figures",
         figure("allowed now", allowedRate),
@@ -252,9 +259,9 @@
           [
             ["route", (r) => r.route],
             ["requests", (r) => fmtNumber(r.count)],
-            ["p50", (r) => fmtMs(r.p50)],
-            ["p90", (r) => fmtMs(r.p90)],
-            ["p99", (r) => fmtMs(r.p99)],
+            ["p50 ms", (r) => fmtMs(r.p50).replace(" ms", "")],
+            ["p90 ms", (r) => fmtMs(r.p90).replace(" ms", "")],
+            ["p99 ms", (r) => fmtMs(r.p99).replace(" ms", "")],
           ],
           l.by_route,
           "No requests yet.",
@@ -390,7 +397,7 @@
             ["rate /s", (r) => fmtNumber(r.role.rate, 1)],
             ["burst", (r) => fmtNumber(r.role.burst)],
             ["daily quota", (r) => fmtNumber(r.role.daily_quota)],
-            ["privacy budgets", (r) => r.privacy],
+            ["privacy budgets", (r) => el("span", { className: "wrap", text: r.privacy })],
           ],
           rows,
           "No role.",
@@ -493,7 +500,6 @@
       renderRoles(s);
       renderDrift(s);
       renderLlm(s);
-      previous = s;
       document.getElementById("updated").textContent = "updated " + fmtTime(s.generated_at);
     }
 
