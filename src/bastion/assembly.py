@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bastion.config import Action, Config
+from bastion.containment import MeasureStore
 from bastion.context import RequestContext
 from bastion.dashboard.summary import build_summary
 from bastion.files import write_private_file
@@ -70,7 +71,13 @@ from bastion.stages.inference import Infer
 from bastion.stages.input_guard import DecodeRequest, GuardInput
 from bastion.stages.limits import EnforceLimits
 from bastion.stages.output_policy import PrivateScores, ShapeOutput
-from bastion.stages.query_audit import Containment, ContainmentGate, IsolationGate, WatchQueries
+from bastion.stages.query_audit import (
+    ApplyMeasures,
+    Containment,
+    ContainmentGate,
+    IsolationGate,
+    WatchQueries,
+)
 from bastion.state import MemoryStateStore, SQLiteStateStore, StateStore
 from bastion.statedir import StatePaths
 from bastion.tokens import TokenAuthority
@@ -87,6 +94,7 @@ class PipelineParts(Protocol):
     keys: KeyStore
     isolation: IsolationStore
     incidents: IncidentStore
+    measures: MeasureStore
     tokens: TokenAuthority
     state: StateStore
     private_scores: PrivateScores
@@ -115,9 +123,11 @@ def build_pipelines(
     gate = ContainmentGate()
     limit = EnforceLimits(parts.state, parts.policy)
     watch = WatchQueries(
-        Containment(parts.keys, parts.isolation, parts.metrics, record_event, parts.incidents)
+        Containment(parts.keys, parts.isolation, parts.metrics, record_event, parts.incidents, parts.measures)
     )
     isolated = IsolationGate(parts.isolation)
+    # The containment ladder's timed steps on this principal and model (throttle, degrade, reroute).
+    measured = ApplyMeasures(parts.measures, parts.state, parts.rollouts.stable, parts.registry)
     guard = GuardInput(max_rows=limits.max_rows, hmac_key=hmac_key, on_out_of_distribution=watch.refused)
 
     def on_model(action: Action) -> AuthorizeModel:
@@ -156,6 +166,7 @@ def build_pipelines(
             limit,  # 3. rate limit and daily quota; 429
             on_model(Action.INFER),  # 4. model exists (404) and is granted (403)
             isolated,  # 4b. a model isolated by query auditing answers nobody; 503
+            measured,  # 4c. containment in force: throttled (429), degraded or rerouted
             decode,  # 5. body size (413) and well-formed V2 JSON (400)
             guard,  # 6. manifest schema, out-of-distribution screen; 422/413/403
             watch,  # 7. query auditing: extraction suspected -> incident, key quarantined; 403
@@ -171,6 +182,7 @@ def build_pipelines(
             limit,
             on_model(Action.AGGREGATE),
             isolated,
+            measured,
             AggregateSource(limits.max_body_bytes),
             guard,
             watch,
@@ -201,7 +213,7 @@ def build_pipelines(
                 (Route.INCIDENT, ShowIncident(parts.incidents)),
                 (Route.INCIDENT_TRANSITION, TransitionIncident(parts.incidents)),
                 (Route.INCIDENT_NOTE, NoteIncident(parts.incidents)),
-                (Route.KEY_RELEASE, ReleaseKey(parts.keys)),
+                (Route.KEY_RELEASE, ReleaseKey(parts.keys, parts.measures)),
                 (Route.MODEL_RELEASE, ReleaseModel(parts.isolation)),
                 (Route.SESSION_LOGOUT, CloseSession(sessions)),
                 (Route.SUMMARY, Summarize(summary)),

@@ -290,10 +290,16 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 
 def cmd_keys_release(args: argparse.Namespace) -> int:
     key_id = _key_id_arg(args.key_id)
-    _, store = _key_store(args.config)
-    if not store.release(key_id):
-        return _fail(f"key {key_id} is not quarantined (or does not exist)", 1)
-    print(f"released {key_id} from quarantine; it is served from the next request on")
+    config, store = _key_store(args.config)
+    from bastion.containment import MeasureStore
+    from bastion.statedir import StatePaths
+
+    measures = MeasureStore(StatePaths(config.server.state_dir).measures)
+    lifted = measures.release(f"key:{key_id}")
+    measures.close()
+    if not store.release(key_id) and not lifted:
+        return _fail(f"key {key_id} is neither quarantined nor contained (or does not exist)", 1)
+    print(f"released {key_id} from quarantine and containment; it is served from the next request on")
     return 0
 
 

@@ -341,6 +341,23 @@ class ModelRef(_Strict):
     # flagged on it within isolation_window_seconds; 0: never (isolation is an availability trade).
     isolate_after: Annotated[int, Field(ge=0, le=1000)] = 0
     isolation_window_seconds: Annotated[float, Field(gt=0)] = 3600.0
+    # The containment ladder: the step taken on a principal's 1st, 2nd, 3rd... incident on this
+    # model (the last step repeats). Unset: ["quarantine"] (extraction_watch = "quarantine") or
+    # ["record"] ("alert"). record: the incident only; throttle: this principal's rate on this model
+    # cut to `throttle_rate`; degrade: its answers lowered to `degrade_to`; reroute: during a rollout,
+    # its traffic kept on the stable version; quarantine: the key refused everywhere; isolate: the
+    # model refused to everyone. Throttle, degrade and reroute last `containment_seconds`; every step
+    # is audited and lifted by an operator (`bastion keys release`, or the admin API).
+    containment: (
+        Annotated[
+            list[Literal["record", "throttle", "degrade", "reroute", "quarantine", "isolate"]],
+            Field(min_length=1, max_length=8),
+        ]
+        | None
+    ) = None
+    throttle_rate: Annotated[float, Field(gt=0, le=1000)] = 0.1  # requests a second while throttled
+    degrade_to: Literal["label", "top_k"] = "label"
+    containment_seconds: Annotated[float, Field(gt=0, le=30 * 86_400)] = 3600.0
     # With a reference dataset: drift and anomaly alerts (on unless `enabled = false`).
     drift: DriftSettings = DriftSettings()
 
@@ -354,6 +371,30 @@ class ModelRef(_Strict):
             raise ValueError(
                 "isolation_window_seconds is used only when isolate_after > 0; with 0 it would be ignored"
             )
+        return self
+
+
+    @property
+    def ladder(self) -> tuple[str, ...]:
+        """The containment steps in order (see `containment`)."""
+        if self.containment is not None:
+            return tuple(self.containment)
+        return ("quarantine",) if self.extraction_watch == "quarantine" else ("record",)
+
+    @model_validator(mode="after")
+    def _ladder_settings_need_their_step(self) -> ModelRef:
+        if self.containment is not None:
+            if self.extraction_watch == "off":
+                raise ValueError('containment is set and extraction_watch = "off": it would never be climbed')
+            if "extraction_watch" in self.model_fields_set:
+                raise ValueError("containment and extraction_watch both say what a suspicion does: set one")
+        ladder = self.ladder
+        for name, step in (("throttle_rate", "throttle"), ("degrade_to", "degrade")):
+            if name in self.model_fields_set and step not in ladder:
+                raise ValueError(f'{name} is used only by a "{step}" step in containment: it would be ignored')
+        timed = {"throttle", "degrade", "reroute"} & set(ladder)
+        if "containment_seconds" in self.model_fields_set and not timed:
+            raise ValueError("containment_seconds applies to throttle, degrade and reroute steps: none is set")
         return self
 
 

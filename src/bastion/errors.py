@@ -83,6 +83,7 @@ class ErrorCode(StrEnum):
     UNKNOWN_OUTPUT = "unknown_output"
     # 429
     RATE_LIMITED = "rate_limited"
+    THROTTLED = "throttled"  # the containment ladder's throttle step on this principal and model
     TOO_MANY_IN_FLIGHT = "too_many_in_flight"  # a principal's requests running or queued on a language model
     QUOTA_EXHAUSTED = "quota_exhausted"
     AUTH_THROTTLED = "auth_throttled"
@@ -160,6 +161,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.NOT_A_CATEGORY: 422,
     ErrorCode.UNKNOWN_OUTPUT: 422,
     ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.THROTTLED: 429,
     ErrorCode.TOO_MANY_IN_FLIGHT: 429,
     ErrorCode.QUOTA_EXHAUSTED: 429,
     ErrorCode.AUTH_THROTTLED: 429,

@@ -205,6 +205,14 @@ class IncidentStore:
                 ).fetchall()
         return [_incident(r, ()) for r in rows]
 
+    def count_for(self, principal: str, model: str) -> int:
+        """Incidents this principal has had on this model (the containment ladder's rung)."""
+        with self._lock:
+            (n,) = self._conn.execute(
+                "SELECT COUNT(*) FROM incidents WHERE principal = ? AND model = ?", (principal, model)
+            ).fetchone()
+        return int(n)
+
     def counts(self) -> dict[str, int]:
         """Incidents per state (every state, zeros included)."""
         with self._lock:

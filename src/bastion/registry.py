@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ import numpy as np
 from bastion.bundle.crypto import LocalKeyProvider
 from bastion.bundle.verify import BundleRefused, TrustPolicy, is_bundle, verify_bundle
 from bastion.config import ModelRef
+from bastion.containment import ContainmentPolicy
 from bastion.errors import ErrorCode, ModelLoadError, NotFound
 from bastion.extraction import ExtractionMonitor
 from bastion.manifest import MANIFEST_NAME, Manifest, read_manifest
@@ -42,6 +43,7 @@ class ServedModel:
     extraction_watch: str = "off"  # what a suspicion does: quarantine | alert | off
     isolate_after: int = 0  # flagged principals within isolation_window that isolate the model (0: never)
     isolation_window: float = 3600.0
+    containment: ContainmentPolicy = field(default_factory=ContainmentPolicy)  # the ladder climbed on each incident
 
     @property
     def name(self) -> str:
@@ -164,6 +166,7 @@ class ModelRegistry:
             watch,
             ref.isolate_after if monitor is not None else 0,
             ref.isolation_window_seconds,
+            ContainmentPolicy(ref.ladder, ref.throttle_rate, ref.degrade_to, ref.containment_seconds),
         )
         self._models.setdefault(manifest.name, {})[manifest.version] = model
         log.info("serving %s version %s (%s)", model.name, model.version, model.digest)

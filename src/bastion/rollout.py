@@ -207,6 +207,11 @@ class Rollouts:
             return state.canary
         return state.stable
 
+    def stable(self, model: str) -> str | None:
+        """The stable version of a model under a rollout (None: no rollout)."""
+        state = self.states.get(model)
+        return None if state is None else state.stable
+
     def observe(
         self,
         model: str,

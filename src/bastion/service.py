@@ -22,6 +22,7 @@ from bastion.audit import AuditLog
 from bastion.audit.chain import load_or_create_audit_key
 from bastion.audit.log import AuditUnavailable
 from bastion.config import Action, Config, check_grants_name_models, load_config
+from bastion.containment import MeasureStore
 from bastion.context import RequestContext
 from bastion.drift import DriftWatch
 from bastion.errors import (
@@ -131,6 +132,7 @@ class Bastion:
         self.keys = KeyStore(paths.keys)
         self.isolation = IsolationStore(paths.isolation)
         self.incidents = IncidentStore(paths.incidents)
+        self.measures = MeasureStore(paths.measures)
         self.tokens = TokenAuthority(
             load_or_create_signing_key(paths.token_key),
             issuer=config.tokens.issuer,
@@ -301,6 +303,7 @@ class Bastion:
         self.keys.close()
         self.isolation.close()
         self.incidents.close()
+        self.measures.close()
         if self.tracing is not None:
             self.tracing.provider.shutdown()  # the spans still queued are exported first
         self._state_lock.release()

@@ -49,6 +49,10 @@ class StatePaths:
         return self.root / "incidents.db"
 
     @property
+    def measures(self) -> Path:
+        return self.root / "containment.db"
+
+    @property
     def audit_key(self) -> Path:
         return self.root / "audit_signing.key"
 

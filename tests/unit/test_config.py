@@ -200,8 +200,16 @@ def test_a_grant_parameter_its_output_uses_is_accepted(tmp_path: Path, grant: st
             "on_leak applies to a protected prompt",
         ),
         ('[llm.prompts.p]\nfile = "p.txt"\n', "llm", "prompts.p: no model uses it"),
-        ("[tracing]\nsample_ratio = 0.5\n", "tracing", "sample_ratio applies to tracing, and enabled = false"),
-        ('[tracing]\notlp_endpoint = "http://127.0.0.1:4318/v1/traces"\n', "tracing", "otlp_endpoint applies"),
+        (
+            "[tracing]\nsample_ratio = 0.5\n",
+            "tracing",
+            "sample_ratio applies to tracing, and enabled = false",
+        ),
+        (
+            '[tracing]\notlp_endpoint = "http://127.0.0.1:4318/v1/traces"\n',
+            "tracing",
+            "otlp_endpoint applies",
+        ),
         (
             '[roles.r]\ngrants = [{ models = ["m"], actions = ["infer"] }]\n[roles.r.chat]\nmax_tokens = 9\n',
             "roles.r",
@@ -403,6 +411,23 @@ REFUSED_WHEN_IGNORED.update(
         )
     }
 )
+_LADDER = _E2E + "test_containment.py::test_a_thief_climbs_the_ladder_and_an_operator_lifts_it"
+_LADDER_REFUSED = "tests/unit/test_containment.py::test_a_ladder_setting_that_would_be_ignored_is_refused"
+ENFORCED.update(
+    {
+        ("ModelRef", "containment"): _LADDER,
+        ("ModelRef", "throttle_rate"): _LADDER,
+        ("ModelRef", "degrade_to"): _LADDER,
+        ("ModelRef", "containment_seconds"): "tests/unit/test_containment.py::"
+        "test_timed_measures_end_by_themselves_and_on_release",
+    }
+)
+REFUSED_WHEN_IGNORED.update(
+    {
+        ("ModelRef", f): _LADDER_REFUSED
+        for f in ("containment", "throttle_rate", "degrade_to", "containment_seconds")
+    }
+)
 _CHAT = "tests/unit/llm/test_chat_core.py::"
 _CHAT_UPSTREAM = _E2E + "test_chat_upstream.py::"
 ENFORCED.update(
@@ -464,7 +489,8 @@ ENFORCED.update(
         ("TracingSettings", "otlp_endpoint"): _TRACING + "test_spans_reach_the_otlp_endpoint_over_http",
         ("TracingSettings", "sample_ratio"): _TRACING
         + "test_sample_ratio_zero_traces_no_request_of_its_own_and_one_traces_each",
-        ("LoggingSettings", "format"): _E2E + "test_logs.py::test_attack_traffic_leaves_only_redacted_json_lines",
+        ("LoggingSettings", "format"): _E2E
+        + "test_logs.py::test_attack_traffic_leaves_only_redacted_json_lines",
     }
 )
 # Both [tracing] settings but `enabled` are refused while tracing is off.
@@ -477,11 +503,14 @@ ENFORCED.update(
     }
     | {
         ("DriftSettings", "interval_seconds"): _DRIFT + "test_the_interval_spaces_evaluations",
-        ("DriftSettings", "prediction_psi_threshold"): _DRIFT + "test_a_shift_in_the_predicted_classes_alerts",
-        ("DriftSettings", "ood_rate_threshold"): _DRIFT + "test_out_of_distribution_refusals_alert_past_their_rate",
+        ("DriftSettings", "prediction_psi_threshold"): _DRIFT
+        + "test_a_shift_in_the_predicted_classes_alerts",
+        ("DriftSettings", "ood_rate_threshold"): _DRIFT
+        + "test_out_of_distribution_refusals_alert_past_their_rate",
         ("DriftSettings", "latency_factor"): _DRIFT
         + "test_latency_alerts_past_its_factor_over_the_baseline_and_clears",
-        ("DriftSettings", "error_rate_increase"): _DRIFT + "test_errors_alert_past_their_increase_over_the_baseline",
+        ("DriftSettings", "error_rate_increase"): _DRIFT
+        + "test_errors_alert_past_their_increase_over_the_baseline",
     }
 )
 # A drift setting while enabled = false (shown on window_rows), and ood_rate_threshold without the screen.
@@ -554,6 +583,11 @@ def test_every_config_field_is_enforced_by_a_named_test_or_refused() -> None:
         "window_seconds",
         "min_requests",
         "upstream_url",  # the same rule as upstream_model (every upstream_* field)
+        # The ladder's settings: their cases are in tests/unit/test_containment.py.
+        "containment",
+        "throttle_rate",
+        "degrade_to",
+        "containment_seconds",
         # the [grpc] rule (a setting while enabled = false), shown on port and host
         "max_receive_message_bytes",
         "max_send_message_bytes",

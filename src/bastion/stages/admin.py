@@ -7,6 +7,7 @@ changed. Bodies are small JSON objects; a note is an operator's text, kept in th
 
 from __future__ import annotations
 
+from bastion.containment import MeasureStore
 from bastion.context import RequestContext
 from bastion.errors import BadRequest, ErrorCode, NotFound
 from bastion.incidents import IncidentState, IncidentStore
@@ -94,15 +95,23 @@ class NoteIncident:
 
 
 class ReleaseKey:
-    def __init__(self, keys: KeyStore) -> None:
+    """Lift what query auditing put on a key: its quarantine and every timed containment step."""
+
+    def __init__(self, keys: KeyStore, measures: MeasureStore) -> None:
         self._keys = keys
+        self._measures = measures
 
     async def __call__(self, ctx: RequestContext) -> None:
         await _json_object(ctx, set())
         key_id = ctx.resource_id
         assert key_id is not None
-        if not self._keys.release(key_id):
-            raise NotFound(f"key {key_id} is not quarantined (or does not exist)", code=ErrorCode.NOT_FOUND)
+        released = self._keys.release(key_id)
+        lifted = self._measures.release(f"key:{key_id}")
+        if not released and not lifted:
+            raise NotFound(
+                f"key {key_id} is neither quarantined nor contained (or does not exist)",
+                code=ErrorCode.NOT_FOUND,
+            )
         ctx.operation = (f"key:{key_id}", "released")
         ctx.result = {"key_id": key_id, "released": True}
 

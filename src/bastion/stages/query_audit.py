@@ -20,13 +20,17 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from bastion.config import OutputDetail
+from bastion.containment import MeasureStore
 from bastion.context import RequestContext
-from bastion.errors import ErrorCode, NotReady, PermissionDenied
+from bastion.errors import ErrorCode, NotReady, PermissionDenied, RateLimited
 from bastion.extraction import Suspicion
 from bastion.incidents import IncidentStore
 from bastion.isolation import IsolationStore
 from bastion.keys import KeyStore
 from bastion.metrics import Metrics
+from bastion.registry import ModelRegistry
+from bastion.state import LimitSpec, StateStore
 
 QUARANTINED = (
     "this key is quarantined: query auditing flagged its requests. An operator can review the "
@@ -38,18 +42,63 @@ def quarantined() -> PermissionDenied:
     return PermissionDenied(QUARANTINED, code=ErrorCode.KEY_QUARANTINED)
 
 
+ISOLATED = (
+    "model {model!r} is isolated: query auditing flagged principals on it. An operator can review the "
+    "incidents and release it with `bastion models release NAME`"
+)
+
+
 class IsolationGate:
     def __init__(self, isolation: IsolationStore) -> None:
         self._isolation = isolation
 
     async def __call__(self, ctx: RequestContext) -> None:
         model = ctx.model
-        if model is not None and model.isolate_after and self._isolation.isolated(model.name):
-            raise NotReady(
-                f"model {model.name!r} is isolated: query auditing flagged several principals on it. "
-                "An operator can review the incidents and release it with `bastion models release NAME`",
-                code=ErrorCode.MODEL_ISOLATED,
-            )
+        isolating = model is not None and (model.isolate_after or "isolate" in model.containment.steps)
+        if isolating and model is not None and self._isolation.isolated(model.name):
+            raise NotReady(ISOLATED.format(model=model.name), code=ErrorCode.MODEL_ISOLATED)
+
+
+class ApplyMeasures:
+    """The timed steps of the containment ladder in force for this principal on this model:
+    throttle (429 `throttled` past its rate), degrade (the answer's detail lowered), reroute (a
+    routed request kept on the stable version). After authorization, before the input guard."""
+
+    def __init__(
+        self,
+        measures: MeasureStore,
+        store: StateStore,
+        pick_stable: Callable[[str], str | None],
+        registry: ModelRegistry,
+    ) -> None:
+        self._measures = measures
+        self._store = store
+        self._pick_stable = pick_stable
+        self._registry = registry
+
+    async def __call__(self, ctx: RequestContext) -> None:
+        model, principal = ctx.model, ctx.principal
+        assert model is not None and principal is not None
+        measures = self._measures.active(principal.id, model.name, now=ctx.now)
+        if not measures:
+            return
+        if measures.throttle_rate is not None:
+            spec = LimitSpec(rate=measures.throttle_rate, burst=1, daily_quota=10**9)
+            admission = await self._store.acquire(f"{principal.id}|throttle|{model.name}", spec, now=ctx.now)
+            if not admission.allowed:
+                raise RateLimited(
+                    "this key is throttled on this model: query auditing flagged its requests",
+                    retry_after=admission.retry_after,
+                    code=ErrorCode.THROTTLED,
+                )
+        if measures.degrade_to is not None and ctx.output_detail is not None:
+            lowered = OutputDetail(measures.degrade_to)
+            if lowered.rank < ctx.output_detail.rank:
+                ctx.output_detail = lowered
+        if measures.reroute and ctx.routed:
+            stable = self._pick_stable(model.name)
+            if stable is not None and stable != model.version:
+                ctx.model = self._registry.get(model.name, stable)
 
 
 class ContainmentGate:
@@ -66,26 +115,50 @@ class Containment:
         metrics: Metrics,
         record: Callable[[dict[str, Any]], None],
         incidents: IncidentStore,
+        measures: MeasureStore,
     ) -> None:
         self._keys = keys
         self._isolation = isolation
         self._metrics = metrics
         self._record = record
         self._incidents = incidents
+        self._measures = measures
         self._flagged: dict[str, deque[tuple[float, str]]] = {}  # model -> (time, principal) flagged
 
     def __call__(self, ctx: RequestContext, suspicion: Suspicion) -> None:
         model, principal = ctx.model, ctx.principal
         assert model is not None and principal is not None and model.monitor is not None
-        action = model.extraction_watch
+        # The ladder's rung: this principal's incidents on this model so far.
+        policy = model.containment
+        action = policy.step(self._incidents.count_for(principal.id, model.name))
         self._record_incident(ctx, action, suspicion.describe(), signal=suspicion.signal)
         self._metrics.incidents.labels(model.name, suspicion.signal, action).inc()
+        model.monitor.forget(principal.id)  # the next rung takes new evidence; a released key starts afresh
         if model.isolate_after:
             self._count_towards_isolation(ctx)
-        if action == "quarantine":
+        until = ctx.now + policy.seconds
+        if action == "throttle":
+            self._measures.apply(
+                principal.id,
+                model.name,
+                "throttle",
+                value=str(policy.throttle_rate),
+                now=ctx.now,
+                until=until,
+            )
+        elif action == "degrade":
+            self._measures.apply(
+                principal.id, model.name, "degrade", value=policy.degrade_to, now=ctx.now, until=until
+            )
+        elif action == "reroute":
+            self._measures.apply(principal.id, model.name, "reroute", value=None, now=ctx.now, until=until)
+        elif action == "quarantine":
             self._keys.quarantine(principal.key_id, now=ctx.now)
-            model.monitor.forget(principal.id)  # a released key starts afresh
             raise quarantined()
+        elif action == "isolate":
+            detail = f"{principal.id} flagged: {suspicion.signal}"
+            self._isolation.isolate(model.name, now=ctx.now, reason=detail)
+            raise NotReady(ISOLATED.format(model=model.name), code=ErrorCode.MODEL_ISOLATED)
 
     def _record_incident(self, ctx: RequestContext, decision: str, detail: str, *, signal: str) -> None:
         """Lineage of the request that tipped it (the keyed HMAC of its payload, None if the row was

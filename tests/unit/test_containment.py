@@ -1,0 +1,60 @@
+"""The containment ladder's mechanism: the steps by rung, timed measures that end by themselves or
+when an operator releases the key, and the policy file's rules for the ladder's settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bastion.config import ModelRef
+from bastion.containment import ContainmentPolicy, MeasureStore
+
+
+def test_each_incident_climbs_one_rung_and_the_last_repeats() -> None:
+    policy = ContainmentPolicy(("throttle", "degrade", "quarantine"))
+    assert [policy.step(n) for n in range(5)] == [
+        "throttle",
+        "degrade",
+        "quarantine",
+        "quarantine",
+        "quarantine",
+    ]
+    ref = ModelRef(
+        path=Path("m"), containment=["degrade", "isolate"], degrade_to="top_k", containment_seconds=60
+    )
+    assert ref.ladder == ("degrade", "isolate")
+    assert ModelRef(path=Path("m")).ladder == ("quarantine",)  # extraction_watch's default
+    assert ModelRef(path=Path("m"), extraction_watch="alert").ladder == ("record",)
+
+
+def test_timed_measures_end_by_themselves_and_on_release(tmp_path: Path) -> None:
+    store = MeasureStore(tmp_path / "containment.db")
+    store.apply("key:a", "m", "throttle", value="0.5", now=100.0, until=160.0)  # containment_seconds = 60
+    store.apply("key:a", "m", "degrade", value="label", now=100.0, until=160.0)
+    store.apply("key:b", "m", "reroute", value=None, now=100.0, until=1000.0)
+    now_a = store.active("key:a", "m", now=159.0)
+    assert (now_a.throttle_rate, now_a.degrade_to, now_a.reroute) == (0.5, "label", False)
+    assert not store.active("key:a", "m", now=160.0)  # over: nothing in force
+    assert not store.active("key:a", "other-model", now=120.0)  # per model
+    other = MeasureStore(tmp_path / "containment.db")  # another worker or the CLI sees the same
+    assert other.release("key:b") == 1
+    assert not store.active("key:b", "m", now=200.0)
+    assert store.active("key:a", "m", now=120.0)
+    other.close()
+    store.close()
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"containment": ["record"], "extraction_watch": "off"}, "never be climbed"),
+        ({"containment": ["record"], "extraction_watch": "alert"}, "set one"),
+        ({"throttle_rate": 2.0}, 'used only by a "throttle" step'),
+        ({"containment": ["quarantine"], "degrade_to": "top_k"}, 'used only by a "degrade" step'),
+        ({"containment": ["quarantine", "isolate"], "containment_seconds": 5}, "none is set"),
+    ],
+)
+def test_a_ladder_setting_that_would_be_ignored_is_refused(fields: dict[str, object], reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        ModelRef(path=Path("m"), **fields)  # type: ignore[arg-type]
