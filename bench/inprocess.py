@@ -9,6 +9,7 @@ HTTP server around it.
 
     .venv/bin/python bench/inprocess.py --policy dp_scores
     .venv/bin/python bench/inprocess.py --watch
+    .venv/bin/python bench/inprocess.py --drift
 
 Every request carries a new first feature (as infer_jitter.lua does), so neither the answer cache
 nor the extraction monitor's repeat check sees a repeat. Query auditing runs in `alert` mode on
@@ -43,7 +44,16 @@ def configs(args: argparse.Namespace, root: Path) -> tuple[list[tuple[str, Path]
     build = build_demo(root / "demo")
     text = build.config_path.read_text() + BENCH_ROLE
     base = text.replace(WATCHED, WATCHED + 'extraction_watch = "alert"\n')
-    if args.watch:
+    if args.drift:
+        # Drift on the benchmarked model: off vs on. The on side's background task is held off (an
+        # hour's interval): process CPU counts every thread, and this measures the request path; the
+        # statistics' own cost is timed apart, after the run.
+        first = WATCHED + 'extraction_watch = "alert"\n'
+        sides = [
+            ("drift off", base.replace(first, first + "[models.drift]\nenabled = false\n", 1)),
+            ("drift on", base.replace(first, first + "[models.drift]\ninterval_seconds = 3600\n", 1)),
+        ]
+    elif args.watch:
         sides = [
             ("watch off", text.replace(WATCHED, WATCHED + 'extraction_watch = "off"\n')),
             ("watch on", base),
@@ -114,6 +124,8 @@ async def run(args: argparse.Namespace) -> None:
             if batch >= args.warmup:
                 cpu[name] += time.process_time() - began
                 count[name] += args.batch_size
+    if args.drift:
+        await drift_statistics_cost(services[1][1])
     for _, service, _ in services:
         await service.aclose()
     (a, b) = [cpu[n] / count[n] * 1e6 for n, _, _ in services]
@@ -123,16 +135,31 @@ async def run(args: argparse.Namespace) -> None:
     print(f"({args.batches} batches of {args.batch_size} per side after {args.warmup} warm-up)")
 
 
+async def drift_statistics_cost(service: Bastion) -> None:
+    """The background task's work for one full window of the benchmarked model (off the request path)."""
+    monitor = next(m for m in service.drift.monitors.values() if m.model.name == "breast-cancer")
+    rounds, rows, began = 20, 0, time.process_time()
+    for _ in range(rounds):
+        monitor._judged = 0  # the same full window again
+        window = monitor.snapshot()
+        monitor.compute(window)
+        rows = 0 if window.rows is None else len(window.rows)
+    cost = (time.process_time() - began) / rounds
+    columns = len(monitor.features)
+    print(f"drift statistics: {cost * 1e3:.2f} ms CPU per evaluation ({rows} rows x {columns} features)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--policy", choices=["label", "top_k", "rounded", "reverse_sigmoid", "dp_scores"])
     parser.add_argument("--watch", action="store_true", help="query auditing off vs on, policy probabilities")
+    parser.add_argument("--drift", action="store_true", help="drift detection off vs on, policy probabilities")
     parser.add_argument("--batches", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--warmup", type=int, default=4)
     args = parser.parse_args()
-    if args.policy is None and not args.watch:
-        parser.error("give --policy P or --watch")
+    if args.policy is None and not args.watch and not args.drift:
+        parser.error("give --policy P, --watch or --drift")
     asyncio.run(run(args))
 
 
