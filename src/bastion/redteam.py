@@ -200,21 +200,21 @@ class RemoteModel:
                 answer: dict = json.loads(response.read())  # type: ignore[type-arg]
                 return answer
         except urllib.error.HTTPError as e:
-            code = ""
+            server_code = ""  # the server's error code, when its answer says one
             try:
                 detail = json.loads(e.read())
-                code = str(detail.get("code") or "")
+                server_code = str(detail.get("code") or "")
                 reason = f"{detail.get('code')}: {detail.get('error')}"
             except (ValueError, AttributeError):
                 reason = e.reason
-            if e.code == 429 and code == "rate_limited":
+            if e.code == 429 and server_code == "rate_limited":
                 try:
                     wait = float(e.headers.get("Retry-After", "1"))
                 except ValueError:
                     wait = 1.0
                 raise _Throttled(min(max(wait, 0.05), 5.0)) from None
-            kind = Contained if e.code == 403 and code == "key_quarantined" else RemoteError
-            raise kind(f"{method} {path}: HTTP {e.code} ({reason})", status=e.code, code=code) from None
+            kind = Contained if e.code == 403 and server_code == "key_quarantined" else RemoteError
+            raise kind(f"{method} {path}: HTTP {e.code} ({reason})", status=e.code, code=server_code) from None
         except urllib.error.URLError as e:  # the reason (refused, timed out, unknown host) holds no URL
             raise RemoteError(f"{method} {path}: cannot reach {redact_url(self._base)}: {e.reason}") from None
         except (OSError, ValueError, http.client.HTTPException) as e:  # InvalidURL repeats the netloc
@@ -223,8 +223,11 @@ class RemoteModel:
             ) from None
 
 
-class _Throttled(Exception):
+class _Throttled(BastionException):
+    """429 `rate_limited`: wait `wait` seconds and send again (internal to `RemoteModel`)."""
+
     def __init__(self, wait: float) -> None:
+        super().__init__(f"rate limited: retry in {wait:.2f} s")
         self.wait = wait
 
 

@@ -28,6 +28,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from bastion.errors import BastionException
 from bastion.redteam import Contained, RemoteError, membership_inference, redact_url
 
 Progress = Callable[[int], object]  # told how many more rows were sent
@@ -269,7 +270,7 @@ def extraction_attack(
     )
 
 
-class _Spent(Exception):
+class _Spent(BastionException):
     """The probe's budget is used up (inside ART's loop, so raised through it)."""
 
 
