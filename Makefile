@@ -27,6 +27,7 @@ test: $(STAMP)
 	scripts/ensure-redis
 	scripts/ensure-postgres
 	scripts/ensure-chromium
+	scripts/ensure-promtool
 	$(BIN)/pytest -q
 
 # The in-process tier: stages, policy, state and the core without sockets or subprocesses, in
