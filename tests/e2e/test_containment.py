@@ -20,7 +20,6 @@ from tests.helpers import RunningServer, create_key, start_server, write_test_de
 pytestmark = pytest.mark.slow
 
 
-
 @dataclass
 class Ladder:
     server: RunningServer
@@ -43,7 +42,7 @@ def ladder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ladder]:
         1,
     )
     # The shared deployment serves diabetes already: its ladder is one step, isolate.
-    at = text.index("\n", text.index('trusted_keys', text.index('"bundles/diabetes-1"'))) + 1
+    at = text.index("\n", text.index("trusted_keys", text.index('"bundles/diabetes-1"'))) + 1
     text = text[:at] + 'containment = ["isolate"]\n' + text[at:]
     config.write_text(text)
     thief, admin = create_key(config, "admin"), create_key(config, "admin")
@@ -145,3 +144,56 @@ def test_isolation_as_a_step_and_its_release(ladder: Ladder) -> None:
         )
         assert admin.post("/v2/admin/models/diabetes/release").status_code == 200
         assert admin.post(path, json=row).status_code == 200
+
+
+def test_reroute_keeps_a_flagged_principal_on_the_stable_version(tmp_path: Path) -> None:
+    """During a rollout, the reroute step sends a flagged principal's unversioned requests to the
+    stable version only, while other keys still reach the canary; a release lifts it."""
+    from bastion.demo import feature_spec, write_skops_model
+    from bastion.manifest import OutputSpec
+
+    config, build = write_test_deployment(tmp_path / "d")
+    x = build.features
+    src = build.root / "models" / "breast-cancer-v2"
+    write_skops_model(
+        src, build.estimator, [feature_spec(x)], OutputSpec(classes=["malignant", "benign"]), "breast-cancer"
+    )
+    manifest = json.loads((src / "manifest.json").read_text())
+    manifest["version"] = "2"
+    (src / "manifest.json").write_text(json.dumps(manifest))
+    build.publish(src, reference=x)
+    text = config.read_text()
+    text = text.replace(
+        'path = "bundles/breast-cancer-1"\ntrusted_keys = ["keys/release.pub"]\n',
+        'path = "bundles/breast-cancer-1"\ntrusted_keys = ["keys/release.pub"]\n'
+        'containment = ["reroute", "quarantine"]\n',
+        1,
+    )
+    rollout = (
+        '[[models]]\npath = "bundles/breast-cancer-2"\ntrusted_keys = ["keys/release.pub"]\n'
+        'containment = ["reroute", "quarantine"]\n\n'
+        '[rollouts.breast-cancer]\nstable = "1"\ncanary = "2"\ncanary_weight = 0.5\n\n'
+    )
+    roles_at = text.index("[roles.analyst]")
+    config.write_text(text[:roles_at] + rollout + text[roles_at:])
+    thief, admin = create_key(config, "admin"), create_key(config, "admin")
+    server = start_server(config, tmp_path / "server.log")
+    try:
+        ladder = Ladder(server, tmp_path / "d", thief, admin, x)
+        _probe_until_step(ladder, "/v2/models/breast-cancer/infer", 0, "reroute", x)
+        row = infer_request(x[:1])
+
+        def versions(key: str) -> set[str]:
+            with server.client(key) as client:
+                return {
+                    client.post("/v2/models/breast-cancer/infer", json=row).headers["x-model-version"]
+                    for _ in range(30)
+                }
+
+        assert versions(thief) == {"1"}  # rerouted: never the canary
+        assert versions(admin) == {"1", "2"}  # another key still takes part in the rollout
+        with server.client(admin) as operator:
+            assert operator.post(f"/v2/admin/keys/{thief.split('_')[1]}/release").status_code == 200
+        assert versions(thief) == {"1", "2"}
+    finally:
+        server.stop()
