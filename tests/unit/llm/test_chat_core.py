@@ -7,8 +7,11 @@ leakage guard, the audit record); only the model is a script, so a test can make
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
+import shutil
 import sqlite3
+import tempfile
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
@@ -98,6 +101,22 @@ max_tokens = 128
 """
 
 
+_TEMPLATE: list[Path] = []  # one demo build (models trained, bundles signed) copied for every test
+
+
+def _demo(tmp_path: Path) -> Path:
+    """A fresh copy of the demo (no state) with the protected prompt beside it; its policy file."""
+    if not _TEMPLATE:
+        root = Path(tempfile.mkdtemp(prefix="bastion-chat-demo-")) / "demo"
+        build_demo(root, llm=False)
+        atexit.register(shutil.rmtree, root.parent, True)
+        _TEMPLATE.append(root)
+    copy = tmp_path / "demo"
+    shutil.copytree(_TEMPLATE[0], copy, ignore=shutil.ignore_patterns("state"))
+    (copy / "support.txt").write_text(PROMPT)
+    return copy / "bastion.toml"
+
+
 @pytest.fixture
 def backend() -> CannedBackend:
     return CannedBackend()
@@ -105,9 +124,7 @@ def backend() -> CannedBackend:
 
 @pytest.fixture
 def service(tmp_path: Path, backend: CannedBackend) -> Iterator[Bastion]:
-    demo = build_demo(tmp_path / "demo", llm=False)
-    (tmp_path / "demo" / "support.txt").write_text(PROMPT)
-    config = demo.config_path
+    config = _demo(tmp_path)
     config.write_text(config.read_text() + LLM_POLICY)
     s = Bastion(load_config(config), config_path=config, chat_backends={"assistant": backend})
     yield s
@@ -326,9 +343,7 @@ def test_a_leaking_stream_ends_in_an_error_before_the_secret(
 
 
 def test_a_client_system_message_is_demoted_where_policy_says(tmp_path: Path, backend: CannedBackend) -> None:
-    demo = build_demo(tmp_path / "demo", llm=False)
-    (tmp_path / "demo" / "support.txt").write_text(PROMPT)
-    config = demo.config_path
+    config = _demo(tmp_path)
     config.write_text(
         config.read_text()
         + LLM_POLICY.replace('prompt = "support"', 'prompt = "support"\nclient_system = "demote"')
@@ -372,17 +387,14 @@ def test_models_list_names_only_granted_models(service: Bastion) -> None:
 
 def _service_with(tmp_path: Path, backend: Any, *, role: str = "", model: str = "") -> Bastion:
     """The chat deployment with lines added to the chatter's [roles.chatter.chat] and to the model."""
-    demo = build_demo(tmp_path / "demo", llm=False)
-    (tmp_path / "demo" / "support.txt").write_text(PROMPT)
+    config = _demo(tmp_path)
     policy = LLM_POLICY if "token_budget =" not in role else LLM_POLICY.replace("token_budget = 400\n", "")
     policy = policy.replace("max_messages = 4\n", f"max_messages = 4\n{role}\n")
     if "max_tokens" in model:
         policy = policy.replace("max_tokens = 128\n", "")
     policy = policy.replace('prompt = "support"\n', f'prompt = "support"\n{model}\n')
-    demo.config_path.write_text(demo.config_path.read_text() + policy)
-    return Bastion(
-        load_config(demo.config_path), config_path=demo.config_path, chat_backends={"assistant": backend}
-    )
+    config.write_text(config.read_text() + policy)
+    return Bastion(load_config(config), config_path=config, chat_backends={"assistant": backend})
 
 
 def _one(service: Bastion, body: dict[str, Any], role: str = "chatter") -> Outcome:

@@ -374,6 +374,7 @@ def test_benign_answers_pass_hard_cases() -> None:
         guard.check(text, canary)
 
 
+@pytest.mark.slow  # seconds: the whole benign set or thousands of principals
 def test_false_refusals_on_the_benign_set_answered_by_the_scripted_backend_are_at_most_2_percent() -> None:
     backend = ScriptedLeakyBackend()
     refused = total = 0
@@ -585,6 +586,7 @@ def test_the_ledger_is_bounded_and_holds_no_secret_text() -> None:
                 assert len(part) < 3 or part not in state.lower()
 
 
+@pytest.mark.slow  # seconds: the whole benign set or thousands of principals
 def test_a_benign_principal_sending_the_whole_benign_set_never_fills_its_ledger() -> None:
     backend = ScriptedLeakyBackend()
     for prompt in PROMPTS:
