@@ -9,7 +9,6 @@ in `build_pipelines`. The audit write is not a stage: it is the outer layer of
 from __future__ import annotations
 
 import secrets
-import weakref
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -95,6 +94,9 @@ class PipelineParts(Protocol):
     isolation: IsolationStore
     incidents: IncidentStore
     measures: MeasureStore
+    # The dashboard's sessions: one authority per running service, kept across policy reloads (a
+    # SIGHUP must neither log operators out nor revive a session they ended); its key dies with it.
+    sessions: SessionAuthority
     tokens: TokenAuthority
     state: StateStore
     private_scores: PrivateScores
@@ -133,7 +135,7 @@ def build_pipelines(
     def on_model(action: Action) -> AuthorizeModel:
         return AuthorizeModel(parts.policy, parts.registry, action, parts.rollouts.pick)
 
-    sessions = session_authority(parts)
+    sessions = parts.sessions
     # The dashboard and /v2/admin/*: a key, a token, or the dashboard's session cookie.
     authenticate_admin = ThrottleFailedAuth(
         parts.failed_auth, Authenticate(parts.keys, parts.tokens, sessions=sessions)
@@ -271,20 +273,6 @@ def build_pipelines(
         Route.NOT_FOUND: [authenticate, RouteNotFound()],
         Route.WRONG_METHOD: [authenticate, WrongMethod()],
     }
-
-
-# One session authority per running service, kept across policy reloads (a SIGHUP must neither log
-# operators out nor revive a session they ended); its key dies with the process. Weak: a closed
-# service's sessions go with it.
-_SESSIONS: weakref.WeakKeyDictionary[PipelineParts, SessionAuthority] = weakref.WeakKeyDictionary()
-
-
-def session_authority(parts: PipelineParts) -> SessionAuthority:
-    """The dashboard's session authority of this service (created on first use)."""
-    sessions = _SESSIONS.get(parts)
-    if sessions is None:
-        sessions = _SESSIONS[parts] = SessionAuthority()
-    return sessions
 
 
 def load_or_create_secret(path: Path, size: int = 32) -> bytes:

@@ -34,6 +34,12 @@ class Metrics:
             buckets=_BUCKETS,
             registry=self.registry,
         )
+        self.denials = Counter(
+            "bastion_denials",
+            "Refused requests by stable error code (a fixed set: bastion.errors.ErrorCode).",
+            ["code"],
+            registry=self.registry,
+        )
         self.auth_failures = Counter(
             "bastion_auth_failures",
             "Authentication failures by reason.",

@@ -48,6 +48,7 @@ from bastion.privacy import AnswerCache, NoiseSource, OpenDPNoise
 from bastion.registry import ModelRegistry
 from bastion.rollout import Rollback, Rollouts
 from bastion.routes import ROUTE_ACTIONS, Route
+from bastion.sessions import SessionAuthority
 from bastion.stages import Stage
 from bastion.stages.address_limits import FailedAuthLimiter
 from bastion.stages.chat import LazyRedactor, user_digest
@@ -133,6 +134,7 @@ class Bastion:
         self.isolation = IsolationStore(paths.isolation)
         self.incidents = IncidentStore(paths.incidents)
         self.measures = MeasureStore(paths.measures)
+        self.sessions = SessionAuthority()
         self.tokens = TokenAuthority(
             load_or_create_signing_key(paths.token_key),
             issuer=config.tokens.issuer,
@@ -456,6 +458,8 @@ class Bastion:
         )
 
     def _count_denial(self, error: BastionError, reason: str) -> None:
+        if self.metrics.enabled:
+            self.metrics.denials.labels(error.code.value).inc()
         if isinstance(error, AuthenticationFailed):
             self.metrics.auth_failures.labels(reason).inc()
         elif isinstance(error, RateLimited):

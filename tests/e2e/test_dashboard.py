@@ -132,6 +132,7 @@ def test_an_admin_handles_an_extraction_incident_in_the_browser(site: dict[str, 
         expect(page.locator("#quarantined tbody tr", has_text=thief_id)).to_be_visible()
         expect(page.locator("#traffic-routes")).to_contain_text("infer")
         expect(page.locator("#denials")).to_contain_text("403")
+        expect(page.locator("#denials")).to_contain_text("key_quarantined")  # the stable code
         expect(page.locator("#denials")).to_contain_text("near_duplicates")
         expect(page.locator("#latency-figures")).to_contain_text("ms")
         expect(page.locator("#models")).to_contain_text("breast-cancer")

@@ -121,6 +121,7 @@ def _traffic(found: list[Sample]) -> tuple[dict[str, Any], dict[str, Any]]:
     }
     denials = {
         "by_status": [{"status": k, "count": v} for k, v in sorted(by_status.items())],
+        "by_code": _counted(found, "bastion_denials_total", "code"),
         "authentication": _counted(found, "bastion_auth_failures_total", "reason"),
         "rate_limited": _counted(found, "bastion_rate_limited_total", "code"),
         "containment": _counted(found, "bastion_incidents_total", "model", "signal", "action"),

@@ -218,6 +218,15 @@
           d.by_status,
           "No denials.",
         ),
+        el("h3", { text: "By reason (stable code)" }),
+        table(
+          [
+            ["code", (r) => r.code],
+            ["count", (r) => fmtNumber(r.count)],
+          ],
+          d.by_code,
+          "No denials.",
+        ),
         el("h3", { text: "Authentication failures" }),
         table(
           [
