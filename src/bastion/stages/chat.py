@@ -369,7 +369,10 @@ class Generate:
             max_tokens=chat.max_tokens,
             temperature=temperature,
             top_p=1.0 if request.top_p is None else request.top_p,
-            stop=request.stop,
+            # Behind a protected prompt the client's stop sequences are applied here, after the guard
+            # read the whole answer: a stop the model honoured itself would tell a right guess of the
+            # secret (the answer ends cleanly) from a wrong one (the model goes on and is withheld).
+            stop=() if chat.model.guard is not None else request.stop,
             seed=request.seed,
         )
 
@@ -397,10 +400,13 @@ class Generate:
                     raise OutputWithheld(detector=hit.detector, score=hit.score) from None
                 chat.guard = None if guard is None else "pass" if attempt == 0 else "regenerated"
                 chat.guard_score = None
-                chat.finish_reason = completion.finish_reason
-                return Completion(
-                    self._redact_output(chat, completion.text), completion.usage, completion.finish_reason
-                )
+                text, finish = completion.text, completion.finish_reason
+                if guard is not None and chat.request.stop:
+                    cut = StopCutter(chat.request.stop)
+                    text = cut.feed(text) + cut.finish()
+                    finish = "stop" if cut.stopped else finish
+                chat.finish_reason = finish
+                return Completion(self._redact_output(chat, text), completion.usage, finish)
         raise AssertionError("unreachable")
 
     def _withheld(self, ctx: RequestContext, hit: LeakDetected) -> None:
@@ -428,8 +434,12 @@ class Generate:
             async with self._slot(ctx):
                 system, canary = _system_prompt(model)
                 scanner = guard.stream(canary, revealed=self._ledger(ctx)) if guard is not None else None
+                cut = StopCutter(chat.request.stop if guard is not None else ())
                 end: StreamEnd | None = None
                 received = 0
+                # The prompt is processed whatever happens next: a client that leaves before the first
+                # token still pays for it.
+                chat.usage = Usage(chat.prompt_tokens, 0)
                 try:
                     async for item in model.backend.stream(
                         _with_prompt(model, chat.messages, system), self._params(chat)
@@ -441,7 +451,7 @@ class Generate:
                         # that goes away mid-stream pays for what was generated, not nothing.
                         received += 1
                         chat.usage = Usage(chat.prompt_tokens, received)
-                        released = scanner.feed(item) if scanner is not None else item
+                        released = cut.feed(scanner.feed(item) if scanner is not None else item)
                         if released:
                             yield released
                     if end is None:
@@ -452,11 +462,12 @@ class Generate:
                     self._withheld(ctx, hit)
                     self._watch.observe(ctx, guard_hit=True)
                     raise OutputWithheld(detector=hit.detector, score=hit.score) from None
+                rest = cut.feed(rest) + cut.finish()
                 if rest:
                     yield rest
                 chat.guard = "pass" if guard is not None else None
-                chat.finish_reason = end.finish_reason
-                yield end
+                chat.finish_reason = "stop" if cut.stopped else end.finish_reason
+                yield StreamEnd(end.usage, "stop") if cut.stopped else end
         finally:
             await self._refund(ctx)
 
@@ -504,6 +515,35 @@ _MAX_LEDGERS = 10_000
 
 # The leakage guard's detector families: the metric's label set (a detector's full name is audited).
 _FAMILIES = frozenset({"canary", "secret", "overlap", "rouge_l"})
+
+
+class StopCutter:
+    """The client's stop sequences applied to text as it is released: text before the first stop is
+    passed on (holding back only what could be the start of a stop sequence), the stop and everything
+    after it dropped. `stopped` says whether one was met."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self._stops = stops
+        self._hold = max((len(s) for s in stops), default=1) - 1
+        self._pending = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        if self.stopped or not self._stops:
+            return "" if self.stopped else text
+        self._pending += text
+        found = [i for i in (self._pending.find(s) for s in self._stops) if i >= 0]
+        if found:
+            self.stopped = True
+            out, self._pending = self._pending[: min(found)], ""
+            return out
+        cut = max(0, len(self._pending) - self._hold)
+        out, self._pending = self._pending[:cut], self._pending[cut:]
+        return out
+
+    def finish(self) -> str:
+        out, self._pending = ("" if self.stopped else self._pending), ""
+        return out
 
 
 def _add(a: Usage | None, b: Usage) -> Usage:

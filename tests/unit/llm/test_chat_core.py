@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import json
 import shutil
 import sqlite3
@@ -712,3 +713,78 @@ def test_pieces_of_a_secret_over_several_answers_add_up(tmp_path: Path, backend:
         service.close()
     assert first.status == 200 and third.status == 200
     assert (second.status, second.body["code"]) == (403, "output_withheld")  # type: ignore[index]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_sequences_cannot_confirm_a_guess_of_the_secret(
+    service: Bastion, backend: CannedBackend, stream: bool
+) -> None:
+    # The second red team's oracle: with the model honouring `stop`, a right guess ended the answer
+    # cleanly before the secret (200) and a wrong one let the model go on to it (403).
+    backend.reply = lambda messages: f"Branches open at 9. The supervisor escalation code is {SECRET} ok"
+
+    async def ask(s: Bastion, key: str, guess: str) -> tuple[int, str | None]:
+        ctx = _ctx(Route.CHAT, key, _chat("When are the branches open?", stop=[guess], stream=stream))
+        outcome = await s.handle(Route.CHAT, ctx)
+        if outcome.stream is None:
+            return outcome.status, outcome.body.get("code")  # type: ignore[union-attr]
+        _, _, error = await _drain(outcome)
+        return (403, error.code.value) if error is not None else (200, None)
+
+    async def calls(s: Bastion) -> list[tuple[int, str | None]]:
+        key = _key(s, "chatter")
+        return [await ask(s, key, guess) for guess in ("ORCHID-73", "ORCHID-74", "7342", "9999")]
+
+    answers = _run(service, calls)
+    assert answers == [(403, "output_withheld")] * 4  # the same answer, right guess or wrong
+    assert all(params.stop == () for _, params in backend.calls)  # the model never saw the guesses
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_clients_stop_still_cuts_the_answer(
+    service: Bastion, backend: CannedBackend, stream: bool
+) -> None:
+    backend.reply = lambda messages: "Hello there. END and more words after it"
+
+    async def calls(s: Bastion) -> tuple[str, str | None]:
+        ctx = _ctx(Route.CHAT, _key(s, "chatter"), _chat("hi", stop=["END"], stream=stream))
+        outcome = await s.handle(Route.CHAT, ctx)
+        if outcome.stream is not None:
+            text, end, _ = await _drain(outcome)
+            return text, end.finish_reason if end else None
+        assert ctx.chat is not None and ctx.chat.completion is not None
+        return ctx.chat.completion.text, ctx.chat.completion.finish_reason
+
+    assert _run(service, calls) == ("Hello there. ", "stop")
+
+
+def test_a_stream_left_before_its_first_token_pays_for_its_prompt(tmp_path: Path) -> None:
+    class Thinking(CannedBackend):
+        """Processes its prompt for a long time before the first token (as llama.cpp does)."""
+
+        async def stream(
+            self, messages: Sequence[ChatMessage], params: GenerationParams
+        ) -> AsyncGenerator[str | StreamEnd, None]:
+            await asyncio.sleep(3600)
+            yield StreamEnd(Usage(0, 0), "stop")
+
+    service = _service_with(tmp_path, Thinking())
+
+    async def calls(s: Bastion) -> RequestContext:
+        ctx = _ctx(Route.CHAT, _key(s, "chatter"), _chat("hi", stream=True))
+        outcome = await s.handle(Route.CHAT, ctx)
+        assert outcome.stream is not None
+        first = asyncio.ensure_future(anext(outcome.stream))
+        await asyncio.sleep(0.05)
+        first.cancel()  # the client went away while the prompt was being processed
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
+        await outcome.stream.aclose()
+        return ctx
+
+    try:
+        ctx = _run(service, calls)
+    finally:
+        service.close()
+    assert ctx.chat is not None and ctx.chat.prompt_tokens > 0
+    assert ctx.chat.tokens_reserved == ctx.chat.prompt_tokens  # charged the prompt, refunded the rest
