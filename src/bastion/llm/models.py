@@ -24,6 +24,7 @@ from bastion.llm.types import ChatBackend, ProtectedPrompt
 log = logging.getLogger("bastion.llm")
 
 _MAX_PROMPT_BYTES = 64 * 1024
+CANARY_SECONDS = 300.0  # how long one canary serves a model's requests
 
 
 class ConcurrencyGate:
@@ -85,6 +86,24 @@ class ChatModel:
     guard: LeakageGuard | None  # None: no protected prompt, or unsafe_no_leakage_guard (benchmarks)
     # The words that name the prompt's secrets ("escalation code"), for prompt-extraction auditing.
     terms: ProtectedTerms | None = None
+    # The planted prompt and its canary, and until when they serve (see `system_prompt`).
+    _planted: tuple[str, str, float] | None = None
+
+    def system_prompt(self, now: float, *, fresh: bool = False) -> tuple[str | None, str]:
+        """The system message and its canary ("" without a guard).
+
+        The canary changes every `CANARY_SECONDS` (and on `fresh`, for a regeneration), not every
+        request: a canary new each request made the prompt's tail new each time, and the model
+        re-read those tokens before every answer (+127 ms to the first token at one thread, measured
+        in bench/LLM.md); one per window keeps the whole prompt in the model's cache. An attacker who
+        learns the canary gains nothing: the guard refuses any answer holding it, in any view."""
+        if self.guard is None:
+            return (self.prompt.text if self.prompt is not None else None), ""
+        planted = self._planted
+        if fresh or planted is None or now >= planted[2]:
+            text, canary = self.guard.plant_canary()
+            planted = self._planted = (text, canary, now + CANARY_SECONDS)
+        return planted[0], planted[1]
 
     @property
     def name(self) -> str:

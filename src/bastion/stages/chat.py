@@ -179,7 +179,7 @@ class ComposeChat:
         chat.messages = tuple(messages)
         # Counted with the protected prompt and a canary of the real length, as the model will see it;
         # the tokenizer may be a round trip (the local model's socket): off the event loop.
-        system = _system_prompt(model)[0]
+        system = model.system_prompt(ctx.now)[0]
         chat.prompt_tokens = await asyncio.to_thread(
             model.backend.count_tokens, _with_prompt(model, chat.messages, system)
         )
@@ -194,14 +194,6 @@ class ComposeChat:
                 f"tokens; the model's context is {model.settings.context_tokens}",
                 code=ErrorCode.CONTEXT_LENGTH_EXCEEDED,
             )
-
-
-def _system_prompt(model: ChatModel) -> tuple[str | None, str]:
-    """The system message for one request and its canary: the protected prompt with a fresh canary
-    planted by the guard; without a guard (the benchmark baseline) the prompt as written, no canary."""
-    if model.guard is not None:
-        return model.guard.plant_canary()
-    return (model.prompt.text if model.prompt is not None else None), ""
 
 
 def _with_prompt(
@@ -384,7 +376,7 @@ class Generate:
         attempts = 2 if model.settings.on_leak == "regenerate" else 1
         async with self._slot(ctx):
             for attempt in range(attempts):
-                system, canary = _system_prompt(model)
+                system, canary = model.system_prompt(ctx.now, fresh=attempt > 0)
                 completion = await model.backend.complete(
                     _with_prompt(model, chat.messages, system), self._params(chat, retry=attempt > 0)
                 )
@@ -432,7 +424,7 @@ class Generate:
         guard = model.guard
         try:
             async with self._slot(ctx):
-                system, canary = _system_prompt(model)
+                system, canary = model.system_prompt(ctx.now)
                 scanner = guard.stream(canary, revealed=self._ledger(ctx)) if guard is not None else None
                 cut = StopCutter(chat.request.stop if guard is not None else ())
                 end: StreamEnd | None = None

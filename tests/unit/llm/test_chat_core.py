@@ -788,3 +788,15 @@ def test_a_stream_left_before_its_first_token_pays_for_its_prompt(tmp_path: Path
         service.close()
     assert ctx.chat is not None and ctx.chat.prompt_tokens > 0
     assert ctx.chat.tokens_reserved == ctx.chat.prompt_tokens  # charged the prompt, refunded the rest
+
+
+def test_one_canary_serves_a_window_so_the_prompt_stays_cached(service: Bastion) -> None:
+    from bastion.llm.models import CANARY_SECONDS
+
+    model = service.chat_models["assistant"]
+    first, canary = model.system_prompt(1000.0)
+    assert first is not None and canary and canary in first and first.startswith(PROMPT.split("\n")[0])
+    assert model.system_prompt(1000.0 + CANARY_SECONDS - 1) == (first, canary)  # the same prompt: cached
+    later, other = model.system_prompt(1000.0 + CANARY_SECONDS)
+    assert other != canary and later != first
+    assert model.system_prompt(1000.0 + CANARY_SECONDS, fresh=True)[1] not in (canary, other)  # a retry
