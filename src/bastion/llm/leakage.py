@@ -394,7 +394,7 @@ class _Scan:
                     if end >= n:
                         got = reveal.get(tail[end - n : end])
                         if got is not None:
-                            self.owner.reveal(got, self.name)
+                            self.owner.reveal(got, self.name, at=tpos[end - 1])
             if end >= k:
                 ids = kgrams.get(tail[end - k : end])
                 if ids is not None:
@@ -501,6 +501,14 @@ class StreamScanner:
         self._guard = guard
         self._ledger = revealed
         self._pieces: dict[int, int] = {}  # secret id -> positions this answer revealed (bitmap)
+        # Pieces not yet in the ledger: (raw index of the piece's last character, secret id, bitmap).
+        # Written as the text holding them is released (a client that drops the stream has them).
+        self._unrecorded: list[tuple[int, int, int]] = []
+        self._defer = False  # `check`: written only if the whole answer passes (else none is sent)
+        self._wild: list[tuple[int, int, str]] = []  # "36x4": (secret id, position, digit) of each x
+        self._singles: set[str] = set()  # single-digit tokens seen ("the x is 7")
+        self._line_last: tuple[str, int] | None = None  # the last word of the line so far
+        self._line_words = False
         # Raw offset where the answer starts (after the client's prefix): nothing that ends before
         # it is a verdict, since the client wrote it.
         self.answer_start = len(prefix)
@@ -522,9 +530,12 @@ class StreamScanner:
         self._stride = [_Scan(self, guard.dec_table, dec, f"stride2@{k}", reveals=False) for k in range(2)]
         self._parity = 0
         self._indexed = _Scan(self, guard.dec_table, dec, "indexed", reveals=False)
+        # One character per row, without an index: the last word of each line when it is one
+        # character ("| digit 1 of the number | 6 |"); a line ending in a longer word breaks it.
+        self._rows = _Scan(self, guard.dec_table, dec, "rows", reveals=False)
         self._index: int | None = None  # the index the next row should carry
         self._index_miss = 0
-        self._scans = [self._compact, self._leet, self._spelled, *self._stride, self._indexed]
+        self._scans = [self._compact, self._leet, self._spelled, *self._stride, self._indexed, self._rows]
         self._scans += [d.scan for d in self._b64 + self._hex]
         # Per ordered sequence: components matched so far, and the word count at the last match.
         # The answer's compact text while all of it is a piece of a secret ("8743", "tre"): a bare
@@ -572,15 +583,20 @@ class StreamScanner:
         if share >= self._guard.overlap_threshold:
             raise LeakDetected(f"overlap/{view}", round(share, 3))
 
-    def reveal(self, got: tuple[tuple[int, int], ...], view: str, *, alone_ok: bool = False) -> None:
-        """Add secret positions this answer revealed; refuse once, with the ledger, they cover more
-        than half of a secret or all of a protected component. `alone_ok`: not when they are the
-        first and only pieces of that secret (a one-word answer "Lighthouse." is a word)."""
+    def reveal(
+        self, got: Iterable[tuple[int, int]], view: str, *, at: int, alone_ok: bool = False
+    ) -> None:
+        """Add secret positions this answer revealed (in a piece whose last character is the raw
+        index `at`); refuse once, with the ledger, they cover more than half of a secret or all of
+        a protected component. `alone_ok`: not when they are the first and only pieces of that
+        secret (a one-word answer "Lighthouse." is a word)."""
         g = self._guard
         for sid, mask in got:
             before = self._pieces.get(sid, 0)
             mine = before | mask
             self._pieces[sid] = mine
+            if mine != before:
+                self._unrecorded.append((at, sid, mask))
             prior = self._ledger.bits((g.ledger_key, sid)) if self._ledger is not None else 0
             if alone_ok and not before and not prior:
                 continue
@@ -607,7 +623,47 @@ class StreamScanner:
                     at = c.find(piece, at + 1)
             if mask:
                 got.append((sid, mask))
-        self.reveal(tuple(got), "bare", alone_ok=True)
+        self.reveal(got, "bare", at=self._raw_len - 1, alone_ok=True)
+
+    def _number_token(self, digits: str, at: int) -> None:
+        """A standalone number ("36", "thirty-six") that is a piece of 2+ digits of a protected
+        component reveals its positions; a single digit fills an "x" of an earlier "36x4"."""
+        if len(digits) == 1:
+            self._singles.add(digits)
+            self.reveal([(sid, 1 << b) for sid, b, d in self._wild if d == digits], "number", at=at)
+            return
+        got = self._guard.number_pieces.get(digits)
+        if got is not None:
+            self.reveal(got, "number", at=at)
+
+    def _wildcard(self, w: str, at: int) -> None:
+        """A number with "x" for digits left out ("36x4"), matched against every protected
+        component with digits: its digits reveal their positions, and a single digit in the same
+        answer that is the one an "x" stands for ("the x is 7") reveals that one."""
+        got = []
+        for sid, comp, off in self._guard.digit_components:
+            for i in range(len(comp) - len(w) + 1):
+                seg = comp[i : i + len(w)]
+                if all(a == b if a != "x" else b.isdigit() for a, b in zip(w, seg, strict=True)):
+                    mask = 0
+                    for k, a in enumerate(w):
+                        if a != "x":
+                            mask |= 1 << (off + i + k)
+                        else:
+                            self._wild.append((sid, off + i + k, seg[k]))
+                            if seg[k] in self._singles:
+                                mask |= 1 << (off + i + k)
+                    got.append((sid, mask))
+        self.reveal(got, "number", at=at)
+
+    def _end_line(self) -> None:
+        """The `rows` view at the end of a line: its last word if one character, else a break."""
+        last, self._line_last = self._line_last, None
+        if last is not None and len(last[0]) == 1:
+            self._rows.push(last[0], [last[1]])
+        elif self._line_words:
+            self._rows.reset()
+        self._line_words = False
 
     def _ordered(self, w: str, p: int) -> None:
         """All of a secret's components as words, in order (or reversed order), at most
@@ -693,10 +749,25 @@ class StreamScanner:
             self._num = None
             digits = str(total + cur)
             self._spelled.push(digits, [start] * len(digits))
+            if start >= self.answer_start:
+                self._number_token(digits, start)
 
     def _word_done(self, w: str, p: int) -> None:
         self._ordered(w, p)
         self._index_word(w, p)
+        self._line_last, self._line_words = (w, p), True
+        if p >= self.answer_start:  # the client's prefix reveals nothing: it wrote it
+            end = self._word_chars[-1] if len(self._word_chars) == len(w) else p
+            if w.isdigit():
+                self._number_token(w, end)
+            elif (
+                len(w) >= 3
+                and not w.startswith("0x")
+                and "x" in w
+                and sum(ch.isdigit() for ch in w) >= 2
+                and all(ch.isdigit() or ch == "x" for ch in w)
+            ):
+                self._wildcard(w, end)
         if w not in _STOPWORDS and p >= self.answer_start:
             fwd, rev, rev_chars = self._lcs
             fwd.push(w)
@@ -773,6 +844,7 @@ class StreamScanner:
                 self._word_done("".join(self._word), self._word_pos)
                 self._word, self._word_chars = [], []
             self._flush_number()
+            self._end_line()
             self._bare_piece()
             if self._hex_zero is not None:
                 for d in self._hex:
@@ -784,16 +856,23 @@ class StreamScanner:
             self._failed = e
             self._held = ""
             raise
-        if self._ledger is not None:  # only an answer that passed adds to the ledger
-            for sid, mask in self._pieces.items():
-                self._ledger.add((self._guard.ledger_key, sid), mask)
-            self._pieces = {}
+        self._defer = False  # `check`: the whole answer passed and is sent
         return self._release(self._raw_len)
 
     def _release(self, upto: int) -> str:
+        """The held text up to raw index `upto`; the pieces in it are written to the ledger now,
+        since what leaves the server is revealed whatever happens to the stream afterwards."""
         n = max(0, upto - self._held_base)
         out, self._held = self._held[:n], self._held[n:]
         self._held_base += n
+        if self._ledger is not None and not self._defer and self._unrecorded:
+            sent, keep = self._held_base, []
+            for at, sid, mask in self._unrecorded:
+                if at < sent:
+                    self._ledger.add((self._guard.ledger_key, sid), mask)
+                else:
+                    keep.append((at, sid, mask))
+            self._unrecorded = keep
         return out
 
     def _hold_point(self) -> int:
@@ -802,6 +881,8 @@ class StreamScanner:
             if s.hold is not None and s.hold < point:
                 point = s.hold
         pending = [self._word_pos if self._word else None, self._hex_zero]
+        if self._line_last is not None and len(self._line_last[0]) == 1:
+            pending.append(self._line_last[1])  # may be a row's character: held to the line's end
         if self._bare:
             pending.append(self.answer_start)
         if self._num is not None:
@@ -843,10 +924,13 @@ class StreamScanner:
                     self._word_pos = p
                 self._word.append(c)
                 self._word_chars.append(p)
-            elif self._word:
-                w = "".join(self._word)
-                self._word_done(w, self._word_pos)
-                self._word, self._word_chars = [], []
+            else:
+                if self._word:
+                    w = "".join(self._word)
+                    self._word_done(w, self._word_pos)
+                    self._word, self._word_chars = [], []
+                if c == "\n":
+                    self._end_line()
 
         # base64 from the raw characters (it is case-sensitive)
         b64 = [(c, base + i) for i, c in enumerate(delta) if c in _B64_CHARS]
@@ -935,6 +1019,10 @@ class LeakageGuard:
         self.bare_targets: list[str] = []  # each secret's separator-free form, for bare answers
         self.protected_masks: list[tuple[int, ...]] = []
         self.ordered: list[tuple[str, ...]] = []
+        # Standalone number tokens of 2+ digits that are a piece of a protected component with
+        # digits -> ((secret id, bitmap of its positions), ...); and those components, for "36x4".
+        self.number_pieces: dict[str, tuple[tuple[int, int], ...]] = {}
+        self.digit_components: list[tuple[int, str, int]] = []  # (secret id, component, offset)
         fragments: set[str] = set()
         components: set[str] = set()
         units: list[tuple[str, int, int]] = []  # (piece, secret id, bitmap of its positions)
@@ -1012,6 +1100,17 @@ class LeakageGuard:
                 masks.append(((1 << len(w)) - 1) << o)
                 units += [(w[i : i + 3], sid, 0b111 << (o + i)) for i in range(len(w) - 2)]
         self.protected_masks.append(tuple(masks))
+        for w, o, pr in zip(parts, offs, prot, strict=True):
+            if pr and any(ch.isdigit() for ch in w):
+                self.digit_components.append((sid, w, o))
+                # Number tokens ("36", "thirty-six") of 2+ digits inside it, at every occurrence.
+                for i in range(len(w) - 1):
+                    for j in range(i + 2, len(w) + 1):
+                        if not w[i:j].isdigit():
+                            break
+                        old = dict(self.number_pieces.get(w[i:j], ()))
+                        old[sid] = old.get(sid, 0) | ((1 << (j - i)) - 1) << (o + i)
+                        self.number_pieces[w[i:j]] = tuple(old.items())
         for j in range(len(parts) - 1):
             a, b, o = parts[j], parts[j + 1], offs[j + 1]
             if a in _STOPWORDS or b in _STOPWORDS:
@@ -1054,6 +1153,7 @@ class LeakageGuard:
         `revealed` and `prefix` as for `stream`; on None the answer's pieces are added to `revealed`.
         """
         scanner = self.stream(canary, revealed=revealed, prefix=prefix)
+        scanner._defer = True  # nothing of a refused whole answer is sent: no piece is counted
         scanner.feed(text)
         scanner.finish()
 
