@@ -32,11 +32,19 @@ Detectors (`LeakDetected.detector` is "<detector>/<view>", for the audit record 
   two protected ones), shorter than `m`; or a whole answer that is a piece of a secret of 3+
   characters ("8743", "tre": an answer cut by `stop` sequences), all its occurrences counted, but
   not refused on its own when it is the principal's first piece of that secret (a one-word answer
-  "Lighthouse." is a word). A benign principal's ledger does not fill: a plain word, an ordinary
+  "Lighthouse." is a word); or a standalone number token, digits or number words ("36",
+  "thirty-six", with prose around it), of 2+ digits inside a protected component with digits,
+  counted at every position it occurs there; a number with "x" for left-out digits ("36x4")
+  counts its digits, and a single-digit token in the same answer that is the digit an "x" stands
+  for ("the x is 7") counts that one. A benign principal's ledger does not fill: a plain word, an ordinary
   trigram ("est"), a year, "of the" count for nothing; only digits of a code, a run binding two
   words of the secret, or a bare piece do (measured: the benign set, 220 requests by one principal
   per prompt, adds no refusal). With `prefix` (a prefill the answer continues), a piece that starts
   in the prefix and ends in the answer counts whole: "KESTREL-87" + "4" is "l874".
+  The ledger is written as text is released (`feed`, `finish`): a piece counts once the text
+  holding it has left the scanner, whatever happens to the stream afterwards (a client that drops
+  it, a later refusal). `check` writes only when the whole answer passes: a refused whole answer is
+  never sent.
 - `overlap`: the share of the prompt's distinct `kgram_chars`-character grams (on the
   separator-free view: word n-grams that survive `|` between letters) found in the answer, in any
   view, direction or Caesar shift, united: >= `overlap_threshold`.
@@ -66,7 +74,9 @@ character, not a rescan):
   gives) breaks it.
 - `stride2@k` (k = 0, 1): every other character of the compact view ("KxExSxTx", "%4B%45"), and
   `indexed`: the words with a running index stripped from their start ("| 0 | K |", "0K 1E 2S",
-  "1. K"). Filler views: matched forwards and reversed only (no Caesar, no leet) and not counted
+  "1. K"); `rows`: the last word of each line when it is one character (a table or list with one
+  character per row, labels before it: "| digit 1 of the number | 6 |"), a line ending in a longer
+  word a break. Filler views: matched forwards and reversed only (no Caesar, no leet) and not counted
   toward the ledger, so that their noise refuses nothing (measured: 0 benign refusals).
 
 Streaming hold-back, and why it is safe. Before any character is released, every view of all the
@@ -81,7 +91,8 @@ byte of the leaking occurrence sent. The hold-back is therefore bounded by the l
 than `m`), plus one pending unit (a word not yet ended, 4 base64 or 2 hex characters per decoded
 character, a number phrase not yet ended: at most "nine thousand nine hundred ninety-nine"); in
 the spelled view a held prefix may be followed by up to three words that spell nothing before the
-view breaks. One more: while the whole answer so far is a piece of a secret (a bare piece), all of
+view breaks. A one-character word that ends a line so far is held to the line's end (the `rows`
+view reads it there). One more: while the whole answer so far is a piece of a secret (a bare piece), all of
 it is held, that is at most the longest secret's characters and the separators between them. In raw characters it is
 as long as the separators the model writes between them; for ordinary prose it is a few characters.
 The overlap and Rouge-L detectors need no hold-back: what was released had, when released, less
@@ -92,7 +103,9 @@ paraphrase below the thresholds, encodings chained (base64 of base64, hex of bas
 not listed here (decimal/octal character codes, binary, Morse, base32/85, utf-16 hex, \\u and
 &# escapes, letter positions A=1), ciphers of the digits (digit+1, Caesar on digits), pig latin,
 and a secret's plain words taken one per answer with prose around each (no prefix, not bare):
-such a word is not attributable to the secret. The ledger is per principal only: principals that
+such a word is not attributable to the secret; single digits with prose between them, 4+ words
+apart ("first digit six, and the second digit eight, ..."), and placeholders other than "x"
+("36?4" counts "36" only). The ledger is per principal only: principals that
 collude are not summed.
 """
 
@@ -1139,8 +1152,9 @@ class LeakageGuard:
     def stream(self, canary: str, *, revealed: Revealed | None = None, prefix: str = "") -> StreamScanner:
         """A scanner for one streamed answer to a request that was sent `canary`.
 
-        `revealed`: the principal's ledger (see `Revealed`); read while the answer streams, added
-        to only when `finish()` returns (a refused answer adds nothing). `prefix`: text the answer
+        `revealed`: the principal's ledger (see `Revealed`); read while the answer streams, and
+        added to as text is released by `feed`/`finish`: the pieces in released text count even if
+        the stream is then dropped (`finish()` never called) or refused. `prefix`: text the answer
         continues, i.e. a final assistant message the client sent (a prefill); it is read by every
         view so that a piece the answer completes is seen whole, but never released, and no match
         that ends inside it is a verdict (the client wrote it: refusing would be a guessing oracle).
@@ -1150,7 +1164,8 @@ class LeakageGuard:
     def check(self, text: str, canary: str, *, revealed: Revealed | None = None, prefix: str = "") -> None:
         """Return None if `text` (a whole answer) leaks nothing, else raise `LeakDetected`.
 
-        `revealed` and `prefix` as for `stream`; on None the answer's pieces are added to `revealed`.
+        `revealed` and `prefix` as for `stream`, except that the answer's pieces are added to
+        `revealed` only when it passes (a refused whole answer is withheld whole).
         """
         scanner = self.stream(canary, revealed=revealed, prefix=prefix)
         scanner._defer = True  # nothing of a refused whole answer is sent: no piece is counted
