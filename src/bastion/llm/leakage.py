@@ -122,6 +122,7 @@ from collections.abc import Callable, Iterable
 from functools import lru_cache
 
 from bastion.errors import BastionError, ConfigError, ErrorCode
+from bastion.llm.intent import ProtectedTerms, _stem
 from bastion.llm.types import ProtectedPrompt
 
 __all__ = ["LeakDetected", "LeakageGuard", "Revealed", "StreamScanner"]
@@ -281,6 +282,18 @@ def _words(text: str) -> list[str]:
 # Words allowed between two components of a secret read in order ("first X, and then Y").
 _ORDER_GAP = 8
 
+# Anchoring of ledger pieces (see `StreamScanner._resolve`): a piece counts when it starts within
+# the answer's first `_LEAD_WORDS` words, or one of the `_ANCHOR_GAP` words before it names a
+# secret or a position in one, or another piece of the same secret ends within those words.
+_LEAD_WORDS = 8
+_ANCHOR_GAP = 4
+_RECENT_WORDS = 32  # words (and pieces) kept for that look-back
+# Words that point into a code whatever the prompt calls it ("the first two digits are", "it ends").
+_POSITION_WORDS = str.split(
+    "digit digits number numbers character characters half middle part piece starts begins beginning "
+    "ends ending followed position"
+)
+
 # --- the tables a guard builds once per prompt --------------------------------------------------
 
 
@@ -407,7 +420,7 @@ class _Scan:
                     if end >= n:
                         got = reveal.get(tail[end - n : end])
                         if got is not None:
-                            self.owner.reveal(got, self.name, at=tpos[end - 1])
+                            self.owner.candidate(got, self.name, start=tpos[end - n], at=tpos[end - 1])
             if end >= k:
                 ids = kgrams.get(tail[end - k : end])
                 if ids is not None:
@@ -520,6 +533,15 @@ class StreamScanner:
         self._defer = False  # `check`: written only if the whole answer passes (else none is sent)
         self._wild: list[tuple[int, int, str]] = []  # "36x4": (secret id, position, digit) of each x
         self._singles: set[str] = set()  # single-digit tokens seen ("the x is 7")
+        # Anchoring of ledger pieces (`_resolve`): pieces found but not yet decided, the last words
+        # (start, end, stem, index in the answer or -1 in the prefix), the pieces seen (anchored or not).
+        self._candidates: list[tuple[int, int, tuple[tuple[int, int], ...], str]] = []
+        self._recent: list[tuple[int, int, str, int]] = []
+        self._answer_words = 0
+        self._rec: list[str] = []  # the word being read for `_recent`, its start and last position
+        self._rec_pos = self._rec_end = 0
+        self._spots: list[tuple[int, int, int, int]] = []  # (secret id, start, end, bitmap)
+        self._short: list[tuple[int, int, int, int, str]] = []  # (start, end, secret id, bitmap, view)
         self._line_last: tuple[str, int] | None = None  # the last word of the line so far
         self._line_words = False
         # Raw offset where the answer starts (after the client's prefix): nothing that ends before
@@ -620,6 +642,74 @@ class StreamScanner:
             if share > 0.5 or any(total & pm == pm for pm in g.protected_masks[sid]):
                 raise LeakDetected("secret/cumulative", round(share, 3))
 
+    def candidate(self, got: Iterable[tuple[int, int]], view: str, *, start: int, at: int) -> None:
+        """A piece found by a view or a number token (raw characters `start`..`at`): counted (by
+        `reveal`) once the words before it are known, and only if it is anchored (`_resolve`)."""
+        self._candidates.append((start, at, tuple(got), view))
+        self._resolve()
+
+    def _resolve(self) -> None:
+        """Decide the pieces found in the text processed so far: every word that ends before a
+        piece starts has been read by now (the views run ahead of the word loop within a delta).
+
+        Anchored, and so counted: (1) the piece starts within the answer's first `_LEAD_WORDS`
+        words (a bare or nearly bare answer: "36", "It ends 74."); (2) one of the `_ANCHOR_GAP`
+        words before it names a secret (`LeakageGuard.anchor_stems`); (3) another piece of the same
+        secret ends within those words and the two join into a longer run of it ("36 74" of "3674"),
+        which is then counted too. Otherwise it is a
+        coincidence of the model's own prose ("for 36 months", "error 404"): not counted."""
+        if not self._candidates:
+            return
+        todo = sorted(self._candidates)
+        self._candidates = []
+        stems = self._guard.anchor_stems
+        short = self._answer_words <= _LEAD_WORDS
+        for start, at, got, view in todo:
+            before = [r for r in self._recent if r[1] < start][-_ANCHOR_GAP:]
+            named = any(r[2] in stems for r in before)
+            since = before[0][0] if len(before) == _ANCHOR_GAP else -1
+            out: list[tuple[int, int]] = []
+            for sid, mask in got:
+                near = [
+                    (a, m)
+                    for s, b, a, m in self._spots
+                    if s == sid and since <= a < start and _continues(m, mask)
+                ]
+                self._spots.append((sid, start, at, mask))
+                if named:
+                    out.append((sid, mask))
+                elif near:
+                    for a, m in near:  # the earlier piece was a coincidence alone, not beside this one
+                        self.reveal([(sid, m)], view, at=a)
+                    out.append((sid, mask))
+                elif short:  # counted if the answer ends short (held until it does or grows)
+                    self._short.append((start, at, sid, mask, view))
+            del self._spots[: max(0, len(self._spots) - _RECENT_WORDS)]
+            if out:
+                self.reveal(out, view, at=at)
+
+    def _settle_short(self, *, ended: bool) -> None:
+        """The pieces of an answer that was short when they came: counted if it ended within
+        `_LEAD_WORDS` words (a bare or nearly bare answer), forgotten once it grew past them."""
+        if not self._short or not (ended or self._answer_words > _LEAD_WORDS):
+            return
+        todo, self._short = self._short, []
+        if ended and self._answer_words <= _LEAD_WORDS:
+            for _, at, sid, mask, view in todo:
+                self.reveal([(sid, mask)], view, at=at)
+
+    def _record_word(self) -> None:
+        """Keep the word just ended (its start, end, stem and index in the answer) for `_resolve`."""
+        p = self._rec_pos
+        idx = -1
+        if p >= self.answer_start:
+            idx, self._answer_words = self._answer_words, self._answer_words + 1
+        self._recent.append((p, self._rec_end, _stem("".join(self._rec)), idx))
+        self._settle_short(ended=False)
+        if len(self._recent) > _RECENT_WORDS:
+            del self._recent[0]
+        self._rec = []
+
     def _bare_piece(self) -> None:
         """A whole answer that is a piece of a secret (3 characters or more) reveals its positions,
         wherever they are in the secret, forwards or reversed."""
@@ -638,18 +728,19 @@ class StreamScanner:
                 got.append((sid, mask))
         self.reveal(got, "bare", at=self._raw_len - 1, alone_ok=True)
 
-    def _number_token(self, digits: str, at: int) -> None:
+    def _number_token(self, digits: str, start: int, at: int) -> None:
         """A standalone number ("36", "thirty-six") that is a piece of 2+ digits of a protected
         component reveals its positions; a single digit fills an "x" of an earlier "36x4"."""
         if len(digits) == 1:
             self._singles.add(digits)
-            self.reveal([(sid, 1 << b) for sid, b, d in self._wild if d == digits], "number", at=at)
+            got1 = [(sid, 1 << b) for sid, b, d in self._wild if d == digits]
+            self.candidate(got1, "number", start=start, at=at)
             return
         got = self._guard.number_pieces.get(digits)
         if got is not None:
-            self.reveal(got, "number", at=at)
+            self.candidate(got, "number", start=start, at=at)
 
-    def _wildcard(self, w: str, at: int) -> None:
+    def _wildcard(self, w: str, start: int, at: int) -> None:
         """A number with "x" for digits left out ("36x4"), matched against every protected
         component with digits: its digits reveal their positions, and a single digit in the same
         answer that is the one an "x" stands for ("the x is 7") reveals that one."""
@@ -667,7 +758,7 @@ class StreamScanner:
                             if seg[k] in self._singles:
                                 mask |= 1 << (off + i + k)
                     got.append((sid, mask))
-        self.reveal(got, "number", at=at)
+        self.candidate(got, "number", start=start, at=at)
 
     def _end_line(self) -> None:
         """The `rows` view at the end of a line: its last word if one character, else a break."""
@@ -763,16 +854,16 @@ class StreamScanner:
             digits = str(total + cur)
             self._spelled.push(digits, [start] * len(digits))
             if start >= self.answer_start:
-                self._number_token(digits, start)
+                self._number_token(digits, start, start)
 
     def _word_done(self, w: str, p: int) -> None:
+        end = self._word_chars[-1] if len(self._word_chars) == len(w) else p
         self._ordered(w, p)
         self._index_word(w, p)
         self._line_last, self._line_words = (w, p), True
         if p >= self.answer_start:  # the client's prefix reveals nothing: it wrote it
-            end = self._word_chars[-1] if len(self._word_chars) == len(w) else p
             if w.isdigit():
-                self._number_token(w, end)
+                self._number_token(w, p, end)
             elif (
                 len(w) >= 3
                 and not w.startswith("0x")
@@ -780,7 +871,7 @@ class StreamScanner:
                 and sum(ch.isdigit() for ch in w) >= 2
                 and all(ch.isdigit() or ch == "x" for ch in w)
             ):
-                self._wildcard(w, end)
+                self._wildcard(w, p, end)
         if w not in _STOPWORDS and p >= self.answer_start:
             fwd, rev, rev_chars = self._lcs
             fwd.push(w)
@@ -853,6 +944,8 @@ class StreamScanner:
         if self._failed is not None:
             raise self._failed
         try:
+            if self._rec:
+                self._record_word()
             if self._word:
                 self._word_done("".join(self._word), self._word_pos)
                 self._word, self._word_chars = [], []
@@ -865,6 +958,8 @@ class StreamScanner:
                 self._hex_zero = None
             for d in self._b64 + self._hex:
                 d.flush()
+            self._resolve()
+            self._settle_short(ended=True)
         except LeakDetected as e:
             self._failed = e
             self._held = ""
@@ -898,6 +993,8 @@ class StreamScanner:
             pending.append(self._line_last[1])  # may be a row's character: held to the line's end
         if self._bare:
             pending.append(self.answer_start)
+        if self._short:  # a piece in a short answer: held until the answer ends or grows
+            pending.append(self._short[0][0])
         if self._num is not None:
             pending.append(self._num[3])
         pending += [d.pending for d in self._b64 + self._hex]
@@ -911,6 +1008,17 @@ class StreamScanner:
         self._raw_len += len(delta)
         self._held += delta
         norm, npos = _normalise(delta, base)
+
+        # The words' stems and places first: a ledger piece any view finds is decided on the words
+        # before it (`_resolve`), so they must be known before the views run.
+        for c, p in zip(norm, npos, strict=True):
+            if c in _ALNUM:
+                if not self._rec:
+                    self._rec_pos = p
+                self._rec.append(c)
+                self._rec_end = p
+            elif self._rec:
+                self._record_word()
 
         # compact and leet
         comp = [(c, p) for c, p in zip(norm, npos, strict=True) if c in _ALNUM]
@@ -972,6 +1080,7 @@ class StreamScanner:
             chars = "".join(hx_c)
             for d in self._hex:
                 d.push(chars, hx_p)
+        self._resolve()
 
 
 class LeakageGuard:
@@ -1025,6 +1134,15 @@ class LeakageGuard:
         words = [w for w in _words(prompt.text) if w not in _STOPWORDS]
         self.content_words = words
         self.content_word_count = max(1, len(words))
+
+        # Words that anchor a ledger piece (`StreamScanner._resolve`), as stems: the prompt's names
+        # for its secrets ("vault override code", "settlement account"), position words, and the
+        # secrets' own plain words ("granite" before "36").
+        plain = {w for s in prompt.secrets for w in _words(s) if not _protected(w) and w not in _STOPWORDS}
+        # Of a phrase, the words before its head ("vault override", "settlement"): the head ("code",
+        # "account") is an everyday word of a bank's answers; a one-word phrase is its own name.
+        named = {w for ph in ProtectedTerms.from_prompt(prompt).phrases for w in (ph[:-1] or ph)}
+        self.anchor_stems = frozenset(named | {_stem(w) for w in (*_POSITION_WORDS, *plain)})
 
         # The ledger's key: the prompt's digest and the secret's index, never the secret's text.
         self.ledger_key = prompt.digest
@@ -1171,6 +1289,15 @@ class LeakageGuard:
         scanner._defer = True  # nothing of a refused whole answer is sent: no piece is counted
         scanner.feed(text)
         scanner.finish()
+
+
+def _continues(a: int, b: int) -> bool:
+    """Whether two pieces' positions (bitmaps) are disjoint and join into one run of the secret:
+    "36" then "74" of "3674"; not "00" twice, "00" beside an unrelated "17", nor two overlapping
+    reads of one run of digits ("12:00 PM - 1:00" read as "1200100")."""
+    u = a | b
+    run = u >> ((u & -u).bit_length() - 1)
+    return a & b == 0 and run & (run + 1) == 0
 
 
 def _protected(w: str) -> bool:
