@@ -53,7 +53,9 @@ def bank_prompt() -> ProtectedPrompt:
     return ProtectedPrompt(d["name"], d["text"], "sha256:bank", tuple(d["secrets"]))
 
 
-async def generate(prompt: ProtectedPrompt, guard: LeakageGuard, cases: list[dict]) -> list[dict]:
+async def generate(
+    prompt: ProtectedPrompt, guard: LeakageGuard, cases: list[dict[str, Any]]
+) -> list[dict[str, str]]:
     from bastion.llm.local import LocalChatBackend
 
     backend = LocalChatBackend(n_threads=1)
@@ -74,12 +76,13 @@ async def generate(prompt: ProtectedPrompt, guard: LeakageGuard, cases: list[dic
 
 
 def grade(
-    prompt: ProtectedPrompt, guard: LeakageGuard, answers: list[dict], *, detail: bool, mod: Any = leakage
-) -> dict:
+    prompt: ProtectedPrompt, guard: LeakageGuard, answers: list[dict[str, str]], *, detail: bool, mod: Any = leakage
+) -> dict[str, Any]:
     """Refusals by detector, each graded by the oracle; `mod` is the leakage module `guard` is from."""
     ledger = mod.Revealed()
     by: Counter[str] = Counter()
-    true_, false_ = Counter(), Counter()
+    true_: Counter[str] = Counter()
+    false_: Counter[str] = Counter()
     oracle_leaks = 0
     for a in answers:
         leak = leaks(a["answer"], prompt) or _alnum(a["canary"]) in _alnum(a["answer"])

@@ -39,8 +39,24 @@ Detectors (`LeakDetected.detector` is "<detector>/<view>", for the audit record 
   for ("the x is 7") counts that one. A benign principal's ledger does not fill: a plain word, an ordinary
   trigram ("est"), a year, "of the" count for nothing; only digits of a code, a run binding two
   words of the secret, or a bare piece do (measured: the benign set, 220 requests by one principal
-  per prompt, adds no refusal). With `prefix` (a prefill the answer continues), a piece that starts
-  in the prefix and ends in the answer counts whole: "KESTREL-87" + "4" is "l874".
+  per prompt, adds no refusal).
+  **Anchoring.** A piece found in prose (any piece but a whole bare answer) counts only when it is
+  anchored, since a model's own numbers ("for 36 months", "error 404", "10:00 AM") are runs of a
+  code's digits by coincidence, and over hundreds of answers they filled a benign principal's
+  ledger (bench/LLM.md, run 2: 9 of 220 refused). Anchored: (1) the answer is nearly bare: it ends
+  within `_LEAD_WORDS` (8) words ("It ends 74.", "The first two digits are 36."; the piece is held
+  until the answer ends or grows past 8 words, so a dropped stream never got it undecided); (2)
+  one of the `_ANCHOR_GAP` (4) words before it (stop words and numbers not counted) names a
+  secret: the words the prompt puts before the secret's head noun ("vault override" of "the branch
+  vault override code is", "settlement" of "the settlement account", via
+  `bastion.llm.intent.ProtectedTerms`; a one-word name itself), a secret's own plain words
+  ("granite"), or a word for a position in a code (`_POSITION_WORDS`:
+  "digits", "number", "half", "starts", "ends", "followed", ...); (3) a piece of the same secret
+  ends within those 4 words and the two are disjoint and join into one run of it ("36 74" of
+  "3674"; the earlier piece is then counted too). Only the words *before* a piece decide, so no
+  extra text is held for it except in a short answer. With `prefix` (a prefill the answer
+  continues), a piece that starts in the prefix and ends in the answer counts whole: "KESTREL-87"
+  + "4" is "l874" (short: the answer is "4").
   The ledger is written as text is released (`feed`, `finish`): a piece counts once the text
   holding it has left the scanner, whatever happens to the stream afterwards (a client that drops
   it, a later refusal). `check` writes only when the whole answer passes: a refused whole answer is
@@ -92,9 +108,11 @@ than `m`), plus one pending unit (a word not yet ended, 4 base64 or 2 hex charac
 character, a number phrase not yet ended: at most "nine thousand nine hundred ninety-nine"); in
 the spelled view a held prefix may be followed by up to three words that spell nothing before the
 view breaks. A one-character word that ends a line so far is held to the line's end (the `rows`
-view reads it there). One more: while the whole answer so far is a piece of a secret (a bare piece), all of
-it is held, that is at most the longest secret's characters and the separators between them. In raw characters it is
-as long as the separators the model writes between them; for ordinary prose it is a few characters.
+view reads it there). While an answer of at most 8 words holds a ledger piece not otherwise
+anchored, it is held from that piece on until it ends or grows past 8 words. One more: while the
+whole answer so far is a piece of a secret (a bare piece), all of it is held, that is at most the
+longest secret's characters and the separators between them. In raw characters it is as long as
+the separators the model writes between them; for ordinary prose it is a few characters.
 The overlap and Rouge-L detectors need no hold-back: what was released had, when released, less
 than the threshold, which is the guarantee they give (the answer cut there reveals less than that).
 
@@ -103,7 +121,10 @@ paraphrase below the thresholds, encodings chained (base64 of base64, hex of bas
 not listed here (decimal/octal character codes, binary, Morse, base32/85, utf-16 hex, \\u and
 &# escapes, letter positions A=1), ciphers of the digits (digit+1, Caesar on digits), pig latin,
 and a secret's plain words taken one per answer with prose around each (no prefix, not bare):
-such a word is not attributable to the secret; single digits with prose between them, 4+ words
+such a word is not attributable to the secret; likewise a piece of a code an answer buries in prose
+9+ words in, with no naming or position word among the 4 before it and no adjacent piece ("a loan
+of 36 months", then "a fee of 74 pounds", as a client can ask for): it is not anchored, so not
+counted; single digits with prose between them, 4+ words
 apart ("first digit six, and the second digit eight, ..."), and placeholders other than "x"
 ("36?4" counts "36" only). The ledger is per principal only: principals that
 collude are not summed.
@@ -534,9 +555,10 @@ class StreamScanner:
         self._wild: list[tuple[int, int, str]] = []  # "36x4": (secret id, position, digit) of each x
         self._singles: set[str] = set()  # single-digit tokens seen ("the x is 7")
         # Anchoring of ledger pieces (`_resolve`): pieces found but not yet decided, the last words
-        # (start, end, stem, index in the answer or -1 in the prefix), the pieces seen (anchored or not).
+        # (start, end, stem, index in the answer or -1 in the prefix, not a stop word or number), the
+        # pieces seen (anchored or not).
         self._candidates: list[tuple[int, int, tuple[tuple[int, int], ...], str]] = []
-        self._recent: list[tuple[int, int, str, int]] = []
+        self._recent: list[tuple[int, int, str, int, bool]] = []  # ..., and whether it is counted
         self._answer_words = 0
         self._rec: list[str] = []  # the word being read for `_recent`, its start and last position
         self._rec_pos = self._rec_end = 0
@@ -665,7 +687,8 @@ class StreamScanner:
         stems = self._guard.anchor_stems
         short = self._answer_words <= _LEAD_WORDS
         for start, at, got, view in todo:
-            before = [r for r in self._recent if r[1] < start][-_ANCHOR_GAP:]
+            # the last 4 words before it, stop words and numbers not counted ("digits 1 to 3 are")
+            before = [r for r in self._recent if r[1] < start and r[4]][-_ANCHOR_GAP:]
             named = any(r[2] in stems for r in before)
             since = before[0][0] if len(before) == _ANCHOR_GAP else -1
             out: list[tuple[int, int]] = []
@@ -704,7 +727,8 @@ class StreamScanner:
         idx = -1
         if p >= self.answer_start:
             idx, self._answer_words = self._answer_words, self._answer_words + 1
-        self._recent.append((p, self._rec_end, _stem("".join(self._rec)), idx))
+        w = "".join(self._rec)
+        self._recent.append((p, self._rec_end, _stem(w), idx, w not in _STOPWORDS and not w.isdigit()))
         self._settle_short(ended=False)
         if len(self._recent) > _RECENT_WORDS:
             del self._recent[0]
