@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/llm_benign_real.py --save /tmp/benign_real.json    # generate, then grade
     .venv/bin/python bench/llm_benign_real.py --replay /tmp/benign_real.json  # grade saved answers
+    .venv/bin/python bench/llm_benign_real.py --replay /tmp/a.json /tmp/b.json  # two passes, one ledger
     git show REV:src/bastion/llm/leakage.py > /tmp/old.py    # grade them with another version
     .venv/bin/python bench/llm_benign_real.py --replay /tmp/benign_real.json --leakage-py /tmp/old.py
 
@@ -116,7 +117,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     g = ap.add_mutually_exclusive_group(required=True)
     g.add_argument("--save", type=Path, help="generate with the model and save the answers here")
-    g.add_argument("--replay", type=Path, help="grade answers saved by --save")
+    g.add_argument("--replay", type=Path, nargs="+", help="grade answers saved by --save (several: in turn)")
     ap.add_argument("--detail", action="store_true", help="print each refused answer")
     ap.add_argument("--leakage-py", type=Path, help="grade with this copy of bastion/llm/leakage.py")
     args = ap.parse_args()
@@ -135,7 +136,7 @@ def main() -> None:
         args.save.write_text(json.dumps(answers))
         print(f"generated {len(answers)} answers in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     else:
-        answers = json.loads(args.replay.read_text())
+        answers = [a for path in args.replay for a in json.loads(path.read_text())]
     r = grade(prompt, guard, answers, detail=args.detail, mod=mod)
     n = r["requests"]
     print(
