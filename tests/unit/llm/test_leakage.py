@@ -203,7 +203,11 @@ def test_short_secrets_are_caught_where_a_5_gram_filter_is_not() -> None:
 
 
 def test_the_canary_is_fresh_short_and_caught() -> None:
-    guard = GUARDS["bank"]
+    # Seeded: a random canary may, once in dozens of runs, hold a Caesar-shifted piece of the bank's
+    # IBAN ("44po" reads as its "DE44"), and then the secret detector, not the canary's, answers.
+    import random
+
+    guard = LeakageGuard(PROMPTS_BY_NAME["bank"], random_choice=random.Random(20261130).choice)
     texts_canaries = [guard.plant_canary() for _ in range(50)]
     canaries = {c for _, c in texts_canaries}
     assert len(canaries) == 50
