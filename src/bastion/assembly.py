@@ -168,8 +168,8 @@ def build_pipelines(
             limit,  # 3. rate limit and daily quota; 429
             on_model(Action.INFER),  # 4. model exists (404) and is granted (403)
             isolated,  # 4b. a model isolated by query auditing answers nobody; 503
-            measured,  # 4c. containment in force: throttled (429), degraded or rerouted
             decode,  # 5. body size (413) and well-formed V2 JSON (400)
+            measured,  # 5b. containment in force: throttled in rows (429), degraded or rerouted
             guard,  # 6. manifest schema, out-of-distribution screen; 422/413/403
             watch,  # 7. query auditing: extraction suspected -> incident, key quarantined; 403
             Infer(),  # 8. the runtime
@@ -184,8 +184,8 @@ def build_pipelines(
             limit,
             on_model(Action.AGGREGATE),
             isolated,
-            measured,
             AggregateSource(limits.max_body_bytes),
+            measured,
             guard,
             watch,
             Infer(),

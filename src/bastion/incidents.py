@@ -256,8 +256,11 @@ class IncidentStore:
         if not checked:
             raise BadRequest("an empty note", code=ErrorCode.MALFORMED_REQUEST)
         with self._lock:
-            if self._conn.execute("SELECT 1 FROM incidents WHERE id = ?", (incident_id,)).fetchone() is None:
+            row = self._conn.execute("SELECT state FROM incidents WHERE id = ?", (incident_id,)).fetchone()
+            if row is None:
                 raise NotFound(f"no incident {incident_id}", code=ErrorCode.INCIDENT_NOT_FOUND)
+            if row[0] == IncidentState.CLOSED:  # the archived record does not change after closure
+                raise BadRequest(f"incident {incident_id} is closed", code=ErrorCode.INVALID_TRANSITION)
             self._conn.execute("UPDATE incidents SET updated_at = ? WHERE id = ?", (now, incident_id))
             self._event(incident_id, now, actor, "note", None, None, checked)
         return self.get(incident_id)
@@ -337,9 +340,16 @@ def export_markdown(incident: Incident, audit_seqs: dict[str, int] | None = None
     lines += ["", "## Timeline", "", "| when | who | what | note |", "|---|---|---|---|"]
     for e in incident.events:
         what = e.action if e.to_state is None else f"{e.action}: {e.from_state or '-'} -> {e.to_state}"
-        note = (e.note or "").replace("|", "\\|").replace("\n", " ")
+        note = _markdown_cell(e.note or "")
         lines.append(f"| {_iso(e.at)} | {e.actor} | {what} | {note} |")
     return "\n".join(lines) + "\n"
+
+
+def _markdown_cell(text: str) -> str:
+    """An operator's text as one table cell that renders as text: HTML escaped (a renderer with HTML
+    on must not run a note), backslashes before pipes, one line."""
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
 def _iso(ts: float) -> str:

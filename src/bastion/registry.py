@@ -141,6 +141,13 @@ class ModelRegistry:
         if manifest.version in self._models.get(manifest.name, {}):
             raise ModelLoadError(f"{ref.path}: {manifest.name} version {manifest.version} is already served")
         screen = monitor = None
+        if reference is None and (ref.containment is not None or ref.isolate_after):
+            # Query auditing needs the bundle's reference data: without it nothing would ever climb
+            # the ladder or count toward isolation, and the setting would be accepted and ignored.
+            raise ModelLoadError(
+                f"{ref.path}: containment and isolate_after need query auditing, which needs reference "
+                "data in the bundle (bastion pack --reference-data): pack it, or remove the setting"
+            )
         watch = ref.extraction_watch if reference is not None else "off"
         if reference is not None and (ref.out_of_distribution == "refuse" or watch != "off"):
             names = [s.name for s in manifest.inputs]

@@ -90,6 +90,11 @@ def test_a_thief_climbs_the_ladder_and_an_operator_lifts_it(ladder: Ladder) -> N
         burst = [thief.post(infer, json=row) for _ in range(40)]
     refused = [r for r in burst if r.status_code == 429]
     assert refused and {r.json()["code"] for r in refused} == {"throttled"}
+    # In rows, not requests: a batch bigger than the throttle's bucket is refused outright.
+    time.sleep(2.0)
+    with server.client(ladder.thief) as thief:
+        batch = thief.post(infer, json=infer_request(x[:40]))
+    assert (batch.status_code, batch.json()["code"]) == (429, "throttled")
     with server.client(ladder.admin) as other:
         assert all(other.post(infer, json=row).status_code == 200 for _ in range(40))
 

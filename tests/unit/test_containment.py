@@ -58,3 +58,21 @@ def test_timed_measures_end_by_themselves_and_on_release(tmp_path: Path) -> None
 def test_a_ladder_setting_that_would_be_ignored_is_refused(fields: dict[str, object], reason: str) -> None:
     with pytest.raises(ValueError, match=reason):
         ModelRef(path=Path("m"), **fields)  # type: ignore[arg-type]
+
+
+def test_a_ladder_on_a_model_without_reference_data_is_refused_at_load(tmp_path: Path) -> None:
+    # Found by the operations red team: `containment = ["isolate"]` on the demo's skops classifier
+    # (no reference data, so no query auditing) was accepted and never acted.
+    from bastion.config import load_config
+    from bastion.demo import build_demo
+    from bastion.registry import ModelRegistry
+
+    demo = build_demo(tmp_path / "demo", llm=False)
+    text = demo.config_path.read_text()
+    anchor = 'decryption_key = "file:keys/kek.key"'
+    for setting in ('containment = ["isolate"]', "isolate_after = 2"):
+        demo.config_path.write_text(text.replace(anchor, f"{anchor}\n{setting}", 1))
+        registry = ModelRegistry.load(list(load_config(demo.config_path).models))
+        [(path, reason)] = registry.failures.items()
+        assert "breast-cancer-skops" in path and "reference data" in reason
+        assert {m.name for m in registry.models()} == {"breast-cancer", "diabetes"}  # the others serve

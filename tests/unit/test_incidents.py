@@ -59,6 +59,8 @@ def test_the_lifecycle_moves_forward_and_keeps_who_and_when(tmp_path: Path) -> N
         "remediated": 0,
         "closed": 1,
     }
+    with pytest.raises(BadRequest):  # nor does its record change after closure
+        store.note(contained, "late", actor="x", now=1006.0)
     for to in IncidentState:  # closed is final
         with pytest.raises(BadRequest) as refused:
             store.transition(contained, to, actor="x", now=1006.0)
@@ -80,6 +82,9 @@ def test_the_export_carries_evidence_and_the_audit_seq_and_escapes_notes(tmp_pat
     text = export_markdown(store.get(incident_id), {"r1": 42})
     assert "audit record seq 42" in text and "| signal | near_duplicates |" in text
     assert "| a \\| pipe and a new line |" in text  # a note cannot break the table
+    store.note(incident_id, "x\\|y <script>alert(1)</script>", actor="cli:ops", now=1002.0)
+    text = export_markdown(store.get(incident_id))
+    assert "| x\\\\\\|y &lt;script&gt;alert(1)&lt;/script&gt; |" in text  # nor run in a renderer
     store.close()
 
 

@@ -16,6 +16,7 @@ Two stages and the action between them:
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -83,8 +84,20 @@ class ApplyMeasures:
         if not measures:
             return
         if measures.throttle_rate is not None:
-            spec = LimitSpec(rate=measures.throttle_rate, burst=1, daily_quota=10**9)
-            admission = await self._store.acquire(f"{principal.id}|throttle|{model.name}", spec, now=ctx.now)
+            # In rows, not requests: a throttled thief must not keep taking 256-row batches. A batch
+            # larger than the bucket is refused outright while the step lasts.
+            rows = ctx.request.rows if ctx.request is not None else 1
+            burst = max(1, math.ceil(measures.throttle_rate))
+            if rows > burst:
+                raise RateLimited(
+                    f"this key is throttled on this model: at most {burst} rows a request while it lasts",
+                    retry_after=1.0,
+                    code=ErrorCode.THROTTLED,
+                )
+            spec = LimitSpec(rate=measures.throttle_rate, burst=burst, daily_quota=10**12)
+            admission = await self._store.acquire(
+                f"{principal.id}|throttle|{model.name}", spec, now=ctx.now, cost=rows
+            )
             if not admission.allowed:
                 raise RateLimited(
                     "this key is throttled on this model: query auditing flagged its requests",
@@ -150,6 +163,9 @@ class Containment:
             self._measures.apply(
                 principal.id, model.name, "degrade", value=policy.degrade_to, now=ctx.now, until=until
             )
+            lowered = OutputDetail(policy.degrade_to)
+            if ctx.output_detail is not None and lowered.rank < ctx.output_detail.rank:
+                ctx.output_detail = lowered  # from the request that tipped it on
         elif action == "reroute":
             self._measures.apply(principal.id, model.name, "reroute", value=None, now=ctx.now, until=until)
         elif action == "quarantine":
