@@ -37,6 +37,9 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     # Bastion's API keys, also cut short or inside a longer word: the secret part after the id.
     (re.compile(r"bst_[0-9a-fA-F]{16}_[A-Za-z0-9_-]*"), REDACTED),
     (re.compile(r"bst_[0-9a-fA-F]{16}"), REDACTED),  # the id alone is public, but never needed here
+    (re.compile(r"(?i)bst%5F[0-9a-f]{16}(?:%5F[A-Za-z0-9_%-]*)?"), REDACTED),  # the same, URL-encoded
+    # A dashboard session cookie (a Fernet token: version byte 0x80, so base64url "gAAAAA").
+    (re.compile(r"gAAAAA[A-Za-z0-9_=-]{20,}"), REDACTED),
     # JWTs (JWS compact form: header.payload.signature; the header is base64url JSON, so "eyJ").
     (re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.?[A-Za-z0-9_-]*"), REDACTED),
     # An authorization scheme and its credential, whatever the credential looks like.

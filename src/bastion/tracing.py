@@ -67,7 +67,13 @@ class Tracing:
             exporter = otlp_exporter(settings.otlp_endpoint)
         # Its own provider, not the global one: nothing else in the process traces through it.
         self.provider = TracerProvider(
-            sampler=ParentBased(TraceIdRatioBased(settings.sample_ratio)),
+            # The caller's trace id is continued, its sampled flag is not obeyed: a caller must not
+            # keep its requests out of traces (flag off), nor flood the exporter past the ratio (on).
+            sampler=ParentBased(
+                TraceIdRatioBased(settings.sample_ratio),
+                remote_parent_sampled=TraceIdRatioBased(settings.sample_ratio),
+                remote_parent_not_sampled=TraceIdRatioBased(settings.sample_ratio),
+            ),
             resource=Resource.create({"service.name": "bastion"}),
         )
         self.provider.add_span_processor(BatchSpanProcessor(exporter))

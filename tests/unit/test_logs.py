@@ -102,10 +102,24 @@ def test_every_logger_goes_through_the_filter_and_comes_out_as_json(lines: io.St
             "max_tokens=512 prompt_tokens=12 token budget left",
         ),
         ("key id 0123456789abcdef quarantined", "key id 0123456789abcdef quarantined"),
+        (f"GET /?k={KEY.replace('_', '%5F')} 200", f"GET /?k={REDACTED} 200"),
+        ("cookie gAAAAABnXyz0123456789abcdefghijklmnop_- end", f"cookie {REDACTED} end"),
         ("serving m version 1 (sha256:" + "ab" * 32 + ")", "serving m version 1 (sha256:" + "ab" * 32 + ")"),
     ],
     # Fixed ids: the cases hold random keys, and a test id must not hold a secret nor differ between runs.
-    ids=["key", "cut-key", "bearer", "jwt-query", "json-field", "env-assignment", "counts", "key-id", "digest"],
+    ids=[
+        "key",
+        "cut-key",
+        "bearer",
+        "jwt-query",
+        "json-field",
+        "env-assignment",
+        "counts",
+        "key-id",
+        "url-encoded-key",
+        "session-cookie",
+        "digest",
+    ],
 )
 def test_redact(text: str, expected: str) -> None:
     assert redact(text) == expected

@@ -206,10 +206,8 @@ def test_a_callers_traceparent_is_continued_and_a_malformed_one_ignored(
         root, children = _tree(spans, ctx.request_id)
         assert root.parent is None and root.context is not None
         assert f"{root.context.trace_id:032x}" != TRACE_ID and children
-    # The caller's sampled flag off: the request is not traced (ParentBased sampling).
-    assert not [
-        s for s in spans if s.attributes and s.attributes.get("bastion.request_id") == unsampled.request_id
-    ]
+    # The caller's sampled flag off: traced all the same (the operator's ratio decides, not the caller).
+    assert [s for s in spans if s.attributes and s.attributes.get("bastion.request_id") == unsampled.request_id]
 
 
 def test_no_span_attribute_carries_a_key_a_token_or_a_payload_value(
@@ -249,11 +247,16 @@ def test_sample_ratio_zero_traces_no_request_of_its_own_and_one_traces_each(demo
         )
         try:
             key = f"Bearer {_key(service, 'analyst')}"
-            _handle(service, *(_context(Route.INFER, key, _body(demo, n)) for n in range(4, 10)))
+            # The last one with a caller's sampled flag on: it cannot force a trace past the ratio.
+            _handle(
+                service,
+                *(_context(Route.INFER, key, _body(demo, n)) for n in range(4, 10)),
+                _context(Route.INFER, key, _body(demo, 11), traceparent=TRACEPARENT),
+            )
         finally:
             service.close()
         counts.append(len(_request_spans(exporter.get_finished_spans())))
-    assert counts == [0, 6]
+    assert counts == [0, 7]
 
 
 def test_tracing_off_makes_no_span_object_and_leaves_the_stages_unwrapped(demo: DemoBuild) -> None:
