@@ -101,6 +101,9 @@ def test_an_admin_handles_an_extraction_incident_in_the_browser(site: dict[str, 
     with httpx.Client(base_url=server.base_url) as anonymous:
         assert anonymous.get("/v2/admin/summary").status_code == 401
         assert anonymous.get("/dashboard").status_code == 401
+        # A browser's navigation is sent to the login page instead (a restart ended its session).
+        navigation = anonymous.get("/dashboard", headers={"Accept": "text/html,application/xhtml+xml"})
+        assert (navigation.status_code, navigation.headers["location"]) == (303, "/dashboard/login")
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])

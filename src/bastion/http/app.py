@@ -80,6 +80,11 @@ class BastionApp:
         outcome = await self.service.handle(route, ctx)
         if match is not None and (match.spec.session or route is Route.SESSION):
             _session_headers(outcome, ctx, secure=scope.get("scheme") == "https")
+        if route is Route.DASHBOARD and outcome.status == 401 and _wants_html(scope):
+            # A browser without a session (a restart ended it) goes to the login page, not raw JSON;
+            # an API client still reads the 401.
+            outcome.status, outcome.body = 303, {"error": "sign in first", "code": "unauthenticated"}
+            outcome.headers["Location"] = "/dashboard/login"
         if (match is not None and match.spec.openai) or path.startswith("/v1/"):
             if outcome.stream is not None:
                 await openai.send_stream(send, receive, outcome, ctx)
@@ -256,3 +261,8 @@ def _session_headers(outcome: Outcome, ctx: RequestContext, *, secure: bool) -> 
         outcome.headers["Set-Cookie"] = f"{name}=; Max-Age=0{attributes}"
     if isinstance(outcome.body, bytes) and outcome.status == 200:
         outcome.headers.update({"Content-Type": dashboard.PAGE_TYPE, **_PAGE})
+
+
+def _wants_html(scope: Scope) -> bool:
+    """A browser's navigation (its Accept names text/html), not an API client."""
+    return any(k == b"accept" and b"text/html" in v for k, v in scope["headers"])
