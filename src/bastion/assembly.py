@@ -149,6 +149,7 @@ def build_pipelines(
             keys=parts.keys,
             registry=parts.registry,
             isolation=parts.isolation,
+            measures=parts.measures,
             rollouts=parts.rollouts,
             roles=parts.config.roles,
             store=parts.state,

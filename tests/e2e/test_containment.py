@@ -97,6 +97,11 @@ def test_a_thief_climbs_the_ladder_and_an_operator_lifts_it(ladder: Ladder) -> N
     assert (batch.status_code, batch.json()["code"]) == (429, "throttled")
     with server.client(ladder.admin) as other:
         assert all(other.post(infer, json=row).status_code == 200 for _ in range(40))
+        # The operator sees the step (the dashboard's summary), with what and until when.
+        contained = other.get("/v2/admin/summary").json()["contained"]
+    assert [(c["principal"], c["step"], c["value"]) for c in contained] == [
+        (f"key:{thief_id}", "throttle", "20.0")
+    ]
 
     # Rung 2, degrade: the key's grant is probabilities; its answers are now labels only.
     time.sleep(1.0)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bastion.config import Action, Grant, OutputDetail, Role
+from bastion.containment import MeasureStore
 from bastion.incidents import IncidentState, IncidentStore
 from bastion.isolation import IsolationStore
 from bastion.keys import KeyStore
@@ -217,6 +218,7 @@ async def build_summary(
     keys: KeyStore,
     registry: ModelRegistry,
     isolation: IsolationStore,
+    measures: MeasureStore,
     rollouts: Rollouts,
     roles: Mapping[str, Role],
     store: StateStore,
@@ -254,6 +256,11 @@ async def build_summary(
         ],
         "incidents": {"counts": incidents.counts(), "unresolved": unresolved},
         "quarantined_keys": quarantined,
+        # The ladder's timed steps in force (throttle, degrade, reroute): released with the key.
+        "contained": [
+            {"principal": who, "model": model, "step": kind, "value": value, "until": until}
+            for who, model, kind, value, until in measures.list(now=now)
+        ],
         "models": {
             "served": [
                 {

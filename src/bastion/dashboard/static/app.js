@@ -343,6 +343,26 @@
           s.quarantined_keys,
           "No key is quarantined.",
         ),
+        el("h3", { text: "Throttled, degraded or rerouted (the containment ladder)" }),
+        table(
+          [
+            ["principal", (c) => c.principal],
+            ["model", (c) => c.model],
+            ["step", (c) => c.step + (c.value ? " (" + c.value + ")" : "")],
+            ["until", (c) => fmtTime(c.until)],
+            [
+              "actions",
+              (c) => {
+                const id = String(c.principal).replace(/^key:/, "");
+                return KEY_ID.test(id)
+                  ? actionButton("Release", "Release key " + id, "/v2/admin/keys/" + encodeURIComponent(id) + "/release", {})
+                  : el("span");
+              },
+            ],
+          ],
+          s.contained || [],
+          "No key is throttled, degraded or rerouted.",
+        ),
       );
     }
 
