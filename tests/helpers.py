@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -16,8 +17,11 @@ from typing import Any
 import httpx
 import numpy as np
 
+from bastion.context import RequestContext
 from bastion.demo import build_demo, write_skops_model
+from bastion.errors import PayloadTooLarge
 from bastion.manifest import InputSpec, OutputSpec
+from bastion.routes import ROUTE_ACTIONS, Route
 
 BASTION = [sys.executable, "-m", "bastion.cli"]
 
@@ -285,3 +289,27 @@ def drop_postgres_table(table: str) -> None:
 
     with psycopg.connect(POSTGRES_DSN) as conn:
         conn.execute(f"DROP TABLE IF EXISTS {table}")
+
+
+def core_context(
+    route: Route, credentials: str | None, body: bytes | dict[str, Any] | None = None, **fields: Any
+) -> RequestContext:
+    """A request as a transport hands it to `Bastion.handle`, for the in-process tests: `body` (bytes,
+    or a JSON object) read under the stage's cap as a transport reads it (413 past it); `fields` any
+    other transport field (`model_name`, `resource_id`, `traceparent`...)."""
+    raw = json.dumps(body).encode() if isinstance(body, dict) else (body or b"")
+
+    async def read_body(limit: int) -> bytes:
+        if len(raw) > limit:
+            raise PayloadTooLarge(f"body larger than {limit} bytes")
+        return raw
+
+    fields.setdefault("client", "127.0.0.1")
+    return RequestContext(
+        request_id=f"t{time.perf_counter_ns()}",
+        action=ROUTE_ACTIONS[route],
+        now=time.time(),
+        credentials=credentials,
+        read_body=read_body,
+        **fields,
+    )

@@ -25,9 +25,9 @@ import pytest
 from bastion.config import load_config
 from bastion.context import RequestContext
 from bastion.demo import build_demo
-from bastion.routes import ROUTE_ACTIONS, Route
+from bastion.routes import Route
 from bastion.service import Bastion, Outcome
-from tests.helpers import create_key, start_server
+from tests.helpers import core_context, create_key, start_server
 
 pytestmark = pytest.mark.slow
 
@@ -118,18 +118,7 @@ def test_the_openai_client_through_bastion_to_a_real_upstream(
 
 
 def _ctx(credentials: str, body: dict[str, Any]) -> RequestContext:
-    raw = json.dumps(body).encode()
-
-    async def read_body(limit: int) -> bytes:
-        return raw
-
-    return RequestContext(
-        request_id=f"u{time.perf_counter_ns()}",
-        action=ROUTE_ACTIONS[Route.CHAT],
-        now=time.time(),
-        credentials=credentials,
-        read_body=read_body,
-    )
+    return core_context(Route.CHAT, credentials, body)
 
 
 def _ask(config: Path, content: str = "hello") -> Outcome:

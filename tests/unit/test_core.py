@@ -21,6 +21,7 @@ from bastion.context import RequestContext
 from bastion.demo import DemoBuild, build_demo, infer_request
 from bastion.routes import ROUTE_ACTIONS, Route
 from bastion.service import Bastion, Outcome
+from tests.helpers import core_context
 
 Run = Callable[..., Awaitable[Outcome]]
 
@@ -41,18 +42,7 @@ def service(demo: DemoBuild) -> Iterator[Bastion]:
 def _context(
     route: Route, *, credentials: str | None, body: bytes = b"", model: str | None = None
 ) -> RequestContext:
-    async def read_body(limit: int) -> bytes:
-        return body
-
-    return RequestContext(
-        request_id=f"t{time.perf_counter_ns()}",
-        action=ROUTE_ACTIONS[route],
-        now=time.time(),
-        credentials=credentials,
-        read_body=read_body,
-        client="127.0.0.1",
-        model_name=model,
-    )
+    return core_context(route, credentials, body, model_name=model)
 
 
 def _key(service: Bastion, role: str) -> str:

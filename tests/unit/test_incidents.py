@@ -17,8 +17,9 @@ from bastion.context import RequestContext
 from bastion.demo import build_demo
 from bastion.errors import BadRequest, NotFound
 from bastion.incidents import IncidentState, IncidentStore, export_markdown
-from bastion.routes import ROUTE_ACTIONS, Route
+from bastion.routes import Route
 from bastion.service import Bastion, Outcome
+from tests.helpers import core_context
 
 
 def _open(store: IncidentStore, action: str = "quarantine") -> int:
@@ -97,19 +98,7 @@ def service(tmp_path: Path) -> Iterator[Bastion]:
 
 
 def _ctx(route: Route, credentials: str, body: dict[str, Any] | None = None, **kw: Any) -> RequestContext:
-    raw = json.dumps(body).encode() if body is not None else b""
-
-    async def read_body(limit: int) -> bytes:
-        return raw
-
-    return RequestContext(
-        request_id=f"i{time.perf_counter_ns()}",
-        action=ROUTE_ACTIONS[route],
-        now=time.time(),
-        credentials=credentials,
-        read_body=read_body,
-        **kw,
-    )
+    return core_context(route, credentials, body, **kw)
 
 
 def test_admin_routes_move_an_incident_release_the_key_and_audit_each_step(service: Bastion) -> None:

@@ -25,8 +25,9 @@ from bastion.context import RequestContext
 from bastion.demo import build_demo
 from bastion.errors import BastionError
 from bastion.llm.types import ChatMessage, Completion, GenerationParams, StreamEnd, Usage
-from bastion.routes import ROUTE_ACTIONS, Route
+from bastion.routes import Route
 from bastion.service import Bastion, Outcome
+from tests.helpers import core_context
 
 SECRET = "ORCHID-7342-KESTREL"
 PROMPT = (
@@ -135,24 +136,7 @@ def service(tmp_path: Path, backend: CannedBackend) -> Iterator[Bastion]:
 def _ctx(
     route: Route, credentials: str | None, body: dict[str, Any] | None = None, **kw: Any
 ) -> RequestContext:
-    raw = json.dumps(body).encode() if body is not None else b""
-
-    async def read_body(limit: int) -> bytes:
-        if len(raw) > limit:
-            from bastion.errors import PayloadTooLarge
-
-            raise PayloadTooLarge(f"body larger than {limit} bytes")
-        return raw
-
-    return RequestContext(
-        request_id=f"t{time.perf_counter_ns()}",
-        action=ROUTE_ACTIONS[route],
-        now=time.time(),
-        credentials=credentials,
-        read_body=read_body,
-        client="127.0.0.1",
-        **kw,
-    )
+    return core_context(route, credentials, body, **kw)
 
 
 def _key(s: Bastion, role: str) -> str:
