@@ -20,10 +20,6 @@ import httpx
 
 from bastion.errors import BastionException
 
-# Incident states in which a quarantine still holds (bastion.incidents: open -> contained ->
-# investigating -> remediated -> closed; a release moves an incident past "investigating").
-_ACTIVE = ("open", "contained", "investigating")
-
 
 class StatusError(BastionException):
     """The server could not be reached or refused the key outright; the message says which."""
@@ -41,6 +37,7 @@ class ServerStatus:
     admin: bool = False  # whether /metrics and the admin API answered this key
     incidents_by_state: dict[str, int] = field(default_factory=dict)
     quarantined_keys: list[dict[str, Any]] = field(default_factory=list)  # principal, model, incident
+    contained: list[dict[str, Any]] = field(default_factory=list)  # the ladder's timed steps in force
     requests: dict[str, int] = field(default_factory=dict)  # allow, deny
     denials_by_status: dict[str, int] = field(default_factory=dict)
     auth_failures: dict[str, int] = field(default_factory=dict)
@@ -114,16 +111,34 @@ def fetch_status(url: str, key: str, *, models: tuple[str, ...] = (), timeout: f
             else:
                 status.notes.append(f"/metrics: HTTP {metrics.status_code} (an admin key sees the counts)")
             incidents = client.get("/v2/admin/incidents", headers=headers)
-            if incidents.status_code == 200:
-                body = incidents.json()
+            summary = client.get("/v2/admin/summary", headers=headers)
+            if incidents.status_code == 200 and summary.status_code == 200:
+                body, served = incidents.json(), summary.json()
                 status.incidents_by_state = {**status.incidents_by_state, **body.get("counts", {})}
-                status.quarantined_keys = [
-                    {"principal": i["principal"], "model": i["model"], "incident": i["id"], "state": i["state"]}
-                    for i in body.get("incidents", [])
-                    if i.get("action") == "quarantine" and i.get("principal") and i.get("state") in _ACTIVE
-                ]
+                # Which keys are quarantined is the key store's word (the summary), not the incidents':
+                # a release changes no incident, and an incident moved on may leave its key quarantined.
+                latest: dict[str, dict[str, Any]] = {}  # principal -> its newest incident
+                for i in body.get("incidents", []):
+                    latest.setdefault(i.get("principal"), i)
+                status.quarantined_keys = []
+                for k in served.get("quarantined_keys", []):
+                    principal = f"key:{k['key_id']}"
+                    incident = latest.get(principal) or {}
+                    status.quarantined_keys.append(
+                        {
+                            "principal": principal,
+                            "name": k.get("name"),
+                            "model": incident.get("model"),
+                            "incident": incident.get("id"),
+                            "state": incident.get("state"),
+                        }
+                    )
+                status.contained = list(served.get("contained", []))
+                names |= {m["name"] for m in served.get("models", {}).get("served", []) if "name" in m}
             else:
-                status.notes.append(f"/v2/admin/incidents: HTTP {incidents.status_code}")
+                status.notes.append(
+                    f"/v2/admin/incidents and /v2/admin/summary: HTTP {incidents.status_code}, {summary.status_code}"
+                )
             llm = client.get("/v1/models", headers=headers)
             if llm.status_code == 200:
                 status.language_models = sorted(str(m.get("id")) for m in llm.json().get("data", []))
@@ -179,6 +194,8 @@ def render(status: ServerStatus) -> str:
                 )
         else:
             lines.append("quarantined  none")
+        for c in status.contained:
+            lines.append(f"contained  {_cell(c['principal'])} on {_cell(c['model'])}: {_cell(c['step'])}")
     lines += [f"note     {n}" for n in status.notes]
     return "\n".join(lines)
 

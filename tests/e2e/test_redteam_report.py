@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
@@ -162,6 +163,16 @@ def test_status_summarises_the_server_for_an_admin(run: Run) -> None:
     assert status["requests"]["allow"] > 0 and status["denials_by_status"].get("403", 0) >= 2
     text = _status(run, create_key(run.config, "admin")).stdout
     assert "quarantined  key:" in text and f"model    {MODEL}  versions 1" in text
+    # A release shows at once: the key store says who is quarantined, not the incidents (found by
+    # the operations red team: a released key was still listed).
+    admin = create_key(run.config, "admin")
+    released = status["quarantined_keys"][0]["principal"].removeprefix("key:")
+    with httpx.Client(base_url=run.server.base_url, headers={"Authorization": f"Bearer {admin}"}) as client:
+        assert client.post(f"/v2/admin/keys/{released}/release").status_code == 200
+    after = json.loads(_status(run, admin, "--json").stdout)
+    assert [q["principal"] for q in after["quarantined_keys"]] == [
+        q["principal"] for q in status["quarantined_keys"] if q["principal"] != f"key:{released}"
+    ]
 
 
 def test_status_with_an_analyst_key_says_what_it_cannot_see(run: Run) -> None:
