@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -313,3 +315,28 @@ def core_context(
         read_body=read_body,
         **fields,
     )
+
+
+@contextlib.contextmanager
+def llm_upstream() -> Iterator[tuple[str, str]]:
+    """A real OpenAI-compatible upstream: xllamacpp's server with SmolLM2 in its own process
+    (tests/e2e/llm_upstream_server.py), holding a random API key. Yields (its /v1 URL, the key)."""
+    key = "up-" + secrets.token_urlsafe(24)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "UPSTREAM_API_KEY": key, "PYTHONPATH": str(root / "src")}
+    launcher = root / "tests" / "e2e" / "llm_upstream_server.py"
+    process = subprocess.Popen(
+        [sys.executable, str(launcher), "0"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()  # the model loads in about half a second
+        assert line.startswith("READY http://127.0.0.1:"), line
+        yield line.split()[1] + "/v1", key
+    finally:
+        process.terminate()
+        process.wait(10)

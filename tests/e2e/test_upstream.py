@@ -6,27 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import secrets
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 from bastion.llm.backend_errors import BackendUnavailable
 from bastion.llm.types import ChatMessage, Completion, GenerationParams, StreamEnd
 from bastion.llm.upstream import UpstreamChatBackend
+from tests.helpers import llm_upstream
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
-LAUNCHER = Path(__file__).with_name("llm_upstream_server.py")
 PROMPT = [ChatMessage("system", "You are a helpful assistant."), ChatMessage("user", "Name three colours.")]
 GREEDY = GenerationParams(max_tokens=12)
 
@@ -39,23 +33,8 @@ class Upstream:
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[Upstream]:
-    key = "up-" + secrets.token_urlsafe(24)
-    env = {**os.environ, "UPSTREAM_API_KEY": key, "PYTHONPATH": str(ROOT / "src")}
-    process = subprocess.Popen(
-        [sys.executable, str(LAUNCHER), "0"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        env=env,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()  # the model loads in about half a second
-        assert line.startswith("READY http://127.0.0.1:"), line
-        yield Upstream(line.split()[1] + "/v1", key)
-    finally:
-        process.terminate()
-        process.wait(10)
+    with llm_upstream() as (url, key):
+        yield Upstream(url, key)
 
 
 def _backend(url: str, credential: str | None, **kwargs: float) -> UpstreamChatBackend:
