@@ -73,15 +73,42 @@ def configs(args: argparse.Namespace, root: Path) -> tuple[list[tuple[str, Path]
 
 async def run(args: argparse.Namespace) -> None:
     sides, features = configs(args, Path(tempfile.mkdtemp(prefix="bastion-inprocess-")))
-    template = infer_request(features[:1])
-    template["inputs"][0]["data"][0] = "__X__"
-    text = json.dumps(template)
     services = []
     for name, config in sides:
         key = create_key(config)
         service = Bastion(load_config(config), config_path=config)
         await service.startup()
         services.append((name, service, key))
+    per = await cpu_per_request(
+        services, features, warmup=args.warmup, batches=args.batches, batch_size=args.batch_size
+    )
+    if args.drift:
+        await drift_statistics_cost(services[1][1])
+    for _, service, _ in services:
+        await service.aclose()
+    (a, b) = [per[n] for n, _, _ in services]
+    (name_a, name_b) = [n for n, _, _ in services]
+    print(f"{name_a}: {a:.1f} us CPU per request; {name_b}: {b:.1f} us; {name_b} adds {b - a:+.1f} us")
+    print(f"ratio {name_b}/{name_a} (requests per CPU second): {a / b:.3f}")
+    print(f"({args.batches} batches of {args.batch_size} per side after {args.warmup} warm-up)")
+
+
+async def cpu_per_request(
+    services: list[tuple[str, Bastion, str]],
+    features: np.ndarray,
+    *,
+    warmup: int,
+    batches: int,
+    batch_size: int,
+    alternate: bool = False,
+) -> dict[str, float]:
+    """CPU microseconds per request for each (name, service, key): batches of `batch_size` one-row V2
+    JSON requests (each row new, so no answer cache), 16 in flight, the sides interleaved batch by
+    batch (`alternate`: their order reversed every other batch, so no side always runs first). The
+    heap is frozen first, as the server does at start-up. Exits if a request is not answered 200."""
+    template = infer_request(features[:1])
+    template["inputs"][0]["data"][0] = "__X__"
+    text = json.dumps(template)
     gc.collect()
     gc.freeze()
     seen: set[str] = set()
@@ -111,9 +138,10 @@ async def run(args: argparse.Namespace) -> None:
 
     cpu = {name: 0.0 for name, _, _ in services}
     count = dict.fromkeys(cpu, 0)
-    for batch in range(args.warmup + args.batches):
-        for name, service, key in services:
-            payloads = [body() for _ in range(args.batch_size)]
+    for batch in range(warmup + batches):
+        order = services[::-1] if alternate and batch % 2 else services
+        for name, service, key in order:
+            payloads = [body() for _ in range(batch_size)]
 
             async def worker(part: list[bytes], service: Bastion = service, key: str = key) -> None:
                 for payload in part:
@@ -121,18 +149,10 @@ async def run(args: argparse.Namespace) -> None:
 
             began = time.process_time()
             await asyncio.gather(*(worker(payloads[i::16]) for i in range(16)))
-            if batch >= args.warmup:
+            if batch >= warmup:
                 cpu[name] += time.process_time() - began
-                count[name] += args.batch_size
-    if args.drift:
-        await drift_statistics_cost(services[1][1])
-    for _, service, _ in services:
-        await service.aclose()
-    (a, b) = [cpu[n] / count[n] * 1e6 for n, _, _ in services]
-    (name_a, name_b) = [n for n, _, _ in services]
-    print(f"{name_a}: {a:.1f} us CPU per request; {name_b}: {b:.1f} us; {name_b} adds {b - a:+.1f} us")
-    print(f"ratio {name_b}/{name_a} (requests per CPU second): {a / b:.3f}")
-    print(f"({args.batches} batches of {args.batch_size} per side after {args.warmup} warm-up)")
+                count[name] += batch_size
+    return {name: cpu[name] / count[name] * 1e6 for name in cpu}
 
 
 async def drift_statistics_cost(service: Bastion) -> None:
@@ -153,7 +173,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--policy", choices=["label", "top_k", "rounded", "reverse_sigmoid", "dp_scores"])
     parser.add_argument("--watch", action="store_true", help="query auditing off vs on, policy probabilities")
-    parser.add_argument("--drift", action="store_true", help="drift detection off vs on, policy probabilities")
+    parser.add_argument(
+        "--drift", action="store_true", help="drift detection off vs on, policy probabilities"
+    )
     parser.add_argument("--batches", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--warmup", type=int, default=4)
