@@ -604,8 +604,13 @@ def test_a_client_that_never_reads_its_answers_holds_no_slot_past_the_send_timeo
         for sock in stuck:
             sock.close()
     assert health_ok(front) < 1
-    # Closed on the server's side too: no descriptor is left to a connection waiting for a flush.
-    assert len(list(Path(f"/proc/{front.server.process.pid}/fd").iterdir())) <= fds
+    # Closed on the server's side too: no descriptor is left to a connection waiting for a flush. The
+    # server closes its end of the last probe's connection when it reads the client's FIN, a moment
+    # after the client's call returns (one extra descriptor was seen once): allow that moment.
+    deadline = time.monotonic() + 2
+    while (now := len(list(Path(f"/proc/{front.server.process.pid}/fd").iterdir()))) > fds:
+        assert time.monotonic() < deadline, f"{now} descriptors open, {fds} before the attack"
+        time.sleep(0.05)
 
 
 # A client going away is not an application error: no traceback, no ERROR in the server's log
