@@ -28,6 +28,7 @@ test: $(STAMP)
 	scripts/ensure-postgres
 	scripts/ensure-chromium
 	scripts/ensure-promtool
+	scripts/ensure-netlab
 	$(BIN)/pytest -q
 
 # The in-process tier: stages, policy, state and the core without sockets or subprocesses, in
