@@ -23,7 +23,7 @@ import tomllib
 from pathlib import Path
 
 from bastion.config import ProtectedPromptSettings
-from bastion.llm.leakage import LeakageGuard, Revealed
+from bastion.llm.leakage import LeakageGuard, LeakDetected, Revealed
 from bastion.llm.local import LocalChatBackend
 from bastion.llm.models import load_prompt
 from bastion.llm.types import ChatMessage, GenerationParams, StreamEnd
@@ -38,10 +38,13 @@ async def one(
     guard: LeakageGuard | None,
     canary: str,
     max_tokens: int,
-) -> tuple[float, float, int]:
+) -> tuple[float, float, float] | None:
+    """(ms to the first released text, tokens/s to the last, ms from the model's first delta to the
+    first released text: the hold-back); None if the guard refused the answer (the model recited a
+    protected piece: the pair is left out of both sides)."""
     started = time.perf_counter()
     scanner = guard.stream(canary, revealed=Revealed()) if guard is not None else None
-    first = last = None
+    first = last = arrived = None
     tokens = 0
     async for item in backend.stream(
         [ChatMessage("system", system), ChatMessage("user", question)],
@@ -50,16 +53,24 @@ async def one(
         if isinstance(item, StreamEnd):
             tokens = item.usage.completion_tokens
             break
-        released = scanner.feed(item) if scanner is not None else item
+        arrived = arrived if arrived is not None else time.perf_counter()
+        try:
+            released = scanner.feed(item) if scanner is not None else item
+        except LeakDetected:
+            return None
         if released:
             now = time.perf_counter()
             first = first if first is not None else now
             last = now
-    if scanner is not None and scanner.finish():
+    try:
+        rest = scanner.finish() if scanner is not None else ""
+    except LeakDetected:
+        return None
+    if rest:
         last = time.perf_counter()
         first = first if first is not None else last
-    assert first is not None and last is not None
-    return (first - started) * 1000, tokens / max(last - started, 1e-9), tokens
+    assert first is not None and last is not None and arrived is not None
+    return (first - started) * 1000, tokens / max(last - started, 1e-9), (first - arrived) * 1000
 
 
 async def main() -> None:
@@ -83,7 +94,8 @@ async def main() -> None:
     # One model instance per side, as each served model has its own: llama.cpp keeps the last prompt
     # of its one slot in cache, and sides sharing a slot would each evict the other's.
     backends = {"guard": LocalChatBackend(), "none": LocalChatBackend()}
-    sides: dict[str, list[tuple[float, float, int]]] = {"guard": [], "none": []}
+    sides: dict[str, list[tuple[float, float, float]]] = {"guard": [], "none": []}
+    refused = 0
     try:
         for side in ("guard", "none"):  # warm: each side's prompt cached once
             await one(
@@ -96,8 +108,9 @@ async def main() -> None:
             )
         for i, question in enumerate(questions):
             order = ("guard", "none") if i % 2 == 0 else ("none", "guard")
+            pair = {}
             for side in order:
-                result = await one(
+                pair[side] = await one(
                     backends[side],
                     system if side == "guard" else prompt.text,
                     question,
@@ -105,15 +118,22 @@ async def main() -> None:
                     canary,
                     args.max_tokens,
                 )
-                sides[side].append(result)
+            g, n = pair["guard"], pair["none"]
+            if g is None or n is None:
+                refused += 1
+                continue
+            sides["guard"].append(g)
+            sides["none"].append(n)
     finally:
         for backend in backends.values():
             await backend.aclose()
     ttft = {k: statistics.median(r[0] for r in v) for k, v in sides.items()}
     tps = {k: statistics.median(r[1] for r in v) for k, v in sides.items()}
     diffs = [g[0] - n[0] for g, n in zip(sides["guard"], sides["none"], strict=True)]
+    holds = sorted(r[2] for r in sides["guard"])
     print(
-        f"{len(questions)} requests x 2 sides, interleaved; max_tokens {args.max_tokens}; prompt {args.prompt}"
+        f"{len(questions)} requests x 2 sides, interleaved; max_tokens {args.max_tokens}; prompt {args.prompt};"
+        f" {refused} refused by the guard (the model recited a protected piece), left out"
     )
     print("| median | guard | none | guard vs none |")
     print("|---|---|---|---|")
@@ -124,7 +144,11 @@ async def main() -> None:
     print(
         f"| tokens/s to the last token | {tps['guard']:.1f} | {tps['none']:.1f} | {tps['guard'] / tps['none']:.3f} |"
     )
-
+    p90 = holds[min(len(holds) - 1, int(0.9 * len(holds)))]
+    print(
+        f"hold-back (the model's first delta to the guard's first release, same request): "
+        f"median {statistics.median(holds):.1f} ms, p90 {p90:.1f} ms"
+    )
 
 if __name__ == "__main__":
     asyncio.run(main())
