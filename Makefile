@@ -21,7 +21,18 @@ demo: $(STAMP)
 demo-reset: $(STAMP)
 	$(BIN)/bastion demo --dir demo --reset
 
-test: $(STAMP)
+# The deploy checks' tools (kubernetes-validate, checkov, hadolint) in their own venv: checkov pins
+# many packages that would fight Bastion's (tests/unit/test_deploy_kubernetes.py runs them from there).
+DEPLOY_VENV  := .venv-deploy
+DEPLOY_STAMP := $(DEPLOY_VENV)/.installed
+
+$(DEPLOY_STAMP): deploy/requirements.txt
+	test -x $(DEPLOY_VENV)/bin/python || $(PYTHON) -m venv $(DEPLOY_VENV)
+	$(DEPLOY_VENV)/bin/python -m pip install -q --upgrade pip
+	$(DEPLOY_VENV)/bin/python -m pip install -q -r deploy/requirements.txt
+	touch $(DEPLOY_STAMP)
+
+test: $(STAMP) $(DEPLOY_STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 	scripts/ensure-redis
@@ -29,7 +40,7 @@ test: $(STAMP)
 	scripts/ensure-chromium
 	scripts/ensure-promtool
 	scripts/ensure-netlab
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadgroup
 
 # The in-process tier: stages, policy, state and the core without sockets or subprocesses, in
 # seconds; tests marked `slow` (other processes, long property tests) run in `make test`.
@@ -48,4 +59,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/verify.py
 
 clean:
-	rm -rf $(VENV) demo .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(DEPLOY_VENV) demo .pytest_cache .mypy_cache .ruff_cache

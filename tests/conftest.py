@@ -23,6 +23,15 @@ class Deployment:
     raw_values: set[str] = field(default_factory=set)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test on the shared `deployment` runs in one xdist worker, in file order: the last file
+    (test_zz_audit_and_leaks) checks that every request the others made is in that server's audit
+    log, and stops it. Other tests spread over the workers by file (a module's servers start once)."""
+    for item in items:
+        shared = "deployment" in getattr(item, "fixturenames", ())
+        item.add_marker(pytest.mark.xdist_group("deployment" if shared else item.nodeid.split("::")[0]))
+
+
 @pytest.fixture(scope="session")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     root = tmp_path_factory.mktemp("deployment")

@@ -224,6 +224,21 @@ class RunningServer:
 
 
 def start_server(config: Path, log_path: Path, *extra: str) -> RunningServer:
+    """A real `bastion serve` on a free loopback port, once it answers /v2/health/live. Tests run
+    in 2 xdist workers: a port another process took between `free_port` and the bind is retried."""
+    for _ in range(3):
+        try:
+            return _start_server(config, log_path, *extra)
+        except _PortTaken:
+            continue
+    raise AssertionError("no free port after 3 tries")
+
+
+class _PortTaken(Exception):
+    pass
+
+
+def _start_server(config: Path, log_path: Path, *extra: str) -> RunningServer:
     port = free_port()
     log = log_path.open("wb")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -237,7 +252,10 @@ def start_server(config: Path, log_path: Path, *extra: str) -> RunningServer:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise AssertionError(f"server exited: {log_path.read_text()}")
+            text = log_path.read_text()
+            if "address already in use" in text.lower():
+                raise _PortTaken
+            raise AssertionError(f"server exited: {text}")
         try:
             if httpx.get(f"{server.base_url}/v2/health/live", timeout=1).status_code == 200:
                 return server
@@ -287,10 +305,17 @@ def postgres_table() -> str:
 
 
 def drop_postgres_table(table: str) -> None:
+    """Drop the table and the ones named after it (`<table>_records`, `<table>_records_counters`...)."""
     import psycopg
 
     with psycopg.connect(POSTGRES_DSN) as conn:
-        conn.execute(f"DROP TABLE IF EXISTS {table}")
+        rows = conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() AND "
+            "(tablename = %s OR starts_with(tablename, %s))",
+            (table, f"{table}_"),
+        ).fetchall()
+        for (name,) in rows:
+            conn.execute(f'DROP TABLE IF EXISTS "{name}"')
 
 
 def core_context(
