@@ -13,14 +13,16 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from bastion.breaker import ModelGuards
+from bastion.certs import CertificateIdentities
 from bastion.config import Action, Config
-from bastion.containment import MeasureStore
+from bastion.containment import MeasureRecords
 from bastion.context import RequestContext
 from bastion.dashboard.summary import build_summary
 from bastion.files import write_private_file
-from bastion.incidents import IncidentStore
-from bastion.isolation import IsolationStore
-from bastion.keys import KeyStore
+from bastion.incidents import IncidentRecords
+from bastion.isolation import IsolationRecords
+from bastion.keys import KeyRecords
 from bastion.llm.intent import ExtractionTracker
 from bastion.llm.models import ChatModel
 from bastion.metrics import Metrics
@@ -90,10 +92,10 @@ class PipelineParts(Protocol):
     policy: Policy
     rollouts: Rollouts
     metrics: Metrics
-    keys: KeyStore
-    isolation: IsolationStore
-    incidents: IncidentStore
-    measures: MeasureStore
+    keys: KeyRecords
+    isolation: IsolationRecords
+    incidents: IncidentRecords
+    measures: MeasureRecords
     # The dashboard's sessions: one authority per running service, kept across policy reloads (a
     # SIGHUP must neither log operators out nor revive a session they ended); its key dies with it.
     sessions: SessionAuthority
@@ -105,6 +107,7 @@ class PipelineParts(Protocol):
     chat_models: dict[str, ChatModel]
     extraction_tracker: ExtractionTracker
     redactor: LazyRedactor
+    guards: ModelGuards  # each model version's deadline, threads and circuit breaker
     started: int  # when the server started, in Unix seconds (the `created` of /v1/models entries)
 
 
@@ -121,7 +124,12 @@ def build_pipelines(
         return {Route.INFER: [_ResolveWithoutPolicy(parts.registry), decode, Infer(), ShapeOutput()]}
     parts.failed_auth.policy = failed_auth_policy(parts.config)
     # 0. before identity: an address that failed authentication too often is refused unchecked; 429
-    authenticate = ThrottleFailedAuth(parts.failed_auth, Authenticate(parts.keys, parts.tokens))
+    # 1. identity: a key, a token, or a client certificate the policy maps (mTLS; not on the token and
+    # session routes: a service identity mints no token and opens no dashboard session).
+    certificates = CertificateIdentities.from_config(parts.config)
+    authenticate = ThrottleFailedAuth(
+        parts.failed_auth, Authenticate(parts.keys, parts.tokens, certificates=certificates)
+    )
     gate = ContainmentGate()
     limit = EnforceLimits(parts.state, parts.policy)
     watch = WatchQueries(
@@ -138,7 +146,7 @@ def build_pipelines(
     sessions = parts.sessions
     # The dashboard and /v2/admin/*: a key, a token, or the dashboard's session cookie.
     authenticate_admin = ThrottleFailedAuth(
-        parts.failed_auth, Authenticate(parts.keys, parts.tokens, sessions=sessions)
+        parts.failed_auth, Authenticate(parts.keys, parts.tokens, sessions=sessions, certificates=certificates)
     )
     admin = AuthorizeServer(parts.policy, Action.ADMIN)
 
@@ -173,7 +181,7 @@ def build_pipelines(
             measured,  # 5b. containment in force: throttled in rows (429), degraded or rerouted
             guard,  # 6. manifest schema, out-of-distribution screen; 422/413/403
             watch,  # 7. query auditing: extraction suspected -> incident, key quarantined; 403
-            Infer(),  # 8. the runtime
+            Infer(parts.guards),  # 8. the runtime, under its deadline (504) and circuit breaker (503)
             # 9. output policy per grant (label, top-k, rounding, reverse sigmoid, DP noise under a
             #    budget with the keyed answer cache); 403 for an ungranted output, 429 over budget
             ShapeOutput(parts.private_scores),
@@ -189,7 +197,7 @@ def build_pipelines(
             measured,
             guard,
             watch,
-            Infer(),
+            Infer(parts.guards),
             ComputeAggregates(parts.private_scores),
         ],
         # Language models (/v1, OpenAI-compatible).
@@ -250,7 +258,7 @@ def build_pipelines(
             on_model(Action.METADATA),
             DescribeModel(parts.registry, parts.state),
         ],
-        Route.MODEL_READY: [authenticate, gate, limit, on_model(Action.METADATA), ModelReadiness()],
+        Route.MODEL_READY: [authenticate, gate, limit, on_model(Action.METADATA), ModelReadiness(parts.guards)],
         Route.SERVER_METADATA: [authenticate, gate, limit, DescribeServer()],
         Route.OPENAPI: [authenticate, gate, limit, DescribeApi()],
         # Only an API key can mint a token: a stolen token cannot renew itparts.

@@ -12,9 +12,17 @@ import time
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from bastion.errors import AuditIntegrityError, BastionError, BastionException, ConfigError, StateDirLocked
+
+if TYPE_CHECKING:
+    import socket
+
+    from bastion.audit.verify import AuditSource
+    from bastion.config import Config
+    from bastion.records import RecordStores
+    from bastion.statedir import StateDirLock
 
 log = logging.getLogger("bastion")
 
@@ -44,6 +52,18 @@ def _config(path: Path):  # type: ignore[no-untyped-def]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if getattr(args, "workers", 1) > 1:  # a supervisor over N worker processes (bastion.workers)
+        from bastion.workers import supervise
+
+        return supervise(args)
+    return run_server(args)
+
+
+def run_server(
+    args: argparse.Namespace, *, sock: socket.socket | None = None, state_lock: StateDirLock | None = None
+) -> int:
+    """One server process. `sock` and `state_lock`: a worker's listening socket and its supervisor's
+    state-directory lock (bastion.workers); None binds `--host`/`--port` and takes the lock."""
     import uvicorn
 
     from bastion.http.app import BastionApp
@@ -70,17 +90,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_body_bytes=config.limits.max_body_bytes,
         max_connections=server.max_connections,
     )
+    tls = None
+    tls_options: dict[str, Any] = {}
+    if server.tls is not None:
+        from bastion.tls import ServerTls, handshake_bound_loop_factory
+
+        # Before any model loads: certificate files that cannot serve are refused now, naming the field.
+        tls = ServerTls(server.tls, args.config)
+        listening = tls.listening
+        tls_options = {
+            "ssl_context_factory": lambda _config, _default: listening,
+            # A TLS handshake not done within the head timeout is cut off (bastion.tls).
+            "loop": handshake_bound_loop_factory(server.head_timeout_seconds),
+        }
     max_in_flight = (
         args.max_concurrency if args.max_concurrency is not None else server.max_concurrent_requests
     )
     # The audit commit thread needs the GIL for a moment when its fsync returns; by default a busy
     # event loop would make it wait 5 ms for a forced switch, and every waiting request with it.
     sys.setswitchinterval(0.0005)
-    service = Bastion(config, config_path=args.config, unsafe_no_defenses=args.unsafe_no_defenses)
+    service = Bastion(
+        config, config_path=args.config, unsafe_no_defenses=args.unsafe_no_defenses, state_lock=state_lock
+    )
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
     uv = uvicorn.Config(
-        LoadShedder(BastionApp(service), max_in_flight=max_in_flight),
+        LoadShedder(BastionApp(service, tls=tls), max_in_flight=max_in_flight),
         host=host,
         port=port,
         http=protocol_class(limits),  # every front-end limit lives there (bastion.http.frontend)
@@ -95,9 +130,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # None: uvicorn's own limit counts connections, so idle sockets would shed health probes.
         limit_concurrency=None,
         timeout_graceful_shutdown=10,
+        **tls_options,
     )
     try:
-        uvicorn.Server(uv).run()
+        uvicorn.Server(uv).run(sockets=None if sock is None else [sock])
     finally:
         service.close()
     return 0
@@ -110,26 +146,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _key_store(config_path: Path):  # type: ignore[no-untyped-def]
-    from bastion.keys import KeyStore
+def _records(config: Config) -> RecordStores:
+    """The stores the server of this policy file uses: its state directory's SQLite files, or the
+    Redis / PostgreSQL that `state.backend` names (bastion.records)."""
+    from bastion.records import open_records
     from bastion.statedir import StatePaths
 
+    return open_records(config, StatePaths(config.server.state_dir))
+
+
+def _key_store(config_path: Path):  # type: ignore[no-untyped-def]
     config = _config(config_path)
-    return config, KeyStore(StatePaths(config.server.state_dir).keys)
+    return config, _records(config).keys
 
 
 def _isolation_store(config_path: Path):  # type: ignore[no-untyped-def]
-    from bastion.isolation import IsolationStore
-    from bastion.statedir import StatePaths
-
-    return IsolationStore(StatePaths(_config(config_path).server.state_dir).isolation)
+    return _records(_config(config_path)).isolation
 
 
 def _incident_store(config_path: Path):  # type: ignore[no-untyped-def]
-    from bastion.incidents import IncidentStore
-    from bastion.statedir import StatePaths
-
-    return IncidentStore(StatePaths(_config(config_path).server.state_dir).incidents)
+    return _records(_config(config_path)).incidents
 
 
 def _operator() -> str:
@@ -267,7 +303,7 @@ def _key_id_arg(value: str) -> str:
     key_id = key_id_of(value)
     if key_id is None:
         raise _CliError(
-            "expected a key id (the 16 hex digits `bastion keys list` shows); "
+            "expected a key id (the 16 hex digits `bastion keys list` shows, or cert:<name>); "
             "what was given is not repeated here, as it may be a secret"
         )
     if key_id != value:
@@ -291,11 +327,9 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 def cmd_keys_release(args: argparse.Namespace) -> int:
     key_id = _key_id_arg(args.key_id)
     config, store = _key_store(args.config)
-    from bastion.containment import MeasureStore
-    from bastion.statedir import StatePaths
-
-    measures = MeasureStore(StatePaths(config.server.state_dir).measures)
-    lifted = measures.release(f"key:{key_id}")
+    measures = _records(config).measures
+    # A service identity's principal id is its own (cert:<name>); a key's is key:<id>.
+    lifted = measures.release(key_id if key_id.startswith("cert:") else f"key:{key_id}")
     measures.close()
     if not store.release(key_id) and not lifted:
         return _fail(f"key {key_id} is neither quarantined nor contained (or does not exist)", 1)
@@ -303,42 +337,54 @@ def cmd_keys_release(args: argparse.Namespace) -> int:
     return 0
 
 
-def _audit_paths(args: argparse.Namespace) -> tuple[Path, Path]:
+def _audit_source(args: argparse.Namespace) -> tuple[AuditSource, Path]:
+    """The chain `--db` names, else the one the policy file's [audit] section names (a SQLite file in
+    the state directory or a PostgreSQL table), and the public key to check its checkpoints with."""
+    from bastion.audit.chain import public_path
+    from bastion.audit.sink import signing_key_path
+    from bastion.audit.verify import AuditSource
     from bastion.statedir import StatePaths
 
     if args.db is not None:
-        return args.db, args.public_key or args.db.with_name("audit_signing.pub")
-    paths = StatePaths(_config(args.config).server.state_dir)
-    return paths.audit, args.public_key or paths.audit_public_key
+        return AuditSource.sqlite(args.db), args.public_key or args.db.with_name("audit_signing.pub")
+    config = _config(args.config)
+    paths = StatePaths(config.server.state_dir)
+    pub = args.public_key or public_path(signing_key_path(config.audit, paths))
+    if config.audit.sink == "postgres":
+        return AuditSource.postgres(config.audit.postgres_dsn, config.audit.postgres_table), pub
+    return AuditSource.sqlite(paths.audit), pub
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from bastion.audit import verify_audit
     from bastion.audit.chain import load_public_key
+    from bastion.audit.verify import verify_chain
 
-    db, pub = _audit_paths(args)
+    source, pub = _audit_source(args)
     try:
         key = load_public_key(pub)
     except (OSError, ValueError) as e:
         return _fail(f"{pub}: cannot read the audit public key: {e}")
     try:
-        report = verify_audit(db, key)
+        report = verify_chain(*source.read(), key)
     except AuditIntegrityError as e:
-        print(f"FAILED: {db}: {e}", file=sys.stderr)
+        print(f"FAILED: {source.name}: {e}", file=sys.stderr)
         return 1
     print(
-        f"OK: {db}: {report.records} records, {report.checkpoints} signed checkpoints, head {report.head[:16]}"
+        f"OK: {source.name}: {report.records} records, {report.checkpoints} signed checkpoints, "
+        f"head {report.head[:16]}"
     )
     return 0
 
 
 def cmd_audit_export(args: argparse.Namespace) -> int:
-    from bastion.audit.verify import export_records
+    from bastion.audit.verify import export_rows
 
-    db, _ = _audit_paths(args)
-    if not db.is_file():
-        return _fail(f"{db}: audit database not found")
-    lines = export_records(db)
+    source, _ = _audit_source(args)
+    try:
+        rows, _checkpoints = source.read()
+    except AuditIntegrityError as e:
+        return _fail(str(e))
+    lines = export_rows(rows)
     if args.output is None:
         for line in lines:
             sys.stdout.write(line.decode() + "\n")
@@ -578,17 +624,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _rollout_path(args: argparse.Namespace) -> Path:
-    from bastion.statedir import StatePaths
-
-    return StatePaths(_config(args.config).server.state_dir).root / "rollouts.json"
-
-
 def cmd_rollout(args: argparse.Namespace) -> int:
-    from bastion.rollout import load_states, save_states
-
-    path = _rollout_path(args)
-    states = load_states(path)
+    store = _records(_config(args.config)).rollouts
+    path = getattr(store, "path", "rollout state")  # the file, or the shared records
+    states = store.load()
     if args.action == "status":
         _table(
             ("MODEL", "STABLE", "CANARY", "WEIGHT", "STATUS", "REASON"),
@@ -613,7 +652,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     else:
         state.weight, state.status, state.reason = 0.0, "rolled_back", "rolled back by an operator"
     state.changed_at = time.time()
-    save_states(path, states)
+    store.save(states)
     print(f"{args.model}: {state.status}; a running server applies it within a second")
     return 0
 
@@ -778,6 +817,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--unsafe-no-defenses",
         action="store_true",
         help="benchmark baseline only: no auth, limits, guard or audit",
+    )
+    serve.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        help="worker processes sharing the port (SO_REUSEPORT), each with the whole pipeline, under a "
+        "supervisor that restarts a dead one; more than 1 needs a shared [state] backend (not memory)",
     )
     serve.set_defaults(func=cmd_serve)
 

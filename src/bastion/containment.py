@@ -7,15 +7,22 @@ stable version during a rollout; quarantine the key (everywhere); isolate the mo
 The timed measures (throttle, degrade, reroute) live here, in a small SQLite table beside the keys,
 shared by every worker and the CLI; they end by themselves after `containment_seconds`, or when an
 operator releases the key (`bastion keys release`, `POST /v2/admin/keys/{key_id}/release`).
+
+`MeasureRecords` is the interface; `MeasureStore` is the SQLite table (the embedded default),
+`SharedMeasureStore` the same measures in Redis or PostgreSQL (`bastion.records`), seen by every
+replica within 0.25 s.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 from bastion.files import open_shared_sqlite
+from bastion.records import UNCHANGED, Records, Watch, update
 
 STEPS = ("record", "throttle", "degrade", "reroute", "quarantine", "isolate")
 
@@ -61,6 +68,37 @@ CREATE TABLE IF NOT EXISTS measures (
 """
 
 
+class MeasureRecords(Protocol):
+    """Timed measures by (principal, model). Every method may raise `StateUnavailable` (503)."""
+
+    def apply(self, principal: str, model: str, kind: str, *, value: str | None, now: float, until: float) -> None:
+        """Put a measure in force until `until` (replacing the same kind's, if any)."""
+        ...
+
+    def active(self, principal: str, model: str, *, now: float) -> Measures: ...
+
+    def release(self, principal: str) -> int:
+        """Lift every measure on a principal; how many were lifted (expired ones included)."""
+        ...
+
+    def list(self, *, now: float) -> list[tuple[str, str, str, str | None, float]]:
+        """(principal, model, kind, value, until) for the measures in force, oldest first."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def _in_force(found: list[tuple[str, str | None, float]] | None, now: float) -> Measures:
+    if not found:
+        return NONE
+    live = [(kind, value) for kind, value, until in found if until > now]
+    if not live:
+        return NONE
+    throttle = next((float(v) for k, v in live if k == "throttle" and v is not None), None)
+    degrade = next((v for k, v in live if k == "degrade"), None)
+    return Measures(throttle, degrade, any(k == "reroute" for k, _ in live))
+
+
 class MeasureStore:
     """Timed measures by (principal, model). Reads cost one `PRAGMA data_version` when nothing
     changed (the table is re-read only after another connection commits), as isolation's do."""
@@ -94,14 +132,7 @@ class MeasureStore:
                     rows.setdefault((who, name), []).append((kind, value, until))
                 self._rows, self._seen_version = rows, version
             found = self._rows.get((principal, model))
-        if not found:
-            return NONE
-        live = [(kind, value) for kind, value, until in found if until > now]
-        if not live:
-            return NONE
-        throttle = next((float(v) for k, v in live if k == "throttle" and v is not None), None)
-        degrade = next((v for k, v in live if k == "degrade"), None)
-        return Measures(throttle, degrade, any(k == "reroute" for k, _ in live))
+        return _in_force(found, now)
 
     def release(self, principal: str) -> int:
         """Lift every measure on a principal; returns how many were lifted (expired ones included)."""
@@ -117,3 +148,59 @@ class MeasureStore:
                 "SELECT principal, model, kind, value, until FROM measures WHERE until > ? ORDER BY since", (now,)
             ).fetchall()
         return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+
+_MEASURES = "measures"  # the shared collection: JSON [principal, model, kind] -> {value, since, until}
+
+
+class SharedMeasureStore:
+    """Timed measures in Redis or PostgreSQL; cached, and read again when the collection's counter
+    moved (checked at most every 0.25 s)."""
+
+    def __init__(self, records: Records) -> None:
+        self._records = records
+        self._watch = Watch(records, _MEASURES)
+        self._lock = threading.Lock()
+        self._rows: dict[tuple[str, str], list[tuple[str, str | None, float]]] = {}
+
+    def close(self) -> None:
+        self._records.close()
+
+    def _all(self) -> list[tuple[str, str, str, dict[str, Any]]]:
+        found = []
+        for key, text in self._records.items(_MEASURES).items():
+            principal, model, kind = json.loads(key)
+            found.append((principal, model, kind, json.loads(text)))
+        return found
+
+    def apply(self, principal: str, model: str, kind: str, *, value: str | None, now: float, until: float) -> None:
+        assert kind in ("throttle", "degrade", "reroute")
+        key = json.dumps([principal, model, kind])
+        update(self._records, _MEASURES, key, lambda _: {"value": value, "since": now, "until": until})
+        with self._lock:
+            self._watch.invalidate()
+
+    def active(self, principal: str, model: str, *, now: float) -> Measures:
+        with self._lock:
+            if self._watch.stale():
+                rows: dict[tuple[str, str], list[tuple[str, str | None, float]]] = {}
+                for who, name, kind, m in self._all():
+                    rows.setdefault((who, name), []).append((kind, m["value"], float(m["until"])))
+                self._rows = rows
+            found = self._rows.get((principal, model))
+        return _in_force(found, now)
+
+    def release(self, principal: str) -> int:
+        lifted = 0
+        for key in self._records.items(_MEASURES):
+            if json.loads(key)[0] == principal:
+                lifted += update(
+                    self._records, _MEASURES, key, lambda current: UNCHANGED if current is None else None
+                )
+        with self._lock:
+            self._watch.invalidate()
+        return lifted
+
+    def list(self, *, now: float) -> list[tuple[str, str, str, str | None, float]]:
+        live = [(m["since"], (p, n, k, m["value"], float(m["until"]))) for p, n, k, m in self._all()]
+        return [row for since, row in sorted(live, key=lambda r: r[0]) if row[4] > now]

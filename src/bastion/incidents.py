@@ -10,19 +10,25 @@ the CLI, like `isolation.py`.
 The lifecycle follows the incident-handling phases of NIST SP 800-61r2 (containment, eradication
 and recovery, post-incident activity): states only move forward, except that a remediated incident
 may be reopened for investigation.
+
+`IncidentRecords` is the interface; `IncidentStore` is the SQLite tables (the embedded default),
+`SharedIncidentStore` one record per incident (with its events) in Redis or PostgreSQL
+(`bastion.records`), so an incident opened on one replica is seen on all. Incidents are not
+cached: every read goes to the store.
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from bastion.errors import BadRequest, ErrorCode, NotFound
 from bastion.files import open_shared_sqlite
+from bastion.records import Records, update
 
 
 class IncidentState(StrEnum):
@@ -125,6 +131,51 @@ class Incident:
                 for e in self.events
             ],
         }
+
+
+class IncidentRecords(Protocol):
+    """Incidents and their lifecycle. Every method may raise `StateUnavailable` (503)."""
+
+    def open(
+        self,
+        *,
+        kind: str,
+        model: str,
+        principal: str | None,
+        action: str,
+        detail: str,
+        evidence: dict[str, Any],
+        request_id: str | None,
+        now: float,
+    ) -> int:
+        """Record a new incident; contained at once when containment acted. Returns its id."""
+        ...
+
+    def get(self, incident_id: int) -> Incident:
+        """Raises NotFound (404 `incident_not_found`)."""
+        ...
+
+    def list(self, *, state: IncidentState | None = None, limit: int = 100) -> list[Incident]:
+        """Newest first, without their events."""
+        ...
+
+    def count_for(self, principal: str, model: str) -> int:
+        """Incidents this principal has had on this model (the containment ladder's rung)."""
+        ...
+
+    def counts(self) -> dict[str, int]:
+        """Incidents per state (every state, zeros included)."""
+        ...
+
+    def transition(
+        self, incident_id: int, to: IncidentState, *, actor: str, now: float, note: str | None = None
+    ) -> Incident:
+        """Raises NotFound, or BadRequest (`invalid_transition`) for a move the lifecycle forbids."""
+        ...
+
+    def note(self, incident_id: int, text: str, *, actor: str, now: float) -> Incident: ...
+
+    def close(self) -> None: ...
 
 
 class IncidentStore:
@@ -287,6 +338,121 @@ class IncidentStore:
                 note,
             ),
         )
+
+
+_INCIDENTS = "incidents"  # the shared collection: str(id) -> Incident.as_dict()
+
+
+class SharedIncidentStore:
+    """Incidents in Redis or PostgreSQL: one record per incident, its events inside it; ids from
+    the store's sequence; a transition or note is a compare-and-set of the record."""
+
+    def __init__(self, records: Records) -> None:
+        self._records = records
+
+    def close(self) -> None:
+        self._records.close()
+
+    def open(
+        self,
+        *,
+        kind: str,
+        model: str,
+        principal: str | None,
+        action: str,
+        detail: str,
+        evidence: dict[str, Any],
+        request_id: str | None,
+        now: float,
+    ) -> int:
+        state = IncidentState.OPEN if action == "alert" else IncidentState.CONTAINED
+        incident_id = self._records.next_id(_INCIDENTS)
+        opened = IncidentEvent(now, "bastion", "opened", None, state.value, None)
+        incident = Incident(
+            incident_id, now, kind, model, principal, action, detail, evidence, request_id, state, now, (opened,)
+        )
+        self._records.swap(_INCIDENTS, str(incident_id), None, json.dumps(incident.as_dict(), sort_keys=True))
+        return incident_id
+
+    def get(self, incident_id: int) -> Incident:
+        text = self._records.get(_INCIDENTS, str(incident_id))
+        if text is None:
+            raise NotFound(f"no incident {incident_id}", code=ErrorCode.INCIDENT_NOT_FOUND)
+        return _from_dict(json.loads(text))
+
+    def _all(self) -> list[Incident]:
+        return [_from_dict(json.loads(v)) for v in self._records.items(_INCIDENTS).values()]
+
+    def list(self, *, state: IncidentState | None = None, limit: int = 100) -> list[Incident]:
+        found = sorted(
+            (i for i in self._all() if state is None or i.state == state), key=lambda i: i.id, reverse=True
+        )
+        return [replace(i, events=()) for i in found[:limit]]
+
+    def count_for(self, principal: str, model: str) -> int:
+        return sum(1 for i in self._all() if i.principal == principal and i.model == model)
+
+    def counts(self) -> dict[str, int]:
+        found = [i.state for i in self._all()]
+        return {s.value: found.count(s) for s in IncidentState}
+
+    def _change(self, incident_id: int, change: Any) -> Incident:
+        def checked(current: dict[str, Any] | None) -> dict[str, Any]:
+            if current is None:
+                raise NotFound(f"no incident {incident_id}", code=ErrorCode.INCIDENT_NOT_FOUND)
+            return dict(change(_from_dict(current)).as_dict())
+
+        update(self._records, _INCIDENTS, str(incident_id), checked)
+        return self.get(incident_id)
+
+    def transition(
+        self, incident_id: int, to: IncidentState, *, actor: str, now: float, note: str | None = None
+    ) -> Incident:
+        note = _checked_note(note)
+
+        def change(incident: Incident) -> Incident:
+            if to not in _NEXT[incident.state]:
+                raise BadRequest(
+                    f"incident {incident_id} is {incident.state.value}: it cannot become {to.value}",
+                    code=ErrorCode.INVALID_TRANSITION,
+                )
+            event = IncidentEvent(now, actor, "transition", incident.state.value, to.value, note)
+            return replace(incident, state=to, updated_at=now, events=(*incident.events, event))
+
+        return self._change(incident_id, change)
+
+    def note(self, incident_id: int, text: str, *, actor: str, now: float) -> Incident:
+        checked = _checked_note(text)
+        if not checked:
+            raise BadRequest("an empty note", code=ErrorCode.MALFORMED_REQUEST)
+
+        def change(incident: Incident) -> Incident:
+            if incident.state == IncidentState.CLOSED:  # the archived record does not change after closure
+                raise BadRequest(f"incident {incident_id} is closed", code=ErrorCode.INVALID_TRANSITION)
+            event = IncidentEvent(now, actor, "note", None, None, checked)
+            return replace(incident, updated_at=now, events=(*incident.events, event))
+
+        return self._change(incident_id, change)
+
+
+def _from_dict(d: dict[str, Any]) -> Incident:
+    """The inverse of `Incident.as_dict`."""
+    return Incident(
+        id=int(d["id"]),
+        opened_at=d["opened_at"],
+        kind=d["kind"],
+        model=d["model"],
+        principal=d["principal"],
+        action=d["action"],
+        detail=d["detail"],
+        evidence=d["evidence"],
+        request_id=d["request_id"],
+        state=IncidentState(d["state"]),
+        updated_at=d["updated_at"],
+        events=tuple(
+            IncidentEvent(e["at"], e["actor"], e["action"], e["from"], e["to"], e["note"]) for e in d["events"]
+        ),
+    )
 
 
 _COLUMNS = "id, opened_at, kind, model, principal, action, detail, evidence, request_id, state, updated_at"

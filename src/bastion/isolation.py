@@ -6,14 +6,21 @@ operator releases it (`bastion models release NAME`). Off by default: isolation 
 availability for confidentiality, and a set of keys that get themselves flagged could use it to
 take a model down, so an operator opts in per model. The check costs one `PRAGMA data_version`
 per request to an isolating model, as key revocation does.
+
+`IsolationRecords` is the interface; `IsolationStore` is the SQLite table (the embedded default),
+`SharedIsolationStore` the same records in Redis or PostgreSQL (`bastion.records`), seen by every
+replica within 0.25 s.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
+from typing import Any, Protocol
 
 from bastion.files import open_shared_sqlite
+from bastion.records import UNCHANGED, Records, Watch, update
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS isolated_models (
@@ -22,6 +29,26 @@ CREATE TABLE IF NOT EXISTS isolated_models (
     reason TEXT NOT NULL
 );
 """
+
+
+class IsolationRecords(Protocol):
+    """Models taken out of service. Every method may raise `StateUnavailable` (503)."""
+
+    def isolated(self, model: str) -> bool: ...
+
+    def isolate(self, model: str, *, now: float, reason: str) -> bool:
+        """True if the model was not isolated already."""
+        ...
+
+    def release(self, model: str) -> bool:
+        """True if the model was isolated."""
+        ...
+
+    def list(self) -> list[tuple[str, float, str]]:
+        """(model, since, reason), oldest first."""
+        ...
+
+    def close(self) -> None: ...
 
 
 class IsolationStore:
@@ -63,3 +90,46 @@ class IsolationStore:
         with self._lock:
             rows = self._conn.execute("SELECT model, since, reason FROM isolated_models ORDER BY since")
             return [(r[0], r[1], r[2]) for r in rows.fetchall()]
+
+
+_ISOLATED = "isolated_models"  # the shared collection: model -> {since, reason}
+
+
+class SharedIsolationStore:
+    """Isolated models in Redis or PostgreSQL; the set is cached and read again when the
+    collection's counter moved (checked at most every 0.25 s)."""
+
+    def __init__(self, records: Records) -> None:
+        self._records = records
+        self._watch = Watch(records, _ISOLATED)
+        self._lock = threading.Lock()
+        self._isolated: frozenset[str] = frozenset()
+
+    def close(self) -> None:
+        self._records.close()
+
+    def isolated(self, model: str) -> bool:
+        with self._lock:
+            if self._watch.stale():
+                self._isolated = frozenset(self._records.items(_ISOLATED))
+            return model in self._isolated
+
+    def isolate(self, model: str, *, now: float, reason: str) -> bool:
+        text = json.dumps({"since": now, "reason": reason}, sort_keys=True)
+        changed = self._records.swap(_ISOLATED, model, None, text)
+        with self._lock:
+            self._watch.invalidate()
+        return changed
+
+    def release(self, model: str) -> bool:
+        def change(current: dict[str, Any] | None) -> Any:
+            return UNCHANGED if current is None else None
+
+        changed = update(self._records, _ISOLATED, model, change)
+        with self._lock:
+            self._watch.invalidate()
+        return changed
+
+    def list(self) -> list[tuple[str, float, str]]:
+        rows = [(m, json.loads(v)) for m, v in self._records.items(_ISOLATED).items()]
+        return sorted(((m, float(r["since"]), str(r["reason"])) for m, r in rows), key=lambda r: r[1])

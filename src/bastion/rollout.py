@@ -16,7 +16,9 @@ switch itself fails nothing), an event is audited and a metric fires.
 
 The state lives in `state/rollouts.json`, so `bastion rollout status|promote|rollback`
 can drive a running server: it rereads the file when it changes (checked at most
-once a second).
+four times a second). With `state.backend = "redis"` or `"postgres"` it lives in the shared
+records instead (`SharedRolloutStates`), checked every 0.25 s, so a rollback on one replica
+(or by the CLI) holds on every replica.
 """
 
 from __future__ import annotations
@@ -30,12 +32,14 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 from bastion.config import RolloutSettings
+from bastion.records import Records, Watch, update
 
 log = logging.getLogger("bastion.rollout")
 
-_CHECK_EVERY = 1.0  # seconds between looks at the state file
+_CHECK_EVERY = 0.25  # seconds between looks at the state (a file stat, or a shared counter read)
 
 
 @dataclass
@@ -158,28 +162,98 @@ def _unit_random() -> float:
     return secrets.randbits(32) / 2**32
 
 
+class RolloutStateStore(Protocol):
+    """Where rollout decisions are kept between requests, restarts and replicas."""
+
+    def load(self) -> dict[str, RolloutState]: ...
+
+    def save(self, states: dict[str, RolloutState]) -> None:
+        """Write the states of the models this process runs rollouts for."""
+        ...
+
+    def changed(self) -> bool:
+        """Whether another writer saved since this store last loaded or saved (cheap; called at
+        most once a second per server). May raise `StateUnavailable`."""
+        ...
+
+
+class FileRolloutStates:
+    """`rollouts.json` in the state directory (one host); a change is seen by its mtime."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._mtime: float | None = None
+
+    def load(self) -> dict[str, RolloutState]:
+        try:
+            self._mtime = self.path.stat().st_mtime
+            raw = json.loads(self.path.read_text(encoding="utf-8"))
+            return {m: RolloutState(**s) for m, s in raw.items()}
+        except (FileNotFoundError, ValueError, TypeError):
+            return {}
+
+    def save(self, states: dict[str, RolloutState]) -> None:
+        save_states(self.path, states)  # the whole file: one server owns its state directory
+        self._mtime = self.path.stat().st_mtime
+
+    def changed(self) -> bool:
+        try:
+            return self.path.stat().st_mtime != self._mtime
+        except FileNotFoundError:
+            return False
+
+
+_ROLLOUTS = "rollouts"  # the shared collection: model -> RolloutState as a dict
+
+
+class SharedRolloutStates:
+    """Rollout states in Redis or PostgreSQL (`bastion.records`): one record per model, written only
+    when this process changed it (a replica does not write back another's decision it has not read
+    yet); a change is seen by the collection's counter (read at most every 0.25 s)."""
+
+    def __init__(self, records: Records) -> None:
+        self._records = records
+        self._watch = Watch(records, _ROLLOUTS)
+        self._known: dict[str, dict[str, Any]] = {}
+
+    def load(self) -> dict[str, RolloutState]:
+        self._watch.invalidate()
+        self._watch.stale()  # read the counter first: what is read next is at least that new
+        self._known = {m: json.loads(s) for m, s in self._records.items(_ROLLOUTS).items()}
+        return {m: RolloutState(**s) for m, s in self._known.items()}
+
+    def save(self, states: dict[str, RolloutState]) -> None:
+        for model, state in states.items():
+            new = asdict(state)
+            if self._known.get(model) != new:
+                update(self._records, _ROLLOUTS, model, lambda _, new=new: new)  # type: ignore[misc]
+                self._known[model] = new
+
+    def changed(self) -> bool:
+        return self._watch.stale()
+
+
 class Rollouts:
     def __init__(
         self,
         settings: dict[str, RolloutSettings],
-        state_path: Path,
+        state: Path | RolloutStateStore,
         *,
         served: Callable[[str, str], bool],
         clock: Callable[[], float],
         random: Callable[[], float] = _unit_random,
     ) -> None:
         self._settings = settings
-        self._path = state_path
+        self._store: RolloutStateStore = FileRolloutStates(state) if isinstance(state, Path) else state
         self._clock = clock
         self._random = random
         self._windows: dict[str, _Window] = {}
-        self._file_mtime = 0.0
         self._checked_at = 0.0
-        self.states = self._initial_states(served)
-        self._save()
+        self.states = self._initial_states(served) if settings else {}
+        self._store.save(self.states)
 
     def _initial_states(self, served: Callable[[str, str], bool]) -> dict[str, RolloutState]:
-        saved = self._read()
+        saved = self._store.load()
         states = {}
         for model, s in self._settings.items():
             state = RolloutState(
@@ -262,35 +336,21 @@ class Rollouts:
         assert state.canary is not None
         state.weight, state.status, state.reason, state.changed_at = 0.0, "rolled_back", detail, self._clock()
         self._windows.pop(model, None)
-        self._save()
+        self._store.save(self.states)
         log.warning("rolled back %s version %s: %s", model, state.canary, detail)
         return Rollback(model, state.canary, reason, detail)
 
     def _maybe_reload(self) -> None:
+        if not self.states:
+            return
         now = self._clock()
         if now - self._checked_at < _CHECK_EVERY:
             return
-        self._checked_at = now
-        try:
-            mtime = self._path.stat().st_mtime
-        except FileNotFoundError:
-            return
-        if mtime != self._file_mtime:
-            for model, state in self._read().items():
+        if self._store.changed():  # StateUnavailable from a shared store: the request gets 503
+            for model, state in self._store.load().items():
                 if model in self.states:
                     self.states[model] = state
-            self._file_mtime = mtime
-
-    def _read(self) -> dict[str, RolloutState]:
-        try:
-            raw = json.loads(self._path.read_text(encoding="utf-8"))
-            return {m: RolloutState(**s) for m, s in raw.items()}
-        except (FileNotFoundError, ValueError, TypeError):
-            return {}
-
-    def _save(self) -> None:
-        save_states(self._path, self.states)
-        self._file_mtime = self._path.stat().st_mtime
+        self._checked_at = now
 
 
 def save_states(path: Path, states: dict[str, RolloutState]) -> None:

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 from bastion.assembly import build_pipelines, failed_auth_policy, load_or_create_secret, open_state_store
 from bastion.audit import AuditLog
-from bastion.audit.chain import load_or_create_audit_key
 from bastion.audit.log import AuditUnavailable
+from bastion.audit.sink import open_sink
+from bastion.breaker import STATE_VALUE, ModelGuards, Transition
 from bastion.config import Action, Config, check_grants_name_models, load_config
-from bastion.containment import MeasureStore
 from bastion.context import RequestContext
 from bastion.drift import DriftWatch
 from bastion.errors import (
@@ -33,18 +33,17 @@ from bastion.errors import (
     ConfigError,
     ErrorCode,
     MethodNotAllowed,
+    ModelCircuitOpen,
     NotReady,
     RateLimited,
 )
-from bastion.incidents import IncidentStore
-from bastion.isolation import IsolationStore
-from bastion.keys import KeyStore
 from bastion.llm.intent import ExtractionTracker
 from bastion.llm.models import ChatModel, load_chat_models
 from bastion.llm.types import ChatBackend, StreamEnd
 from bastion.metrics import UNKNOWN, Metrics
 from bastion.policy import Policy
 from bastion.privacy import AnswerCache, NoiseSource, OpenDPNoise
+from bastion.records import open_records
 from bastion.registry import ModelRegistry
 from bastion.rollout import Rollback, Rollouts
 from bastion.routes import ROUTE_ACTIONS, Route
@@ -53,7 +52,7 @@ from bastion.stages import Stage
 from bastion.stages.address_limits import FailedAuthLimiter
 from bastion.stages.chat import LazyRedactor, user_digest
 from bastion.stages.output_policy import PrivateScores
-from bastion.statedir import StatePaths, lock_state_dir, make_private_dir
+from bastion.statedir import StateDirLock, StatePaths, lock_state_dir, make_private_dir
 from bastion.tokens import TokenAuthority, load_or_create_signing_key
 
 if TYPE_CHECKING:
@@ -85,8 +84,11 @@ class Bastion:
         noise: NoiseSource | None = None,
         chat_backends: Mapping[str, ChatBackend] | None = None,
         span_exporter: SpanExporter | None = None,
+        state_lock: StateDirLock | None = None,
     ) -> None:
-        """`chat_backends`: ready language-model backends by model name, used instead of building the
+        """`state_lock`: the state directory's lock already held for this process (a worker of
+        `bastion serve --workers` inherits its supervisor's); None takes it here.
+        `chat_backends`: ready language-model backends by model name, used instead of building the
         ones `[llm]` names (tests and benchmarks put a scripted backend beside the real ones).
         `span_exporter`: with `[tracing] enabled`, where spans go instead of the OTLP endpoint (tests:
         the SDK's in-memory exporter)."""
@@ -102,7 +104,9 @@ class Bastion:
         make_private_dir(paths.root)
         self.paths = paths
         # First, before any database in the directory is opened: a second server touches nothing.
-        self._state_lock = lock_state_dir(paths.root)
+        self._state_lock = state_lock if state_lock is not None else lock_state_dir(paths.root)
+        # A worker of a supervisor shares its ports with its siblings (SO_REUSEPORT; bastion.workers).
+        self.shares_ports = state_lock is not None
         try:
             self._open(config, config_path, clock, noise)
         except BaseException:
@@ -130,10 +134,14 @@ class Bastion:
                 config, self.registry, self.metrics, self._record_event, config_path=str(config_path)
             )
         self._drift_task: asyncio.Task[None] | None = None
-        self.keys = KeyStore(paths.keys)
-        self.isolation = IsolationStore(paths.isolation)
-        self.incidents = IncidentStore(paths.incidents)
-        self.measures = MeasureStore(paths.measures)
+        self._load_events_task: asyncio.Task[None] | None = None  # audit sink down at start-up
+        # Keys, quarantines, isolations, measures, incidents and rollout state: SQLite files in the
+        # state directory, or Redis / PostgreSQL shared by every replica (bastion.records).
+        self.records = open_records(config, paths)
+        self.keys = self.records.keys
+        self.isolation = self.records.isolation
+        self.incidents = self.records.incidents
+        self.measures = self.records.measures
         self.sessions = SessionAuthority()
         self.tokens = TokenAuthority(
             load_or_create_signing_key(paths.token_key),
@@ -147,14 +155,9 @@ class Bastion:
             log.warning("UNSAFE: serving with every defense off (benchmark baseline only)")
         else:
             a = config.audit
+            # SQLite in the state directory, or one PostgreSQL chain for every replica (bastion.audit).
             self.audit = AuditLog(
-                paths.audit,
-                load_or_create_audit_key(paths.audit_key),
-                checkpoint_every_records=a.checkpoint_every_records,
-                checkpoint_every_seconds=a.checkpoint_every_seconds,
-                fsync=a.fsync,
-                flush_delay=0.0 if a.durability == "sync" else 0.005,
-                clock=clock,
+                open_sink(a, paths), flush_delay=0.0 if a.durability == "sync" else 0.005, clock=clock
             )
         self._wait_for_audit = config.audit.durability == "sync"
         self.private_scores = PrivateScores(self.state, noise or OpenDPNoise(), AnswerCache())
@@ -175,6 +178,9 @@ class Bastion:
             from bastion.tracing import Tracing
 
             self.tracing = Tracing(config.tracing, exporter=self._span_exporter)
+        # Each model version's deadline, threads and circuit breaker (bastion.breaker); kept across
+        # reloads: a SIGHUP neither closes an open breaker nor forgets a stuck call.
+        self.guards = ModelGuards(clock=time.monotonic, observe=self._observe_guard)
         self.chat_models: dict[str, ChatModel] = {}
         self.chat_models = load_chat_models(config, config_path, backends=self._chat_backends)
         if any(m.settings.redacts_input or m.settings.redacts_output for m in self.chat_models.values()):
@@ -193,7 +199,7 @@ class Bastion:
                 raise ConfigError(f"{config_path}: rollouts.{model}: model {model!r} is not configured")
         rollouts = Rollouts(
             dict(config.rollouts),
-            self.paths.root / "rollouts.json",
+            self.records.rollouts,
             served=lambda name, version: (
                 version in {m.version for m in self.registry.models() if m.name == name}
             ),
@@ -204,7 +210,13 @@ class Bastion:
         return rollouts
 
     async def startup(self) -> None:
-        await self._audit_load_events(self.registry)
+        try:
+            await self._audit_load_events(self.registry)
+        except AuditUnavailable:
+            # A PostgreSQL audit sink not answering yet: start (live, not ready, every request 503)
+            # and write the model-load records as soon as it answers.
+            log.error("audit log unavailable at start-up: refusing requests until it answers")
+            self._load_events_task = asyncio.get_running_loop().create_task(self._audit_load_events_later())
         if self._drift_task is None:
             self._drift_task = asyncio.get_running_loop().create_task(self._watch_drift())
 
@@ -284,6 +296,17 @@ class Bastion:
             if pending is not None:
                 await pending
 
+    async def _audit_load_events_later(self) -> None:
+        assert self.audit is not None
+        while True:
+            await asyncio.sleep(1.0)
+            if self.audit.healthy:
+                try:
+                    await self._audit_load_events(self.registry)
+                except AuditUnavailable:
+                    continue
+                return
+
     @property
     def ready(self) -> bool:
         audit_ok = self.audit is None or self.audit.healthy
@@ -291,7 +314,8 @@ class Bastion:
 
     async def is_ready(self) -> bool:
         """Ready, and the state store answers: a replica whose Redis is gone takes no traffic."""
-        return self.ready and await self.state.reachable()
+        audit = self.audit is None or await self.audit.reachable()  # a PostgreSQL audit sink answers
+        return self.ready and audit and await self.state.reachable()
 
     def close(self) -> None:
         """Flush and close everything; safe to call twice (lifespan shutdown, then the CLI's finally)."""
@@ -306,6 +330,7 @@ class Bastion:
         self.isolation.close()
         self.incidents.close()
         self.measures.close()
+        self.guards.close()
         if self.tracing is not None:
             self.tracing.provider.shutdown()  # the spans still queued are exported first
         self._state_lock.release()
@@ -316,6 +341,8 @@ class Bastion:
         if not self._closed:
             if self._drift_task is not None:
                 self._drift_task.cancel()
+            if self._load_events_task is not None:
+                self._load_events_task.cancel()
             for model in self.chat_models.values():
                 await model.backend.aclose()
             await self.state.aclose()
@@ -441,6 +468,30 @@ class Bastion:
             pending = self.audit.submit(record, wait=False)
             assert pending is None
 
+    def _observe_guard(self, model: str, version: str, event: str, value: object) -> None:
+        """A model's guard reports: a breaker transition (metrics and an audit event), a timeout, or
+        its count of stuck calls (called from the call's thread when it finally returns)."""
+        if isinstance(value, Transition):
+            self.metrics.breaker_state.labels(model, version).set(STATE_VALUE[value.state])
+            self.metrics.breaker_transitions.labels(model, version, value.state.value).inc()
+            log.warning("model %s %s: circuit breaker %s (%s)", model, version, value.state, value.reason)
+            self._record_event(
+                {
+                    "ts": self.clock(),
+                    "route": "breaker",
+                    "action": Action.ADMIN.value,
+                    "model": model,
+                    "version": version,
+                    "decision": value.state.value,  # open | half_open | closed
+                    "reason": value.reason,
+                    "detail": value.detail,
+                }
+            )
+        elif event == "timeout":
+            self.metrics.inference_timeouts.labels(model, version).inc()
+        elif event == "stuck" and isinstance(value, int):
+            self.metrics.inference_stuck.labels(model, version).set(value)
+
     async def _record_rollback(self, rollback: Rollback) -> None:
         self.metrics.rollbacks.labels(rollback.model, rollback.reason).inc()
         self.metrics.canary_weight.labels(rollback.model).set(0)
@@ -505,6 +556,8 @@ class Bastion:
             "rho_spent": ctx.rho_spent,
             "client": ctx.client,
         }
+        if ctx.client_certificate is not None:  # mTLS: the certificate's SHA-256, never the certificate
+            record["certificate"] = ctx.client_certificate.fingerprint
         if ctx.chat is not None:
             record.update(_chat_record(ctx, stream_end=stream_end))
         if ctx.operation is not None:  # an admin's change: what, and to what
@@ -556,7 +609,7 @@ def error_outcome(error: BastionError) -> Outcome:
     headers: dict[str, str] = {}
     if isinstance(error, AuthenticationFailed):
         headers["WWW-Authenticate"] = 'Bearer realm="bastion"'
-    if isinstance(error, RateLimited):
+    if isinstance(error, RateLimited | ModelCircuitOpen):
         headers["Retry-After"] = str(max(1, int(error.retry_after + 0.999)))
     if isinstance(error, MethodNotAllowed):
         headers["Allow"] = error.allowed

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from bastion.config import Action, Grant, OutputDetail, Role
-from bastion.containment import MeasureStore
-from bastion.incidents import IncidentState, IncidentStore
-from bastion.isolation import IsolationStore
-from bastion.keys import KeyStore
+from bastion.containment import MeasureRecords
+from bastion.incidents import IncidentRecords, IncidentState
+from bastion.isolation import IsolationRecords
+from bastion.keys import KeyRecords
 from bastion.metrics import Metrics
 from bastion.registry import ModelRegistry
 from bastion.rollout import Rollouts
@@ -167,7 +167,7 @@ def _charged(grant: Grant) -> str | None:
 
 
 async def _roles(
-    roles: Mapping[str, Role], keys: KeyStore, registry: ModelRegistry, store: StateStore, *, now: float
+    roles: Mapping[str, Role], keys: KeyRecords, registry: ModelRegistry, store: StateStore, *, now: float
 ) -> list[dict[str, Any]]:
     """Per role: its limits, how many live keys hold it, and what they spent of each privacy
     budget (read from the state store without spending). Daily quota use is not readable: the
@@ -214,11 +214,11 @@ async def _roles(
 async def build_summary(
     *,
     metrics: Metrics,
-    incidents: IncidentStore,
-    keys: KeyStore,
+    incidents: IncidentRecords,
+    keys: KeyRecords,
     registry: ModelRegistry,
-    isolation: IsolationStore,
-    measures: MeasureStore,
+    isolation: IsolationRecords,
+    measures: MeasureRecords,
     rollouts: Rollouts,
     roles: Mapping[str, Role],
     store: StateStore,

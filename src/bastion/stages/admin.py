@@ -7,12 +7,12 @@ changed. Bodies are small JSON objects; a note is an operator's text, kept in th
 
 from __future__ import annotations
 
-from bastion.containment import MeasureStore
+from bastion.containment import MeasureRecords
 from bastion.context import RequestContext
 from bastion.errors import BadRequest, ErrorCode, NotFound
-from bastion.incidents import IncidentState, IncidentStore
-from bastion.isolation import IsolationStore
-from bastion.keys import KeyStore
+from bastion.incidents import IncidentRecords, IncidentState
+from bastion.isolation import IsolationRecords
+from bastion.keys import KeyRecords
 from bastion.protocol import parse_json
 
 _MAX_BODY = 8 * 1024
@@ -39,7 +39,7 @@ def _actor(ctx: RequestContext) -> str:
 
 
 class ListIncidents:
-    def __init__(self, incidents: IncidentStore) -> None:
+    def __init__(self, incidents: IncidentRecords) -> None:
         self._incidents = incidents
 
     async def __call__(self, ctx: RequestContext) -> None:
@@ -48,7 +48,7 @@ class ListIncidents:
 
 
 class ShowIncident:
-    def __init__(self, incidents: IncidentStore) -> None:
+    def __init__(self, incidents: IncidentRecords) -> None:
         self._incidents = incidents
 
     async def __call__(self, ctx: RequestContext) -> None:
@@ -59,7 +59,7 @@ class TransitionIncident:
     """`{"state": "investigating", "note": "..."}`: acknowledge (investigating), resolve
     (remediated), close. 400 `invalid_transition` for a move the lifecycle does not allow."""
 
-    def __init__(self, incidents: IncidentStore) -> None:
+    def __init__(self, incidents: IncidentRecords) -> None:
         self._incidents = incidents
 
     async def __call__(self, ctx: RequestContext) -> None:
@@ -80,7 +80,7 @@ class TransitionIncident:
 
 
 class NoteIncident:
-    def __init__(self, incidents: IncidentStore) -> None:
+    def __init__(self, incidents: IncidentRecords) -> None:
         self._incidents = incidents
 
     async def __call__(self, ctx: RequestContext) -> None:
@@ -97,7 +97,7 @@ class NoteIncident:
 class ReleaseKey:
     """Lift what query auditing put on a key: its quarantine and every timed containment step."""
 
-    def __init__(self, keys: KeyStore, measures: MeasureStore) -> None:
+    def __init__(self, keys: KeyRecords, measures: MeasureRecords) -> None:
         self._keys = keys
         self._measures = measures
 
@@ -117,7 +117,7 @@ class ReleaseKey:
 
 
 class ReleaseModel:
-    def __init__(self, isolation: IsolationStore) -> None:
+    def __init__(self, isolation: IsolationRecords) -> None:
         self._isolation = isolation
 
     async def __call__(self, ctx: RequestContext) -> None:

@@ -32,8 +32,8 @@ from bastion.errors import (
     PermissionDenied,
     RateLimited,
 )
-from bastion.incidents import IncidentStore
-from bastion.keys import KeyStore
+from bastion.incidents import IncidentRecords
+from bastion.keys import KeyRecords
 from bastion.llm.intent import Escalation, ExtractionTracker, screen_intent
 from bastion.llm.leakage import LeakDetected, Revealed
 from bastion.llm.models import ChatModel
@@ -210,11 +210,11 @@ class PromptContainment:
 
     def __init__(
         self,
-        keys: KeyStore,
+        keys: KeyRecords,
         metrics: Metrics,
         record: Callable[[dict[str, Any]], None],
         tracker: ExtractionTracker,
-        incidents: IncidentStore,
+        incidents: IncidentRecords,
     ) -> None:
         self._keys = keys
         self._tracker = tracker

@@ -5,10 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from bastion import __version__
+from bastion.breaker import ModelGuards
 from bastion.config import Action, OutputDetail
 from bastion.context import RequestContext
-from bastion.errors import BadRequest, ErrorCode, MethodNotAllowed, NotFound, PermissionDenied
-from bastion.incidents import IncidentStore
+from bastion.errors import (
+    BadRequest,
+    ErrorCode,
+    MethodNotAllowed,
+    ModelCircuitOpen,
+    NotFound,
+    PermissionDenied,
+)
+from bastion.incidents import IncidentRecords
 from bastion.metrics import Metrics
 from bastion.policy import EffectiveGrant, Policy, TokenScope, serves_claim
 from bastion.protocol import integral, parse_json
@@ -109,13 +117,25 @@ class DescribeModel:
 
 
 class ModelReadiness:
+    """Ready unless the version's circuit breaker is open: then 503 model_circuit_open with
+    Retry-After, as an inference request would get."""
+
+    def __init__(self, guards: ModelGuards | None = None) -> None:
+        self._guards = guards
+
     async def __call__(self, ctx: RequestContext) -> None:
-        assert ctx.model is not None
-        ctx.result = {"name": ctx.model.name, "version": ctx.model.version, "ready": True}
+        model = ctx.model
+        assert model is not None
+        if self._guards is not None:
+            guarded = self._guards.get(model.name, model.version, model.digest, model.breaker)
+            left = guarded.breaker.open_for()
+            if left is not None:
+                raise ModelCircuitOpen(max(left, 1.0))
+        ctx.result = {"name": model.name, "version": model.version, "ready": True}
 
 
 class ExportMetrics:
-    def __init__(self, metrics: Metrics, incidents: IncidentStore | None = None) -> None:
+    def __init__(self, metrics: Metrics, incidents: IncidentRecords | None = None) -> None:
         self._metrics = metrics
         self._incidents = incidents
 

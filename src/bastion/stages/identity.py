@@ -1,11 +1,13 @@
 """Identity: who is calling? API keys and short-lived tokens from `Authorization: Bearer ...`;
-on the routes built with a `SessionAuthority`, a dashboard session too (`bastion.sessions`)."""
+on the routes built with a `SessionAuthority`, a dashboard session too (`bastion.sessions`); on the
+routes built with `CertificateIdentities`, a verified client certificate the policy maps (mTLS)."""
 
 from __future__ import annotations
 
+from bastion.certs import CertificateIdentities
 from bastion.context import Principal, RequestContext
 from bastion.errors import AuthenticationFailed
-from bastion.keys import KEY_PREFIX, KeyStore
+from bastion.keys import KEY_PREFIX, KeyRecords
 from bastion.sessions import SessionAuthority
 from bastion.tokens import TokenAuthority
 
@@ -13,21 +15,26 @@ from bastion.tokens import TokenAuthority
 class Authenticate:
     def __init__(
         self,
-        keys: KeyStore,
+        keys: KeyRecords,
         tokens: TokenAuthority,
         *,
         allow_tokens: bool = True,
         sessions: SessionAuthority | None = None,
+        certificates: CertificateIdentities | None = None,
     ) -> None:
         """`sessions`: accept a dashboard session when no Authorization header is sent (the
-        dashboard and admin routes only)."""
+        dashboard and admin routes only). `certificates`: accept a client certificate they map."""
         self._keys = keys
         self._tokens = tokens
         self._allow_tokens = allow_tokens
         self._sessions = sessions
+        self._certificates = certificates
 
     async def __call__(self, ctx: RequestContext) -> None:
         header = ctx.credentials
+        certificates = self._certificates
+        if ctx.client_certificate is not None and certificates is not None and self._certificate(ctx, certificates):
+            return
         if not header and ctx.session is not None and self._sessions is not None:
             self._session(ctx, self._sessions)
             return
@@ -58,6 +65,31 @@ class Authenticate:
             via="token",
             quarantined=behind.quarantined_at is not None,
         )
+
+    def _certificate(self, ctx: RequestContext, certificates: CertificateIdentities) -> bool:
+        """True when the client certificate names a principal (now set). A certificate the policy
+        does not map is no credential: the request goes on as if it had none (a bearer may follow)."""
+        cert = ctx.client_certificate
+        assert cert is not None
+        found = certificates.match(cert)
+        if found is None:
+            return False
+        if ctx.credentials or ctx.session is not None:
+            # Two credentials, possibly two principals: refused rather than one silently preferred.
+            raise AuthenticationFailed("ambiguous_credentials")
+        # Quarantine (query auditing) and revocation (`bastion keys revoke cert:<name>`) are kept in the
+        # key store under the principal id (bastion.keys).
+        record = self._keys.get(found.principal_id)
+        if record is not None and record.revoked_at is not None:
+            raise AuthenticationFailed("certificate_identity_revoked")
+        ctx.principal = Principal(
+            found.principal_id,
+            found.roles,
+            via="certificate",
+            quarantined=record is not None and record.quarantined_at is not None,
+            certificate=cert.fingerprint,
+        )
+        return True
 
     def _session(self, ctx: RequestContext, sessions: SessionAuthority) -> None:
         """The session's cookie opened, its CSRF secret checked when the request changes state,

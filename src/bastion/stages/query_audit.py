@@ -22,13 +22,13 @@ from collections.abc import Callable
 from typing import Any
 
 from bastion.config import OutputDetail
-from bastion.containment import MeasureStore
+from bastion.containment import MeasureRecords
 from bastion.context import RequestContext
 from bastion.errors import ErrorCode, NotReady, PermissionDenied, RateLimited
 from bastion.extraction import Suspicion
-from bastion.incidents import IncidentStore
-from bastion.isolation import IsolationStore
-from bastion.keys import KeyStore
+from bastion.incidents import IncidentRecords
+from bastion.isolation import IsolationRecords
+from bastion.keys import KeyRecords
 from bastion.metrics import Metrics
 from bastion.registry import ModelRegistry
 from bastion.state import LimitSpec, StateStore
@@ -50,7 +50,7 @@ ISOLATED = (
 
 
 class IsolationGate:
-    def __init__(self, isolation: IsolationStore) -> None:
+    def __init__(self, isolation: IsolationRecords) -> None:
         self._isolation = isolation
 
     async def __call__(self, ctx: RequestContext) -> None:
@@ -67,7 +67,7 @@ class ApplyMeasures:
 
     def __init__(
         self,
-        measures: MeasureStore,
+        measures: MeasureRecords,
         store: StateStore,
         pick_stable: Callable[[str], str | None],
         registry: ModelRegistry,
@@ -123,12 +123,12 @@ class ContainmentGate:
 class Containment:
     def __init__(
         self,
-        keys: KeyStore,
-        isolation: IsolationStore,
+        keys: KeyRecords,
+        isolation: IsolationRecords,
         metrics: Metrics,
         record: Callable[[dict[str, Any]], None],
-        incidents: IncidentStore,
-        measures: MeasureStore,
+        incidents: IncidentRecords,
+        measures: MeasureRecords,
     ) -> None:
         self._keys = keys
         self._isolation = isolation
