@@ -95,22 +95,36 @@ def make_private_sqlite(path: Path) -> None:
 
 
 class StateDirLock:
-    """An acquired lock; `release()` (idempotent) gives it back."""
+    """An acquired lock; `release()` (idempotent) gives it back.
 
-    def __init__(self, root: Path, fd: int) -> None:
+    The flock belongs to the open file, not to a process: a descriptor inherited by a child process
+    (`bastion serve --workers`) holds the same lock, which the kernel drops only when the last
+    process holding it closes it or dies."""
+
+    def __init__(self, root: Path, fd: int, *, owner: bool = True) -> None:
         self.root = root
         self._fd: int | None = fd
+        # A worker of `bastion serve --workers` shares the supervisor's lock through an inherited
+        # descriptor (one open file, one flock): closing its copy must not erase the supervisor's PID.
+        self._owner = owner
 
     @property
     def held(self) -> bool:
         return self._fd is not None
+
+    def fileno(self) -> int:
+        """The lock's descriptor (for a child process to inherit). Raises ValueError once released."""
+        if self._fd is None:
+            raise ValueError("state directory lock released")
+        return self._fd
 
     def release(self) -> None:
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
         try:
-            os.ftruncate(fd, 0)  # no stale PID for the next reader
+            if self._owner:
+                os.ftruncate(fd, 0)  # no stale PID for the next reader
         finally:
             os.close(fd)  # closing the descriptor drops the flock
 

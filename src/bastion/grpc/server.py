@@ -238,8 +238,9 @@ class GrpcServer:
                 ("grpc.http2.min_ping_interval_without_data_ms", 300_000),
                 ("grpc.http2.max_ping_strikes", 2),
                 ("grpc.max_metadata_size", 16 * 1024),
-                # Without this a second server on the same port would share it silently.
-                ("grpc.so_reuseport", 0),
+                # Without this a second server on the same port would share it silently; the workers
+                # of one supervisor share it on purpose, the kernel spreading connections (bastion.workers).
+                ("grpc.so_reuseport", 1 if self._service.shares_ports else 0),
             ],
         )
         server.add_generic_rpc_handlers((InferenceService(self._service).handler(),))
