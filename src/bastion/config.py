@@ -360,6 +360,19 @@ class ModelRef(_Strict):
     containment_seconds: Annotated[float, Field(gt=0, le=30 * 86_400)] = 3600.0
     # With a reference dataset: drift and anomaly alerts (on unless `enabled = false`).
     drift: DriftSettings = DriftSettings()
+    # Timeouts and the circuit breaker (bastion.breaker). A runtime call not answered within
+    # inference_timeout_seconds gets 504 inference_timeout (an ONNX call is stopped too). The model's
+    # calls run on inference_threads threads of its own, which also bounds its calls stuck past
+    # their deadline. breaker_failures server-side failures in a row (500 or 504, no success between)
+    # within breaker_window_seconds open the breaker: 503 model_circuit_open with Retry-After, the
+    # runtime not called, for breaker_open_seconds; then breaker_half_open_probes requests go
+    # through, and the breaker closes when all succeed (any failure opens it again).
+    inference_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    inference_threads: Annotated[int, Field(ge=1, le=64)] = 4
+    breaker_failures: Annotated[int, Field(ge=1, le=10_000)] = 5
+    breaker_window_seconds: Annotated[float, Field(gt=0, le=86_400)] = 60.0
+    breaker_open_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    breaker_half_open_probes: Annotated[int, Field(ge=1, le=100)] = 1
 
     @model_validator(mode="after")
     def _isolation_window_needs_isolation(self) -> ModelRef:

@@ -97,6 +97,8 @@ class ErrorCode(StrEnum):
     # 502 / 504: a language model's backend (an upstream server) failed or did not answer in time
     BACKEND_FAILED = "backend_failed"
     BACKEND_TIMEOUT = "backend_timeout"
+    # 504: a model's runtime call passed its inference_timeout_seconds (bastion.breaker)
+    INFERENCE_TIMEOUT = "inference_timeout"
     # 503: try later (or elsewhere)
     NOT_READY = "not_ready"
     ROUTE_DISABLED = "route_disabled"
@@ -106,6 +108,7 @@ class ErrorCode(StrEnum):
     AUDIT_UNAVAILABLE = "audit_unavailable"
     MODEL_BUSY = "model_busy"  # a language model's wait queue is full
     BACKEND_UNAVAILABLE = "backend_unavailable"
+    MODEL_CIRCUIT_OPEN = "model_circuit_open"  # the model's circuit breaker is open (bastion.breaker)
 
 
 # The HTTP status of every code, in one table (a unit test checks it covers the enum).
@@ -172,6 +175,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.INFERENCE_FAILED: 500,
     ErrorCode.BACKEND_FAILED: 502,
     ErrorCode.BACKEND_TIMEOUT: 504,
+    ErrorCode.INFERENCE_TIMEOUT: 504,
     ErrorCode.NOT_READY: 503,
     ErrorCode.ROUTE_DISABLED: 503,
     ErrorCode.MODEL_ISOLATED: 503,
@@ -180,6 +184,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.AUDIT_UNAVAILABLE: 503,
     ErrorCode.MODEL_BUSY: 503,
     ErrorCode.BACKEND_UNAVAILABLE: 503,
+    ErrorCode.MODEL_CIRCUIT_OPEN: 503,
 }
 
 # The gRPC status (a `grpc.StatusCode` name, so no grpc import here) of each HTTP status above; the
@@ -315,6 +320,27 @@ class ModelFailed(BastionError):
     """500: the model itself raised; the server's failure, not the client's input."""
 
     code = ErrorCode.INFERENCE_FAILED
+
+
+class InferenceTimeout(BastionError):
+    """504: the model's runtime did not answer within its `inference_timeout_seconds` (a server-side
+    failure: it counts toward the model's circuit breaker and a canary's error rate)."""
+
+    code = ErrorCode.INFERENCE_TIMEOUT
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"the model did not answer within {seconds:g} s")
+
+
+class ModelCircuitOpen(BastionError):
+    """503: the model's circuit breaker is open after repeated server-side failures; the runtime was
+    not called. `retry_after`: seconds until a probe may be let through (the Retry-After header)."""
+
+    code = ErrorCode.MODEL_CIRCUIT_OPEN
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__("the model is failing and is not taking requests for now; retry later")
+        self.retry_after = retry_after
 
 
 class BackendError(BastionError):

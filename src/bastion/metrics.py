@@ -169,6 +169,32 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.breaker_state = Gauge(
+            "bastion_model_breaker_state",
+            "A model version's circuit breaker: 0 closed, 1 half-open, 2 open.",
+            ["model", "version"],
+            registry=self.registry,
+        )
+        self.breaker_transitions = Counter(
+            "bastion_model_breaker_transitions",
+            "Circuit breaker state changes, by model, version and the state entered.",
+            ["model", "version", "state"],
+            registry=self.registry,
+        )
+        self.inference_timeouts = Counter(
+            "bastion_inference_timeouts",
+            "Runtime calls answered 504 at their inference_timeout_seconds, by model and version.",
+            ["model", "version"],
+            registry=self.registry,
+        )
+        self.inference_stuck = Gauge(
+            "bastion_inference_stuck_calls",
+            "Runtime calls past their deadline whose thread has not returned yet (a thread cannot be "
+            "killed; bounded by the model's inference_threads).",
+            ["model", "version"],
+            registry=self.registry,
+        )
+
     def observe_request(self, route: str, model: str, status: int, latency: float) -> None:
         if not self.enabled:
             return

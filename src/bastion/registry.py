@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bastion.breaker import BreakerPolicy
 from bastion.bundle.crypto import LocalKeyProvider
 from bastion.bundle.verify import BundleRefused, TrustPolicy, is_bundle, verify_bundle
 from bastion.config import ModelRef
@@ -44,6 +45,7 @@ class ServedModel:
     isolate_after: int = 0  # flagged principals within isolation_window that isolate the model (0: never)
     isolation_window: float = 3600.0
     containment: ContainmentPolicy = field(default_factory=ContainmentPolicy)  # the ladder climbed on each incident
+    breaker: BreakerPolicy = field(default_factory=BreakerPolicy)  # its deadline, threads and circuit breaker
 
     @property
     def name(self) -> str:
@@ -174,6 +176,14 @@ class ModelRegistry:
             ref.isolate_after if monitor is not None else 0,
             ref.isolation_window_seconds,
             ContainmentPolicy(ref.ladder, ref.throttle_rate, ref.degrade_to, ref.containment_seconds),
+            BreakerPolicy(
+                ref.inference_timeout_seconds,
+                ref.inference_threads,
+                ref.breaker_failures,
+                ref.breaker_window_seconds,
+                ref.breaker_open_seconds,
+                ref.breaker_half_open_probes,
+            ),
         )
         self._models.setdefault(manifest.name, {})[manifest.version] = model
         log.info("serving %s version %s (%s)", model.name, model.version, model.digest)

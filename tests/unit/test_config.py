@@ -520,6 +520,17 @@ REFUSED_WHEN_IGNORED.update(
         for f in ("window_rows", "ood_rate_threshold")
     }
 )
+# Timeouts and circuit breakers (bastion.breaker): over HTTP with a real hanging ONNX model, and the
+# two a single server cannot show from outside (threads, window) in-process from the policy file.
+_BREAKER_E2E = _E2E + "test_breaker.py::test_a_hung_model_is_cut_off_its_breaker_opens_and_a_probe_closes_it"
+ENFORCED.update(
+    {("ModelRef", f): _BREAKER_E2E for f in ("inference_timeout_seconds", "breaker_failures")}
+    | {("ModelRef", f): _BREAKER_E2E for f in ("breaker_open_seconds", "breaker_half_open_probes")}
+    | {
+        ("ModelRef", f): "tests/unit/test_breaker.py::test_the_policy_files_threads_and_window_are_the_guards"
+        for f in ("inference_threads", "breaker_window_seconds")
+    }
+)
 _OWNED_ELSEWHERE: set[str] = set()
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from bastion.breaker import Cancel
 from bastion.errors import ModelLoadError
 from bastion.manifest import Manifest
 
@@ -84,3 +86,19 @@ class OnnxRuntime:
     def predict(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         (out,) = self._session.run([self._output], {n: inputs[n] for n in self._input_names})
         return np.asarray(out).reshape(-1, self._width)
+
+    def stoppable(self, inputs: dict[str, np.ndarray]) -> tuple[Callable[[], np.ndarray], Cancel]:
+        """`predict` as a call another thread can stop (the deadline): onnxruntime checks
+        `RunOptions.terminate` between nodes and loop iterations, and the stopped run raises."""
+        options = ort.RunOptions()
+        options.log_severity_level = 4  # a stopped run is the deadline's doing, not an error to log
+        feeds = {n: inputs[n] for n in self._input_names}
+
+        def run() -> np.ndarray:
+            (out,) = self._session.run([self._output], feeds, options)
+            return np.asarray(out).reshape(-1, self._width)
+
+        def stop() -> None:
+            options.terminate = True
+
+        return run, Cancel(stop)

@@ -1,4 +1,5 @@
-"""Inference: the runtime predicts for the validated batch (class probabilities, or values)."""
+"""Inference: the runtime predicts for the validated batch (class probabilities, or values), on the
+model's own threads under its deadline and circuit breaker (bastion.breaker)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from collections.abc import Callable
 
 import numpy as np
 
+from bastion.breaker import ModelGuards
 from bastion.context import RequestContext
-from bastion.errors import ModelFailed
+from bastion.errors import InferenceTimeout, ModelCircuitOpen, ModelFailed
 
 log = logging.getLogger("bastion.inference")
 
@@ -33,12 +35,34 @@ def run_model(ctx: RequestContext, predict: Callable[[], np.ndarray]) -> np.ndar
 
 
 class Infer:
+    """`guards`: the models' deadlines and breakers; None (the unsafe no-defenses baseline only)
+    calls the runtime inline on the event loop, with no deadline."""
+
+    def __init__(self, guards: ModelGuards | None = None) -> None:
+        self._guards = guards
+
     async def __call__(self, ctx: RequestContext) -> None:
-        assert ctx.model is not None and ctx.request is not None
-        runtime, inputs = ctx.model.runtime, ctx.request.inputs
+        model, request = ctx.model, ctx.request
+        assert model is not None and request is not None
+        runtime, inputs = model.runtime, request.inputs
         # The model's time alone (not the client's upload, the guard or the audit): a canary's latency.
         started = time.perf_counter()
+        if self._guards is None:
+            try:
+                ctx.prediction = run_model(ctx, lambda: runtime.predict(inputs))
+            finally:
+                ctx.inference_seconds = time.perf_counter() - started
+            return
+        guarded = self._guards.get(model.name, model.version, model.digest, model.breaker)
+        stoppable = getattr(runtime, "stoppable", None)
+        call, cancel = stoppable(inputs) if stoppable is not None else (lambda: runtime.predict(inputs), None)
         try:
-            ctx.prediction = run_model(ctx, lambda: runtime.predict(inputs))
+            ctx.prediction = await guarded.call(call, cancel)
+        except (InferenceTimeout, ModelFailed, ModelCircuitOpen):
+            # The server's own failure, never the client's (its bad input was refused before this
+            # stage): evidence against a canary, as a runtime's exception is. An open breaker is
+            # such evidence too (the failures that opened it were), with no runtime time.
+            ctx.runtime_failed = True
+            raise
         finally:
             ctx.inference_seconds = time.perf_counter() - started

@@ -1,0 +1,153 @@
+"""Timeouts and circuit breakers over HTTP, with the real server and a real ONNX model whose input
+makes it run for half an hour (tests/slow_model.py): a hung call is answered 504 at its deadline
+and stopped, the breaker opens after N of them, refuses 503 with Retry-After without calling the
+runtime, closes after a half-open probe; a client's bad input never moves it; liveness stays up."""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers import create_key, start_server, write_test_deployment
+from tests.slow_model import FAST, HANG, slow_request, write_slow_model
+
+pytestmark = pytest.mark.slow
+
+TIMEOUT = 0.5
+FAILURES = 3
+OPEN_SECONDS = 2.0
+INFER = "/v2/models/slow/infer"
+SLOW_MODEL = f"""[[models]]
+path = "models/slow"
+unsafe_unsigned = true
+inference_timeout_seconds = {TIMEOUT}
+inference_threads = 2
+breaker_failures = {FAILURES}
+breaker_window_seconds = 60
+breaker_open_seconds = {OPEN_SECONDS}
+breaker_half_open_probes = 1
+
+[roles.slowpoke]
+rate = 1000
+burst = 1000
+grants = [ {{ models = ["slow"], actions = ["infer", "metadata"] }} ]
+
+"""
+
+
+def _metric(text: str, name: str, model: str = "slow") -> float:
+    found = re.search(rf'^{name}\{{model="{model}",version="1"\}} (\S+)$', text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def _audit(root: Path) -> list[dict[str, object]]:
+    with sqlite3.connect(root / "state" / "audit.db") as db:
+        return [json.loads(b) for (b,) in db.execute("SELECT body FROM records ORDER BY seq")]
+
+
+def test_a_hung_model_is_cut_off_its_breaker_opens_and_a_probe_closes_it(tmp_path: Path) -> None:
+    root = tmp_path / "d"
+    config, _ = write_test_deployment(root, extra=SLOW_MODEL)
+    write_slow_model(root / "models" / "slow")
+    key, admin = create_key(config, "slowpoke"), create_key(config, "admin")
+    server = start_server(config, tmp_path / "server.log")
+    try:
+        with server.client(key) as c, server.client(admin) as a:
+
+            def metrics() -> str:
+                return a.get("/metrics").text
+
+            # 1. A client's bad input, many times over: 4xx each, and the breaker never moves.
+            bad = [
+                slow_request(-1.0),  # under the manifest's minimum
+                {"inputs": [{"name": "work", "datatype": "FP32", "shape": [1, 2], "data": [0, 0]}]},
+                {"inputs": [{"name": "nope", "datatype": "FP32", "shape": [1, 1], "data": [0]}]},
+                {"inputs": "x"},
+            ]
+            codes = {c.post(INFER, json=bad[i % len(bad)]).status_code for i in range(4 * FAILURES * 3)}
+            assert codes <= {400, 422}, codes
+            assert c.post(INFER, json=slow_request(FAST)).status_code == 200
+            assert _metric(metrics(), "bastion_model_breaker_state") == 0
+
+            # 2. A hung call: 504 at the deadline, while liveness answers at once.
+            hung: list[httpx.Response] = []
+            began = time.monotonic()
+            waiter = threading.Thread(target=lambda: hung.append(c.post(INFER, json=slow_request(HANG))))
+            waiter.start()
+            time.sleep(0.1)
+            live_began = time.monotonic()
+            assert httpx.get(f"{server.base_url}/v2/health/live", timeout=5).status_code == 200
+            assert time.monotonic() - live_began < 0.3
+            waiter.join()
+            elapsed = time.monotonic() - began
+            assert hung[0].status_code == 504, hung[0].text
+            assert hung[0].json() == {
+                "error": f"the model did not answer within {TIMEOUT:g} s",
+                "code": "inference_timeout",
+            }
+            assert TIMEOUT <= elapsed < TIMEOUT + 0.5
+
+            # 3. N timeouts in a row open the breaker.
+            for _ in range(FAILURES - 1):
+                began = time.monotonic()
+                r = c.post(INFER, json=slow_request(HANG))
+                assert r.status_code == 504 and time.monotonic() - began < TIMEOUT + 0.5
+            text = metrics()
+            assert _metric(text, "bastion_model_breaker_state") == 2
+            assert _metric(text, "bastion_inference_timeouts_total") == FAILURES
+
+            # 4. Open: 503 with Retry-After at once, the runtime not called (a hanging input answered
+            #    in milliseconds, no further timeout counted); the model reads not ready.
+            for body in (slow_request(HANG), slow_request(FAST)):
+                began = time.monotonic()
+                r = c.post(INFER, json=body)
+                assert time.monotonic() - began < 0.25
+                assert r.status_code == 503 and r.json()["code"] == "model_circuit_open"
+                assert 1 <= int(r.headers["retry-after"]) <= OPEN_SECONDS
+            ready = c.get("/v2/models/slow/ready")
+            assert ready.status_code == 503 and "retry-after" in ready.headers
+            assert a.get("/v2/models/breast-cancer/ready").status_code == 200  # other models unaffected
+            text = metrics()
+            assert _metric(text, "bastion_inference_timeouts_total") == FAILURES
+            # onnxruntime was told to stop: no thread is left stuck in the hung calls.
+            assert _metric(text, "bastion_inference_stuck_calls") == 0
+            assert httpx.get(f"{server.base_url}/v2/health/live", timeout=5).status_code == 200
+
+            # 5. After breaker_open_seconds a half-open probe goes through; its success closes it.
+            time.sleep(OPEN_SECONDS + 0.1)
+            r = c.post(INFER, json=slow_request(FAST))
+            assert r.status_code == 200, r.text
+            assert _metric(metrics(), "bastion_model_breaker_state") == 0
+            assert [c.post(INFER, json=slow_request(FAST)).status_code for _ in range(3)] == [200] * 3
+            assert c.get("/v2/models/slow/ready").status_code == 200
+
+            # 6. A failed probe opens it again.
+            for _ in range(FAILURES):
+                assert c.post(INFER, json=slow_request(HANG)).status_code == 504
+            time.sleep(OPEN_SECONDS + 0.1)
+            assert c.post(INFER, json=slow_request(HANG)).status_code == 504  # the probe
+            assert c.post(INFER, json=slow_request(FAST)).status_code == 503
+    finally:
+        server.stop()
+    # Each transition is an audit event; each refusal is the request's own record.
+    events = [(e["decision"], e["reason"]) for e in _audit(root) if e.get("route") == "breaker"]
+    assert events == [
+        ("open", "failures"),
+        ("half_open", "open_elapsed"),
+        ("closed", "probes_succeeded"),
+        ("open", "failures"),
+        ("half_open", "open_elapsed"),
+        ("open", "probe_failed"),
+    ]
+    reasons = [e["reason"] for e in _audit(root) if e.get("model") == "slow" and e.get("route") == "infer"]
+    assert reasons.count("inference_timeout") == 2 * FAILURES + 1
+    assert "model_circuit_open" in reasons
+    log = (tmp_path / "server.log").read_text()
+    assert "Traceback" not in log

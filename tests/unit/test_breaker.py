@@ -1,0 +1,292 @@
+"""The circuit breaker's state machine (injected clock) and a guarded model's deadline, threads and
+stuck-call accounting, with blocking calls and with a real ONNX model that a deadline stops."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from bastion.breaker import BreakerPolicy, BreakerState, CircuitBreaker, GuardedModel, ModelGuards, Transition
+from bastion.config import load_config
+from bastion.errors import (
+    HTTP_STATUS,
+    ConfigError,
+    ErrorCode,
+    InferenceTimeout,
+    ModelCircuitOpen,
+    ModelFailed,
+    grpc_status,
+)
+from bastion.manifest import read_manifest
+from bastion.registry import ModelRegistry
+from bastion.runtimes import load_runtime
+from tests.slow_model import FAST, HANG, write_slow_model
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def breaker(**fields: Any) -> tuple[CircuitBreaker, Clock, list[Transition]]:
+    clock, seen = Clock(), list[Transition]()
+    policy = replace(BreakerPolicy(failures=3, window=10.0, open_seconds=5.0, half_open_probes=2), **fields)
+    return CircuitBreaker(policy, clock=clock, on_transition=seen.append), clock, seen
+
+
+def state(b: CircuitBreaker) -> BreakerState:
+    return b.state
+
+
+def test_codes_and_statuses() -> None:
+    assert HTTP_STATUS[ErrorCode.INFERENCE_TIMEOUT] == 504
+    assert HTTP_STATUS[ErrorCode.MODEL_CIRCUIT_OPEN] == 503
+    assert grpc_status(ErrorCode.INFERENCE_TIMEOUT) == "DEADLINE_EXCEEDED"
+    assert grpc_status(ErrorCode.MODEL_CIRCUIT_OPEN) == "UNAVAILABLE"
+
+
+def test_closed_opens_after_failures_in_a_row_within_the_window() -> None:
+    b, clock, seen = breaker()
+    for _ in range(2):
+        b.failed(b.admit(), "inference_failed")
+    b.succeeded(b.admit())  # a success between them: the count starts over
+    b.failed(b.admit(), "inference_failed")
+    clock.now += 11  # the window passes: the old failure is forgotten
+    b.failed(b.admit(), "inference_failed")
+    b.failed(b.admit(), "inference_timeout")
+    assert state(b) is BreakerState.CLOSED and seen == []
+    b.failed(b.admit(), "inference_timeout")
+    assert state(b) is BreakerState.OPEN
+    assert seen[-1].previous is BreakerState.CLOSED and seen[-1].reason == "failures"
+    assert "inference_timeout" in seen[-1].detail
+
+
+def test_open_refuses_then_half_open_probes_close_it() -> None:
+    b, clock, seen = breaker()
+    for _ in range(3):
+        b.failed(b.admit(), "inference_failed")
+    with pytest.raises(ModelCircuitOpen) as refused:
+        b.admit()
+    assert refused.value.retry_after == pytest.approx(5.0) and refused.value.status == 503
+    clock.now += 4
+    assert b.open_for() == pytest.approx(1.0)
+    with pytest.raises(ModelCircuitOpen):
+        b.admit()
+    clock.now += 1
+    first, second = b.admit(), b.admit()  # half-open: two probes at once
+    assert state(b) is BreakerState.HALF_OPEN and seen[-1].reason == "open_elapsed"
+    with pytest.raises(ModelCircuitOpen):
+        b.admit()  # a third waits for their verdict
+    b.succeeded(first)
+    assert state(b) is BreakerState.HALF_OPEN
+    b.succeeded(second)
+    assert state(b) is BreakerState.CLOSED and seen[-1].reason == "probes_succeeded"
+    b.succeeded(b.admit())
+    assert [t.state for t in seen] == [BreakerState.OPEN, BreakerState.HALF_OPEN, BreakerState.CLOSED]
+
+
+def test_a_failed_probe_opens_it_again_for_a_full_period() -> None:
+    b, clock, seen = breaker(half_open_probes=1)
+    for _ in range(3):
+        b.failed(b.admit(), "inference_timeout")
+    clock.now += 5
+    b.failed(b.admit(), "inference_timeout")
+    assert state(b) is BreakerState.OPEN and seen[-1].reason == "probe_failed"
+    clock.now += 4.9
+    with pytest.raises(ModelCircuitOpen):
+        b.admit()
+
+
+def test_a_late_result_from_another_state_is_not_a_verdict() -> None:
+    b, clock, _ = breaker(half_open_probes=1)
+    slow = b.admit()  # let through while closed, answers long after
+    for _ in range(3):
+        b.failed(b.admit(), "inference_failed")
+    clock.now += 5
+    probe = b.admit()
+    b.failed(slow, "inference_timeout")  # not the probe's verdict
+    assert state(b) is BreakerState.HALF_OPEN
+    b.abandoned(probe)  # the probe's request was cancelled: its slot is free again
+    b.succeeded(b.admit())
+    assert state(b) is BreakerState.CLOSED
+
+
+def test_an_open_breaker_with_every_thread_stuck_is_not_probed() -> None:
+    b, clock, _ = breaker()
+    for _ in range(3):
+        b.failed(b.admit(), "inference_timeout")
+    clock.now += 60
+    with pytest.raises(ModelCircuitOpen):
+        b.admit(can_probe=False)
+    assert state(b) is BreakerState.OPEN
+    b.admit(can_probe=True)
+    assert state(b) is BreakerState.HALF_OPEN
+
+
+def guarded(**fields: Any) -> tuple[GuardedModel, Clock, list[int]]:
+    clock, stuck = Clock(), list[int]()
+    policy = replace(BreakerPolicy(inference_timeout=0.2, threads=1, failures=2, open_seconds=5.0), **fields)
+    return GuardedModel("m", policy, clock=clock, on_stuck=stuck.append), clock, stuck
+
+
+def test_a_hung_call_is_answered_at_its_deadline_and_counted_stuck_until_it_returns() -> None:
+    async def scenario() -> None:
+        model, clock, stuck = guarded()
+        release = threading.Event()
+        calls = []
+
+        def hang() -> int:
+            calls.append(1)
+            release.wait(10)
+            return 1
+
+        began = time.monotonic()
+        with pytest.raises(InferenceTimeout) as timeout:
+            await model.call(hang)
+        assert 0.2 <= time.monotonic() - began < 0.6
+        assert timeout.value.status == 504
+        assert model.stuck == 1 and stuck == [1]
+        # The one thread is stuck: a second call waits for it, and is cancelled unstarted at its deadline.
+        with pytest.raises(InferenceTimeout):
+            await model.call(hang)
+        assert model.stuck == 1 and len(calls) == 1
+        assert state(model.breaker) is BreakerState.OPEN  # two timeouts in a row
+        # Open: refused at once, the runtime not called.
+        began = time.monotonic()
+        with pytest.raises(ModelCircuitOpen):
+            await model.call(hang)
+        assert time.monotonic() - began < 0.05 and len(calls) == 1
+        clock.now += 5
+        with pytest.raises(ModelCircuitOpen):  # every thread stuck: no probe
+            await model.call(lambda: 2)
+        release.set()
+        for _ in range(100):
+            if model.stuck == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert model.stuck == 0 and stuck[-1] == 0
+        assert await model.call(lambda: 2) == 2  # the probe
+        assert state(model.breaker) is BreakerState.CLOSED
+        model.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_raising_runtime_is_a_server_failure_that_names_only_its_type(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def scenario() -> None:
+        model, _, _ = guarded()
+
+        def broken() -> int:
+            raise ValueError("input row 7 was secret-value-123")
+
+        for _ in range(2):
+            with pytest.raises(ModelFailed) as failed:
+                await model.call(broken)
+            assert failed.value.status == 500 and "secret" not in failed.value.message
+        assert state(model.breaker) is BreakerState.OPEN
+        model.close()
+
+    asyncio.run(scenario())
+    assert "ValueError" in caplog.text and "secret-value-123" not in caplog.text
+
+
+def test_the_deadline_stops_a_real_onnx_call(tmp_path: Path) -> None:
+    write_slow_model(tmp_path)
+    runtime = load_runtime(tmp_path, read_manifest(tmp_path))
+
+    async def scenario() -> None:
+        model, _, _ = guarded(inference_timeout=0.3, failures=10)
+        run, cancel = runtime.stoppable({"work": np.array([[HANG]], np.float32)})  # type: ignore[attr-defined]
+        began = time.monotonic()
+        with pytest.raises(InferenceTimeout):
+            await model.call(run, cancel)
+        assert time.monotonic() - began < 0.8
+        # onnxruntime saw the terminate flag: the thread is back within moments, not half an hour.
+        for _ in range(100):
+            if model.stuck == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert model.stuck == 0
+        fast, cancel = runtime.stoppable({"work": np.array([[FAST]], np.float32)})  # type: ignore[attr-defined]
+        assert (await model.call(fast, cancel)).tolist() == [[0.5, 0.5]]
+        model.close()
+
+    asyncio.run(scenario())
+
+
+def _policy_file(tmp_path: Path, fields: str) -> Path:
+    write_slow_model(tmp_path / "slow")
+    path = tmp_path / "bastion.toml"
+    path.write_text(f'[[models]]\npath = "slow"\nunsafe_unsigned = true\n{fields}')
+    return path
+
+
+def test_the_guard_is_on_by_default(tmp_path: Path) -> None:
+    (model,) = ModelRegistry.load(list(load_config(_policy_file(tmp_path, "")).models)).models()
+    assert model.breaker == BreakerPolicy(10.0, 4, 5, 60.0, 30.0, 1)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "inference_timeout_seconds = 0",
+        "inference_timeout_seconds = 3601",
+        "inference_threads = 0",
+        "inference_threads = 65",
+        "breaker_failures = 0",
+        "breaker_window_seconds = 0",
+        "breaker_open_seconds = -1",
+        "breaker_half_open_probes = 0",
+        "breaker_half_open_probes = 101",
+    ],
+)
+def test_out_of_range_settings_are_refused_naming_the_field(tmp_path: Path, line: str) -> None:
+    with pytest.raises(ConfigError, match=line.split(" ")[0]):
+        load_config(_policy_file(tmp_path, line + "\n"))
+
+
+def test_the_policy_files_threads_and_window_are_the_guards(tmp_path: Path) -> None:
+    fields = (
+        "inference_timeout_seconds = 0.3\ninference_threads = 2\nbreaker_failures = 2\n"
+        "breaker_window_seconds = 7\nbreaker_open_seconds = 9\nbreaker_half_open_probes = 3\n"
+    )
+    (model,) = ModelRegistry.load(list(load_config(_policy_file(tmp_path, fields)).models)).models()
+    assert model.breaker == BreakerPolicy(0.3, 2, 2, 7.0, 9.0, 3)
+
+    async def scenario() -> None:
+        clock = Clock()
+        guards = ModelGuards(clock=clock)
+        guarded = guards.get(model.name, model.version, model.digest, model.breaker)
+        # breaker_window_seconds: two failures 8 s apart are not "in a row within 7 s".
+        for _ in range(2):
+            with pytest.raises(ModelFailed):
+                await guarded.call(lambda: 1 / 0)
+            clock.now += 8
+        assert state(guarded.breaker) is BreakerState.CLOSED
+        # inference_threads: of three hung calls at once, two hold the model's two threads and the
+        # third is cancelled unstarted at its deadline: two stuck, never more.
+        release, started = threading.Event(), []
+
+        def hang() -> None:
+            started.append(1)
+            release.wait(10)
+
+        results = await asyncio.gather(*(guarded.call(hang) for _ in range(3)), return_exceptions=True)
+        assert all(isinstance(r, InferenceTimeout) for r in results)
+        assert guarded.stuck == 2 and len(started) == 2
+        release.set()
+        guards.close()
+
+    asyncio.run(scenario())
