@@ -135,7 +135,10 @@ def mount_for(path: PurePosixPath, mounts: list[Doc]) -> Doc | None:
     return best
 
 
-def check_policy_mounted(policy: Path, pod: Doc, container_name: str, config_map: str) -> Config:
+def check_policy_mounted(
+    policy: Path, pod: Doc, container_name: str, config_map: str, *, claims: frozenset[str] = frozenset()
+) -> Config:
+    """`claims`: the names of the StatefulSet's volumeClaimTemplates (writable, one per replica)."""
     config = load_config(policy)  # raises ConfigError on any field the server would refuse
     assert config.state.backend in ("redis", "postgres"), "replicas must share their state"
     assert config.server.host == "0.0.0.0"  # noqa: S104 (the pod's address: the Service and NetworkPolicy guard it)
@@ -153,9 +156,9 @@ def check_policy_mounted(policy: Path, pod: Doc, container_name: str, config_map
     for field, path in paths_named(config).items():
         mount = mount_for(path, mounts)
         assert mount is not None, f"{policy.name}: {field} = {path} is on no volume (the root is read-only)"
-        volume = volumes[mount["name"]]
+        volume = volumes.get(mount["name"], {})
         if field == "server.state_dir":
-            assert "emptyDir" in volume, f"{field}: the state directory needs a writable volume"
+            assert "emptyDir" in volume or mount["name"] in claims, f"{field}: needs a writable volume"
             assert mount.get("readOnly") is not True
         elif field.startswith("models.") and field.endswith(".path"):
             assert "persistentVolumeClaim" in volume and mount["readOnly"] is True
@@ -166,11 +169,21 @@ def check_policy_mounted(policy: Path, pod: Doc, container_name: str, config_map
     return config
 
 
+def claim_templates(workload: Doc) -> frozenset[str]:
+    return frozenset(t["metadata"]["name"] for t in workload["spec"].get("volumeClaimTemplates", []))
+
+
 def test_kubernetes_policy_loads_and_every_path_is_mounted() -> None:
-    deployment = find("Deployment", "bastion")
+    workload = find("StatefulSet", "bastion")
     config = check_policy_mounted(
-        K8S / "bastion.toml", deployment["spec"]["template"], "bastion", "bastion-policy"
+        K8S / "bastion.toml",
+        workload["spec"]["template"],
+        "bastion",
+        "bastion-policy",
+        claims=claim_templates(workload),
     )
+    # The audit log outlives the pod: the state directory is the replica's own persistent volume.
+    assert claim_templates(workload) == {"state"}
     assert len(config.models) == 3 and any(m.decryption_key for m in config.models)
 
 
@@ -186,18 +199,18 @@ def test_a_policy_the_server_refuses_fails_the_check(tmp_path: Path) -> None:
 
     bad = tmp_path / "bastion.toml"
     bad.write_text((K8S / "bastion.toml").read_text().replace("[audit]\n", "[audit]\nretention = 7\n"))
+    workload = find("StatefulSet", "bastion")
+    claims = claim_templates(workload)
     with pytest.raises(ConfigError, match=r"audit\.retention"):
-        check_policy_mounted(
-            bad, find("Deployment", "bastion")["spec"]["template"], "bastion", "bastion-policy"
-        )
+        check_policy_mounted(bad, workload["spec"]["template"], "bastion", "bastion-policy", claims=claims)
     unmounted = tmp_path / "other.toml"
     unmounted.write_text(
         (K8S / "bastion.toml").read_text().replace('"/models/diabetes-1"', '"/srv/diabetes-1"')
     )
-    pod = copy.deepcopy(find("Deployment", "bastion")["spec"]["template"])
+    pod = copy.deepcopy(workload["spec"]["template"])
     pod["spec"]["containers"][0]["volumeMounts"][0]["subPath"] = "other.toml"
     with pytest.raises(AssertionError, match="is on no volume"):
-        check_policy_mounted(unmounted, pod, "bastion", "bastion-policy")
+        check_policy_mounted(unmounted, pod, "bastion", "bastion-policy", claims=claims)
 
 
 # -- the hardening the issue asks for, read from the manifests --------------------------------------
@@ -236,11 +249,11 @@ def test_every_pod_is_locked_down(name: str, spec: Doc) -> None:
 
 
 def test_bastion_replicas_probes_budget_and_network_policy() -> None:
-    deployment = find("Deployment", "bastion")
-    labels = deployment["spec"]["template"]["metadata"]["labels"]
-    assert deployment["spec"]["replicas"] >= 2
-    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
-    main = deployment["spec"]["template"]["spec"]["containers"][0]
+    workload = find("StatefulSet", "bastion")
+    labels = workload["spec"]["template"]["metadata"]["labels"]
+    assert workload["spec"]["replicas"] >= 2
+    assert workload["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    main = workload["spec"]["template"]["spec"]["containers"][0]
     assert main["image"] == "bastion:0.1.0"  # kustomization.yaml's images: rewrites it
     assert main["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert main["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
@@ -260,7 +273,7 @@ def test_bastion_replicas_probes_budget_and_network_policy() -> None:
     assert postgres["spec"]["ingress"][0]["from"] == [{"podSelector": {"matchLabels": labels}}]
     assert postgres["spec"]["egress"] == []
     # The seed Secret reaches the state directory through the init container only.
-    init = deployment["spec"]["template"]["spec"]["initContainers"][0]
+    init = workload["spec"]["template"]["spec"]["initContainers"][0]
     assert {m["name"] for m in init["volumeMounts"]} == {"state", "state-seed"}
     assert "state-seed" not in {m["name"] for m in main["volumeMounts"]}
 
@@ -437,7 +450,7 @@ def test_manifests_validate_against_the_kubernetes_schema(tmp_path: Path) -> Non
         write_yaml(tmp_path / "config-maps.yaml", generated_config_maps(K8S) + generated_config_maps(KSERVE))
     )
     files.append(write_yaml(tmp_path / "kserve-pod.yaml", [kserve_pod()]))
-    broken = copy.deepcopy(find("Deployment", "bastion"))
+    broken = copy.deepcopy(find("StatefulSet", "bastion"))
     broken["spec"]["template"]["spec"]["containers"][0]["readinessprobe"] = {}  # a typo'd field
     files.append(write_yaml(tmp_path / "broken.yaml", [broken]))
     run = subprocess.run(
@@ -471,14 +484,14 @@ def checkov_args() -> list[str]:
 @pytest.fixture(scope="module")
 def checkov_failures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[str]]:
     """One checkov run over deploy/ (as shipped), the pod KServe builds from the runtime, and a copy of
-    the Deployment with a writable root filesystem: resource -> failed check ids."""
+    the StatefulSet with a writable root filesystem: resource -> failed check ids."""
     root = tmp_path_factory.mktemp("checkov")
     for src in (DOCKERFILE, *K8S.glob("*.yaml"), *KSERVE.glob("*.yaml")):
         dest = root / src.relative_to(DEPLOY)
         dest.parent.mkdir(exist_ok=True)
         dest.write_text(src.read_text())
     write_yaml(root / "kserve" / "predictor-pod.yaml", [kserve_pod()])
-    insecure = copy.deepcopy(find("Deployment", "bastion"))
+    insecure = copy.deepcopy(find("StatefulSet", "bastion"))
     insecure["metadata"]["name"] = "insecure"
     insecure["spec"]["template"]["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] = False
     write_yaml(root / "kubernetes" / "insecure.yaml", [insecure])
@@ -497,7 +510,7 @@ def checkov_failures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[
     # custom resources themselves are not among checkov's kinds).
     assert {
         "/Dockerfile.USER",
-        "Deployment.bastion.bastion",
+        "StatefulSet.bastion.bastion",
         "StatefulSet.bastion.bastion-postgres",
         "Pod.bastion.breast-cancer-predictor",
     } <= passed | set(failures), sorted(passed)
@@ -512,7 +525,7 @@ def test_checkov_passes_the_manifests_and_the_dockerfile(checkov_failures: dict[
 
 @pytest.mark.slow
 def test_checkov_catches_a_writable_root_filesystem(checkov_failures: dict[str, set[str]]) -> None:
-    assert checkov_failures == {"Deployment.bastion.insecure": {"CKV_K8S_22"}}
+    assert checkov_failures == {"StatefulSet.bastion.insecure": {"CKV_K8S_22"}}
 
 
 @pytest.mark.slow

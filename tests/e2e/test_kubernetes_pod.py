@@ -1,0 +1,159 @@
+"""deploy/kubernetes run as the pods would run it, without a cluster: the demo's signed bundles and keys
+where the volumes mount them, the init container's own script seeding two replicas' state directories
+from one seed (the Secret bastion-state-seed), the real PostgreSQL as the shared backend, and two
+servers started with the container's own arguments on the policy file from the ConfigMap (its paths
+moved under a temporary directory). The readiness probe answers 200; a key created as the README
+says works on both replicas, so does a token minted by one of them, and a revocation reaches both."""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml  # type: ignore[import-untyped]
+
+from bastion.demo import build_demo
+from bastion.tokens import load_or_create_signing_key
+from tests.helpers import (
+    POSTGRES_DSN,
+    RunningServer,
+    drop_postgres_table,
+    postgres_table,
+    run_cli,
+    start_server,
+)
+
+pytestmark = pytest.mark.slow
+
+K8S = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
+PROD_DSN = "postgresql://bastion@bastion-postgres:5432/bastion?"
+
+
+@dataclass
+class Pods:
+    servers: list[RunningServer]
+    policy: Path
+    key: str
+    request: dict[str, object]
+
+
+def pod_spec() -> dict[str, object]:
+    for doc in yaml.safe_load_all((K8S / "statefulset.yaml").read_text()):
+        if doc and doc["kind"] == "StatefulSet":
+            return dict(doc["spec"]["template"]["spec"])
+    raise AssertionError("no StatefulSet in statefulset.yaml")
+
+
+@pytest.fixture(scope="module")
+def pods(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pods]:
+    root = tmp_path_factory.mktemp("k8s-pod")
+    build_demo(root / "demo", port=0, llm=False)  # bundles/ and keys/ (release.pub, kek.key)
+    table = postgres_table()
+    dsn = f"{POSTGRES_DSN}?passfile=/var/lib/bastion/state/pgpass&connect_timeout=5"
+    policy = (K8S / "bastion.toml").read_text()
+    assert policy.count(PROD_DSN) == 1
+    policy = policy.replace(PROD_DSN, dsn.split("?")[0] + "?").replace(
+        'backend = "postgres"\n', f'backend = "postgres"\npostgres_table = "{table}"\n'
+    )
+    # The seed, made as the README says: a shared token key, a shared payload HMAC key, the passfile.
+    seed = root / "seed"
+    seed.mkdir(mode=0o700)
+    load_or_create_signing_key(seed / "token_signing.jwk")
+    (seed / "payload_hmac.key").write_bytes(secrets.token_bytes(32))
+    (seed / "pgpass").write_text("*:*:*:*:unused-with-trust-auth\n")
+    spec = pod_spec()
+    init = spec["initContainers"][0]  # type: ignore[index]
+    main = spec["containers"][0]  # type: ignore[index]
+    policies = []
+    for replica in ("0", "1"):
+        var = root / f"var-lib-bastion-{replica}"  # the replica's own state volume
+        var.mkdir()
+        moved = (
+            policy.replace("/var/lib/bastion/", f"{var}/")
+            .replace('"/models/', f'"{root}/demo/bundles/')
+            .replace("/etc/bastion/model-keys/", f"{root}/demo/keys/")
+        )
+        path = root / f"bastion-{replica}.toml"
+        path.write_text(moved)
+        policies.append(path)
+        # The init container's own script, its two mount paths moved.
+        script = (
+            init["command"][-1]
+            .replace("/var/lib/bastion", str(var))
+            .replace("/etc/bastion/state-seed", str(seed))
+        )
+        subprocess.run(["/bin/sh", "-ec", script], check=True, timeout=30)
+        state = var / "state"
+        assert state.stat().st_mode & 0o777 == 0o700
+        assert all(f.stat().st_mode & 0o777 == 0o600 for f in state.iterdir())
+    # `kubectl exec statefulset/bastion -- bastion keys create ...`: the key lands in PostgreSQL.
+    key = run_cli(
+        "keys", "create", "--config", policies[0], "--name", "ci", "--role", "analyst"
+    ).stdout.strip()
+    args = main["args"]
+    extra = [
+        *args[args.index("--config") + 2 :],
+        "--host",
+        "127.0.0.1",
+    ]  # the container's flags (--workers 2)
+    assert "--workers" in extra
+    servers = []
+    try:
+        for i, path in enumerate(policies):
+            servers.append(
+                start_server(path, root / f"server-{i}.log", *(extra if i == 0 else ["--host", "127.0.0.1"]))
+            )
+        request = {"inputs": [_request_input(root / "demo" / "request.json")]}
+        yield Pods(servers, policies[0], key, request)
+    finally:
+        for server in servers:
+            server.stop()
+        drop_postgres_table(table)
+
+
+def _request_input(path: Path) -> dict[str, object]:
+    import json
+
+    doc = json.loads(path.read_text())
+    return dict(doc["inputs"][0])
+
+
+def test_the_readiness_and_liveness_probes_answer(pods: Pods) -> None:
+    probes = pod_spec()["containers"][0]  # type: ignore[index]
+    for server in pods.servers:
+        for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+            r = httpx.get(server.base_url + probes[probe]["httpGet"]["path"], timeout=5)
+            assert r.status_code == 200, (probe, r.text)
+
+
+def test_a_key_and_a_token_work_on_every_replica(pods: Pods) -> None:
+    for server in pods.servers:
+        with server.client(pods.key) as c:
+            r = c.post("/v2/models/breast-cancer/infer", json=pods.request)
+        assert r.status_code == 200, r.text
+        assert [o["name"] for o in r.json()["outputs"]] == ["label"]  # the analyst's grant
+    with pods.servers[0].client(pods.key) as c:
+        token = c.post("/v2/auth/token", json={}).json()["access_token"]
+    # Minted by replica 0, accepted by replica 1: both were seeded with the same token-signing key.
+    with pods.servers[1].client(token) as c:
+        assert c.post("/v2/models/breast-cancer/infer", json=pods.request).status_code == 200
+
+
+def test_a_revocation_reaches_every_replica(pods: Pods) -> None:
+    key = run_cli(
+        "keys", "create", "--config", pods.policy, "--name", "gone", "--role", "analyst"
+    ).stdout.strip()
+    for server in pods.servers:
+        with server.client(key) as c:
+            assert c.post("/v2/models/breast-cancer/infer", json=pods.request).status_code == 200
+    run_cli("keys", "revoke", "--config", pods.policy, key)
+    time.sleep(1.0)  # the shared records are re-read every 0.25 s
+    for server in pods.servers:
+        with server.client(key) as c:
+            assert c.post("/v2/models/breast-cancer/infer", json=pods.request).status_code == 401
