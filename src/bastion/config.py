@@ -151,6 +151,31 @@ class Role(_Strict):
         return self
 
 
+class TlsSettings(_Strict):
+    """TLS for REST and gRPC (`[server.tls]`, bastion.tls): TLS 1.2 (ECDHE with AES-GCM or ChaCha20-
+    Poly1305 only) or 1.3. The files are re-read when they change (and on SIGHUP): new connections get
+    the new certificate, open ones keep theirs. PEM files; a key with a passphrase is not supported."""
+
+    cert_file: Path  # the server's certificate, then its intermediates
+    key_file: Path  # its private key (unencrypted PEM; keep it mode 0600)
+    # CA certificates (PEM) that client certificates must chain to; needed when client_auth is not "none".
+    client_ca_file: Path | None = None
+    # "none": no client certificate asked; "optional": asked, and verified when sent (a mapped one is a
+    # principal, see [client_certificates]); "require": a connection without a valid one is refused.
+    client_auth: Literal["none", "optional", "require"] = "none"
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    # How often the files' modification times are checked, in seconds; 0: only on SIGHUP.
+    reload_interval_seconds: Annotated[float, Field(ge=0, le=86_400)] = 10.0
+
+    @model_validator(mode="after")
+    def _client_ca_and_client_auth_go_together(self) -> TlsSettings:
+        if self.client_auth != "none" and self.client_ca_file is None:
+            raise ValueError(f'client_auth = "{self.client_auth}" needs client_ca_file: what would verify them?')
+        if self.client_auth == "none" and self.client_ca_file is not None:
+            raise ValueError('client_ca_file is used only when client_auth is not "none": it would be ignored')
+        return self
+
+
 class ServerSettings(_Strict):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8000
@@ -172,6 +197,8 @@ class ServerSettings(_Strict):
     max_concurrent_requests: Annotated[int, Field(ge=1, le=100_000)] = 1024
     # Open connections: beyond it the oldest idle (or still-sending-its-head) connection is closed.
     max_connections: Annotated[int, Field(ge=16, le=1_000_000)] = 4096
+    # TLS for REST and gRPC; absent, both speak plaintext (fine on loopback; production needs TLS).
+    tls: TlsSettings | None = None
 
 
 class RequestLimits(_Strict):
@@ -526,6 +553,43 @@ class LLMSettings(_Strict):
         return self
 
 
+class CertificateIdentity(_Strict):
+    """A service identity by client certificate (`[[client_certificates.identities]]`): the certificate's
+    exact subject, or its SPIFFE ID (its one URI SAN), names the principal `cert:<name>` with `roles`."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+    subject: Annotated[str, Field(min_length=3, max_length=1024)] | None = None  # RFC 4514: "CN=ingest,O=Example"
+    spiffe_id: Annotated[str, Field(pattern=r"^spiffe://[a-z0-9._-]+(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)*$")] | None = (
+        None
+    )
+    roles: list[str] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _one_match(self) -> CertificateIdentity:
+        if (self.subject is None) == (self.spiffe_id is None):
+            raise ValueError("set exactly one of subject and spiffe_id")
+        if self.subject is not None:
+            from cryptography import x509
+
+            try:
+                x509.Name.from_rfc4514_string(self.subject)
+            except ValueError:
+                raise ValueError(
+                    f"subject: {self.subject!r} is not an RFC 4514 distinguished name as a certificate's "
+                    'subject reads (e.g. "CN=ingest,O=Example": no spaces after commas)'
+                ) from None
+        return self
+
+
+class ClientCertificateSettings(_Strict):
+    """Client certificates that name principals (bastion.certs); needs `[server.tls] client_auth`.
+    Reloaded with the policy (SIGHUP): remove an identity, or list a certificate here, to revoke it."""
+
+    identities: list[CertificateIdentity] = Field(default_factory=list)
+    # SHA-256 fingerprints (hex of the DER certificate) refused whatever they map to.
+    revoked_fingerprints: list[Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]] = Field(default_factory=list)
+
+
 class Config(_Strict):
     server: ServerSettings = ServerSettings()
     limits: RequestLimits = RequestLimits()
@@ -540,6 +604,7 @@ class Config(_Strict):
     roles: dict[str, Role] = Field(default_factory=dict)
     rollouts: dict[str, RolloutSettings] = Field(default_factory=dict)
     llm: LLMSettings = LLMSettings()
+    client_certificates: ClientCertificateSettings = ClientCertificateSettings()
 
     @model_validator(mode="after")
     def _roles_are_named_sanely(self) -> Config:
@@ -571,8 +636,21 @@ def load_config(path: Path) -> Config:
         config = Config.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(path, e)) from None
+    if config.client_certificates != ClientCertificateSettings():
+        from bastion.certs import check_identities  # certs imports this module (and cryptography)
+
+        check_identities(config, path)
     base = path.resolve().parent
-    server = config.server.model_copy(update={"state_dir": base / config.server.state_dir})
+    tls = config.server.tls
+    if tls is not None:
+        tls = tls.model_copy(
+            update={
+                "cert_file": base / tls.cert_file,
+                "key_file": base / tls.key_file,
+                "client_ca_file": None if tls.client_ca_file is None else base / tls.client_ca_file,
+            }
+        )
+    server = config.server.model_copy(update={"state_dir": base / config.server.state_dir, "tls": tls})
     models = [
         m.model_copy(
             update={

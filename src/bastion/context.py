@@ -15,6 +15,7 @@ from bastion.registry import ServedModel
 from bastion.sessions import IssuedSession, Session
 
 if TYPE_CHECKING:
+    from bastion.certs import ClientCertificate
     from bastion.llm.intent import IntentVerdict
     from bastion.llm.models import ChatModel
     from bastion.llm.protocol import ChatRequest
@@ -36,12 +37,15 @@ class Principal:
     key_id: str
     roles: tuple[str, ...]
     scope: TokenScope | None = None  # set when the caller used a token: it narrows the key's grants
-    via: str = "key"  # "key" | "token" | "session" (the dashboard's cookie)
+    via: str = "key"  # "key" | "token" | "session" (the dashboard's cookie) | "certificate" (mTLS)
     quarantined: bool = False  # query auditing suspected extraction; the containment gate refuses it
+    # via "certificate": the SHA-256 fingerprint of the client certificate (audited; never the certificate),
+    # and key_id is the principal id itself, "cert:<name>" (the key store keeps its quarantine under it).
+    certificate: str | None = None
 
     @property
     def id(self) -> str:
-        return f"key:{self.key_id}"
+        return self.key_id if self.via == "certificate" else f"key:{self.key_id}"
 
 
 BINARY_ALL = "*"  # in InferRequest.binary_outputs: every output of the answer
@@ -90,6 +94,8 @@ class RequestContext:
     # The caller's W3C `traceparent` (REST header, gRPC metadata), as sent; read only by bastion.tracing,
     # which ignores a malformed one.
     traceparent: str | None = None
+    # The client certificate the TLS layer verified (mTLS, bastion.tls), read by identity only.
+    client_certificate: ClientCertificate | None = None
 
     # The pipeline's part, one writer each.
     principal: Principal | None = field(default=None, init=False)  # Authenticate

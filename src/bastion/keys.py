@@ -342,10 +342,26 @@ class SharedKeyStore:
             self._watch.invalidate()
         return changed
 
+    def _service_row(self, key_id: str, *, now: float) -> None:
+        """A service identity's record (`cert:<name>`), as KeyStore._service_row: no secret, no roles."""
+        if key_id.startswith(CERT_PRINCIPAL_PREFIX):
+            stored = {
+                "secret_hash": "",
+                "name": key_id,
+                "roles": [],
+                "created_at": now,
+                "expires_at": None,
+                "revoked_at": None,
+                "quarantined_at": None,
+            }
+            self._records.swap(_KEYS, key_id, None, json.dumps(stored, sort_keys=True))  # only if absent
+
     def revoke(self, key_id: str, *, now: float) -> bool:
+        self._service_row(key_id, now=now)
         return self._set(key_id, "revoked_at", now)
 
     def quarantine(self, key_id: str, *, now: float) -> bool:
+        self._service_row(key_id, now=now)
         return self._set(key_id, "quarantined_at", now)
 
     def release(self, key_id: str) -> bool:

@@ -169,6 +169,8 @@ def test_a_grant_parameter_its_output_uses_is_accepted(tmp_path: Path, grant: st
     [
         ('[state]\nredis_url = "redis://h:6379/0"\n', "state", "redis_url is used only by backend = 'redis'"),
         ('[state]\nbackend = "redis"\npostgres_table = "t"\n', "state", "postgres_table is used only by"),
+        ('[audit]\npostgres_table = "t"\n', "audit", "postgres_table is used only by sink = 'postgres'"),
+        ('[audit]\npostgres_dsn = "postgresql://h/db"\n', "audit", "with 'sqlite' it would be ignored"),
         ('[state]\nbackend = "memory"\nredis_prefix = "x:"\n', "state", "with 'memory' it would be ignored"),
         (
             '[[models]]\npath = "m"\nisolation_window_seconds = 60\n',
@@ -300,6 +302,12 @@ ENFORCED: dict[tuple[str, str], str] = {
     ("AuditSettings", "checkpoint_every_seconds"): "tests/unit/audit/test_audit_log.py::"
     "test_intact_log_verifies_with_group_commit_and_checkpoints",
     ("AuditSettings", "fsync"): _E2E + "test_crash.py::test_sigkill_under_load_loses_no_acknowledged_record",
+    # The audit chain in PostgreSQL, shared by replicas (bastion.audit.postgres).
+    ("AuditSettings", "sink"): _E2E + "test_audit_postgres.py::test_two_servers_write_one_postgres_chain",
+    ("AuditSettings", "postgres_table"): _E2E + "test_audit_postgres.py::test_two_servers_write_one_postgres_chain",
+    ("AuditSettings", "signing_key"): _E2E + "test_audit_postgres.py::test_two_servers_write_one_postgres_chain",
+    ("AuditSettings", "postgres_dsn"): _E2E
+    + "test_audit_postgres.py::test_postgres_outage_fails_closed_and_service_resumes",
     (
         "TokenSettings",
         "issuer",
@@ -355,6 +363,8 @@ REFUSED_WHEN_IGNORED: dict[tuple[str, str], str] = {
     ("StateSettings", "redis_prefix"): _REFUSED,
     ("StateSettings", "postgres_dsn"): _REFUSED,
     ("StateSettings", "postgres_table"): _REFUSED,
+    ("AuditSettings", "postgres_dsn"): _REFUSED,
+    ("AuditSettings", "postgres_table"): _REFUSED,
     ("ModelRef", "isolation_window_seconds"): _REFUSED,
     **{
         ("RolloutSettings", f): _REFUSED
@@ -530,6 +540,48 @@ ENFORCED.update(
         ("ModelRef", f): "tests/unit/test_breaker.py::test_the_policy_files_threads_and_window_are_the_guards"
         for f in ("inference_threads", "breaker_window_seconds")
     }
+    | {
+        ("ModelRef", "inference_isolation"): "tests/unit/test_breaker.py::"
+        "test_inline_isolation_holds_the_event_loop_until_the_deadline_and_thread_isolation_does_not"
+    }
+)
+REFUSED_WHEN_IGNORED[("ModelRef", "inference_threads")] = (
+    "tests/unit/test_breaker.py::"
+    "test_inline_isolation_is_refused_where_it_could_not_stop_a_call_or_would_ignore_threads"
+)
+# TLS and client certificates (bastion.tls, bastion.certs): attacked over a real server, REST and gRPC.
+_TLS = _E2E + "test_tls.py::"
+_TLS_REFUSED = "tests/unit/test_tls.py::test_tls_settings_that_could_not_work_are_refused_naming_the_field"
+ENFORCED.update(
+    {
+        ("ServerSettings", "tls"): _TLS + "test_https_serves_keys_over_tls_and_plaintext_gets_no_answer",
+        ("TlsSettings", "cert_file"): "tests/unit/test_tls.py::"
+        "test_certificate_files_that_cannot_serve_are_refused_naming_the_field",
+        ("TlsSettings", "key_file"): "tests/unit/test_tls.py::"
+        "test_certificate_files_that_cannot_serve_are_refused_naming_the_field",
+        ("TlsSettings", "client_ca_file"): _TLS + "test_certificates_from_another_ca_or_expired_fail_the_handshake",
+        ("TlsSettings", "client_auth"): _TLS + "test_require_refuses_a_connection_without_a_valid_certificate",
+        ("TlsSettings", "min_version"): _TLS + "test_require_refuses_a_connection_without_a_valid_certificate",
+        ("TlsSettings", "reload_interval_seconds"): _TLS + "test_grpc_follows_a_certificate_reload_and_so_does_rest",
+        ("ClientCertificateSettings", "identities"): _TLS
+        + "test_client_certificates_map_to_their_principals_and_roles",
+        ("ClientCertificateSettings", "revoked_fingerprints"): _TLS
+        + "test_unmapped_revoked_and_doubly_credentialed_certificates_get_nothing",
+        ("CertificateIdentity", "name"): _TLS
+        + "test_the_audit_names_the_certificate_principal_and_fingerprint_never_the_certificate",
+        **{
+            ("CertificateIdentity", f): _TLS + "test_client_certificates_map_to_their_principals_and_roles"
+            for f in ("subject", "spiffe_id", "roles")
+        },
+    }
+)
+# A client CA without client_auth, identities or revocations while no certificate is asked for.
+REFUSED_WHEN_IGNORED.update(
+    {
+        ("TlsSettings", "client_ca_file"): _TLS_REFUSED,
+        ("ClientCertificateSettings", "identities"): _TLS_REFUSED,
+        ("ClientCertificateSettings", "revoked_fingerprints"): _TLS_REFUSED,
+    }
 )
 _OWNED_ELSEWHERE: set[str] = set()
 
@@ -586,6 +638,10 @@ def test_every_config_field_is_enforced_by_a_named_test_or_refused() -> None:
         "ood_rate_threshold",  # [models.drift] with out_of_distribution = "off"
         "sample_ratio",  # [tracing] while enabled = false
         "otlp_endpoint",
+        # [server.tls] and [client_certificates] while no client certificate is asked for (tests/unit/test_tls.py)
+        "client_ca_file",
+        "identities",
+        "revoked_fingerprints",
     }
     assert {f for _, f in REFUSED_WHEN_IGNORED} - refused_cases <= {
         "postgres_dsn",  # the same rule as postgres_table (one prefix test for the pair)
@@ -599,6 +655,7 @@ def test_every_config_field_is_enforced_by_a_named_test_or_refused() -> None:
         "throttle_rate",
         "degrade_to",
         "containment_seconds",
+        "inference_threads",  # with inference_isolation = "inline": its case is in tests/unit/test_breaker.py
         # the [grpc] rule (a setting while enabled = false), shown on port and host
         "max_receive_message_bytes",
         "max_send_message_bytes",

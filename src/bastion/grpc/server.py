@@ -16,12 +16,13 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import unquote
 
 import grpc
 from google.protobuf.message import DecodeError, Message
 
+from bastion.certs import ClientCertificate, read_pem_certificate
 from bastion.config import GrpcSettings
 from bastion.context import InferRequest, RequestContext
 from bastion.errors import GRPC_STATUS, BastionException, PayloadTooLarge
@@ -29,6 +30,9 @@ from bastion.grpc import grpc_predict_v2_pb2 as pb
 from bastion.grpc.codec import decode_model_infer, encode_model_infer, encode_model_metadata
 from bastion.routes import ROUTE_ACTIONS, Route
 from bastion.service import Bastion, Outcome
+
+if TYPE_CHECKING:
+    from bastion.tls import ServerTls
 
 log = logging.getLogger("bastion.grpc")
 
@@ -163,6 +167,7 @@ class InferenceService:
             model_name=model_name,
             model_version=version,
             traceparent=traceparent,
+            client_certificate=_client_certificate(context),
         )
         outcome = await self.service.handle(route, ctx)
         metadata = _metadata(outcome, ctx.request_id)
@@ -171,6 +176,12 @@ class InferenceService:
         context.set_trailing_metadata(metadata)
         assert isinstance(outcome.body, dict)
         return outcome.body
+
+
+def _client_certificate(context: grpc.aio.ServicerContext[Any, Any]) -> ClientCertificate | None:
+    """The client certificate gRPC's TLS verified (mTLS), from the call's auth context; None in plaintext."""
+    pems = list(context.auth_context().get("x509_pem_cert", ()))
+    return read_pem_certificate(pems[0]) if pems else None
 
 
 def _metadata(outcome: Outcome, request_id: str) -> tuple[tuple[str, str], ...]:
@@ -214,9 +225,11 @@ def _serialize(message: Message) -> bytes:
 class GrpcServer:
     """The gRPC server on the HTTP server's event loop: `await start()`, then `await stop()`."""
 
-    def __init__(self, service: Bastion, settings: GrpcSettings) -> None:
+    def __init__(self, service: Bastion, settings: GrpcSettings, *, tls: ServerTls | None = None) -> None:
+        """`tls`: serve over TLS with the server's certificate (`[server.tls]`, reloads followed)."""
         self._service = service
         self._settings = settings
+        self._tls = tls
         self._server: grpc.aio.Server | None = None
         self.port: int | None = None
 
@@ -241,19 +254,25 @@ class GrpcServer:
                 # Without this a second server on the same port would share it silently; the workers
                 # of one supervisor share it on purpose, the kernel spreading connections (bastion.workers).
                 ("grpc.so_reuseport", 1 if self._service.shares_ports else 0),
+                # A connection that never completes its TLS handshake is cut off like a silent HTTP one.
+                ("grpc.server_handshake_timeout_ms", int(self._service.config.server.head_timeout_seconds * 1000)),
             ],
         )
         server.add_generic_rpc_handlers((InferenceService(self._service).handler(),))
         address = f"[{s.host}]:{s.port}" if ":" in s.host else f"{s.host}:{s.port}"
         try:
-            port = server.add_insecure_port(address)
+            if self._tls is not None:
+                port = server.add_secure_port(address, self._tls.grpc_credentials())
+            else:
+                port = server.add_insecure_port(address)
         except RuntimeError as e:
             raise OSError(f"[grpc] cannot listen on {address}: {e}") from None
         if port == 0:
             raise OSError(f"[grpc] cannot listen on {address}")
         await server.start()
         self._server, self.port = server, port
-        log.info("gRPC (Open Inference Protocol V2) listening on %s:%d, plaintext", s.host, port)
+        security = "plaintext" if self._tls is None else f"TLS, client certificates {self._tls.settings.client_auth}"
+        log.info("gRPC (Open Inference Protocol V2) listening on %s:%d, %s", s.host, port, security)
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop accepting RPCs; those in progress get `grace` seconds to finish."""

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from bastion import dashboard
+from bastion.certs import CLIENT_CERTIFICATE, ClientCertificate
 from bastion.context import RequestContext, SessionCredentials
 from bastion.errors import BadRequest, ErrorCode, PayloadTooLarge
 from bastion.http import openai
@@ -28,6 +29,7 @@ from bastion.sessions import COOKIE_NAME, CSRF_HEADER, SECURE_COOKIE_NAME
 
 if TYPE_CHECKING:
     from bastion.grpc.server import GrpcServer
+    from bastion.tls import ServerTls
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -41,9 +43,13 @@ _JSON = b"application/json"
 
 
 class BastionApp:
-    def __init__(self, service: Bastion) -> None:
+    def __init__(self, service: Bastion, *, tls: ServerTls | None = None) -> None:
+        """`tls`: the server's TLS ([server.tls]), which this app reloads (its timer, SIGHUP) and
+        gives gRPC; None serves plaintext."""
         self.service = service
+        self.tls = tls
         self._reload_task: asyncio.Task[None] | None = None
+        self._tls_watch: asyncio.Task[None] | None = None
         self._grpc: GrpcServer | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -146,9 +152,12 @@ class BastionApp:
             if match is not None and match.spec.session and match.method_allowed
             else None,
             traceparent=traceparent.decode("latin-1") if traceparent is not None else None,
+            client_certificate=_client_certificate(scope),
         )
 
     def _on_sighup(self) -> None:
+        if self.tls is not None:
+            self.tls.reload()  # certificate files first: a renewed certificate needs no policy change
         self._reload_task = asyncio.get_running_loop().create_task(self.service.reload())
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -162,19 +171,23 @@ class BastionApp:
                     # V2 over gRPC on its own port, on this loop and these pipelines ([grpc] in the policy file).
                     from bastion.grpc.server import GrpcServer
 
-                    grpc_server = GrpcServer(self.service, self.service.config.grpc)
+                    grpc_server = GrpcServer(self.service, self.service.config.grpc, tls=self.tls)
                     try:
                         await grpc_server.start()
                     except OSError as e:
                         await send({"type": "lifespan.startup.failed", "message": str(e)})
                         return
                     self._grpc = grpc_server
+                if self.tls is not None:  # new certificate files are picked up on a timer (bastion.tls)
+                    self._tls_watch = asyncio.get_running_loop().create_task(self.tls.watch())
                 # SIGHUP re-reads the policy file and re-verifies the models without dropping requests.
                 asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
                 gc.collect()
                 gc.freeze()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                if self._tls_watch is not None:
+                    self._tls_watch.cancel()
                 if self._grpc is not None:  # its RPCs finish before the service closes under them
                     await self._grpc.stop()
                 await self.service.aclose()
@@ -221,6 +234,13 @@ _PAGE = {
     "Cross-Origin-Opener-Policy": "same-origin",
     "Cross-Origin-Resource-Policy": "same-origin",
 }
+
+
+def _client_certificate(scope: Scope) -> ClientCertificate | None:
+    """The verified client certificate the front end put in the scope (mTLS), if any."""
+    tls = scope.get("extensions", {}).get("tls")
+    found = tls.get(CLIENT_CERTIFICATE) if tls is not None else None
+    return found if isinstance(found, ClientCertificate) else None
 
 
 def _session_credentials(scope: Scope, method: str) -> SessionCredentials | None:

@@ -46,6 +46,7 @@ import orjson
 from uvicorn._types import ASGI3Application, ASGIReceiveCallable, ASGISendCallable, ASGISendEvent, Scope
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
+from bastion.certs import CLIENT_CERTIFICATE, ClientCertificate, read_certificate
 from bastion.errors import (
     BadRequest,
     BastionError,
@@ -126,11 +127,18 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._send_deadline_sticky = False  # armed by a close: resuming writing does not cancel it
         self._writes_closed = False  # closed or half-closed here: nothing more can be written
         self._running: RequestResponseCycle | None = None  # the cycle whose application runs
+        # TLS with a client certificate: read once per connection, after the handshake verified it.
+        self._client_certificate: ClientCertificate | None = None
 
     # Connection lifetime
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        # Over TLS this runs once the handshake has ended (a handshake has its own deadline: bastion.tls).
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            der = ssl_object.getpeercert(binary_form=True)
+            self._client_certificate = read_certificate(der) if der else None
         registry = self.open_connections
         if len(registry) >= self.limits.max_connections:
             victim = next((c for c in registry if c._phase in (_Phase.IDLE, _Phase.HEAD)), None)
@@ -317,6 +325,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        if self._client_certificate is not None:
+            self.scope["extensions"] = {"tls": {CLIENT_CERTIFICATE: self._client_certificate}}
         if self._phase in (_Phase.IDLE, _Phase.WAIT):
             # A pipelined request: counted from the start of the slice it began in (never fewer bytes).
             self._start_message(self._slice_start)

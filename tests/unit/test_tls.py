@@ -1,0 +1,333 @@
+"""TLS settings, certificate identities and certificate reload, in process (bastion.tls, bastion.certs).
+The real server over TLS is attacked in tests/e2e/test_tls.py."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from bastion.certs import CertificateIdentities, ClientCertificate, read_certificate
+from bastion.config import CertificateIdentity, TlsSettings, load_config
+from bastion.errors import AuthenticationFailed, ConfigError
+from bastion.keys import KeyStore
+from bastion.routes import Route
+from bastion.stages.identity import Authenticate
+from bastion.tls import ServerTls
+from bastion.tokens import TokenAuthority, load_or_create_signing_key
+from tests.helpers import core_context
+from tests.pki import SPIFFE_SCORER, Authority
+
+SUBJECT = "CN=ingest,O=Bastion Tests"  # as cryptography writes the subject the PKI makes
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    root = tmp_path_factory.mktemp("pki")
+    ca, other = Authority(root, "test"), Authority(root, "other")
+    return {
+        "ca": ca,
+        "other": other,
+        "server": ca.issue("server", cn="127.0.0.1", server=True),
+        "server2": ca.issue("server2", cn="127.0.0.1", server=True),
+        "ingest": ca.issue("ingest", cn="ingest"),
+        "scorer": ca.issue("scorer", cn="scorer-workload", spiffe_id=SPIFFE_SCORER),
+    }
+
+
+def _der(path: Path) -> bytes:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    return x509.load_pem_x509_certificate(path.read_bytes()).public_bytes(Encoding.DER)
+
+
+# -- Settings: every file and mapping checked at start-up, naming the field ---------------------------
+
+
+def _policy(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "bastion.toml"
+    path.write_text('[roles.analyst]\ngrants = [{ models = ["m"], actions = ["infer"] }]\n' + text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "reason"),
+    [
+        ('[server.tls]\ncert_file = "c.pem"\n', "server.tls.key_file", "Field required"),
+        (
+            '[server.tls]\ncert_file = "c"\nkey_file = "k"\nclient_auth = "require"\n',
+            "server.tls",
+            "needs client_ca_file",
+        ),
+        (
+            '[server.tls]\ncert_file = "c"\nkey_file = "k"\nclient_ca_file = "ca"\n',
+            "server.tls",
+            "client_ca_file is used only when client_auth",
+        ),
+        (
+            '[server.tls]\ncert_file = "c"\nkey_file = "k"\nmin_version = "1.1"\n',
+            "server.tls.min_version",
+            "",
+        ),
+        (
+            '[[client_certificates.identities]]\nname = "a"\nsubject = "CN=a"\nroles = ["analyst"]\n',
+            "client_certificates",
+            "would be ignored",
+        ),
+        (
+            '[server.tls]\ncert_file = "c"\nkey_file = "k"\nclient_ca_file = "ca"\nclient_auth = "optional"\n'
+            '[[client_certificates.identities]]\nname = "a"\nsubject = "CN=a"\nroles = ["root"]\n',
+            "client_certificates.identities.0.roles",
+            "no role 'root'",
+        ),
+        (
+            '[server.tls]\ncert_file = "c"\nkey_file = "k"\nclient_ca_file = "ca"\nclient_auth = "optional"\n'
+            '[[client_certificates.identities]]\nname = "a"\nsubject = "CN=a"\nspiffe_id = "spiffe://t/a"\n'
+            'roles = ["analyst"]\n',
+            "client_certificates.identities.0",
+            "exactly one of subject and spiffe_id",
+        ),
+        (
+            '[server.tls]\ncert_file = "c"\nkey_file = "k"\nclient_ca_file = "ca"\nclient_auth = "optional"\n'
+            '[[client_certificates.identities]]\nname = "a"\nsubject = "not a name"\nroles = ["analyst"]\n',
+            "client_certificates.identities.0",
+            "RFC 4514",
+        ),
+        (
+            '[server.tls]\ncert_file = "c"\nkey_file = "k"\nclient_ca_file = "ca"\nclient_auth = "optional"\n'
+            '[[client_certificates.identities]]\nname = "a"\nsubject = "CN=a,O=x"\nroles = ["analyst"]\n'
+            '[[client_certificates.identities]]\nname = "b"\nsubject = "CN=a,O=x"\nroles = ["analyst"]\n',
+            "client_certificates.identities.1",
+            "subject 'CN=a,O=x' is also identities.0's",
+        ),
+        (
+            '[server.tls]\ncert_file = "c"\nkey_file = "k"\nclient_ca_file = "ca"\nclient_auth = "optional"\n'
+            '[client_certificates]\nrevoked_fingerprints = ["AB"]\n',
+            "client_certificates.revoked_fingerprints.0",
+            "should match pattern",
+        ),
+    ],
+)
+def test_tls_settings_that_could_not_work_are_refused_naming_the_field(
+    tmp_path: Path, text: str, field: str, reason: str
+) -> None:
+    path = _policy(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}: {field}:"), str(err.value)
+    assert reason in str(err.value)
+
+
+def test_certificate_files_that_cannot_serve_are_refused_naming_the_field(
+    tmp_path: Path, pki: dict[str, object]
+) -> None:
+    ca, server, other = pki["ca"], pki["server"], pki["server2"]
+    where = tmp_path / "bastion.toml"
+
+    def refused(field: str, **settings: object) -> str:
+        with pytest.raises(ConfigError) as err:
+            ServerTls(TlsSettings.model_validate(settings), where)
+        assert str(err.value).startswith(f"{where}: server.tls.{field}:"), str(err.value)
+        return str(err.value)
+
+    assert "cannot read" in refused("cert_file", cert_file=tmp_path / "absent.pem", key_file=server.key)  # type: ignore[attr-defined]
+    assert "not the key of" in refused("key_file", cert_file=server.cert, key_file=other.key)  # type: ignore[attr-defined]
+    assert "no PEM certificate" in refused("cert_file", cert_file=server.key, key_file=server.key)  # type: ignore[attr-defined]
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_bytes(b"not a certificate")
+    assert "no PEM certificate" in refused(
+        "client_ca_file",
+        cert_file=server.cert,  # type: ignore[attr-defined]
+        key_file=server.key,  # type: ignore[attr-defined]
+        client_ca_file=garbage,
+        client_auth="optional",
+    )
+    # And one that works, for contrast.
+    ServerTls(
+        TlsSettings(cert_file=server.cert, key_file=server.key, client_ca_file=ca.pem, client_auth="require"),  # type: ignore[attr-defined]
+        where,
+    )
+
+
+# -- Identities: exact subject or SPIFFE ID, deny by default -----------------------------------------
+
+
+def test_a_certificate_reads_its_subject_spiffe_id_and_fingerprint(pki: dict[str, object]) -> None:
+    ingest, scorer = pki["ingest"], pki["scorer"]
+    read = read_certificate(_der(ingest.cert))  # type: ignore[attr-defined]
+    assert read == ClientCertificate(SUBJECT, None, ingest.fingerprint)  # type: ignore[attr-defined]
+    read = read_certificate(_der(scorer.cert))  # type: ignore[attr-defined]
+    assert read is not None and read.spiffe_id == SPIFFE_SCORER
+    assert read_certificate(b"\x30\x03garbage") is None
+
+
+def _identities(revoked: list[str] | None = None) -> CertificateIdentities:
+    return CertificateIdentities(
+        [
+            CertificateIdentity(name="ingest", subject="CN=ingest,O=Bastion Tests", roles=["analyst"]),
+            CertificateIdentity(name="scorer", spiffe_id=SPIFFE_SCORER, roles=["admin"]),
+        ],
+        revoked or [],
+    )
+
+
+def test_identities_match_exactly_and_deny_by_default() -> None:
+    ids = _identities(revoked=["f" * 64])
+    found = ids.match(ClientCertificate(SUBJECT, None, "a" * 64))
+    assert found is not None and found.principal_id == "cert:ingest" and found.roles == ("analyst",)
+    found = ids.match(ClientCertificate("CN=anything", SPIFFE_SCORER, "b" * 64))
+    assert found is not None and found.principal_id == "cert:scorer"
+    # Near misses name no one: another attribute order, a prefix, a longer SPIFFE path, case.
+    for subject, spiffe in [
+        ("O=Bastion Tests,CN=ingest", None),
+        ("CN=ingest", None),
+        ("CN=ingest,O=Bastion Tests,OU=x", None),
+        ("CN=Ingest,O=Bastion Tests", None),
+        ("CN=x", SPIFFE_SCORER + "/more"),
+        ("CN=x", SPIFFE_SCORER.upper()),
+    ]:
+        assert ids.match(ClientCertificate(subject, spiffe, "c" * 64)) is None, subject
+    with pytest.raises(AuthenticationFailed) as err:
+        ids.match(ClientCertificate(SUBJECT, None, "f" * 64))
+    assert err.value.reason == "certificate_revoked"
+    with pytest.raises(AuthenticationFailed) as err:  # subject says ingest, SPIFFE ID says scorer
+        ids.match(ClientCertificate(SUBJECT, SPIFFE_SCORER, "d" * 64))
+    assert err.value.reason == "certificate_ambiguous"
+
+
+def test_identity_stage_maps_a_certificate_refuses_two_credentials_and_keeps_quarantine(
+    tmp_path: Path,
+) -> None:
+    asyncio.run(_identity_stage(tmp_path))
+
+
+async def _identity_stage(tmp_path: Path) -> None:
+    keys = KeyStore(tmp_path / "keys.db")
+    tokens = TokenAuthority(
+        load_or_create_signing_key(tmp_path / "t.jwk"), issuer="b", audience="b", default_ttl=60
+    )
+    stage = Authenticate(keys, tokens, certificates=_identities())
+    key = keys.create(name="k", roles=["analyst"], now=time.time()).secret
+    cert = ClientCertificate(SUBJECT, None, "e" * 64)
+
+    ctx = core_context(Route.INFER, None, client_certificate=cert)
+    await stage(ctx)
+    assert ctx.principal is not None and ctx.principal.id == "cert:ingest"
+    assert ctx.principal.via == "certificate" and ctx.principal.certificate == "e" * 64
+    assert ctx.principal.roles == ("analyst",) and not ctx.principal.quarantined
+
+    # A bearer credential on a connection whose certificate names a principal: refused, not chosen.
+    with pytest.raises(AuthenticationFailed) as err:
+        await stage(core_context(Route.INFER, f"Bearer {key}", client_certificate=cert))
+    assert err.value.reason == "ambiguous_credentials"
+    # A certificate no identity names is no credential: a bearer key decides, or nothing does.
+    stranger = ClientCertificate("CN=stranger,O=Bastion Tests", None, "1" * 64)
+    ctx = core_context(Route.INFER, f"Bearer {key}", client_certificate=stranger)
+    await stage(ctx)
+    assert ctx.principal is not None and ctx.principal.id.startswith("key:")
+    with pytest.raises(AuthenticationFailed) as err:
+        await stage(core_context(Route.INFER, None, client_certificate=stranger))
+    assert err.value.reason == "missing_credentials"
+    # Routes built without certificates (token, session) do not take one.
+    with pytest.raises(AuthenticationFailed):
+        await Authenticate(keys, tokens, allow_tokens=False)(
+            core_context(Route.TOKEN, None, client_certificate=cert)
+        )
+
+    # Query auditing's quarantine is kept under the principal id and read on the next request.
+    assert keys.quarantine("cert:ingest", now=time.time())
+    ctx = core_context(Route.INFER, None, client_certificate=cert)
+    await stage(ctx)
+    assert ctx.principal is not None and ctx.principal.quarantined
+    assert keys.release("cert:ingest")
+    # `bastion keys revoke cert:ingest`: refused on every server sharing the key store.
+    assert keys.revoke("cert:ingest", now=time.time())
+    with pytest.raises(AuthenticationFailed) as err:
+        await stage(core_context(Route.INFER, None, client_certificate=cert))
+    assert err.value.reason == "certificate_identity_revoked"
+    # The service identity's row holds no secret any key could match.
+    assert keys.get("cert:ingest") is not None
+    keys.close()
+
+
+# -- Reload: new connections get the new certificate ---------------------------------------------------
+
+
+def _served_serial(port: int, ca: Path) -> int:
+    context = ssl.create_default_context(cafile=ca)
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_reload_serves_new_files_to_new_connections_and_keeps_the_old_on_a_bad_set(
+    tmp_path: Path, pki: dict[str, object]
+) -> None:
+    asyncio.run(_reload(tmp_path, pki))
+
+
+async def _reload(tmp_path: Path, pki: dict[str, object]) -> None:
+    ca, first, second = pki["ca"], pki["server"], pki["server2"]
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    cert.write_bytes(first.cert.read_bytes())  # type: ignore[attr-defined]
+    key.write_bytes(first.key.read_bytes())  # type: ignore[attr-defined]
+    tls = ServerTls(TlsSettings(cert_file=cert, key_file=key), tmp_path / "bastion.toml")
+    server = await asyncio.get_running_loop().create_server(
+        asyncio.Protocol, "127.0.0.1", 0, ssl=tls.listening
+    )
+    port = server.sockets[0].getsockname()[1]
+    try:
+        assert await asyncio.to_thread(_served_serial, port, ca.pem) == first.serial  # type: ignore[attr-defined]
+        assert not tls.changed_on_disk()
+        # Half a renewal (the new certificate, the old key): refused, the old pair keeps serving.
+        cert.write_bytes(second.cert.read_bytes())  # type: ignore[attr-defined]
+        assert tls.changed_on_disk() and not tls.reload()
+        assert await asyncio.to_thread(_served_serial, port, ca.pem) == first.serial  # type: ignore[attr-defined]
+        key.write_bytes(second.key.read_bytes())  # type: ignore[attr-defined]
+        assert tls.reload()
+        assert await asyncio.to_thread(_served_serial, port, ca.pem) == second.serial  # type: ignore[attr-defined]
+    finally:
+        server.close()
+
+
+def test_a_service_identity_is_quarantined_and_revoked_in_the_shared_key_store_too() -> None:
+    """With state.backend = "redis" the keys live in Redis (bastion.records): a service identity's
+    quarantine and revocation are kept there as well, so every replica refuses it."""
+    from bastion.keys import SharedKeyStore
+    from bastion.records.redis import RedisRecords
+    from tests.helpers import REDIS_URL, drop_redis_keys, redis_prefix
+
+    prefix = redis_prefix()
+    a, b = (
+        SharedKeyStore(RedisRecords(REDIS_URL, prefix=prefix)),
+        SharedKeyStore(RedisRecords(REDIS_URL, prefix=prefix)),
+    )
+    try:
+        assert a.get("cert:ingest") is None
+        assert a.quarantine("cert:ingest", now=time.time()) and not a.quarantine(
+            "cert:ingest", now=time.time()
+        )
+        deadline = time.monotonic() + 2
+        while (
+            b.get("cert:ingest") is None or b.get("cert:ingest").quarantined_at is None
+        ) and time.monotonic() < deadline:  # type: ignore[union-attr]
+            time.sleep(0.02)
+        record = b.get("cert:ingest")
+        assert record is not None and record.quarantined_at is not None and record.roles == ()
+        assert b.release("cert:ingest") and b.revoke("cert:ingest", now=time.time())
+        # The row holds no secret: no presented key can authenticate as it.
+        with pytest.raises(AuthenticationFailed):
+            a.authenticate("bst_" + "0" * 16 + "_" + "A" * 43, now=time.time())
+    finally:
+        a.close()
+        b.close()
+        drop_redis_keys(prefix)
