@@ -221,6 +221,8 @@ def pod_specs() -> Iterator[tuple[str, Doc]]:
         for d in found:
             if d["kind"] in ("Deployment", "StatefulSet"):
                 yield d["metadata"]["name"], d["spec"]["template"]["spec"]
+            elif d["kind"] == "Pod":
+                yield d["metadata"]["name"], d["spec"]
     yield "kserve-predictor", kserve_pod()["spec"]
 
 
@@ -268,7 +270,7 @@ def test_bastion_replicas_probes_budget_and_network_policy() -> None:
     policy = find("NetworkPolicy", "bastion")
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
     egress_ports = {p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]}
-    assert egress_ports == {5432, 6379, 53}  # PostgreSQL, Redis, DNS: nothing else leaves the pod
+    assert egress_ports == {5432, 53}  # PostgreSQL and DNS: nothing else leaves the pod
     postgres = find("NetworkPolicy", "bastion-postgres")
     assert postgres["spec"]["ingress"][0]["from"] == [{"podSelector": {"matchLabels": labels}}]
     assert postgres["spec"]["egress"] == []
@@ -281,7 +283,8 @@ def test_bastion_replicas_probes_budget_and_network_policy() -> None:
 def test_kustomizations_list_every_manifest() -> None:
     for directory in (K8S, KSERVE):
         kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
-        assert set(kustomization["resources"]) == {p.name for p in manifests(directory)}, directory
+        applied_by_hand = {"models-loader.yaml"}  # a one-off pod, while bundles are copied
+        assert set(kustomization["resources"]) == {p.name for p in manifests(directory)} - applied_by_hand
         for gen in kustomization["configMapGenerator"]:
             assert all((directory / f).is_file() for f in gen["files"])
     images = yaml.safe_load((K8S / "kustomization.yaml").read_text())["images"]
@@ -564,3 +567,46 @@ def test_dockerfile_is_multi_stage_pinned_and_non_root() -> None:
     sources = re.findall(r"^COPY\s+(?!--from)(.+)\s+\S+$", text, re.MULTILINE)
     copied = {name for line in sources for name in line.split()}
     assert ignore[0] == "*" and {f"!{c.rstrip('/')}" for c in copied} <= {i.rstrip("/") for i in ignore}
+
+
+# -- the README's "Deploy on Kubernetes / KServe": its files exist, its local steps run ---------------
+
+
+def readme_section() -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index("## Deploy on Kubernetes / KServe\n")
+    return text[start : text.index("\n## ", start + 1)]
+
+
+def test_the_readme_names_only_files_that_exist() -> None:
+    section = readme_section()
+    kubectl_resource = "deploy/breast-cancer-predictor"  # `kubectl exec deploy/NAME`: not a path
+    named = set(re.findall(r"(?<![\w.-])deploy/[\w./-]*\w", section)) - {kubectl_resource}
+    assert {"deploy/Dockerfile", "deploy/kubernetes/models-loader.yaml", "deploy/checkov.yaml"} <= named
+    for path in named:
+        assert (ROOT / path).exists(), path
+    for manifest in re.findall(r"`([\w-]+\.yaml)`", section):
+        assert (K8S / manifest).exists() or (KSERVE / manifest).exists(), manifest
+    # The keys the Secrets are made with are the file names the policies and pods read.
+    for name in ("token_signing.jwk", "payload_hmac.key", "pgpass", "release.pub", "kek.key"):
+        assert name in section
+    assert "statefulset/bastion" in section and "deploy/breast-cancer-predictor" in section
+
+
+def test_the_readme_seed_steps_make_a_working_seed(tmp_path: Path) -> None:
+    """Step 3's local commands (not the kubectl ones), run as written with this venv's Python."""
+    block = readme_section().split("```sh\n")[1].split("```")[0]
+    step_3 = block[block.index("umask 077") : block.index("# 4.")]
+    steps = [line for line in step_3.splitlines() if line and not line.startswith(("kubectl", " ", "#"))]
+    assert len(steps) == 5, steps
+    script = "\n".join(steps).replace(".venv/bin/python", str(ROOT / ".venv" / "bin" / "python"))
+    subprocess.run(["/bin/bash", "-ec", script], cwd=tmp_path, check=True, timeout=60)
+    seed = tmp_path / "seed"
+    assert sorted(p.name for p in seed.iterdir()) == ["payload_hmac.key", "pgpass", "token_signing.jwk"]
+    assert all(p.stat().st_mode & 0o077 == 0 for p in seed.iterdir())
+    from bastion.tokens import load_or_create_signing_key
+
+    assert load_or_create_signing_key(seed / "token_signing.jwk").as_dict()["crv"] == "Ed25519"
+    assert len((seed / "payload_hmac.key").read_bytes()) == 32
+    password = (tmp_path / "pg" / "password").read_text()
+    assert len(password) >= 40 and (seed / "pgpass").read_text() == f"*:*:*:bastion:{password}\n"
