@@ -114,6 +114,8 @@ def run_server(
     )
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
+    if tls is None and host not in ("127.0.0.1", "::1", "localhost"):
+        log.warning("serving plain HTTP on %s: production needs [server.tls], or a TLS proxy in front", host)
     uv = uvicorn.Config(
         LoadShedder(BastionApp(service, tls=tls), max_in_flight=max_in_flight),
         host=host,
@@ -706,6 +708,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     registry = ModelRegistry.load(list(config.models))
     # The same checks as start-up: a grant naming an unknown model, or a regressor with a class policy.
     check_grants_name_models(config, registry.configured_names, args.config, regressors=registry.regressors)
+    if config.server.tls is not None:  # the certificate files, as start-up reads them
+        from bastion.tls import ServerTls
+
+        tls = ServerTls(config.server.tls, args.config)
+        print(f"ok      TLS certificate serial {tls.material.serial:x}, client certificates {tls.settings.client_auth}")
     for model in registry.models():
         print(f"ok      {model.name} {model.version} {model.digest}")
     for path, reason in registry.failures.items():

@@ -244,7 +244,27 @@ class AuditSettings(_Strict):
     checkpoint_every_records: Annotated[int, Field(ge=1)] = 1_000
     checkpoint_every_seconds: Annotated[float, Field(gt=0)] = 60.0
     # true: every group commit is fsynced (survives power loss). false: survives a process crash only.
+    # With sink = "postgres", false sets synchronous_commit = off (survives a Bastion crash only).
     fsync: bool = True
+    # "sqlite": audit.db in the state directory (one host; worker processes share it).
+    # "postgres": one chain in a PostgreSQL table shared by every worker and replica (bastion.audit.postgres).
+    sink: Literal["sqlite", "postgres"] = "sqlite"
+    # A DSN without a password: give it through PGPASSFILE / ~/.pgpass or PGPASSWORD (never printed).
+    postgres_dsn: Annotated[str, Field(pattern=r"^postgres(ql)?://")] = "postgresql://127.0.0.1:5432/postgres"
+    # Records in <table>, checkpoints in <table>_checkpoints, the signer's public key in <table>_signer.
+    postgres_table: Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_]{0,47}$")] = "bastion_audit"
+    # The Ed25519 checkpoint signing key (PEM; created with its .pub beside it if missing). Default:
+    # <state_dir>/audit_signing.key. Replicas writing one PostgreSQL chain must all use the same file.
+    signing_key: Path | None = None
+
+    @model_validator(mode="after")
+    def _settings_of_another_sink(self) -> AuditSettings:
+        for name in sorted(self.model_fields_set):
+            if name.startswith("postgres_") and self.sink != "postgres":
+                raise ValueError(
+                    f"{name} is used only by sink = 'postgres'; with {self.sink!r} it would be ignored"
+                )
+        return self
 
 
 class TokenSettings(_Strict):
@@ -395,11 +415,20 @@ class ModelRef(_Strict):
     # runtime not called, for breaker_open_seconds; then breaker_half_open_probes requests go
     # through, and the breaker closes when all succeed (any failure opens it again).
     inference_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 10.0
-    inference_threads: Annotated[int, Field(ge=1, le=64)] = 4
+    # "inline": call the runtime on the event loop (no thread hand-off; everything else waits while
+    # it runs) and stop it at the deadline; only for a runtime that can be stopped (onnx).
+    inference_isolation: Literal["thread", "inline"] = "thread"
+    inference_threads: Annotated[int, Field(ge=1, le=64)] = 1
     breaker_failures: Annotated[int, Field(ge=1, le=10_000)] = 5
     breaker_window_seconds: Annotated[float, Field(gt=0, le=86_400)] = 60.0
     breaker_open_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
     breaker_half_open_probes: Annotated[int, Field(ge=1, le=100)] = 1
+
+    @model_validator(mode="after")
+    def _threads_need_thread_isolation(self) -> ModelRef:
+        if "inference_threads" in self.model_fields_set and self.inference_isolation == "inline":
+            raise ValueError('inference_threads applies to inference_isolation = "thread": it would be ignored')
+        return self
 
     @model_validator(mode="after")
     def _isolation_window_needs_isolation(self) -> ModelRef:
@@ -672,7 +701,9 @@ def load_config(path: Path) -> Config:
             ],
         }
     )
-    return config.model_copy(update={"server": server, "models": models, "llm": llm})
+    key = config.audit.signing_key
+    audit = config.audit.model_copy(update={"signing_key": base / key if key is not None else None})
+    return config.model_copy(update={"server": server, "models": models, "llm": llm, "audit": audit})
 
 
 def _rebase_key_spec(spec: str | None, base: Path) -> str | None:

@@ -17,7 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bastion.assembly import build_pipelines, failed_auth_policy, load_or_create_secret, open_state_store
+from bastion.assembly import (
+    build_pipelines,
+    failed_auth_policy,
+    load_or_create_secret,
+    open_query_histories,
+    open_state_store,
+)
 from bastion.audit import AuditLog
 from bastion.audit.log import AuditUnavailable
 from bastion.audit.sink import open_sink
@@ -150,6 +156,7 @@ class Bastion:
             default_ttl=config.tokens.ttl_seconds,
         )
         self.state = open_state_store(config, paths)
+        self.histories = None if unsafe_no_defenses else open_query_histories(config, paths)
         self.audit: AuditLog | None = None
         if unsafe_no_defenses:
             log.warning("UNSAFE: serving with every defense off (benchmark baseline only)")
@@ -346,6 +353,8 @@ class Bastion:
             for model in self.chat_models.values():
                 await model.backend.aclose()
             await self.state.aclose()
+            if self.histories is not None:
+                await self.histories.aclose()
             self.close()
 
     async def handle(self, route: Route, ctx: RequestContext) -> Outcome:

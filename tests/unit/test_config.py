@@ -304,8 +304,10 @@ ENFORCED: dict[tuple[str, str], str] = {
     ("AuditSettings", "fsync"): _E2E + "test_crash.py::test_sigkill_under_load_loses_no_acknowledged_record",
     # The audit chain in PostgreSQL, shared by replicas (bastion.audit.postgres).
     ("AuditSettings", "sink"): _E2E + "test_audit_postgres.py::test_two_servers_write_one_postgres_chain",
-    ("AuditSettings", "postgres_table"): _E2E + "test_audit_postgres.py::test_two_servers_write_one_postgres_chain",
-    ("AuditSettings", "signing_key"): _E2E + "test_audit_postgres.py::test_two_servers_write_one_postgres_chain",
+    ("AuditSettings", "postgres_table"): _E2E
+    + "test_audit_postgres.py::test_two_servers_write_one_postgres_chain",
+    ("AuditSettings", "signing_key"): _E2E
+    + "test_audit_postgres.py::test_two_servers_write_one_postgres_chain",
     ("AuditSettings", "postgres_dsn"): _E2E
     + "test_audit_postgres.py::test_postgres_outage_fails_closed_and_service_resumes",
     (

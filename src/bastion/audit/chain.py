@@ -9,6 +9,7 @@ rewrite of earlier records with recomputed hashes is caught too.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,63 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     signature TEXT NOT NULL
 );
 """
+
+
+Row = tuple[int, str, str, str]  # seq, body (canonical JSON), prev_hash, hash
+Checkpoint = tuple[int, str, float, str]  # seq, hash, signed_at (Unix seconds), signature (hex)
+
+
+@dataclass(frozen=True, slots=True)
+class Tail:
+    """What a writer reads inside its lock before it extends the chain: the last record and the
+    last signed checkpoint (0, GENESIS and 0, 0.0 for an empty log)."""
+
+    seq: int
+    hash: str
+    checkpoint_seq: int
+    checkpoint_at: float
+
+
+class ChainExtender:
+    """Links a batch of record bodies onto a tail and signs the checkpoints that fall due.
+
+    The same arithmetic for every sink: the sink serialises writers (a lock held across reading
+    the tail, inserting and committing) and this object decides the rows. A checkpoint is due
+    after `every_records` records since the last one, after `every_seconds` since the last one
+    was signed (by any writer), and at `final` (a writer's shutdown) when records follow the last.
+    """
+
+    def __init__(self, key: Ed25519PrivateKey, *, every_records: int, every_seconds: float) -> None:
+        self._key = key
+        self._every_records = every_records
+        self._every_seconds = every_seconds
+
+    def extend(
+        self, tail: Tail, bodies: list[dict[str, Any]], now: float, *, final: bool = False
+    ) -> tuple[list[Row], list[Checkpoint]]:
+        """Each body gets its `seq` (set in the dict too); returns the rows and checkpoints to insert."""
+        rows: list[Row] = []
+        checkpoints: list[Checkpoint] = []
+        seq, head, last_cp = tail.seq, tail.hash, tail.checkpoint_seq
+        for body in bodies:
+            seq += 1
+            body["seq"] = seq
+            encoded = encode_body(body)
+            digest = chain_hash(head, encoded)
+            rows.append((seq, encoded.decode(), head, digest))
+            head = digest
+            if seq - last_cp >= self._every_records:  # at most N records between checkpoints
+                checkpoints.append(self.sign(seq, head, now))
+                last_cp = seq
+        # By time: `every_seconds` since the last checkpoint (a log without one gets its first by count,
+        # at `final`, or from the writer's idle timer, which passes `final`).
+        since = now - tail.checkpoint_at if tail.checkpoint_seq else 0.0
+        if seq > last_cp and (final or since >= self._every_seconds):
+            checkpoints.append(self.sign(seq, head, now))
+        return rows, checkpoints
+
+    def sign(self, seq: int, record_hash: str, now: float) -> Checkpoint:
+        return (seq, record_hash, now, self._key.sign(checkpoint_message(seq, record_hash)).hex())
 
 
 def encode_body(body: dict[str, Any]) -> bytes:

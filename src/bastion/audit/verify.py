@@ -1,6 +1,7 @@
 """`bastion audit verify`: walk the chain and the checkpoints; name the first bad record.
 
-Needs only the database file and the writer's public key: anyone can run it.
+Needs only the records (a SQLite file, or read access to the PostgreSQL tables) and the
+writers' public key: anyone can run it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import orjson
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from bastion.audit.chain import GENESIS, chain_hash, checkpoint_message
+from bastion.audit.chain import GENESIS, Row, chain_hash, checkpoint_message
 from bastion.errors import AuditIntegrityError
 
 
@@ -32,19 +33,35 @@ def _body_seq(body: str) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def verify_audit(path: Path, public_key: Ed25519PublicKey) -> VerifyReport:
-    """Return a report when the log is intact; raise AuditIntegrityError naming the first bad record."""
+def read_sqlite(path: Path) -> tuple[list[Row], list[tuple[int, str, str]]]:
+    """Every record and checkpoint of an audit database, in `seq` order, read in one snapshot (a
+    server may be appending). Raises AuditIntegrityError when the file is missing or unreadable."""
     if not path.is_file():
         raise AuditIntegrityError(f"{path}: audit database not found", seq=None)
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
     try:
+        conn.execute("BEGIN")
         rows = conn.execute("SELECT seq, body, prev_hash, hash FROM records ORDER BY seq").fetchall()
         checkpoints = conn.execute("SELECT seq, hash, signature FROM checkpoints ORDER BY seq").fetchall()
+        conn.execute("COMMIT")
     except sqlite3.DatabaseError as e:
         raise AuditIntegrityError(f"{path}: not a readable audit database: {e}", seq=None) from None
     finally:
         conn.close()
+    return rows, checkpoints
 
+
+def verify_audit(path: Path, public_key: Ed25519PublicKey) -> VerifyReport:
+    """Return a report when the log is intact; raise AuditIntegrityError naming the first bad record."""
+    rows, checkpoints = read_sqlite(path)
+    return verify_chain(rows, checkpoints, public_key)
+
+
+def verify_chain(
+    rows: list[Row], checkpoints: list[tuple[int, str, str]], public_key: Ed25519PublicKey
+) -> VerifyReport:
+    """The walk itself, whatever stored the rows: (seq, body, prev_hash, hash) and checkpoints
+    (seq, hash, signature hex), both in `seq` order. Raises AuditIntegrityError at the first bad record."""
     body_seqs = {s for s in (_body_seq(r[1]) for r in rows) if s is not None}
     computed: dict[int, str] = {}
     expected_seq, prev = 1, GENESIS
@@ -103,15 +120,55 @@ def verify_audit(path: Path, public_key: Ed25519PublicKey) -> VerifyReport:
 
 def export_records(path: Path) -> list[bytes]:
     """Each record as one JSON line: its body plus the chain fields."""
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        out = []
-        for _seq, body, prev_hash, digest in conn.execute(
-            "SELECT seq, body, prev_hash, hash FROM records ORDER BY seq"
-        ):
-            record = orjson.loads(body)
-            record["prev_hash"], record["hash"] = prev_hash, digest
-            out.append(orjson.dumps(record, option=orjson.OPT_SORT_KEYS))
-        return out
-    finally:
-        conn.close()
+    rows, _ = read_sqlite(path)
+    return export_rows(rows)
+
+
+def export_rows(rows: list[Row]) -> list[bytes]:
+    """Each record (seq, body, prev_hash, hash) as one JSON line: its body plus the chain fields."""
+    out = []
+    for _seq, body, prev_hash, digest in rows:
+        record = orjson.loads(body)
+        record["prev_hash"], record["hash"] = prev_hash, digest
+        out.append(orjson.dumps(record, option=orjson.OPT_SORT_KEYS))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class AuditSource:
+    """Where `verify` and `export` read a chain: a SQLite file, or a PostgreSQL table (`dsn`, `table`).
+
+    `name` is for messages: the path, or "postgresql table t" (never the DSN: it may hold a password)."""
+
+    name: str
+    path: Path | None = None
+    dsn: str | None = None
+    table: str | None = None
+
+    @classmethod
+    def sqlite(cls, path: Path) -> AuditSource:
+        return cls(str(path), path=path)
+
+    @classmethod
+    def postgres(cls, dsn: str, table: str) -> AuditSource:
+        return cls(f"postgresql table {table}", dsn=dsn, table=table)
+
+    def read(self) -> tuple[list[Row], list[tuple[int, str, str]]]:
+        """Records and checkpoints in `seq` order, one snapshot. Raises AuditIntegrityError when the
+        store is missing or cannot be read."""
+        if self.path is not None:
+            return read_sqlite(self.path)
+        assert self.dsn is not None and self.table is not None
+        import psycopg
+
+        from bastion.audit.postgres import read_postgres
+
+        try:
+            return read_postgres(self.dsn, self.table)
+        except psycopg.errors.UndefinedTable:
+            raise AuditIntegrityError(f"{self.name}: audit table not found", seq=None) from None
+        except psycopg.Error as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise AuditIntegrityError(
+                f"{self.name}: cannot read: {type(e).__name__}: {first}", seq=None
+            ) from None

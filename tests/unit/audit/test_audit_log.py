@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from bastion.audit import AuditLog, chain_hash, checkpoint_message, encode_body, verify_audit
+from bastion.audit import AuditLog, SQLiteSink, chain_hash, checkpoint_message, encode_body, verify_audit
 from bastion.audit.chain import load_or_create_audit_key, load_public_key, public_path
 from bastion.audit.log import AuditUnavailable
 from bastion.errors import AuditIntegrityError
@@ -18,7 +18,7 @@ from bastion.errors import AuditIntegrityError
 
 def _fill(path: Path, key: Ed25519PrivateKey, n: int, *, every: int = 10) -> None:
     async def run() -> None:
-        log = AuditLog(path, key, checkpoint_every_records=every, checkpoint_every_seconds=3600)
+        log = AuditLog(SQLiteSink(path, key, checkpoint_every_records=every, checkpoint_every_seconds=3600))
         seqs = await asyncio.gather(*(log.submit({"i": i, "status": 200}, wait=True) for i in range(n)))  # type: ignore[arg-type]
         assert sorted(seqs) == list(range(seqs[0], seqs[0] + n))  # one each, contiguous
         log.close()
@@ -155,7 +155,7 @@ def test_records_hold_no_payload_and_the_key_files_are_owner_only(tmp_path: Path
 
 def test_best_effort_does_not_wait_but_still_records(tmp_path: Path, key: Ed25519PrivateKey) -> None:
     async def run() -> None:
-        log = AuditLog(tmp_path / "a.db", key)
+        log = AuditLog(SQLiteSink(tmp_path / "a.db", key))
         assert log.submit({"i": 1}, wait=False) is None
         log.close()
 
@@ -165,9 +165,9 @@ def test_best_effort_does_not_wait_but_still_records(tmp_path: Path, key: Ed2551
 
 def test_writer_failure_fails_closed(tmp_path: Path, key: Ed25519PrivateKey) -> None:
     async def run() -> None:
-        log = AuditLog(tmp_path / "a.db", key)
+        log = AuditLog(SQLiteSink(tmp_path / "a.db", key))
         await log.submit({"i": 1}, wait=True)  # type: ignore[misc]
-        log._conn.execute("PRAGMA query_only = 1")  # the disk refuses writes from now on
+        log.sink._conn.execute("PRAGMA query_only = 1")  # type: ignore[attr-defined]  # the disk refuses writes from now on
         with pytest.raises(AuditUnavailable):
             await log.submit({"i": 2}, wait=True)  # type: ignore[misc]
         assert not log.healthy
