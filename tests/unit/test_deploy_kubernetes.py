@@ -591,6 +591,11 @@ def test_the_readme_names_only_files_that_exist() -> None:
     for name in ("token_signing.jwk", "payload_hmac.key", "pgpass", "release.pub", "kek.key"):
         assert name in section
     assert "statefulset/bastion" in section and "deploy/breast-cancer-predictor" in section
+    # Step 4's sed points the loader at your image: its pattern must match the loader's image line.
+    sed = re.search(r'sed "s#(image: [^#]+)#image: \$IMAGE#" deploy/kubernetes/models-loader.yaml', section)
+    assert sed and re.search(
+        rf"^\s+{re.escape(sed.group(1))}$", (K8S / "models-loader.yaml").read_text(), re.M
+    )
 
 
 def test_the_readme_seed_steps_make_a_working_seed(tmp_path: Path) -> None:
