@@ -27,6 +27,7 @@ from bastion.llm.intent import ExtractionTracker
 from bastion.llm.models import ChatModel
 from bastion.metrics import Metrics
 from bastion.policy import Policy
+from bastion.query_history import SharedHistories, open_histories
 from bastion.registry import ModelRegistry
 from bastion.rollout import Rollouts
 from bastion.routes import Route
@@ -106,6 +107,8 @@ class PipelineParts(Protocol):
     unsafe_no_defenses: bool
     chat_models: dict[str, ChatModel]
     extraction_tracker: ExtractionTracker
+    # Query auditing's per-principal histories in the state backend (workers, replicas); None: in process.
+    histories: SharedHistories | None
     redactor: LazyRedactor
     guards: ModelGuards  # each model version's deadline, threads and circuit breaker
     started: int  # when the server started, in Unix seconds (the `created` of /v1/models entries)
@@ -133,7 +136,10 @@ def build_pipelines(
     gate = ContainmentGate()
     limit = EnforceLimits(parts.state, parts.policy)
     watch = WatchQueries(
-        Containment(parts.keys, parts.isolation, parts.metrics, record_event, parts.incidents, parts.measures)
+        Containment(
+            parts.keys, parts.isolation, parts.metrics, record_event, parts.incidents, parts.measures
+        ),
+        parts.histories,
     )
     isolated = IsolationGate(parts.isolation)
     # The containment ladder's timed steps on this principal and model (throttle, degrade, reroute).
@@ -302,6 +308,22 @@ def failed_auth_policy(config: Config) -> FailedAuthPolicy:
         audited_per_window=limits.refusals_audited_per_window,
         audited_total_per_window=limits.refusals_audited_total_per_window,
         window_seconds=limits.refusal_window_seconds,
+    )
+
+
+def open_query_histories(config: Config, paths: StatePaths, *, worker: bool) -> SharedHistories | None:
+    """Query auditing's histories in `state.backend` (bastion.query_history); None keeps them in this
+    process: "memory", and "sqlite" for a server without workers (no other process can share them)."""
+    s = config.state
+    if s.backend == "sqlite" and not worker:
+        return None
+    return open_histories(
+        s.backend,
+        path=paths.root / "histories.db",
+        redis_url=s.redis_url,
+        redis_prefix=s.redis_prefix,
+        postgres_dsn=s.postgres_dsn,
+        postgres_table=s.postgres_table,
     )
 
 

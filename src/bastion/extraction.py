@@ -134,8 +134,11 @@ class ExtractionMonitor:
     def observe(self, principal: str, z: np.ndarray, squared: list[float]) -> Suspicion | None:
         """Count the signals for these admitted rows, as `screen.measure` gives them; a Suspicion
         if the principal's stream is now one genuine traffic would not produce."""
+        return self.observe_history(self._history(principal), z, squared)
+
+    def observe_history(self, history: _History, z: np.ndarray, squared: list[float]) -> Suspicion | None:
+        """`observe` on a given history (one kept in this process, or one read from a shared store)."""
         # Few numpy calls per row: measured in place, each costs several times its tight-loop time.
-        history = self._history(principal)
         query, columns, hit = self._query, self.screen.columns, False
         before = history.queries
         for i, radius2 in enumerate(squared):
@@ -167,7 +170,10 @@ class ExtractionMonitor:
 
     def refused(self, principal: str) -> Suspicion | None:
         """A query of this principal was refused as out of distribution."""
-        history = self._history(principal)
+        return self.refused_history(self._history(principal))
+
+    def refused_history(self, history: _History) -> Suspicion | None:
+        """`refused` on a given history."""
         if history.queries >= _EPOCH - 1:
             history.new_epoch()
         history.queries += 1
@@ -192,6 +198,37 @@ class ExtractionMonitor:
             if hits >= critical[n]:
                 return Suspicion("off_manifold", hits, n)
         return None
+
+    def new_history(self) -> _History:
+        return _History(self.screen.columns, self._window)
+
+    def pack(self, history: _History) -> bytes:
+        """A history as bytes for a shared store: the counts, then the window's float32 rows."""
+        counts = [
+            history.next,
+            history.queries,
+            history.refused,
+            int(history.flagged),
+            *history.near,
+            *history.far,
+        ]
+        return np.asarray(counts, dtype="<i4").tobytes() + history.recent.astype("<f4").tobytes()
+
+    def unpack(self, blob: bytes) -> _History:
+        """The inverse of `pack`. Raises ValueError for bytes of another shape (another model's)."""
+        history = self.new_history()
+        head = 4 + len(_NEAR_QUANTILES) + len(_FAR_QUANTILES)
+        if len(blob) != head * 4 + history.recent.nbytes:
+            raise ValueError("query history of another shape")
+        counts = np.frombuffer(blob, dtype="<i4", count=head).tolist()
+        history.next, history.queries, history.refused, flagged = counts[:4]
+        history.flagged = bool(flagged)
+        history.near = counts[4 : 4 + len(_NEAR_QUANTILES)]
+        history.far = counts[4 + len(_NEAR_QUANTILES) :]
+        history.recent = (
+            np.frombuffer(blob, dtype="<f4", offset=head * 4).reshape(history.recent.shape).copy()
+        )
+        return history
 
     def forget(self, principal: str) -> None:
         """Start the principal afresh (after an operator releases it from quarantine)."""

@@ -156,7 +156,9 @@ class Bastion:
             default_ttl=config.tokens.ttl_seconds,
         )
         self.state = open_state_store(config, paths)
-        self.histories = None if unsafe_no_defenses else open_query_histories(config, paths)
+        self.histories = (
+            None if unsafe_no_defenses else open_query_histories(config, paths, worker=self.shares_ports)
+        )
         self.audit: AuditLog | None = None
         if unsafe_no_defenses:
             log.warning("UNSAFE: serving with every defense off (benchmark baseline only)")

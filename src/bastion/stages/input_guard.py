@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,7 +68,7 @@ class GuardInput:
         *,
         max_rows: int,
         hmac_key: bytes,
-        on_out_of_distribution: Callable[[RequestContext], None] | None = None,
+        on_out_of_distribution: Callable[[RequestContext], Awaitable[None]] | None = None,
     ) -> None:
         self._max_rows = max_rows
         self._hmac_key = hmac_key
@@ -114,7 +114,7 @@ class GuardInput:
             row = model.screen.first_beyond(ctx.measured[1])
             if row is not None:
                 if self._on_out_of_distribution is not None:
-                    self._on_out_of_distribution(ctx)
+                    await self._on_out_of_distribution(ctx)
                 # No distance and no value in the message: either would help map the reference data.
                 raise SchemaViolation(
                     f"row {row} is outside the distribution this model serves",

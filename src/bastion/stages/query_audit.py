@@ -30,6 +30,7 @@ from bastion.incidents import IncidentRecords
 from bastion.isolation import IsolationRecords
 from bastion.keys import KeyRecords
 from bastion.metrics import Metrics
+from bastion.query_history import SharedHistories
 from bastion.registry import ModelRegistry
 from bastion.state import LimitSpec, StateStore
 
@@ -228,8 +229,12 @@ class Containment:
 
 
 class WatchQueries:
-    def __init__(self, contain: Containment) -> None:
+    """`histories`: where the monitors' per-principal histories live when several processes serve
+    (bastion.query_history, chosen by `state.backend`); None keeps them in this process."""
+
+    def __init__(self, contain: Containment, histories: SharedHistories | None = None) -> None:
         self._contain = contain
+        self._histories = histories
 
     async def __call__(self, ctx: RequestContext) -> None:
         model, request, principal = ctx.model, ctx.request, ctx.principal
@@ -240,15 +245,27 @@ class WatchQueries:
         measured = ctx.measured
         if measured is None:  # the model's screen is off: the monitor measures with its own
             measured = monitor.screen.measure(request.inputs, [s.name for s in model.manifest.inputs])
-        suspicion = monitor.observe(principal.id, *measured)
+        if self._histories is None:
+            suspicion = monitor.observe(principal.id, *measured)
+        else:
+            suspicion = await self._histories.observe(monitor, _history_key(ctx), *measured)
         if suspicion is not None:
             self._contain(ctx, suspicion)
 
-    def refused(self, ctx: RequestContext) -> None:
+    async def refused(self, ctx: RequestContext) -> None:
         """The input guard refused a row as out of distribution: that counts too."""
         model, principal = ctx.model, ctx.principal
         if model is None or principal is None or model.monitor is None:
             return
-        suspicion = model.monitor.refused(principal.id)
+        if self._histories is None:
+            suspicion = model.monitor.refused(principal.id)
+        else:
+            suspicion = await self._histories.refused(model.monitor, _history_key(ctx))
         if suspicion is not None:
             self._contain(ctx, suspicion)
+
+
+def _history_key(ctx: RequestContext) -> str:
+    model, principal = ctx.model, ctx.principal
+    assert model is not None and principal is not None
+    return f"{model.name}|{model.version}|{principal.id}"  # one monitor per model version
