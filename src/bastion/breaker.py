@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -51,11 +53,12 @@ class BreakerPolicy:
     """Per model (the `[[models]]` entry's fields of the same names). Seconds; counts of calls."""
 
     inference_timeout: float = 10.0
-    threads: int = 4
+    threads: int = 1
     failures: int = 5
     window: float = 60.0
     open_seconds: float = 30.0
     half_open_probes: int = 1
+    inline: bool = False  # inference_isolation = "inline": on the event loop, stopped by the watchdog
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,12 +230,58 @@ class _Pool:
                 self._queue.put(None)
 
 
+class _Watchdog:
+    """One daemon thread that stops inline calls past their deadline. It looks every `tick` seconds
+    instead of being woken per call, so a call costs two dict operations and a deadline is met
+    within a tick."""
+
+    def __init__(self, tick: float = 0.01) -> None:
+        self._tick = tick
+        self._calls: dict[int, tuple[float, Cancel]] = {}
+        self._fired: set[int] = set()
+        self._ids = itertools.count()
+        self._start = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, deadline: float, cancel: Cancel) -> int:
+        if self._thread is None:
+            with self._start:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="bastion-watchdog", daemon=True)
+                    self._thread.start()
+        key = next(self._ids)
+        self._calls[key] = (deadline, cancel)
+        return key
+
+    def done(self, key: int) -> bool:
+        """Forget the call; True if its deadline passed and it was stopped."""
+        self._calls.pop(key, None)
+        if key in self._fired:
+            self._fired.discard(key)
+            return True
+        return False
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self._tick)
+            now = time.monotonic()
+            for key, (deadline, cancel) in list(self._calls.items()):
+                if now >= deadline and self._calls.pop(key, None) is not None:
+                    self._fired.add(key)
+                    cancel.stop()
+
+
+_WATCHDOG = _Watchdog()
+
+
 class GuardedModel:
     """One model version's threads, deadline and breaker.
 
     `call(fn, cancel)` runs `fn` (the runtime's predict) on one of the model's threads and returns
     its result, or raises `ModelCircuitOpen` (503: the runtime not called), `InferenceTimeout` (504)
     or `ModelFailed` (500). `stuck`: calls past their deadline whose thread has not returned yet.
+    With `policy.inline`, `fn` runs on the caller's thread (the event loop, blocked meanwhile) and
+    the watchdog stops it at the deadline through `cancel`, which is then required.
     """
 
     def __init__(
@@ -255,6 +304,9 @@ class GuardedModel:
         self.stuck = 0
 
     async def call(self, fn: Callable[[], T], cancel: Cancel | None = None) -> T:
+        if self.policy.inline:
+            assert cancel is not None, "inline calls need a runtime that can stop them (checked at load)"
+            return self._call_inline(fn, cancel)
         permit = self.breaker.admit(can_probe=self.stuck < self.policy.threads)
         future = self._pool.submit(fn)
         try:
@@ -277,6 +329,25 @@ class GuardedModel:
             # The type only: a library's message can quote the input.
             log.error("model %s failed: %s", self.name, type(e).__name__)
             raise ModelFailed("the model could not answer this request") from None
+        self.breaker.succeeded(permit)
+        return result
+
+    def _call_inline(self, fn: Callable[[], T], cancel: Cancel) -> T:
+        permit = self.breaker.admit()
+        key = _WATCHDOG.watch(time.monotonic() + self.policy.inference_timeout, cancel)
+        failure: Exception | None = None
+        try:
+            result = fn()
+        except Exception as e:
+            failure = e
+        if _WATCHDOG.done(key):  # stopped at its deadline (or it answered just past it): 504
+            self._on_timeout()
+            self.breaker.failed(permit, ErrorCode.INFERENCE_TIMEOUT.value)
+            raise InferenceTimeout(self.policy.inference_timeout)
+        if failure is not None:
+            self.breaker.failed(permit, ErrorCode.INFERENCE_FAILED.value)
+            log.error("model %s failed: %s", self.name, type(failure).__name__)
+            raise ModelFailed("the model could not answer this request")
         self.breaker.succeeded(permit)
         return result
 

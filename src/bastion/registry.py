@@ -142,6 +142,12 @@ class ModelRegistry:
             )
         if manifest.version in self._models.get(manifest.name, {}):
             raise ModelLoadError(f"{ref.path}: {manifest.name} version {manifest.version} is already served")
+        if ref.inference_isolation == "inline" and not hasattr(runtime, "stoppable"):
+            # Inline, a call that cannot be stopped would hold the event loop past its deadline.
+            raise ModelLoadError(
+                f'{ref.path}: inference_isolation = "inline" needs a runtime whose calls can be stopped '
+                f'(onnx); this one is {manifest.runtime}: use "thread"'
+            )
         screen = monitor = None
         if reference is None and (ref.containment is not None or ref.isolate_after):
             # Query auditing needs the bundle's reference data: without it nothing would ever climb
@@ -183,6 +189,7 @@ class ModelRegistry:
                 ref.breaker_window_seconds,
                 ref.breaker_open_seconds,
                 ref.breaker_half_open_probes,
+                inline=ref.inference_isolation == "inline",
             ),
         )
         self._models.setdefault(manifest.name, {})[manifest.version] = model

@@ -4,6 +4,8 @@ stuck-call accounting, with blocking calls and with a real ONNX model that a dea
 from __future__ import annotations
 
 import asyncio
+import json
+import sqlite3
 import threading
 import time
 from dataclasses import replace
@@ -26,8 +28,11 @@ from bastion.errors import (
 )
 from bastion.manifest import read_manifest
 from bastion.registry import ModelRegistry
+from bastion.routes import Route
 from bastion.runtimes import load_runtime
-from tests.slow_model import FAST, HANG, write_slow_model
+from bastion.service import Bastion
+from tests.helpers import core_context, write_loan_model
+from tests.slow_model import FAST, HANG, slow_request, write_slow_model
 
 
 class Clock:
@@ -235,7 +240,7 @@ def _policy_file(tmp_path: Path, fields: str) -> Path:
 
 def test_the_guard_is_on_by_default(tmp_path: Path) -> None:
     (model,) = ModelRegistry.load(list(load_config(_policy_file(tmp_path, "")).models)).models()
-    assert model.breaker == BreakerPolicy(10.0, 4, 5, 60.0, 30.0, 1)
+    assert model.breaker == BreakerPolicy(10.0, 1, 5, 60.0, 30.0, 1)
 
 
 @pytest.mark.parametrize(
@@ -290,3 +295,101 @@ def test_the_policy_files_threads_and_window_are_the_guards(tmp_path: Path) -> N
         guards.close()
 
     asyncio.run(scenario())
+
+
+def test_a_timeout_is_the_servers_failure_for_the_rollout_and_a_bad_input_is_not(tmp_path: Path) -> None:
+    """Through the whole pipeline in process: a 504 marks the request as the runtime's failure (the
+    canary rollout's evidence), a 422 never reaches the runtime; each transition is audited."""
+    fields = "inference_timeout_seconds = 0.2\nbreaker_failures = 1\n"
+    path = _policy_file(tmp_path, fields)
+    path.write_text(
+        '[server]\nstate_dir = "state"\n[state]\nbackend = "memory"\n'
+        + path.read_text()
+        + '[roles.r]\ngrants = [ { models = ["slow"], actions = ["infer"] } ]\n'
+    )
+
+    async def scenario() -> list[tuple[int, bool, bool]]:
+        service = Bastion(load_config(path), config_path=path)
+        await service.startup()
+        secret = service.keys.create(name="k", roles=["r"], now=time.time()).secret
+        seen = []
+        for work in (-1.0, HANG, FAST):
+            ctx = core_context(Route.INFER, f"Bearer {secret}", slow_request(work), model_name="slow")
+            outcome = await service.handle(Route.INFER, ctx)
+            seen.append((outcome.status, ctx.runtime_failed, ctx.inference_seconds is not None))
+        await service.aclose()
+        return seen
+
+    assert asyncio.run(scenario()) == [(422, False, False), (504, True, True), (503, True, True)]
+    with sqlite3.connect(tmp_path / "state" / "audit.db") as db:
+        bodies = [json.loads(b) for (b,) in db.execute("SELECT body FROM records ORDER BY seq")]
+    assert [(b["decision"], b["reason"]) for b in bodies if b.get("route") == "breaker"] == [
+        ("open", "failures")
+    ]
+
+
+def test_inline_isolation_holds_the_event_loop_until_the_deadline_and_thread_isolation_does_not(
+    tmp_path: Path,
+) -> None:
+    """inference_isolation: both answer a hung ONNX call 504 at its deadline and serve the next
+    request; "thread" keeps the event loop turning meanwhile, "inline" holds it until the watchdog
+    stops the call."""
+    write_slow_model(tmp_path / "inline", "slow-inline")
+    write_slow_model(tmp_path / "thread", "slow-thread")
+    path = tmp_path / "bastion.toml"
+    path.write_text(
+        '[server]\nstate_dir = "state"\n[state]\nbackend = "memory"\n'
+        '[[models]]\npath = "inline"\nunsafe_unsigned = true\ninference_timeout_seconds = 0.4\n'
+        'inference_isolation = "inline"\n'
+        '[[models]]\npath = "thread"\nunsafe_unsigned = true\ninference_timeout_seconds = 0.4\n'
+        '[roles.r]\ngrants = [ { models = ["*"], actions = ["infer"] } ]\n'
+    )
+
+    async def scenario() -> dict[str, tuple[list[int], int, float]]:
+        service = Bastion(load_config(path), config_path=path)
+        await service.startup()
+        secret = service.keys.create(name="k", roles=["r"], now=time.time()).secret
+        seen = {}
+        for name in ("slow-inline", "slow-thread"):
+            ticks = 0
+
+            async def ticker() -> None:
+                nonlocal ticks
+                while True:
+                    await asyncio.sleep(0.01)
+                    ticks += 1
+
+            task = asyncio.create_task(ticker())
+            await asyncio.sleep(0.05)
+            ticks, statuses, began = 0, [], time.monotonic()
+            for work in (HANG, FAST):
+                ctx = core_context(Route.INFER, f"Bearer {secret}", slow_request(work), model_name=name)
+                statuses.append((await service.handle(Route.INFER, ctx)).status)
+                if work == HANG:
+                    elapsed, during = time.monotonic() - began, ticks
+            task.cancel()
+            seen[name] = (statuses, during, elapsed)
+        await service.aclose()
+        return seen
+
+    seen = asyncio.run(scenario())
+    for name in ("slow-inline", "slow-thread"):
+        statuses, _, elapsed = seen[name]
+        assert statuses == [504, 200], name
+        assert 0.4 <= elapsed < 0.9, name
+    assert seen["slow-inline"][1] <= 2  # the loop was held: the ticker did not run
+    assert seen["slow-thread"][1] >= 15  # the loop kept turning every 10 ms
+
+
+def test_inline_isolation_is_refused_where_it_could_not_stop_a_call_or_would_ignore_threads(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(ConfigError, match='inference_threads applies to inference_isolation = "thread"'):
+        load_config(_policy_file(tmp_path, 'inference_isolation = "inline"\ninference_threads = 2\n'))
+    write_loan_model(tmp_path / "loan")  # scikit-learn: its calls cannot be stopped
+    path = tmp_path / "loan.toml"
+    path.write_text('[[models]]\npath = "loan"\nunsafe_unsigned = true\ninference_isolation = "inline"\n')
+    registry = ModelRegistry.load(list(load_config(path).models))
+    assert not registry.models()
+    (reason,) = registry.failures.values()
+    assert 'inference_isolation = "inline" needs a runtime whose calls can be stopped' in reason
