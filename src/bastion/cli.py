@@ -705,14 +705,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     from bastion.registry import ModelRegistry
 
     config = _config(args.config)
-    registry = ModelRegistry.load(list(config.models))
-    # The same checks as start-up: a grant naming an unknown model, or a regressor with a class policy.
-    check_grants_name_models(config, registry.configured_names, args.config, regressors=registry.regressors)
-    if config.server.tls is not None:  # the certificate files, as start-up reads them
+    if config.server.tls is not None:  # the certificate files, as start-up reads them (before any model)
         from bastion.tls import ServerTls
 
         tls = ServerTls(config.server.tls, args.config)
         print(f"ok      TLS certificate serial {tls.material.serial:x}, client certificates {tls.settings.client_auth}")
+    registry = ModelRegistry.load(list(config.models))
+    # The same checks as start-up: a grant naming an unknown model, or a regressor with a class policy.
+    check_grants_name_models(config, registry.configured_names, args.config, regressors=registry.regressors)
     for model in registry.models():
         print(f"ok      {model.name} {model.version} {model.digest}")
     for path, reason in registry.failures.items():

@@ -36,6 +36,8 @@ from tests.pki import SPIFFE_SCORER, Authority, Issued
 
 HEAD_TIMEOUT = 1.5
 RELOAD_INTERVAL = 0.3
+MAX_IN_FLIGHT = 4  # anything wrongly counted as load (a handshake in progress) would shed requests
+SERVER_SETTINGS = f"head_timeout_seconds = {HEAD_TIMEOUT}\nmax_concurrent_requests = {MAX_IN_FLIGHT}\n"
 ONNX = "breast-cancer"
 
 
@@ -140,9 +142,7 @@ roles = ["admin"]
 
 """
     config, build = write_test_deployment(root, extra=extra)
-    config.write_text(
-        config.read_text().replace("[server]\n", f"[server]\nhead_timeout_seconds = {HEAD_TIMEOUT}\n", 1)
-    )
+    config.write_text(config.read_text().replace("[server]\n", f"[server]\n{SERVER_SETTINGS}", 1))
     tls_dir = root / "tls"
     tls_dir.mkdir()
     for src, name in (
@@ -362,11 +362,27 @@ def test_a_quarantined_or_revoked_service_identity_is_refused_and_released(tls: 
     assert tls.infer(tls.pki.ingest).status_code == 200  # the other identity is untouched
 
 
+def test_start_up_refuses_a_key_that_is_not_the_certificates_naming_the_field(
+    deployment: Deployment, pki: Pki, tmp_path: Path
+) -> None:
+    root = tmp_path / "d"
+    shutil.copytree(deployment.root, root)
+    shutil.copy(pki.server2.key, root / "tls" / "server.key")
+    for command in ("serve", "check"):
+        result = run_cli(command, "--config", root / "bastion.toml", check=False)
+        assert result.returncode == 2, result.stderr
+        assert "server.tls.key_file:" in result.stderr and "is not the key of" in result.stderr
+        assert "Traceback" not in result.stderr and "PRIVATE KEY" not in result.stderr
+
+
 # -- The handshake's own deadline --------------------------------------------------------------------
 
 
 def test_a_handshake_that_never_completes_is_closed_after_the_head_timeout(tls: TlsServer) -> None:
-    silent = [socket.create_connection(("127.0.0.1", tls.port), timeout=10) for _ in range(40)]
+    # More silent sockets than max_concurrent_requests: were a handshake load, the requests below would shed.
+    silent = [
+        socket.create_connection(("127.0.0.1", tls.port), timeout=10) for _ in range(10 * MAX_IN_FLIGHT)
+    ]
     partial = socket.create_connection(("127.0.0.1", tls.port), timeout=10)
     partial.sendall(
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"
