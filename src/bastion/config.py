@@ -280,8 +280,9 @@ class MetricsSettings(_Strict):
 class GrpcSettings(_Strict):
     """The Open Inference Protocol V2 over gRPC (bastion.grpc), on a second port of the same process.
 
-    Off by default: a port that is not open cannot be attacked, and REST serves every route. Plaintext
-    only for now (TLS is issue #13): keep `host` on loopback or behind a TLS-terminating proxy.
+    Off by default: a port that is not open cannot be attacked, and REST serves every route. TLS (and
+    client certificates) with `[server.tls]`, the REST certificate; without it plaintext: keep `host`
+    on loopback.
     """
 
     enabled: bool = False
