@@ -299,3 +299,20 @@ def test_an_unreachable_backend_refuses_and_never_logs_its_password(
 def test_a_postgres_table_name_too_long_for_the_records_is_refused() -> None:
     with pytest.raises(ConfigError):
         PostgresRecords(POSTGRES_DSN, table="t" * 60)
+
+
+def test_a_backend_that_hangs_costs_one_timeout_then_refuses_at_once(backend: Backend) -> None:
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts connections (the kernel does), never answers
+    try:
+        records = backend.open(backend.redirect(str(silent.getsockname()[1])))
+        started = time.monotonic()
+        with pytest.raises(StateUnavailable):
+            records.version("api_keys")
+        assert time.monotonic() - started < 3.0  # bounded: the event loop is not held for long
+        started = time.monotonic()
+        for _ in range(10):
+            with pytest.raises(StateUnavailable):
+                SharedKeyStore(records).get("0" * 16)
+        assert time.monotonic() - started < 0.1  # not asked again while it was just found dead
+    finally:
+        silent.close()

@@ -18,9 +18,12 @@ counter and the record change in one atomic step, and the counter is read before
 a cache is never newer-labelled than its data. Between checks a request reads memory only.
 
 Fail closed. A backend that cannot be reached raises `StateUnavailable` (503 `state_unavailable`):
-authentication cannot succeed, nothing is answered. After a failure the backend is not asked
-again for `RETRY_AFTER` seconds (requests fail at once instead of each waiting for a timeout).
-Connection strings are never logged (only an error's type).
+authentication cannot succeed, nothing is answered. The clients block (a read is one round trip,
+made at most every 0.25 s per store, or on a cache miss), so a server that does not answer costs
+at most one short timeout (0.5 s for Redis; for PostgreSQL 2 s to connect, 1 s of unacknowledged
+data, `tcp_user_timeout`), after which the backend is not asked again for `RETRY_AFTER` seconds:
+requests fail at once instead of each waiting. Connection strings are never logged (only an
+error's type).
 
 `open_records(config, paths)` is the one place that chooses: SQLite files in the state directory
 for `state.backend = "sqlite"` or `"memory"`, else the shared backend.
@@ -49,7 +52,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("bastion.records")
 
 CHECK_EVERY = 0.25  # seconds a cache is used before its collection's counter is read again
-RETRY_AFTER = 0.25  # seconds a backend that failed is not asked again
+RETRY_AFTER = 1.0  # seconds a backend that failed is not asked again (requests fail at once)
 _SWAP_ATTEMPTS = 64
 
 
@@ -132,7 +135,9 @@ class Watch:
     """Whether a cache built from a collection must be dropped: the collection's counter, read at
     most every `CHECK_EVERY` seconds. Call under the cache's lock."""
 
-    def __init__(self, records: Records, collection: str, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, records: Records, collection: str, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._records = records
         self._collection = collection
         self._clock = clock

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from bastion.errors import ConfigError
 from bastion.records import Breaker
@@ -39,7 +40,12 @@ class PostgresRecords:
 
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed or self._conn.broken:
-            conn = psycopg.connect(self._dsn, connect_timeout=max(1, int(self._timeout)), autocommit=True)
+            # Bounded waits, unless the DSN sets its own: connecting, and data the server does not
+            # acknowledge (a partition mid-query would otherwise hold the caller for minutes).
+            given = conninfo_to_dict(self._dsn)
+            bounds = {"connect_timeout": max(2, int(self._timeout)), "tcp_user_timeout": 1000}
+            extra = {k: v for k, v in bounds.items() if k not in given}
+            conn = psycopg.connect(make_conninfo(self._dsn, **extra), autocommit=True)
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self._table,))
                 conn.execute(

@@ -40,7 +40,7 @@ class RedisRecords:
     """Thread-safe (redis-py's connection pool); a blocking client: calls are sub-millisecond on a
     local network and rare on the request path (a counter read every 0.25 s, cache misses)."""
 
-    def __init__(self, url: str, *, prefix: str = "bastion:", timeout: float = 1.0) -> None:
+    def __init__(self, url: str, *, prefix: str = "bastion:", timeout: float = 0.5) -> None:
         self._prefix = prefix
         self._client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
         self._swap = self._client.register_script(_SWAP)
