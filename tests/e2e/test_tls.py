@@ -52,6 +52,7 @@ class Pki:
     revoked: Issued  # subject CN=ingest too, but its fingerprint is revoked
     expired: Issued  # CN=ingest, expired
     foreign: Issued  # CN=ingest from another CA
+    metered: Issued  # CN=metered: the quota role (a daily quota of 2)
 
 
 @dataclass
@@ -100,6 +101,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         revoked=ca.issue("revoked", cn="ingest"),
         expired=ca.issue("expired", cn="ingest", expired=True),
         foreign=other.issue("foreign", cn="ingest"),
+        metered=ca.issue("metered", cn="metered"),
     )
 
 
@@ -139,6 +141,11 @@ roles = ["analyst"]
 name = "scorer"
 spiffe_id = "{SPIFFE_SCORER}"
 roles = ["admin"]
+
+[[client_certificates.identities]]
+name = "metered"
+subject = "CN=metered,O=Bastion Tests"
+roles = ["quota"]
 
 """
     config, build = write_test_deployment(root, extra=extra)
@@ -293,6 +300,12 @@ def test_client_certificates_map_to_their_principals_and_roles(tls: TlsServer) -
         assert http.get("/metrics").status_code == 200
         # A service identity mints no token: the token route takes API keys only.
         assert http.post("/v2/auth/token", json={}).status_code == 401
+
+
+def test_a_certificate_principal_has_its_roles_limits(tls: TlsServer) -> None:
+    """The same limits as a key: the quota role's daily quota of 2, counted for cert:metered."""
+    assert [tls.infer(tls.pki.metered).status_code for _ in range(3)] == [200, 200, 429]
+    assert tls.infer(tls.pki.ingest).status_code == 200  # another principal's quota is its own
 
 
 def test_unmapped_revoked_and_doubly_credentialed_certificates_get_nothing(tls: TlsServer) -> None:
