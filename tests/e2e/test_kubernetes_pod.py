@@ -3,10 +3,12 @@ where the volumes mount them, the init container's own script seeding two replic
 from one seed (the Secret bastion-state-seed), the real PostgreSQL as the shared backend, and two
 servers started with the container's own arguments on the policy file from the ConfigMap (its paths
 moved under a temporary directory). The readiness probe answers 200; a key created as the README
-says works on both replicas, so does a token minted by one of them, and a revocation reaches both."""
+says works on both replicas, so does a token minted by one of them, a revocation reaches both, and
+both replicas' records are one audit chain in PostgreSQL that `bastion audit verify` accepts."""
 
 from __future__ import annotations
 
+import json
 import secrets
 import subprocess
 import time
@@ -18,6 +20,7 @@ import httpx
 import pytest
 import yaml  # type: ignore[import-untyped]
 
+from bastion.audit.chain import load_or_create_audit_key
 from bastion.demo import build_demo
 from bastion.tokens import load_or_create_signing_key
 from tests.helpers import (
@@ -44,10 +47,10 @@ class Pods:
 
 
 def pod_spec() -> dict[str, object]:
-    for doc in yaml.safe_load_all((K8S / "statefulset.yaml").read_text()):
-        if doc and doc["kind"] == "StatefulSet":
+    for doc in yaml.safe_load_all((K8S / "deployment.yaml").read_text()):
+        if doc and doc["kind"] == "Deployment":
             return dict(doc["spec"]["template"]["spec"])
-    raise AssertionError("no StatefulSet in statefulset.yaml")
+    raise AssertionError("no Deployment in deployment.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +60,17 @@ def pods(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pods]:
     table = postgres_table()
     dsn = f"{POSTGRES_DSN}?passfile=/var/lib/bastion/state/pgpass&connect_timeout=5"
     policy = (K8S / "bastion.toml").read_text()
-    assert policy.count(PROD_DSN) == 1
-    policy = policy.replace(PROD_DSN, dsn.split("?")[0] + "?").replace(
-        'backend = "postgres"\n', f'backend = "postgres"\npostgres_table = "{table}"\n'
+    assert policy.count(PROD_DSN) == 2  # the shared records and the audit chain
+    policy = (
+        policy.replace(PROD_DSN, dsn.split("?")[0] + "?")
+        .replace('backend = "postgres"\n', f'backend = "postgres"\npostgres_table = "{table}"\n')
+        .replace('sink = "postgres"\n', f'sink = "postgres"\npostgres_table = "{table}_audit"\n')
     )
-    # The seed, made as the README says: a shared token key, a shared payload HMAC key, the passfile.
+    # The seed, made as the README says: the keys every replica shares, and the passfile.
     seed = root / "seed"
     seed.mkdir(mode=0o700)
     load_or_create_signing_key(seed / "token_signing.jwk")
+    load_or_create_audit_key(seed / "audit_signing.key")
     (seed / "payload_hmac.key").write_bytes(secrets.token_bytes(32))
     (seed / "pgpass").write_text("*:*:*:*:unused-with-trust-auth\n")
     spec = pod_spec()
@@ -72,7 +78,7 @@ def pods(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pods]:
     main = spec["containers"][0]  # type: ignore[index]
     policies = []
     for replica in ("0", "1"):
-        var = root / f"var-lib-bastion-{replica}"  # the replica's own state volume
+        var = root / f"var-lib-bastion-{replica}"  # the pod's emptyDir
         var.mkdir()
         moved = (
             policy.replace("/var/lib/bastion/", f"{var}/")
@@ -92,7 +98,7 @@ def pods(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pods]:
         state = var / "state"
         assert state.stat().st_mode & 0o777 == 0o700
         assert all(f.stat().st_mode & 0o777 == 0o600 for f in state.iterdir())
-    # `kubectl exec statefulset/bastion -- bastion keys create ...`: the key lands in PostgreSQL.
+    # `kubectl exec deploy/bastion -- bastion keys create ...`: the key lands in PostgreSQL.
     key = run_cli(
         "keys", "create", "--config", policies[0], "--name", "ci", "--role", "analyst"
     ).stdout.strip()
@@ -157,3 +163,17 @@ def test_a_revocation_reaches_every_replica(pods: Pods) -> None:
     for server in pods.servers:
         with server.client(key) as c:
             assert c.post("/v2/models/breast-cancer/infer", json=pods.request).status_code == 401
+
+
+def test_both_replicas_write_one_audit_chain_that_verifies(pods: Pods) -> None:
+    for server in pods.servers:
+        with server.client(pods.key) as c:
+            assert c.post("/v2/models/breast-cancer/infer", json=pods.request).status_code == 200
+    # `kubectl exec deploy/bastion -- bastion audit verify --config ...`, from either pod.
+    out = run_cli("audit", "verify", "--config", pods.policy).stdout
+    assert out.startswith("OK: ") and "postgres" in out.lower(), out
+    records = int(out.split(": ")[2].split(" records")[0])
+    exported = run_cli("audit", "export", "--config", pods.policy).stdout.splitlines()
+    assert len(exported) == records
+    served = {json.loads(line).get("request_id") for line in exported}
+    assert set(pods.servers[0].request_ids) & served and set(pods.servers[1].request_ids) & served

@@ -119,11 +119,20 @@ def paths_named(config: Config) -> dict[str, PurePosixPath]:
             named[f"models.{i}.trusted_keys.{j}"] = PurePosixPath(key)
         if m.decryption_key and m.decryption_key.startswith("file:"):
             named[f"models.{i}.decryption_key"] = PurePosixPath(m.decryption_key.removeprefix("file:"))
-    if config.state.backend == "postgres":
-        query = urllib.parse.parse_qs(urllib.parse.urlsplit(config.state.postgres_dsn).query)
+    dsns = {"state.postgres_dsn": config.state.postgres_dsn if config.state.backend == "postgres" else None}
+    dsns["audit.postgres_dsn"] = config.audit.postgres_dsn if config.audit.sink == "postgres" else None
+    for field, dsn in dsns.items():
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(dsn or "").query)
         for passfile in query.get("passfile", []):
-            named["state.postgres_dsn passfile"] = PurePosixPath(passfile)
+            named[f"{field} passfile"] = PurePosixPath(passfile)
+    if config.audit.signing_key is not None:
+        named["audit.signing_key"] = PurePosixPath(config.audit.signing_key)
     return named
+
+
+# Files the policies read from the state directory, which the init container (or the KServe container's
+# own script) copies there from the Secret bastion-state-seed: each must be in the README's seed.
+SEEDED = ("passfile", "audit.signing_key")
 
 
 def mount_for(path: PurePosixPath, mounts: list[Doc]) -> Doc | None:
@@ -135,10 +144,7 @@ def mount_for(path: PurePosixPath, mounts: list[Doc]) -> Doc | None:
     return best
 
 
-def check_policy_mounted(
-    policy: Path, pod: Doc, container_name: str, config_map: str, *, claims: frozenset[str] = frozenset()
-) -> Config:
-    """`claims`: the names of the StatefulSet's volumeClaimTemplates (writable, one per replica)."""
+def check_policy_mounted(policy: Path, pod: Doc, container_name: str, config_map: str) -> Config:
     config = load_config(policy)  # raises ConfigError on any field the server would refuse
     assert config.state.backend in ("redis", "postgres"), "replicas must share their state"
     assert config.server.host == "0.0.0.0"  # noqa: S104 (the pod's address: the Service and NetworkPolicy guard it)
@@ -158,32 +164,24 @@ def check_policy_mounted(
         assert mount is not None, f"{policy.name}: {field} = {path} is on no volume (the root is read-only)"
         volume = volumes.get(mount["name"], {})
         if field == "server.state_dir":
-            assert "emptyDir" in volume or mount["name"] in claims, f"{field}: needs a writable volume"
+            assert "emptyDir" in volume, f"{field}: needs a writable volume"
             assert mount.get("readOnly") is not True
         elif field.startswith("models.") and field.endswith(".path"):
             assert "persistentVolumeClaim" in volume and mount["readOnly"] is True
-        elif field == "state.postgres_dsn passfile":
+        elif field.endswith(SEEDED):
             assert path.parent == PurePosixPath(config.server.state_dir)  # seeded 0600 into the state dir
         else:  # keys: from a Secret, read-only, not world-readable
             assert mount["readOnly"] is True and volume["secret"]["defaultMode"] & 0o007 == 0, field
     return config
 
 
-def claim_templates(workload: Doc) -> frozenset[str]:
-    return frozenset(t["metadata"]["name"] for t in workload["spec"].get("volumeClaimTemplates", []))
-
-
 def test_kubernetes_policy_loads_and_every_path_is_mounted() -> None:
-    workload = find("StatefulSet", "bastion")
+    workload = find("Deployment", "bastion")
     config = check_policy_mounted(
-        K8S / "bastion.toml",
-        workload["spec"]["template"],
-        "bastion",
-        "bastion-policy",
-        claims=claim_templates(workload),
+        K8S / "bastion.toml", workload["spec"]["template"], "bastion", "bastion-policy"
     )
-    # The audit log outlives the pod: the state directory is the replica's own persistent volume.
-    assert claim_templates(workload) == {"state"}
+    # What must outlive a pod (its emptyDir) is in PostgreSQL: the shared records and the audit chain.
+    assert config.state.backend == config.audit.sink == "postgres"
     assert len(config.models) == 3 and any(m.decryption_key for m in config.models)
 
 
@@ -199,10 +197,9 @@ def test_a_policy_the_server_refuses_fails_the_check(tmp_path: Path) -> None:
 
     bad = tmp_path / "bastion.toml"
     bad.write_text((K8S / "bastion.toml").read_text().replace("[audit]\n", "[audit]\nretention = 7\n"))
-    workload = find("StatefulSet", "bastion")
-    claims = claim_templates(workload)
+    workload = find("Deployment", "bastion")
     with pytest.raises(ConfigError, match=r"audit\.retention"):
-        check_policy_mounted(bad, workload["spec"]["template"], "bastion", "bastion-policy", claims=claims)
+        check_policy_mounted(bad, workload["spec"]["template"], "bastion", "bastion-policy")
     unmounted = tmp_path / "other.toml"
     unmounted.write_text(
         (K8S / "bastion.toml").read_text().replace('"/models/diabetes-1"', '"/srv/diabetes-1"')
@@ -210,7 +207,7 @@ def test_a_policy_the_server_refuses_fails_the_check(tmp_path: Path) -> None:
     pod = copy.deepcopy(workload["spec"]["template"])
     pod["spec"]["containers"][0]["volumeMounts"][0]["subPath"] = "other.toml"
     with pytest.raises(AssertionError, match="is on no volume"):
-        check_policy_mounted(unmounted, pod, "bastion", "bastion-policy", claims=claims)
+        check_policy_mounted(unmounted, pod, "bastion", "bastion-policy")
 
 
 # -- the hardening the issue asks for, read from the manifests --------------------------------------
@@ -251,7 +248,7 @@ def test_every_pod_is_locked_down(name: str, spec: Doc) -> None:
 
 
 def test_bastion_replicas_probes_budget_and_network_policy() -> None:
-    workload = find("StatefulSet", "bastion")
+    workload = find("Deployment", "bastion")
     labels = workload["spec"]["template"]["metadata"]["labels"]
     assert workload["spec"]["replicas"] >= 2
     assert workload["spec"]["selector"]["matchLabels"].items() <= labels.items()
@@ -453,7 +450,7 @@ def test_manifests_validate_against_the_kubernetes_schema(tmp_path: Path) -> Non
         write_yaml(tmp_path / "config-maps.yaml", generated_config_maps(K8S) + generated_config_maps(KSERVE))
     )
     files.append(write_yaml(tmp_path / "kserve-pod.yaml", [kserve_pod()]))
-    broken = copy.deepcopy(find("StatefulSet", "bastion"))
+    broken = copy.deepcopy(find("Deployment", "bastion"))
     broken["spec"]["template"]["spec"]["containers"][0]["readinessprobe"] = {}  # a typo'd field
     files.append(write_yaml(tmp_path / "broken.yaml", [broken]))
     run = subprocess.run(
@@ -487,14 +484,14 @@ def checkov_args() -> list[str]:
 @pytest.fixture(scope="module")
 def checkov_failures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[str]]:
     """One checkov run over deploy/ (as shipped), the pod KServe builds from the runtime, and a copy of
-    the StatefulSet with a writable root filesystem: resource -> failed check ids."""
+    the Deployment with a writable root filesystem: resource -> failed check ids."""
     root = tmp_path_factory.mktemp("checkov")
     for src in (DOCKERFILE, *K8S.glob("*.yaml"), *KSERVE.glob("*.yaml")):
         dest = root / src.relative_to(DEPLOY)
         dest.parent.mkdir(exist_ok=True)
         dest.write_text(src.read_text())
     write_yaml(root / "kserve" / "predictor-pod.yaml", [kserve_pod()])
-    insecure = copy.deepcopy(find("StatefulSet", "bastion"))
+    insecure = copy.deepcopy(find("Deployment", "bastion"))
     insecure["metadata"]["name"] = "insecure"
     insecure["spec"]["template"]["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] = False
     write_yaml(root / "kubernetes" / "insecure.yaml", [insecure])
@@ -513,7 +510,7 @@ def checkov_failures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[
     # custom resources themselves are not among checkov's kinds).
     assert {
         "/Dockerfile.USER",
-        "StatefulSet.bastion.bastion",
+        "Deployment.bastion.bastion",
         "StatefulSet.bastion.bastion-postgres",
         "Pod.bastion.breast-cancer-predictor",
     } <= passed | set(failures), sorted(passed)
@@ -528,7 +525,7 @@ def test_checkov_passes_the_manifests_and_the_dockerfile(checkov_failures: dict[
 
 @pytest.mark.slow
 def test_checkov_catches_a_writable_root_filesystem(checkov_failures: dict[str, set[str]]) -> None:
-    assert checkov_failures == {"StatefulSet.bastion.insecure": {"CKV_K8S_22"}}
+    assert checkov_failures == {"Deployment.bastion.insecure": {"CKV_K8S_22"}}
 
 
 @pytest.mark.slow
@@ -580,8 +577,8 @@ def readme_section() -> str:
 
 def test_the_readme_names_only_files_that_exist() -> None:
     section = readme_section()
-    kubectl_resource = "deploy/breast-cancer-predictor"  # `kubectl exec deploy/NAME`: not a path
-    named = set(re.findall(r"(?<![\w.-])deploy/[\w./-]*\w", section)) - {kubectl_resource}
+    kubectl_resources = {"deploy/bastion", "deploy/breast-cancer-predictor"}  # `kubectl exec deploy/NAME`
+    named = set(re.findall(r"(?<![\w.-])deploy/[\w./-]*\w", section)) - kubectl_resources
     assert {"deploy/Dockerfile", "deploy/kubernetes/models-loader.yaml", "deploy/checkov.yaml"} <= named
     for path in named:
         assert (ROOT / path).exists(), path
@@ -590,7 +587,7 @@ def test_the_readme_names_only_files_that_exist() -> None:
     # The keys the Secrets are made with are the file names the policies and pods read.
     for name in ("token_signing.jwk", "payload_hmac.key", "pgpass", "release.pub", "kek.key"):
         assert name in section
-    assert "statefulset/bastion" in section and "deploy/breast-cancer-predictor" in section
+    assert "deployment/bastion" in section and "deploy/breast-cancer-predictor" in section
     # Step 4's sed points the loader at your image: its pattern must match the loader's image line.
     sed = re.search(r'sed "s#(image: [^#]+)#image: \$IMAGE#" deploy/kubernetes/models-loader.yaml', section)
     assert sed and re.search(
@@ -603,11 +600,22 @@ def test_the_readme_seed_steps_make_a_working_seed(tmp_path: Path) -> None:
     block = readme_section().split("```sh\n")[1].split("```")[0]
     step_3 = block[block.index("umask 077") : block.index("# 4.")]
     steps = [line for line in step_3.splitlines() if line and not line.startswith(("kubectl", " ", "#"))]
-    assert len(steps) == 5, steps
+    assert len(steps) == 6, steps
     script = "\n".join(steps).replace(".venv/bin/python", str(ROOT / ".venv" / "bin" / "python"))
     subprocess.run(["/bin/bash", "-ec", script], cwd=tmp_path, check=True, timeout=60)
     seed = tmp_path / "seed"
-    assert sorted(p.name for p in seed.iterdir()) == ["payload_hmac.key", "pgpass", "token_signing.jwk"]
+    seeded = sorted(p.name for p in seed.iterdir())
+    assert seeded == [
+        "audit_signing.key",
+        "audit_signing.pub",
+        "payload_hmac.key",
+        "pgpass",
+        "token_signing.jwk",
+    ]
+    for policy in (K8S / "bastion.toml", KSERVE / "bastion.toml"):
+        for field, path in paths_named(load_config(policy)).items():
+            if field.endswith(SEEDED):
+                assert path.name in seeded, (policy, field)
     assert all(p.stat().st_mode & 0o077 == 0 for p in seed.iterdir())
     from bastion.tokens import load_or_create_signing_key
 
