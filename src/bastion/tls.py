@@ -5,8 +5,9 @@
   exchange. TLS 1.3's suites are all AEAD with ephemeral keys. No compression, no renegotiation.
 - Client certificates (`client_auth`): "optional" asks for one and verifies it if sent; "require"
   refuses the handshake without a valid one. Either way a certificate that does not chain to
-  `client_ca_file` (another CA, expired, not yet valid) fails the handshake. Which principal a valid
-  certificate is, is the policy's business (bastion.certs), not this module's.
+  `client_ca_file` (another CA, expired, not yet valid) fails the handshake, and no session is
+  resumed (every connection's certificate is verified anew). Which principal a valid certificate is,
+  is the policy's business (bastion.certs), not this module's.
 - Reload: the files' modification times are checked every `reload_interval_seconds`, and on SIGHUP.
   A new set that loads and validates replaces the old for new connections (open ones keep theirs);
   one that does not (half-written, key not matching) is logged and the old set keeps serving.
@@ -125,6 +126,10 @@ def build_context(settings: TlsSettings, material: TlsMaterial) -> ssl.SSLContex
         assert material.client_ca is not None
         ctx.load_verify_locations(cadata=material.client_ca.decode("ascii"))
         ctx.verify_mode = ssl.CERT_REQUIRED if settings.client_auth == "require" else ssl.CERT_OPTIONAL
+        # No session resumption: a resumed session is not verified again, so a client certificate that
+        # expired, or whose CA left client_ca_file, would go on being accepted for the session's life.
+        ctx.options |= ssl.OP_NO_TICKET
+        ctx.num_tickets = 0
     return ctx
 
 

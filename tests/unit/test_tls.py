@@ -4,6 +4,7 @@ The real server over TLS is attacked in tests/e2e/test_tls.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 import time
@@ -331,3 +332,53 @@ def test_a_service_identity_is_quarantined_and_revoked_in_the_shared_key_store_t
         a.close()
         b.close()
         drop_redis_keys(prefix)
+
+
+def _reused(port: int, ca: Path, client: object, version: ssl.TLSVersion) -> list[bool]:
+    """Three connections, each offering the previous one's session: which were resumed."""
+    context = ssl.create_default_context(cafile=ca)
+    context.load_cert_chain(client.cert, client.key)  # type: ignore[attr-defined]
+    context.maximum_version = version
+    session, reused = None, []
+    for _ in range(3):
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+            context.wrap_socket(raw, server_hostname="127.0.0.1", session=session) as tls,
+        ):
+            tls.sendall(b"x")  # TLS 1.3 tickets come after the handshake: give them a read
+            tls.settimeout(0.2)
+            with contextlib.suppress(OSError):
+                tls.recv(1)
+            reused.append(tls.session_reused)
+            session = tls.session
+    return reused
+
+
+def test_no_session_is_resumed_when_client_certificates_are_asked_for(pki: dict[str, object]) -> None:
+    """A resumed session skips verification: with client certificates every connection is verified anew
+    (a certificate that expired, or whose CA was dropped by a reload, is refused on the next one)."""
+    ca, server, ingest = pki["ca"], pki["server"], pki["ingest"]
+
+    async def go(client_auth: str) -> list[bool]:
+        settings = TlsSettings(
+            cert_file=server.cert,  # type: ignore[attr-defined]
+            key_file=server.key,  # type: ignore[attr-defined]
+            client_ca_file=None if client_auth == "none" else ca.pem,  # type: ignore[attr-defined]
+            client_auth=client_auth,  # type: ignore[arg-type]
+        )
+        tls = ServerTls(settings, Path("bastion.toml"))
+        listening = await asyncio.get_running_loop().create_server(
+            asyncio.Protocol, "127.0.0.1", 0, ssl=tls.listening
+        )
+        port = listening.sockets[0].getsockname()[1]
+        try:
+            out = []
+            for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+                out += await asyncio.to_thread(_reused, port, ca.pem, ingest, version)  # type: ignore[attr-defined]
+            return out
+        finally:
+            listening.close()
+
+    assert asyncio.run(go("none")) == [False, True, True] * 2  # the check can see a resumption
+    assert asyncio.run(go("optional")) == [False] * 6
+    assert asyncio.run(go("require")) == [False] * 6
