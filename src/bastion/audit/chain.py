@@ -9,6 +9,7 @@ rewrite of earlier records with recomputed hashes is caught too.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,25 +108,39 @@ def checkpoint_message(seq: int, record_hash: str) -> bytes:
 
 
 def load_or_create_audit_key(private_path: Path) -> Ed25519PrivateKey:
-    """The checkpoint signing key (PEM, owner-only) and its public half beside it (`.pub`)."""
-    if private_path.exists():
-        key = serialization.load_pem_private_key(private_path.read_bytes(), password=None)
-        if not isinstance(key, Ed25519PrivateKey):
-            raise ValueError(f"{private_path}: not an Ed25519 private key")
-        return key
-    key = Ed25519PrivateKey.generate()
-    make_private_dir(private_path.parent)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    private_path.touch(mode=0o600, exist_ok=False)
-    private_path.write_bytes(pem)
-    public_path(private_path).write_bytes(
-        key.public_key().public_bytes(
+    """The checkpoint signing key (PEM, owner-only) and its public half beside it (`.pub`).
+
+    Several processes may start on one fresh state directory at once (`bastion serve --workers`):
+    the key is written to a temporary file and linked into place, so one key wins and every
+    process loads that one, never a half-written file. Raises ValueError for a file that is not
+    an Ed25519 private key."""
+    if not private_path.exists():
+        key = Ed25519PrivateKey.generate()
+        make_private_dir(private_path.parent)
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        public_pem = key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
-    )
-    return key
+        tmp = private_path.with_name(f".{private_path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, pem)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, private_path)  # fails if another process got there first: its key stands
+            public_path(private_path).write_bytes(public_pem)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    loaded = serialization.load_pem_private_key(private_path.read_bytes(), password=None)
+    if not isinstance(loaded, Ed25519PrivateKey):
+        raise ValueError(f"{private_path}: not an Ed25519 private key")
+    return loaded
 
 
 def public_path(private_path: Path) -> Path:

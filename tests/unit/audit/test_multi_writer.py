@@ -241,3 +241,26 @@ def test_a_dropped_connection_fails_the_batch_closed_and_the_log_resumes(
 
     asyncio.run(run())
     assert _verify_pg(table, key).records == 2
+
+
+def _load_key(path: str, queue: Any) -> None:
+    from bastion.audit.chain import load_or_create_audit_key
+
+    queue.put(load_or_create_audit_key(Path(path)).public_key().public_bytes_raw())
+
+
+@pytest.mark.slow
+def test_processes_starting_together_on_a_fresh_directory_agree_on_one_signing_key(tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("fork")  # fork: the processes start within a millisecond
+    queue = ctx.Queue()
+    path = tmp_path / "state" / "audit_signing.key"
+    procs = [ctx.Process(target=_load_key, args=(str(path), queue)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    keys = {queue.get(timeout=60) for _ in procs}
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    assert len(keys) == 1
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in path.parent.iterdir()) == ["audit_signing.key", "audit_signing.pub"]
