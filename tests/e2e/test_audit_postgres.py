@@ -162,41 +162,53 @@ def _ready(server: RunningServer) -> int:
     return httpx.get(f"{server.base_url}/v2/health/ready", timeout=10).status_code
 
 
+def _refused_while_down(server: RunningServer, c: httpx.Client, body: dict[str, object]) -> None:
+    # Fail closed: no answer leaves without its record committed in PostgreSQL.
+    for _ in range(3):
+        r = c.post("/v2/models/breast-cancer/infer", json=body)
+        assert r.status_code == 503 and r.json()["code"] == "audit_unavailable"
+        assert "label" not in r.text
+    assert _ready(server) == 503
+    assert httpx.get(f"{server.base_url}/v2/health/live").status_code == 200
+
+
+def _ready_again(server: RunningServer) -> None:
+    deadline = time.monotonic() + 15
+    while _ready(server) != 200:
+        assert time.monotonic() < deadline, "not ready again 15 s after PostgreSQL returned"
+        time.sleep(0.2)
+
+
 def test_postgres_outage_fails_closed_and_service_resumes(tmp_path: Path, table: str) -> None:
     target = urlsplit(POSTGRES_DSN)
     proxy = _Proxy((target.hostname or "127.0.0.1", target.port or 5432))
-    proxy.start()
     dsn = POSTGRES_DSN.replace(f"{target.hostname}:{target.port or 5432}", f"127.0.0.1:{proxy.port}")
     config, build = write_test_deployment(tmp_path)
     _with_audit(config, _postgres_audit(dsn, table))
     key = create_key(config, "loader")
+    # PostgreSQL is down when the server starts: it starts (live), not ready, and refuses.
     server = start_server(config, tmp_path / "server.log")
     body = infer_request(build.features[:1])
     try:
         with server.client(key) as c:
-            assert c.post("/v2/models/breast-cancer/infer", json=body).status_code == 200
-            assert _ready(server) == 200
-            proxy.cut()
-            # Fail closed: no answer leaves without its record committed in PostgreSQL.
-            for _ in range(3):
-                r = c.post("/v2/models/breast-cancer/infer", json=body)
-                assert r.status_code == 503 and r.json()["code"] == "audit_unavailable"
-                assert "label" not in r.text
-            assert _ready(server) == 503
-            assert httpx.get(f"{server.base_url}/v2/health/live").status_code == 200
+            _refused_while_down(server, c, body)
             proxy.start()
-            deadline = time.monotonic() + 15
-            while _ready(server) != 200:
-                assert time.monotonic() < deadline, "not ready again 15 s after PostgreSQL returned"
-                time.sleep(0.2)
+            _ready_again(server)
+            assert c.post("/v2/models/breast-cancer/infer", json=body).status_code == 200
+            # PostgreSQL goes away under a running server (every connection cut, the port refused).
+            proxy.cut()
+            _refused_while_down(server, c, body)
+            proxy.start()
+            _ready_again(server)
             assert c.post("/v2/models/breast-cancer/infer", json=body).status_code == 200
         server.stop()
         log = (tmp_path / "server.log").read_text()
         assert "Traceback" not in log and "audit log: a commit to postgresql table" in log
         verify = run_cli("audit", "verify", "--config", config, check=False)
         assert verify.returncode == 0, verify.stderr
-        statuses = [r.get("status") for r in _export(config) if r.get("route") == "infer"]
-        assert statuses == [200, 200]  # the refused requests left no record (and no gap)
+        records = _export(config)
+        assert [r.get("status") for r in records if r.get("route") == "infer"] == [200, 200]  # no 503 record
+        assert any(r.get("route") == "model_load" for r in records)  # written once PostgreSQL answered
         proxy.cut()
         # PostgreSQL unreachable: verify cannot vouch for the chain, and says so (exit 1, no traceback).
         verify = run_cli("audit", "verify", "--config", config, check=False)
