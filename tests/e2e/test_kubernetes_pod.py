@@ -2,14 +2,18 @@
 where the volumes mount them, the init container's own script seeding two replicas' state directories
 from one seed (the Secret bastion-state-seed), the real PostgreSQL as the shared backend, and two
 servers started with the container's own arguments on the policy file from the ConfigMap (its paths
-moved under a temporary directory). The readiness probe answers 200; a key created as the README
+moved under a temporary directory), over TLS with a certificate where the Secret bastion-tls puts it.
+The probes answer 200 over HTTPS; a key created as the README
 says works on both replicas, so does a token minted by one of them, a revocation reaches both, and
 both replicas' records are one audit chain in PostgreSQL that `bastion audit verify` accepts."""
 
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import shutil
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -24,13 +28,15 @@ from bastion.audit.chain import load_or_create_audit_key
 from bastion.demo import build_demo
 from bastion.tokens import load_or_create_signing_key
 from tests.helpers import (
+    BASTION,
     POSTGRES_DSN,
     RunningServer,
     drop_postgres_table,
+    free_port,
     postgres_table,
     run_cli,
-    start_server,
 )
+from tests.pki import Authority
 
 pytestmark = pytest.mark.slow
 
@@ -44,6 +50,44 @@ class Pods:
     policy: Path
     key: str
     request: dict[str, object]
+    trust: ssl.SSLContext  # the CA that signed the certificate in bastion-tls
+
+    def client(self, server: RunningServer, credential: str) -> httpx.Client:
+        """Over TLS, verifying the server's certificate; request ids kept for the audit check."""
+
+        def remember(response: httpx.Response) -> None:
+            if rid := response.headers.get("x-request-id"):
+                server.request_ids.append(rid)
+
+        return httpx.Client(
+            base_url=server.base_url,
+            verify=self.trust,
+            headers={"Authorization": f"Bearer {credential}"},
+            timeout=30,
+            event_hooks={"response": [remember]},
+        )
+
+
+def start_tls_server(config: Path, log_path: Path, trust: ssl.SSLContext, *extra: str) -> RunningServer:
+    port = free_port()
+    process = subprocess.Popen(
+        [*BASTION, "serve", "--config", str(config), "--port", str(port), *extra],
+        stdout=log_path.open("wb"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    server = RunningServer(f"https://127.0.0.1:{port}", config, process, log_path)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited: {log_path.read_text()}")
+        try:
+            if httpx.get(f"{server.base_url}/v2/health/live", verify=trust, timeout=1).status_code == 200:
+                return server
+        except httpx.TransportError:
+            time.sleep(0.1)
+    server.stop()
+    raise AssertionError(f"server did not start in 90 s: {log_path.read_text()}")
 
 
 def pod_spec() -> dict[str, object]:
@@ -71,6 +115,13 @@ def pods(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pods]:
     seed.mkdir(mode=0o700)
     load_or_create_signing_key(seed / "token_signing.jwk")
     load_or_create_audit_key(seed / "audit_signing.key")
+    # The Secret bastion-tls (kubernetes.io/tls): tls.crt and tls.key, from a CA the client trusts.
+    authority = Authority(root / "pki", "k8s")
+    issued = authority.issue("server", cn="bastion", server=True)
+    (root / "tls").mkdir()
+    shutil.copy(issued.cert, root / "tls" / "tls.crt")
+    shutil.copy(issued.key, root / "tls" / "tls.key")
+    trust = ssl.create_default_context(cafile=str(authority.pem))
     (seed / "payload_hmac.key").write_bytes(secrets.token_bytes(32))
     (seed / "pgpass").write_text("*:*:*:*:unused-with-trust-auth\n")
     spec = pod_spec()
@@ -84,6 +135,7 @@ def pods(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pods]:
             policy.replace("/var/lib/bastion/", f"{var}/")
             .replace('"/models/', f'"{root}/demo/bundles/')
             .replace("/etc/bastion/model-keys/", f"{root}/demo/keys/")
+            .replace("/etc/bastion/tls/", f"{root}/tls/")
         )
         path = root / f"bastion-{replica}.toml"
         path.write_text(moved)
@@ -112,11 +164,10 @@ def pods(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pods]:
     servers = []
     try:
         for i, path in enumerate(policies):
-            servers.append(
-                start_server(path, root / f"server-{i}.log", *(extra if i == 0 else ["--host", "127.0.0.1"]))
-            )
+            flags = extra if i == 0 else ["--host", "127.0.0.1"]
+            servers.append(start_tls_server(path, root / f"server-{i}.log", trust, *flags))
         request = {"inputs": [_request_input(root / "demo" / "request.json")]}
-        yield Pods(servers, policies[0], key, request)
+        yield Pods(servers, policies[0], key, request, trust)
     finally:
         for server in servers:
             server.stop()
@@ -124,8 +175,6 @@ def pods(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pods]:
 
 
 def _request_input(path: Path) -> dict[str, object]:
-    import json
-
     doc = json.loads(path.read_text())
     return dict(doc["inputs"][0])
 
@@ -134,20 +183,26 @@ def test_the_readiness_and_liveness_probes_answer(pods: Pods) -> None:
     probes = pod_spec()["containers"][0]  # type: ignore[index]
     for server in pods.servers:
         for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
-            r = httpx.get(server.base_url + probes[probe]["httpGet"]["path"], timeout=5)
+            get = probes[probe]["httpGet"]
+            assert get["scheme"] == "HTTPS"
+            # The kubelet does not verify the certificate; this client does, and so would any other.
+            r = httpx.get(server.base_url + get["path"], verify=pods.trust, timeout=5)
             assert r.status_code == 200, (probe, r.text)
+        # Plain HTTP to the TLS port gets no answer.
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(server.base_url.replace("https://", "http://") + "/v2/health/live", timeout=3)
 
 
 def test_a_key_and_a_token_work_on_every_replica(pods: Pods) -> None:
     for server in pods.servers:
-        with server.client(pods.key) as c:
+        with pods.client(server, pods.key) as c:
             r = c.post("/v2/models/breast-cancer/infer", json=pods.request)
         assert r.status_code == 200, r.text
         assert [o["name"] for o in r.json()["outputs"]] == ["label"]  # the analyst's grant
-    with pods.servers[0].client(pods.key) as c:
+    with pods.client(pods.servers[0], pods.key) as c:
         token = c.post("/v2/auth/token", json={}).json()["access_token"]
     # Minted by replica 0, accepted by replica 1: both were seeded with the same token-signing key.
-    with pods.servers[1].client(token) as c:
+    with pods.client(pods.servers[1], token) as c:
         assert c.post("/v2/models/breast-cancer/infer", json=pods.request).status_code == 200
 
 
@@ -156,18 +211,18 @@ def test_a_revocation_reaches_every_replica(pods: Pods) -> None:
         "keys", "create", "--config", pods.policy, "--name", "gone", "--role", "analyst"
     ).stdout.strip()
     for server in pods.servers:
-        with server.client(key) as c:
+        with pods.client(server, key) as c:
             assert c.post("/v2/models/breast-cancer/infer", json=pods.request).status_code == 200
     run_cli("keys", "revoke", "--config", pods.policy, key)
     time.sleep(1.0)  # the shared records are re-read every 0.25 s
     for server in pods.servers:
-        with server.client(key) as c:
+        with pods.client(server, key) as c:
             assert c.post("/v2/models/breast-cancer/infer", json=pods.request).status_code == 401
 
 
 def test_both_replicas_write_one_audit_chain_that_verifies(pods: Pods) -> None:
     for server in pods.servers:
-        with server.client(pods.key) as c:
+        with pods.client(server, pods.key) as c:
             assert c.post("/v2/models/breast-cancer/infer", json=pods.request).status_code == 200
     # `kubectl exec deploy/bastion -- bastion audit verify --config ...`, from either pod.
     out = run_cli("audit", "verify", "--config", pods.policy).stdout

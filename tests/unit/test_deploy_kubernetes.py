@@ -113,6 +113,12 @@ def write_yaml(path: Path, documents: list[Doc]) -> Path:
 def paths_named(config: Config) -> dict[str, PurePosixPath]:
     """Every file or directory the policy makes the server read or write -> where it is named."""
     named = {"server.state_dir": PurePosixPath(config.server.state_dir)}
+    tls = config.server.tls
+    if tls is not None:
+        named["server.tls.cert_file"] = PurePosixPath(tls.cert_file)
+        named["server.tls.key_file"] = PurePosixPath(tls.key_file)
+        if tls.client_ca_file is not None:
+            named["server.tls.client_ca_file"] = PurePosixPath(tls.client_ca_file)
     for i, m in enumerate(config.models):
         named[f"models.{i}.path"] = PurePosixPath(m.path)
         for j, key in enumerate(m.trusted_keys):
@@ -172,6 +178,13 @@ def check_policy_mounted(policy: Path, pod: Doc, container_name: str, config_map
             assert path.parent == PurePosixPath(config.server.state_dir)  # seeded 0600 into the state dir
         else:  # keys: from a Secret, read-only, not world-readable
             assert mount["readOnly"] is True and volume["secret"]["defaultMode"] & 0o007 == 0, field
+            if field.startswith("server.tls."):  # a subPath mount never sees the Secret's updates
+                assert "subPath" not in mount, f"{field}: a renewed certificate would never reach the pod"
+    # The probes speak what the port speaks (the kubelet does not verify the certificate).
+    scheme = "HTTPS" if config.server.tls is not None else "HTTP"
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        if probe in container:
+            assert container[probe]["httpGet"].get("scheme", "HTTP") == scheme, probe
     return config
 
 
@@ -182,6 +195,7 @@ def test_kubernetes_policy_loads_and_every_path_is_mounted() -> None:
     )
     # What must outlive a pod (its emptyDir) is in PostgreSQL: the shared records and the audit chain.
     assert config.state.backend == config.audit.sink == "postgres"
+    assert config.server.tls is not None  # keys and payloads never cross the cluster network in clear
     assert len(config.models) == 3 and any(m.decryption_key for m in config.models)
 
 
@@ -257,6 +271,8 @@ def test_bastion_replicas_probes_budget_and_network_policy() -> None:
     assert main["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert main["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert main["securityContext"]["runAsUser"] == RUN_AS_USER
+    service = find("Service", "bastion")
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == [p["name"] for p in main["ports"]]
     pdb = find("PodDisruptionBudget", "bastion")
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
     assert pdb["spec"]["maxUnavailable"] == 1
@@ -585,7 +601,7 @@ def test_the_readme_names_only_files_that_exist() -> None:
     for manifest in re.findall(r"`([\w-]+\.yaml)`", section):
         assert (K8S / manifest).exists() or (KSERVE / manifest).exists(), manifest
     # The keys the Secrets are made with are the file names the policies and pods read.
-    for name in ("token_signing.jwk", "payload_hmac.key", "pgpass", "release.pub", "kek.key"):
+    for name in ("token_signing.jwk", "payload_hmac.key", "pgpass", "release.pub", "kek.key", "bastion-tls"):
         assert name in section
     assert "deployment/bastion" in section and "deploy/breast-cancer-predictor" in section
     # Step 4's sed points the loader at your image: its pattern must match the loader's image line.
