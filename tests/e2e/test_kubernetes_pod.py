@@ -232,3 +232,27 @@ def test_both_replicas_write_one_audit_chain_that_verifies(pods: Pods) -> None:
     assert len(exported) == records
     served = {json.loads(line).get("request_id") for line in exported}
     assert set(pods.servers[0].request_ids) & served and set(pods.servers[1].request_ids) & served
+
+
+def _tree_rss(pid: int) -> int:
+    """Resident bytes of a process and all its descendants (the supervisor and its workers)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    rss = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) * 1024
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            rss += _tree_rss(int(child))
+    return rss
+
+
+def test_a_pod_fits_in_its_memory_limit(pods: Pods) -> None:
+    main = pod_spec()["containers"][0]  # type: ignore[index]
+    limit = main["resources"]["limits"]["memory"]
+    assert limit.endswith("Gi")
+    with pods.client(pods.servers[0], pods.key) as c:  # every model has answered at least once
+        for model in ("breast-cancer", "breast-cancer-skops"):
+            assert c.post(f"/v2/models/{model}/infer", json=pods.request).status_code == 200
+    # The replica started with the container's own flags (--workers 2): supervisor plus workers,
+    # with room to spare under the limit (the OOM killer does not wait for the last byte).
+    rss = _tree_rss(pods.servers[0].process.pid)
+    print(f"replica with the container's flags: {rss / 2**20:.0f} MiB resident, limit {limit}")
+    assert rss < 0.75 * int(limit.removesuffix("Gi")) * 2**30
