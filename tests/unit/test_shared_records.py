@@ -316,3 +316,23 @@ def test_a_backend_that_hangs_costs_one_timeout_then_refuses_at_once(backend: Ba
         assert time.monotonic() - started < 0.1  # not asked again while it was just found dead
     finally:
         silent.close()
+
+
+def test_a_canary_rolled_back_on_one_replica_is_not_routed_to_on_the_other(backend: Backend) -> None:
+    from bastion.config import RolloutSettings
+    from bastion.rollout import Rollouts
+
+    spec = {"m": RolloutSettings(stable="1", canary="2", canary_weight=1.0, min_requests=2, max_error_rate=0.1)}
+
+    def replica() -> Rollouts:
+        return Rollouts(
+            spec, SharedRolloutStates(backend.open()), served=lambda m, v: True, clock=time.monotonic
+        )
+
+    a, b = replica(), replica()
+    assert a.pick("m") == "2" and b.pick("m") == "2"
+    for _ in range(2):
+        tipped = a.observe("m", "2", routed=True, inference_seconds=0.001, rows=1, failed=True)
+    assert tipped is not None and a.pick("m") == "1"
+    assert _until(lambda: b.pick("m") == "1") < 0.5 + 0.2  # B's interval and its store's counter
+    assert replica().states["m"].status == "rolled_back"  # a replica started later keeps the decision
