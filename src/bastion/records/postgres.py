@@ -29,8 +29,8 @@ class PostgresRecords:
     def __init__(self, dsn: str, *, table: str = "bastion_records", timeout: float = 2.0) -> None:
         if not _IDENTIFIER.match(table):
             raise ConfigError(
-                f"state.postgres_table: {table!r} is too long for the shared records' tables "
-                "(54 characters at most with '_records')"
+                f"state.postgres_table: too long for the shared records' tables named after it ({table!r} "
+                "and its _counters: 63 characters at most, so 46 for postgres_table)"
             )
         self._dsn, self._table, self._timeout = dsn, table, timeout
         self._counters = f"{table}_counters"
