@@ -71,7 +71,10 @@ def test_failing_canary_is_rolled_back_under_load(tmp_path: Path) -> None:
         # Live reload: add version 2 as a canary taking half the unversioned traffic.
         text = config.read_text()
         canary = (
-            '[[models]]\npath = "bundles/breast-cancer-2"\ntrusted_keys = ["keys/release.pub"]\n\n'
+            # breaker_failures: a third of the canary's requests fail, and this test is about the rollout,
+            # not the circuit breaker (tests/e2e/test_breaker.py), which could open on 5 in a row.
+            '[[models]]\npath = "bundles/breast-cancer-2"\ntrusted_keys = ["keys/release.pub"]\n'
+            "breaker_failures = 10000\n\n"
             f'[rollouts.breast-cancer]\nstable = "1"\ncanary = "2"\ncanary_weight = 0.5\nmax_error_rate = 0.05\n'
             f"window_seconds = {WINDOW}\nmin_requests = 10\n\n"
         )
@@ -119,6 +122,9 @@ SKOPS = "breast-cancer-skops"
 CANARY_OF_SKOPS = f"""[[models]]
 path = "bundles/{SKOPS}-2"
 trusted_keys = ["keys/release.pub"]
+# The prober's ten failing requests in a row would open the canary's circuit breaker; this test is
+# about the rollout (the breaker: tests/e2e/test_breaker.py).
+breaker_failures = 10000
 
 [rollouts.{SKOPS}]
 stable = "1"

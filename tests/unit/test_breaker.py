@@ -299,7 +299,8 @@ def test_the_policy_files_threads_and_window_are_the_guards(tmp_path: Path) -> N
 
 def test_a_timeout_is_the_servers_failure_for_the_rollout_and_a_bad_input_is_not(tmp_path: Path) -> None:
     """Through the whole pipeline in process: a 504 marks the request as the runtime's failure (the
-    canary rollout's evidence), a 422 never reaches the runtime; each transition is audited."""
+    canary rollout's evidence); a 422 never reaches the runtime, nor does a 503 of the open breaker
+    (no evidence: else a client that opened it could steer a rollback); each transition is audited."""
     fields = "inference_timeout_seconds = 0.2\nbreaker_failures = 1\n"
     path = _policy_file(tmp_path, fields)
     path.write_text(
@@ -320,7 +321,8 @@ def test_a_timeout_is_the_servers_failure_for_the_rollout_and_a_bad_input_is_not
         await service.aclose()
         return seen
 
-    assert asyncio.run(scenario()) == [(422, False, False), (504, True, True), (503, True, True)]
+    # 422: never reached the runtime; 504: its failure; 503 (open): refused before it, no evidence.
+    assert asyncio.run(scenario()) == [(422, False, False), (504, True, True), (503, False, False)]
     with sqlite3.connect(tmp_path / "state" / "audit.db") as db:
         bodies = [json.loads(b) for (b,) in db.execute("SELECT body FROM records ORDER BY seq")]
     assert [(b["decision"], b["reason"]) for b in bodies if b.get("route") == "breaker"] == [

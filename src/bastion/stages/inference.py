@@ -58,11 +58,16 @@ class Infer:
         call, cancel = stoppable(inputs) if stoppable is not None else (lambda: runtime.predict(inputs), None)
         try:
             ctx.prediction = await guarded.call(call, cancel)
-        except (InferenceTimeout, ModelFailed, ModelCircuitOpen):
-            # The server's own failure, never the client's (its bad input was refused before this
-            # stage): evidence against a canary, as a runtime's exception is. An open breaker is
-            # such evidence too (the failures that opened it were), with no runtime time.
-            ctx.runtime_failed = True
+        except ModelCircuitOpen:
+            # Refused before the runtime: no evidence for a canary (inference_seconds stays None).
+            # The failures that opened the breaker were counted, when the rollout had routed them;
+            # counting the refusals too would let a client that opened it with requests naming
+            # the canary's version steer its rollback.
             raise
-        finally:
+        except (InferenceTimeout, ModelFailed):
+            # The server's own failure, never the client's (its bad input was refused before this
+            # stage): evidence against a canary, as a runtime's exception always was.
+            ctx.runtime_failed = True
             ctx.inference_seconds = time.perf_counter() - started
+            raise
+        ctx.inference_seconds = time.perf_counter() - started
