@@ -27,7 +27,7 @@ from bastion.llm.intent import ExtractionTracker
 from bastion.llm.models import ChatModel
 from bastion.metrics import Metrics
 from bastion.policy import Policy
-from bastion.query_history import SharedHistories, open_histories
+from bastion.query_history import SharedHistories, SharedLedgers, SharedTracker, open_histories
 from bastion.registry import ModelRegistry
 from bastion.rollout import Rollouts
 from bastion.routes import Route
@@ -171,9 +171,11 @@ def build_pipelines(
         )
 
     chat_models = parts.chat_models
+    shared = parts.histories.store if parts.histories is not None else None
     watch_prompts = WatchPrompts(
         parts.extraction_tracker,
         PromptContainment(parts.keys, parts.metrics, record_event, parts.extraction_tracker, parts.incidents),
+        None if shared is None else SharedTracker(parts.extraction_tracker, shared),
     )
 
     return {
@@ -220,7 +222,13 @@ def build_pipelines(
             ReserveTokens(parts.state),  # 8. the principal's token budget; 429
             # 9. the model behind the protected prompt and its canary; the leakage guard reads every
             #    answer before a byte leaves (403 output_withheld); unused tokens refunded
-            Generate(parts.state, watch_prompts, parts.redactor, parts.metrics),
+            Generate(
+                parts.state,
+                watch_prompts,
+                parts.redactor,
+                parts.metrics,
+                None if shared is None else SharedLedgers(shared),
+            ),
         ],
         # Operators: incidents and releases, the dashboard (admin grant; each change audited).
         **{

@@ -35,6 +35,7 @@ round trip, two when the principal's previous request went to another process); 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sqlite3
 import time
@@ -51,6 +52,8 @@ if TYPE_CHECKING:
     import numpy as np
 
     from bastion.extraction import ExtractionMonitor, Suspicion, _History
+    from bastion.llm.intent import Escalation, ExtractionTracker, IntentVerdict
+    from bastion.llm.leakage import Revealed
 
 Entry = tuple[bytes, bytes]  # the version's token, the history's bytes
 Step = Callable[
@@ -102,7 +105,11 @@ class SQLiteHistoryStore:
         conn.execute("BEGIN IMMEDIATE")  # the write lock first: no other process between read and write
         try:
             row = conn.execute("SELECT blob, expires FROM histories WHERE key = ?", (key,)).fetchone()
-            blob = step(None if row is None or row[1] < now else bytes(row[0]))
+            stored = None if row is None or row[1] < now else bytes(row[0])
+            blob = step(stored)
+            if blob is stored:  # unchanged (a read, or clean traffic): nothing to write
+                conn.execute("COMMIT")
+                return
             if blob is None:
                 conn.execute("DELETE FROM histories WHERE key = ?", (key,))
             else:
@@ -222,6 +229,8 @@ class PostgresHistoryStore:
                     row = await cur.fetchone()
                     stored = None if row is None or row[0] is None or row[1] < now else bytes(row[0])
                     blob = step(stored)
+                    if blob is stored and stored is not None:
+                        return  # unchanged (a read): nothing to write
                     if blob is None:
                         await conn.execute(f"DELETE FROM {self._table} WHERE key = %s", (key,))
                     else:
@@ -273,6 +282,105 @@ class SharedHistories:
 
     async def aclose(self) -> None:
         await self.store.aclose()
+
+
+class SharedTracker:
+    """The language-model `ExtractionTracker`'s evidence kept in a `HistoryStore`, per (model,
+    principal): one record updated per counted request, the record that escalated deleted in the
+    same step (one incident per escalation). Clean traffic reads the store and writes nothing
+    (SQLite, PostgreSQL) or one no-op swap (Redis)."""
+
+    def __init__(self, tracker: ExtractionTracker, store: HistoryStore) -> None:
+        self.tracker = tracker
+        self.store = store
+
+    async def observe(
+        self, principal: str, model: str, verdict: IntentVerdict, *, guard_hit: bool, now: float
+    ) -> Escalation | None:
+        return await self._count(principal, model, verdict, intake=True, guard_hit=guard_hit, now=now)
+
+    async def observe_guard_hit(
+        self, principal: str, model: str, verdict: IntentVerdict, *, now: float
+    ) -> Escalation | None:
+        return await self._count(principal, model, verdict, intake=False, guard_hit=True, now=now)
+
+    async def _count(
+        self, principal: str, model: str, verdict: IntentVerdict, *, intake: bool, guard_hit: bool, now: float
+    ) -> Escalation | None:
+        from bastion.llm.intent import pack_evidence, unpack_evidence
+
+        tracker = self.tracker
+        verdicts: list[Escalation | None] = [None]
+
+        def step(stored: bytes | None) -> bytes | None:
+            verdicts[0] = None
+            evidence = None
+            if stored is not None:
+                try:
+                    evidence = unpack_evidence(stored)
+                except ValueError:
+                    evidence = None
+            if evidence is None:
+                if not tracker.worth_keeping(verdict, guard_hit=guard_hit):
+                    return None  # nothing to count, nothing stored
+                evidence = tracker.new_evidence()
+            verdicts[0] = tracker.count_on(evidence, verdict, intake=intake, guard_hit=guard_hit, now=now)
+            return None if verdicts[0] is not None else pack_evidence(evidence)
+
+        await self.store.update(f"prompt|{model}|{principal}", step)
+        return verdicts[0]
+
+
+class SharedLedgers:
+    """The leakage guard's per-principal `Revealed` ledgers kept in a `HistoryStore`: read when an
+    answer starts, and what the answer revealed merged in (bitwise or) when it ends. Two answers of
+    one principal checked at once on two processes are each checked against the ledger as it stood
+    when they started, as two concurrent answers in one process are."""
+
+    def __init__(self, store: HistoryStore) -> None:
+        self.store = store
+
+    async def load(self, principal: str) -> Revealed:
+        from bastion.llm.leakage import Revealed
+
+        ledger = Revealed()
+        seen: list[bytes | None] = [None]
+
+        def step(stored: bytes | None) -> bytes | None:
+            seen[0] = stored
+            return stored  # unchanged
+
+        await self.store.update(f"revealed|{principal}", step)
+        for key, bits in _ledger_items(seen[0]):
+            ledger.add(key, bits)
+        return ledger
+
+    async def save(self, principal: str, ledger: Revealed) -> None:
+        """Merge the ledger's positions into the stored ones (positions only grow)."""
+        added = ledger.items()
+        if not added:
+            return
+
+        def step(stored: bytes | None) -> bytes | None:
+            merged = dict(_ledger_items(stored))
+            for key, bits in added:
+                merged[key] = merged.get(key, 0) | bits
+            kept = list(merged.items())[-_LEDGER_KEYS:]
+            return json.dumps([[digest, index, bits] for (digest, index), bits in kept]).encode()
+
+        await self.store.update(f"revealed|{principal}", step)
+
+
+_LEDGER_KEYS = 256  # secrets per principal, as `Revealed`'s own bound
+
+
+def _ledger_items(stored: bytes | None) -> list[tuple[tuple[str, int], int]]:
+    if not stored:
+        return []
+    try:
+        return [((str(d), int(i)), int(b)) for d, i, b in json.loads(stored)]
+    except (ValueError, TypeError):
+        return []
 
 
 def open_histories(

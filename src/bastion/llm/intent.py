@@ -49,6 +49,7 @@ import codecs
 import hashlib
 import re
 import secrets
+import struct
 import unicodedata
 from array import array
 from collections import OrderedDict
@@ -905,6 +906,66 @@ class _Evidence:
         return points, count
 
 
+_EVIDENCE_HEAD = "<7q"  # recent size, requests, events, probes, seen, retries, escalated
+
+
+def pack_evidence(evidence: _Evidence) -> bytes:
+    """A record as bytes for a shared store (bastion.query_history): counters, ring buffers, then
+    the sketches and digests, each prefixed with its length."""
+    e = evidence
+    head = struct.pack(
+        _EVIDENCE_HEAD, len(e.recent), e.requests, e.events, e.probes, e.seen, e.retries, int(e.escalated)
+    )
+    rings = b"".join(
+        bytes(part)
+        for part in (
+            e.recent, e.recent_times, e.recent_kinds, e.event_times, e.event_points, e.event_kinds,
+            e.probe_times, e.seen_times, e.seen_near, e.seen_hits,
+        )
+    )
+    blobs = b"".join(
+        struct.pack("<H", len(b)) + b for b in (*e.probe_sketches, *e.seen_digests, *e.seen_sketches)
+    )
+    return head + rings + blobs
+
+
+def unpack_evidence(blob: bytes) -> _Evidence:
+    """The inverse of `pack_evidence`. Raises ValueError for bytes it did not make."""
+    try:
+        recent, *counts = struct.unpack_from(_EVIDENCE_HEAD, blob)
+        e = _Evidence(recent)
+        e.requests, e.events, e.probes, e.seen, e.retries, escalated = counts
+        e.escalated = bool(escalated)
+        at = struct.calcsize(_EVIDENCE_HEAD)
+
+        def take(size: int) -> bytes:
+            nonlocal at
+            if at + size > len(blob):
+                raise ValueError("not an evidence record: truncated")
+            at += size
+            return blob[at - size : at]
+
+        e.recent = array("d", take(8 * recent))
+        e.recent_times = array("d", take(8 * recent))
+        e.recent_kinds = bytearray(take(recent))
+        e.event_times = array("d", take(8 * _EVENTS))
+        e.event_points = array("d", take(8 * _EVENTS))
+        e.event_kinds = bytearray(take(_EVENTS))
+        e.probe_times = array("d", take(8 * _PROBES))
+        e.seen_times = array("d", take(8 * _SEEN))
+        e.seen_near = bytearray(take(_SEEN))
+        e.seen_hits = bytearray(take(_SEEN))
+        sketches = [take(struct.unpack("<H", take(2))[0]) for _ in range(_PROBES + 2 * _SEEN)]
+        e.probe_sketches = sketches[:_PROBES]
+        e.seen_digests = sketches[_PROBES : _PROBES + _SEEN]
+        e.seen_sketches = sketches[_PROBES + _SEEN :]
+    except struct.error as err:
+        raise ValueError("not an evidence record") from err
+    if at != len(blob):
+        raise ValueError("not an evidence record")
+    return e
+
+
 class ExtractionTracker:
     """Per principal and model, in memory: sliding-window evidence of prompt extraction.
 
@@ -1032,10 +1093,9 @@ class ExtractionTracker:
     def _count(
         self, principal: str, model: str, verdict: IntentVerdict, *, intake: bool, guard_hit: bool, now: float
     ) -> Escalation | None:
-        probe = verdict.score >= self.min_score
         models = self._principals.get(principal)
         evidence = models.get(model) if models is not None else None
-        if evidence is None and not guard_hit and not probe and not verdict.signals:
+        if evidence is None and not self.worth_keeping(verdict, guard_hit=guard_hit):
             return None  # nothing to count, nothing stored: clean traffic costs no memory
         if models is None:
             models = self._admit(principal)
@@ -1047,6 +1107,20 @@ class ExtractionTracker:
                 models.popitem(last=False)
         else:
             models.move_to_end(model)
+        return self.count_on(evidence, verdict, intake=intake, guard_hit=guard_hit, now=now)
+
+    def worth_keeping(self, verdict: IntentVerdict, *, guard_hit: bool) -> bool:
+        """Whether a request starts a record for a principal without one (clean traffic does not)."""
+        return guard_hit or verdict.score >= self.min_score or bool(verdict.signals)
+
+    def new_evidence(self) -> _Evidence:
+        return _Evidence(self.recent_requests)
+
+    def count_on(
+        self, evidence: _Evidence, verdict: IntentVerdict, *, intake: bool, guard_hit: bool, now: float
+    ) -> Escalation | None:
+        """`_count` on a given record (one kept in this process, or one read from a shared store)."""
+        probe = verdict.score >= self.min_score
         horizon = now - self.window_seconds
         near = not probe and 0 < verdict.size <= _NEAR_CHARS
         slot = evidence.find_seen(verdict, near=near, similar=self.duplicate_similarity, horizon=horizon) \

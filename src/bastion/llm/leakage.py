@@ -1370,5 +1370,9 @@ class Revealed:
         while len(self._bits) > self._max:
             self._bits.popitem(last=False)
 
+    def items(self) -> list[tuple[tuple[str, int], int]]:
+        """Every (key, bitmap), least recently used first (a shared store saves and merges them)."""
+        return list(self._bits.items())
+
     def __len__(self) -> int:
         return len(self._bits)

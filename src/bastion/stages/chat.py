@@ -41,6 +41,7 @@ from bastion.llm.protocol import decode_chat_request
 from bastion.llm.types import ChatMessage, Completion, GenerationParams, StreamEnd, Usage
 from bastion.metrics import Metrics
 from bastion.policy import Policy
+from bastion.query_history import SharedLedgers, SharedTracker
 from bastion.stages.query_audit import quarantined
 from bastion.state import BudgetKey, StateStore
 
@@ -268,17 +269,21 @@ class PromptContainment:
 class WatchPrompts:
     """Intent screening of every request; the tracker decides when a principal has probed enough."""
 
-    def __init__(self, tracker: ExtractionTracker, contain: PromptContainment) -> None:
+    def __init__(
+        self, tracker: ExtractionTracker, contain: PromptContainment, shared: SharedTracker | None = None
+    ) -> None:
+        """`shared`: the tracker's evidence in the state backend (workers, replicas; bastion.query_history)."""
         self._tracker = tracker
         self._contain = contain
+        self._shared = shared
 
     async def __call__(self, ctx: RequestContext) -> None:
         chat = ctx.chat
         assert chat is not None and chat.model is not None
         chat.intent = screen_intent(chat.request.messages, terms=chat.model.terms)
-        self.observe(ctx, guard_hit=False)
+        await self.observe(ctx, guard_hit=False)
 
-    def observe(self, ctx: RequestContext, *, guard_hit: bool) -> None:
+    async def observe(self, ctx: RequestContext, *, guard_hit: bool) -> None:
         """Count this request's intent (on its way in), or a guard hit on its answer (on its way out:
         the guard's weight only, the intent was counted already)."""
         chat, principal = ctx.chat, ctx.principal
@@ -287,7 +292,16 @@ class WatchPrompts:
         )
         if chat.model.settings.extraction_watch == "off":
             return
-        if guard_hit:  # charged to this request's own verdict (its intent was counted on the way in)
+        if self._shared is not None:
+            if guard_hit:
+                escalation = await self._shared.observe_guard_hit(
+                    principal.id, chat.model.name, chat.intent, now=ctx.now
+                )
+            else:
+                escalation = await self._shared.observe(
+                    principal.id, chat.model.name, chat.intent, guard_hit=False, now=ctx.now
+                )
+        elif guard_hit:  # charged to this request's own verdict (its intent was counted on the way in)
             escalation = self._tracker.observe_guard_hit(
                 principal.id, chat.model.name, chat.intent, now=ctx.now
             )
@@ -332,13 +346,20 @@ def token_budget_key(principal: str, limits: ChatLimits) -> BudgetKey:
 
 class Generate:
     def __init__(
-        self, store: StateStore, watch: WatchPrompts, redactor: LazyRedactor, metrics: Metrics
+        self,
+        store: StateStore,
+        watch: WatchPrompts,
+        redactor: LazyRedactor,
+        metrics: Metrics,
+        ledgers: SharedLedgers | None = None,
     ) -> None:
+        """`ledgers`: the principals' `Revealed` ledgers in the state backend (workers, replicas)."""
         self._store = store
         self._watch = watch
         self._redactor = redactor
         self._metrics = metrics
         self._revealed: dict[str, Revealed] = {}
+        self._ledgers = ledgers
 
     async def __call__(self, ctx: RequestContext) -> None:
         chat = ctx.chat
@@ -374,6 +395,17 @@ class Generate:
         model = chat.model
         guard = model.guard
         attempts = 2 if model.settings.on_leak == "regenerate" else 1
+        ledger = await self._ledger(ctx) if guard is not None else None
+        try:
+            return await self._attempts(ctx, attempts, ledger)
+        finally:
+            await self._save_ledger(ctx, ledger)
+
+    async def _attempts(self, ctx: RequestContext, attempts: int, ledger: Revealed | None) -> Completion:
+        chat = ctx.chat
+        assert chat is not None and chat.model is not None
+        model = chat.model
+        guard = model.guard
         async with self._slot(ctx):
             for attempt in range(attempts):
                 system, canary = model.system_prompt(ctx.now, fresh=attempt > 0)
@@ -383,12 +415,12 @@ class Generate:
                 chat.usage = _add(chat.usage, completion.usage)
                 try:
                     if guard is not None:
-                        guard.check(completion.text, canary, revealed=self._ledger(ctx))
+                        guard.check(completion.text, canary, revealed=ledger)
                 except LeakDetected as hit:
                     self._withheld(ctx, hit)
                     if attempt + 1 < attempts:
                         continue
-                    self._watch.observe(ctx, guard_hit=True)
+                    await self._watch.observe(ctx, guard_hit=True)
                     raise OutputWithheld(detector=hit.detector, score=hit.score) from None
                 chat.guard = None if guard is None else "pass" if attempt == 0 else "regenerated"
                 chat.guard_score = None
@@ -422,10 +454,12 @@ class Generate:
         assert chat is not None and chat.model is not None
         model = chat.model
         guard = model.guard
+        ledger = None
         try:
             async with self._slot(ctx):
                 system, canary = model.system_prompt(ctx.now)
-                scanner = guard.stream(canary, revealed=self._ledger(ctx)) if guard is not None else None
+                ledger = await self._ledger(ctx) if guard is not None else None
+                scanner = guard.stream(canary, revealed=ledger) if guard is not None else None
                 cut = StopCutter(chat.request.stop if guard is not None else ())
                 end: StreamEnd | None = None
                 received = 0
@@ -452,7 +486,7 @@ class Generate:
                     rest = scanner.finish() if scanner is not None else ""
                 except LeakDetected as hit:
                     self._withheld(ctx, hit)
-                    self._watch.observe(ctx, guard_hit=True)
+                    await self._watch.observe(ctx, guard_hit=True)
                     raise OutputWithheld(detector=hit.detector, score=hit.score) from None
                 rest = cut.feed(rest) + cut.finish()
                 if rest:
@@ -461,13 +495,23 @@ class Generate:
                 chat.finish_reason = "stop" if cut.stopped else end.finish_reason
                 yield StreamEnd(end.usage, "stop") if cut.stopped else end
         finally:
-            await self._refund(ctx)
+            try:
+                await self._save_ledger(ctx, ledger)
+            finally:
+                await self._refund(ctx)
 
-    def _ledger(self, ctx: RequestContext) -> Revealed:
+    async def _save_ledger(self, ctx: RequestContext, ledger: Revealed | None) -> None:
+        if self._ledgers is not None and ledger is not None and ctx.principal is not None:
+            await self._ledgers.save(ctx.principal.id, ledger)
+
+    async def _ledger(self, ctx: RequestContext) -> Revealed:
         """The principal's ledger of secret positions its answers revealed, across requests (a piece
-        per answer adds up): bounded, least recently used principals dropped first, in memory."""
+        per answer adds up): bounded, least recently used principals dropped first, in memory; or
+        read from the state backend (`ledgers`), where this answer's positions are merged at its end."""
         assert ctx.principal is not None
         who = ctx.principal.id
+        if self._ledgers is not None:
+            return await self._ledgers.load(who)
         ledger = self._revealed.pop(who, None)
         if ledger is None:
             ledger = Revealed()
