@@ -1,7 +1,8 @@
 """deploy/kubernetes, deploy/kserve and deploy/Dockerfile: the manifests validate against the Kubernetes
 schema (kubernetes-validate --strict), pass checkov's policies with only the skips deploy/checkov.yaml
 argues, the Dockerfile passes hadolint; the policy files load with Bastion's own loader and every
-path they name is mounted; the KServe resources use only fields KServe's CRDs define.
+path they name is mounted; the KServe resources use only fields KServe's CRDs define (the OpenAPI
+model in KServe's own SDK).
 
 The tools live in their own venv, .venv-deploy (`make .venv-deploy/.installed`, a prerequisite of
 `make test`): checkov pins packages that Bastion's venv cannot share.
@@ -305,150 +306,91 @@ def test_kustomizations_list_every_manifest() -> None:
 
 
 # -- KServe: the fields KServe's CRDs define ---------------------------------------------------------
-# From kserve/kserve config/crd/full/serving.kserve.io_clusterservingruntimes.yaml and
-# serving.kserve.io_inferenceservices.yaml (commit aaac4e294dae2c7b1aa1886447793f3aa1c30912): the
-# properties of spec, of supportedModelFormats items, of spec.predictor and of predictor.model. The
-# CRD files are not vendored (2 MB); the containers and volumes inside are core/v1 types, which
-# kubernetes-validate checks below through the pod KServe would build.
-RUNTIME_SPEC = {
-    "affinity",
-    "annotations",
-    "builtInAdapter",
-    "containers",
-    "disabled",
-    "grpcDataEndpoint",
-    "grpcEndpoint",
-    "hostIPC",
-    "httpDataEndpoint",
-    "imagePullSecrets",
-    "labels",
-    "multiModel",
-    "nodeSelector",
-    "protocolVersions",
-    "replicas",
-    "resourceClaims",
-    "schedulerName",
-    "storageHelper",
-    "supportedModelFormats",
-    "tolerations",
-    "volumes",
-    "workerSpec",
-}
-MODEL_FORMAT = {"autoSelect", "name", "priority", "version"}
-ISVC_SPEC = {"canary", "explainer", "predictor", "transformer"}
-PREDICTOR = {
-    "activeDeadlineSeconds",
-    "affinity",
-    "annotations",
-    "autoScaling",
-    "automountServiceAccountToken",
-    "batcher",
-    "canaryTrafficPercent",
-    "containerConcurrency",
-    "containers",
-    "deploymentStrategy",
-    "dnsConfig",
-    "dnsPolicy",
-    "enableServiceLinks",
-    "hostAliases",
-    "hostIPC",
-    "hostNetwork",
-    "hostPID",
-    "hostUsers",
-    "hostname",
-    "imagePullSecrets",
-    "initContainers",
-    "labels",
-    "logger",
-    "maxReplicas",
-    "minReplicas",
-    "model",
-    "nodeName",
-    "nodeSelector",
-    "os",
-    "overhead",
-    "preemptionPolicy",
-    "priority",
-    "priorityClassName",
-    "readinessGates",
-    "resourceClaims",
-    "resources",
-    "restartPolicy",
-    "runtimeClassName",
-    "scaleMetric",
-    "scaleMetricType",
-    "scaleTarget",
-    "schedulerName",
-    "schedulingGates",
-    "securityContext",
-    "serviceAccount",
-    "serviceAccountName",
-    "setHostnameAsFQDN",
-    "shareProcessNamespace",
-    "storageUris",
-    "subdomain",
-    "terminationGracePeriodSeconds",
-    "timeout",
-    "tolerations",
-    "topologySpreadConstraints",
-    "volumes",
-    "workerSpec",
-}
-PREDICTOR_MODEL = {
-    "args",
-    "command",
-    "env",
-    "envFrom",
-    "image",
-    "imagePullPolicy",
-    "lifecycle",
-    "livenessProbe",
-    "modelFormat",
-    "name",
-    "ports",
-    "protocolVersion",
-    "readinessProbe",
-    "resources",
-    "runtime",
-    "runtimeVersion",
-    "securityContext",
-    "startupProbe",
-    "storage",
-    "storageUri",
-    "volumeMounts",
-    "workingDir",
+# KServe's Python SDK (a dev dependency, 0.21) carries the OpenAPI model of its CRDs: one class per
+# type, each with `attribute_map` (its JSON field names) and `openapi_types` (each field's type, down
+# to the core/v1 types of the Kubernetes client it depends on). Every field of the two custom
+# resources, at every depth, must be one of those, with a value of that type.
+_PRIMITIVES: dict[str, tuple[type, ...]] = {
+    "str": (str,),
+    "int": (int,),
+    "bool": (bool,),
+    "float": (int, float),
+    "object": (object,),
+    "datetime": (str,),
+    "bytes": (str,),
+    "ResourceQuantity": (str, int, float),  # "500m", "2Gi", 2
 }
 
 
-def test_kserve_resources_use_only_crd_fields() -> None:
+def _model_class(name: str) -> Any:
+    import kserve.models  # type: ignore[import-untyped]
+    import kubernetes.client.models  # type: ignore[import-untyped]
+
+    for module in (kserve.models, kubernetes.client.models):
+        if hasattr(module, name):
+            return getattr(module, name)
+    raise AssertionError(f"no OpenAPI model named {name}")
+
+
+def schema_problems(value: Any, type_name: str, where: str = "") -> list[str]:
+    """What in `value` the OpenAPI type `type_name` does not define: unknown fields, wrong types."""
+    # The SDK spells containers both ways: list[X] and List[X], dict(str, X) and Dict[str, X].
+    if type_name.startswith(("list[", "List[")):
+        if not isinstance(value, list):
+            return [f"{where}: a list expected"]
+        inner = type_name[5:-1]
+        return [p for i, v in enumerate(value) for p in schema_problems(v, inner, f"{where}[{i}]")]
+    if type_name.startswith(("dict(", "Dict[")):
+        if not isinstance(value, dict):
+            return [f"{where}: a mapping expected"]
+        inner = type_name[type_name.index(",") + 1 : -1].strip()
+        return [p for k, v in value.items() for p in schema_problems(v, inner, f"{where}.{k}")]
+    if type_name in _PRIMITIVES:
+        ok = isinstance(value, _PRIMITIVES[type_name]) and not (
+            type_name == "int" and isinstance(value, bool)
+        )
+        return [] if ok else [f"{where}: {type_name} expected, got {value!r}"]
+    cls = _model_class(type_name)
+    if not isinstance(value, dict):
+        return [f"{where}: an object ({type_name}) expected"]
+    fields = {json_name: cls.openapi_types[attr] for attr, json_name in cls.attribute_map.items()}
+    problems = [f"{where}.{k}: not a field of {type_name}" for k in value if k not in fields]
+    for k, v in value.items():
+        if k in fields:
+            problems += schema_problems(v, fields[k], f"{where}.{k}")
+    return problems
+
+
+def test_kserve_resources_match_kserves_own_schema() -> None:
     runtime = find("ClusterServingRuntime", "bastion", KSERVE)
+    isvc = find("InferenceService", "breast-cancer", KSERVE)
+    assert schema_problems(runtime, "V1alpha1ClusterServingRuntime") == []
+    assert schema_problems(isvc, "V1beta1InferenceService") == []
     assert runtime["apiVersion"] == "serving.kserve.io/v1alpha1"
     assert "namespace" not in runtime["metadata"]  # cluster-scoped
     spec = runtime["spec"]
-    assert set(spec) <= RUNTIME_SPEC and "containers" in spec
-    formats = spec["supportedModelFormats"]
-    assert all(set(f) <= MODEL_FORMAT and isinstance(f["name"], str) for f in formats)
     assert spec["protocolVersions"] == ["v2"]
     assert [c["name"] for c in spec["containers"]] == ["kserve-container"]  # the name KServe looks for
-    isvc = find("InferenceService", "breast-cancer", KSERVE)
     assert isvc["apiVersion"] == "serving.kserve.io/v1beta1"
-    assert set(isvc["spec"]) <= ISVC_SPEC
-    predictor = isvc["spec"]["predictor"]
-    assert set(predictor) <= PREDICTOR and set(predictor["model"]) <= PREDICTOR_MODEL
-    model = predictor["model"]
+    model = isvc["spec"]["predictor"]["model"]
     assert model["runtime"] == runtime["metadata"]["name"]
-    assert {"name": model["modelFormat"]["name"], "version": model["modelFormat"]["version"]} in [
-        {"name": f["name"], "version": f["version"]} for f in formats
-    ]
+    formats = [{"name": f["name"], "version": f["version"]} for f in spec["supportedModelFormats"]]
+    assert model["modelFormat"] in formats
     assert model["protocolVersion"] in spec["protocolVersions"]
     claim = find("PersistentVolumeClaim", "bastion-models")["metadata"]["name"]
     assert model["storageUri"].startswith(f"pvc://{claim}/")
 
 
-def test_a_field_kserve_does_not_define_is_caught() -> None:
+def test_a_field_or_type_kserve_does_not_define_is_caught() -> None:
     runtime = copy.deepcopy(find("ClusterServingRuntime", "bastion", KSERVE))
-    runtime["spec"]["initContainers"] = []  # ServingRuntimeSpec has none
-    assert not set(runtime["spec"]) <= RUNTIME_SPEC
+    runtime["spec"]["initContainers"] = []  # a serving runtime has none
+    runtime["spec"]["containers"][0]["readinessprobe"] = {}  # misspelt, one level down (core/v1)
+    runtime["spec"]["supportedModelFormats"][0]["autoSelect"] = "yes"
+    assert set(schema_problems(runtime, "V1alpha1ClusterServingRuntime")) == {
+        ".spec.initContainers: not a field of V1alpha1ServingRuntimeSpec",
+        ".spec.containers[0].readinessprobe: not a field of V1Container",
+        ".spec.supportedModelFormats[0].autoSelect: bool expected, got 'yes'",
+    }
 
 
 # -- the tools: kubernetes-validate, checkov, hadolint ---------------------------------------------
