@@ -79,7 +79,14 @@ class RouteSpec:
         return out
 
 
-_MODEL_ERRORS = {413: "Body or batch too large", 422: "Outside the model's declared inputs"}
+_MODEL_ERRORS = {
+    413: "Body or batch too large",
+    422: "Outside the model's declared inputs",
+    500: "The model failed (inference_failed)",
+    503: "Not ready, the audit log is unavailable, or the model's circuit breaker is open "
+    "(model_circuit_open, see Retry-After)",
+    504: "The model did not answer within its inference_timeout_seconds (inference_timeout)",
+}
 
 ROUTES: tuple[RouteSpec, ...] = (
     RouteSpec(
@@ -120,6 +127,7 @@ ROUTES: tuple[RouteSpec, ...] = (
         "Model readiness",
         "ModelReady",
         versioned=True,
+        extra_responses={503: "The model's circuit breaker is open (model_circuit_open, see Retry-After)"},
     ),
     RouteSpec(
         Route.INFER,
