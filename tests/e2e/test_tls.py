@@ -449,6 +449,7 @@ def test_grpc_over_tls_serves_keys_and_refuses_plaintext(tls: TlsServer) -> None
     with pytest.raises(InferenceServerException) as err:
         _triton(tls, tls.pki.scorer).infer(ONNX, [_grpc_input(tls.rows)])
     assert "401" in str(err.value) or "UNAUTHENTICATED" in str(err.value)
+    assert "certificate identities apply to REST only" in tls.server.log_path.read_text()  # said at start
     with grpc.insecure_channel(f"127.0.0.1:{tls.grpc_port}") as channel, pytest.raises(grpc.RpcError) as err:
         GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=5)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
@@ -477,13 +478,23 @@ def test_grpc_follows_a_certificate_reload_and_so_does_rest(tls: TlsServer) -> N
     time.sleep(RELOAD_INTERVAL * 4)
     assert _served_serial(tls) == pki.server2.serial
     assert "TLS reload refused" in tls.server.log_path.read_text()
-    # SIGHUP reloads at once, whatever the timer.
+    # SIGHUP reloads at once, whatever the timer; the policy too: an identity removed from it is revoked.
     shutil.copy(pki.server.key, tls.root / "tls" / "server.key")
+    text = tls.config.read_text()
+    metered = '[[client_certificates.identities]]\nname = "metered"\nsubject = "CN=metered,O=Bastion Tests"\n'
+    assert metered in text
+    tls.config.write_text(text.replace(metered + 'roles = ["quota"]\n', ""))
+    assert tls.infer(pki.metered).status_code == 429  # still mapped (over its quota) before the reload
     tls.server.process.send_signal(signal.SIGHUP)
     deadline = time.monotonic() + 5
     while _served_serial(tls) != pki.server.serial and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _served_serial(tls) == pki.server.serial
+    deadline = time.monotonic() + 30  # the policy reload re-verifies every model first
+    while (status := tls.infer(pki.metered).status_code) != 401 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert status == 401
+    assert tls.infer(pki.ingest).status_code == 200
 
 
 # -- client_auth = "require", TLS 1.3 only -------------------------------------------------------------

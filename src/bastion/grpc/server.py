@@ -272,6 +272,12 @@ class GrpcServer:
         await server.start()
         self._server, self.port = server, port
         security = "plaintext" if self._tls is None else f"TLS, client certificates {self._tls.settings.client_auth}"
+        optional = self._tls is not None and self._tls.settings.client_auth == "optional"
+        if optional and self._service.config.client_certificates.identities:
+            log.warning(
+                'gRPC asks for no client certificate with client_auth = "optional" (its API can only '
+                'require one): certificate identities apply to REST only; "require" maps them on gRPC too'
+            )
         log.info("gRPC (Open Inference Protocol V2) listening on %s:%d, %s", s.host, port, security)
 
     async def stop(self, grace: float = 5.0) -> None:
