@@ -11,11 +11,15 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import cast
 
+import grpc
 import httpx
 import pytest
 
-from tests.helpers import create_key, start_server, write_test_deployment
+from bastion.grpc import grpc_predict_v2_pb2 as pb
+from bastion.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
+from tests.helpers import create_key, free_port, start_server, write_test_deployment
 from tests.slow_model import FAST, HANG, slow_request, write_slow_model
 
 pytestmark = pytest.mark.slow
@@ -48,6 +52,20 @@ def _metric(text: str, name: str, model: str = "slow") -> float:
     return float(found.group(1)) if found else 0.0
 
 
+def _grpc_infer(url: str, key: str, work: float) -> tuple[grpc.StatusCode, dict[str, str]]:
+    """A gRPC ModelInfer on the slow model that is refused: its status and trailing metadata."""
+    message = pb.ModelInferRequest(model_name="slow")
+    message.inputs.add(name="work", datatype="FP32", shape=[1, 1]).contents.fp32_contents.append(work)
+    with grpc.insecure_channel(url) as channel:
+        stub = GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+        try:
+            stub.ModelInfer(message, metadata=(("authorization", f"Bearer {key}"),))
+        except grpc.RpcError as e:
+            call = cast("grpc.Call", e)
+            return call.code(), {str(k): str(v) for k, v in call.trailing_metadata() or ()}
+    raise AssertionError("answered")
+
+
 def _audit(root: Path) -> list[dict[str, object]]:
     with sqlite3.connect(root / "state" / "audit.db") as db:
         return [json.loads(b) for (b,) in db.execute("SELECT body FROM records ORDER BY seq")]
@@ -55,7 +73,11 @@ def _audit(root: Path) -> list[dict[str, object]]:
 
 def test_a_hung_model_is_cut_off_its_breaker_opens_and_a_probe_closes_it(tmp_path: Path) -> None:
     root = tmp_path / "d"
-    config, _ = write_test_deployment(root, extra=SLOW_MODEL)
+    grpc_port = free_port()
+    config, _ = write_test_deployment(
+        root, extra=f"[grpc]\nenabled = true\nport = {grpc_port}\n\n" + SLOW_MODEL
+    )
+    grpc_url = f"127.0.0.1:{grpc_port}"
     write_slow_model(root / "models" / "slow")
     key, admin = create_key(config, "slowpoke"), create_key(config, "admin")
     server = start_server(config, tmp_path / "server.log")
@@ -95,11 +117,14 @@ def test_a_hung_model_is_cut_off_its_breaker_opens_and_a_probe_closes_it(tmp_pat
             }
             assert TIMEOUT <= elapsed < TIMEOUT + SLACK
 
-            # 3. N timeouts in a row open the breaker.
-            for _ in range(FAILURES - 1):
+            # 3. N timeouts in a row open the breaker (the last one over gRPC: DEADLINE_EXCEEDED).
+            for _ in range(FAILURES - 2):
                 began = time.monotonic()
                 r = c.post(INFER, json=slow_request(HANG))
                 assert r.status_code == 504 and time.monotonic() - began < TIMEOUT + SLACK
+            status, trailing = _grpc_infer(grpc_url, key, HANG)
+            assert status is grpc.StatusCode.DEADLINE_EXCEEDED
+            assert trailing["bastion-error-code"] == "inference_timeout"
             text = metrics()
             assert _metric(text, "bastion_model_breaker_state") == 2
             assert _metric(text, "bastion_inference_timeouts_total") == FAILURES
@@ -112,6 +137,11 @@ def test_a_hung_model_is_cut_off_its_breaker_opens_and_a_probe_closes_it(tmp_pat
                 assert time.monotonic() - began < TIMEOUT / 2
                 assert r.status_code == 503 and r.json()["code"] == "model_circuit_open"
                 assert 1 <= int(r.headers["retry-after"]) <= OPEN_SECONDS
+            status, trailing = _grpc_infer(grpc_url, key, FAST)
+            assert status is grpc.StatusCode.UNAVAILABLE
+            assert (
+                trailing["bastion-error-code"] == "model_circuit_open" and int(trailing["retry-after"]) >= 1
+            )
             ready = c.get("/v2/models/slow/ready")
             assert ready.status_code == 503 and "retry-after" in ready.headers
             assert a.get("/v2/models/breast-cancer/ready").status_code == 200  # other models unaffected
