@@ -361,6 +361,7 @@ def schema_problems(value: Any, type_name: str, where: str = "") -> list[str]:
     return problems
 
 
+@pytest.mark.slow  # importing kserve (FastAPI, Kubernetes, pandas) takes seconds
 def test_kserve_resources_match_kserves_own_schema() -> None:
     runtime = find("ClusterServingRuntime", "bastion", KSERVE)
     isvc = find("InferenceService", "breast-cancer", KSERVE)
@@ -381,6 +382,7 @@ def test_kserve_resources_match_kserves_own_schema() -> None:
     assert model["storageUri"].startswith(f"pvc://{claim}/")
 
 
+@pytest.mark.slow  # importing kserve (FastAPI, Kubernetes, pandas) takes seconds
 def test_a_field_or_type_kserve_does_not_define_is_caught() -> None:
     runtime = copy.deepcopy(find("ClusterServingRuntime", "bastion", KSERVE))
     runtime["spec"]["initContainers"] = []  # a serving runtime has none
@@ -553,6 +555,7 @@ def test_the_readme_names_only_files_that_exist() -> None:
     )
 
 
+@pytest.mark.slow  # runs the README's shell lines and Python
 def test_the_readme_seed_steps_make_a_working_seed(tmp_path: Path) -> None:
     """Step 3's local commands (not the kubectl ones), run as written with this venv's Python."""
     block = readme_section().split("```sh\n")[1].split("```")[0]
