@@ -395,7 +395,7 @@ class ModelGuards:
     def get(self, name: str, version: str, digest: str, policy: BreakerPolicy) -> GuardedModel:
         key = (name, version, digest)
         guarded = self._models.get(key)
-        if guarded is None or guarded.policy != policy:
+        if guarded is None or (guarded.policy is not policy and guarded.policy != policy):
             if guarded is not None:
                 guarded.close()  # calls already queued on it still run
             guarded = self._models[key] = GuardedModel(
