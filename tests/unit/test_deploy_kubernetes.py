@@ -23,6 +23,8 @@ import pytest
 import yaml  # type: ignore[import-untyped]
 
 from bastion.config import Config, load_config
+from bastion.errors import ConfigError
+from bastion.tokens import load_or_create_signing_key
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -208,8 +210,6 @@ def test_kserve_policy_loads_and_every_path_is_mounted() -> None:
 
 
 def test_a_policy_the_server_refuses_fails_the_check(tmp_path: Path) -> None:
-    from bastion.errors import ConfigError
-
     bad = tmp_path / "bastion.toml"
     bad.write_text((K8S / "bastion.toml").read_text().replace("[audit]\n", "[audit]\nretention = 7\n"))
     workload = find("Deployment", "bastion")
@@ -578,8 +578,6 @@ def test_the_readme_seed_steps_make_a_working_seed(tmp_path: Path) -> None:
             if field.endswith(SEEDED):
                 assert path.name in seeded, (policy, field)
     assert all(p.stat().st_mode & 0o077 == 0 for p in seed.iterdir())
-    from bastion.tokens import load_or_create_signing_key
-
     assert load_or_create_signing_key(seed / "token_signing.jwk").as_dict()["crv"] == "Ed25519"
     assert len((seed / "payload_hmac.key").read_bytes()) == 32
     password = (tmp_path / "pg" / "password").read_text()
