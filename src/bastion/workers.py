@@ -95,13 +95,14 @@ def _reserve(host: str, port: int) -> socket.socket:
     return sock
 
 
-def listening_socket(host: str, port: int, *, backlog: int = 2048) -> socket.socket:
-    """A worker's own listening socket on the shared port (SO_REUSEPORT)."""
+def worker_socket(host: str, port: int) -> socket.socket:
+    """A worker's own socket on the shared port (SO_REUSEPORT), bound but not listening: the server
+    listens once its models are loaded (asyncio's `create_server` does), so the kernel sends no
+    connection to a worker still starting."""
     sock = socket.socket(_family(host), socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
-    sock.listen(backlog)
     return sock
 
 
@@ -282,7 +283,7 @@ def worker_main(argv: list[str]) -> int:
         unsafe_no_defenses=spec["unsafe_no_defenses"],
         workers=1,
     )
-    sock = listening_socket(host, port)
+    sock = worker_socket(host, port)
     args.func = lambda a: cli.run_server(a, sock=sock, state_lock=lock)
     return cli._run(args)  # the CLI's own error handling and exit codes
 
