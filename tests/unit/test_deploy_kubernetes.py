@@ -14,6 +14,7 @@ import copy
 import json
 import re
 import subprocess
+import sys
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -562,7 +563,7 @@ def test_the_readme_seed_steps_make_a_working_seed(tmp_path: Path) -> None:
     step_3 = block[block.index("umask 077") : block.index("# 4.")]
     steps = [line for line in step_3.splitlines() if line and not line.startswith(("kubectl", " ", "#"))]
     assert len(steps) == 6, steps
-    script = "\n".join(steps).replace(".venv/bin/python", str(ROOT / ".venv" / "bin" / "python"))
+    script = "\n".join(steps).replace(".venv/bin/python", sys.executable)  # the venv running the tests
     subprocess.run(["/bin/bash", "-ec", script], cwd=tmp_path, check=True, timeout=60)
     seed = tmp_path / "seed"
     seeded = sorted(p.name for p in seed.iterdir())
