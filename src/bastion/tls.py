@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import ssl
 import threading
 from collections.abc import Callable
@@ -115,13 +114,14 @@ def read_material(settings: TlsSettings, where: Path) -> TlsMaterial:
 
 
 def build_context(settings: TlsSettings, material: TlsMaterial) -> ssl.SSLContext:
-    """A server `ssl.SSLContext` for `material` under `settings`' policy. Raises ssl.SSLError if
-    OpenSSL refuses the material (it was checked, so only on a race with a writer)."""
+    """A server `ssl.SSLContext` for `settings`' files and policy (`material`: the client CAs, as read).
+    OpenSSL reads the certificate and key from the files themselves: `load` checks that they are still
+    what `material` holds. Raises ssl.SSLError if OpenSSL refuses them (a race with a writer)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = _VERSIONS[settings.min_version]
     ctx.set_ciphers(TLS12_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
-    _load_chain(ctx, material)
+    ctx.load_cert_chain(settings.cert_file, settings.key_file)
     if settings.client_auth != "none":
         assert material.client_ca is not None
         ctx.load_verify_locations(cadata=material.client_ca.decode("ascii"))
@@ -133,18 +133,24 @@ def build_context(settings: TlsSettings, material: TlsMaterial) -> ssl.SSLContex
     return ctx
 
 
-def _load_chain(ctx: ssl.SSLContext, material: TlsMaterial) -> None:
-    """load_cert_chain reads files only: the checked bytes go through a private temporary directory,
-    so what is loaded is what was checked, even if the files change meanwhile."""
-    import tempfile
+def load(settings: TlsSettings, where: Path) -> tuple[TlsMaterial, ssl.SSLContext]:
+    """Read, check and load the files: what was checked and the context serving it.
 
-    with tempfile.TemporaryDirectory(prefix="bastion-tls-") as tmp:
-        chain, key = Path(tmp, "chain.pem"), Path(tmp, "key.pem")
-        for path, content in ((chain, material.cert_chain), (key, material.key)):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(content)
-        ctx.load_cert_chain(chain, key)
+    The files are read again after OpenSSL loaded them: a renewal landing in between (its certificate
+    and key checked as a pair, but not what OpenSSL read) is caught and the load retried. Raises
+    ConfigError naming the field (see `read_material`), or ssl.SSLError.
+    """
+    for _ in range(3):
+        material = read_material(settings, where)
+        context = build_context(settings, material)
+        again = read_material(settings, where)
+        if (again.cert_chain, again.key, again.client_ca) == (
+            material.cert_chain,
+            material.key,
+            material.client_ca,
+        ):
+            return material, context
+    raise ConfigError(f"{where}: server.tls: the certificate files kept changing while they were read")
 
 
 class ServerTls:
@@ -157,9 +163,8 @@ class ServerTls:
         self.settings = settings
         self._where = where
         self._lock = threading.Lock()  # reload runs on the event loop; gRPC's fetcher on its threads
-        self.material = read_material(settings, where)
         try:
-            self._current = build_context(settings, self.material)
+            self.material, self._current = load(settings, where)
         except ssl.SSLError as e:
             raise ConfigError(f"{where}: server.tls: OpenSSL refused the certificate or key: {e}") from None
         self.generation = 0
@@ -181,8 +186,7 @@ class ServerTls:
         A set that does not load is logged (field and reason, no key material) and the old one kept."""
         try:
             stamp = self._stamps()
-            material = read_material(self.settings, self._where)
-            context = build_context(self.settings, material)
+            material, context = load(self.settings, self._where)
         except (OSError, ConfigError, ssl.SSLError) as e:
             log.error("TLS reload refused, the previous certificate keeps serving: %s", e)
             self._seen = None if isinstance(e, OSError) else stamp  # tried: retried when the files move again
