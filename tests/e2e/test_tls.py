@@ -320,8 +320,10 @@ def test_unmapped_revoked_and_doubly_credentialed_certificates_get_nothing(tls: 
     assert tls.infer(pki.stranger, key="admin").status_code == 200
 
 
-@pytest.mark.parametrize("which", ["foreign", "expired"])
+@pytest.mark.parametrize("which", ["foreign", "expired", "server"])
 def test_certificates_from_another_ca_or_expired_fail_the_handshake(tls: TlsServer, which: str) -> None:
+    """Another CA's certificate (same subject), an expired one, and one of the CA's own that is for
+    servers only (extended key usage serverAuth: a server's certificate is no client's)."""
     cert = getattr(tls.pki, which)
     # TLS 1.3 reports the client certificate's rejection after the client's side of the handshake:
     # the refusal arrives as an alert on the first read, and no HTTP answer ever does.
