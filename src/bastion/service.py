@@ -53,7 +53,6 @@ from bastion.records import open_records
 from bastion.registry import ModelRegistry
 from bastion.rollout import Rollback, Rollouts
 from bastion.routes import ROUTE_ACTIONS, Route
-from bastion.sessions import SessionAuthority
 from bastion.stages import Stage
 from bastion.stages.address_limits import FailedAuthLimiter
 from bastion.stages.chat import LazyRedactor, user_digest
@@ -148,12 +147,15 @@ class Bastion:
         self.isolation = self.records.isolation
         self.incidents = self.records.incidents
         self.measures = self.records.measures
-        self.sessions = SessionAuthority()
+        # Dashboard sessions and the tokens' deny list: in the same shared records, or the state
+        # directory's records.db (every worker on it shares them).
+        self.sessions = self.records.sessions
         self.tokens = TokenAuthority(
             load_or_create_signing_key(paths.token_key),
             issuer=config.tokens.issuer,
             audience=config.tokens.audience,
             default_ttl=config.tokens.ttl_seconds,
+            revocations=self.records.token_revocations,
         )
         self.state = open_state_store(config, paths)
         self.histories = (
@@ -308,7 +310,7 @@ class Bastion:
     async def _audit_load_events_later(self) -> None:
         assert self.audit is not None
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(0.1)
             if self.audit.healthy:
                 try:
                     await self._audit_load_events(self.registry)
@@ -318,7 +320,9 @@ class Bastion:
 
     @property
     def ready(self) -> bool:
-        audit_ok = self.audit is None or self.audit.healthy
+        # Not ready until the model-load records are written (an audit sink down at start-up).
+        loads_pending = self._load_events_task is not None and not self._load_events_task.done()
+        audit_ok = (self.audit is None or self.audit.healthy) and not loads_pending
         return audit_ok and not self.registry.failures and bool(self.registry.models())
 
     async def is_ready(self) -> bool:
@@ -339,6 +343,7 @@ class Bastion:
         self.isolation.close()
         self.incidents.close()
         self.measures.close()
+        self.records.records.close()  # sessions and token revocations (idempotent if shared)
         self.guards.close()
         if self.tracing is not None:
             self.tracing.provider.shutdown()  # the spans still queued are exported first
@@ -569,6 +574,8 @@ class Bastion:
         }
         if ctx.client_certificate is not None:  # mTLS: the certificate's SHA-256, never the certificate
             record["certificate"] = ctx.client_certificate.fingerprint
+        if ctx.principal is not None and ctx.principal.token_id is not None:
+            record["token"] = ctx.principal.token_id  # the token's jti, never the token
         if ctx.chat is not None:
             record.update(_chat_record(ctx, stream_end=stream_end))
         if ctx.operation is not None:  # an admin's change: what, and to what

@@ -2,8 +2,9 @@
 
 Design: one chain, appends serialised in the database. Each group commit is one
 transaction that takes a transaction-scoped advisory lock (`pg_advisory_xact_lock`, keyed by
-the table's name), reads the tail (last record, last checkpoint), inserts its batch linked
-onto it and commits; the lock is released by the commit. Writers therefore take turns per
+the table's name) and reads the tail (last record, last checkpoint) in one round trip; the
+batch is linked onto it on the event loop; one more round trip inserts it (one statement per
+table, columns as arrays) and commits, which releases the lock. Writers therefore take turns per
 batch, not per record: under load a batch holds every request that arrived during the
 previous commit, so throughput is (batches/s) × (batch size) and the lock costs one round trip
 per batch. The primary key on `seq` backs the lock: a writer that somehow skipped it would
@@ -38,6 +39,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bastion.audit.chain import GENESIS, ChainExtender, Checkpoint, Row, Tail
+from bastion.audit.sink import AuditSink
 from bastion.errors import ConfigError
 
 TABLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,47}$")  # + "_checkpoints" stays within PostgreSQL's 63
@@ -58,7 +60,7 @@ def _connect_kwargs(timeout: float) -> dict[str, Any]:
     }
 
 
-class PostgresSink:
+class PostgresSink(AuditSink):
     """The audit chain in `table` (records) and `table`_checkpoints, shared by every writer.
 
     `timeout` (seconds): connection, statement and lock-wait bound. `fsync` false sets
@@ -68,6 +70,7 @@ class PostgresSink:
     """
 
     recoverable = True
+    stage_on_loop = False  # its lock and commit are round trips: the whole transaction off the loop
 
     def __init__(
         self,
@@ -98,6 +101,7 @@ class PostgresSink:
         )
         self._lock_key = f"bastion-audit:{table}"
         self._conn: psycopg.Connection[Any] | None = None
+        self._staged: tuple[list[Row], list[Checkpoint]] = ([], [])
         with contextlib.suppress(psycopg.OperationalError):
             self._connection()  # unreachable: the server starts not ready and connects when it can
 
@@ -138,17 +142,42 @@ class PostgresSink:
         self._conn = conn
         return conn
 
-    def append(self, bodies: list[dict[str, Any]], now: float, *, final: bool = False) -> list[int]:
+    def begin(self) -> Tail:
         try:
             conn = self._connection()
-            with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self._lock_key,))
-                rows, checkpoints = self._extender.extend(self._tail(conn), bodies, now, final=final)
-                self._insert(conn, rows, checkpoints)
+            # The first statement opens the transaction; the lock is held until COMMIT or ROLLBACK.
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self._lock_key,))
+            return self._tail(conn)
         except psycopg.Error:
             self._drop()
             raise
-        return [row[0] for row in rows]
+
+    def stage(
+        self, tail: Tail, bodies: list[dict[str, Any]], now: float, *, final: bool = False
+    ) -> list[int]:
+        # No I/O here (it runs on the event loop): the rows go to the server with the COMMIT.
+        self._staged = self._extender.extend(tail, bodies, now, final=final)
+        return [row[0] for row in self._staged[0]]
+
+    def commit(self) -> None:
+        rows, checkpoints = self._staged
+        self._staged = ([], [])
+        try:
+            conn = self._connection_in_transaction()
+            self._insert(conn, rows, checkpoints)
+            conn.commit()
+        except psycopg.Error:
+            self._drop()
+            raise
+
+    def abort(self) -> None:
+        self._staged = ([], [])
+        self._drop()  # closing the connection rolls back and releases the lock, without a round trip
+
+    def _connection_in_transaction(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed:
+            raise psycopg.OperationalError("the connection was lost during the transaction")
+        return self._conn
 
     def _tail(self, conn: psycopg.Connection[Any]) -> Tail:
         t = self.table
@@ -166,11 +195,18 @@ class PostgresSink:
         )
 
     def _insert(self, conn: psycopg.Connection[Any], rows: list[Row], checkpoints: list[Checkpoint]) -> None:
-        with conn.cursor() as cur:
-            if rows:
-                cur.executemany(f"INSERT INTO {self.table} VALUES (%s, %s, %s, %s)", rows)
-            if checkpoints:
-                cur.executemany(f"INSERT INTO {self.table}_checkpoints VALUES (%s, %s, %s, %s)", checkpoints)
+        # One statement a table, the columns as arrays: one round trip whatever the batch size.
+        if rows:
+            conn.execute(
+                f"INSERT INTO {self.table} SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[])",
+                [list(column) for column in zip(*rows, strict=True)],
+            )
+        if checkpoints:
+            conn.execute(
+                f"INSERT INTO {self.table}_checkpoints SELECT * FROM "
+                "unnest(%s::bigint[], %s::text[], %s::double precision[], %s::text[])",
+                [list(column) for column in zip(*checkpoints, strict=True)],
+            )
 
     def probe(self) -> bool:
         try:
