@@ -556,7 +556,6 @@ _TLS = _E2E + "test_tls.py::"
 _TLS_REFUSED = "tests/unit/test_tls.py::test_tls_settings_that_could_not_work_are_refused_naming_the_field"
 ENFORCED.update(
     {
-        ("ServerSettings", "tls"): _TLS + "test_https_serves_keys_over_tls_and_plaintext_gets_no_answer",
         ("TlsSettings", "cert_file"): "tests/unit/test_tls.py::"
         "test_certificate_files_that_cannot_serve_are_refused_naming_the_field",
         ("TlsSettings", "key_file"): "tests/unit/test_tls.py::"
@@ -565,8 +564,6 @@ ENFORCED.update(
         ("TlsSettings", "client_auth"): _TLS + "test_require_refuses_a_connection_without_a_valid_certificate",
         ("TlsSettings", "min_version"): _TLS + "test_require_refuses_a_connection_without_a_valid_certificate",
         ("TlsSettings", "reload_interval_seconds"): _TLS + "test_grpc_follows_a_certificate_reload_and_so_does_rest",
-        ("ClientCertificateSettings", "identities"): _TLS
-        + "test_client_certificates_map_to_their_principals_and_roles",
         ("ClientCertificateSettings", "revoked_fingerprints"): _TLS
         + "test_unmapped_revoked_and_doubly_credentialed_certificates_get_nothing",
         ("CertificateIdentity", "name"): _TLS
@@ -577,11 +574,11 @@ ENFORCED.update(
         },
     }
 )
-# A client CA without client_auth, identities or revocations while no certificate is asked for.
+# A client CA without client_auth, or revocations while no certificate is asked for (identities too: a
+# section, whose fields are each enforced above).
 REFUSED_WHEN_IGNORED.update(
     {
         ("TlsSettings", "client_ca_file"): _TLS_REFUSED,
-        ("ClientCertificateSettings", "identities"): _TLS_REFUSED,
         ("ClientCertificateSettings", "revoked_fingerprints"): _TLS_REFUSED,
     }
 )
@@ -642,7 +639,6 @@ def test_every_config_field_is_enforced_by_a_named_test_or_refused() -> None:
         "otlp_endpoint",
         # [server.tls] and [client_certificates] while no client certificate is asked for (tests/unit/test_tls.py)
         "client_ca_file",
-        "identities",
         "revoked_fingerprints",
     }
     assert {f for _, f in REFUSED_WHEN_IGNORED} - refused_cases <= {
