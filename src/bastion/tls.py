@@ -27,6 +27,7 @@ import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -98,6 +99,9 @@ def read_material(settings: TlsSettings, where: Path) -> TlsMaterial:
             f"{field}.key_file: {settings.key_file}: not an unencrypted PEM private key ({e})"
         ) from None
     leaf = chain[0]
+    expires = leaf.not_valid_after_utc
+    if expires <= datetime.now(UTC):
+        raise ConfigError(f"{field}.cert_file: {settings.cert_file} expired on {expires:%Y-%m-%d %H:%M} UTC")
     raw = serialization.PublicFormat.SubjectPublicKeyInfo
     encoding = serialization.Encoding.DER
     if key.public_key().public_bytes(encoding, raw) != leaf.public_key().public_bytes(encoding, raw):

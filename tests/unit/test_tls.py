@@ -139,6 +139,8 @@ def test_certificate_files_that_cannot_serve_are_refused_naming_the_field(
     assert "cannot read" in refused("cert_file", cert_file=tmp_path / "absent.pem", key_file=server.key)  # type: ignore[attr-defined]
     assert "not the key of" in refused("key_file", cert_file=server.cert, key_file=other.key)  # type: ignore[attr-defined]
     assert "no PEM certificate" in refused("cert_file", cert_file=server.key, key_file=server.key)  # type: ignore[attr-defined]
+    expired = ca.issue("expired-server", cn="127.0.0.1", server=True, expired=True)  # type: ignore[attr-defined]
+    assert "expired on" in refused("cert_file", cert_file=expired.cert, key_file=expired.key)
     garbage = tmp_path / "garbage.pem"
     garbage.write_bytes(b"not a certificate")
     assert "no PEM certificate" in refused(
