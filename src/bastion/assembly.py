@@ -39,6 +39,8 @@ from bastion.stages.admin import (
     NoteIncident,
     ReleaseKey,
     ReleaseModel,
+    RevokeKeyTokens,
+    RevokeToken,
     ShowIncident,
     TransitionIncident,
 )
@@ -150,6 +152,8 @@ def build_pipelines(
         return AuthorizeModel(parts.policy, parts.registry, action, parts.rollouts.pick)
 
     sessions = parts.sessions
+    revocations = parts.tokens.revocations
+    assert revocations is not None, "the service's token authority keeps a deny list"
     # The dashboard and /v2/admin/*: a key, a token, or the dashboard's session cookie.
     authenticate_admin = ThrottleFailedAuth(
         parts.failed_auth, Authenticate(parts.keys, parts.tokens, sessions=sessions, certificates=certificates)
@@ -240,6 +244,8 @@ def build_pipelines(
                 (Route.INCIDENT_NOTE, NoteIncident(parts.incidents)),
                 (Route.KEY_RELEASE, ReleaseKey(parts.keys, parts.measures)),
                 (Route.MODEL_RELEASE, ReleaseModel(parts.isolation)),
+                (Route.TOKEN_REVOKE, RevokeToken(revocations)),
+                (Route.KEY_TOKENS_REVOKE, RevokeKeyTokens(revocations)),
                 (Route.SESSION_LOGOUT, CloseSession(sessions)),
                 (Route.SUMMARY, Summarize(summary)),
                 (Route.DASHBOARD, ServeDashboard()),

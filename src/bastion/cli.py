@@ -339,6 +339,47 @@ def cmd_keys_release(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tokens_revoke(args: argparse.Namespace) -> int:
+    records = _records(_config(args.config))
+    try:
+        entry = records.token_revocations.revoke(args.jti, now=time.time())
+    except ValueError as e:
+        return _fail(f"{e} (the `jti` of the token response, or an audit record's `token`)")
+    finally:
+        records.close()
+    print(f"revoked token {args.jti}; every server refuses it within a second (listed until {_when(entry.until)})")
+    return 0
+
+
+def cmd_tokens_revoke_before(args: argparse.Namespace) -> int:
+    key_id = _key_id_arg(args.key_id)
+    now = time.time()
+    records = _records(_config(args.config))
+    try:
+        entry = records.token_revocations.revoke_before(
+            key_id, before=now if args.before is None else args.before, now=now
+        )
+    except ValueError as e:
+        return _fail(str(e))
+    finally:
+        records.close()
+    print(f"revoked the tokens of {key_id} issued before {_when(entry.before)}; the key itself still works")
+    return 0
+
+
+def cmd_tokens_revoked(args: argparse.Namespace) -> int:
+    records = _records(_config(args.config))
+    try:
+        entries = records.token_revocations.list(now=time.time())
+    finally:
+        records.close()
+    _table(
+        ("JTI", "KEY ID", "ISSUED BEFORE", "LISTED UNTIL"),
+        ((e.jti or "-", e.key_id or "-", _when(e.before), _when(e.until)) for e in entries),
+    )
+    return 0
+
+
 def _audit_source(args: argparse.Namespace) -> tuple[AuditSource, Path]:
     """The chain `--db` names, else the one the policy file's [audit] section names (a SQLite file in
     the state directory or a PostgreSQL table), and the public key to check its checkpoints with."""
@@ -858,6 +899,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     release.add_argument("key_id")
     release.set_defaults(func=cmd_keys_release)
+
+    tokens = sub.add_parser("tokens", help="revoke tokens (the deny list)").add_subparsers(
+        dest="tokens_command", required=True
+    )
+    revoke_token = with_config(
+        tokens.add_parser("revoke", help="revoke one token by its jti; every server refuses it within a second")
+    )
+    revoke_token.add_argument("jti", help="the token response's jti (or an audit record's `token`)")
+    revoke_token.set_defaults(func=cmd_tokens_revoke)
+    revoke_before = with_config(
+        tokens.add_parser("revoke-before", help="revoke every token of a key issued before a time")
+    )
+    revoke_before.add_argument("key_id")
+    revoke_before.add_argument("--before", type=float, metavar="UNIX_SECONDS", help="default: now")
+    revoke_before.set_defaults(func=cmd_tokens_revoke_before)
+    with_config(tokens.add_parser("revoked", help="list the deny list's entries in force")).set_defaults(
+        func=cmd_tokens_revoked
+    )
 
     models = sub.add_parser("models", help="models isolated by query auditing").add_subparsers(
         dest="models_command", required=True

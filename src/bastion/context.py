@@ -42,6 +42,7 @@ class Principal:
     # via "certificate": the SHA-256 fingerprint of the client certificate (audited; never the certificate),
     # and key_id is the principal id itself, "cert:<name>" (the key store keeps its quarantine under it).
     certificate: str | None = None
+    token_id: str | None = None  # via "token": the token's jti (audited; what an admin revokes it by)
 
     @property
     def id(self) -> str:

@@ -66,7 +66,11 @@ def _operation(spec: RouteSpec, versioned: bool) -> dict[str, Any]:
     }
     if "{model_name}" in spec.path:
         op["parameters"] = [_NAME, _VERSION] if versioned else [_NAME]
-    for name, pattern in (("incident_id", "^[1-9][0-9]{0,11}$"), ("key_id", "^[0-9a-f]{16}$")):
+    for name, pattern in (
+        ("incident_id", "^[1-9][0-9]{0,11}$"),
+        ("key_id", "^[0-9a-f]{16}$"),
+        ("jti", "^[A-Za-z0-9_-]{16}$"),
+    ):
         if "{" + name + "}" in spec.path:
             op["parameters"] = [
                 {
@@ -415,6 +419,11 @@ OPENAPI: dict[str, Any] = {
                 },
             },
             "Empty": {"type": "object", "additionalProperties": False, "properties": {}},
+            "RevokeTokens": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {"before": {"type": "number", "minimum": 0, "description": "Unix seconds"}},
+            },
             "Session": {
                 "type": "object",
                 "required": ["key_id", "csrf_token", "expires_in", "expires_at"],
@@ -454,11 +463,17 @@ OPENAPI: dict[str, Any] = {
             },
             "TokenResponse": {
                 "type": "object",
-                "required": ["access_token", "token_type", "expires_in", "scope"],
+                "required": ["access_token", "token_type", "expires_in", "expires_at", "jti", "scope"],
                 "properties": {
                     "access_token": {"type": "string"},
                     "token_type": {"type": "string"},
                     "expires_in": {"type": "integer"},
+                    "expires_at": {"type": "integer", "description": "Unix seconds"},
+                    "jti": {
+                        "type": "string",
+                        "description": "The token's id: what an admin revokes it by (POST "
+                        "/v2/admin/tokens/{jti}/revoke, bastion tokens revoke); in the audit log as `token`",
+                    },
                     "scope": {"type": "array", "items": {"type": "string"}},
                 },
             },

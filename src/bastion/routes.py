@@ -35,6 +35,8 @@ class Route(StrEnum):
     INCIDENT_NOTE = "incident_note"  # admin: add a note
     KEY_RELEASE = "key_release"  # admin: release a quarantined key
     MODEL_RELEASE = "model_release"  # admin: release an isolated model
+    TOKEN_REVOKE = "token_revoke"  # noqa: S105 (admin: put one token on the deny list by its jti)
+    KEY_TOKENS_REVOKE = "key_tokens_revoke"  # admin: revoke a key's tokens issued before a time
     SESSION = "session"  # admin: open a dashboard session (an API key in, an HttpOnly cookie out)
     SESSION_LOGOUT = "session_logout"  # admin: end it
     SUMMARY = "summary"  # admin: what the dashboard shows, as JSON
@@ -252,6 +254,30 @@ ROUTES: tuple[RouteSpec, ...] = (
         session=True,
     ),
     RouteSpec(
+        Route.TOKEN_REVOKE,
+        "POST",
+        "/v2/admin/tokens/{jti}/revoke",
+        Action.ADMIN,
+        "Revoke one token by its jti (the token response's jti): refused by every replica within a "
+        "second (audited)",
+        "object",
+        request_required=False,
+        request="Empty",
+        session=True,
+    ),
+    RouteSpec(
+        Route.KEY_TOKENS_REVOKE,
+        "POST",
+        "/v2/admin/keys/{key_id}/revoke-tokens",
+        Action.ADMIN,
+        "Revoke every token of a key issued before a time (body {\"before\": Unix seconds}, default "
+        "now); the key and its later tokens still work (audited)",
+        "object",
+        request_required=False,
+        request="RevokeTokens",
+        session=True,
+    ),
+    RouteSpec(
         Route.SESSION,
         "POST",
         "/v2/admin/session",
@@ -338,6 +364,7 @@ _PARAMETER_PATTERNS = {
     "model_version": r"(?P<version>[A-Za-z0-9][A-Za-z0-9_.-]{0,31})",
     "incident_id": r"(?P<resource>[1-9][0-9]{0,11})",
     "key_id": r"(?P<resource>[0-9a-f]{16})",
+    "jti": r"(?P<resource>[A-Za-z0-9_-]{16})",  # as bastion.tokens issues them
 }
 
 
@@ -347,7 +374,7 @@ class Match:
     model_name: str | None
     model_version: str | None
     method_allowed: bool
-    resource_id: str | None = None  # an incident's or a key's id in the path
+    resource_id: str | None = None  # an incident's, a key's or a token's (jti) id in the path
 
 
 class Router:

@@ -5,7 +5,8 @@ incident; then in the browser an admin signs in, sees the traffic and the incide
 it and releases the key; the audit log holds each step. From the attacker's side: a non-admin key
 can neither load the dashboard's data nor call its actions nor open a session; a POST with the
 session cookie and without the CSRF token is refused, from the page itself and from a cross-site
-form; a cookie is useless after logout and after a restart. Screenshots go to artifacts/dashboard/.
+form; a cookie is useless after logout and on another deployment (it outlives a restart of its own:
+sessions live in the deployment's store). Screenshots go to artifacts/dashboard/.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def test_an_admin_handles_an_extraction_incident_in_the_browser(site: dict[str, 
     with httpx.Client(base_url=server.base_url) as anonymous:
         assert anonymous.get("/v2/admin/summary").status_code == 401
         assert anonymous.get("/dashboard").status_code == 401
-        # A browser's navigation is sent to the login page instead (a restart ended its session).
+        # A browser's navigation is sent to the login page instead (its session ended or expired).
         navigation = anonymous.get("/dashboard", headers={"Accept": "text/html,application/xhtml+xml"})
         assert (navigation.status_code, navigation.headers["location"]) == (303, "/dashboard/login")
 
@@ -219,8 +220,10 @@ def test_an_admin_handles_an_extraction_incident_in_the_browser(site: dict[str, 
     assert {"session", "dashboard", "summary", "incidents", "incident_transition", "key_release"} <= denied
 
 
-def test_a_session_cookie_does_not_outlive_its_server(site: dict[str, Any]) -> None:
-    """Sealed under a key drawn at start: the next process (same state, same keys) refuses it."""
+def test_a_session_cookie_belongs_to_its_deployment(site: dict[str, Any], tmp_path: Path) -> None:
+    """Kept in the deployment's store (its state directory here): the next process on it (a restart,
+    another worker) accepts the cookie; another deployment, even one that knows the same admin key,
+    refuses it; after logout nobody accepts it."""
     server: RunningServer = site["server"]
     if server.process.poll() is not None:  # the first test stopped it to read the audit log
         server = site["server"] = start_server(site["config"], site["root"] / "server2.log")
@@ -230,20 +233,52 @@ def test_a_session_cookie_does_not_outlive_its_server(site: dict[str, Any]) -> N
     set_cookie = opened.headers["set-cookie"]
     assert "HttpOnly" in set_cookie and "SameSite=Strict" in set_cookie and "Max-Age=1800" in set_cookie
     value = opened.cookies["bastion_session"]
-    assert value not in opened.text and opened.json()["csrf_token"] not in set_cookie
+    csrf = opened.json()["csrf_token"]
+    assert value not in opened.text and csrf not in set_cookie
     with httpx.Client(base_url=server.base_url, cookies={"bastion_session": value}) as browser:
         assert browser.get("/v2/admin/summary").status_code == 200
         page = browser.get("/dashboard")
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
         assert "default-src 'self'" in page.headers["content-security-policy"]
         assert page.headers["x-frame-options"] == "DENY"
-        assert opened.json()["csrf_token"] in page.text  # the page holds the token, in a <meta>
+        assert csrf in page.text  # the page holds the token, in a <meta>
         # The cookie is read on /dashboard and /v2/admin/* only.
         assert browser.get("/metrics").status_code == 401
         assert browser.get("/v2/models/breast-cancer").status_code == 401
+    # The state directory holds hashes, never the cookie's secret nor the CSRF token.
+    stored = (site["root"] / "state" / "records.db").read_bytes()
+    assert value.split(".")[1].encode() not in stored and csrf.encode() not in stored
+
+    # Another deployment that knows the same admin key (its key file copied): the key works there,
+    # the cookie does not.
+    other_config, _ = write_test_deployment(tmp_path)
+    (tmp_path / "state").mkdir(exist_ok=True)
+    with (
+        sqlite3.connect(site["root"] / "state" / "keys.db") as source,
+        sqlite3.connect(tmp_path / "state" / "keys.db") as copy,
+    ):
+        source.backup(copy)  # with what the running server's WAL holds
+    other = start_server(other_config, tmp_path / "other.log")
+    try:
+        with other.client(site["keys"]["operator"]) as operator:
+            assert operator.get("/v2/admin/summary").status_code == 200
+        with httpx.Client(base_url=other.base_url, cookies={"bastion_session": value}) as replay:
+            refused = replay.get("/v2/admin/summary")
+        assert refused.status_code == 401
+        assert "Max-Age=0" in refused.headers["set-cookie"]  # the browser is told to drop it
+    finally:
+        other.stop()
+
+    # A restart of this deployment: the session goes on, with the same CSRF token; logout ends it.
     server.stop()
     restarted = site["server"] = start_server(site["config"], site["root"] / "server3.log")
+    with httpx.Client(base_url=restarted.base_url, cookies={"bastion_session": value}) as browser:
+        assert browser.get("/v2/admin/summary").status_code == 200
+        assert csrf in browser.get("/dashboard").text
+        assert browser.post("/v2/admin/session/logout", json={}).status_code == 401  # no CSRF token
+        ended = browser.post("/v2/admin/session/logout", json={}, headers={"X-CSRF-Token": csrf})
+        assert ended.status_code == 200
     with httpx.Client(base_url=restarted.base_url, cookies={"bastion_session": value}) as replay:
         refused = replay.get("/v2/admin/summary")
     assert refused.status_code == 401
-    assert "Max-Age=0" in refused.headers["set-cookie"]  # the browser is told to drop it
+    assert "Max-Age=0" in refused.headers["set-cookie"]

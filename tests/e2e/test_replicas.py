@@ -7,7 +7,9 @@ release on one is served on the other."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import sqlite3
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -193,3 +195,106 @@ def test_quarantine_incident_and_release_cross_replicas(replicas: Replicas) -> N
         assert [i["action"] for i in incidents if i["principal"] == f"key:{thief_id}"] == ["quarantine"]
         assert c.post(f"/v2/admin/keys/{thief_id}/release", json={}).status_code == 200
     assert _refused_within(a, thief, 200) < 1.0
+
+
+def _deny_list(config: Path) -> list[str]:
+    """The deny list's rows, as `bastion tokens revoked` prints them (header dropped)."""
+    return run_cli("tokens", "revoked", "--config", config).stdout.splitlines()[1:]
+
+
+def test_a_token_revoked_through_one_replica_is_refused_by_every_replica_within_a_second(
+    replicas: Replicas,
+) -> None:
+    """Revocation of one token by its jti: through A's admin API, B refuses it within a second; the
+    client sees the 401 of any bad token (no word of revocation); its siblings and its key still work."""
+    a, b = replicas.servers
+    key, admin = create_key(replicas.config, "analyst"), create_key(replicas.config, "admin")
+    with a.client(key) as c:
+        issued = c.post("/v2/auth/token", json={"ttl_seconds": 300}).json()
+        sibling = c.post("/v2/auth/token", json={"ttl_seconds": 300}).json()
+    token, jti = issued["access_token"], issued["jti"]
+    assert len(jti) == 16 and jti != sibling["jti"] and jti not in token.split(".")[0]
+    for server in (a, b):
+        with server.client(token) as c:
+            assert c.get(METADATA).status_code == 200  # accepted, and cached, on both
+    with a.client(admin) as c:
+        revoked = c.post(f"/v2/admin/tokens/{jti}/revoke", json={})
+    assert revoked.status_code == 200 and revoked.json()["revoked"] is True
+    delay = _refused_within(b, token, 401)
+    assert delay < 1.0, f"replica B served a revoked token for {delay:.3f} s"
+    with b.client(token) as c:
+        refused = c.get(METADATA)
+    with b.client(token[:-4] + "AAAA") as c:  # a forged signature: the same answer, word for word
+        forged = c.get(METADATA)
+    assert refused.status_code == forged.status_code == 401
+    assert refused.json() == forged.json() and "revok" not in refused.text
+    for server in (a, b):
+        with server.client(sibling["access_token"]) as c:
+            assert c.get(METADATA).status_code == 200
+        with server.client(key) as c:
+            assert c.get(METADATA).status_code == 200
+    assert any(jti in row for row in _deny_list(replicas.config))
+    # A's audit log names the token by its jti (issued, used, revoked), never holds the token itself.
+    db = sqlite3.connect(replicas.config.parent / "state" / "audit.db")
+    bodies = [b for (b,) in db.execute("SELECT body FROM records")]
+    db.close()
+    mine = [json.loads(b) for b in bodies if jti in b]
+    assert {(r.get("target"), r.get("change")) for r in mine} >= {
+        (f"token:{jti}", "issued"),
+        (f"token:{jti}", "revoked"),
+    }
+    assert any(r.get("token") == jti and r["via"] == "token" for r in mine)
+    assert not any(token.split(".")[2] in b for b in bodies)
+
+
+def test_a_token_revoked_by_the_cli_and_a_keys_older_tokens_die_everywhere(replicas: Replicas) -> None:
+    a, b = replicas.servers
+    key = create_key(replicas.config, "analyst")
+    with a.client(key) as c:
+        first = c.post("/v2/auth/token", json={}).json()
+        second = c.post("/v2/auth/token", json={}).json()
+    with b.client(first["access_token"]) as c:
+        assert c.get(METADATA).status_code == 200
+    run_cli("tokens", "revoke", "--config", replicas.config, first["jti"])
+    assert _refused_within(b, first["access_token"], 401) < 1.0
+    assert _refused_within(a, first["access_token"], 401) < 1.0
+    # Every token of the key issued before now: the second one dies too; the key mints new ones.
+    time.sleep(1.0)  # `iat` is whole seconds: a token of this second would be refused with the others
+    run_cli("tokens", "revoke-before", "--config", replicas.config, key.split("_")[1])
+    assert _refused_within(b, second["access_token"], 401) < 1.0
+    time.sleep(1.0)
+    with b.client(key) as c:
+        fresh = c.post("/v2/auth/token", json={}).json()
+    with a.client(fresh["access_token"]) as c:
+        assert c.get(METADATA).status_code == 200
+
+
+def test_clients_cannot_grow_the_deny_list(replicas: Replicas) -> None:
+    """Only an admin writes the deny list: a key without the admin grant, its token, an admin's token
+    scoped without admin, and no credentials at all are refused, and nothing is listed."""
+    a, b = replicas.servers
+    analyst, admin = create_key(replicas.config, "analyst"), create_key(replicas.config, "admin")
+    with a.client(analyst) as c:
+        analyst_token = c.post("/v2/auth/token", json={}).json()
+    with a.client(admin) as c:
+        scoped = c.post("/v2/auth/token", json={"scope": ["metadata:*"]}).json()
+    listed_before = _deny_list(replicas.config)
+    victim = analyst_token["jti"]
+    attempts = [
+        (a, analyst, f"/v2/admin/tokens/{victim}/revoke", 403),
+        (b, analyst, f"/v2/admin/keys/{analyst.split('_')[1]}/revoke-tokens", 403),
+        (a, analyst_token["access_token"], f"/v2/admin/tokens/{scoped['jti']}/revoke", 403),
+        (b, scoped["access_token"], f"/v2/admin/tokens/{victim}/revoke", 403),
+        (a, None, f"/v2/admin/tokens/{victim}/revoke", 401),
+        (b, "bst_" + "0" * 16 + "_" + "A" * 43, f"/v2/admin/tokens/{victim}/revoke", 401),
+    ]
+    for server, credential, path, status in attempts:
+        with server.client(credential) as c:
+            assert c.post(path, json={}).status_code == status, path
+    # Malformed jtis do not reach the list either (no route: 404 after authentication).
+    with a.client(admin) as c:
+        assert c.post("/v2/admin/tokens/short/revoke", json={}).status_code == 404
+        assert c.post("/v2/admin/tokens/" + "A" * 200 + "/revoke", json={}).status_code == 404
+    assert _deny_list(replicas.config) == listed_before
+    with b.client(analyst_token["access_token"]) as c:
+        assert c.get(METADATA).status_code == 200

@@ -20,6 +20,7 @@ def _concrete(template: str) -> str:
         .replace("{model_version}", "7")
         .replace("{incident_id}", "12")
         .replace("{key_id}", "0123456789abcdef")
+        .replace("{jti}", "AbCdEfGh-_012345")
     )
 
 

@@ -26,7 +26,9 @@ requests fail at once instead of each waiting. Connection strings are never logg
 error's type).
 
 `open_records(config, paths)` is the one place that chooses: SQLite files in the state directory
-for `state.backend = "sqlite"` or `"memory"`, else the shared backend. The server and the CLI both
+for `state.backend = "sqlite"` or `"memory"`, else the shared backend. Token revocations and
+dashboard sessions are written only over `Records`: with SQLite they use a third implementation,
+`bastion.records.sqlite` (`records.db` in the state directory). The server and the CLI both
 call it; it lives here, not in `bastion.assembly`, because importing the assembly (every stage,
 the language-model code) costs the CLI ~1.2 s per command.
 """
@@ -49,7 +51,9 @@ if TYPE_CHECKING:
     from bastion.isolation import IsolationRecords
     from bastion.keys import KeyRecords
     from bastion.rollout import RolloutStateStore
+    from bastion.sessions import SessionAuthority
     from bastion.statedir import StatePaths
+    from bastion.tokens import TokenRevocations
 
 log = logging.getLogger("bastion.records")
 
@@ -173,12 +177,18 @@ class RecordStores:
     measures: MeasureRecords
     rollouts: RolloutStateStore
     shared: Records | None  # None: SQLite files in the state directory
+    # Written only over `Records`: the shared backend's, or `records.db` in the state directory
+    # (bastion.records.sqlite), which every worker on it shares.
+    token_revocations: TokenRevocations
+    sessions: SessionAuthority
+    records: Records
 
     def close(self) -> None:
         for store in (self.keys, self.isolation, self.incidents, self.measures):
             store.close()
         if self.shared is not None:
             self.shared.close()
+        self.records.close()
 
 
 def open_records(config: Config, paths: StatePaths) -> RecordStores:
@@ -190,6 +200,8 @@ def open_records(config: Config, paths: StatePaths) -> RecordStores:
     from bastion.isolation import IsolationStore, SharedIsolationStore
     from bastion.keys import KeyStore, SharedKeyStore
     from bastion.rollout import FileRolloutStates, SharedRolloutStates
+    from bastion.sessions import SessionAuthority
+    from bastion.tokens import TokenRevocations
 
     state = config.state
     shared: Records
@@ -202,6 +214,9 @@ def open_records(config: Config, paths: StatePaths) -> RecordStores:
 
         shared = PostgresRecords(state.postgres_dsn, table=f"{state.postgres_table}_records")
     else:
+        from bastion.records.sqlite import SQLiteRecords
+
+        local = SQLiteRecords(paths.root / "records.db")
         return RecordStores(
             KeyStore(paths.keys),
             IsolationStore(paths.isolation),
@@ -209,6 +224,9 @@ def open_records(config: Config, paths: StatePaths) -> RecordStores:
             MeasureStore(paths.measures),
             FileRolloutStates(paths.root / "rollouts.json"),
             None,
+            TokenRevocations(local),
+            SessionAuthority(local),
+            local,
         )
     return RecordStores(
         SharedKeyStore(shared),
@@ -216,5 +234,8 @@ def open_records(config: Config, paths: StatePaths) -> RecordStores:
         SharedIncidentStore(shared),
         SharedMeasureStore(shared),
         SharedRolloutStates(shared),
+        shared,
+        TokenRevocations(shared),
+        SessionAuthority(shared),
         shared,
     )

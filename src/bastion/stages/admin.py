@@ -14,6 +14,7 @@ from bastion.incidents import IncidentRecords, IncidentState
 from bastion.isolation import IsolationRecords
 from bastion.keys import KeyRecords
 from bastion.protocol import parse_json
+from bastion.tokens import TokenRevocations
 
 _MAX_BODY = 8 * 1024
 
@@ -128,3 +129,42 @@ class ReleaseModel:
             raise NotFound(f"model {name!r} is not isolated", code=ErrorCode.NOT_FOUND)
         ctx.operation = (f"model:{name}", "released")
         ctx.result = {"model": name, "released": True}
+
+
+class RevokeToken:
+    """Put one token on the deny list by its jti (the token response's `jti`; the audit records'
+    `token`): refused by every replica within 0.25 s. Idempotent; whether such a token was ever
+    issued is not known (tokens are not stored), so an unknown jti is accepted too."""
+
+    def __init__(self, revocations: TokenRevocations) -> None:
+        self._revocations = revocations
+
+    async def __call__(self, ctx: RequestContext) -> None:
+        await _json_object(ctx, set())
+        jti = ctx.resource_id
+        assert jti is not None, "the route's pattern holds the jti"
+        entry = self._revocations.revoke(jti, now=ctx.now)
+        ctx.operation = (f"token:{jti}", "revoked")
+        ctx.result = {"jti": jti, "revoked": True, "until": entry.until}
+
+
+class RevokeKeyTokens:
+    """`{"before": <Unix seconds>}` (default: now): every token of the key issued before then is
+    refused; the key itself, and tokens it mints afterwards, still work."""
+
+    def __init__(self, revocations: TokenRevocations) -> None:
+        self._revocations = revocations
+
+    async def __call__(self, ctx: RequestContext) -> None:
+        doc = await _json_object(ctx, {"before"})
+        before = doc.get("before", ctx.now)
+        if isinstance(before, bool) or not isinstance(before, int | float) or not 0 <= before < 2**40:
+            raise BadRequest("before: Unix seconds", code=ErrorCode.MALFORMED_REQUEST)
+        key_id = ctx.resource_id
+        assert key_id is not None
+        try:
+            entry = self._revocations.revoke_before(key_id, before=float(before), now=ctx.now)
+        except ValueError as e:
+            raise BadRequest(str(e), code=ErrorCode.MALFORMED_REQUEST) from None
+        ctx.operation = (f"key:{key_id}", f"tokens_revoked_before={entry.before:.0f}")
+        ctx.result = {"key_id": key_id, "before": entry.before, "until": entry.until}

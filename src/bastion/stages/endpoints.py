@@ -192,11 +192,16 @@ class IssueToken:
             raise PermissionDenied(
                 f"'ttl_seconds' may be at most {longest} (tokens.ttl_seconds)", code=ErrorCode.TTL_NOT_GRANTED
             )
-        token, expires_in = self._tokens.issue(key_id=principal.key_id, scope=scope, now=ctx.now, ttl=ttl)
+        minted = self._tokens.mint(key_id=principal.key_id, scope=scope, now=ctx.now, ttl=ttl)
+        # The jti is the token's public name: its owner reads it here, the audit log keeps it (never
+        # the token), and an admin revokes the token by it (`bastion tokens revoke`).
+        ctx.operation = (f"token:{minted.jti}", "issued")
         ctx.result = {
-            "access_token": token,
+            "access_token": minted.token,
             "token_type": "Bearer",
-            "expires_in": expires_in,
+            "expires_in": minted.expires_in,
+            "expires_at": minted.expires_at,
+            "jti": minted.jti,
             "scope": scope.encode(),
         }
 

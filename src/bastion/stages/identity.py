@@ -64,6 +64,7 @@ class Authenticate:
             token.scope,
             via="token",
             quarantined=behind.quarantined_at is not None,
+            token_id=token.jti,
         )
 
     def _certificate(self, ctx: RequestContext, certificates: CertificateIdentities) -> bool:
@@ -106,7 +107,11 @@ class Authenticate:
         record = self._keys.get(session.key_id)
         if record is None:
             raise AuthenticationFailed("session_key_unknown")
-        self._keys.require_active(record, now=ctx.now)
+        try:
+            self._keys.require_active(record, now=ctx.now)
+        except AuthenticationFailed:
+            sessions.end(session, now=ctx.now)  # revoked or expired: ended in the store, for every replica
+            raise
         if record.quarantined_at is not None:
             sessions.end(session, now=ctx.now)
             raise AuthenticationFailed("session_key_quarantined")
