@@ -291,6 +291,80 @@ def test_a_thief_spread_over_workers_is_quarantined_as_soon_as_on_one(deployment
     assert spread == alone
 
 
+def _fresh_request(
+    dep: Deployment, workers: list[int], method: str, path: str, headers: dict[str, str]
+) -> tuple[int, int, bytes]:
+    """(worker pid, status, body) of one request on a new connection (the kernel picks the worker)."""
+    conn = http.client.HTTPConnection("127.0.0.1", dep.port, timeout=10)
+    try:
+        conn.request(
+            method, path, "{}" if method == "POST" else None, {"Content-Type": "application/json", **headers}
+        )
+        response = conn.getresponse()
+        body = response.read()  # answered: the worker has accepted the connection, which is still open
+        return _worker_of(dep, workers, conn.sock.getsockname()[1]), response.status, body
+    finally:
+        conn.close()
+
+
+def test_a_dashboard_session_and_a_token_revocation_hold_on_every_worker(deployment: Deployment) -> None:
+    """Sessions and the token deny list live in the state directory's records.db, which both workers
+    read: a session opened on one is served by both, its logout is seen by both, and a token revoked
+    by the CLI is refused by both within a second."""
+    dep = deployment
+    workers = wait_for_workers(dep.server, dep.port, 2)
+    admin = create_key(dep.config, "admin")
+    with dep.server.client(admin) as c:
+        opened = c.post("/v2/admin/session", json={})
+    assert opened.status_code == 200
+    cookie = f"bastion_session={opened.cookies['bastion_session']}"
+    csrf = opened.json()["csrf_token"]
+    served: Counter[int] = Counter()
+    for i in range(20):
+        if i % 4 == 3:  # a state-changing request now and then, with the CSRF token
+            method, path = "POST", f"/v2/admin/keys/{dep.key.split('_')[1]}/revoke-tokens"
+        else:
+            method, path = "GET", "/v2/admin/summary" if i % 2 else "/v2/admin/incidents"
+        pid, status, body = _fresh_request(
+            dep, workers, method, path, {"Cookie": cookie, "X-CSRF-Token": csrf}
+        )
+        assert status == 200, (i, method, path, body[:200])
+        served[pid] += 1
+    assert set(served) == set(workers), f"requests per worker: {served}"
+
+    # Logout through one worker: within a second, neither worker takes the cookie.
+    pid, status, _ = _fresh_request(
+        dep, workers, "POST", "/v2/admin/session/logout", {"Cookie": cookie, "X-CSRF-Token": csrf}
+    )
+    assert status == 200
+    refused_by: set[int] = set()
+    deadline = time.monotonic() + 1.0
+    while refused_by != set(workers):
+        assert time.monotonic() < deadline, f"only {refused_by} refuse a session ended on {pid}"
+        who, status, _ = _fresh_request(dep, workers, "GET", "/v2/admin/summary", {"Cookie": cookie})
+        if status == 401:
+            refused_by.add(who)
+        else:
+            assert status == 200
+
+    # A token revoked by the CLI (it writes records.db beside the running workers).
+    time.sleep(1.0)  # past the revoke-before above, which covers the tokens of its second
+    with dep.server.client(dep.key) as c:
+        issued = c.post("/v2/auth/token", json={}).json()
+    bearer = {"Authorization": f"Bearer {issued['access_token']}"}
+    assert _fresh_request(dep, workers, "GET", "/v2/models/breast-cancer", bearer)[1] == 200
+    run_cli("tokens", "revoke", "--config", dep.config, issued["jti"])
+    revoked_at = time.monotonic()
+    refused_by = set()
+    while refused_by != set(workers):
+        assert time.monotonic() - revoked_at < 1.0, f"only {refused_by} refuse the revoked token"
+        who, status, _ = _fresh_request(dep, workers, "GET", "/v2/models/breast-cancer", bearer)
+        if status == 401:
+            refused_by.add(who)
+        else:
+            assert status == 200
+
+
 def test_zz_sigterm_stops_all_and_the_audit_chain_verifies(deployment: Deployment) -> None:
     dep = deployment
     workers = wait_for_workers(dep.server, dep.port, 2)
