@@ -99,8 +99,8 @@ class PipelineParts(Protocol):
     isolation: IsolationRecords
     incidents: IncidentRecords
     measures: MeasureRecords
-    # The dashboard's sessions: one authority per running service, kept across policy reloads (a
-    # SIGHUP must neither log operators out nor revive a session they ended); its key dies with it.
+    # The dashboard's sessions, in the deployment's store (bastion.sessions): kept across policy
+    # reloads and restarts, shared by workers and replicas; ended on logout and with their key.
     sessions: SessionAuthority
     tokens: TokenAuthority
     state: StateStore

@@ -87,7 +87,7 @@ class BastionApp:
         if match is not None and (match.spec.session or route is Route.SESSION):
             _session_headers(outcome, ctx, secure=scope.get("scheme") == "https")
         if route is Route.DASHBOARD and outcome.status == 401 and _wants_html(scope):
-            # A browser without a session (a restart ended it) goes to the login page, not raw JSON;
+            # A browser without a session (ended or expired) goes to the login page, not raw JSON;
             # an API client still reads the 401.
             outcome.status, outcome.body = 303, {"error": "sign in first", "code": "unauthenticated"}
             outcome.headers["Location"] = "/dashboard/login"
