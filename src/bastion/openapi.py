@@ -422,7 +422,14 @@ OPENAPI: dict[str, Any] = {
             "RevokeTokens": {
                 "type": "object",
                 "additionalProperties": False,
-                "properties": {"before": {"type": "number", "minimum": 0, "description": "Unix seconds"}},
+                "properties": {
+                    "before": {
+                        "type": "number",
+                        "minimum": 0,
+                        "maximum": 1e12,
+                        "description": "Unix seconds (default, and at most: now)",
+                    }
+                },
             },
             "Session": {
                 "type": "object",

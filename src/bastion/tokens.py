@@ -261,10 +261,10 @@ class TokenRevocations:
         return Revocation(jti, None, None, until)
 
     def revoke_before(self, key_id: str, *, before: float, now: float) -> Revocation:
-        """Refuse every token of `key_id` issued before `before` (Unix seconds, not in the future).
-        A later call with an earlier time changes nothing. ValueError for a time in the future."""
-        if before > now + _CLOCK_SLACK:
-            raise ValueError("'before' is in the future: tokens not issued yet cannot be revoked")
+        """Refuse every token of `key_id` issued before `before` (Unix seconds; a time in the future
+        counts as `now`: tokens not issued yet are not revoked, the key may mint new ones). A later
+        call with an earlier time changes nothing."""
+        before = min(before, now)
         entry = {"before": before, "until": before + MAX_TTL_SECONDS + _CLOCK_SLACK}
         update(self._records, _REVOCATIONS, f"key:{key_id}", lambda current: _later(current, entry))
         self._changed(now)

@@ -176,12 +176,14 @@ def test_revoke_before_kills_a_keys_older_tokens_only(store: Callable[[], Record
     assert _refused_within(b, old.token, now=1_201.0) < 1.0
     assert b.verify(fresh.token, now=1_202.0).key_id == "k1"
     assert b.verify(other_key.token, now=1_202.0).key_id == "k2"
-    # An earlier time later changes nothing; a time in the future is refused (not yet issued).
+    # An earlier time later changes nothing; a time in the future counts as now (no token minted
+    # later is refused in advance).
     a.revocations.revoke_before("k1", before=1_100.0, now=1_300.0)
     with pytest.raises(AuthenticationFailed):
         b.verify(old.token, now=1_300.0)
-    with pytest.raises(ValueError, match="future"):
-        a.revocations.revoke_before("k1", before=10_000.0, now=1_300.0)
+    assert a.revocations.revoke_before("k1", before=10_000.0, now=1_300.5).before == 1_300.5
+    later = a.mint(key_id="k1", scope=SCOPE, now=1_302.0)
+    assert _refusal(a, later.token, 1_303.0) is None
 
 
 def test_entries_outlive_every_token_they_refuse_then_go(store: Callable[[], Records]) -> None:
