@@ -200,9 +200,9 @@ class Lab:
         if postgres_port is not None:
             wait_for_port(self.host_ip, postgres_port)
 
-    def haproxy_servers(self, port: int) -> dict[str, str]:
-        """Each backend server's status as HAProxy sees it ({"r1": "UP", "r2": "DOWN", ...}), read
-        from its stats socket."""
+    def haproxy_stats(self, port: int) -> dict[str, dict[str, str]]:
+        """HAProxy's counters for each replica ("r1", ...): its `show stat` row (status, stot,
+        hrsp_2xx...), read from the stats socket."""
         with socket.socket(socket.AF_UNIX) as s:
             s.settimeout(5)
             s.connect(str(self.root / f"haproxy-{port}.sock"))
@@ -213,11 +213,11 @@ class Lab:
         lines = data.decode().splitlines()
         header = lines[0].lstrip("# ").split(",")
         rows = [dict(zip(header, line.split(","), strict=False)) for line in lines[1:] if line]
-        return {
-            r["svname"]: r["status"]
-            for r in rows
-            if r.get("pxname") == "replicas" and r["svname"].startswith("r")
-        }
+        return {r["svname"]: r for r in rows if r.get("pxname") == "replicas" and r["svname"].startswith("r")}
+
+    def haproxy_servers(self, port: int) -> dict[str, str]:
+        """Each replica's status as HAProxy sees it: {"r1": "UP", "r2": "DOWN", ...}."""
+        return {name: row["status"] for name, row in self.haproxy_stats(port).items()}
 
     def wait_backends(self, port: int, up: int, timeout: float = 15.0) -> None:
         """Until exactly `up` of HAProxy's replicas are UP (it has seen them pass their checks)."""
