@@ -195,16 +195,17 @@ class PostgresSink(AuditSink):
         )
 
     def _insert(self, conn: psycopg.Connection[Any], rows: list[Row], checkpoints: list[Checkpoint]) -> None:
-        # One statement a table, the columns as arrays: one round trip whatever the batch size.
+        # One statement a table, the columns as arrays: one round trip whatever the batch size. Binary
+        # (%b): psycopg escapes a text array's every quote with a regex, 4x the CPU of the whole write.
         if rows:
             conn.execute(
-                f"INSERT INTO {self.table} SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[])",
+                f"INSERT INTO {self.table} SELECT * FROM unnest(%b::bigint[], %b::text[], %b::text[], %b::text[])",
                 [list(column) for column in zip(*rows, strict=True)],
             )
         if checkpoints:
             conn.execute(
                 f"INSERT INTO {self.table}_checkpoints SELECT * FROM "
-                "unnest(%s::bigint[], %s::text[], %s::double precision[], %s::text[])",
+                "unnest(%b::bigint[], %b::text[], %b::double precision[], %b::text[])",
                 [list(column) for column in zip(*checkpoints, strict=True)],
             )
 
