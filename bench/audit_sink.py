@@ -163,9 +163,10 @@ def main() -> None:
                         print(f"round {r + 1}: c={concurrency} {kind} x{writers}: {run}", flush=True)
         print(f"\n{args.seconds:g} s x {args.rounds} rounds, medians")
         print(
-            "| waiting per writer | writers | sink | records/s | commit wait p50 / p99 (ms) | records per commit |"
+            "| waiting per writer | writers | sink | records/s | commit wait p50 / p99 (ms) "
+            "| records per commit | CPU per record (µs) |"
         )
-        print("|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|")
         for (concurrency, writers, kind), runs in results.items():
             med = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
             print(
