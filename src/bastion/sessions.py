@@ -57,8 +57,9 @@ class Session:
 
     key_id: str
     session_id: str
-    csrf_token: str
+    csrf_token: str  # for the page (derived from the cookie's secret); never stored
     expires_at: float
+    csrf_sha256: str = ""  # as stored: what a presented CSRF token is checked against
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,9 +115,8 @@ class SessionAuthority:
                 break  # else a 128-bit id collided: draw again
         with self._lock:
             self._watch.invalidate()
-        return IssuedSession(
-            Session(key_id, session_id, csrf, now + self.ttl), f"{session_id}.{secret}", self.ttl
-        )
+        session = Session(key_id, session_id, csrf, now + self.ttl, _digest(csrf))
+        return IssuedSession(session, f"{session_id}.{secret}", self.ttl)
 
     def open(self, cookie_value: str, *, now: float) -> Session:
         """The session `cookie_value` names. Raises AuthenticationFailed when it is malformed, not
@@ -133,7 +133,9 @@ class SessionAuthority:
             raise AuthenticationFailed("session_invalid_or_expired")
         if stored.get("ended"):
             raise AuthenticationFailed("session_ended")
-        return Session(str(stored["key_id"]), session_id, _csrf_of(secret), expires_at)
+        return Session(
+            str(stored["key_id"]), session_id, _csrf_of(secret), expires_at, str(stored["csrf_sha256"])
+        )
 
     def _stored(self, session_id: str) -> dict[str, Any] | None:
         with self._lock:
@@ -173,9 +175,10 @@ class SessionAuthority:
 
     @staticmethod
     def require_csrf(session: Session, presented: str | None) -> None:
-        """A state-changing request made with a session must carry its CSRF token (compared in
-        constant time). Raises AuthenticationFailed."""
+        """A state-changing request made with a session must carry its CSRF token: its SHA-256 is
+        compared, in constant time, with the one the store holds. Raises AuthenticationFailed."""
         if not presented:
             raise AuthenticationFailed("session_csrf_missing")
-        if not hmac.compare_digest(presented.encode("utf-8", "replace"), session.csrf_token.encode()):
+        digest = hashlib.sha256(presented.encode("utf-8", "replace")).hexdigest()
+        if not session.csrf_sha256 or not hmac.compare_digest(digest, session.csrf_sha256):
             raise AuthenticationFailed("session_csrf_mismatch")
