@@ -18,6 +18,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
+import psycopg
 import pytest
 
 from bastion.demo import infer_request
@@ -104,6 +105,14 @@ def test_two_servers_write_one_postgres_chain(tmp_path: Path, table: str) -> Non
     # Both servers' records are in one chain, interleaved: not two chains one after the other.
     order = [answered[str(r["request_id"])] for r in requests]
     assert sum(a != b for a, b in itertools.pairwise(order)) >= 4
+    # An insider turns one answer into a refusal in the table: verify names the record, exit 1.
+    with psycopg.connect(POSTGRES_DSN) as conn:
+        conn.execute(
+            f"""UPDATE {table} SET body = replace(body, '"status":200', '"status":403') WHERE seq = 40"""
+        )
+    verify = run_cli("audit", "verify", "--config", config_2, check=False)
+    assert verify.returncode == 1
+    assert f"FAILED: postgresql table {table}: record 40: edited" in verify.stderr
 
 
 class _Proxy:
