@@ -298,3 +298,44 @@ def test_clients_cannot_grow_the_deny_list(replicas: Replicas) -> None:
     assert _deny_list(replicas.config) == listed_before
     with b.client(analyst_token["access_token"]) as c:
         assert c.get(METADATA).status_code == 200
+
+
+def test_a_dashboard_session_is_served_by_every_replica_and_ended_on_all(replicas: Replicas) -> None:
+    """Sessions live in the shared backend: opened on A, served by B (the page with the same CSRF
+    token, a CSRF-checked action); logged out on B, refused by A within a second; the key behind it
+    revoked, the session is refused everywhere."""
+    a, b = replicas.servers
+    admin = create_key(replicas.config, "admin")
+    with a.client(admin) as c:
+        opened = c.post("/v2/admin/session", json={})
+    assert opened.status_code == 200
+    cookie, csrf = {"bastion_session": opened.cookies["bastion_session"]}, opened.json()["csrf_token"]
+    with httpx.Client(base_url=b.base_url, cookies=cookie) as browser:
+        assert browser.get("/v2/admin/summary").status_code == 200
+        assert csrf in browser.get("/dashboard").text
+        assert browser.post("/v2/admin/tokens/AAAAAAAAAAAAAAAA/revoke", json={}).status_code == 401  # no CSRF
+        done = browser.post(
+            "/v2/admin/tokens/AAAAAAAAAAAAAAAA/revoke", json={}, headers={"X-CSRF-Token": csrf}
+        )
+        assert done.status_code == 200
+        assert (
+            browser.post("/v2/admin/session/logout", json={}, headers={"X-CSRF-Token": csrf}).status_code
+            == 200
+        )
+    start = time.monotonic()
+    with httpx.Client(base_url=a.base_url, cookies=cookie) as browser:
+        while browser.get("/v2/admin/summary").status_code != 401:
+            assert time.monotonic() - start < 1.0, "replica A still serves a session logged out on B"
+            time.sleep(0.02)
+    # A second session; its key revoked by the CLI: refused on both.
+    with b.client(admin) as c:
+        second = {"bastion_session": c.post("/v2/admin/session", json={}).cookies["bastion_session"]}
+    with httpx.Client(base_url=a.base_url, cookies=second) as browser:
+        assert browser.get("/v2/admin/summary").status_code == 200
+    run_cli("keys", "revoke", "--config", replicas.config, admin.split("_")[1])
+    for server in (a, b):
+        start = time.monotonic()
+        with httpx.Client(base_url=server.base_url, cookies=second) as browser:
+            while browser.get("/v2/admin/summary").status_code != 401:
+                assert time.monotonic() - start < 1.0, "a session of a revoked key is still served"
+                time.sleep(0.02)
