@@ -230,16 +230,14 @@ def cmd_incidents_export(args: argparse.Namespace) -> int:
 
     incident = _incident_store(args.config).get(args.id)
     seqs: dict[str, int] = {}
-    audit = StatePaths(_config(args.config).server.state_dir).audit
-    if incident.request_id and audit.exists():
-        import sqlite3
+    if incident.request_id:
+        from bastion.audit.verify import AuditSource
 
-        with sqlite3.connect(f"file:{audit}?mode=ro", uri=True) as db:
-            for seq, body in db.execute(
-                "SELECT seq, body FROM records WHERE body LIKE ?", (f"%{incident.request_id}%",)
-            ):
-                if json.loads(body).get("request_id") == incident.request_id:
-                    seqs[incident.request_id] = int(seq)
+        config = _config(args.config)
+        source = AuditSource.configured(config.audit, StatePaths(config.server.state_dir))
+        seq = source.find_request(incident.request_id)  # in SQLite or PostgreSQL, as [audit] says
+        if seq is not None:
+            seqs[incident.request_id] = seq
     if args.format == "json":
         doc = incident.as_dict()
         doc["audit_seq"] = seqs.get(incident.request_id or "")
@@ -392,9 +390,7 @@ def _audit_source(args: argparse.Namespace) -> tuple[AuditSource, Path]:
     config = _config(args.config)
     paths = StatePaths(config.server.state_dir)
     pub = args.public_key or public_path(signing_key_path(config.audit, paths))
-    if config.audit.sink == "postgres":
-        return AuditSource.postgres(config.audit.postgres_dsn, config.audit.postgres_table), pub
-    return AuditSource.sqlite(paths.audit), pub
+    return AuditSource.configured(config.audit, paths), pub
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:

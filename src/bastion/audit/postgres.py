@@ -45,7 +45,7 @@ from bastion.errors import ConfigError
 TABLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,47}$")  # + "_checkpoints" stays within PostgreSQL's 63
 
 
-def _connect_kwargs(timeout: float) -> dict[str, Any]:
+def connect_kwargs(timeout: float) -> dict[str, Any]:
     # A server that vanishes without a reset (a cut network) must not hold a request forever:
     # TCP keepalives and a user timeout end the connection within seconds; the statement timeout
     # bounds a lock wait behind a stuck writer.
@@ -108,7 +108,7 @@ class PostgresSink(AuditSink):
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is not None and not self._conn.closed:
             return self._conn
-        conn = psycopg.connect(self._dsn, **_connect_kwargs(self._timeout))
+        conn = psycopg.connect(self._dsn, **connect_kwargs(self._timeout))
         try:
             with conn.transaction():
                 # CREATE TABLE IF NOT EXISTS races with itself when replicas start together.
@@ -235,7 +235,7 @@ def read_postgres(dsn: str, table: str) -> tuple[list[Row], list[tuple[int, str,
     Raises psycopg.Error when the server or the table cannot be read."""
     if not TABLE_NAME.match(table):
         raise ConfigError(f"audit table name {table!r}: lower-case letters, digits and _ only, 48 at most")
-    with psycopg.connect(dsn, **_connect_kwargs(30.0)) as conn:
+    with psycopg.connect(dsn, **connect_kwargs(30.0)) as conn:
         # One snapshot for both reads: writers may be appending while an operator verifies.
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
         rows = conn.execute(f"SELECT seq, body, prev_hash, hash FROM {table} ORDER BY seq").fetchall()

@@ -6,9 +6,12 @@ writers' public key: anyone can run it.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
 from cryptography.exceptions import InvalidSignature
@@ -17,12 +20,25 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from bastion.audit.chain import GENESIS, Row, chain_hash, checkpoint_message
 from bastion.errors import AuditIntegrityError
 
+if TYPE_CHECKING:
+    from bastion.config import AuditSettings
+    from bastion.statedir import StatePaths
+
+log = logging.getLogger("bastion.audit")
+
 
 @dataclass(frozen=True, slots=True)
 class VerifyReport:
     records: int
     checkpoints: int
     head: str
+
+
+def _request_id(body: str) -> object:
+    try:
+        return orjson.loads(body).get("request_id")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
 
 
 def _body_seq(body: str) -> int | None:
@@ -152,6 +168,43 @@ class AuditSource:
     @classmethod
     def postgres(cls, dsn: str, table: str) -> AuditSource:
         return cls(f"postgresql table {table}", dsn=dsn, table=table)
+
+    @classmethod
+    def configured(cls, settings: AuditSettings, paths: StatePaths) -> AuditSource:
+        """The chain `[audit]` names: `state_dir/audit.db`, or the PostgreSQL table."""
+        if settings.sink == "postgres":
+            return cls.postgres(settings.postgres_dsn, settings.postgres_table)
+        return cls.sqlite(paths.audit)
+
+    def find_request(self, request_id: str) -> int | None:
+        """The sequence number of the record of request `request_id`; None when there is none or the
+        store cannot be read (a report without it is still useful)."""
+        import psycopg
+
+        pattern = f"%{request_id}%"
+        try:
+            if self.path is not None:
+                if not self.path.is_file():
+                    return None
+                with contextlib.closing(sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)) as db:
+                    found = db.execute(
+                        "SELECT seq, body FROM records WHERE body LIKE ?", (pattern,)
+                    ).fetchall()
+            else:
+                from bastion.audit.postgres import TABLE_NAME, connect_kwargs
+
+                assert self.dsn is not None and self.table is not None and TABLE_NAME.match(self.table)
+                with psycopg.connect(self.dsn, **connect_kwargs(30.0)) as conn:
+                    found = conn.execute(
+                        f"SELECT seq, body FROM {self.table} WHERE body LIKE %s", (pattern,)
+                    ).fetchall()
+        except (sqlite3.Error, psycopg.Error) as e:
+            log.warning("audit records not searched: %s", type(e).__name__)
+            return None
+        for seq, body in found:
+            if _request_id(body) == request_id:
+                return int(seq)
+        return None
 
     def read(self) -> tuple[list[Row], list[tuple[int, str, str]]]:
         """Records and checkpoints in `seq` order, one snapshot. Raises AuditIntegrityError when the
