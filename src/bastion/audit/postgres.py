@@ -1,10 +1,10 @@
 """The audit chain in PostgreSQL: one chain for every worker and replica.
 
 Design: one chain, appends serialised in the database. Each group commit is one
-transaction that takes a transaction-scoped advisory lock (`pg_advisory_xact_lock`, keyed by
-the table's name) and reads the tail (last record, last checkpoint) in one round trip; the
-batch is linked onto it on the event loop; one more round trip inserts it (one statement per
-table, columns as arrays) and commits, which releases the lock. Writers therefore take turns per
+transaction, run on the `AuditLog`'s helper thread: it takes a transaction-scoped advisory lock
+(`pg_advisory_xact_lock`, keyed by the table's name), reads the tail (last record, last
+checkpoint), links the batch onto it, inserts it (one statement per table, the columns as
+arrays) and commits, which releases the lock. Writers therefore take turns per
 batch, not per record: under load a batch holds every request that arrived during the
 previous commit, so throughput is (batches/s) × (batch size) and the lock costs one round trip
 per batch. The primary key on `seq` backs the lock: a writer that somehow skipped it would
@@ -45,19 +45,22 @@ from bastion.errors import ConfigError
 TABLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,47}$")  # + "_checkpoints" stays within PostgreSQL's 63
 
 
-def connect_kwargs(timeout: float) -> dict[str, Any]:
+def connect_kwargs(timeout: float, *, bound_statements: bool = True) -> dict[str, Any]:
+    """libpq parameters: `timeout` seconds to connect and for the network to answer; with
+    `bound_statements`, for each statement too (a writer's lock wait behind a stuck writer)."""
     # A server that vanishes without a reset (a cut network) must not hold a request forever:
-    # TCP keepalives and a user timeout end the connection within seconds; the statement timeout
-    # bounds a lock wait behind a stuck writer.
-    return {
+    # TCP keepalives and a user timeout end the connection within seconds.
+    kwargs: dict[str, Any] = {
         "connect_timeout": max(1, int(timeout)),
         "keepalives": 1,
         "keepalives_idle": 5,
         "keepalives_interval": 2,
         "keepalives_count": 2,
         "tcp_user_timeout": int(timeout * 1000),
-        "options": f"-c statement_timeout={int(timeout * 1000)}",
     }
+    if bound_statements:
+        kwargs["options"] = f"-c statement_timeout={int(timeout * 1000)}"
+    return kwargs
 
 
 class PostgresSink(AuditSink):
@@ -235,7 +238,7 @@ def read_postgres(dsn: str, table: str) -> tuple[list[Row], list[tuple[int, str,
     Raises psycopg.Error when the server or the table cannot be read."""
     if not TABLE_NAME.match(table):
         raise ConfigError(f"audit table name {table!r}: lower-case letters, digits and _ only, 48 at most")
-    with psycopg.connect(dsn, **connect_kwargs(30.0)) as conn:
+    with psycopg.connect(dsn, **connect_kwargs(30.0, bound_statements=False)) as conn:  # a long log
         # One snapshot for both reads: writers may be appending while an operator verifies.
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
         rows = conn.execute(f"SELECT seq, body, prev_hash, hash FROM {table} ORDER BY seq").fetchall()

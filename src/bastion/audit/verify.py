@@ -194,7 +194,7 @@ class AuditSource:
                 from bastion.audit.postgres import TABLE_NAME, connect_kwargs
 
                 assert self.dsn is not None and self.table is not None and TABLE_NAME.match(self.table)
-                with psycopg.connect(self.dsn, **connect_kwargs(30.0)) as conn:
+                with psycopg.connect(self.dsn, **connect_kwargs(30.0, bound_statements=False)) as conn:
                     found = conn.execute(
                         f"SELECT seq, body FROM {self.table} WHERE body LIKE %s", (pattern,)
                     ).fetchall()
