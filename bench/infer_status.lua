@@ -5,13 +5,9 @@
 local f = assert(io.open(os.getenv("BASTION_BENCH_BODY"), "r"))
 local body = f:read("*a")
 f:close()
-local requests = {}
+local keys = {}
 for key in string.gmatch(os.getenv("BASTION_BENCH_KEYS") or "", "[^,]+") do
-  local headers = { ["Content-Type"] = "application/json", ["Authorization"] = "Bearer " .. key }
-  table.insert(requests, wrk.format("POST", nil, headers, body))
-end
-if #requests == 0 then
-  table.insert(requests, wrk.format("POST", nil, { ["Content-Type"] = "application/json" }, body))
+  table.insert(keys, key)
 end
 
 local threads = {}
@@ -19,9 +15,20 @@ function setup(thread)
   table.insert(threads, thread)
 end
 
+-- The requests are built here, not when the script loads: wrk.format takes the Host header from
+-- wrk.headers, which wrk fills in only after loading the script (a request without Host is
+-- refused by strict HTTP/1.1 parsers such as MLServer's).
 function init(args)
   counts = {}
   next_request = 0
+  requests = {}
+  for _, key in ipairs(keys) do
+    local headers = { ["Content-Type"] = "application/json", ["Authorization"] = "Bearer " .. key }
+    table.insert(requests, wrk.format("POST", nil, headers, body))
+  end
+  if #requests == 0 then
+    table.insert(requests, wrk.format("POST", nil, { ["Content-Type"] = "application/json" }, body))
+  end
 end
 
 function request()

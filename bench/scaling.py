@@ -11,11 +11,14 @@ scikit-learn pipeline (the demo's, pickled with joblib) from its own venv, bench
 (created from bench/requirements-mlserver.txt when missing), with default settings except its
 ports and `parallel_workers` = N.
 
-wrk (one thread, no pinning) shares the machine's cores with the servers and HAProxy; the
-machine's load average before and after is printed with the table.
+The requests (one row each, the same row) take 16 API keys in turn, as many clients would (one
+key for all would measure one principal's query-auditing history under contention). wrk (one
+thread, no pinning) shares the machine's cores with the servers and HAProxy; the machine's load
+average before and after is printed with the table. Every setup runs once per round; the table
+gives medians.
 
-    .venv/bin/python bench/scaling.py [--seconds 10] [--connections 32] [--workers 1 2 4]
-                                      [--replicas 1 2 3] [--no-mlserver] [--json out.json]
+    .venv/bin/python bench/scaling.py [--rounds 3] [--seconds 10] [--connections 32]
+        [--workers 1 2 4] [--replicas 1 2 3] [--principals 16] [--no-mlserver] [--json out.json]
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -169,6 +173,21 @@ def mlserver(mlserver_bin: Path, model_dir: Path, workers: int) -> Iterator[str]
         log.close()
 
 
+def mlserver_model(model_dir: Path) -> Path:
+    """The demo's pipeline (scaler + logistic regression, as trained for its ONNX bundle) in the
+    format MLServer's scikit-learn runtime loads (joblib; the same scikit-learn on both sides)."""
+    model_dir.mkdir()
+    pipeline, _, _ = _train()
+    joblib.dump(pipeline, model_dir / "model.joblib")
+    settings = {
+        "name": "breast-cancer",
+        "implementation": "mlserver_sklearn.SKLearnModel",
+        "parameters": {"uri": "./model.joblib", "version": "1"},
+    }
+    (model_dir / "model-settings.json").write_text(json.dumps(settings))
+    return model_dir
+
+
 def measure(
     name: str,
     url: str,
@@ -204,6 +223,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--principals", type=int, default=16, help="API keys the requests take in turn")
+    parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--no-mlserver", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
@@ -234,33 +254,22 @@ def main() -> None:
                 keys = list(pool.map(lambda _: create_key(configs[0]), range(args.principals)))
             body = work / "request.json"
             body.write_text(json.dumps(infer_request(build.features[:1])))
+            model_dir = mlserver_model(work / "mlserver") if mlserver_bin is not None else None
 
-            for n in args.workers:
-                with bastion_workers(lab, configs[0], n) as url:
-                    measure(f"Bastion, {n} worker(s)", url, body, keys, args, results)
-            for n in args.replicas:
-                with bastion_replicas(lab, configs, n) as url:
-                    measure(f"Bastion, {n} replica(s) behind HAProxy", url, body, keys, args, results)
-
-        if mlserver_bin is not None:
-            model_dir = work / "mlserver"
-            model_dir.mkdir()
-            # The demo's pipeline (scaler + logistic regression, as trained for its ONNX bundle), in
-            # the format MLServer's scikit-learn runtime loads; the same scikit-learn on both sides.
-            pipeline, _, _ = _train()
-            joblib.dump(pipeline, model_dir / "model.joblib")
-            (model_dir / "model-settings.json").write_text(
-                json.dumps(
-                    {
-                        "name": "breast-cancer",
-                        "implementation": "mlserver_sklearn.SKLearnModel",
-                        "parameters": {"uri": "./model.joblib", "version": "1"},
-                    }
-                )
-            )
-            for n in args.workers:
-                with mlserver(mlserver_bin, model_dir, n) as url:
-                    measure(f"MLServer, parallel_workers={n}", url, body, [], args, results)
+            # Rounds: every setup once per round, so that the machine's drift (other work on the same
+            # cores) falls on all of them; the table gives each setup's median.
+            for rnd in range(args.rounds):
+                print(f"round {rnd + 1} of {args.rounds}", flush=True)
+                for n in args.workers:
+                    with bastion_workers(lab, configs[0], n) as url:
+                        measure(f"Bastion, {n} worker(s)", url, body, keys, args, results)
+                for n in args.replicas:
+                    with bastion_replicas(lab, configs, n) as url:
+                        measure(f"Bastion, {n} replica(s) behind HAProxy", url, body, keys, args, results)
+                if mlserver_bin is not None and model_dir is not None:
+                    for n in args.workers:
+                        with mlserver(mlserver_bin, model_dir, n) as url:
+                            measure(f"MLServer, parallel_workers={n}", url, body, [], args, results)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     load_after = os.getloadavg()
@@ -268,15 +277,22 @@ def main() -> None:
     print()
     print("| setup | req/s | p50 ms | p99 ms | answers other than 200 |")
     print("|---|---|---|---|---|")
-    for row in results:
-        other = {code: n for code, n in row["statuses"].items() if code != "200"}  # type: ignore[attr-defined]
+    for name in dict.fromkeys(str(row["setup"]) for row in results):
+        rows = [row for row in results if row["setup"] == name]
+        other: dict[str, int] = {}
+        for row in rows:
+            for code, n in row["statuses"].items():  # type: ignore[attr-defined]
+                if code != "200":
+                    other[code] = other.get(code, 0) + n
+        med = {f: statistics.median(float(row[f]) for row in rows) for f in ("rps", "p50", "p99")}  # type: ignore[arg-type]
         print(
-            f"| {row['setup']} | {row['rps']:.0f} | {row['p50']:.2f} | {row['p99']:.2f} | "
+            f"| {name} | {med['rps']:.0f} | {med['p50']:.2f} | {med['p99']:.2f} | "
             f"{', '.join(f'{n} × {code}' for code, n in other.items()) or 'none'} |"
         )
     print(
-        f"\n({started}; {args.seconds} s per line after a 2 s warm-up, {args.connections} connections, wrk -t1 "
-        f"unpinned on the same {os.cpu_count()} cores; load average 1/5/15 min before "
+        f"\n({started}; median of {args.rounds} round(s), {args.seconds} s per line after a 2 s warm-up, "
+        f"{args.connections} connections, {args.principals} keys in turn, wrk -t1 unpinned on the same "
+        f"{os.cpu_count()} cores; load average 1/5/15 min before "
         f"{'/'.join(f'{x:.1f}' for x in load_before)}, after {'/'.join(f'{x:.1f}' for x in load_after)})"
     )
     if args.json:
