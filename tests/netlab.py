@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -66,9 +67,31 @@ def _kill_namespace_processes(namespace: str) -> None:
             os.kill(int(pid), signal.SIGKILL)
 
 
+# Processes a lab starts in the root namespace (HAProxy, Redis) are listed here, one file per lab
+# named after the creating process, so that a later run can end them if that process was killed.
+REGISTRY = Path(tempfile.gettempdir()) / "bastion-netlab"
+
+
+def _program(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def sweep_leftovers() -> None:
-    """Remove the namespaces and bridges of labs whose creating process is gone (a run killed
-    before its teardown), with the processes still running in them."""
+    """Remove what labs whose creating process is gone (a run killed before its teardown) left:
+    their root-namespace processes (each checked to still run the program it was started as),
+    their namespaces with the processes in them, and their bridges."""
+    for listing in REGISTRY.glob("*.pids") if REGISTRY.is_dir() else []:
+        if _alive(int(listing.name.split("-")[0])):
+            continue
+        for line in listing.read_text().splitlines():
+            pid, program = line.split(" ", 1)
+            if _program(int(pid)).startswith(program):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+        listing.unlink(missing_ok=True)
     listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=20).stdout
     for line in listing.splitlines():
         name = line.split()[0] if line.strip() else ""
@@ -149,6 +172,10 @@ class Lab:
                 [*prefix, *argv], stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env}
             )
         self.processes.append(process)
+        if namespace is None:  # a namespace's processes are found through the namespace
+            REGISTRY.mkdir(mode=0o700, exist_ok=True)
+            with (REGISTRY / f"{self.tag}.pids").open("a") as listing:
+                listing.write(f"{process.pid} {argv[0]}\n")
         return process
 
     # --- the replicas' Redis -------------------------------------------------------------------------
@@ -272,6 +299,7 @@ class Lab:
             _kill_namespace_processes(namespace)  # anything a replica started (workers) and left
             subprocess.run(["ip", "netns", "del", namespace], capture_output=True, timeout=20)
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, timeout=20)
+        (REGISTRY / f"{self.tag}.pids").unlink(missing_ok=True)
 
 
 def haproxy_config(
