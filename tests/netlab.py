@@ -45,7 +45,12 @@ class NetlabError(AssertionError):
 def _ip(*args: str) -> str:
     done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=20)
     if done.returncode != 0:
-        raise NetlabError(f"`ip {' '.join(args)}` failed: {done.stderr.strip()}")
+        hint = (
+            " (the network test needs root: CAP_NET_ADMIN, CAP_SYS_ADMIN)"
+            if "not permitted" in done.stderr
+            else ""
+        )
+        raise NetlabError(f"`ip {' '.join(args)}` failed: {done.stderr.strip()}{hint}")
     return done.stdout
 
 

@@ -324,3 +324,30 @@ def test_a_host_killed_under_load_loses_no_acknowledged_audit_record(cluster: Cl
     result = run_cli("audit", "verify", "--config", cluster.configs[0], check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"OK: postgresql table {cluster.table}: ")
+
+
+def test_without_the_privileges_for_namespaces_the_lab_fails_naming_the_reason(tmp_path: Path) -> None:
+    """No skip where `ip netns` is not permitted: the test fails, and says why. Run here as root with
+    every capability dropped (setpriv), which is what an unprivileged CI container looks like."""
+    script = (
+        "import sys\nfrom pathlib import Path\nfrom tests.netlab import network_lab\n"
+        "with network_lab(1, Path(sys.argv[1])):\n    pass\n"
+    )
+    done = subprocess.run(
+        [
+            "setpriv",
+            "--bounding-set=-all",
+            "--inh-caps=-all",
+            sys.executable,
+            "-c",
+            script,
+            str(tmp_path / "lab"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert done.returncode != 0
+    assert "NetlabError" in done.stderr and "Operation not permitted" in done.stderr, done.stderr
+    assert "needs root" in done.stderr
