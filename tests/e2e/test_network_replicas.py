@@ -312,7 +312,7 @@ def test_a_host_killed_under_load_loses_no_acknowledged_audit_record(cluster: Cl
         for w in workers:
             w.join(timeout=15)
     acknowledged = [rid for _, status, rid, _ in log if status == 200]
-    assert len(acknowledged) > 100
+    assert len(acknowledged) > 50
     assert any(status == 200 and t > killed + 0.5 for t, status, _, _ in log), "service did not continue"
     # Requests in flight on the dead host get HAProxy's 502/503/504; none is answered 200 unrecorded.
     failures = [(status, code) for _, status, _, code in log if status != 200]
