@@ -6,13 +6,18 @@ caller) and the per-request figures are not collected."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from bastion.errors import ErrorCode, NotFound
 
 UNKNOWN = "_unknown"
+# Set by `bastion serve --workers` for its workers (bastion.workers): prometheus_client then keeps
+# every value in files there, one per process, and `render` aggregates them.
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -52,10 +57,10 @@ class Metrics:
             ["code"],
             registry=self.registry,
         )
-        self.models_loaded = Gauge(
+        self.models_loaded = _gauge(
             "bastion_models_loaded", "Model versions being served.", registry=self.registry
         )
-        self.models_refused = Gauge(
+        self.models_refused = _gauge(
             "bastion_models_refused", "Configured models refused at load.", registry=self.registry
         )
         self.rollbacks = Counter(
@@ -64,13 +69,13 @@ class Metrics:
             ["model", "reason"],
             registry=self.registry,
         )
-        self.canary_weight = Gauge(
+        self.canary_weight = _gauge(
             "bastion_rollout_canary_weight",
             "Share of unversioned traffic sent to the canary.",
             ["model"],
             registry=self.registry,
         )
-        self.global_privacy = Gauge(
+        self.global_privacy = _gauge(
             "bastion_privacy_global_budget_remaining",
             "Global privacy budgets: what is left in the window for all principals together, by model "
             "and unit (epsilon: dp_scores and aggregates; rho: private prediction).",
@@ -83,7 +88,7 @@ class Metrics:
             ["model", "signal", "action"],
             registry=self.registry,
         )
-        self.incident_states = Gauge(
+        self.incident_states = _gauge(
             "bastion_incidents_by_state",
             "Incidents by lifecycle state (open, contained, investigating, remediated, closed).",
             ["state"],
@@ -112,50 +117,51 @@ class Metrics:
             "Refusals before identity counted into a per-address summary record instead of their own.",
             registry=self.registry,
         )
-        self.failed_auth_addresses = Gauge(
+        self.failed_auth_addresses = _gauge(  # summed over workers: each tracks its own addresses
             "bastion_failed_auth_addresses",
             "Client addresses (IPv6: networks) tracked for failed authentication.",
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         # Drift (bastion.drift): set by its background task, labelled by the manifest's own names.
         per_feature = ["model", "version", "feature"]
-        self.drift_psi = Gauge(
+        self.drift_psi = _gauge(
             "bastion_drift_psi",
             "Population stability index of a feature over the last window of served rows vs the reference.",
             per_feature,
             registry=self.registry,
         )
-        self.drift_ks = Gauge(
+        self.drift_ks = _gauge(
             "bastion_drift_ks",
             "Two-sample Kolmogorov-Smirnov statistic of a feature, last window vs the reference.",
             per_feature,
             registry=self.registry,
         )
-        self.drift_prediction_psi = Gauge(
+        self.drift_prediction_psi = _gauge(
             "bastion_drift_prediction_psi",
             "Population stability index of the predictions vs the model's on its reference data.",
             ["model", "version"],
             registry=self.registry,
         )
-        self.drift_ood_rate = Gauge(
+        self.drift_ood_rate = _gauge(
             "bastion_drift_ood_rate",
             "Share of the last window's requests refused as out of distribution.",
             ["model", "version"],
             registry=self.registry,
         )
-        self.drift_error_rate = Gauge(
+        self.drift_error_rate = _gauge(
             "bastion_drift_error_rate",
             "Share of the last window's requests that failed on the server's side.",
             ["model", "version"],
             registry=self.registry,
         )
-        self.drift_latency_p50 = Gauge(
+        self.drift_latency_p50 = _gauge(
             "bastion_drift_latency_p50_seconds",
             "Median latency of the last window's answered requests.",
             ["model", "version"],
             registry=self.registry,
         )
-        self.drift_alert = Gauge(
+        self.drift_alert = _gauge(
             "bastion_drift_alert",
             "1 while a drift or anomaly alert is active, by signal (feature, prediction, "
             "out_of_distribution, latency, errors) and feature (empty but for feature).",
@@ -169,7 +175,7 @@ class Metrics:
             registry=self.registry,
         )
 
-        self.breaker_state = Gauge(
+        self.breaker_state = _gauge(
             "bastion_model_breaker_state",
             "A model version's circuit breaker: 0 closed, 1 half-open, 2 open.",
             ["model", "version"],
@@ -187,7 +193,7 @@ class Metrics:
             ["model", "version"],
             registry=self.registry,
         )
-        self.inference_stuck = Gauge(
+        self.inference_stuck = _gauge(
             "bastion_inference_stuck_calls",
             "Runtime calls past their deadline whose thread has not returned yet (a thread cannot be "
             "killed; bounded by the model's inference_threads).",
@@ -212,7 +218,23 @@ class Metrics:
         children[1].observe(latency)
 
     def render(self) -> bytes:
-        """The exposition text. Raises NotFound when metrics are disabled."""
+        """The exposition text. Raises NotFound when metrics are disabled.
+
+        Under `bastion serve --workers` (PROMETHEUS_MULTIPROC_DIR set by the supervisor) every
+        worker's values, summed (counters, histograms) or their maximum among live workers (gauges),
+        whichever worker answers the scrape."""
         if not self.enabled:
             raise NotFound("metrics are disabled on this server", code=ErrorCode.METRICS_DISABLED)
+        shared = os.environ.get(MULTIPROCESS_DIR)
+        if shared:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, path=shared)  # type: ignore[no-untyped-call]
+            return bytes(generate_latest(registry))
         return bytes(generate_latest(self.registry))
+
+
+def _gauge(*args: Any, **kwargs: Any) -> Gauge:
+    # With workers, a gauge is each worker's own (models loaded, drift of its sample, a count read
+    # from the shared store): the largest among live workers, never a per-PID series.
+    kwargs.setdefault("multiprocess_mode", "livemax")
+    return Gauge(*args, **kwargs)

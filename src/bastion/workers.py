@@ -23,7 +23,9 @@ them (a shared queue would hand them to a sibling); the supervisor restarts it w
 
 Several workers need a [state] backend they can share (`sqlite` on one host, `redis` or
 `postgres`): `memory` is refused at start-up. Per worker: rate-limit buckets of failed
-authentications per address, drift windows, the answer cache, metrics. Shared: keys, quarantines,
+authentications per address, drift windows, the answer cache. Metrics are kept by each worker in
+a private directory the supervisor makes (prometheus_client's multiprocess mode) and summed by
+whichever worker answers `/metrics`. Shared: keys, quarantines,
 isolations, incidents, measures, quotas and privacy budgets (leased from the ledger), query
 auditing's histories (bastion.query_history), the audit chain.
 """
@@ -35,17 +37,22 @@ import ctypes
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from prometheus_client.multiprocess import mark_process_dead
+
 from bastion.errors import ConfigError
+from bastion.metrics import MULTIPROCESS_DIR
 
 if TYPE_CHECKING:
     from bastion.statedir import StatePaths
@@ -109,8 +116,11 @@ def worker_socket(host: str, port: int) -> socket.socket:
 class Supervisor:
     """Starts `count` workers with `worker_args` (JSON-able), restarts the dead, stops all on request."""
 
-    def __init__(self, count: int, worker_args: dict[str, object], lock_fd: int) -> None:
+    def __init__(self, count: int, worker_args: dict[str, object], lock_fd: int, metrics_dir: str) -> None:
+        """`metrics_dir`: a private directory where the workers' metric values live (`/metrics`
+        sums them, bastion.metrics)."""
         self._workers = [_Worker(i) for i in range(count)]
+        self._metrics_dir = metrics_dir
         self._args = worker_args
         self._lock_fd = lock_fd
         self._stopping = False
@@ -118,6 +128,7 @@ class Supervisor:
         self.exit_code = 0
 
     def _spawn(self, worker: _Worker) -> None:
+        env = {**os.environ, MULTIPROCESS_DIR: self._metrics_dir}
         command = [
             sys.executable,
             "-m",
@@ -125,7 +136,7 @@ class Supervisor:
             json.dumps({**self._args, "index": worker.index, "supervisor": os.getpid()}),
             str(self._lock_fd),
         ]
-        worker.process = subprocess.Popen(command, pass_fds=(self._lock_fd,))
+        worker.process = subprocess.Popen(command, pass_fds=(self._lock_fd,), env=env)
         worker.started = time.monotonic()
         log.info("worker %d started (pid %d)", worker.index, worker.process.pid)
 
@@ -163,6 +174,8 @@ class Supervisor:
                 if code is None:
                     continue
                 worker.process = None
+                # Its gauges leave /metrics; its counters stay in the totals (they never go down).
+                mark_process_dead(process.pid, self._metrics_dir)  # type: ignore[no-untyped-call]
                 if code in _REFUSED_AT_START and not any(w.ever_up for w in self._workers):
                     # The configuration or a model is refused: every restart would be refused alike.
                     log.error("worker %d refused to start (exit %d): stopping", worker.index, code)
@@ -234,7 +247,11 @@ def supervise(args: argparse.Namespace) -> int:
             "state_dir": str(root),
         }
         log.info("supervisor: %d workers on %s:%d", args.workers, host, port)
-        return Supervisor(args.workers, worker_args, lock.fileno()).run()
+        metrics_dir = tempfile.mkdtemp(prefix="bastion-metrics-")  # 0700, this run's only
+        try:
+            return Supervisor(args.workers, worker_args, lock.fileno(), metrics_dir).run()
+        finally:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     finally:
         for sock in reserved:
             sock.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -178,6 +179,33 @@ def test_grpc_is_served_by_every_worker(deployment: Deployment) -> None:
     assert answered == 6
 
 
+def _infer_count(dep: Deployment, admin: str) -> float:
+    text = httpx.get(
+        f"{dep.server.base_url}/metrics", headers={"Authorization": f"Bearer {admin}"}, timeout=10
+    ).text
+    assert "pid=" not in text  # no per-process series
+    found = re.search(
+        r'^bastion_requests_total\{decision="allow",model="breast-cancer",route="infer",status="200"\} (\S+)$',
+        text,
+        re.M,
+    )
+    return float(found.group(1)) if found else 0.0
+
+
+def test_metrics_are_summed_over_workers(deployment: Deployment) -> None:
+    dep = deployment
+    wait_for_workers(dep.server, dep.port, 2)
+    admin = create_key(dep.config, "admin")
+    before = _infer_count(dep, admin)
+    with ThreadPoolExecutor(4) as pool:
+        codes = list(pool.map(lambda i: _infer(dep, dep.key, i), range(20)))
+    assert codes == [200] * 20
+    # Each request on a new connection: both workers answered some (all 20 on one: 2 in a million).
+    # Whichever worker answers the scrape, the count is the server's.
+    for _ in range(4):
+        assert _infer_count(dep, admin) == before + 20
+
+
 def test_quota_holds_exactly_across_workers(deployment: Deployment) -> None:
     dep = deployment
     with ThreadPoolExecutor(8) as pool:
@@ -237,24 +265,40 @@ def _worker_of(dep: Deployment, workers: list[int], client_port: int) -> int:
     return pid
 
 
-def _probe_until_quarantined(dep: Deployment, key: str, connections: list[http.client.HTTPConnection]) -> int:
-    """Jacobian-style probing around five seeds, the requests sent round-robin over `connections`;
-    the number of requests until the key is quarantined."""
+def _connection_on(dep: Deployment, workers: list[int], pid: int) -> http.client.HTTPConnection:
+    """A new connection that the kernel placed on worker `pid` (read from /proc after a health check)."""
+    for _ in range(200):
+        conn = http.client.HTTPConnection("127.0.0.1", dep.port, timeout=10)
+        conn.request("GET", "/v2/health/live")
+        conn.getresponse().read()
+        if _worker_of(dep, workers, conn.sock.getsockname()[1]) == pid:
+            return conn
+        conn.close()
+    raise AssertionError(f"no connection placed on worker {pid} in 200 tries")
+
+
+def _probe_until_quarantined(dep: Deployment, key: str, on: list[int]) -> int:
+    """Jacobian-style probing around five seeds, request i sent on a new connection placed on worker
+    `on[i % len(on)]`; the number of requests until the key is quarantined."""
     rng = np.random.default_rng(0)
     x = dep.features
     seeds, spread = x[200:205], x.std(axis=0)
+    workers = wait_for_workers(dep.server, dep.port, 2)
     for i in range(100):
         row = seeds[i % len(seeds)] + 0.01 * spread * np.sign(rng.standard_normal(x.shape[1]))
-        conn = connections[i % len(connections)]
+        conn = _connection_on(dep, workers, on[i % len(on)])
         body = json.dumps(infer_request(row[None].astype(np.float32)))
-        conn.request(
-            "POST",
-            "/v2/models/breast-cancer/infer",
-            body,
-            {"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
-        )
-        response = conn.getresponse()
-        answer = json.loads(response.read())
+        try:
+            conn.request(
+                "POST",
+                "/v2/models/breast-cancer/infer",
+                body,
+                {"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+            )
+            response = conn.getresponse()
+            answer = json.loads(response.read())
+        finally:
+            conn.close()
         if response.status == 403:
             assert answer["code"] == "key_quarantined"
             return i + 1
@@ -264,29 +308,9 @@ def _probe_until_quarantined(dep: Deployment, key: str, connections: list[http.c
 
 def test_a_thief_spread_over_workers_is_quarantined_as_soon_as_on_one(deployment: Deployment) -> None:
     dep = deployment
-    workers = wait_for_workers(dep.server, dep.port, 2)
-    # Connections, each on a known worker: the kernel places them; we read where from /proc.
-    placed: dict[int, http.client.HTTPConnection] = {}
-    spare = []
-    for _ in range(40):
-        conn = http.client.HTTPConnection("127.0.0.1", dep.port, timeout=10)
-        conn.request("GET", "/v2/health/live")
-        conn.getresponse().read()
-        pid = _worker_of(dep, workers, conn.sock.getsockname()[1])
-        if pid in placed:
-            spare.append(conn)
-        else:
-            placed[pid] = conn
-        if len(placed) == 2:
-            break
-    try:
-        assert len(placed) == 2
-        one, other = placed[workers[0]], placed[workers[1]]
-        alone = _probe_until_quarantined(dep, create_key(dep.config, "admin"), [one])
-        spread = _probe_until_quarantined(dep, create_key(dep.config, "admin"), [one, other])
-    finally:
-        for conn in [*placed.values(), *spare]:
-            conn.close()
+    first, second = wait_for_workers(dep.server, dep.port, 2)
+    alone = _probe_until_quarantined(dep, create_key(dep.config, "admin"), [first])
+    spread = _probe_until_quarantined(dep, create_key(dep.config, "admin"), [first, second])
     assert alone <= 40
     assert spread == alone
 
