@@ -18,6 +18,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -79,12 +80,14 @@ def main() -> None:
         started = time.perf_counter()
         monitor.observe("key:bench", z, squared)
         times.append(time.perf_counter() - started)
-    results = {"memory (one process)": (statistics.median(times) * 1e6, None)}
+    results: dict[str, tuple[float, float | None]] = {
+        "memory (one process)": (statistics.median(times) * 1e6, None)
+    }
 
     work = Path(tempfile.mkdtemp(prefix="bastion-bench-history-"))
     table = f"bastion_bench_history_{os.getpid()}"
     prefix = f"bastion-bench-history-{os.getpid()}:"
-    makers = {
+    makers: dict[str, Callable[[int], HistoryStore]] = {
         "sqlite": lambda n: SQLiteHistoryStore(work / "histories.db"),
         "redis": lambda n: RedisHistoryStore(REDIS_URL, prefix=prefix),
         "postgres": lambda n: PostgresHistoryStore(POSTGRES_DSN, table=table),
@@ -96,8 +99,9 @@ def main() -> None:
     _drop(prefix, table)
 
     print(f"{'history kept in':<22}{'one process us':>16}{'two processes us':>18}")
-    for name, (one, two) in results.items():
-        print(f"{name:<22}{one:>16.0f}{'' if two is None else f'{two:.0f}':>18}")
+    for name, (alone, alternating) in results.items():
+        shown = "" if alternating is None else f"{alternating:.0f}"
+        print(f"{name:<22}{alone:>16.0f}{shown:>18}")
     print(
         f"\n(median of {args.requests} observes of one new row, breast-cancer's 30 columns; "
         "'two processes': the requests alternate between two store clients)"

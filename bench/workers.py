@@ -163,6 +163,7 @@ def main() -> None:
     body.write_text(json.dumps(request).replace('"__X__"', "__X__"))
 
     results: dict[int, list[dict[str, float]]] = {n: [] for n in counts}
+    load_before = os.getloadavg()[0]  # another process busy on this machine skews every figure
     try:
         for rnd in range(args.rounds):
             for n in counts:
@@ -202,7 +203,8 @@ def main() -> None:
     print(
         f"\n(median of {args.rounds} rounds of {args.seconds} s, {args.connections} connections, "
         f"{args.principals} principals, every request a new row, state {args.state}, audit sync+fsync; "
-        f"{os.cpu_count()} CPUs, wrk on CPU 1)"
+        f"{os.cpu_count()} CPUs, wrk on CPU 1; load average {load_before:.1f} before, "
+        f"{os.getloadavg()[0]:.1f} after)"
     )
 
 
