@@ -14,7 +14,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from bastion.errors import AuditIntegrityError, BastionError, BastionException, ConfigError, StateDirLocked
+from bastion.errors import (
+    AuditIntegrityError,
+    BastionError,
+    BastionException,
+    ConfigError,
+    StateDirLocked,
+    StateUnavailable,
+)
 
 if TYPE_CHECKING:
     import socket
@@ -753,7 +760,17 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"ok      {model.name} {model.version} {model.digest}")
     for path, reason in registry.failures.items():
         print(f"REFUSED {path}: {reason}")
-    return 1 if registry.failures else 0
+    # Every shared backend the file names answers now (a server would start not ready, or fail).
+    from bastion.records import check_backends
+
+    unreachable = False
+    for setting, where, problem in check_backends(config):
+        if problem is None:
+            print(f"ok      {setting} {where} answers")
+        else:
+            unreachable = True
+            print(f"UNREACHABLE {args.config}: {setting} ({where}): {problem}")
+    return 1 if registry.failures or unreachable else 0
 
 
 def _xy(path: Path, flag: str) -> tuple[Any, Any]:
@@ -1095,6 +1112,9 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     except (ConfigError, StateDirLocked, _CliError) as e:
         return _fail(str(e))
+    except StateUnavailable as e:  # which setting (and host:port) of which file did not answer
+        where = f" ({e.source} in {args.config})" if e.source and getattr(args, "config", None) else ""
+        return _fail(f"{e.message}{where}", 1)
     except BastionError as e:  # a refusal of the library's (no such incident, a move not allowed)
         return _fail(e.message, 1)
     except KeyboardInterrupt:

@@ -109,6 +109,7 @@ class ErrorCode(StrEnum):
     MODEL_BUSY = "model_busy"  # a language model's wait queue is full
     BACKEND_UNAVAILABLE = "backend_unavailable"
     MODEL_CIRCUIT_OPEN = "model_circuit_open"  # the model's circuit breaker is open (bastion.breaker)
+    MODEL_OVERLOADED = "model_overloaded"  # a model's calls waiting for a thread are at their bound
 
 
 # The HTTP status of every code, in one table (a unit test checks it covers the enum).
@@ -185,6 +186,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.MODEL_BUSY: 503,
     ErrorCode.BACKEND_UNAVAILABLE: 503,
     ErrorCode.MODEL_CIRCUIT_OPEN: 503,
+    ErrorCode.MODEL_OVERLOADED: 503,
 }
 
 # The gRPC status (a `grpc.StatusCode` name, so no grpc import here) of each HTTP status above; the
@@ -301,9 +303,16 @@ class NotReady(BastionError):
 
 
 class StateUnavailable(BastionError):
-    """503: the shared state (privacy budgets) cannot be read or written; nothing was answered."""
+    """503: the shared state (privacy budgets) cannot be read or written; nothing was answered.
+
+    `source`: the setting and host:port that failed (`"state.postgres_dsn, 10.0.0.5:5432"`), for the
+    operator (logs, the CLI), never sent to a client."""
 
     code = ErrorCode.STATE_UNAVAILABLE
+
+    def __init__(self, message: str, *, source: str = "") -> None:
+        super().__init__(message)
+        self.source = source
 
 
 class Overloaded(BastionError):
@@ -340,6 +349,19 @@ class ModelCircuitOpen(BastionError):
 
     def __init__(self, retry_after: float) -> None:
         super().__init__("the model is failing and is not taking requests for now; retry later")
+        self.retry_after = retry_after
+
+
+class ModelOverloaded(BastionError):
+    """503: the model's threads are busy and its wait queue is at its bound (`inference_queue`, or
+    this principal's share of it, `inference_queue_per_principal`), or the call waited
+    `inference_queue_seconds` without a thread. Load, not a fault of the model: it never counts
+    toward the circuit breaker or a canary's error rate. `retry_after`: seconds (Retry-After)."""
+
+    code = ErrorCode.MODEL_OVERLOADED
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
         self.retry_after = retry_after
 
 

@@ -40,6 +40,7 @@ from bastion.errors import (
     ErrorCode,
     MethodNotAllowed,
     ModelCircuitOpen,
+    ModelOverloaded,
     NotReady,
     RateLimited,
 )
@@ -328,7 +329,11 @@ class Bastion:
     async def is_ready(self) -> bool:
         """Ready, and the state store answers: a replica whose Redis is gone takes no traffic."""
         audit = self.audit is None or await self.audit.reachable()  # a PostgreSQL audit sink answers
-        return self.ready and audit and await self.state.reachable()
+        # The shared records (keys, containment): their own deadline, off the loop; False at once
+        # while a hung backend is marked down (bastion.records.Guard, which logs the setting).
+        shared = self.records.shared
+        records = shared is None or await asyncio.to_thread(shared.reachable)
+        return self.ready and audit and records and await self.state.reachable()
 
     def close(self) -> None:
         """Flush and close everything; safe to call twice (lifespan shutdown, then the CLI's finally)."""
@@ -572,8 +577,8 @@ class Bastion:
             "rho_spent": ctx.rho_spent,
             "client": ctx.client,
         }
-        if ctx.client_certificate is not None:  # mTLS: the certificate's SHA-256, never the certificate
-            record["certificate"] = ctx.client_certificate.fingerprint
+        if ctx.client_certificate is not None:  # mTLS: its public key's SHA-256 (stable), never the certificate
+            record["certificate"] = ctx.client_certificate.public_key_sha256
         if ctx.principal is not None and ctx.principal.token_id is not None:
             record["token"] = ctx.principal.token_id  # the token's jti, never the token
         if ctx.chat is not None:
@@ -627,7 +632,7 @@ def error_outcome(error: BastionError) -> Outcome:
     headers: dict[str, str] = {}
     if isinstance(error, AuthenticationFailed):
         headers["WWW-Authenticate"] = 'Bearer realm="bastion"'
-    if isinstance(error, RateLimited | ModelCircuitOpen):
+    if isinstance(error, RateLimited | ModelCircuitOpen | ModelOverloaded):
         headers["Retry-After"] = str(max(1, int(error.retry_after + 0.999)))
     if isinstance(error, MethodNotAllowed):
         headers["Allow"] = error.allowed

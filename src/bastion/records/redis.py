@@ -9,12 +9,13 @@ Keys: `<prefix>records:<collection>` (the hash), `<prefix>records-version:<colle
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import redis
 from redis.exceptions import RedisError
 
-from bastion.records import Breaker
+from bastion.records import Guard, target
 
 # ARGV: field, has old ('1'/'0'), old, has new, new.
 _SWAP = """
@@ -37,21 +38,18 @@ return 1
 
 
 class RedisRecords:
-    """Thread-safe (redis-py's connection pool); a blocking client: calls are sub-millisecond on a
-    local network and rare on the request path (a counter read every 0.25 s, cache misses)."""
+    """Thread-safe (redis-py's connection pool); every call runs through a `Guard` (a worker thread,
+    a `DEADLINE` for the caller), so a Redis that accepts and never answers costs the event loop at
+    most the deadline, once per outage. The socket timeout ends an abandoned call soon after."""
 
-    def __init__(self, url: str, *, prefix: str = "bastion:", timeout: float = 0.5) -> None:
+    def __init__(self, url: str, *, prefix: str = "bastion:", timeout: float = 0.5, source: str = "") -> None:
         self._prefix = prefix
         self._client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
         self._swap = self._client.register_script(_SWAP)
-        self._breaker = Breaker()
+        self.guard = Guard(source or f"redis {target(url)}", (RedisError,), self._client.ping)
 
-    def _call(self, run: Any) -> Any:
-        self._breaker.check()
-        try:
-            return run()
-        except RedisError as e:
-            raise self._breaker.failed(e) from None
+    def _call(self, run: Callable[[], Any]) -> Any:
+        return self.guard.run(lambda _ticket: run())
 
     def _hash(self, collection: str) -> str:
         return f"{self._prefix}records:{collection}"
@@ -77,10 +75,12 @@ class RedisRecords:
         return int(self._call(lambda: self._client.incr(f"{self._prefix}records-seq:{collection}")))
 
     def reachable(self) -> bool:
+        """Whether Redis answers now, within the deadline (False at once while marked down)."""
         try:
-            return bool(self._client.ping())
-        except RedisError:
+            return bool(self._call(self._client.ping))
+        except Exception:  # StateUnavailable: not reachable
             return False
 
     def close(self) -> None:
+        self.guard.close()
         self._client.close()

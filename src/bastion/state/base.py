@@ -131,6 +131,8 @@ class StateStore(Protocol):
         ...
 
 
-def unavailable(error: Exception) -> StateUnavailable:
-    log.error("state store unavailable: %s", type(error).__name__)
-    return StateUnavailable("rate-limit and privacy-budget state unavailable; nothing was answered")
+def unavailable(error: Exception, source: str = "") -> StateUnavailable:
+    """Log the failure (`source`: the setting and host:port, never the URL) and return the 503 to raise."""
+    where = f" ({source})" if source else ""
+    log.error("state store unavailable%s: %s", where, type(error).__name__)
+    return StateUnavailable("rate-limit and privacy-budget state unavailable; nothing was answered", source=source)

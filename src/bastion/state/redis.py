@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
+from bastion.records import target
 from bastion.state.base import BUDGET_SLACK, unavailable
 from bastion.state.leased import Book, LeasedStateStore, Return
 
@@ -58,6 +59,7 @@ return 0
 class RedisLedger:
     def __init__(self, url: str, *, prefix: str = "bastion:", timeout: float = 1.0) -> None:
         self._url, self._prefix, self._timeout = url, prefix, timeout
+        self._source = f"state.redis_url, {target(url)}"
         # Connections are made on first use, on the event loop that uses them.
         self._client = aioredis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
         self._take: AsyncScript = self._client.register_script(_TAKE)
@@ -82,7 +84,7 @@ class RedisLedger:
         try:
             return await pending
         except RedisError as e:
-            raise unavailable(e) from None
+            raise unavailable(e, self._source) from None
 
     def give_back(self, returns: list[Return]) -> None:
         if not returns:
