@@ -1,13 +1,22 @@
 """A deadline on every runtime call, and a circuit breaker per model version.
 
 A Python thread cannot be killed, so a runtime call runs in a small thread pool of the model's own
-(`inference_threads` threads) while the request waits on the event loop with a deadline
-(`inference_timeout_seconds`). At the deadline the request is answered 504 `inference_timeout` and
-the call is asked to stop: an ONNX call is stopped for real (onnxruntime's `RunOptions.terminate`,
-checked between the graph's nodes, loop iterations included); a call that cannot be stopped (a
+(`inference_threads` threads) while the request waits on the event loop. The deadline
+(`inference_timeout_seconds`) counts from the moment a thread starts the runtime call: the model is
+judged by its own time, never by the wait for a thread, which is load and not the model's fault. At
+the deadline the request is answered 504 `inference_timeout` and the call is asked to stop: an
+ONNX call is stopped for real (onnxruntime's `RunOptions.terminate`, checked between the graph's
+nodes, loop iterations included); a call that cannot be stopped (a
 scikit-learn estimator) keeps its thread until it returns, and is counted as stuck. A model's stuck
-calls are bounded by its pool: a call waiting for a thread past its deadline is cancelled before it
-starts, and an open breaker is not probed while every thread is stuck.
+calls are bounded by its pool, and an open breaker is not probed while every thread is stuck.
+
+The wait for a thread is bounded instead: at most `inference_queue` calls wait beyond the threads
+(one principal's calls, running or waiting, at most `inference_threads` +
+`inference_queue_per_principal`), and a call waits at most `inference_queue_seconds` before a
+thread takes it. Beyond either bound the request is refused 503 `model_overloaded` with
+Retry-After, the runtime not called and the breaker not told: overload is not a failure. A place
+is freed when its call ends, or, for a call whose caller gave up, when a thread drops it off the
+queue, so the queue's memory is bounded even while every thread is stuck.
 
 The breaker counts only the server's own failures: a runtime that raised (500) or missed its
 deadline (504). A client's bad input is refused (4xx) before the runtime is called and never reaches
@@ -31,7 +40,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, TypeVar
 
-from bastion.errors import ErrorCode, InferenceTimeout, ModelCircuitOpen, ModelFailed
+from bastion.errors import ErrorCode, InferenceTimeout, ModelCircuitOpen, ModelFailed, ModelOverloaded
 
 log = logging.getLogger("bastion.breaker")
 
@@ -58,6 +67,9 @@ class BreakerPolicy:
     window: float = 60.0
     open_seconds: float = 30.0
     half_open_probes: int = 1
+    queue: int = 16  # calls that may wait beyond the threads
+    queue_seconds: float = 5.0  # the longest a call waits for a thread
+    queue_per_principal: int = 8  # one principal's calls beyond the threads, running or waiting
     inline: bool = False  # inference_isolation = "inline": on the event loop, stopped by the watchdog
 
 
@@ -193,36 +205,79 @@ class Cancel:
         self.stop = stop
 
 
-class _Pool:
-    """A fixed set of daemon threads taking calls from one queue. Not `ThreadPoolExecutor`: its
-    threads are joined when the interpreter exits, so one stuck call would hang the shutdown."""
+class _Call(concurrent.futures.Future[T]):
+    """A runtime call's future; `started` (monotonic seconds) is set by the thread that takes it,
+    before it becomes running, so a caller that cannot cancel it always finds the start time."""
 
-    def __init__(self, threads: int, name: str) -> None:
+    started: float | None = None
+
+
+# Retry-After of a refusal for load: a place frees as soon as one call ends.
+OVERLOADED_RETRY_AFTER = 1.0
+
+
+class _Pool:
+    """A fixed set of daemon threads taking calls from one bounded queue. Not `ThreadPoolExecutor`:
+    its threads are joined when the interpreter exits, so one stuck call would hang the shutdown;
+    and its queue is unbounded.
+
+    `held`: calls queued or on a thread (stuck ones included), at most `threads + queue`; one
+    owner's at most `threads + per_owner`. `submit` beyond raises `ModelOverloaded`."""
+
+    def __init__(self, threads: int, name: str, queue_places: int, per_owner: int) -> None:
         self._threads = threads
         self._name = name
-        self._queue: queue.SimpleQueue[tuple[concurrent.futures.Future[Any], Callable[[], Any]] | None] = (
-            queue.SimpleQueue()
-        )
+        self._capacity = threads + queue_places
+        self._per_owner = threads + per_owner
+        self._lock = threading.Lock()  # the counts change on the loop (submit) and the threads (release)
+        self.held = 0
+        self._held_by: dict[str, int] = {}
+        self._queue: queue.SimpleQueue[tuple[_Call[Any], Callable[[], Any], str] | None] = queue.SimpleQueue()
         self._started = False
 
-    def submit(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+    def submit(self, fn: Callable[[], T], owner: str) -> _Call[T]:
+        with self._lock:
+            if self.held >= self._capacity:
+                raise ModelOverloaded("the model is busy: too many requests are waiting for it; retry later")
+            mine = self._held_by.get(owner, 0)
+            if mine >= self._per_owner:
+                raise ModelOverloaded(
+                    "the model is busy with this client's earlier requests; retry when they are answered"
+                )
+            self.held += 1
+            self._held_by[owner] = mine + 1
         if not self._started:  # on the first call: a model never asked costs no threads
             self._started = True
             for i in range(self._threads):
                 threading.Thread(target=self._work, name=f"{self._name}-{i}", daemon=True).start()
-        future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._queue.put((future, fn))
-        return future
+        call: _Call[T] = _Call()
+        self._queue.put((call, fn, owner))
+        return call
+
+    def _release(self, owner: str) -> None:
+        with self._lock:
+            self.held -= 1
+            left = self._held_by[owner] - 1
+            if left:
+                self._held_by[owner] = left
+            else:
+                del self._held_by[owner]
 
     def _work(self) -> None:
         while (item := self._queue.get()) is not None:
-            future, fn = item
-            if not future.set_running_or_notify_cancel():
-                continue  # its caller gave up before a thread was free
+            call, fn, owner = item
+            call.started = time.monotonic()
+            if not call.set_running_or_notify_cancel():
+                self._release(owner)  # its caller gave up before a thread was free
+                continue
             try:
-                future.set_result(fn())
+                result = fn()
             except BaseException as e:  # handed to the caller, who maps it
-                future.set_exception(e)
+                self._release(owner)
+                call.set_exception(e)
+            else:
+                self._release(owner)
+                call.set_result(result)
 
     def close(self) -> None:
         if self._started:
@@ -277,9 +332,12 @@ _WATCHDOG = _Watchdog()
 class GuardedModel:
     """One model version's threads, deadline and breaker.
 
-    `call(fn, cancel)` runs `fn` (the runtime's predict) on one of the model's threads and returns
-    its result, or raises `ModelCircuitOpen` (503: the runtime not called), `InferenceTimeout` (504)
-    or `ModelFailed` (500). `stuck`: calls past their deadline whose thread has not returned yet.
+    `call(fn, cancel, owner)` runs `fn` (the runtime's predict) on one of the model's threads and
+    returns its result, or raises `ModelCircuitOpen` (503: the runtime not called), `ModelOverloaded`
+    (503: no thread within the queue's bounds; the runtime not called, the breaker not told),
+    `InferenceTimeout` (504: the call ran past its deadline, counted from its start on a thread) or
+    `ModelFailed` (500). `owner`: the principal's id, whose share of the queue is bounded. `stuck`:
+    calls past their deadline whose thread has not returned yet; `held`: calls queued or running.
     With `policy.inline`, `fn` runs on the caller's thread (the event loop, blocked meanwhile) and
     the watchdog stops it at the deadline through `cancel`, which is then required.
     """
@@ -297,33 +355,65 @@ class GuardedModel:
         self.name = name
         self.policy = policy
         self.breaker = CircuitBreaker(policy, clock=clock, on_transition=on_transition)
-        self._pool = _Pool(policy.threads, f"bastion-model-{name}"[:32])
+        self._pool = _Pool(
+            policy.threads, f"bastion-model-{name}"[:32], policy.queue, policy.queue_per_principal
+        )
         self._on_stuck = on_stuck
         self._on_timeout = on_timeout
         self._stuck_lock = threading.Lock()
         self.stuck = 0
 
-    async def call(self, fn: Callable[[], T], cancel: Cancel | None = None) -> T:
+    @property
+    def held(self) -> int:
+        return self._pool.held
+
+    async def call(self, fn: Callable[[], T], cancel: Cancel | None = None, owner: str = "") -> T:
         if self.policy.inline:
             assert cancel is not None, "inline calls need a runtime that can stop them (checked at load)"
             return self._call_inline(fn, cancel)
         permit = self.breaker.admit(can_probe=self.stuck < self.policy.threads)
-        future = self._pool.submit(fn)
         try:
-            # At the deadline the awaited wrapper is cancelled, and with it the call if no thread
-            # has taken it yet; a call already running is handled by _abandon.
-            async with asyncio.timeout(self.policy.inference_timeout):
-                result = await asyncio.wrap_future(future)
-        except TimeoutError:
-            self._abandon(future, cancel)
-            self._on_timeout()
-            self.breaker.failed(permit, ErrorCode.INFERENCE_TIMEOUT.value)
-            raise InferenceTimeout(self.policy.inference_timeout) from None
-        except asyncio.CancelledError:
-            # The request itself was cancelled (a shutdown): no verdict on the model.
-            self._abandon(future, cancel)
+            call = self._pool.submit(fn, owner)
+        except ModelOverloaded:
             self.breaker.abandoned(permit)
             raise
+        done = asyncio.wrap_future(call)
+        timeout = self.policy.inference_timeout
+        wait_until = time.monotonic() + self.policy.queue_seconds
+        try:
+            while True:
+                started, now = call.started, time.monotonic()
+                if started is None:  # waiting for a thread: the queue's bound
+                    if now >= wait_until:
+                        if call.cancel():  # no thread took it in time: load, not the model's failure
+                            self.breaker.abandoned(permit)
+                            raise ModelOverloaded(
+                                "the model is busy: no thread was free in time; retry later",
+                                OVERLOADED_RETRY_AFTER,
+                            )
+                        continue  # a thread took it just now (`started` is set first): its deadline runs
+                    # Look again at least every `inference_timeout`: a call a thread takes meanwhile
+                    # is seen before its deadline has passed, so the deadline is kept exactly.
+                    left = min(wait_until - now, timeout)
+                else:  # on a thread: the model's own deadline
+                    left = started + timeout - now
+                    if left <= 0:
+                        done.cancel()
+                        self._abandon(call, cancel)
+                        self._on_timeout()
+                        self.breaker.failed(permit, ErrorCode.INFERENCE_TIMEOUT.value)
+                        raise InferenceTimeout(timeout)
+                # `asyncio.wait` leaves `done` pending at its timeout (no cancel of the call).
+                if (await asyncio.wait((done,), timeout=left))[0]:
+                    break
+        except asyncio.CancelledError:
+            # The request itself was cancelled (a shutdown): no verdict on the model.
+            done.cancel()
+            self._abandon(call, cancel)
+            self.breaker.abandoned(permit)
+            raise
+        try:
+            result = done.result()
         except Exception as e:
             self.breaker.failed(permit, ErrorCode.INFERENCE_FAILED.value)
             # The type only: a library's message can quote the input.

@@ -424,11 +424,28 @@ class ModelRef(_Strict):
     breaker_window_seconds: Annotated[float, Field(gt=0, le=86_400)] = 60.0
     breaker_open_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
     breaker_half_open_probes: Annotated[int, Field(ge=1, le=100)] = 1
+    # The wait for one of the model's threads (the deadline above counts from a call's start on a
+    # thread, never the wait): at most inference_queue calls wait beyond the threads, one
+    # principal's calls (running or waiting) are at most inference_threads +
+    # inference_queue_per_principal, and a call waits at most inference_queue_seconds. Beyond:
+    # 503 model_overloaded with Retry-After, never counted toward the breaker or a canary.
+    inference_queue: Annotated[int, Field(ge=0, le=10_000)] = 16
+    inference_queue_per_principal: Annotated[int, Field(ge=0, le=10_000)] = 8
+    inference_queue_seconds: Annotated[float, Field(gt=0, le=3600)] = 5.0
 
     @model_validator(mode="after")
     def _threads_need_thread_isolation(self) -> ModelRef:
-        if "inference_threads" in self.model_fields_set and self.inference_isolation == "inline":
-            raise ValueError('inference_threads applies to inference_isolation = "thread": it would be ignored')
+        if self.inference_isolation == "inline":
+            thread_only = ("inference_threads", "inference_queue", "inference_queue_per_principal")
+            for name in (*thread_only, "inference_queue_seconds"):
+                if name in self.model_fields_set:
+                    raise ValueError(f'{name} applies to inference_isolation = "thread": it would be ignored')
+        if "inference_queue_per_principal" in self.model_fields_set and (
+            self.inference_queue_per_principal > self.inference_queue
+        ):
+            raise ValueError(
+                "inference_queue_per_principal is above inference_queue: past the queue it would be ignored"
+            )
         return self
 
     @model_validator(mode="after")
@@ -616,8 +633,21 @@ class ClientCertificateSettings(_Strict):
     Reloaded with the policy (SIGHUP): remove an identity, or list a certificate here, to revoke it."""
 
     identities: list[CertificateIdentity] = Field(default_factory=list)
-    # SHA-256 fingerprints (hex of the DER certificate) refused whatever they map to.
-    revoked_fingerprints: list[Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]] = Field(default_factory=list)
+    # SHA-256 (hex) of the SubjectPublicKeyInfo of certificates refused whatever they map to: every
+    # certificate for that key. Not a hash of the DER certificate, which its holder can re-encode.
+    revoked_public_keys: list[Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_revoked_fingerprints(cls, data: object) -> object:
+        if isinstance(data, dict) and "revoked_fingerprints" in data:
+            raise ValueError(
+                "revoked_fingerprints is no longer read (a certificate's DER hash changes when its holder "
+                "re-encodes the signature, so a revoked certificate got through): list the SHA-256 of each "
+                "revoked certificate's public key in revoked_public_keys instead (README: TLS and client "
+                "certificates)"
+            )
+        return data
 
 
 class Config(_Strict):
@@ -666,7 +696,7 @@ def load_config(path: Path) -> Config:
         config = Config.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(path, e)) from None
-    if config.client_certificates != ClientCertificateSettings():
+    if config.client_certificates != ClientCertificateSettings() or config.server.tls is not None:
         from bastion.certs import check_identities  # certs imports this module (and cryptography)
 
         check_identities(config, path)

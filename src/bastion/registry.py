@@ -189,6 +189,9 @@ class ModelRegistry:
                 ref.breaker_window_seconds,
                 ref.breaker_open_seconds,
                 ref.breaker_half_open_probes,
+                ref.inference_queue,
+                ref.inference_queue_seconds,
+                ref.inference_queue_per_principal,
                 inline=ref.inference_isolation == "inline",
             ),
         )

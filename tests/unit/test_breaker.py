@@ -24,6 +24,7 @@ from bastion.errors import (
     InferenceTimeout,
     ModelCircuitOpen,
     ModelFailed,
+    ModelOverloaded,
     grpc_status,
 )
 from bastion.manifest import read_manifest
@@ -146,7 +147,7 @@ def guarded(**fields: Any) -> tuple[GuardedModel, Clock, list[int]]:
 
 def test_a_hung_call_is_answered_at_its_deadline_and_counted_stuck_until_it_returns() -> None:
     async def scenario() -> None:
-        model, clock, stuck = guarded()
+        model, clock, stuck = guarded(queue_seconds=0.3)
         release = threading.Event()
         calls = []
 
@@ -155,33 +156,81 @@ def test_a_hung_call_is_answered_at_its_deadline_and_counted_stuck_until_it_retu
             release.wait(10)
             return 1
 
+        async def until_unstuck() -> None:
+            for _ in range(100):
+                if model.stuck == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert model.stuck == 0 and stuck[-1] == 0
+
         began = time.monotonic()
         with pytest.raises(InferenceTimeout) as timeout:
             await model.call(hang)
         assert 0.2 <= time.monotonic() - began < 0.6
         assert timeout.value.status == 504
         assert model.stuck == 1 and stuck == [1]
-        # The one thread is stuck: a second call waits for it, and is cancelled unstarted at its deadline.
+        # The one thread is stuck: a second call waits for it, and at the queue's bound it is
+        # refused 503 model_overloaded, unstarted. That is load, not the model's second failure.
+        began = time.monotonic()
+        with pytest.raises(ModelOverloaded) as overloaded:
+            await model.call(hang)
+        assert 0.3 <= time.monotonic() - began < 0.7
+        assert overloaded.value.status == 503 and overloaded.value.code == "model_overloaded"
+        assert model.stuck == 1 and len(calls) == 1
+        assert state(model.breaker) is BreakerState.CLOSED
+        release.set()
+        await until_unstuck()
+        release.clear()
         with pytest.raises(InferenceTimeout):
             await model.call(hang)
-        assert model.stuck == 1 and len(calls) == 1
-        assert state(model.breaker) is BreakerState.OPEN  # two timeouts in a row
+        assert state(model.breaker) is BreakerState.OPEN  # two timeouts in a row (the overload between)
         # Open: refused at once, the runtime not called.
         began = time.monotonic()
         with pytest.raises(ModelCircuitOpen):
             await model.call(hang)
-        assert time.monotonic() - began < 0.05 and len(calls) == 1
+        assert time.monotonic() - began < 0.05 and len(calls) == 2
         clock.now += 5
         with pytest.raises(ModelCircuitOpen):  # every thread stuck: no probe
             await model.call(lambda: 2)
         release.set()
-        for _ in range(100):
-            if model.stuck == 0:
-                break
-            await asyncio.sleep(0.01)
-        assert model.stuck == 0 and stuck[-1] == 0
+        await until_unstuck()
         assert await model.call(lambda: 2) == 2  # the probe
         assert state(model.breaker) is BreakerState.CLOSED
+        model.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_deadline_counts_from_the_start_on_a_thread_not_the_wait_for_one() -> None:
+    """The red team's finding 6, in-process: one principal's many valid calls (0.15 s each, 1 s
+    deadline, one thread) used to wait past the deadline, be counted as timeouts and open the
+    breaker for everyone. Now no call is a timeout, the breaker never moves, the surplus is refused
+    503 model_overloaded at once (the principal's share of the queue), and another principal's call
+    is answered."""
+
+    async def scenario() -> None:
+        seen: list[Transition] = []
+        model = GuardedModel(
+            "m",
+            BreakerPolicy(inference_timeout=1.0, threads=1, failures=5),
+            clock=time.monotonic,
+            on_transition=seen.append,
+        )
+
+        def work() -> int:
+            time.sleep(0.15)
+            return 1
+
+        flood = [asyncio.ensure_future(model.call(work, owner="key:attacker")) for _ in range(40)]
+        await asyncio.sleep(0)
+        victim = asyncio.ensure_future(model.call(lambda: 2, owner="key:victim"))
+        results = await asyncio.gather(*flood, return_exceptions=True)
+        assert await victim == 2
+        answered = [r for r in results if r == 1]
+        refused = [r for r in results if isinstance(r, ModelOverloaded)]
+        assert len(answered) + len(refused) == 40, results  # no 504, no 500, no circuit open
+        # One thread plus inference_queue_per_principal (8) places: the rest refused at once.
+        assert len(answered) == 1 + 8 and seen == [] and state(model.breaker) is BreakerState.CLOSED
         model.close()
 
     asyncio.run(scenario())
@@ -255,6 +304,11 @@ def test_the_guard_is_on_by_default(tmp_path: Path) -> None:
         "breaker_open_seconds = -1",
         "breaker_half_open_probes = 0",
         "breaker_half_open_probes = 101",
+        "inference_queue = -1",
+        "inference_queue = 10001",
+        "inference_queue_per_principal = -1",
+        "inference_queue_seconds = 0",
+        "inference_queue_seconds = 3601",
     ],
 )
 def test_out_of_range_settings_are_refused_naming_the_field(tmp_path: Path, line: str) -> None:
@@ -266,9 +320,10 @@ def test_the_policy_files_threads_and_window_are_the_guards(tmp_path: Path) -> N
     fields = (
         "inference_timeout_seconds = 0.3\ninference_threads = 2\nbreaker_failures = 2\n"
         "breaker_window_seconds = 7\nbreaker_open_seconds = 9\nbreaker_half_open_probes = 3\n"
+        "inference_queue_seconds = 0.6\n"
     )
     (model,) = ModelRegistry.load(list(load_config(_policy_file(tmp_path, fields)).models)).models()
-    assert model.breaker == BreakerPolicy(0.3, 2, 2, 7.0, 9.0, 3)
+    assert model.breaker == BreakerPolicy(0.3, 2, 2, 7.0, 9.0, 3, queue_seconds=0.6)
 
     async def scenario() -> None:
         clock = Clock()
@@ -281,7 +336,7 @@ def test_the_policy_files_threads_and_window_are_the_guards(tmp_path: Path) -> N
             clock.now += 8
         assert state(guarded.breaker) is BreakerState.CLOSED
         # inference_threads: of three hung calls at once, two hold the model's two threads and the
-        # third is cancelled unstarted at its deadline: two stuck, never more.
+        # third, unstarted, is refused as load at its inference_queue_seconds: two stuck, never more.
         release, started = threading.Event(), []
 
         def hang() -> None:
@@ -289,12 +344,78 @@ def test_the_policy_files_threads_and_window_are_the_guards(tmp_path: Path) -> N
             release.wait(10)
 
         results = await asyncio.gather(*(guarded.call(hang) for _ in range(3)), return_exceptions=True)
-        assert all(isinstance(r, InferenceTimeout) for r in results)
+        assert [type(r) for r in results] == [InferenceTimeout, InferenceTimeout, ModelOverloaded]
         assert guarded.stuck == 2 and len(started) == 2
         release.set()
         guards.close()
 
     asyncio.run(scenario())
+
+
+def test_the_policy_files_queue_bounds_hold_and_refuse_as_load_never_as_failure(tmp_path: Path) -> None:
+    """From the attacker's side: one principal floods a model whose one thread is busy. Its surplus
+    is refused at once (its share of the queue), another principal still finds places until the
+    queue is full, the queue never holds more than its bound (memory does not grow with the
+    flood), and the calls that waited too long are refused as load: with breaker_failures = 1 a
+    single counted failure would open the breaker, and it stays closed."""
+    fields = (
+        "inference_timeout_seconds = 3\ninference_threads = 1\nbreaker_failures = 1\n"
+        "inference_queue = 4\ninference_queue_per_principal = 2\ninference_queue_seconds = 0.5\n"
+    )
+    (model,) = ModelRegistry.load(list(load_config(_policy_file(tmp_path, fields)).models)).models()
+    assert (model.breaker.queue, model.breaker.queue_per_principal, model.breaker.queue_seconds) == (4, 2, 0.5)
+
+    async def scenario() -> None:
+        seen: list[object] = []
+        guards = ModelGuards(clock=time.monotonic, observe=lambda m, v, e, x: seen.append(x))
+        guarded = guards.get(model.name, model.version, model.digest, model.breaker)
+        gate = threading.Event()
+
+        def work() -> int:
+            gate.wait(10)
+            return 1
+
+        began = time.monotonic()
+        flood = [asyncio.ensure_future(guarded.call(work, owner="key:attacker")) for _ in range(200)]
+        await asyncio.sleep(0.05)
+        # The thread and the attacker's two places: 3 held; 197 refused without waiting.
+        assert guarded.held == 3
+        refused = [f for f in flood if f.done()]
+        assert len(refused) == 197 and all(isinstance(f.exception(), ModelOverloaded) for f in refused)
+        assert "this client's earlier requests" in str(refused[0].exception())
+        others = [asyncio.ensure_future(guarded.call(work, owner="key:victim")) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        # The victim's two fill the queue (4 places beyond the thread); its third finds it full.
+        assert guarded.held == 5 == 1 + 4
+        assert isinstance(others[2].exception(), ModelOverloaded)
+        assert "too many requests are waiting" in str(others[2].exception())
+        # inference_queue_seconds: the four waiting calls are refused at 0.5 s, unstarted; the one
+        # on the thread is not timed by its wait and answers when the gate opens.
+        waiting = [f for f in flood if not f.done()][1:] + others[:2]
+        for f in waiting:
+            with pytest.raises(ModelOverloaded, match="no thread was free in time"):
+                await f
+        assert 0.5 <= time.monotonic() - began < 1.5
+        gate.set()
+        assert await flood[0] == 1
+        assert await guarded.call(lambda: 2, owner="key:victim") == 2
+        for _ in range(100):  # the refused calls' places are freed as the thread drops them
+            if guarded.held == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert guarded.held == 0
+        assert state(guarded.breaker) is BreakerState.CLOSED and seen == []
+        guards.close()
+
+    asyncio.run(scenario())
+
+
+def test_queue_settings_that_would_be_ignored_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="inference_queue_per_principal is above inference_queue"):
+        load_config(_policy_file(tmp_path, "inference_queue = 2\ninference_queue_per_principal = 3\n"))
+    for line in ("inference_queue = 2", "inference_queue_per_principal = 1", "inference_queue_seconds = 1"):
+        with pytest.raises(ConfigError, match=f'{line.split(" ")[0]} applies to inference_isolation = "thread"'):
+            load_config(_policy_file(tmp_path, f'inference_isolation = "inline"\n{line}\n'))
 
 
 def test_a_timeout_is_the_servers_failure_for_the_rollout_and_a_bad_input_is_not(tmp_path: Path) -> None:

@@ -551,6 +551,20 @@ REFUSED_WHEN_IGNORED[("ModelRef", "inference_threads")] = (
     "tests/unit/test_breaker.py::"
     "test_inline_isolation_is_refused_where_it_could_not_stop_a_call_or_would_ignore_threads"
 )
+# The bounded wait for a model's thread (finding 6 of bench/redteam_scale: waiting counted as timeouts).
+ENFORCED.update(
+    {
+        ("ModelRef", f): "tests/unit/test_breaker.py::"
+        "test_the_policy_files_queue_bounds_hold_and_refuse_as_load_never_as_failure"
+        for f in ("inference_queue", "inference_queue_per_principal", "inference_queue_seconds")
+    }
+)
+REFUSED_WHEN_IGNORED.update(
+    {
+        ("ModelRef", f): "tests/unit/test_breaker.py::test_queue_settings_that_would_be_ignored_are_refused"
+        for f in ("inference_queue", "inference_queue_per_principal", "inference_queue_seconds")
+    }
+)
 # TLS and client certificates (bastion.tls, bastion.certs): attacked over a real server, REST and gRPC.
 _TLS = _E2E + "test_tls.py::"
 _TLS_REFUSED = "tests/unit/test_tls.py::test_tls_settings_that_could_not_work_are_refused_naming_the_field"
@@ -562,12 +576,12 @@ ENFORCED.update(
         "test_certificate_files_that_cannot_serve_are_refused_naming_the_field",
         ("TlsSettings", "client_ca_file"): _TLS + "test_certificates_from_another_ca_or_expired_fail_the_handshake",
         ("TlsSettings", "client_auth"): _TLS + "test_require_refuses_a_connection_without_a_valid_certificate",
-        ("TlsSettings", "min_version"): _TLS + "test_require_refuses_a_connection_without_a_valid_certificate",
+        ("TlsSettings", "min_version"): "tests/unit/test_tls.py::test_min_version_1_3_refuses_a_tls12_client",
         ("TlsSettings", "reload_interval_seconds"): _TLS + "test_grpc_follows_a_certificate_reload_and_so_does_rest",
-        ("ClientCertificateSettings", "revoked_fingerprints"): _TLS
+        ("ClientCertificateSettings", "revoked_public_keys"): _TLS
         + "test_unmapped_revoked_and_doubly_credentialed_certificates_get_nothing",
         ("CertificateIdentity", "name"): _TLS
-        + "test_the_audit_names_the_certificate_principal_and_fingerprint_never_the_certificate",
+        + "test_the_audit_names_the_certificate_principal_and_public_key_never_the_certificate",
         **{
             ("CertificateIdentity", f): _TLS + "test_client_certificates_map_to_their_principals_and_roles"
             for f in ("subject", "spiffe_id", "roles")
@@ -579,7 +593,7 @@ ENFORCED.update(
 REFUSED_WHEN_IGNORED.update(
     {
         ("TlsSettings", "client_ca_file"): _TLS_REFUSED,
-        ("ClientCertificateSettings", "revoked_fingerprints"): _TLS_REFUSED,
+        ("ClientCertificateSettings", "revoked_public_keys"): _TLS_REFUSED,
     }
 )
 _OWNED_ELSEWHERE: set[str] = set()
@@ -639,7 +653,7 @@ def test_every_config_field_is_enforced_by_a_named_test_or_refused() -> None:
         "otlp_endpoint",
         # [server.tls] and [client_certificates] while no client certificate is asked for (tests/unit/test_tls.py)
         "client_ca_file",
-        "revoked_fingerprints",
+        "revoked_public_keys",
     }
     assert {f for _, f in REFUSED_WHEN_IGNORED} - refused_cases <= {
         "postgres_dsn",  # the same rule as postgres_table (one prefix test for the pair)
@@ -654,6 +668,9 @@ def test_every_config_field_is_enforced_by_a_named_test_or_refused() -> None:
         "degrade_to",
         "containment_seconds",
         "inference_threads",  # with inference_isolation = "inline": its case is in tests/unit/test_breaker.py
+        "inference_queue",  # the same, and per_principal above the queue (tests/unit/test_breaker.py)
+        "inference_queue_per_principal",
+        "inference_queue_seconds",
         # the [grpc] rule (a setting while enabled = false), shown on port and host
         "max_receive_message_bytes",
         "max_send_message_bytes",

@@ -11,7 +11,7 @@ import numpy as np
 
 from bastion.breaker import ModelGuards
 from bastion.context import RequestContext
-from bastion.errors import InferenceTimeout, ModelCircuitOpen, ModelFailed
+from bastion.errors import InferenceTimeout, ModelCircuitOpen, ModelFailed, ModelOverloaded
 
 log = logging.getLogger("bastion.inference")
 
@@ -55,9 +55,20 @@ class Infer:
             return
         guarded = self._guards.get(model.name, model.version, model.digest, model.breaker)
         stoppable = getattr(runtime, "stoppable", None)
-        call, cancel = stoppable(inputs) if stoppable is not None else (lambda: runtime.predict(inputs), None)
+        run, cancel = stoppable(inputs) if stoppable is not None else (lambda: runtime.predict(inputs), None)
+        began: list[float] = []
+
+        def call() -> np.ndarray:
+            # The model's time starts when a thread takes the call, not while it waits for one.
+            began.append(time.perf_counter())
+            return run()
+
+        owner = ctx.principal.id if ctx.principal is not None else ""
         try:
-            ctx.prediction = await guarded.call(call, cancel)
+            ctx.prediction = await guarded.call(call, cancel, owner)
+        except ModelOverloaded:
+            # Load, not the model's failure: refused before the runtime, no evidence for a canary.
+            raise
         except ModelCircuitOpen:
             # Refused before the runtime: no evidence for a canary (inference_seconds stays None).
             # The failures that opened the breaker were counted, when the rollout had routed them;
@@ -68,6 +79,6 @@ class Infer:
             # The server's own failure, never the client's (its bad input was refused before this
             # stage): evidence against a canary, as a runtime's exception always was.
             ctx.runtime_failed = True
-            ctx.inference_seconds = time.perf_counter() - started
+            ctx.inference_seconds = time.perf_counter() - (began[0] if began else started)
             raise
-        ctx.inference_seconds = time.perf_counter() - started
+        ctx.inference_seconds = time.perf_counter() - (began[0] if began else started)
