@@ -451,6 +451,47 @@ def test_a_timeout_is_the_servers_failure_for_the_rollout_and_a_bad_input_is_not
     ]
 
 
+def test_an_overloaded_model_is_refused_as_load_audited_and_no_evidence_for_the_rollout(tmp_path: Path) -> None:
+    """Through the whole pipeline in process: while the one thread is busy and no call may wait
+    (inference_queue = 0), a second request is refused 503 model_overloaded with Retry-After, is
+    audited as the request's refusal, is no evidence for a canary (neither a failure nor a
+    latency), and with breaker_failures = 1 the breaker still never moves."""
+    fields = "inference_timeout_seconds = 2\nbreaker_failures = 1\ninference_queue = 0\n"
+    path = _policy_file(tmp_path, fields)
+    path.write_text(
+        '[server]\nstate_dir = "state"\n[state]\nbackend = "memory"\n'
+        + path.read_text()
+        + '[roles.r]\ngrants = [ { models = ["slow"], actions = ["infer"] } ]\n'
+    )
+
+    async def scenario() -> list[tuple[int, object, str | None, bool, bool]]:
+        service = Bastion(load_config(path), config_path=path)
+        await service.startup()
+        secret = service.keys.create(name="k", roles=["r"], now=time.time()).secret
+        contexts = [
+            core_context(Route.INFER, f"Bearer {secret}", slow_request(work), model_name="slow")
+            for work in (150_000.0, FAST)
+        ]
+        busy = asyncio.ensure_future(service.handle(Route.INFER, contexts[0]))
+        await asyncio.sleep(0.05)  # the first holds the thread (about 0.2 s of work)
+        outcomes = [await service.handle(Route.INFER, contexts[1]), await busy]
+        await service.aclose()
+        seen = []
+        for outcome, ctx in zip(outcomes, reversed(contexts), strict=True):
+            assert isinstance(outcome.body, dict)
+            code, retry_after = outcome.body.get("code"), outcome.headers.get("Retry-After")
+            seen.append((outcome.status, code, retry_after, ctx.runtime_failed, ctx.inference_seconds is not None))
+        return seen
+
+    assert asyncio.run(scenario()) == [(503, "model_overloaded", "1", False, False), (200, None, None, False, True)]
+    with sqlite3.connect(tmp_path / "state" / "audit.db") as db:
+        bodies = [json.loads(b) for (b,) in db.execute("SELECT body FROM records ORDER BY seq")]
+    assert [b["reason"] for b in bodies if b.get("route") == "infer" and b.get("decision") != "allow"] == [
+        "model_overloaded"
+    ]
+    assert [b for b in bodies if b.get("route") == "breaker"] == []
+
+
 def test_inline_isolation_holds_the_event_loop_until_the_deadline_and_thread_isolation_does_not(
     tmp_path: Path,
 ) -> None:
