@@ -1,5 +1,6 @@
 """A throwaway PKI for the TLS tests, made with `cryptography`: a CA, a server certificate for
-127.0.0.1, client certificates by subject and by SPIFFE ID, an expired one and one from another CA."""
+127.0.0.1, client certificates by subject and by SPIFFE ID, an expired one and one from another CA,
+any validity window, and `malleate`: a certificate re-encoded by its holder (no CA key needed)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 SPIFFE_SCORER = "spiffe://bastion.test/ns/prod/sa/scorer"
@@ -23,6 +25,7 @@ class Issued:
     key: Path
     serial: int
     fingerprint: str  # SHA-256 of the DER certificate, hex
+    public_key_sha256: str  # SHA-256 of its SubjectPublicKeyInfo, hex (what revocation matches)
 
 
 def _name(cn: str, org: str = "Bastion Tests") -> x509.Name:
@@ -76,6 +79,8 @@ class Authority:
         server: bool = False,
         spiffe_id: str | None = None,
         expired: bool = False,
+        valid_from: datetime.datetime | None = None,
+        valid_until: datetime.datetime | None = None,
     ) -> Issued:
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
@@ -84,6 +89,7 @@ class Authority:
             if expired
             else (now - datetime.timedelta(hours=1), now + datetime.timedelta(days=7))
         )
+        start, end = valid_from or start, valid_until or end
         builder = (
             x509.CertificateBuilder()
             .subject_name(_name(cn))
@@ -117,4 +123,41 @@ class Authority:
         )
         key_path.chmod(0o600)
         der = cert.public_bytes(serialization.Encoding.DER)
-        return Issued(cert_path, key_path, cert.serial_number, hashlib.sha256(der).hexdigest())
+        spki = key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return Issued(
+            cert_path,
+            key_path,
+            cert.serial_number,
+            hashlib.sha256(der).hexdigest(),
+            hashlib.sha256(spki).hexdigest(),
+        )
+
+
+_P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+
+
+def _der_length(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(raw)]) + raw
+
+
+def malleate(pem: bytes) -> bytes:
+    """The same P-256 certificate with its ECDSA signature (r, s) re-encoded as (r, n - s): as valid for
+    the CA's key, another DER (so another SHA-256 of the certificate). Anyone holding it can do this."""
+    cert = x509.load_pem_x509_certificate(pem)
+    der = cert.public_bytes(serialization.Encoding.DER)
+    r, s = decode_dss_signature(cert.signature)
+    signature = encode_dss_signature(r, _P256_ORDER - s)
+    old_bits = b"\x03" + _der_length(len(cert.signature) + 1) + b"\x00" + cert.signature
+    assert der.endswith(old_bits)
+    tbs = cert.tbs_certificate_bytes
+    start = der.index(tbs)
+    algorithm = der[start + len(tbs) : len(der) - len(old_bits)]
+    bits = b"\x03" + _der_length(len(signature) + 1) + b"\x00" + signature
+    body = tbs + algorithm + bits
+    twin = x509.load_der_x509_certificate(b"\x30" + _der_length(len(body)) + body)
+    return twin.public_bytes(serialization.Encoding.PEM)

@@ -39,7 +39,7 @@ class Principal:
     scope: TokenScope | None = None  # set when the caller used a token: it narrows the key's grants
     via: str = "key"  # "key" | "token" | "session" (the dashboard's cookie) | "certificate" (mTLS)
     quarantined: bool = False  # query auditing suspected extraction; the containment gate refuses it
-    # via "certificate": the SHA-256 fingerprint of the client certificate (audited; never the certificate),
+    # via "certificate": the SHA-256 of the client certificate's public key (audited; never the certificate),
     # and key_id is the principal id itself, "cert:<name>" (the key store keeps its quarantine under it).
     certificate: str | None = None
     token_id: str | None = None  # via "token": the token's jti (audited; what an admin revokes it by)

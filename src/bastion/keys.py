@@ -172,7 +172,7 @@ class KeyStore:
         if "quarantined_at" not in columns:  # a key file from before query auditing
             self._conn.execute("ALTER TABLE api_keys ADD COLUMN quarantined_at REAL")
         self._lock = threading.Lock()
-        self._cache: dict[str, tuple[KeyRecord, bytes]] = {}
+        self._cache: dict[str, tuple[KeyRecord, bytes] | None] = {}  # None: a service identity's absent row
         self._seen_version: int | None = None
 
     def close(self) -> None:
@@ -199,15 +199,18 @@ class KeyStore:
             if version != self._seen_version or len(self._cache) > _CACHE_MAX:
                 self._cache.clear()
                 self._seen_version = version
-            cached = self._cache.get(key_id)
-            if cached is not None:
-                return cached
+            if key_id in self._cache:
+                return self._cache[key_id]
             row = self._conn.execute(
                 "SELECT key_id, name, roles, created_at, expires_at, revoked_at, quarantined_at, "
                 "secret_hash FROM api_keys WHERE key_id = ?",
                 (key_id,),
             ).fetchone()
-            if row is None:  # unknown ids are not cached: an attacker could fill the cache with them
+            if row is None:
+                # Unknown key ids are not cached (an attacker could fill the cache with them); a service
+                # identity's usually absent row is: the policy names those, and a request makes none up.
+                if key_id.startswith(CERT_PRINCIPAL_PREFIX):
+                    self._cache[key_id] = None
                 return None
             found = KeyRecord(row[0], row[1], tuple(json.loads(row[2])), *row[3:7]), row[7]
             self._cache[key_id] = found
@@ -279,13 +282,14 @@ class SharedKeyStore:
     """API keys in Redis or PostgreSQL (`bastion.records`): one record per key id, holding the
     secret's SHA-256 only. Found records are cached; the cache is dropped when the collection's
     counter moved (read at most every 0.25 s), so another replica's revocation or quarantine is
-    seen within that. Unknown ids are not cached (a read each: the failed-auth limiter bounds them)."""
+    seen within that. Unknown key ids are not cached (a read each: the failed-auth limiter bounds them);
+    a service identity's absent record is (the policy bounds those names)."""
 
     def __init__(self, records: Records) -> None:
         self._records = records
         self._watch = Watch(records, _KEYS)
         self._lock = threading.Lock()
-        self._cache: dict[str, tuple[KeyRecord, bytes]] = {}
+        self._cache: dict[str, tuple[KeyRecord, bytes] | None] = {}  # None: a service identity's absent record
 
     def close(self) -> None:
         self._records.close()
@@ -317,11 +321,15 @@ class SharedKeyStore:
         with self._lock:
             if self._watch.stale() or len(self._cache) > _CACHE_MAX:
                 self._cache.clear()
-            cached = self._cache.get(key_id)
-            if cached is not None:
-                return cached
+            if key_id in self._cache:
+                return self._cache[key_id]
             text = self._records.get(_KEYS, key_id)
             if text is None:
+                # A service identity's record (`cert:<name>`) is usually absent: cached as absent, else
+                # every certificate request made a round trip for it. The same counter drops it when
+                # any replica quarantines or revokes it. Unknown key ids are not cached (see above).
+                if key_id.startswith(CERT_PRINCIPAL_PREFIX):
+                    self._cache[key_id] = None
                 return None
             found = _shared_record(key_id, json.loads(text))
             self._cache[key_id] = found

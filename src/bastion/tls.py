@@ -5,9 +5,13 @@
   exchange. TLS 1.3's suites are all AEAD with ephemeral keys. No compression, no renegotiation.
 - Client certificates (`client_auth`): "optional" asks for one and verifies it if sent; "require"
   refuses the handshake without a valid one. Either way a certificate that does not chain to
-  `client_ca_file` (another CA, expired, not yet valid) fails the handshake, and no session is
-  resumed (every connection's certificate is verified anew). Which principal a valid certificate is,
-  is the policy's business (bastion.certs), not this module's.
+  `client_ca_file` (another CA, expired, not yet valid) fails the handshake. No session is resumed:
+  tickets are off (OP_NO_TICKET, no TLS 1.3 tickets) and so is OpenSSL's server session cache (TLS 1.2
+  session IDs), which Python does not expose (`_disable_session_cache`). Trust is not decided once per
+  connection either: every request re-checks the certificate (`ServerTls.check_client`: its validity
+  window against now, its issuer against the current client CA set), so a kept-alive connection loses
+  its identity when the certificate expires or its CA leaves `client_ca_file`. Which principal a valid
+  certificate is, and its revocation, is the policy's business (bastion.certs), not this module's.
 - Reload: the files' modification times are checked every `reload_interval_seconds`, and on SIGHUP.
   A new set that loads and validates replaces the old for new connections (open ones keep theirs);
   one that does not (half-written, key not matching) is logged and the old set keeps serving.
@@ -22,19 +26,22 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import ssl
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import uvloop
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
+from bastion.certs import ClientCertificate
 from bastion.config import TlsSettings
 from bastion.errors import ConfigError
 
@@ -99,9 +106,14 @@ def read_material(settings: TlsSettings, where: Path) -> TlsMaterial:
             f"{field}.key_file: {settings.key_file}: not an unencrypted PEM private key ({e})"
         ) from None
     leaf = chain[0]
-    expires = leaf.not_valid_after_utc
-    if expires <= datetime.now(UTC):
+    expires, starts, now = leaf.not_valid_after_utc, leaf.not_valid_before_utc, datetime.now(UTC)
+    if expires <= now:
         raise ConfigError(f"{field}.cert_file: {settings.cert_file} expired on {expires:%Y-%m-%d %H:%M} UTC")
+    if starts > now:
+        # Every client would refuse it until then: the set serving now is worth more than this one.
+        raise ConfigError(
+            f"{field}.cert_file: {settings.cert_file} is not valid before {starts:%Y-%m-%d %H:%M:%S} UTC"
+        )
     raw = serialization.PublicFormat.SubjectPublicKeyInfo
     encoding = serialization.Encoding.DER
     if key.public_key().public_bytes(encoding, raw) != leaf.public_key().public_bytes(encoding, raw):
@@ -132,9 +144,43 @@ def build_context(settings: TlsSettings, material: TlsMaterial) -> ssl.SSLContex
         ctx.verify_mode = ssl.CERT_REQUIRED if settings.client_auth == "require" else ssl.CERT_OPTIONAL
         # No session resumption: a resumed session is not verified again, so a client certificate that
         # expired, or whose CA left client_ca_file, would go on being accepted for the session's life.
+        # Tickets (TLS 1.2 and 1.3) are off here; TLS 1.2 session IDs need the cache off too.
         ctx.options |= ssl.OP_NO_TICKET
         ctx.num_tickets = 0
+        _disable_session_cache(ctx)
     return ctx
+
+
+_SSL_CTRL_SET_SESS_CACHE_MODE = 44  # OpenSSL's SSL_CTX_set_session_cache_mode is a macro over SSL_CTX_ctrl
+_SSL_CTRL_GET_SESS_CACHE_MODE = 45
+_SSL_SESS_CACHE_OFF = 0
+
+
+def _disable_session_cache(ctx: ssl.SSLContext) -> bool:
+    """Switch off OpenSSL's server session cache on `ctx` (TLS 1.2 resumption by session ID), which
+    CPython sets to "server" and does not let one change. Done through the `SSL_CTX *` the `_ssl`
+    object holds, after checking that pointer is what it seems (its options read back as
+    `ctx.options`); False (and the per-request checks alone stand) if anything does not match."""
+    try:
+        import _ssl
+
+        lib = ctypes.CDLL(_ssl.__file__)  # its symbols and those of the libssl it was linked with
+        ctrl = lib.SSL_CTX_ctrl
+        ctrl.restype, ctrl.argtypes = ctypes.c_long, [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+        get_options = lib.SSL_CTX_get_options
+        get_options.restype, get_options.argtypes = ctypes.c_uint64, [ctypes.c_void_p]
+        # PySSLContext starts with PyObject_HEAD, then `SSL_CTX *ctx`.
+        pointer = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+        if not pointer or get_options(pointer) != int(ctx.options):
+            raise LookupError("the SSL_CTX pointer does not read back this context's options")
+        ctrl(pointer, _SSL_CTRL_SET_SESS_CACHE_MODE, _SSL_SESS_CACHE_OFF, None)
+        if ctrl(pointer, _SSL_CTRL_GET_SESS_CACHE_MODE, 0, None) != _SSL_SESS_CACHE_OFF:
+            raise LookupError("the session cache mode did not change")
+    except (OSError, AttributeError, LookupError) as e:
+        log.warning("TLS 1.2 session-ID resumption could not be switched off (%s): every request "
+                    "re-checks its client certificate all the same", e)
+        return False
+    return True
 
 
 def load(settings: TlsSettings, where: Path) -> tuple[TlsMaterial, ssl.SSLContext]:
@@ -157,6 +203,30 @@ def load(settings: TlsSettings, where: Path) -> tuple[TlsMaterial, ssl.SSLContex
     raise ConfigError(f"{where}: server.tls: the certificate files kept changing while they were read")
 
 
+_VERDICTS_MAX = 4096
+
+
+def _certificates(pem: bytes | None) -> tuple[x509.Certificate, ...]:
+    return () if pem is None else tuple(x509.load_pem_x509_certificates(pem))
+
+
+def _issued_by_one_of(der: bytes, cas: tuple[x509.Certificate, ...]) -> bool:
+    """Whether one of `cas` issued the DER certificate (its name is the issuer and its key signed it)."""
+    try:
+        leaf = x509.load_der_x509_certificate(der)
+    except ValueError:
+        return False
+    for ca in cas:
+        if ca.subject != leaf.issuer:
+            continue
+        try:
+            leaf.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return True
+    return False
+
+
 class ServerTls:
     """The server's TLS: the listening `ssl.SSLContext` (REST), gRPC's credentials, and reloading.
 
@@ -173,6 +243,11 @@ class ServerTls:
             raise ConfigError(f"{where}: server.tls: OpenSSL refused the certificate or key: {e}") from None
         self.generation = 0
         self._seen: tuple[tuple[int, int, int], ...] | None = self.material.stamp  # None: unreadable
+        # The client CA set requests are re-checked against (`check_client`), and its own generation:
+        # verdicts are cached per certificate until the set changes.
+        self._client_cas = _certificates(self.material.client_ca)
+        self.ca_generation = 0
+        self._verdicts: dict[ClientCertificate, tuple[int, bool]] = {}
         # The context every connection starts with: its sni_callback moves the handshake onto the
         # current context. It is the first current one, so until a reload the callback does nothing.
         self.listening = self._current
@@ -201,10 +276,43 @@ class ServerTls:
             self._seen = material.stamp
             if not changed:
                 return False
+            if material.client_ca != self.material.client_ca:
+                self._client_cas = _certificates(material.client_ca)
+                self.ca_generation += 1
             self.material, self._current = material, context
             self.generation += 1
         log.info("TLS certificate reloaded: serial %x; new connections use it", material.serial)
         return True
+
+    def check_client(self, cert: ClientCertificate, now: float) -> str | None:
+        """Whether a connection's client certificate still holds, for a request at `now` (Unix seconds):
+        None, or why not (an `AuthenticationFailed` reason): "client_certificate_expired",
+        "client_certificate_not_yet_valid", or "client_certificate_untrusted" when no certificate of the
+        current `client_ca_file` issued it (its CA was removed or replaced by a reload since the
+        handshake). The issuer check is cached per certificate and client CA set: two comparisons and a
+        dictionary look-up per request while nothing changes."""
+        if now >= cert.not_after:
+            return "client_certificate_expired"
+        if now < cert.not_before:
+            return "client_certificate_not_yet_valid"
+        generation = self.ca_generation
+        cached = self._verdicts.get(cert)
+        if cached is not None and cached[0] == generation:
+            trusted = cached[1]
+        else:
+            trusted = _issued_by_one_of(cert.der, self._client_cas)
+            if len(self._verdicts) >= _VERDICTS_MAX:
+                self._verdicts.clear()  # bounded: a certificate is only ever verified again
+            self._verdicts[cert] = (generation, trusted)
+        return None if trusted else "client_certificate_untrusted"
+
+    def recheck(self, cert: ClientCertificate | None, now: float) -> ClientCertificate | None:
+        """`cert` as a request at `now` sees it: itself while it holds, else a copy whose `refused`
+        says why (the identity stage refuses the request, bastion.stages.identity). None stays None."""
+        if cert is None:
+            return None
+        reason = self.check_client(cert, now)
+        return cert if reason is None else replace(cert, refused=reason)
 
     def _stamps(self) -> tuple[tuple[int, int, int], ...]:
         return tuple(_stamp(path) for _, path in _paths(self.settings))

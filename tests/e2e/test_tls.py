@@ -1,13 +1,16 @@
 """TLS and client certificates on the real `bastion serve`, REST and gRPC, attacked from the client side.
 
-Two servers for the module, each started once: "optional" client certificates with TLS 1.2 allowed
-(mapping, refusals, reload, handshake deadline), and "require" with TLS 1.3 only. Every certificate
-is made by the tests (tests/pki.py).
+Two servers for the module, each started once: "optional" client certificates (mapping, refusals,
+reload, handshake deadline), and "require" (gRPC maps certificates; certificates that expire or lose
+their CA on an open connection). Both allow TLS 1.2: `min_version = "1.3"` is refused with gRPC enabled
+(grpcio cannot enforce it) and shown on REST in tests/unit/test_tls.py. Every certificate is made by
+the tests (tests/pki.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import shutil
 import signal
@@ -32,7 +35,7 @@ from bastion.demo import infer_request
 from bastion.grpc import grpc_predict_v2_pb2 as pb
 from bastion.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
 from tests.helpers import BASTION, RunningServer, create_key, free_port, run_cli, write_test_deployment
-from tests.pki import SPIFFE_SCORER, Authority, Issued
+from tests.pki import SPIFFE_SCORER, Authority, Issued, malleate
 
 HEAD_TIMEOUT = 1.5
 RELOAD_INTERVAL = 0.3
@@ -49,7 +52,8 @@ class Pki:
     ingest: Issued  # subject CN=ingest,O=Bastion Tests: the analyst role
     scorer: Issued  # SPIFFE ID: the admin role
     stranger: Issued  # valid, from the CA, mapped to no one
-    revoked: Issued  # subject CN=ingest too, but its fingerprint is revoked
+    revoked: Issued  # subject CN=ingest too, but its public key is revoked
+    twin: Issued  # `revoked` re-encoded by its holder (ECDSA (r, n - s)): another DER, the same key
     expired: Issued  # CN=ingest, expired
     foreign: Issued  # CN=ingest from another CA
     metered: Issued  # CN=metered: the quota role (a daily quota of 2)
@@ -91,6 +95,9 @@ class TlsServer:
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     root = tmp_path_factory.mktemp("pki")
     ca, other = Authority(root, "test"), Authority(root, "other")
+    revoked = ca.issue("revoked", cn="ingest")
+    twin_pem = root / "revoked-twin.pem"
+    twin_pem.write_bytes(malleate(revoked.cert.read_bytes()))
     return Pki(
         ca=ca,
         server=ca.issue("server", cn="127.0.0.1", server=True),
@@ -98,7 +105,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         ingest=ca.issue("ingest", cn="ingest"),
         scorer=ca.issue("scorer", cn="scorer-workload", spiffe_id=SPIFFE_SCORER),
         stranger=ca.issue("stranger", cn="stranger"),
-        revoked=ca.issue("revoked", cn="ingest"),
+        revoked=revoked,
+        twin=Issued(twin_pem, revoked.key, revoked.serial, "", revoked.public_key_sha256),
         expired=ca.issue("expired", cn="ingest", expired=True),
         foreign=other.issue("foreign", cn="ingest"),
         metered=ca.issue("metered", cn="metered"),
@@ -130,7 +138,7 @@ enabled = true
 port = 1
 
 [client_certificates]
-revoked_fingerprints = ["{pki.revoked.fingerprint}"]
+revoked_public_keys = ["{pki.revoked.public_key_sha256}"]
 
 [[client_certificates.identities]]
 name = "ingest"
@@ -203,7 +211,7 @@ def tls(tmp_path_factory: pytest.TempPathFactory, deployment: Deployment, pki: P
 @pytest.fixture(scope="module")
 def strict(tmp_path_factory: pytest.TempPathFactory, deployment: Deployment, pki: Pki) -> Iterator[TlsServer]:
     root = tmp_path_factory.mktemp("require") / "d"
-    running = _start(deployment, root, pki, client_auth="require", min_version="1.3")
+    running = _start(deployment, root, pki, client_auth="require", min_version="1.2")
     yield running
     running.server.stop()
 
@@ -311,7 +319,10 @@ def test_a_certificate_principal_has_its_roles_limits(tls: TlsServer) -> None:
 def test_unmapped_revoked_and_doubly_credentialed_certificates_get_nothing(tls: TlsServer) -> None:
     pki = tls.pki
     assert tls.infer(pki.stranger).status_code == 401  # valid for the CA, named by no identity
-    assert tls.infer(pki.revoked).status_code == 401  # its subject maps, its fingerprint is revoked
+    assert tls.infer(pki.revoked).status_code == 401  # its subject maps, its public key is revoked
+    # Re-encoded by its holder: another DER (another SHA-256 of the certificate), the same public key.
+    assert pki.twin.cert.read_bytes() != pki.revoked.cert.read_bytes()
+    assert tls.infer(pki.twin).status_code == 401
     assert tls.infer().status_code == 401  # no certificate, no key
     # A mapped certificate and a bearer key: two principals, refused rather than one chosen.
     answer = tls.infer(pki.ingest, key="admin")
@@ -337,7 +348,7 @@ def test_certificates_from_another_ca_or_expired_fail_the_handshake(tls: TlsServ
     assert tls.infer(tls.pki.ingest).status_code == 200  # the same subject from the right CA, in date
 
 
-def test_the_audit_names_the_certificate_principal_and_fingerprint_never_the_certificate(
+def test_the_audit_names_the_certificate_principal_and_public_key_never_the_certificate(
     tls: TlsServer,
 ) -> None:
     pki = tls.pki
@@ -346,9 +357,10 @@ def test_the_audit_names_the_certificate_principal_and_fingerprint_never_the_cer
     records = {r.get("request_id"): r for r in _audit(tls)}
     served = records[ok.headers["x-request-id"]]
     assert served["principal"] == "cert:ingest" and served["via"] == "certificate"
-    assert served["certificate"] == pki.ingest.fingerprint
+    # A stable id (the public key's SHA-256), not the DER's hash its holder can change by re-encoding.
+    assert served["certificate"] == pki.ingest.public_key_sha256
     denied = records[refused.headers["x-request-id"]]
-    assert denied["principal"] is None and denied["certificate"] == pki.stranger.fingerprint
+    assert denied["principal"] is None and denied["certificate"] == pki.stranger.public_key_sha256
     # Neither the certificate nor its key is written anywhere the server writes.
     pem_body = "".join(pki.ingest.cert.read_text().splitlines()[1:-1])
     key_body = "".join(pki.ingest.key.read_text().splitlines()[1:-1])
@@ -499,15 +511,13 @@ def test_grpc_follows_a_certificate_reload_and_so_does_rest(tls: TlsServer) -> N
     assert tls.infer(pki.ingest).status_code == 200
 
 
-# -- client_auth = "require", TLS 1.3 only -------------------------------------------------------------
+# -- client_auth = "require" ---------------------------------------------------------------------------
 
 
 def test_require_refuses_a_connection_without_a_valid_certificate(strict: TlsServer) -> None:
     with pytest.raises(httpx.TransportError):
         strict.infer(key="analyst")  # a key is not enough: the connection needs a certificate
     assert strict.infer(strict.pki.ingest).status_code == 200
-    with pytest.raises(ssl.SSLError):  # TLS 1.2 refused when min_version = "1.3"
-        _handshake(strict.context(strict.pki.ingest, maximum_version=ssl.TLSVersion.TLSv1_2), strict.port)
 
 
 def test_grpc_with_require_maps_a_spiffe_certificate_and_refuses_none(strict: TlsServer) -> None:
@@ -519,3 +529,72 @@ def test_grpc_with_require_maps_a_spiffe_certificate_and_refuses_none(strict: Tl
     with pytest.raises(InferenceServerException) as err:
         _triton(strict, strict.pki.stranger).infer(ONNX, [_grpc_input(strict.rows)])
     assert "401" in str(err.value) or "UNAUTHENTICATED" in str(err.value)
+    # The revoked certificate re-encoded by its holder: still its revoked public key.
+    with pytest.raises(InferenceServerException) as err:
+        _triton(strict, strict.pki.twin).infer(ONNX, [_grpc_input(strict.rows)])
+    assert "401" in str(err.value) or "UNAUTHENTICATED" in str(err.value)
+
+
+def _refused(call: Any) -> str:
+    """The gRPC call's refusal, as tritonclient reports it."""
+    with pytest.raises(InferenceServerException) as err:
+        call()
+    return str(err.value)
+
+
+def test_an_open_connection_loses_a_certificate_that_expires(strict: TlsServer) -> None:
+    """REST keep-alive and a gRPC channel, opened while the certificate was valid: the request after its
+    expiry is refused on the same connection (a new handshake would fail; a 401 proves the old one)."""
+    lifetime = 3.0
+    until = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=lifetime)
+    short = strict.pki.ca.issue("short-lived", cn="ingest", valid_until=until)
+    body = infer_request(strict.rows)
+    with strict.client(short) as rest:
+        channel = _triton(strict, short)
+        assert rest.post(f"/v2/models/{ONNX}/infer", json=body).status_code == 200
+        assert channel.infer(ONNX, [_grpc_input(strict.rows)]).as_numpy("label").shape == (2,)
+        time.sleep(max(0.0, until.replace(microsecond=0).timestamp() - time.time()) + 0.3)
+        answer = rest.post(f"/v2/models/{ONNX}/infer", json=body)
+        assert answer.status_code == 401 and answer.json()["code"] == "unauthenticated"
+        refused = _refused(lambda: channel.infer(ONNX, [_grpc_input(strict.rows)]))
+        assert "UNAUTHENTICATED" in refused or "401" in refused, refused
+        channel.close()
+    reasons = {r.get("reason") for r in _audit(strict)}
+    assert "client_certificate_expired" in reasons
+
+
+def test_an_open_connection_loses_a_certificate_whose_ca_is_replaced(strict: TlsServer) -> None:
+    """Placed last: the client CA file is replaced by another CA's (the answer to a compromised CA) and
+    reloaded; connections opened under the old CA are refused on their next request, then it is put back."""
+    pki, ca_file = strict.pki, strict.root / "tls" / "ca.pem"
+    body = infer_request(strict.rows)
+    original = ca_file.read_bytes()
+    with strict.client(pki.ingest) as rest:
+        channel = _triton(strict, pki.ingest)
+        assert rest.post(f"/v2/models/{ONNX}/infer", json=body).status_code == 200
+        assert channel.infer(ONNX, [_grpc_input(strict.rows)]).as_numpy("label").shape == (2,)
+        try:
+            ca_file.write_bytes((pki.foreign.cert.parent / "other-ca.pem").read_bytes())
+            deadline = time.monotonic() + 10
+            while (answer := rest.post(f"/v2/models/{ONNX}/infer", json=body)).status_code == 200:
+                assert time.monotonic() < deadline, "the kept connection still answers after the CA left"
+                time.sleep(0.1)
+            assert answer.status_code == 401 and answer.json()["code"] == "unauthenticated"
+            refused = _refused(lambda: channel.infer(ONNX, [_grpc_input(strict.rows)]))
+            assert "UNAUTHENTICATED" in refused or "401" in refused, refused
+            channel.close()
+        finally:
+            ca_file.write_bytes(original)
+    deadline = time.monotonic() + 10
+    while (status := _status_or_none(strict, pki.ingest)) != 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert status == 200  # the CA back: a new connection is served again
+    reasons = {r.get("reason") for r in _audit(strict)}
+    assert "client_certificate_untrusted" in reasons
+
+
+def _status_or_none(t: TlsServer, cert: Issued) -> int | None:
+    try:
+        return t.infer(cert).status_code
+    except httpx.TransportError:
+        return None

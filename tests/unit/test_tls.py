@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import socket
 import ssl
+import subprocess
 import time
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from bastion.stages.identity import Authenticate
 from bastion.tls import ServerTls
 from bastion.tokens import TokenAuthority, load_or_create_signing_key
 from tests.helpers import core_context
-from tests.pki import SPIFFE_SCORER, Authority
+from tests.pki import SPIFFE_SCORER, Authority, malleate
 
 SUBJECT = "CN=ingest,O=Bastion Tests"  # as cryptography writes the subject the PKI makes
 
@@ -108,9 +110,25 @@ def _policy(tmp_path: Path, text: str) -> Path:
         ),
         (
             '[server.tls]\ncert_file = "c"\nkey_file = "k"\nclient_ca_file = "ca"\nclient_auth = "optional"\n'
-            '[client_certificates]\nrevoked_fingerprints = ["AB"]\n',
-            "client_certificates.revoked_fingerprints.0",
+            '[client_certificates]\nrevoked_public_keys = ["AB"]\n',
+            "client_certificates.revoked_public_keys.0",
             "should match pattern",
+        ),
+        (
+            f'[client_certificates]\nrevoked_public_keys = ["{"a" * 64}"]\n',
+            "client_certificates",
+            "would be ignored",
+        ),
+        (  # the DER hash its holder can change: refused, naming what replaced it
+            '[server.tls]\ncert_file = "c"\nkey_file = "k"\nclient_ca_file = "ca"\nclient_auth = "optional"\n'
+            f'[client_certificates]\nrevoked_fingerprints = ["{"a" * 64}"]\n',
+            "client_certificates",
+            "revoked_public_keys instead",
+        ),
+        (  # gRPC cannot be held to TLS 1.3 (grpcio has no version setting): refused, not ignored
+            '[server.tls]\ncert_file = "c"\nkey_file = "k"\nmin_version = "1.3"\n[grpc]\nenabled = true\n',
+            "server.tls.min_version",
+            "cannot be enforced on gRPC",
         ),
     ],
 )
@@ -160,10 +178,12 @@ def test_certificate_files_that_cannot_serve_are_refused_naming_the_field(
 # -- Identities: exact subject or SPIFFE ID, deny by default -----------------------------------------
 
 
-def test_a_certificate_reads_its_subject_spiffe_id_and_fingerprint(pki: dict[str, object]) -> None:
+def test_a_certificate_reads_its_subject_spiffe_id_public_key_and_validity(pki: dict[str, object]) -> None:
     ingest, scorer = pki["ingest"], pki["scorer"]
     read = read_certificate(_der(ingest.cert))  # type: ignore[attr-defined]
-    assert read == ClientCertificate(SUBJECT, None, ingest.fingerprint)  # type: ignore[attr-defined]
+    assert read is not None and (read.subject, read.spiffe_id) == (SUBJECT, None)
+    assert read.public_key_sha256 == ingest.public_key_sha256  # type: ignore[attr-defined]
+    assert read.not_before < time.time() < read.not_after and read.refused is None
     read = read_certificate(_der(scorer.cert))  # type: ignore[attr-defined]
     assert read is not None and read.spiffe_id == SPIFFE_SCORER
     assert read_certificate(b"\x30\x03garbage") is None
@@ -384,3 +404,240 @@ def test_no_session_is_resumed_when_client_certificates_are_asked_for(pki: dict[
     assert asyncio.run(go("none")) == [False, True, True] * 2  # the check can see a resumption
     assert asyncio.run(go("optional")) == [False] * 6
     assert asyncio.run(go("require")) == [False] * 6
+
+
+def _s_client_resumes(port: int, ca: Path, client: object, tmp_path: Path) -> list[str]:
+    """OpenSSL's own client, TLS 1.2, offering the first connection's session ID on a second one
+    (what OP_NO_TICKET alone does not stop): "New" or "Reused" for each."""
+    session = tmp_path / "session.pem"
+    base = ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-tls1_2", "-CAfile", str(ca)]
+    cert = ["-cert", str(client.cert), "-key", str(client.key)]  # type: ignore[attr-defined]
+    seen = []
+    for extra in ([*cert, "-sess_out", str(session)], ["-sess_in", str(session)]):
+        out = subprocess.run([*base, *extra], input=b"", capture_output=True, timeout=20).stdout.decode()
+        seen += [line.split(",")[0] for line in out.splitlines() if line.startswith(("New,", "Reused,"))]
+    return seen
+
+
+def test_openssl_cannot_resume_a_tls12_session_by_id_when_client_certificates_are_asked_for(
+    tmp_path: Path, pki: dict[str, object]
+) -> None:
+    """The red team's resumption: a session resumed by ID carried the certificate without verifying it
+    again (and without the client sending it). The server's session cache is off: a full handshake."""
+    ca, server, ingest = pki["ca"], pki["server"], pki["ingest"]
+
+    async def go(client_auth: str) -> list[str]:
+        settings = TlsSettings(
+            cert_file=server.cert,  # type: ignore[attr-defined]
+            key_file=server.key,  # type: ignore[attr-defined]
+            client_ca_file=None if client_auth == "none" else ca.pem,  # type: ignore[attr-defined]
+            client_auth=client_auth,  # type: ignore[arg-type]
+        )
+        tls = ServerTls(settings, Path("bastion.toml"))
+        listening = await asyncio.get_running_loop().create_server(
+            asyncio.Protocol, "127.0.0.1", 0, ssl=tls.listening
+        )
+        port = listening.sockets[0].getsockname()[1]
+        try:
+            return await asyncio.to_thread(_s_client_resumes, port, ca.pem, ingest, tmp_path)  # type: ignore[attr-defined]
+        finally:
+            listening.close()
+
+    assert asyncio.run(go("none")) == ["New", "Reused"]  # without client certificates: the probe sees it
+    assert asyncio.run(go("optional")) == ["New", "New"]
+    assert asyncio.run(go("require")) == ["New", "New"]
+
+
+def test_a_revoked_certificate_re_encoded_by_its_holder_is_still_revoked(pki: dict[str, object]) -> None:
+    """ECDSA malleability: (r, n - s) is another DER that still verifies. Revocation matches the public
+    key, which the CA signed, so the twin is the same revoked certificate; the audit's id is the same."""
+    ca, ingest = pki["ca"], pki["ingest"]
+    twin_pem = malleate(ingest.cert.read_bytes())  # type: ignore[attr-defined]
+    twin = x509.load_pem_x509_certificate(twin_pem)
+    twin.verify_directly_issued_by(ca.cert)  # type: ignore[attr-defined]  # the CA's signature still holds
+    original, copy = read_certificate(_der(ingest.cert)), read_certificate(_der_of(twin))  # type: ignore[attr-defined]
+    assert original is not None and copy is not None and original.der != copy.der
+    assert copy.public_key_sha256 == original.public_key_sha256 == ingest.public_key_sha256  # type: ignore[attr-defined]
+    ids = _identities(revoked=[ingest.public_key_sha256])  # type: ignore[attr-defined]
+    for cert in (original, copy):
+        with pytest.raises(AuthenticationFailed) as err:
+            ids.match(cert)
+        assert err.value.reason == "certificate_revoked"
+
+
+def _der_of(cert: x509.Certificate) -> bytes:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    return cert.public_bytes(Encoding.DER)
+
+
+def test_min_version_1_3_refuses_a_tls12_client(pki: dict[str, object]) -> None:
+    ca, server = pki["ca"], pki["server"]
+
+    async def go() -> None:
+        settings = TlsSettings(cert_file=server.cert, key_file=server.key, min_version="1.3")  # type: ignore[attr-defined]
+        tls = ServerTls(settings, Path("bastion.toml"))
+        listening = await asyncio.get_running_loop().create_server(
+            asyncio.Protocol, "127.0.0.1", 0, ssl=tls.listening
+        )
+        port = listening.sockets[0].getsockname()[1]
+
+        def handshake(version: ssl.TLSVersion) -> str:
+            context = ssl.create_default_context(cafile=ca.pem)  # type: ignore[attr-defined]
+            context.maximum_version = version
+            with (
+                socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+                context.wrap_socket(raw, server_hostname="127.0.0.1") as conn,
+            ):
+                return str(conn.version())
+
+        try:
+            assert await asyncio.to_thread(handshake, ssl.TLSVersion.TLSv1_3) == "TLSv1.3"
+            with pytest.raises(ssl.SSLError):
+                await asyncio.to_thread(handshake, ssl.TLSVersion.TLSv1_2)
+        finally:
+            listening.close()
+
+    asyncio.run(go())
+
+
+def test_a_server_certificate_not_yet_valid_is_refused_at_start_up_and_on_reload(
+    tmp_path: Path, pki: dict[str, object], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every client would refuse it until its start: the set serving now keeps serving (one log line)."""
+    ca, first = pki["ca"], pki["server"]
+    soon = datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1)
+    early = ca.issue("early-server", cn="127.0.0.1", server=True, valid_from=soon)  # type: ignore[attr-defined]
+    where = tmp_path / "bastion.toml"
+    with pytest.raises(ConfigError) as err:
+        ServerTls(TlsSettings(cert_file=early.cert, key_file=early.key), where)
+    assert str(err.value).startswith(f"{where}: server.tls.cert_file:") and "not valid before" in str(err.value)
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    cert.write_bytes(first.cert.read_bytes())  # type: ignore[attr-defined]
+    key.write_bytes(first.key.read_bytes())  # type: ignore[attr-defined]
+    tls = ServerTls(TlsSettings(cert_file=cert, key_file=key), where)
+    cert.write_bytes(early.cert.read_bytes())
+    key.write_bytes(early.key.read_bytes())
+    with caplog.at_level("ERROR", logger="bastion.tls"):
+        assert not tls.reload()
+        assert not tls.changed_on_disk()  # tried: not re-read (nor re-logged) until the files move again
+    assert tls.material.serial == first.serial  # type: ignore[attr-defined]
+    assert [r.getMessage() for r in caplog.records if "not valid before" in r.getMessage()] != []
+    assert len(caplog.records) == 1
+
+
+def test_a_client_certificate_is_rechecked_on_every_request(tmp_path: Path, pki: dict[str, object]) -> None:
+    """Trust is not decided once per connection: the certificate's window against the request's time,
+    and its issuer against the client CA set serving now (a reload that removes its CA ends it)."""
+    ca, other, server = pki["ca"], pki["other"], pki["server"]
+    now = datetime.datetime.now(datetime.UTC)
+    short = ca.issue("short", cn="ingest", valid_until=now + datetime.timedelta(seconds=30))  # type: ignore[attr-defined]
+    later = ca.issue("later", cn="ingest", valid_from=now + datetime.timedelta(seconds=30))  # type: ignore[attr-defined]
+    cas = tmp_path / "ca.pem"
+    cas.write_bytes(ca.pem.read_bytes())  # type: ignore[attr-defined]
+    settings = TlsSettings(
+        cert_file=server.cert,  # type: ignore[attr-defined]
+        key_file=server.key,  # type: ignore[attr-defined]
+        client_ca_file=cas,
+        client_auth="require",
+    )
+    tls = ServerTls(settings, tmp_path / "bastion.toml")
+    cert = read_certificate(_der(short.cert))
+    assert cert is not None
+    t = now.timestamp()
+    assert tls.check_client(cert, t) is None and tls.recheck(cert, t) is cert
+    assert tls.check_client(cert, t + 31) == "client_certificate_expired"
+    refused = tls.recheck(cert, t + 31)
+    assert refused is not None and refused.refused == "client_certificate_expired"
+    early = read_certificate(_der(later.cert))
+    assert early is not None and tls.check_client(early, t) == "client_certificate_not_yet_valid"
+    # Its CA replaced by another: refused on the next request; back, accepted again.
+    cas.write_bytes(other.pem.read_bytes())  # type: ignore[attr-defined]
+    assert tls.reload()
+    assert tls.check_client(cert, t) == "client_certificate_untrusted"
+    cas.write_bytes(other.pem.read_bytes() + ca.pem.read_bytes())  # type: ignore[attr-defined]
+    assert tls.reload()
+    assert tls.check_client(cert, t) is None
+    # A certificate whose issuer's name matches but whose signature is another key's: untrusted.
+    impostor = Authority(tmp_path / "impostor", "test")  # the same CA name, another key
+    forged = read_certificate(_der(impostor.issue("forged", cn="ingest").cert))
+    assert forged is not None and tls.check_client(forged, t) == "client_certificate_untrusted"
+
+
+def test_a_certificate_refused_by_the_transport_gets_no_principal_even_with_a_key(tmp_path: Path) -> None:
+    asyncio.run(_refused_by_transport(tmp_path))
+
+
+async def _refused_by_transport(tmp_path: Path) -> None:
+    keys = KeyStore(tmp_path / "keys.db")
+    tokens = TokenAuthority(
+        load_or_create_signing_key(tmp_path / "t.jwk"), issuer="b", audience="b", default_ttl=60
+    )
+    key = keys.create(name="k", roles=["analyst"], now=time.time()).secret
+    stale = ClientCertificate(SUBJECT, None, "e" * 64, refused="client_certificate_expired")
+    for stage in (Authenticate(keys, tokens, certificates=_identities()), Authenticate(keys, tokens)):
+        for credentials in (None, f"Bearer {key}"):
+            with pytest.raises(AuthenticationFailed) as err:
+                await stage(core_context(Route.INFER, credentials, client_certificate=stale))
+            assert err.value.reason == "client_certificate_expired"
+    keys.close()
+
+
+class _CountingRecords:
+    """A Records wrapper counting `get` round trips (what a certificate request costs)."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner, self.gets = inner, 0
+
+    def get(self, collection: str, key: str) -> str | None:
+        self.gets += 1
+        return self.inner.get(collection, key)  # type: ignore[attr-defined, no-any-return]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+def test_an_absent_service_identity_record_is_cached_and_its_quarantine_still_arrives_within_a_second() -> None:
+    from bastion.keys import SharedKeyStore
+    from bastion.records.redis import RedisRecords
+    from tests.helpers import REDIS_URL, drop_redis_keys, redis_prefix
+
+    prefix = redis_prefix()
+    counted = _CountingRecords(RedisRecords(REDIS_URL, prefix=prefix))
+    a = SharedKeyStore(counted)  # type: ignore[arg-type]
+    b = SharedKeyStore(RedisRecords(REDIS_URL, prefix=prefix))
+    try:
+        for _ in range(50):  # 50 certificate requests: one read of the absent record, not 50
+            assert a.get("cert:ingest") is None
+        assert counted.gets == 1
+        for _ in range(3):  # unknown key ids are still never cached (an attacker could fill the cache)
+            assert a.get("0" * 16) is None
+        assert counted.gets == 4
+        # Another replica quarantines the identity: this one sees it within a second.
+        assert b.quarantine("cert:ingest", now=time.time())
+        start = time.monotonic()
+        while (record := a.get("cert:ingest")) is None or record.quarantined_at is None:
+            assert time.monotonic() - start < 1.0, "the quarantine did not arrive within 1 s"
+            time.sleep(0.01)
+        assert b.revoke("cert:ingest", now=time.time())
+        start = time.monotonic()
+        while (record := a.get("cert:ingest")) is not None and record.revoked_at is None:
+            assert time.monotonic() - start < 1.0, "the revocation did not arrive within 1 s"
+            time.sleep(0.01)
+        assert record is not None and record.revoked_at is not None
+    finally:
+        a.close()
+        b.close()
+        drop_redis_keys(prefix)
+
+
+def test_an_absent_service_identity_row_is_cached_in_sqlite_too(tmp_path: Path) -> None:
+    a, b = KeyStore(tmp_path / "keys.db"), KeyStore(tmp_path / "keys.db")  # two processes' stores
+    try:
+        assert a.get("cert:ingest") is None and "cert:ingest" in a._cache
+        assert b.quarantine("cert:ingest", now=time.time())
+        record = a.get("cert:ingest")  # SQLite's data_version moved: read again at once
+        assert record is not None and record.quarantined_at is not None
+    finally:
+        a.close()
+        b.close()

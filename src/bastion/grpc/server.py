@@ -68,8 +68,10 @@ class _Refused(BastionException):
 class InferenceService:
     """The RPCs of `inference.GRPCInferenceService`; every decision is `Bastion.handle`'s."""
 
-    def __init__(self, service: Bastion) -> None:
+    def __init__(self, service: Bastion, tls: ServerTls | None = None) -> None:
+        """`tls`: the server's TLS, which re-checks the client certificate on every call."""
         self.service = service
+        self.tls = tls
 
     def handler(self) -> grpc.GenericRpcHandler:
         def unary(fn: Callable[[bytes, grpc.aio.ServicerContext[Any, Any]], Awaitable[Message]]) -> Any:
@@ -156,10 +158,13 @@ class InferenceService:
                 raise PayloadTooLarge(f"message larger than {limit} bytes")
             return body
 
+        now = self.service.clock()
+        # Re-checked per call: a busy channel lives on past its certificate and its CA's removal.
+        certificate = self.tls.recheck(_client_certificate(context), now) if self.tls is not None else None
         ctx = RequestContext(
             request_id=os.urandom(8).hex(),
             action=ROUTE_ACTIONS[route],
-            now=self.service.clock(),
+            now=now,
             credentials=credentials,
             read_body=read_body,
             decode=decode,
@@ -167,7 +172,7 @@ class InferenceService:
             model_name=model_name,
             model_version=version,
             traceparent=traceparent,
-            client_certificate=_client_certificate(context),
+            client_certificate=certificate,
         )
         outcome = await self.service.handle(route, ctx)
         metadata = _metadata(outcome, ctx.request_id)
@@ -258,7 +263,7 @@ class GrpcServer:
                 ("grpc.server_handshake_timeout_ms", int(self._service.config.server.head_timeout_seconds * 1000)),
             ],
         )
-        server.add_generic_rpc_handlers((InferenceService(self._service).handler(),))
+        server.add_generic_rpc_handlers((InferenceService(self._service, self._tls).handler(),))
         address = f"[{s.host}]:{s.port}" if ":" in s.host else f"{s.host}:{s.port}"
         try:
             if self._tls is not None:

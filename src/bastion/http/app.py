@@ -135,10 +135,11 @@ class BastionApp:
                 if not message.get("more_body", False):
                     return b"".join(chunks)
 
+        now = self.service.clock()
         return RequestContext(
             request_id=os.urandom(8).hex(),
             action=ROUTE_ACTIONS[route],
-            now=self.service.clock(),
+            now=now,
             credentials=auth.decode("latin-1") if auth is not None else None,
             read_body=read_body,
             client=client[0] if client else None,
@@ -152,7 +153,10 @@ class BastionApp:
             if match is not None and match.spec.session and match.method_allowed
             else None,
             traceparent=traceparent.decode("latin-1") if traceparent is not None else None,
-            client_certificate=_client_certificate(scope),
+            # Re-checked per request, not once per connection (a kept-alive one outlives its certificate).
+            client_certificate=self.tls.recheck(_client_certificate(scope), now)
+            if self.tls is not None
+            else None,
         )
 
     def _on_sighup(self) -> None:

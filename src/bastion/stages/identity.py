@@ -33,6 +33,10 @@ class Authenticate:
     async def __call__(self, ctx: RequestContext) -> None:
         header = ctx.credentials
         certificates = self._certificates
+        if ctx.client_certificate is not None and ctx.client_certificate.refused is not None:
+            # The connection's certificate no longer holds (expired, or its CA left client_ca_file since
+            # the handshake: bastion.tls): nothing is answered on it, whatever else the request carries.
+            raise AuthenticationFailed(ctx.client_certificate.refused)
         if ctx.client_certificate is not None and certificates is not None and self._certificate(ctx, certificates):
             return
         if not header and ctx.session is not None and self._sessions is not None:
@@ -88,7 +92,7 @@ class Authenticate:
             found.roles,
             via="certificate",
             quarantined=record is not None and record.quarantined_at is not None,
-            certificate=cert.fingerprint,
+            certificate=cert.public_key_sha256,
         )
         return True
 
