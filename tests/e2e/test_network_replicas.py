@@ -29,6 +29,7 @@ import httpx
 import numpy as np
 import pytest
 
+from bastion.audit.chain import load_or_create_audit_key
 from bastion.demo import build_demo, infer_request
 from tests.helpers import UNTHROTTLED_FAILED_AUTH, create_key, drop_postgres_table, postgres_table, run_cli
 from tests.netlab import Lab, free_port, network_lab
@@ -130,11 +131,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             keys = dict(
                 zip(roles, pool.map(lambda role: create_key(configs[0], role), roles.values()), strict=True)
             )
-        # Each replica its own state directory; the audit signing key one file for all (mounted on
-        # every host), created by the first replica to start.
-        lab.start_replica(0, configs[0])
-        with ThreadPoolExecutor(REPLICAS - 1) as pool:  # ~4 s each to load the model: in parallel
-            list(pool.map(lab.start_replica, range(1, REPLICAS), configs[1:]))
+        # Each replica its own state directory; the audit signing key one file for all, provisioned
+        # beforehand (a secret mounted on every host).
+        load_or_create_audit_key(root / "audit-key" / "audit_signing.key")
+        with ThreadPoolExecutor(REPLICAS) as pool:  # ~4 s each to load the model: in parallel
+            list(pool.map(lab.start_replica, range(REPLICAS), configs))
         lab.wait_backends(lb_port, up=REPLICAS)
         try:
             yield Cluster(lab, configs, f"http://127.0.0.1:{lb_port}", lb_port, table, keys, build.features)
