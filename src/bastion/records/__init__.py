@@ -69,9 +69,9 @@ log = logging.getLogger("bastion.records")
 
 CHECK_EVERY = 0.25  # seconds a cache is used before its collection's counter is read again
 # The longest a caller (the event loop) waits for one call to Redis or PostgreSQL. A local round trip
-# takes well under a millisecond and a swap's commit a few; 0.4 s leaves room for a loaded host while
-# keeping liveness (answered on the same loop) under half a second when a backend hangs.
-DEADLINE = 0.4
+# takes well under a millisecond and a swap's commit a few; 0.3 s leaves room for a loaded host while
+# keeping liveness (answered on the same loop, which a call holds once per outage) well under 0.5 s.
+DEADLINE = 0.3
 FIRST_DEADLINE = 3.0  # the same for a process's first call, which connects (and creates the tables)
 PROBE_EVERY = 0.2  # seconds between probes of a backend marked down (requests fail at once meanwhile)
 _WORKERS = 4  # threads per backend: calls abandoned on a hung backend occupy at most this many
