@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import uvloop
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from bastion.certs import ClientCertificate
@@ -221,7 +221,7 @@ def _issued_by_one_of(der: bytes, cas: tuple[x509.Certificate, ...]) -> bool:
             continue
         try:
             leaf.verify_directly_issued_by(ca)
-        except (ValueError, TypeError, InvalidSignature):
+        except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
             continue
         return True
     return False
