@@ -97,8 +97,8 @@ def sweep_leftovers() -> None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(pid), signal.SIGKILL)
         listing.unlink(missing_ok=True)
-    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=20).stdout
-    for line in listing.splitlines():
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=20).stdout
+    for line in namespaces.splitlines():
         name = line.split()[0] if line.strip() else ""
         match = _NS.match(name)
         if match and not _alive(int(match.group(1))):
@@ -121,7 +121,7 @@ def _free_subnet() -> ipaddress.IPv4Network:
         )
     ]
     for _ in range(100):
-        candidate = ipaddress.ip_network(f"10.{200 + secrets.randbelow(8)}.{secrets.randbelow(256)}.0/24")
+        candidate = ipaddress.IPv4Network(f"10.{200 + secrets.randbelow(8)}.{secrets.randbelow(256)}.0/24")
         if not any(candidate.overlaps(u) for u in used):
             return candidate
     raise NetlabError("no free /24 in 10.200.0.0/13 for the lab's bridge")
