@@ -19,3 +19,33 @@ request = function()
   local body = template:gsub("__X__", string.format("%.6f", 17.5 + math.random()))
   return wrk.format("POST", nil, headers, body)
 end
+
+-- Answers counted by status, printed at the end as "status <code> <count>" lines: a non-2xx count
+-- then says what it was (429, 503, ...).
+local threads = {}
+function setup(thread)
+  table.insert(threads, thread)
+end
+
+function init(args)
+  counts = {}
+end
+
+function response(status, headers, body)
+  counts[status] = (counts[status] or 0) + 1
+  if status >= 300 and first_error == nil then
+    first_error = string.sub(body, 1, 300)  -- the error's JSON: its code says which defense refused
+  end
+end
+
+function done(summary, latency, requests)
+  for _, thread in ipairs(threads) do
+    for code, n in pairs(thread:get("counts")) do
+      io.write(string.format("status %d %d\n", code, n))
+    end
+    local first = thread:get("first_error")
+    if first ~= nil then
+      io.write("first error: " .. first .. "\n")
+    end
+  end
+end

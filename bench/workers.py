@@ -11,7 +11,7 @@ the figures). Prints requests/s, p50, p99 and server CPU per request (all proces
 the rounds.
 
     .venv/bin/python bench/workers.py [--workers 1,2,4] [--seconds 10] [--rounds 3] \
-        [--connections 32] [--principals 8] [--state sqlite|redis|postgres]
+        [--connections 16] [--principals 8] [--state sqlite|redis|postgres]
 
 Reusable: `Target` + `measure` drive any URL (a load balancer in front of replicas, another
 server) with the same load and the same figures.
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -75,7 +76,12 @@ def run_wrk(target: Target, body: Path, seconds: int, connections: int) -> dict[
         env=env,
         check=True,
     ).stdout
-    return parse_wrk(out)
+    result = parse_wrk(out)
+    if result["errors"]:
+        statuses = ", ".join(f"{code}: {n}" for code, n in re.findall(r"^status (\d+) (\d+)$", out, re.M))
+        first = re.search(r"^first error: (.*)$", out, re.M)
+        print(f"{target.name}: answers by status: {statuses}; {first.group(1) if first else ''}", flush=True)
+    return result
 
 
 def measure(target: Target, body: Path, seconds: int, connections: int) -> dict[str, float]:
@@ -95,10 +101,9 @@ def start(config: Path, workers: int) -> tuple[subprocess.Popen[bytes], int, lis
     """`bastion serve --workers N`: the supervisor, its port, and every process once all are ready."""
     port = free_port()
     cmd = [sys.executable, "-m", "bastion.cli", "serve", "--config", str(config), "--port", str(port)]
+    log = (config.parent / f"server-{port}.log").open("wb")  # read when a run is void
     proc = subprocess.Popen(
-        [*cmd, "--log-level", "warning", "--workers", str(workers)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        [*cmd, "--log-level", "warning", "--workers", str(workers)], stdout=log, stderr=subprocess.STDOUT
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -134,7 +139,7 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2,4", help="worker counts, comma-separated")
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--principals", type=int, default=8, help="API keys the requests take turns with")
     parser.add_argument("--state", choices=["sqlite", "redis", "postgres"], default="sqlite")
     args = parser.parse_args()
@@ -177,7 +182,10 @@ def main() -> None:
                     proc.send_signal(signal.SIGTERM)
                     proc.wait(timeout=60)
                 if r["errors"]:
-                    raise SystemExit(f"{n} workers: {int(r['errors'])} non-2xx responses: the run is void")
+                    logged = (build.config_path.parent / f"server-{port}.log").read_text()[-3000:]
+                    raise SystemExit(
+                        f"{n} workers: {int(r['errors'])} non-2xx responses: the run is void\n{logged}"
+                    )
                 results[n].append(r)
                 print(
                     f"round {rnd + 1} {n} worker(s): {r['rps']:8.0f} req/s  p50 {r['p50']:6.2f} ms  "

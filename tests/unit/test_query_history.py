@@ -191,6 +191,24 @@ async def _read(store: HistoryStore, key: str) -> bytes:
     return seen[-1]
 
 
+def test_one_principal_many_requests_at_once_on_two_processes(stores: Stores) -> None:
+    """32 requests of one principal in flight at once on each of two processes: none refused
+    (a lost swap retried, never given up), every one counted."""
+
+    async def scenario() -> None:
+        processes = [SharedHistories(stores()) for _ in range(2)]
+        rows = HELD_OUT[:64]
+
+        async def one(i: int) -> None:
+            z, squared = MONITOR.screen.measure({"x": rows[i : i + 1]}, ["x"])
+            assert await processes[i % 2].observe(MONITOR, "m|1|key:busy", z, squared) is None
+
+        await asyncio.gather(*(one(i) for i in range(len(rows))))
+        assert MONITOR.unpack(await _read(stores(), "m|1|key:busy")).queries == len(rows)
+
+    stores.run(scenario)
+
+
 def test_a_history_survives_packing_and_refuses_another_shape() -> None:
     history = MONITOR.new_history()
     z, squared = MONITOR.screen.measure({"x": HELD_OUT[:3]}, ["x"])
