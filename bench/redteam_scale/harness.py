@@ -80,7 +80,7 @@ reload_interval_seconds = 0.5
         tls += f"\n[grpc]\nenabled = true\nport = {grpc_port}\n"
     tls += f"""
 [client_certificates]
-revoked_fingerprints = ["{certs['revoked'].fingerprint}"]
+revoked_public_keys = ["{certs['revoked'].public_key_sha256}"]
 
 [[client_certificates.identities]]
 name = "ingest"
