@@ -58,5 +58,13 @@ bench: $(STAMP)
 	$(BIN)/python bench/load.py
 	$(BIN)/python bench/verify.py
 
+# Workers, replicas behind HAProxy (network namespaces: root) and MLServer in one run (bench/RESULTS.md,
+# "Scaling"); MLServer's venv bench/.venv-mlserver is created on first use.
+.PHONY: bench-scaling
+bench-scaling: $(STAMP)
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	scripts/ensure-netlab
+	$(BIN)/python bench/scaling.py --rounds 3
+
 clean:
-	rm -rf $(VENV) $(DEPLOY_VENV) demo .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(DEPLOY_VENV) bench/.venv-mlserver demo .pytest_cache .mypy_cache .ruff_cache
