@@ -397,6 +397,8 @@ class GuardedModel:
                     left = min(wait_until - now, timeout)
                 else:  # on a thread: the model's own deadline
                     left = started + timeout - now
+                    if call.done():  # it answered in time; its copy on the loop is still on its way
+                        break
                     if left <= 0:
                         done.cancel()
                         self._abandon(call, cancel)
@@ -412,8 +414,12 @@ class GuardedModel:
             self._abandon(call, cancel)
             self.breaker.abandoned(permit)
             raise
+        if not done.done():
+            done.cancel()  # the result is read from `call` itself
+        elif not done.cancelled():
+            done.exception()  # read, so asyncio does not log it as never retrieved
         try:
-            result = done.result()
+            result = call.result()
         except Exception as e:
             self.breaker.failed(permit, ErrorCode.INFERENCE_FAILED.value)
             # The type only: a library's message can quote the input.
