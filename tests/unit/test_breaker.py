@@ -212,7 +212,7 @@ def test_the_deadline_counts_from_the_start_on_a_thread_not_the_wait_for_one() -
         seen: list[Transition] = []
         model = GuardedModel(
             "m",
-            BreakerPolicy(inference_timeout=1.0, threads=1, failures=5),
+            BreakerPolicy(inference_timeout=1.0, threads=1, failures=5, queue=16, queue_per_principal=8),
             clock=time.monotonic,
             on_transition=seen.append,
         )
@@ -229,7 +229,7 @@ def test_the_deadline_counts_from_the_start_on_a_thread_not_the_wait_for_one() -
         answered = [r for r in results if r == 1]
         refused = [r for r in results if isinstance(r, ModelOverloaded)]
         assert len(answered) + len(refused) == 40, results  # no 504, no 500, no circuit open
-        # One thread plus inference_queue_per_principal (8) places: the rest refused at once.
+        # One thread plus inference_queue_per_principal (8 here) places: the rest refused at once.
         assert len(answered) == 1 + 8 and seen == [] and state(model.breaker) is BreakerState.CLOSED
         model.close()
 
