@@ -302,6 +302,21 @@ def test_check_fails_naming_the_file_the_setting_and_the_host(
         assert listed.returncode == 1
         assert f"{setting}, 127.0.0.1:9 in {config}" in listed.stderr, listed.stderr
         assert "Sup3rS3cret" not in listed.stderr + listed.stdout
+        # The server starts (not ready), refuses, and its log names the setting and host:port.
+        server = start_server(config, tmp_path / "server.log")
+        try:
+            unknown = "bst_" + "0" * 16 + "_" + "A" * 43  # well formed: looked up in the backend
+            r = httpx.post(
+                f"{server.base_url}{INFER}", json={}, headers={"Authorization": f"Bearer {unknown}"}, timeout=10
+            )
+            assert r.status_code == 503 and r.json()["code"] == "state_unavailable"
+            assert "127.0.0.1:9" not in r.text  # the operator's detail stays in the log
+            assert httpx.get(f"{server.base_url}/v2/health/ready", timeout=10).status_code == 503
+        finally:
+            server.stop()
+        log = (tmp_path / "server.log").read_text()
+        assert f"unavailable ({setting}, 127.0.0.1:9)" in log, log[-2000:]
+        assert "Sup3rS3cret" not in log
 
 
 def test_check_passes_with_reachable_backends(tmp_path: Path) -> None:

@@ -242,6 +242,7 @@ class Guard:
                 continue
             with self._lock:
                 self._down = False
+                self._warm = True  # the probe's connection is pooled: later calls get the short deadline
                 self._prober = None
             log.warning("shared state available again (%s)", self.source)
             return
