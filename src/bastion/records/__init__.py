@@ -75,6 +75,7 @@ DEADLINE = 0.3
 FIRST_DEADLINE = 3.0  # the same for a process's first call, which connects (and creates the tables)
 PROBE_EVERY = 0.2  # seconds between probes of a backend marked down (requests fail at once meanwhile)
 _WORKERS = 4  # threads per backend: calls abandoned on a hung backend occupy at most this many
+_IDLE_EXIT = 60.0  # seconds a worker thread waits for a call before it exits (started again on demand)
 _SWAP_ATTEMPTS = 64
 T = TypeVar("T")
 
@@ -193,9 +194,9 @@ class Guard:
         self._closed = False
         ticket = Abandoned()
         future: Future[T] = Future()
-        if self._workers < _WORKERS:
-            self._start_workers()
         self._jobs.put((work, ticket, future))
+        if self._workers < _WORKERS:  # after the put: a worker that exits meanwhile sees the job
+            self._start_workers()
         deadline = self._deadline if self._warm else self._first_deadline
         try:
             result = future.result(timeout=deadline)
@@ -216,7 +217,14 @@ class Guard:
 
     def _work(self) -> None:
         while True:
-            work, ticket, future = self._jobs.get()
+            try:
+                work, ticket, future = self._jobs.get(timeout=_IDLE_EXIT)
+            except queue.Empty:
+                with self._lock:  # idle: exit, unless a job arrived since (it would wait for nobody)
+                    if self._jobs.empty():
+                        self._workers -= 1
+                        return
+                continue
             if not future.set_running_or_notify_cancel():
                 continue  # its caller gave up before it started
             try:
