@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import itertools
 import logging
 import queue
@@ -329,6 +330,37 @@ class _Watchdog:
 _WATCHDOG = _Watchdog()
 
 
+class _Wake:
+    """Wakes a request waiting on the event loop for its call: when the call ends (from the
+    worker's thread) or after `seconds`, whichever comes first. Lighter than `asyncio.wrap_future`
+    with `asyncio.wait`, and it never cancels the call (the caller decides that)."""
+
+    __slots__ = ("_loop", "_waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._waiter: asyncio.Future[None] | None = None
+
+    def from_thread(self, _: object) -> None:
+        # The loop may have closed meanwhile (a shutdown): then nobody waits.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._fire)
+
+    def _fire(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self, seconds: float) -> None:
+        self._waiter = waiter = self._loop.create_future()
+        timer = self._loop.call_later(seconds, self._fire)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+
 class GuardedModel:
     """One model version's threads, deadline and breaker.
 
@@ -377,11 +409,12 @@ class GuardedModel:
         except ModelOverloaded:
             self.breaker.abandoned(permit)
             raise
-        done = asyncio.wrap_future(call)
+        wake = _Wake(asyncio.get_running_loop())
+        call.add_done_callback(wake.from_thread)
         timeout = self.policy.inference_timeout
         wait_until = time.monotonic() + self.policy.queue_seconds
         try:
-            while True:
+            while not call.done():
                 started, now = call.started, time.monotonic()
                 if started is None:  # waiting for a thread: the queue's bound
                     if now >= wait_until:
@@ -397,27 +430,17 @@ class GuardedModel:
                     left = min(wait_until - now, timeout)
                 else:  # on a thread: the model's own deadline
                     left = started + timeout - now
-                    if call.done():  # it answered in time; its copy on the loop is still on its way
-                        break
                     if left <= 0:
-                        done.cancel()
                         self._abandon(call, cancel)
                         self._on_timeout()
                         self.breaker.failed(permit, ErrorCode.INFERENCE_TIMEOUT.value)
                         raise InferenceTimeout(timeout)
-                # `asyncio.wait` leaves `done` pending at its timeout (no cancel of the call).
-                if (await asyncio.wait((done,), timeout=left))[0]:
-                    break
+                await wake.wait(left)
         except asyncio.CancelledError:
             # The request itself was cancelled (a shutdown): no verdict on the model.
-            done.cancel()
             self._abandon(call, cancel)
             self.breaker.abandoned(permit)
             raise
-        if not done.done():
-            done.cancel()  # the result is read from `call` itself
-        elif not done.cancelled():
-            done.exception()  # read, so asyncio does not log it as never retrieved
         try:
             result = call.result()
         except Exception as e:
