@@ -7,6 +7,7 @@ within half a second, say it is not ready, and serve again once the backend answ
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import select
 import socket
@@ -26,6 +27,10 @@ from bastion.errors import StateUnavailable
 from bastion.records import DEADLINE, Records
 from bastion.records.postgres import PostgresRecords
 from bastion.records.redis import RedisRecords
+from bastion.state.leased import QUOTA
+from bastion.state.postgres import DEADLINE as PG_LEDGER_DEADLINE
+from bastion.state.postgres import RETRY_AFTER as PG_LEDGER_RETRY_AFTER
+from bastion.state.postgres import PostgresLedger
 from tests.helpers import (
     POSTGRES_DSN,
     REDIS_URL,
@@ -394,3 +399,40 @@ def test_a_dead_pooled_connection_after_a_restart_is_replaced_not_refused(
         relay.reset()  # every open connection cut, as when the backend restarts
         assert records.get("c", "k") == '"v"'  # no 503: a new connection, at once
         assert records.version("c") == 1
+
+
+def test_the_postgres_ledger_refuses_within_its_deadline_on_a_frozen_server_and_resumes() -> None:
+    """Quotas and budgets (bastion.state.postgres): asynchronous, so they never held the loop, but
+    a request waited as long as the hung server (cancelling a psycopg query waits for the server)."""
+    relay = FreezableRelay(_target(POSTGRES_DSN))
+    table = postgres_table()
+
+    async def scenario() -> None:
+        ledger = PostgresLedger(_relayed(POSTGRES_DSN, relay), table=table)
+
+        async def take() -> tuple[float, float]:
+            return await ledger.take(QUOTA, "p", 1, limit=100, need=1, cap=8, ttl=60)
+
+        assert await take() == (8, 92)
+        relay.freeze()
+        t = time.monotonic()
+        with pytest.raises(StateUnavailable):
+            await take()
+        assert time.monotonic() - t < PG_LEDGER_DEADLINE + 0.3
+        t = time.monotonic()
+        with pytest.raises(StateUnavailable):  # within RETRY_AFTER: at once, nothing more left behind
+            await take()
+        assert time.monotonic() - t < 0.05
+        assert not await ledger.reachable()
+        relay.thaw()
+        await asyncio.sleep(PG_LEDGER_RETRY_AFTER + 0.1)
+        t = time.monotonic()
+        assert await take() == (8, 84)  # the abandoned lease never happened, or was rolled back
+        assert time.monotonic() - t < 1.0 and await ledger.reachable()
+        await ledger.aclose()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        relay.close()
+        drop_postgres_table(table)
