@@ -235,11 +235,17 @@ class PostgresHistoryStore:
         return self._conn
 
     async def update(self, key: str, step: Step) -> None:
+        """Raises StateUnavailable on a failure, or past `DEADLINE` (bastion.state.postgres): the
+        call is then left behind with its connection and lock, and the next gets new ones."""
         import psycopg
 
+        from bastion.state.postgres import DEADLINE, within_deadline
+
         now = self._clock()
-        async with self._lock:
-            try:
+        lock = self._lock
+
+        async def attempt() -> None:
+            async with lock:
                 conn = await self._connection()
                 async with conn.transaction():
                     select = f"SELECT blob, expires FROM {self._table} WHERE key = %s FOR UPDATE"
@@ -260,8 +266,14 @@ class PostgresHistoryStore:
                             f"UPDATE {self._table} SET blob = %s, expires = %s WHERE key = %s",
                             (blob, now + TTL, key),
                         )
-            except psycopg.Error as e:
-                raise unavailable(e) from None
+
+        try:
+            await within_deadline(attempt, DEADLINE)
+        except TimeoutError as e:
+            self._lock, self._conn = asyncio.Lock(), None
+            raise unavailable(e) from None
+        except psycopg.Error as e:
+            raise unavailable(e) from None
 
     async def aclose(self) -> None:
         if self._conn is not None:

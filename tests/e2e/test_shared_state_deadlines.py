@@ -24,6 +24,7 @@ import pytest
 
 from bastion.demo import infer_request
 from bastion.errors import StateUnavailable
+from bastion.query_history import PostgresHistoryStore
 from bastion.records import DEADLINE, Records
 from bastion.records.postgres import PostgresRecords
 from bastion.records.redis import RedisRecords
@@ -435,4 +436,35 @@ def test_the_postgres_ledger_refuses_within_its_deadline_on_a_frozen_server_and_
         asyncio.run(scenario())
     finally:
         relay.close()
+        drop_postgres_table(table)
+
+
+def test_the_postgres_query_histories_refuse_within_the_deadline_on_a_frozen_server_and_resume() -> None:
+    relay = FreezableRelay(_target(POSTGRES_DSN))
+    table = postgres_table()
+
+    async def scenario() -> None:
+        store = PostgresHistoryStore(_relayed(POSTGRES_DSN, relay), table=table)
+        await store.update("k", lambda stored: b"1")
+        relay.freeze()
+        t = time.monotonic()
+        with pytest.raises(StateUnavailable):
+            await store.update("k", lambda stored: b"2")
+        assert time.monotonic() - t < PG_LEDGER_DEADLINE + 0.3
+        relay.thaw()
+        seen: list[bytes | None] = []
+
+        def step(stored: bytes | None) -> bytes:
+            seen.append(stored)
+            return b"3"
+
+        await store.update("k", step)  # a new connection; the abandoned update was cancelled
+        assert seen and seen[-1] in (b"1", b"2")
+        await store.aclose()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        relay.close()
+        drop_postgres_table(table + "_history")
         drop_postgres_table(table)
