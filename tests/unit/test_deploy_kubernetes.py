@@ -11,6 +11,7 @@ The tools live in their own venv, .venv-deploy (`make .venv-deploy/.installed`, 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import re
 import subprocess
@@ -323,14 +324,36 @@ _PRIMITIVES: dict[str, tuple[type, ...]] = {
 }
 
 
-def _model_class(name: str) -> Any:
-    import kserve.models  # type: ignore[import-untyped]
-    import kubernetes.client.models  # type: ignore[import-untyped]
+_DUMP_OPENAPI_FIELDS = """
+import json, kserve.models, kubernetes.client.models
+out = {}
+for module in (kserve.models, kubernetes.client.models):
+    for name in dir(module):
+        cls = getattr(module, name)
+        if isinstance(cls, type) and hasattr(cls, "openapi_types") and hasattr(cls, "attribute_map"):
+            out.setdefault(name, {j: cls.openapi_types[a] for a, j in cls.attribute_map.items()})
+print(json.dumps(out))
+"""
 
-    for module in (kserve.models, kubernetes.client.models):
-        if hasattr(module, name):
-            return getattr(module, name)
-    raise AssertionError(f"no OpenAPI model named {name}")
+
+@functools.cache
+def _openapi_fields() -> dict[str, dict[str, str]]:
+    """Every OpenAPI model class of the KServe and Kubernetes SDKs: its JSON field names and types.
+    Read in a child process: importing kserve registers the `inference` gRPC messages in protobuf's
+    default pool, which Bastion's own grpc_predict_v2_pb2 and tritonclient also define, so a test
+    process that imported either cannot import kserve (xdist runs this module beside them)."""
+    out = subprocess.run(
+        [sys.executable, "-c", _DUMP_OPENAPI_FIELDS], capture_output=True, text=True, timeout=300, check=True
+    )
+    fields: dict[str, dict[str, str]] = json.loads(out.stdout)
+    return fields
+
+
+def _model_fields(name: str) -> dict[str, str]:
+    fields = _openapi_fields().get(name)
+    if fields is None:
+        raise AssertionError(f"no OpenAPI model named {name}")
+    return fields
 
 
 def schema_problems(value: Any, type_name: str, where: str = "") -> list[str]:
@@ -351,10 +374,9 @@ def schema_problems(value: Any, type_name: str, where: str = "") -> list[str]:
             type_name == "int" and isinstance(value, bool)
         )
         return [] if ok else [f"{where}: {type_name} expected, got {value!r}"]
-    cls = _model_class(type_name)
+    fields = _model_fields(type_name)
     if not isinstance(value, dict):
         return [f"{where}: an object ({type_name}) expected"]
-    fields = {json_name: cls.openapi_types[attr] for attr, json_name in cls.attribute_map.items()}
     problems = [f"{where}.{k}: not a field of {type_name}" for k in value if k not in fields]
     for k, v in value.items():
         if k in fields:
