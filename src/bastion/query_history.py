@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from bastion.errors import StateUnavailable
+from bastion.sqlite_wait import retry_busy
 from bastion.state.base import unavailable
 from bastion.statedir import make_private_sqlite
 
@@ -79,12 +80,14 @@ class HistoryStore(Protocol):
 
 class SQLiteHistoryStore:
     """The histories in a SQLite file of the state directory, shared by every worker on one host.
-    An update is one `BEGIN IMMEDIATE` transaction: the write lock is taken before the read."""
+    An update is one `BEGIN IMMEDIATE` transaction: the write lock is taken before the read. It runs
+    on the event loop without SQLite's busy wait: a lock another process holds is retried between
+    `asyncio.sleep`s (`bastion.sqlite_wait`), for at most LOCK_WAIT_SECONDS, then StateUnavailable."""
 
     def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
         make_private_sqlite(path)
         self._clock = clock
-        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
+        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0.0)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute(
             "PRAGMA synchronous=NORMAL"
@@ -96,7 +99,7 @@ class SQLiteHistoryStore:
 
     async def update(self, key: str, step: Step) -> None:
         try:
-            self._update(key, step)
+            await retry_busy(lambda: self._update(key, step))
         except sqlite3.Error as e:
             raise unavailable(e) from None
 

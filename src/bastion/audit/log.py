@@ -23,6 +23,19 @@ Failure: in "sync" durability the waiting requests fail closed with 503 `audit_u
 and later records are refused at once. A SQLite failure (disk full) stops the log for good,
 until an operator intervenes; a PostgreSQL failure (server down, connection cut) is probed
 every `retry_seconds` and the log resumes when the database answers again.
+
+Deadline: a sink with a `deadline` (PostgreSQL) gets at most that long for each step on the helper
+thread. Past it the batch's requests are answered 503 and the log marks itself down, the sink is
+interrupted (its connection abandoned, a new one next) and a late outcome of that step is ignored:
+a database that accepts bytes and never answers fails closed within the deadline instead of holding
+every request. Readiness waits at most `READY_DEADLINE` for its probe.
+
+A bounded lock wait: another process holding the write lock (a SQLite sink's flock; a worker
+stopped or hung mid-transaction) is waited for at most `lock_wait_seconds` (LOCK_WAIT_SECONDS).
+Past it, the batch's requests and every later one fail closed with `audit_unavailable` at once
+while the helper thread goes on waiting in the kernel (a blocked flock is woken fairly, the moment
+the lock is let go); when it gets the lock (the holder resumed, or died and the kernel dropped
+its flock) it lets it go unused and the log accepts records again. Nothing abandoned is written.
 """
 
 from __future__ import annotations
@@ -41,6 +54,10 @@ from bastion.errors import BastionException
 
 log = logging.getLogger("bastion.audit")
 
+READY_DEADLINE = 1.0  # seconds readiness waits for the sink's probe before it answers "not ready"
+
+LOCK_WAIT_SECONDS = 1.5  # the longest a batch waits for another process's write lock
+
 _Waiter = tuple[asyncio.Future[int], int]  # the future, and the body's index in its batch
 
 
@@ -56,6 +73,8 @@ class _Batch:
     now: float
     step: str = "begin"  # what the helper thread is doing for it: "begin", "commit" or "append"
     seqs: list[int] | None = None
+    overdue: bool = False  # its step passed the sink's deadline: answered 503, a late outcome ignored
+    abandoned: bool = False  # its lock wait ran past the bound: its requests were answered 503
 
 
 class AuditLog:
@@ -65,6 +84,7 @@ class AuditLog:
         *,
         flush_delay: float = 0.0,
         retry_seconds: float = 1.0,
+        lock_wait_seconds: float = LOCK_WAIT_SECONDS,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.sink = sink
@@ -75,11 +95,15 @@ class AuditLog:
         # Nobody waits on a best-effort record, so its batch may gather for a few milliseconds.
         self._flush_delay = flush_delay
         self._retry_seconds = retry_seconds
+        self._lock_wait_seconds = lock_wait_seconds
+        self._lock_timer: asyncio.TimerHandle | None = None
+        self.stalled = False  # a lock wait ran past the bound and goes on: records are refused
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bastion-audit-commit")
         self._batch: _Batch | None = None  # the batch being written
         self._step: Future[Any] | None = None  # its step on the helper thread
         self._timer: asyncio.TimerHandle | None = None
         self._probing = False
+        self._ready_probe: Future[bool] | None = None  # shared by concurrent readiness checks
         self._written_since_timer = False
         self._stopped = False  # a failure the sink cannot recover from
         self._closed = False
@@ -95,6 +119,8 @@ class AuditLog:
         """
         if not self.healthy:
             raise AuditUnavailable("audit log is not writable")
+        if self.stalled:
+            raise AuditUnavailable("audit write lock held by another process")
         loop: asyncio.AbstractEventLoop | None = None
         try:
             loop = asyncio.get_running_loop()
@@ -122,7 +148,15 @@ class AuditLog:
             return False
         if not self.sink.recoverable:
             return True
-        return await asyncio.wrap_future(self._executor.submit(self.sink.probe))
+        # At most READY_DEADLINE: a probe queued behind a hung commit, or hung itself, says "not ready"
+        # now; one probe at a time however often readiness is asked.
+        if self._ready_probe is None or self._ready_probe.done():
+            self._ready_probe = self._executor.submit(self.sink.probe)
+            self._watch(self._ready_probe)
+        try:
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._ready_probe)), READY_DEADLINE)
+        except TimeoutError:
+            return False
 
     def close(self) -> None:
         """Finish the batch under way, write what is pending and a final checkpoint, close the sink."""
@@ -132,8 +166,10 @@ class AuditLog:
         batch, step = self._batch, self._step
         if batch is not None and step is not None:
             try:  # its waiters' loop may be gone: finish it here
-                result = step.result()
-                if batch.step == "begin":
+                result = self._result(step)
+                if batch.abandoned:
+                    self.sink.abort()  # its requests were answered 503: nothing of it is written
+                elif batch.step == "begin":
                     self.sink.stage(result, batch.bodies, batch.now, final=batch.checkpoint)
                     self.sink.commit()
             except Exception:
@@ -142,13 +178,22 @@ class AuditLog:
         if self.healthy or (not self._stopped and self.sink.recoverable):
             bodies, self._bodies = self._bodies, []
             try:
-                self._executor.submit(self.sink.append, bodies, self._clock(), final=True).result()
+                self._result(self._executor.submit(self.sink.append, bodies, self._clock(), final=True))
             except Exception as e:
                 log.critical(
                     "audit log: the last %d records were not written: %s", len(bodies), type(e).__name__
                 )
         self._executor.shutdown()
         self.sink.close()
+
+    def _result(self, step: Future[Any]) -> Any:
+        """The step's result, waited for at most the sink's deadline (then interrupted: TimeoutError)."""
+        try:
+            return step.result(timeout=self.sink.deadline)
+        except TimeoutError:
+            step.cancel()
+            self.sink.interrupt()
+            raise
 
     def _flush(self) -> None:
         """Start a group commit of everything pending, unless one is already under way."""
@@ -171,18 +216,70 @@ class AuditLog:
         elif not self.sink.stage_on_loop:  # a network store: the whole transaction on the helper thread
             batch.step = "append"
             self._on_thread(batch, self.sink.append, batch.bodies, batch.now, final=batch.checkpoint)
-        else:  # another process holds the lock: wait for it off the loop
+        else:  # another process holds the lock: wait for it off the loop, for a bounded time
             self._on_thread(batch, self.sink.begin)
+            self._lock_timer = asyncio.get_running_loop().call_later(
+                self._lock_wait_seconds, self._lock_wait_over, batch
+            )
+
+    def _lock_wait_over(self, batch: _Batch) -> None:
+        """The bound passed with `batch` still waiting for the lock: answer its requests and the
+        pending ones 503 and refuse new ones until the wait (left running) ends."""
+        self._lock_timer = None
+        if self._batch is not batch or batch.step != "begin" or self._closed:
+            return
+        batch.abandoned = True
+        self.stalled = True
+        log.error(
+            "audit log: the write lock of %s was held by another process for over %.1f s; "
+            "refusing requests until it is let go",
+            self.sink.name,
+            self._lock_wait_seconds,
+        )
+        for future, _ in [*batch.waiters, *self._waiters]:
+            if not future.done():
+                future.set_exception(AuditUnavailable("audit write lock wait timed out"))
+        self._waiters = []
+        self._bodies = []  # their requests were answered 503 (or, best effort, nobody waits)
 
     def _on_thread(self, batch: _Batch, call: Callable[..., Any], *args: Any, **kw: Any) -> None:
-        self._step = self._executor.submit(call, *args, **kw)
-        asyncio.wrap_future(self._step).add_done_callback(lambda f: self._stepped(batch, f))
+        step = self._executor.submit(call, *args, **kw)
+        self._step = step
+        asyncio.wrap_future(step).add_done_callback(lambda f: self._stepped(batch, step, f))
+        self._watch(step, batch)
 
-    def _stepped(self, batch: _Batch, done: asyncio.Future[Any]) -> None:
-        self._step = None
-        if self._closed:
-            return  # close() finished the batch
+    def _watch(self, step: Future[Any], batch: _Batch | None = None) -> None:
+        """Past the sink's deadline, a step not done yet is given up (and its batch answered 503)."""
+        if self.sink.deadline is not None:
+            asyncio.get_running_loop().call_later(self.sink.deadline, self._overdue, step, batch)
+
+    def _overdue(self, step: Future[Any], batch: _Batch | None) -> None:
+        if step.done():
+            return
+        step.cancel()  # still queued behind a hung step: it never runs
+        self.sink.interrupt()  # the hung step raises soon and leaves its connection behind
+        if batch is None or batch.overdue or self._closed or self._batch is not batch:
+            return  # a probe (its caller stopped waiting, or it reports a failure), or already ended
+        # Unknown outcome: the server may yet commit it. It is not sent again; its requests get 503.
+        batch.overdue = True
+        self._end(batch, TimeoutError(f"no answer within {self.sink.deadline} s"))
+
+    def _stepped(self, batch: _Batch, step: Future[Any], done: asyncio.Future[Any]) -> None:
+        if self._step is step:
+            self._step = None
+        if self._closed or batch.overdue:
+            return  # close() finished the batch, or it passed the deadline and was answered 503
+        if self._lock_timer is not None:
+            self._lock_timer.cancel()
+            self._lock_timer = None
         error = done.exception()
+        if batch.abandoned:  # the lock came after the bound: let it go unused, accept records again
+            if error is None:
+                self.sink.abort()
+            self.stalled = False
+            self._batch = None
+            log.warning("audit log: the write lock of %s is free again, accepting records", self.sink.name)
+            return
         if error is not None:
             self._end(batch, error)
         elif batch.step == "begin":
@@ -257,7 +354,7 @@ class AuditLog:
     def _probe(self) -> None:
         def done(f: asyncio.Future[bool]) -> None:
             self._probing = False
-            if not f.exception() and f.result():
+            if not f.cancelled() and not f.exception() and f.result():
                 log.warning("audit log: %s answers again, accepting records", self.sink.name)
                 self.healthy = True
             else:
@@ -266,7 +363,9 @@ class AuditLog:
         if self._closed:
             self._probing = False
             return
-        asyncio.wrap_future(self._executor.submit(self.sink.probe)).add_done_callback(done)
+        probe = self._executor.submit(self.sink.probe)
+        self._watch(probe)
+        asyncio.wrap_future(probe).add_done_callback(done)
 
     def _arm_checkpoint_timer(self) -> None:
         """Records past the last checkpoint get one within `checkpoint_every_seconds`, even when idle:

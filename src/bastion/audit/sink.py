@@ -24,6 +24,7 @@ import contextlib
 import fcntl
 import os
 import sqlite3
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,7 +38,10 @@ if TYPE_CHECKING:
     from bastion.config import AuditSettings
 
 _WAL_CHECKPOINT_EVERY = 200  # commits between passive WAL checkpoints
-_BUSY_TIMEOUT_MS = 10_000  # writers queue on the flock first: SQLite's own wait is a backstop
+# Writers queue on the flock first: SQLite's own wait is a backstop, bounded like the flock's
+# (the AuditLog gives up a lock wait after LOCK_WAIT_SECONDS, 1.5 s).
+_BUSY_TIMEOUT_MS = 2_000
+_CLOSE_LOCK_WAIT = 2.0  # seconds: at shutdown, past this the WAL is left for a later close to truncate
 
 
 class AuditSink:
@@ -54,6 +58,9 @@ class AuditSink:
     # False: the whole transaction runs on the helper thread (`append`).
     stage_on_loop: bool = True
     checkpoint_every_seconds: float  # records past the last checkpoint get one within this long
+    # Seconds the log waits for a blocking step (`append`, `begin`, `commit`, `probe`) before it
+    # answers 503 and calls `interrupt`; None: no client-side deadline (a local disk).
+    deadline: float | None = None
 
     def try_begin(self) -> Tail | None:
         """The write lock, an open transaction and the tail, if that needs no wait; else None."""
@@ -94,6 +101,10 @@ class AuditSink:
     def probe(self) -> bool:
         """Whether the store answers now (reconnecting if needed)."""
         raise NotImplementedError
+
+    def interrupt(self) -> None:
+        """Called from another thread when a blocking step passed `deadline`: make it return (raise)
+        soon, leaving nothing held. Must not block."""
 
     def close(self) -> None:
         raise NotImplementedError
@@ -156,6 +167,8 @@ class SQLiteSink(AuditSink):
         return self._open()
 
     def begin(self) -> Tail:
+        # A blocking wait (woken fairly, the moment the lock is let go): the AuditLog bounds it by
+        # answering 503 past LOCK_WAIT_SECONDS while this goes on waiting on its thread.
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         return self._open()
 
@@ -224,9 +237,18 @@ class SQLiteSink(AuditSink):
     def close(self) -> None:
         self._wal_executor.shutdown()
         # TRUNCATE holds SQLite's write lock while it runs: other writers wait on the flock instead.
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-        with contextlib.suppress(sqlite3.OperationalError):  # busy: a reader; a later close truncates it
-            self._wal_conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        # Bounded: a sibling stopped while holding the lock must not hang this one's shutdown.
+        deadline = time.monotonic() + _CLOSE_LOCK_WAIT
+        locked = False
+        while not locked and time.monotonic() < deadline:
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = True
+            except BlockingIOError:
+                time.sleep(0.01)
+        if locked:
+            with contextlib.suppress(sqlite3.OperationalError):  # busy: a reader; a later close truncates it
+                self._wal_conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self._wal_conn.close()
         self._conn.close()
         os.close(self._lock_fd)

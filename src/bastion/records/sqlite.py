@@ -17,6 +17,7 @@ from typing import TypeVar
 
 from bastion.files import open_shared_sqlite
 from bastion.records import unavailable
+from bastion.sqlite_wait import LOCK_WAIT_SECONDS
 
 T = TypeVar("T")
 
@@ -37,7 +38,7 @@ CREATE TABLE IF NOT EXISTS counters (
 
 class SQLiteRecords:
     """One connection per process, behind a lock. Raises `StateUnavailable` when the file cannot be
-    read or written (a full disk, a lock held past the 5 s busy timeout)."""
+    read or written (a full disk, a write lock held past LOCK_WAIT_SECONDS, 1.5 s)."""
 
     def __init__(self, path: Path) -> None:
         self._path = path
@@ -49,6 +50,9 @@ class SQLiteRecords:
             try:
                 if self._conn is None:
                     self._conn = open_shared_sqlite(self._path, _SCHEMA)
+                    # A writer stopped mid-swap (a hung sibling worker) holds the lock: wait for it
+                    # at most LOCK_WAIT_SECONDS, then StateUnavailable (503), not 5 s.
+                    self._conn.execute(f"PRAGMA busy_timeout={int(LOCK_WAIT_SECONDS * 1000)}")
                 return work(self._conn)
             except sqlite3.Error as e:
                 raise unavailable(e) from None

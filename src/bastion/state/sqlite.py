@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import sqlite3
 from pathlib import Path
 
+from bastion.sqlite_wait import LOCK_WAIT_SECONDS, retry_busy
 from bastion.state.base import BUDGET_SLACK, unavailable
 from bastion.state.leased import BUDGET, QUOTA, Book, LeasedStateStore, Return, block_size
 from bastion.statedir import make_private_sqlite
@@ -22,7 +24,9 @@ class SQLiteLedger:
         self._conn.execute("PRAGMA journal_mode=WAL")
         # WAL + NORMAL: a commit survives a process crash without an fsync.
         self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.execute("PRAGMA busy_timeout=5000")
+        # No busy wait on the event loop: a write lock another process holds (a worker stopped
+        # mid-write) is retried between asyncio.sleeps for LOCK_WAIT_SECONDS, then 503.
+        self._conn.execute("PRAGMA busy_timeout=0")
         for book, kind in ((QUOTA, "INTEGER"), (BUDGET, "REAL")):
             self._conn.execute(
                 f"CREATE TABLE IF NOT EXISTS {book.name} (principal TEXT PRIMARY KEY, "
@@ -39,17 +43,17 @@ class SQLiteLedger:
             if left < need - BUDGET_SLACK:
                 return 0, max(0, left)
             amount = block_size(left, need, cap)
+            if row is None:
+                sql = f"INSERT OR IGNORE INTO {book.name} VALUES (?, ?, ?, 1)"
+                args: tuple[object, ...] = (principal, period, amount)
+            else:
+                sql = (
+                    f"UPDATE {book.name} SET {book.period} = ?, {book.taken} = ?, "
+                    "version = version + 1 WHERE principal = ? AND version = ?"
+                )
+                args = (period, taken + amount, principal, row[2])
             try:
-                if row is None:
-                    cur = self._conn.execute(
-                        f"INSERT OR IGNORE INTO {book.name} VALUES (?, ?, ?, 1)", (principal, period, amount)
-                    )
-                else:
-                    cur = self._conn.execute(
-                        f"UPDATE {book.name} SET {book.period} = ?, {book.taken} = ?, "
-                        "version = version + 1 WHERE principal = ? AND version = ?",
-                        (period, taken + amount, principal, row[2]),
-                    )
+                cur = await retry_busy(functools.partial(self._conn.execute, sql, args))
             except sqlite3.Error as e:
                 raise unavailable(e) from None
             if cur.rowcount == 1:
@@ -71,6 +75,8 @@ class SQLiteLedger:
         return None if row is None else (row[0], row[1], row[2])
 
     def give_back(self, returns: list[Return]) -> None:
+        # At shutdown, off the request path: SQLite's own wait, bounded.
+        self._conn.execute(f"PRAGMA busy_timeout={int(LOCK_WAIT_SECONDS * 1000)}")
         for book, principal, period, amount in returns:
             self._conn.execute(
                 f"UPDATE {book.name} SET {book.taken} = {book.taken} - ?, version = version + 1 "
