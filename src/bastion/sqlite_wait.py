@@ -26,9 +26,9 @@ _MAX_SLEEP = 0.025
 
 def is_busy(error: BaseException) -> bool:
     """Whether `error` is SQLite's "the lock is held by another connection" (SQLITE_BUSY)."""
-    return (
-        isinstance(error, sqlite3.OperationalError)
-        and getattr(error, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return isinstance(error, sqlite3.OperationalError) and getattr(error, "sqlite_errorcode", None) in (
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
     )
 
 
