@@ -9,7 +9,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -67,10 +67,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def run_server(
-    args: argparse.Namespace, *, sock: socket.socket | None = None, state_lock: StateDirLock | None = None
+    args: argparse.Namespace,
+    *,
+    sock: socket.socket | None = None,
+    state_lock: StateDirLock | None = None,
+    heartbeat: Callable[[], None] | None = None,
 ) -> int:
     """One server process. `sock` and `state_lock`: a worker's listening socket and its supervisor's
-    state-directory lock (bastion.workers); None binds `--host`/`--port` and takes the lock."""
+    state-directory lock (bastion.workers); None binds `--host`/`--port` and takes the lock.
+    `heartbeat`: called from the event loop every 0.1 s once the server listens (a worker's beat
+    to its supervisor; a blocked loop stops calling it)."""
     import uvicorn
 
     from bastion.http.app import BastionApp
@@ -141,8 +147,18 @@ def run_server(
         timeout_graceful_shutdown=10,
         **tls_options,
     )
+    server_class = uvicorn.Server
+    if heartbeat is not None:
+        beat = heartbeat
+
+        class _BeatingServer(uvicorn.Server):
+            async def on_tick(self, counter: int) -> bool:
+                beat()  # uvicorn's main loop ticks every 0.1 s from startup's end until shutdown
+                return await super().on_tick(counter)
+
+        server_class = _BeatingServer
     try:
-        uvicorn.Server(uv).run(sockets=None if sock is None else [sock])
+        server_class(uv).run(sockets=None if sock is None else [sock])
     finally:
         service.close()
     return 0

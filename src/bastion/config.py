@@ -197,6 +197,9 @@ class ServerSettings(_Strict):
     max_concurrent_requests: Annotated[int, Field(ge=1, le=100_000)] = 1024
     # Open connections: beyond it the oldest idle (or still-sending-its-head) connection is closed.
     max_connections: Annotated[int, Field(ge=16, le=1_000_000)] = 4096
+    # `serve --workers N` (N > 1): a worker whose event loop has not beaten for this long once it
+    # listens (hung, stopped, stuck in a C call) is killed by the supervisor and started again.
+    worker_heartbeat_timeout_seconds: Annotated[float, Field(ge=2, le=600)] = 10.0
     # TLS for REST and gRPC; absent, both speak plaintext (fine on loopback; production needs TLS).
     tls: TlsSettings | None = None
 

@@ -21,6 +21,14 @@ hashes each connection to one worker's own accept queue: an even spread by conne
 thundering herd. The cost: a worker killed with connections still in its accept queue resets
 them (a shared queue would hand them to a sibling); the supervisor restarts it within a second.
 
+A worker that is alive but hung (SIGSTOP, a C call that never returns, swap) keeps its listening
+socket, and the kernel keeps queueing new connections on it: about 1/N of all connections would
+hang. So each worker's event loop writes a byte to a pipe the supervisor holds every 0.5 s once it
+listens (uvicorn's 0.1 s tick, so a blocked loop stops beating too); one silent for
+`server.worker_heartbeat_timeout_seconds` is sent SIGKILL, counted in
+`bastion_worker_heartbeat_kills_total`, and restarted with the usual backoff. Before its first beat
+(models loading) a worker is not watched.
+
 Several workers need a [state] backend they can share (`sqlite` on one host, `redis` or
 `postgres`): `memory` is refused at start-up. Per worker: rate-limit buckets of failed
 authentications per address, drift windows, the answer cache. Metrics are kept by each worker in
@@ -33,6 +41,7 @@ auditing's histories (bastion.query_history), the audit chain.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import logging
@@ -55,6 +64,8 @@ from bastion.errors import ConfigError
 from bastion.metrics import MULTIPROCESS_DIR
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from bastion.statedir import StatePaths
 
 log = logging.getLogger("bastion.workers")
@@ -65,6 +76,8 @@ _HEALTHY_AFTER = 30.0  # a worker that lived this long died of something new: th
 _STOP_GRACE = 20.0  # uvicorn drains for up to 10 s, gRPC 5 s, then the service closes its stores
 _REFUSED_AT_START = (2, 3)  # the CLI's code for a refused configuration; uvicorn's for a failed lifespan
 _PR_SET_PDEATHSIG = 1
+_BEAT_EVERY = 0.5  # seconds between a worker's heartbeats
+_KILLS_METRIC = "bastion_worker_heartbeat_kills"
 
 
 @dataclass(slots=True)
@@ -75,6 +88,8 @@ class _Worker:
     restart_at: float = 0.0
     quick_deaths: int = 0
     ever_up: bool = field(default=False)
+    beats: int | None = None  # the read end of its heartbeat pipe
+    last_beat: float | None = None  # None until its first beat: still loading, not watched
 
 
 def _family(host: str) -> socket.AddressFamily:
@@ -116,11 +131,23 @@ def worker_socket(host: str, port: int) -> socket.socket:
 class Supervisor:
     """Starts `count` workers with `worker_args` (JSON-able), restarts the dead, stops all on request."""
 
-    def __init__(self, count: int, worker_args: dict[str, object], lock_fd: int, metrics_dir: str) -> None:
+    def __init__(
+        self,
+        count: int,
+        worker_args: dict[str, object],
+        lock_fd: int,
+        metrics_dir: str,
+        heartbeat_timeout: float = 10.0,
+    ) -> None:
         """`metrics_dir`: a private directory where the workers' metric values live (`/metrics`
-        sums them, bastion.metrics)."""
+        sums them, bastion.metrics). `heartbeat_timeout`: seconds of silence after which a worker
+        that has beaten once is killed."""
         self._workers = [_Worker(i) for i in range(count)]
         self._metrics_dir = metrics_dir
+        self._heartbeat_timeout = heartbeat_timeout
+        self._kills = _supervisor_counter(
+            metrics_dir, _KILLS_METRIC, "Workers killed by the supervisor for a missed heartbeat (hung)."
+        )
         self._args = worker_args
         self._lock_fd = lock_fd
         self._stopping = False
@@ -129,14 +156,18 @@ class Supervisor:
 
     def _spawn(self, worker: _Worker) -> None:
         env = {**os.environ, MULTIPROCESS_DIR: self._metrics_dir}
-        command = [
-            sys.executable,
-            "-m",
-            "bastion.workers",
-            json.dumps({**self._args, "index": worker.index, "supervisor": os.getpid()}),
-            str(self._lock_fd),
-        ]
-        worker.process = subprocess.Popen(command, pass_fds=(self._lock_fd,), env=env)
+        beats, beat = os.pipe()
+        os.set_blocking(beats, False)
+        spec = {**self._args, "index": worker.index, "supervisor": os.getpid(), "heartbeat_fd": beat}
+        command = [sys.executable, "-m", "bastion.workers", json.dumps(spec), str(self._lock_fd)]
+        try:
+            worker.process = subprocess.Popen(command, pass_fds=(self._lock_fd, beat), env=env)
+        except BaseException:
+            os.close(beats)
+            raise
+        finally:
+            os.close(beat)  # the worker's copy is the only writer
+        worker.beats, worker.last_beat = beats, None
         worker.started = time.monotonic()
         log.info("worker %d started (pid %d)", worker.index, worker.process.pid)
 
@@ -172,8 +203,10 @@ class Supervisor:
                     worker.ever_up, worker.quick_deaths = True, 0
                 code = process.poll()
                 if code is None:
+                    self._watch(worker, process, now)
                     continue
                 worker.process = None
+                self._close_beats(worker)
                 # Its gauges leave /metrics; its counters stay in the totals (they never go down).
                 mark_process_dead(process.pid, self._metrics_dir)  # type: ignore[no-untyped-call]
                 if code in _REFUSED_AT_START and not any(w.ever_up for w in self._workers):
@@ -187,6 +220,34 @@ class Supervisor:
                 log.warning("worker %d died (exit %d); restarting in %.1f s", worker.index, code, delay)
             elif now >= worker.restart_at:
                 self._spawn(worker)
+
+    def _watch(self, worker: _Worker, process: subprocess.Popen[bytes], now: float) -> None:
+        """Reads the worker's beats; kills it (SIGKILL: a stopped or hung process takes no SIGTERM)
+        after `heartbeat_timeout` seconds without one. The next `_tend` reaps and restarts it."""
+        if worker.beats is None:
+            return
+        try:
+            if os.read(worker.beats, 4096):  # bytes queued while we slept are beats too
+                worker.last_beat = now
+        except BlockingIOError:
+            pass
+        if worker.last_beat is None or now - worker.last_beat < self._heartbeat_timeout:
+            return
+        log.error(
+            "worker %d (pid %d) sent no heartbeat for %.1f s (hung): killed",
+            worker.index,
+            process.pid,
+            now - worker.last_beat,
+        )
+        process.kill()
+        worker.last_beat = None
+        self._kills.inc(1)
+
+    @staticmethod
+    def _close_beats(worker: _Worker) -> None:
+        if worker.beats is not None:
+            os.close(worker.beats)
+            worker.beats = None
 
     def _signal_all(self, signum: int) -> None:
         for worker in self._workers:
@@ -205,7 +266,38 @@ class Supervisor:
                 log.error("worker %d did not stop in %.0f s: killed", worker.index, _STOP_GRACE)
                 worker.process.kill()
                 worker.process.wait()
+        for worker in self._workers:
+            self._close_beats(worker)
         log.info("all workers stopped")
+
+
+class _Counter:
+    """What the supervisor needs of a counter: `inc`."""
+
+    def __init__(self, value: object) -> None:
+        self._value = value
+
+    def inc(self, amount: float) -> None:
+        self._value.inc(amount)  # type: ignore[attr-defined]
+
+
+def _supervisor_counter(metrics_dir: str, name: str, documentation: str) -> _Counter:
+    """A counter the supervisor keeps in the workers' metrics directory (its own file, by its PID),
+    so whichever worker answers `/metrics` includes it. prometheus_client chose its value class at
+    import, without the directory: the multiprocess one is asked for here explicitly."""
+    from prometheus_client.values import MultiProcessValue
+
+    previous = os.environ.get(MULTIPROCESS_DIR)
+    os.environ[MULTIPROCESS_DIR] = metrics_dir  # read when the value's file is opened
+    try:
+        value_class = MultiProcessValue()  # type: ignore[no-untyped-call]
+        value = value_class("counter", name, name + "_total", (), (), documentation)
+    finally:
+        if previous is None:
+            del os.environ[MULTIPROCESS_DIR]
+        else:
+            os.environ[MULTIPROCESS_DIR] = previous
+    return _Counter(value)
 
 
 def supervise(args: argparse.Namespace) -> int:
@@ -249,7 +341,13 @@ def supervise(args: argparse.Namespace) -> int:
         log.info("supervisor: %d workers on %s:%d", args.workers, host, port)
         metrics_dir = tempfile.mkdtemp(prefix="bastion-metrics-")  # 0700, this run's only
         try:
-            return Supervisor(args.workers, worker_args, lock.fileno(), metrics_dir).run()
+            return Supervisor(
+                args.workers,
+                worker_args,
+                lock.fileno(),
+                metrics_dir,
+                heartbeat_timeout=config.server.worker_heartbeat_timeout_seconds,
+            ).run()
         finally:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     finally:
@@ -280,6 +378,24 @@ def _die_with_parent(supervisor: int) -> None:
         sys.exit(0)
 
 
+def _heartbeat(fd: int) -> Callable[[], None]:
+    """The worker's beat: one byte on the supervisor's pipe at most every `_BEAT_EVERY` seconds.
+    Never blocks the loop: a full pipe (a supervisor that is not reading) or a closed one is skipped."""
+    os.set_blocking(fd, False)
+    last = 0.0
+
+    def beat() -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last < _BEAT_EVERY:
+            return
+        last = now
+        with contextlib.suppress(BlockingIOError, BrokenPipeError):
+            os.write(fd, b".")
+
+    return beat
+
+
 def worker_main(argv: list[str]) -> int:
     """A worker: `python -m bastion.workers '<json args>' <lock fd>`, started by `Supervisor`."""
     from bastion import cli
@@ -301,7 +417,8 @@ def worker_main(argv: list[str]) -> int:
         workers=1,
     )
     sock = worker_socket(host, port)
-    args.func = lambda a: cli.run_server(a, sock=sock, state_lock=lock)
+    beat = _heartbeat(int(spec["heartbeat_fd"]))
+    args.func = lambda a: cli.run_server(a, sock=sock, state_lock=lock, heartbeat=beat)
     return cli._run(args)  # the CLI's own error handling and exit codes
 
 

@@ -395,6 +395,8 @@ ENFORCED.update(
         + "test_shedding_counts_requests_and_spares_health",
         ("ServerSettings", "max_connections"): _FRONT
         + "test_over_max_connections_the_oldest_idle_ones_are_closed",
+        ("ServerSettings", "worker_heartbeat_timeout_seconds"): _E2E
+        + "test_worker_heartbeat.py::test_a_stopped_worker_is_killed_and_replaced",
     }
 )
 _GRPC = _E2E + "test_grpc.py::"
