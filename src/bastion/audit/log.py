@@ -154,7 +154,8 @@ class AuditLog:
             self._ready_probe = self._executor.submit(self.sink.probe)
             self._watch(self._ready_probe)
         try:
-            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._ready_probe)), READY_DEADLINE)
+            probe = asyncio.shield(asyncio.wrap_future(self._ready_probe))
+            return await asyncio.wait_for(probe, READY_DEADLINE)
         except TimeoutError:
             return False
 
@@ -268,6 +269,8 @@ class AuditLog:
         if self._step is step:
             self._step = None
         if self._closed or batch.overdue:
+            if not done.cancelled():
+                done.exception()  # retrieved: a late failure of an answered batch is expected
             return  # close() finished the batch, or it passed the deadline and was answered 503
         if self._lock_timer is not None:
             self._lock_timer.cancel()

@@ -26,12 +26,22 @@ it is given, never the table's copy.
 Failures: a commit that fails (server down, connection cut) raises; the `AuditLog` answers its
 waiters 503 `audit_unavailable`, refuses records while it probes, and resumes once `probe`
 reconnects. Nothing of a failed transaction is in the chain, so no gap is left.
+
+A server that accepts bytes but never answers (a hung primary, a black-holed path behind a proxy)
+fires none of the server-side or kernel bounds. So the `AuditLog` waits for a step at most
+`deadline` seconds, answers its waiters 503, and calls `interrupt`: the connection's socket is shut
+down (the helper thread's wait returns with an error and the connection is dropped, so later
+transactions get a new one); the server ends the session with its own bounds. Such a batch's
+outcome is unknown (the server may still commit it); it is never sent again, and every transaction
+reads the head inside its lock, so a batch committed late is in the chain once, before the next.
+Its requests were answered 503: an extra record, never a missing one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
+import socket
 from typing import Any
 
 import psycopg
@@ -59,7 +69,12 @@ def connect_kwargs(timeout: float, *, bound_statements: bool = True) -> dict[str
         "tcp_user_timeout": int(timeout * 1000),
     }
     if bound_statements:
-        kwargs["options"] = f"-c statement_timeout={int(timeout * 1000)}"
+        # A session left behind mid-transaction (the client gave up on a frozen path) must not hold
+        # the chain's lock from the other writers for longer than a few deadlines.
+        kwargs["options"] = (
+            f"-c statement_timeout={int(timeout * 1000)} "
+            f"-c idle_in_transaction_session_timeout={int(timeout * 2000)}"
+        )
     return kwargs
 
 
@@ -94,6 +109,7 @@ class PostgresSink(AuditSink):
         self.table = table
         self.checkpoint_every_seconds = checkpoint_every_seconds
         self._dsn, self._timeout, self._fsync = dsn, timeout, fsync
+        self.deadline = timeout
         self._public = (
             signing_key.public_key()
             .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
@@ -221,6 +237,23 @@ class PostgresSink(AuditSink):
             self._drop()
             return False
         return True
+
+    def interrupt(self) -> None:
+        conn = self._conn  # the connection the helper thread is blocked on (read once: it may drop it)
+        if conn is None or conn.closed:
+            return
+        # No cancel request: psycopg's blocking PQcancel holds the GIL (measured: it froze the event
+        # loop with the path), and through a frozen path it would not arrive anyway. The server ends
+        # the session itself: statement_timeout, idle_in_transaction_session_timeout, or the closed
+        # socket once the path passes bytes again.
+        # shutdown() wakes the thread waiting on the socket (its read sees EOF, psycopg raises and the
+        # thread drops the connection); close() here would free libpq's state under its feet.
+        # fromfd duplicates the descriptor: closing the duplicate leaves libpq's own intact.
+        with (
+            contextlib.suppress(OSError, psycopg.Error),
+            socket.fromfd(conn.pgconn.socket, socket.AF_INET, socket.SOCK_STREAM) as sock,
+        ):
+            sock.shutdown(socket.SHUT_RDWR)
 
     def _drop(self) -> None:
         if self._conn is not None:
