@@ -23,6 +23,7 @@ class Deployment:
     raw_values: set[str] = field(default_factory=set)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks (it turns them into nodeid suffixes)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Every test on the shared `deployment` runs in one xdist worker, in file order: the last file
     (test_zz_audit_and_leaks) checks that every request the others made is in that server's audit
