@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from bastion.errors import StateUnavailable
-from bastion.sqlite_wait import retry_busy
+from bastion.sqlite_wait import is_busy, retry_busy
 from bastion.state.base import unavailable
 from bastion.statedir import make_private_sqlite
 
@@ -99,7 +99,13 @@ class SQLiteHistoryStore:
 
     async def update(self, key: str, step: Step) -> None:
         try:
-            await retry_busy(lambda: self._update(key, step))
+            try:
+                self._update(key, step)
+            except sqlite3.OperationalError as e:
+                if not is_busy(e):
+                    raise
+                # Another process holds the write lock: wait for it between asyncio.sleeps.
+                await retry_busy(lambda: self._update(key, step))
         except sqlite3.Error as e:
             raise unavailable(e) from None
 

@@ -7,7 +7,7 @@ import logging
 import sqlite3
 from pathlib import Path
 
-from bastion.sqlite_wait import LOCK_WAIT_SECONDS, retry_busy
+from bastion.sqlite_wait import LOCK_WAIT_SECONDS, is_busy, retry_busy
 from bastion.state.base import BUDGET_SLACK, unavailable
 from bastion.state.leased import BUDGET, QUOTA, Book, LeasedStateStore, Return, block_size
 from bastion.statedir import make_private_sqlite
@@ -53,7 +53,13 @@ class SQLiteLedger:
                 )
                 args = (period, taken + amount, principal, row[2])
             try:
-                cur = await retry_busy(functools.partial(self._conn.execute, sql, args))
+                try:
+                    cur = self._conn.execute(sql, args)
+                except sqlite3.OperationalError as e:
+                    if not is_busy(e):
+                        raise
+                    # Another process holds the write lock: retry off the loop's critical path.
+                    cur = await retry_busy(functools.partial(self._conn.execute, sql, args))
             except sqlite3.Error as e:
                 raise unavailable(e) from None
             if cur.rowcount == 1:
