@@ -38,9 +38,9 @@ if TYPE_CHECKING:
     from bastion.config import AuditSettings
 
 _WAL_CHECKPOINT_EVERY = 200  # commits between passive WAL checkpoints
-# Writers queue on the flock first: SQLite's own wait is a backstop, bounded like the flock's
-# (the AuditLog gives up a lock wait after LOCK_WAIT_SECONDS, 1.5 s).
-_BUSY_TIMEOUT_MS = 2_000
+# Writers queue on the flock first: SQLite's own wait is a backstop (a checkpointer). The lock wait
+# a request sees is bounded above it: the AuditLog answers 503 past LOCK_WAIT_SECONDS (1.5 s).
+_BUSY_TIMEOUT_MS = 10_000
 _CLOSE_LOCK_WAIT = 2.0  # seconds: at shutdown, past this the WAL is left for a later close to truncate
 
 
