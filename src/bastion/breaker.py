@@ -68,9 +68,9 @@ class BreakerPolicy:
     window: float = 60.0
     open_seconds: float = 30.0
     half_open_probes: int = 1
-    queue: int = 64  # calls that may wait beyond the threads
+    queue: int = 256  # calls that may wait beyond the threads
     queue_seconds: float = 5.0  # the longest a call waits for a thread
-    queue_per_principal: int = 32  # one principal's calls beyond the threads, running or waiting
+    queue_per_principal: int = 128  # one principal's calls beyond the threads, running or waiting
     inline: bool = False  # inference_isolation = "inline": on the event loop, stopped by the watchdog
 
 

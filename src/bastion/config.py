@@ -432,8 +432,8 @@ class ModelRef(_Strict):
     # principal's calls (running or waiting) are at most inference_threads +
     # inference_queue_per_principal, and a call waits at most inference_queue_seconds. Beyond:
     # 503 model_overloaded with Retry-After, never counted toward the breaker or a canary.
-    inference_queue: Annotated[int, Field(ge=0, le=10_000)] = 64
-    inference_queue_per_principal: Annotated[int, Field(ge=0, le=10_000)] = 32
+    inference_queue: Annotated[int, Field(ge=0, le=10_000)] = 256
+    inference_queue_per_principal: Annotated[int, Field(ge=0, le=10_000)] = 128
     inference_queue_seconds: Annotated[float, Field(gt=0, le=3600)] = 5.0
 
     @model_validator(mode="after")
