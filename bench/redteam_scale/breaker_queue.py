@@ -7,6 +7,7 @@ batch). One key sends 40 such requests at once (its rate limit allows it): the t
 the single thread, is answered 504, and 5 of those in a row open the breaker: 503 for every caller
 for `breaker_open_seconds`. No request was slow, no input was bad, the model never failed.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -20,8 +21,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from tests.helpers import create_key, start_server, write_test_deployment  # noqa: E402
-from tests.slow_model import slow_request, write_slow_model  # noqa: E402
+from tests.helpers import create_key, start_server, write_test_deployment
+from tests.slow_model import slow_request, write_slow_model
 
 MODEL = """[[models]]
 path = "models/slow"
@@ -60,15 +61,29 @@ def main() -> None:
 
         with concurrent.futures.ThreadPoolExecutor(40) as pool:
             results = list(pool.map(one, range(40)))
-        print("40 concurrent valid requests:", Counter(s for s, _ in results),
-              f"slowest {max(t for _, t in results):.2f} s")
+        print(
+            "40 concurrent valid requests:",
+            Counter(s for s, _ in results),
+            f"slowest {max(t for _, t in results):.2f} s",
+        )
         with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {victim}"}) as c:
             r = c.post(url, json=slow_request(0.0))
-            print(f"victim afterwards (work=0): {r.status_code} {r.text[:100]} Retry-After={r.headers.get('retry-after')}")
+            print(
+                f"victim afterwards (work=0): {r.status_code} {r.text[:100]} Retry-After={r.headers.get('retry-after')}"
+            )
             r = c.get(f"{server.base_url}/v2/models/slow/ready")
             print(f"model ready: {r.status_code} {r.text[:80]}")
-            print("metrics:", [ln for ln in httpx.get(f"{server.base_url}/metrics", headers={"Authorization": f"Bearer {create_key(config, 'admin')}"}).text.splitlines()
-                               if ln.startswith(("bastion_model_breaker_state", "bastion_inference_timeouts_total"))][:4])
+            print(
+                "metrics:",
+                [
+                    ln
+                    for ln in httpx.get(
+                        f"{server.base_url}/metrics",
+                        headers={"Authorization": f"Bearer {create_key(config, 'admin')}"},
+                    ).text.splitlines()
+                    if ln.startswith(("bastion_model_breaker_state", "bastion_inference_timeouts_total"))
+                ][:4],
+            )
     finally:
         server.stop()
 

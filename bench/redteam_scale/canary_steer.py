@@ -4,6 +4,7 @@ The README: requests naming a version are not the rollout's observations, so a c
 rollback with them. But they take the canary's thread: routed (unversioned) requests queued behind
 them reach their deadline and are answered 504 `inference_timeout`, which counts as the canary's
 failure. v1 and v2 are the same healthy model (tests/slow_model.py, work=30000: ~50 ms)."""
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -20,10 +21,10 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from tests.helpers import BASTION, create_key, start_server, write_test_deployment  # noqa: E402
-from tests.slow_model import slow_manifest, slow_model_bytes, slow_request  # noqa: E402
+from tests.helpers import BASTION, create_key, start_server, write_test_deployment
+from tests.slow_model import slow_manifest, slow_model_bytes, slow_request
 
-from bastion.manifest import write_manifest  # noqa: E402
+from bastion.manifest import write_manifest
 
 WORK = 300000.0  # ~0.45 s on this machine: under the 1 s deadline
 EXTRA = """[[models]]
@@ -67,18 +68,25 @@ def main() -> None:
     stop = threading.Event()
     user_results: list[tuple[str, int, str]] = []
     try:
+
         def benign() -> None:
             with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {user}"}) as c:
                 while not stop.is_set():
                     r = c.post(f"{server.base_url}/v2/models/slow/infer", json=slow_request(0.0))
-                    user_results.append((r.headers.get("x-model-version", "?"), r.status_code,
-                                         r.json().get("code", "") if r.status_code != 200 else ""))
+                    user_results.append(
+                        (
+                            r.headers.get("x-model-version", "?"),
+                            r.status_code,
+                            r.json().get("code", "") if r.status_code != 200 else "",
+                        )
+                    )
                     time.sleep(0.1)
 
         def attack(_: int) -> int:
             with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {attacker}"}) as c:
-                return c.post(f"{server.base_url}/v2/models/slow/versions/2/infer",
-                              json=slow_request(WORK)).status_code
+                return c.post(
+                    f"{server.base_url}/v2/models/slow/versions/2/infer", json=slow_request(WORK)
+                ).status_code
 
         bt = threading.Thread(target=benign)
         bt.start()
@@ -88,7 +96,9 @@ def main() -> None:
         with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {attacker}"}) as c:
             t = time.monotonic()
             r = c.post(f"{server.base_url}/v2/models/slow/versions/2/infer", json=slow_request(WORK))
-            print(f"one attacker request alone: {r.status_code} in {time.monotonic() - t:.2f} s (timeout 1 s)")
+            print(
+                f"one attacker request alone: {r.status_code} in {time.monotonic() - t:.2f} s (timeout 1 s)"
+            )
         att = Counter()
         t0 = time.monotonic()
 
@@ -104,11 +114,15 @@ def main() -> None:
         bt.join()
         print("attacker (version 2 named):", att)
         print("benign during attack:", Counter(user_results))
-        st = subprocess.run([*BASTION, "rollout", "status", "--config", str(config)], capture_output=True, text=True)
+        st = subprocess.run(
+            [*BASTION, "rollout", "status", "--config", str(config)], capture_output=True, text=True
+        )
         print("rollout status:", st.stdout.strip()[-300:], st.stderr.strip()[-200:])
     finally:
         server.stop()
-        out = subprocess.run([*BASTION, "audit", "export", "--config", str(config)], capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [*BASTION, "audit", "export", "--config", str(config)], capture_output=True, text=True
+        ).stdout
         for ln in out.splitlines():
             rec = json.loads(ln)
             if rec.get("route") in ("rollout", "breaker"):

@@ -1,6 +1,7 @@
 """A client certificate's validity and its CA's trust are checked once, at the handshake. On a connection
 kept open (REST keep-alive, a gRPC channel kept busy), a certificate that expired, or whose CA was removed
 from `client_ca_file` (the answer to a CA compromise), goes on authenticating every request."""
+
 from __future__ import annotations
 
 import datetime
@@ -18,9 +19,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import deploy  # noqa: E402
+from harness import deploy
 
-from bastion.demo import infer_request  # noqa: E402
+from bastion.demo import infer_request
 
 LIFETIME = 8  # seconds
 
@@ -28,26 +29,43 @@ LIFETIME = 8  # seconds
 def short_lived(d, root: Path) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Bastion Tests"),
-                                     x509.NameAttribute(NameOID.COMMON_NAME, "ingest")]))
-            .issuer_name(d.ca.name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=1))
-            .not_valid_after(now + datetime.timedelta(seconds=LIFETIME))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            .sign(d.ca.key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Bastion Tests"),
+                    x509.NameAttribute(NameOID.COMMON_NAME, "ingest"),
+                ]
+            )
+        )
+        .issuer_name(d.ca.name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(seconds=LIFETIME))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(d.ca.key, hashes.SHA256())
+    )
     c, k = root / "short.pem", root / "short.key"
     c.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    k.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption()))
+    k.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     return c, k
 
 
 def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="rt-lifetime-"))
-    d = deploy(root, client_auth="require", min_version="1.2",
-               server_settings="head_timeout_seconds = 2\nkeep_alive_seconds = 5\n")
+    d = deploy(
+        root,
+        client_auth="require",
+        min_version="1.2",
+        server_settings="head_timeout_seconds = 2\nkeep_alive_seconds = 5\n",
+    )
     import tritonclient.grpc as triton
 
     try:
@@ -56,9 +74,13 @@ def main() -> None:
         ctx.load_cert_chain(cert, key)
         body = infer_request(d.rows)
         rest = httpx.Client(verify=ctx, timeout=10)
-        grpc_client = triton.InferenceServerClient(f"127.0.0.1:{d.grpc_port}", ssl=True,
-                                                   root_certificates=str(d.ca.pem), private_key=str(key),
-                                                   certificate_chain=str(cert))
+        grpc_client = triton.InferenceServerClient(
+            f"127.0.0.1:{d.grpc_port}",
+            ssl=True,
+            root_certificates=str(d.ca.pem),
+            private_key=str(key),
+            certificate_chain=str(cert),
+        )
         inp = triton.InferInput("features", list(d.rows.shape), "FP32")
         inp.set_data_from_numpy(d.rows)
         t0 = time.monotonic()
@@ -75,15 +97,20 @@ def main() -> None:
             try:
                 grpc_client.infer("breast-cancer", [inp])
                 g = "answered"
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 g = f"refused {str(e)[:60]}"
             state = "VALID" if el < LIFETIME else "EXPIRED"
-            print(f"+{el:5.1f}s cert {state:7s} REST same connection: {r.status_code}  gRPC same channel: {g}")
+            print(
+                f"+{el:5.1f}s cert {state:7s} REST same connection: {r.status_code}  gRPC same channel: {g}"
+            )
             time.sleep(1.0)
         # a new connection with the same (expired) certificate
         try:
             with httpx.Client(verify=ctx, timeout=10) as fresh:
-                print("new REST connection:", fresh.post(f"{d.url}/v2/models/breast-cancer/infer", json=body).status_code)
+                print(
+                    "new REST connection:",
+                    fresh.post(f"{d.url}/v2/models/breast-cancer/infer", json=body).status_code,
+                )
         except httpx.TransportError as e:
             print("new REST connection: refused at handshake", type(e).__name__)
         rest.close()

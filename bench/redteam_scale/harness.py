@@ -2,6 +2,7 @@
 
 Usage from the other scripts: `deploy(root, client_auth=..., min_version=..., extra=...)` -> Deployment.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -16,8 +17,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from tests.helpers import BASTION, RunningServer, create_key, free_port, write_test_deployment  # noqa: E402
-from tests.pki import SPIFFE_SCORER, Authority, Issued  # noqa: E402
+from tests.helpers import BASTION, RunningServer, create_key, free_port, write_test_deployment
+from tests.pki import SPIFFE_SCORER, Authority, Issued
 
 
 @dataclass
@@ -80,7 +81,7 @@ reload_interval_seconds = 0.5
         tls += f"\n[grpc]\nenabled = true\nport = {grpc_port}\n"
     tls += f"""
 [client_certificates]
-revoked_public_keys = ["{certs['revoked'].public_key_sha256}"]
+revoked_public_keys = ["{certs["revoked"].public_key_sha256}"]
 
 [[client_certificates.identities]]
 name = "ingest"
@@ -108,16 +109,30 @@ roles = ["admin"]
     (tls_dir / "server.key").chmod(0o600)
     made = {role: create_key(config, role) for role in keys}
     server, port = start(config, root / "server.log", ca, certs)
-    return Deployment(root, config, server, port, grpc_port, ca, certs, made,
-                      np.asarray(build.features[:2], dtype=np.float32))
+    return Deployment(
+        root,
+        config,
+        server,
+        port,
+        grpc_port,
+        ca,
+        certs,
+        made,
+        np.asarray(build.features[:2], dtype=np.float32),
+    )
 
 
-def start(config: Path, log: Path, ca: Authority, certs: dict[str, Issued], *extra: str) -> tuple[RunningServer, int]:
+def start(
+    config: Path, log: Path, ca: Authority, certs: dict[str, Issued], *extra: str
+) -> tuple[RunningServer, int]:
     import ssl
 
     port = free_port()
-    process = subprocess.Popen([*BASTION, "serve", "--config", str(config), "--port", str(port), *extra],
-                               stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [*BASTION, "serve", "--config", str(config), "--port", str(port), *extra],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
     server = RunningServer(f"https://127.0.0.1:{port}", config, process, log)
     ctx = ssl.create_default_context(cafile=ca.pem)
     ctx.load_cert_chain(certs["stranger"].cert, certs["stranger"].key)

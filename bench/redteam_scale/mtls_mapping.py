@@ -1,5 +1,6 @@
 """Client certificates against the mapping: look-alike subjects and SPIFFE IDs, two credentials, forged
 chains, validity and EKU, over REST (optional) and gRPC (require). Prints one line per probe."""
+
 from __future__ import annotations
 
 import datetime
@@ -16,32 +17,54 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import deploy  # noqa: E402
+from harness import deploy
 
-from bastion.demo import infer_request  # noqa: E402
+from bastion.demo import infer_request
 
 SPIFFE = "spiffe://bastion.test/ns/prod/sa/scorer"
 
 
-def issue(root: Path, fname: str, issuer_name, issuer_key, *, subject: x509.Name, uris=(), eku=("client",),
-          start=-1.0, end=7.0, ca=False, chain_extra: bytes = b"") -> tuple[Path, Path]:
+def issue(
+    root: Path,
+    fname: str,
+    issuer_name,
+    issuer_key,
+    *,
+    subject: x509.Name,
+    uris=(),
+    eku=("client",),
+    start=-1.0,
+    end=7.0,
+    ca=False,
+    chain_extra: bytes = b"",
+) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
-    b = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer_name).public_key(key.public_key())
-         .serial_number(x509.random_serial_number())
-         .not_valid_before(now + datetime.timedelta(days=start)).not_valid_after(now + datetime.timedelta(days=end))
-         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now + datetime.timedelta(days=start))
+        .not_valid_after(now + datetime.timedelta(days=end))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
     if eku:
         oids = {"client": ExtendedKeyUsageOID.CLIENT_AUTH, "server": ExtendedKeyUsageOID.SERVER_AUTH}
         b = b.add_extension(x509.ExtendedKeyUsage([oids[e] for e in eku]), critical=False)
     if uris:
-        b = b.add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]),
-                            critical=False)
+        b = b.add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]), critical=False
+        )
     cert = b.sign(issuer_key, hashes.SHA256())
     c, k = root / f"{fname}.pem", root / f"{fname}.key"
     c.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + chain_extra)
-    k.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption()))
+    k.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     return c, k
 
 
@@ -69,14 +92,23 @@ def main() -> None:
         "CN with escaped comma": dict(subject=name((CN, "ingest,O=Bastion Tests"))),
         "spiffe exact (control)": dict(subject=name((CN, "w")), uris=[SPIFFE]),
         "spiffe trailing slash": dict(subject=name((CN, "w")), uris=[SPIFFE + "/"]),
-        "spiffe other trust domain": dict(subject=name((CN, "w")), uris=[SPIFFE.replace("bastion.test", "evil.test")]),
+        "spiffe other trust domain": dict(
+            subject=name((CN, "w")), uris=[SPIFFE.replace("bastion.test", "evil.test")]
+        ),
         "spiffe %73corer": dict(subject=name((CN, "w")), uris=[SPIFFE.replace("scorer", "%73corer")]),
-        "spiffe upper-case host": dict(subject=name((CN, "w")), uris=[SPIFFE.replace("bastion.test", "BASTION.test")]),
+        "spiffe upper-case host": dict(
+            subject=name((CN, "w")), uris=[SPIFFE.replace("bastion.test", "BASTION.test")]
+        ),
         "SPIFFE:// scheme upper": dict(subject=name((CN, "w")), uris=[SPIFFE.replace("spiffe", "SPIFFE", 1)]),
-        "two URI SANs (scorer + other)": dict(subject=name((CN, "w")), uris=[SPIFFE, "spiffe://bastion.test/x"]),
-        "mapped subject + unmapped spiffe": dict(subject=name((O, "Bastion Tests"), (CN, "ingest")),
-                                                 uris=["spiffe://bastion.test/unmapped"]),
-        "mapped subject + scorer spiffe (two ids)": dict(subject=name((O, "Bastion Tests"), (CN, "ingest")), uris=[SPIFFE]),
+        "two URI SANs (scorer + other)": dict(
+            subject=name((CN, "w")), uris=[SPIFFE, "spiffe://bastion.test/x"]
+        ),
+        "mapped subject + unmapped spiffe": dict(
+            subject=name((O, "Bastion Tests"), (CN, "ingest")), uris=["spiffe://bastion.test/unmapped"]
+        ),
+        "mapped subject + scorer spiffe (two ids)": dict(
+            subject=name((O, "Bastion Tests"), (CN, "ingest")), uris=[SPIFFE]
+        ),
         "expired": dict(subject=name((O, "Bastion Tests"), (CN, "ingest")), start=-10, end=-1),
         "not yet valid": dict(subject=name((O, "Bastion Tests"), (CN, "ingest")), start=1, end=7),
         "EKU serverAuth only": dict(subject=name((O, "Bastion Tests"), (CN, "ingest")), eku=("server",)),
@@ -88,17 +120,27 @@ def main() -> None:
         made[label] = issue(out, label.replace(" ", "_").replace("/", "_"), ca.name, ca.key, **kw)
     # A certificate signed by the holder of a valid leaf (stranger, CA=false), chain sent along.
     made["forged under stranger leaf"] = issue(
-        out, "forged", stranger_cert.subject, stranger_key,
+        out,
+        "forged",
+        stranger_cert.subject,
+        stranger_key,
         subject=name((O, "Bastion Tests"), (CN, "ingest")),
-        chain_extra=d.certs["stranger"].cert.read_bytes())
+        chain_extra=d.certs["stranger"].cert.read_bytes(),
+    )
     for label, (cert, key) in made.items():
         ctx = ssl.create_default_context(cafile=ca.pem)
         ctx.load_cert_chain(cert, key)
         try:
             with httpx.Client(verify=ctx, timeout=10) as http:
-                r = http.post(f"{d.url}/v2/models/loan/metadata" if False else f"{d.url}/v2/models/breast-cancer/infer",
-                              json=body)
-                who = r.json().get("outputs", [{}])[0].get("name") if r.status_code == 200 else r.json().get("code")
+                r = http.post(
+                    f"{d.url}/v2/models/loan/metadata" if False else f"{d.url}/v2/models/breast-cancer/infer",
+                    json=body,
+                )
+                who = (
+                    r.json().get("outputs", [{}])[0].get("name")
+                    if r.status_code == 200
+                    else r.json().get("code")
+                )
                 extra = ""
                 if r.status_code == 200:
                     # admin (scorer) gets probabilities; analyst (ingest) gets label only
@@ -128,11 +170,21 @@ def main() -> None:
         r = http.post(f"{d.url}/v2/auth/token", json={})
         print(f"{'mapped cert -> /v2/auth/token':42s} {r.status_code} {r.text[:90]}")
     # renegotiation on TLS 1.2 (client-initiated)
-    p = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{d.port}", "-tls1_2", "-CAfile", str(ca.pem)],
-                       input=b"R\n", capture_output=True, timeout=20)
+    p = subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{d.port}", "-tls1_2", "-CAfile", str(ca.pem)],
+        input=b"R\n",
+        capture_output=True,
+        timeout=20,
+    )
     txt = (p.stdout + p.stderr).decode(errors="replace")
-    print("renegotiation TLS1.2:", "RENEGOTIATING" in txt and ("refused/closed" if "no renegotiation" in txt or "alert" in txt.lower() or p.returncode else "?"),
-          [ln for ln in txt.splitlines() if "renegotiat" in ln.lower() or "alert" in ln.lower()][:3])
+    print(
+        "renegotiation TLS1.2:",
+        "RENEGOTIATING" in txt
+        and (
+            "refused/closed" if "no renegotiation" in txt or "alert" in txt.lower() or p.returncode else "?"
+        ),
+        [ln for ln in txt.splitlines() if "renegotiat" in ln.lower() or "alert" in ln.lower()][:3],
+    )
     # plaintext to the TLS port
     try:
         r = httpx.get(f"http://127.0.0.1:{d.port}/v2/health/live", timeout=5)

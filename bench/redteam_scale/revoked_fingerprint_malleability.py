@@ -4,6 +4,7 @@ The fingerprint is SHA-256 of the certificate's DER. An ECDSA signature (r, s) i
 (r, n - s); re-encoding the certificate with the other s changes its DER (so its fingerprint) without
 the CA's key, and OpenSSL still verifies the chain. Run: .venv/bin/python bench/redteam_scale/revoked_fingerprint_malleability.py
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,9 +19,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import deploy  # noqa: E402
+from harness import deploy
 
-from bastion.demo import infer_request  # noqa: E402
+from bastion.demo import infer_request
 
 N_P256 = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 
@@ -29,8 +30,11 @@ def malleate(pem: bytes) -> bytes:
     """The same certificate, signature (r, s) -> (r, n - s): a different DER, the same verification."""
     cert = x509.load_pem_x509_certificate(pem)
     r, s = decode_dss_signature(cert.signature)
-    outer = core.Sequence.load(cert.public_bytes(__import__("cryptography.hazmat.primitives.serialization",
-                                                           fromlist=["Encoding"]).Encoding.DER))
+    outer = core.Sequence.load(
+        cert.public_bytes(
+            __import__("cryptography.hazmat.primitives.serialization", fromlist=["Encoding"]).Encoding.DER
+        )
+    )
     tbs, alg = outer[0], outer[1]
     sig = core.OctetBitString(encode_dss_signature(r, N_P256 - s))
     der = core.Sequence(value=None, contents=tbs.dump() + alg.dump() + sig.dump()).dump()
@@ -49,8 +53,11 @@ def main() -> None:
         revoked = d.certs["revoked"]
         twin = root / "revoked-twin.pem"
         twin.write_bytes(malleate(revoked.cert.read_bytes()))
-        fp = hashlib.sha256(x509.load_pem_x509_certificate(twin.read_bytes()).public_bytes(
-            __import__("cryptography.hazmat.primitives.serialization", fromlist=["Encoding"]).Encoding.DER)).hexdigest()
+        fp = hashlib.sha256(
+            x509.load_pem_x509_certificate(twin.read_bytes()).public_bytes(
+                __import__("cryptography.hazmat.primitives.serialization", fromlist=["Encoding"]).Encoding.DER
+            )
+        ).hexdigest()
         print("revoked fingerprint (in policy):", revoked.fingerprint)
         print("twin fingerprint               :", fp)
         body = infer_request(d.rows)
@@ -64,15 +71,19 @@ def main() -> None:
         import tritonclient.grpc as triton
 
         for label, cert in (("revoked original", revoked.cert), ("malleated twin  ", twin)):
-            client = triton.InferenceServerClient(f"127.0.0.1:{d.grpc_port}", ssl=True,
-                                                  root_certificates=str(d.ca.pem),
-                                                  private_key=str(revoked.key), certificate_chain=str(cert))
+            client = triton.InferenceServerClient(
+                f"127.0.0.1:{d.grpc_port}",
+                ssl=True,
+                root_certificates=str(d.ca.pem),
+                private_key=str(revoked.key),
+                certificate_chain=str(cert),
+            )
             inp = triton.InferInput("features", list(d.rows.shape), "FP32")
             inp.set_data_from_numpy(d.rows)
             try:
                 res = client.infer("breast-cancer", [inp])
                 print(f"gRPC {label}: answered {res.as_numpy('label')}")
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 print(f"gRPC {label}: refused {str(e)[:120]}")
             client.close()
     finally:

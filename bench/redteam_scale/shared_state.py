@@ -4,6 +4,7 @@ and acknowledges, nothing answers). Usage: shared_state.py redis|postgres
 Measures: revocation delay on both replicas; what a client sees while a replica's backend is down or
 hung; whether a key revoked during the outage is ever answered; liveness during a hung backend;
 (postgres) a table lock held by another session."""
+
 from __future__ import annotations
 
 import os
@@ -23,9 +24,9 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from tests.helpers import BASTION, free_port, start_server, write_test_deployment  # noqa: E402
+from tests.helpers import BASTION, free_port, start_server, write_test_deployment
 
-from bastion.demo import infer_request  # noqa: E402
+from bastion.demo import infer_request
 
 
 class Proxy:
@@ -35,8 +36,14 @@ class Proxy:
         self.start()
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(["socat", f"TCP-LISTEN:{self.port},fork,reuseaddr,bind=127.0.0.1",
-                                      f"TCP:127.0.0.1:{self.target}"], start_new_session=True)
+        self.proc = subprocess.Popen(
+            [
+                "socat",
+                f"TCP-LISTEN:{self.port},fork,reuseaddr,bind=127.0.0.1",
+                f"TCP:127.0.0.1:{self.target}",
+            ],
+            start_new_session=True,
+        )
         time.sleep(0.3)
 
     def kill(self) -> None:
@@ -50,8 +57,9 @@ class Proxy:
 
 
 def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*BASTION, *args[:2], "--config", str(config), *args[2:]], capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [*BASTION, *args[:2], "--config", str(config), *args[2:]], capture_output=True, text=True, timeout=120
+    )
 
 
 def main() -> None:
@@ -60,20 +68,28 @@ def main() -> None:
     base = Path(tempfile.mkdtemp(prefix=f"rt-shared-{backend}-"))
     config_a, build = write_test_deployment(base / "a")
     rows = build.features[:2]
-    proxies = {"a": Proxy(6379 if backend == "redis" else 5432), "b": Proxy(6379 if backend == "redis" else 5432)}
+    proxies = {
+        "a": Proxy(6379 if backend == "redis" else 5432),
+        "b": Proxy(6379 if backend == "redis" else 5432),
+    }
     prefix, table = f"rtscale-{tag}:", f"rtscale_{tag}"
 
     def state(port: int) -> str:
         if backend == "redis":
-            return f'backend = "redis"\nredis_url = "redis://127.0.0.1:{port}/14"\nredis_prefix = "{prefix}"\n'
+            return (
+                f'backend = "redis"\nredis_url = "redis://127.0.0.1:{port}/14"\nredis_prefix = "{prefix}"\n'
+            )
         return f'backend = "postgres"\npostgres_dsn = "postgresql://postgres@127.0.0.1:{port}/postgres"\npostgres_table = "{table}"\n'
 
     text = config_a.read_text()
     shutil.copytree(base / "a", base / "b", ignore=shutil.ignore_patterns("server.lock"))
     shutil.copytree(base / "a", base / "c", ignore=shutil.ignore_patterns("server.lock"))
     configs = {}
-    for name, port in (("a", proxies["a"].port), ("b", proxies["b"].port),
-                       ("c", 6379 if backend == "redis" else 5432)):
+    for name, port in (
+        ("a", proxies["a"].port),
+        ("b", proxies["b"].port),
+        ("c", 6379 if backend == "redis" else 5432),
+    ):
         cfg = base / name / config_a.name
         cfg.write_text(text.replace('[state]\nbackend = "sqlite"\n', f"[state]\n{state(port)}"))
         configs[name] = cfg
@@ -89,8 +105,12 @@ def main() -> None:
         def ask(n: str, key: str, timeout: float = 10) -> tuple[int, float, str]:
             t = time.monotonic()
             try:
-                r = httpx.post(f"{servers[n].base_url}/v2/models/breast-cancer/infer", json=body, timeout=timeout,
-                               headers={"Authorization": f"Bearer {key}"})
+                r = httpx.post(
+                    f"{servers[n].base_url}/v2/models/breast-cancer/infer",
+                    json=body,
+                    timeout=timeout,
+                    headers={"Authorization": f"Bearer {key}"},
+                )
                 return r.status_code, time.monotonic() - t, r.json().get("code", "")
             except httpx.TransportError as e:
                 return -1, time.monotonic() - t, type(e).__name__
@@ -120,8 +140,10 @@ def main() -> None:
             for n in ("a", "b"):
                 delays[n].append(done[n])
             _ = t0, r
-        print("revocation delay after the CLI returned (s):",
-              {n: [round(x, 3) for x in v] for n, v in delays.items()})
+        print(
+            "revocation delay after the CLI returned (s):",
+            {n: [round(x, 3) for x in v] for n, v in delays.items()},
+        )
 
         # (b) backend of A refused (proxy killed), key revoked meanwhile through the CLI
         for mode in ("kill", "freeze"):
@@ -134,8 +156,11 @@ def main() -> None:
                 if tries[-1][0] == 200:
                     break
                 time.sleep(0.1)
-            print(f"[{mode}] a fresh key on A before the outage: {len(tries)} tries, statuses",
-                  Counter((x[0], x[2]) for x in tries), f"over {time.monotonic() - t_try:.2f}s")
+            print(
+                f"[{mode}] a fresh key on A before the outage: {len(tries)} tries, statuses",
+                Counter((x[0], x[2]) for x in tries),
+                f"over {time.monotonic() - t_try:.2f}s",
+            )
             base_live = []
             for _ in range(20):
                 t = time.monotonic()
@@ -191,11 +216,20 @@ def main() -> None:
             lw.join()
             print(f"--- backend of A {mode}: revoked through the CLI at +{revoked_at}s")
             print("   statuses during outage:", Counter((s, c) for _, s, _, c in seen))
-            print("   last 200 at +", max([t for t, s, _, _ in seen if s == 200], default=None), "s;",
-                  "slowest answer", max(dt for _, _, dt, _ in seen), "s")
-            print("   after the backend came back:", Counter((s, c) for _, s, c in after),
-                  "first:", after[:2])
-            print(f"   /v2/health/live latency during: median {statistics.median(live):.3f}s max {max(live):.3f}s n={len(live)}")
+            print(
+                "   last 200 at +",
+                max([t for t, s, _, _ in seen if s == 200], default=None),
+                "s;",
+                "slowest answer",
+                max(dt for _, _, dt, _ in seen),
+                "s",
+            )
+            print(
+                "   after the backend came back:", Counter((s, c) for _, s, c in after), "first:", after[:2]
+            )
+            print(
+                f"   /v2/health/live latency during: median {statistics.median(live):.3f}s max {max(live):.3f}s n={len(live)}"
+            )
         # (c) CLI against a dead backend, DSN with a password
         dead = base / "c" / "dead.toml"
         pw = "Sup3rS3cretPw"
@@ -204,13 +238,24 @@ def main() -> None:
         else:
             st = f'backend = "postgres"\npostgres_dsn = "postgresql://postgres:{pw}@127.0.0.1:1/postgres"\npostgres_table = "{table}"\n'
         dead.write_text(text.replace('[state]\nbackend = "sqlite"\n', f"[state]\n{st}"))
-        for args in (("keys", "list"), ("keys", "revoke", "0123456789abcdef"), ("incidents", "list"),
-                     ("check",)):
-            r = cli(dead, *args) if len(args) > 1 else subprocess.run([*BASTION, "check", "--config", str(dead)],
-                                                                    capture_output=True, text=True, timeout=120)
+        for args in (
+            ("keys", "list"),
+            ("keys", "revoke", "0123456789abcdef"),
+            ("incidents", "list"),
+            ("check",),
+        ):
+            r = (
+                cli(dead, *args)
+                if len(args) > 1
+                else subprocess.run(
+                    [*BASTION, "check", "--config", str(dead)], capture_output=True, text=True, timeout=120
+                )
+            )
             out = r.stdout + r.stderr
-            print(f"CLI {' '.join(args)} on dead backend: rc={r.returncode} traceback={'Traceback' in out} "
-                  f"password_shown={pw in out} :: {out.strip().splitlines()[-1][:160] if out.strip() else ''}")
+            print(
+                f"CLI {' '.join(args)} on dead backend: rc={r.returncode} traceback={'Traceback' in out} "
+                f"password_shown={pw in out} :: {out.strip().splitlines()[-1][:160] if out.strip() else ''}"
+            )
         if backend == "postgres":
             # (d) another session holds an ACCESS EXCLUSIVE lock on the records table for 6 s
             import psycopg
@@ -218,8 +263,12 @@ def main() -> None:
             key = new_key()
             assert ask("a", key)[0] == 200
             with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres") as conn:
-                names = [r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE tablename LIKE %s",
-                                                    (table + "%",)).fetchall()]
+                names = [
+                    r[0]
+                    for r in conn.execute(
+                        "SELECT tablename FROM pg_tables WHERE tablename LIKE %s", (table + "%",)
+                    ).fetchall()
+                ]
                 print("tables:", names)
                 conn.execute(f'LOCK TABLE "{table}_records_counters" IN ACCESS EXCLUSIVE MODE')
                 t0 = time.monotonic()
@@ -253,7 +302,7 @@ def main() -> None:
             try:
                 p.freeze(False)
                 p.kill()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
         if backend == "redis":
             import redis
@@ -267,8 +316,9 @@ def main() -> None:
             import psycopg
 
             with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
-                for (n,) in conn.execute("SELECT tablename FROM pg_tables WHERE tablename LIKE %s",
-                                         (table + "%",)).fetchall():
+                for (n,) in conn.execute(
+                    "SELECT tablename FROM pg_tables WHERE tablename LIKE %s", (table + "%",)
+                ).fetchall():
                     conn.execute(f'DROP TABLE IF EXISTS "{n}"')
             print("dropped tables", table + "*")
 

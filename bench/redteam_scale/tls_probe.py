@@ -1,5 +1,6 @@
 """Protocol probes against REST and gRPC TLS ports with openssl s_client: versions, suites, renegotiation,
 plaintext to the TLS port. Usage: tls_probe.py [min_version] [client_auth]"""
+
 from __future__ import annotations
 
 import subprocess
@@ -8,12 +9,23 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import deploy  # noqa: E402
+from harness import deploy
 
 
 def s_client(port: int, ca: Path, cert: Path, key: Path, *args: str, stdin: bytes = b"") -> str:
-    cmd = ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-CAfile", str(ca), "-cert", str(cert),
-           "-key", str(key), *args]
+    cmd = [
+        "openssl",
+        "s_client",
+        "-connect",
+        f"127.0.0.1:{port}",
+        "-CAfile",
+        str(ca),
+        "-cert",
+        str(cert),
+        "-key",
+        str(key),
+        *args,
+    ]
     p = subprocess.run(cmd, input=stdin, capture_output=True, timeout=20)
     out = (p.stdout + p.stderr).decode(errors="replace")
     proto = next((ln.strip() for ln in out.splitlines() if ln.strip().startswith("Protocol")), "")
@@ -34,7 +46,10 @@ def main() -> None:
                 ("TLS1.3", ["-tls1_3"]),
                 ("TLS1.2 any", ["-tls1_2"]),
                 ("TLS1.2 ECDHE-ECDSA-AES128-SHA (CBC)", ["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA"]),
-                ("TLS1.2 ECDHE-ECDSA-AES256-SHA384 (CBC)", ["-tls1_2", "-cipher", "ECDHE-ECDSA-AES256-SHA384"]),
+                (
+                    "TLS1.2 ECDHE-ECDSA-AES256-SHA384 (CBC)",
+                    ["-tls1_2", "-cipher", "ECDHE-ECDSA-AES256-SHA384"],
+                ),
                 ("TLS1.2 AES128-GCM-SHA256 (static RSA)", ["-tls1_2", "-cipher", "AES128-GCM-SHA256"]),
                 ("TLS1.1", ["-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0"]),
                 ("TLS1.0", ["-tls1", "-cipher", "DEFAULT@SECLEVEL=0"]),
