@@ -14,6 +14,7 @@ so a crashed server leaves nothing to clean up.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 from dataclasses import dataclass
@@ -89,9 +90,10 @@ def make_private_sqlite(path: Path) -> None:
     make_private_dir(path.parent)
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE))
     for suffix in ("", "-wal", "-shm", "-journal"):
-        side = path.with_name(path.name + suffix)
-        if side.exists():
-            side.chmod(PRIVATE_FILE)
+        # Another process (a worker starting beside this one) may delete a -journal or -wal between
+        # a look and a chmod: a file gone is a file with nothing to protect.
+        with contextlib.suppress(FileNotFoundError):
+            path.with_name(path.name + suffix).chmod(PRIVATE_FILE)
 
 
 class StateDirLock:

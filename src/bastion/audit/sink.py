@@ -147,12 +147,19 @@ class SQLiteSink(AuditSink):
         self._locked = False
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
-        self._conn.execute("PRAGMA journal_mode=WAL")
+        # Under the writers' lock: switching a fresh file to WAL needs SQLite's exclusive lock, and
+        # that wait does not go through the busy handler ("database is locked" at once when several
+        # workers open a new state directory together).
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.executescript(SCHEMA)
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
         self._conn.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
         # SQLite's automatic WAL checkpoint would run inside some unlucky COMMIT and stall every request
         # waiting on it; instead a second connection checkpoints passively beside the writer.
         self._conn.execute("PRAGMA wal_autocheckpoint=0")
-        self._conn.executescript(SCHEMA)
         self._wal_conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._wal_conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
         self._wal_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bastion-audit-wal")

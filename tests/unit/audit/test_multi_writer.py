@@ -106,6 +106,32 @@ def test_sqlite_threads_share_one_chain(tmp_path: Path, key: Ed25519PrivateKey) 
     _check(results, AuditSource.sqlite(db), key, 240)
 
 
+def test_writers_opening_a_fresh_chain_together_all_start(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    # Workers starting together on a new state directory: SQLite's switch to WAL does not wait on its
+    # busy handler ("database is locked" at once), and a -journal may vanish between a look and a
+    # chmod. Eight openers at once, twenty fresh files: every one starts.
+    for i in range(20):
+        db = tmp_path / f"audit-{i}.db"
+        start = threading.Barrier(8)
+        errors: list[BaseException] = []
+
+        def open_sink(
+            db: Path = db, start: threading.Barrier = start, errors: list[BaseException] = errors
+        ) -> None:
+            start.wait()
+            try:
+                SQLiteSink(db, key).close()
+            except BaseException as e:  # collected: the assertion names it
+                errors.append(e)
+
+        threads = [threading.Thread(target=open_sink) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert errors == [], errors
+
+
 @pytest.mark.slow
 def test_sqlite_processes_share_one_chain(tmp_path: Path, key: Ed25519PrivateKey) -> None:
     db = tmp_path / "audit.db"
