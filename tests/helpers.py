@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -316,6 +317,45 @@ def drop_postgres_table(table: str) -> None:
         ).fetchall()
         for (name,) in rows:
             conn.execute(f'DROP TABLE IF EXISTS "{name}"')
+
+
+@contextlib.contextmanager
+def two_replicas(
+    root: Path, backend: str, roles: tuple[str, ...] = ()
+) -> Iterator[tuple[list[RunningServer], Path, Any, dict[str, str]]]:
+    """Two real servers sharing `backend` ("redis" or "postgres", in a fresh namespace dropped
+    afterwards), each with its own state directory and audit log: (servers, the first's policy file,
+    the demo build, a key per role in `roles`, created through the shared backend). The second
+    state directory is a copy of the first, so both have the same token signing key (as a replica
+    would get it, mounted from a secret)."""
+    from bastion.tokens import load_or_create_signing_key
+
+    if backend == "redis":
+        namespace = redis_prefix()
+        state = f'backend = "redis"\nredis_url = "{REDIS_URL}"\nredis_prefix = "{namespace}"'
+    else:
+        namespace = postgres_table()
+        state = f'backend = "postgres"\npostgres_dsn = "{POSTGRES_DSN}"\npostgres_table = "{namespace}"'
+    config, build = write_test_deployment(root)
+    text = config.read_text().replace('backend = "sqlite"', state)
+    config.write_text(text)
+    servers: list[RunningServer] = []
+    try:
+        keys = {role: create_key(config, role) for role in roles}
+        load_or_create_signing_key(root / "state" / "token_signing.jwk")
+        shutil.copytree(root / "state", root / "state-2")
+        config_2 = root / "bastion-2.toml"
+        config_2.write_text(text.replace('state_dir = "state"', 'state_dir = "state-2"'))
+        servers.append(start_server(config, root / "a.log"))
+        servers.append(start_server(config_2, root / "b.log"))
+        yield servers, config, build, keys
+    finally:
+        for server in servers:
+            server.stop()
+        if backend == "redis":
+            drop_redis_keys(namespace)
+        else:
+            drop_postgres_table(namespace)
 
 
 def core_context(

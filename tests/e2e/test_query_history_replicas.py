@@ -4,7 +4,6 @@ quarantined after exactly as many requests as a thief sending the same probes to
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,18 +12,10 @@ import numpy as np
 import pytest
 
 from bastion.demo import infer_request
-from bastion.tokens import load_or_create_signing_key
 from tests.helpers import (
-    POSTGRES_DSN,
-    REDIS_URL,
     RunningServer,
     create_key,
-    drop_postgres_table,
-    drop_redis_keys,
-    postgres_table,
-    redis_prefix,
-    start_server,
-    write_test_deployment,
+    two_replicas,
 )
 
 pytestmark = pytest.mark.slow
@@ -40,28 +31,8 @@ class Pair:
 @pytest.fixture(scope="module", params=["redis", "postgres"])
 def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     root = tmp_path_factory.mktemp(f"history-{request.param}")
-    if request.param == "redis":
-        namespace = redis_prefix()
-        state = f'backend = "redis"\nredis_url = "{REDIS_URL}"\nredis_prefix = "{namespace}"'
-    else:
-        namespace = postgres_table()
-        state = f'backend = "postgres"\npostgres_dsn = "{POSTGRES_DSN}"\npostgres_table = "{namespace}"'
-    config, build = write_test_deployment(root)
-    text = config.read_text().replace('backend = "sqlite"', state)
-    config.write_text(text)
-    load_or_create_signing_key(root / "state" / "token_signing.jwk")
-    shutil.copytree(root / "state", root / "state-2")
-    config_2 = root / "bastion-2.toml"
-    config_2.write_text(text.replace('state_dir = "state"', 'state_dir = "state-2"'))
-    servers = [start_server(config, root / "a.log"), start_server(config_2, root / "b.log")]
-    yield Pair(servers, config, build.features)
-    for server in servers:
-        server.stop()
-    if request.param == "redis":
-        drop_redis_keys(namespace)
-    else:
-        for suffix in ("", "_history", "_records", "_records_counters"):
-            drop_postgres_table(namespace + suffix)
+    with two_replicas(root, request.param) as (servers, config, build, _):
+        yield Pair(servers, config, build.features)
 
 
 def _probe_until_quarantined(servers: list[RunningServer], key: str, x: np.ndarray) -> int:

@@ -8,7 +8,6 @@ release on one is served on the other."""
 from __future__ import annotations
 
 import json
-import shutil
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -20,18 +19,12 @@ import numpy as np
 import pytest
 
 from bastion.demo import infer_request
-from bastion.tokens import load_or_create_signing_key
 from tests.helpers import (
-    POSTGRES_DSN,
-    REDIS_URL,
     RunningServer,
     create_key,
-    drop_postgres_table,
-    drop_redis_keys,
-    postgres_table,
-    redis_prefix,
     run_cli,
     start_server,
+    two_replicas,
     write_test_deployment,
 )
 
@@ -47,30 +40,8 @@ class Replicas:
 @pytest.fixture(scope="module", params=["redis", "postgres"])
 def replicas(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
     root = tmp_path_factory.mktemp(f"replicas-{request.param}")
-    if request.param == "redis":
-        namespace = redis_prefix()
-        state = f'backend = "redis"\nredis_url = "{REDIS_URL}"\nredis_prefix = "{namespace}"'
-    else:
-        namespace = postgres_table()
-        state = f'backend = "postgres"\npostgres_dsn = "{POSTGRES_DSN}"\npostgres_table = "{namespace}"'
-    config, build = write_test_deployment(root)
-    text = config.read_text().replace('backend = "sqlite"', state)
-    config.write_text(text)
-    keys = {role: create_key(config, role) for role in ("dp", "quota")}
-    # The second replica: its own state directory and audit log, the keys in the shared backend; the
-    # copy gives it the same token signing key (as a replica would get it, mounted from a secret).
-    load_or_create_signing_key(root / "state" / "token_signing.jwk")
-    shutil.copytree(root / "state", root / "state-2")
-    config_2 = root / "bastion-2.toml"
-    config_2.write_text(text.replace('state_dir = "state"', 'state_dir = "state-2"'))
-    servers = [start_server(config, root / "a.log"), start_server(config_2, root / "b.log")]
-    yield Replicas(servers, keys, build.features, config)
-    for server in servers:
-        server.stop()
-    if request.param == "redis":
-        drop_redis_keys(namespace)
-    else:
-        drop_postgres_table(namespace)
+    with two_replicas(root, request.param, ("dp", "quota")) as (servers, config, build, keys):
+        yield Replicas(servers, keys, build.features, config)
 
 
 def test_privacy_budget_is_spent_once_across_replicas(replicas: Replicas) -> None:
