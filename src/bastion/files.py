@@ -4,9 +4,25 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from pathlib import Path
 
 from bastion.statedir import PRIVATE_DIR, make_private_sqlite
+
+
+def enable_wal(conn: sqlite3.Connection, *, wait_seconds: float = 5.0) -> None:
+    """Switch `conn`'s database to WAL, retrying while another process holds it: on a fresh file the
+    switch needs SQLite's exclusive lock and fails at once ("database is locked") without calling
+    the busy handler, as when several workers open a new state directory together. At open only."""
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def open_shared_sqlite(path: Path, schema: str) -> sqlite3.Connection:
@@ -14,7 +30,7 @@ def open_shared_sqlite(path: Path, schema: str) -> sqlite3.Connection:
     on a busy lock, the schema created if missing, owner-only (with its -wal and -shm)."""
     make_private_sqlite(path)
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-    conn.execute("PRAGMA journal_mode=WAL")
+    enable_wal(conn)
     conn.execute("PRAGMA busy_timeout=5000")
     conn.executescript(schema)
     return conn

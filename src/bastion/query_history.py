@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from bastion.errors import StateUnavailable
+from bastion.files import enable_wal
 from bastion.sqlite_wait import is_busy, retry_busy
 from bastion.state.base import unavailable
 from bastion.statedir import make_private_sqlite
@@ -88,7 +89,7 @@ class SQLiteHistoryStore:
         make_private_sqlite(path)
         self._clock = clock
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0.0)
-        self._conn.execute("PRAGMA journal_mode=WAL")
+        enable_wal(self._conn)
         self._conn.execute(
             "PRAGMA synchronous=NORMAL"
         )  # evidence, not records: a crash loses nothing committed

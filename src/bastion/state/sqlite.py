@@ -7,6 +7,7 @@ import logging
 import sqlite3
 from pathlib import Path
 
+from bastion.files import enable_wal
 from bastion.sqlite_wait import LOCK_WAIT_SECONDS, is_busy, retry_busy
 from bastion.state.base import BUDGET_SLACK, unavailable
 from bastion.state.leased import BUDGET, QUOTA, Book, LeasedStateStore, Return, block_size
@@ -21,7 +22,7 @@ class SQLiteLedger:
     def __init__(self, path: Path) -> None:
         make_private_sqlite(path)  # budgets and quotas per principal: owner-only, -wal and -shm too
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._conn.execute("PRAGMA journal_mode=WAL")
+        enable_wal(self._conn)
         # WAL + NORMAL: a commit survives a process crash without an fsync.
         self._conn.execute("PRAGMA synchronous=NORMAL")
         # No busy wait on the event loop: a write lock another process holds (a worker stopped
