@@ -164,7 +164,8 @@ class _BlankSpacyEngine(SpacyNlpEngine):
         self.load()
 
     def load(self) -> None:
-        self.nlp = {"en": spacy.blank("en")}  # type: ignore[assignment]  # declared None upstream
+        self.pipeline = spacy.blank("en")
+        self.nlp = {"en": self.pipeline}  # type: ignore[assignment]  # declared None upstream
 
     def get_supported_entities(self) -> list[str]:
         return []
@@ -285,9 +286,9 @@ class Redactor:
         if wanted:
             recognizers = [_recognizer(name, regions) for name in sorted(wanted)]
             registry = RecognizerRegistry(recognizers=recognizers, supported_languages=["en"])
-            self._analyzer = AnalyzerEngine(
-                registry=registry, nlp_engine=_BlankSpacyEngine(), supported_languages=["en"]
-            )
+            engine = _BlankSpacyEngine()
+            self._nlp = engine.pipeline
+            self._analyzer = AnalyzerEngine(registry=registry, nlp_engine=engine, supported_languages=["en"])
         plugins = _secret_plugins() if secrets else ()
         self._regex_plugins = tuple(p for p in plugins if isinstance(p, RegexBasedDetector))
         self._entropy_plugins = tuple(p for p in plugins if isinstance(p, HighEntropyStringsPlugin))
@@ -305,15 +306,18 @@ class Redactor:
         """
         findings: list[RecognizerResult] = []
         if self._analyzer is not None:
-            findings.extend(
-                RecognizerResult(entity_type=f.entity_type, start=f.start, end=f.end, score=f.score)
-                for f in self._analyzer.analyze(
-                    text=text,
-                    language="en",
-                    entities=sorted(self.entities),
-                    score_threshold=self._threshold,
+            # spaCy adds every new token string to its vocabulary for good: without a memory zone,
+            # text an attacker chooses (random words) grows the process without bound.
+            with self._nlp.memory_zone():
+                findings.extend(
+                    RecognizerResult(entity_type=f.entity_type, start=f.start, end=f.end, score=f.score)
+                    for f in self._analyzer.analyze(
+                        text=text,
+                        language="en",
+                        entities=sorted(self.entities),
+                        score_threshold=self._threshold,
+                    )
                 )
-            )
         if self.secrets:
             findings.extend(
                 RecognizerResult(entity_type=SECRET, start=start, end=end, score=1.0)

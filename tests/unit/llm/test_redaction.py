@@ -182,6 +182,18 @@ def test_placeholders_in_the_input_are_not_counted(redactor: Redactor) -> None:
     assert out.counts == {}
 
 
+def test_text_of_unseen_words_does_not_grow_the_vocabulary(redactor: Redactor) -> None:
+    # spaCy keeps every new token string for good unless it is read inside a memory zone: an
+    # attacker's random words would otherwise grow the server's memory without bound.
+    strings = redactor._nlp.vocab.strings
+    redactor.redact("warm up: a@b.example 4111 1111 1111 1111")
+    before = len(strings)
+    for i in range(200):
+        text = " ".join(f"zq{i}x{j}{os.urandom(4).hex()}" for j in range(25))
+        assert redactor.redact(f"{text} mail ann@example.org").counts == {"EMAIL": 1}
+    assert len(strings) - before < 50  # 5,000 unseen words went through
+
+
 def test_library_logs_never_carry_the_text(redactor: Redactor, caplog: pytest.LogCaptureFixture) -> None:
     # Presidio logs context words (the value among them) at DEBUG and a bad IBAN at ERROR.
     caplog.set_level(logging.DEBUG)
