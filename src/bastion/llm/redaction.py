@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -288,6 +289,7 @@ class Redactor:
             registry = RecognizerRegistry(recognizers=recognizers, supported_languages=["en"])
             engine = _BlankSpacyEngine()
             self._nlp = engine.pipeline
+            self._zone_lock = threading.Lock()
             self._analyzer = AnalyzerEngine(registry=registry, nlp_engine=engine, supported_languages=["en"])
         plugins = _secret_plugins() if secrets else ()
         self._regex_plugins = tuple(p for p in plugins if isinstance(p, RegexBasedDetector))
@@ -307,8 +309,9 @@ class Redactor:
         findings: list[RecognizerResult] = []
         if self._analyzer is not None:
             # spaCy adds every new token string to its vocabulary for good: without a memory zone,
-            # text an attacker chooses (random words) grows the process without bound.
-            with self._nlp.memory_zone():
+            # text an attacker chooses (random words) grows the process without bound. A zone frees
+            # its strings on exit and must not overlap another: one at a time.
+            with self._zone_lock, self._nlp.memory_zone():
                 findings.extend(
                     RecognizerResult(entity_type=f.entity_type, start=f.start, end=f.end, score=f.score)
                     for f in self._analyzer.analyze(
