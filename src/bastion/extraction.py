@@ -29,6 +29,7 @@ output hardening and budgets are for.
 from __future__ import annotations
 
 import bisect
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,12 +84,13 @@ class _History:
         self.far = [0] * len(_FAR_QUANTILES)
 
 
-def critical_counts(rate: float) -> list[int]:
+@functools.lru_cache(maxsize=64)  # the same few rates on every load and reload: ~6 ms each to compute
+def critical_counts(rate: float) -> tuple[int, ...]:
     """critical[n]: the smallest hit count k among n queries with P(hits >= k) < alpha for a genuine
-    client hitting at `rate`. A list of ints: looked up on every request."""
+    client hitting at `rate`. A tuple of ints: looked up on every request."""
     n = np.arange(_MIN_QUERIES, _EPOCH + 1)
     counts: list[int] = (binom.isf(_ALPHA, n, min(1.0, rate)) + 1).astype(np.int64).tolist()
-    return [_EPOCH + 1] * _MIN_QUERIES + counts  # fewer queries than the minimum: never
+    return (_EPOCH + 1,) * _MIN_QUERIES + tuple(counts)  # fewer queries than the minimum: never
 
 
 class ExtractionMonitor:
