@@ -12,7 +12,10 @@ client sends before the parser sees it, and keeps one deadline per connection fo
   request, framing included (chunk sizes, chunk extensions, trailers), must fit in
   `max_request_bytes` (else 413);
 - connections: beyond `max_connections` the oldest connection that is idle or still sending
-  its head is closed to make room; if every one is busy, the new one is;
+  its head is closed to make room, else the oldest still sending its body; if the application is
+  answering on every one, the new one is;
+- an answer given before its request's body has arrived (401, 429, 404...) carries
+  `connection: close` and the connection closes after it (lingering): nothing reads that body;
 - send: a client that does not take its answers (the transport's writing paused because the
   socket's buffers are full), or a connection closed with answers still unsent, is aborted after
   `send_timeout` seconds; the answer's pending `send` returns, and its request stops counting as
@@ -141,7 +144,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._client_certificate = read_certificate(der) if der else None
         registry = self.open_connections
         if len(registry) >= self.limits.max_connections:
+            # The oldest connection the server is waiting on (idle, or still sending its head), else the
+            # oldest still sending its body: a connection that holds only the client's own bytes never
+            # keeps a new one, a health probe included, out. Only one the application is answering is kept.
             victim = next((c for c in registry if c._phase in (_Phase.IDLE, _Phase.HEAD)), None)
+            if victim is None:
+                victim = next((c for c in registry if c._phase is _Phase.BODY), None)
             if victim is None:
                 log.warning("connection limit reached and every connection is busy: refusing a new one")
                 self.transport.close()
@@ -187,6 +195,17 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         protocol = self
 
         async def send(message: ASGISendEvent) -> None:
+            if (
+                message["type"] == "http.response.start"
+                and cycle is protocol.cycle
+                and protocol._phase is _Phase.BODY
+            ):
+                # Answered before its body has arrived (401, 429, 404, ...): nothing will read the rest,
+                # so the connection ends with the answer (`connection: close`), and the close lingers so
+                # that a client still uploading reads it. Kept alive, a client with no credentials held
+                # the connection in its body phase for body_timeout by dripping the body it declared.
+                cycle.transport = _LingeringClose(protocol)  # type: ignore[assignment]
+                cycle.keep_alive = False
             if protocol.flow.write_paused and not cycle.disconnected:
                 await protocol.flow.drain()  # returns at the latest when the send deadline aborts
             if protocol._writes_closed or protocol.transport.is_closing():
@@ -409,6 +428,21 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             )
         log.info("front end refused a request: %s", error.code)
         self._close(linger=True)
+
+
+class _LingeringClose:
+    """The transport a cycle answered before its body ended writes through: its close (uvicorn's, after
+    a `connection: close` answer) is the front end's lingering close instead of an abrupt one."""
+
+    def __init__(self, protocol: LimitedHttpToolsProtocol) -> None:
+        self._protocol = protocol
+
+    def close(self) -> None:
+        if not self._protocol.transport.is_closing() and not self._protocol._writes_closed:
+            self._protocol._close(linger=True)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._protocol.transport, name)
 
 
 def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
