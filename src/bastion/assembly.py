@@ -276,7 +276,7 @@ def build_pipelines(
             gate,
             limit,
             on_model(Action.METADATA),
-            DescribeModel(parts.registry, parts.state),
+            DescribeModel(parts.registry, parts.state, parts.private_scores.global_budgets),
         ],
         Route.MODEL_READY: [authenticate, gate, limit, on_model(Action.METADATA), ModelReadiness(parts.guards)],
         Route.SERVER_METADATA: [authenticate, gate, limit, DescribeServer()],

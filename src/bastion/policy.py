@@ -121,6 +121,8 @@ class Policy:
         self._named = frozenset(m for role in roles.values() for g in role.grants for m in g.models)
         self._young: dict[tuple[tuple[str, ...], str], EffectiveGrant] = {}
         self._old: dict[tuple[tuple[str, ...], str], EffectiveGrant] = {}
+        # Per (served model, unit): asked only with the name of a model the registry serves.
+        self._global: dict[tuple[str, str], tuple[float, float] | None] = {}
 
     def cache_size(self) -> int:
         return len(self._young) + len(self._old)
@@ -164,6 +166,26 @@ class Policy:
             g = _choose(action, named.get(action) or wild[action])
             by_action[action] = Applied(g.output, g.sensitive_inputs, g)
         return EffectiveGrant(frozenset(by_action), by_action=by_action) if by_action else NO_GRANT
+
+    def global_budget(self, model: str, unit: str) -> tuple[float, float] | None:
+        """The model's global privacy budget for `unit` ('epsilon' or 'rho') as (limit, window seconds):
+        the `global_privacy_budget` of the grants, in any role, that cover the model and spend the unit
+        (`check_grant_overlaps` made them agree), or None. Every principal's answers on the model spend
+        it, also under a grant that sets none: a global budget that one role's answers bypass is not one."""
+        key = (model, unit)
+        if key not in self._global:
+            self._global[key] = next(
+                (
+                    (g.global_privacy_budget, g.budget_window_seconds)
+                    for role in self._roles.values()
+                    for g in role.grants
+                    if g.global_privacy_budget is not None
+                    and (model in g.models or "*" in g.models)
+                    and unit in _charged_units(g)
+                ),
+                None,
+            )
+        return self._global[key]
 
     def outputs_of(self, roles: tuple[str, ...], action: Action) -> frozenset[OutputDetail]:
         """The output details of all the roles' grants of `action`, on any model."""

@@ -172,7 +172,13 @@ class Bastion:
                 open_sink(a, paths), flush_delay=0.0 if a.durability == "sync" else 0.005, clock=clock
             )
         self._wait_for_audit = config.audit.durability == "sync"
-        self.private_scores = PrivateScores(self.state, noise or OpenDPNoise(), AnswerCache())
+        # The model's global budget comes from the current policy (reloads included), not from one grant.
+        self.private_scores = PrivateScores(
+            self.state,
+            noise or OpenDPNoise(),
+            AnswerCache(),
+            global_budgets=lambda model, unit: self.policy.global_budget(model, unit),
+        )
         self.private_scores.on_global_spend = lambda model, unit, left: self.metrics.global_privacy.labels(
             model, unit
         ).set(left)

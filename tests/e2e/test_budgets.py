@@ -20,6 +20,11 @@ from bastion.manifest import OutputSpec
 from tests.helpers import RunningServer, create_key, start_server, write_test_deployment
 
 PRIVATE = "bc-private"  # the demo's classifier as three teachers, for private prediction
+# Copies of the demo's classifier that only the global-budget roles spend on: a model's global budget
+# counts every role's DP answers on it (red team #9 F3), so the other roles' spending on the demo's
+# models would leave these tests less than their budget.
+GLOBAL_DP = "bc-global-dp"
+GLOBAL_AGG = "bc-global-agg"
 
 MODELS = f"""
 [metrics]
@@ -28,6 +33,15 @@ enabled = false
 [[models]]
 path = "bundles/{PRIVATE}-1"
 trusted_keys = ["keys/release.pub"]
+
+[[models]]
+path = "bundles/{GLOBAL_DP}-1"
+trusted_keys = ["keys/release.pub"]
+
+[[models]]
+path = "bundles/{GLOBAL_AGG}-1"
+trusted_keys = ["keys/release.pub"]
+aggregates = true
 
 """
 
@@ -56,7 +70,7 @@ budget_window_seconds = 86400
 rate = 1000
 burst = 1000
 [[roles.global_dp.grants]]
-models = ["breast-cancer-skops"]
+models = ["{GLOBAL_DP}"]
 actions = ["infer", "metadata"]
 output = "dp_scores"
 epsilon = 1.0
@@ -68,7 +82,7 @@ global_privacy_budget = 5.0
 rate = 1000
 burst = 1000
 [[roles.global_agg.grants]]
-models = ["breast-cancer"]
+models = ["{GLOBAL_AGG}"]
 actions = ["aggregate"]
 epsilon = 1.0
 privacy_budget = 100.0
@@ -112,6 +126,13 @@ def budgets(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Budgets]:
     bundle = root / "bundles" / f"{PRIVATE}-1"
     pack(root / "models" / PRIVATE, bundle, teachers=3, training_data=(build.features, data.target))
     sign_bundle(bundle, build.signing_key, build.passphrase)
+    for name in (GLOBAL_DP, GLOBAL_AGG):
+        classes = OutputSpec(classes=[str(c) for c in data.target_names])
+        write_skops_model(
+            root / "models" / name, build.estimator, [feature_spec(build.features)], classes, name
+        )
+        pack(root / "models" / name, root / "bundles" / f"{name}-1")
+        sign_bundle(root / "bundles" / f"{name}-1", build.signing_key, build.passphrase)
     config.write_text(config.read_text() + ROLES)
     server = start_server(config, root / "server.log")
     yield Budgets(server, config, build.features)
@@ -153,12 +174,12 @@ def test_a_global_budget_on_dp_scores_binds_every_key_together(budgets: Budgets)
     first, second = create_key(budgets.config, "global_dp"), create_key(budgets.config, "global_dp")
     responses = []
     for i in range(6):
-        responses.append(_post(budgets, first, "breast-cancer-skops", 100 + i))
-        responses.append(_post(budgets, second, "breast-cancer-skops", 200 + i))
+        responses.append(_post(budgets, first, GLOBAL_DP, 100 + i))
+        responses.append(_post(budgets, second, GLOBAL_DP, 200 + i))
     assert _answered(responses) == 5
     assert "(global)" in responses[-1].json()["error"]
     with budgets.server.client(second) as c:
-        params = c.get("/v2/models/breast-cancer-skops").json()["parameters"]
+        params = c.get(f"/v2/models/{GLOBAL_DP}").json()["parameters"]
     assert params["global_privacy_budget"] == 5.0 and params["global_privacy_budget_remaining"] == 0.0
     # A refused global spend gave the key its share back: it has spent only what it was answered.
     answered_second = sum(r.status_code == 200 for r in responses[1::2])
@@ -172,7 +193,7 @@ def test_a_global_budget_on_aggregates_binds_every_key_together(budgets: Budgets
         for key in (first, second):
             with budgets.server.client(key) as c:
                 rows = budgets.features[300 + 10 * i + (key == second) * 5 :][:5]
-                responses.append(c.post("/v2/models/breast-cancer/aggregate", json=infer_request(rows)))
+                responses.append(c.post(f"/v2/models/{GLOBAL_AGG}/aggregate", json=infer_request(rows)))
     assert _answered(responses) == 3  # 3 answers of epsilon 2 fit in 6
 
 

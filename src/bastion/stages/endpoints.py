@@ -28,6 +28,7 @@ from bastion.stages.output_policy import (
     RHO,
     TOP_K,
     VALUE,
+    GlobalBudgets,
     describe_policy,
     output_names,
     remaining_budgets,
@@ -48,9 +49,16 @@ class DescribeServer:
 class DescribeModel:
     """V2 model metadata, plus what this caller will get back (`parameters`)."""
 
-    def __init__(self, registry: ModelRegistry, store: StateStore | None = None) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        store: StateStore | None = None,
+        global_budgets: GlobalBudgets | None = None,
+    ) -> None:
+        """`global_budgets`: the model's global budget from the whole policy (also for a grant without one)."""
         self._registry = registry
         self._store = store
+        self._global_budgets = global_budgets
 
     async def _remaining(self, ctx: RequestContext, grant: EffectiveGrant) -> dict[str, float]:
         """What is left of the caller's privacy budget (and the model's global one), spending nothing."""
@@ -60,7 +68,10 @@ class DescribeModel:
         if grant.output not in (OutputDetail.DP_SCORES, OutputDetail.PRIVATE_PREDICTION):
             return {}
         unit = RHO if grant.output is OutputDetail.PRIVATE_PREDICTION else EPSILON
-        return await remaining_budgets(self._store, ctx.principal.id, model.name, unit, params, now=ctx.now)
+        shared = self._global_budgets(model.name, unit) if self._global_budgets is not None else None
+        return await remaining_budgets(
+            self._store, ctx.principal.id, model.name, unit, params, now=ctx.now, shared=shared
+        )
 
     async def __call__(self, ctx: RequestContext) -> None:
         model, grant = ctx.model, ctx.grant

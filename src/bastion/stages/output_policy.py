@@ -98,30 +98,51 @@ EPSILON = "epsilon"  # dp_scores and aggregates: pure DP, composed additively
 RHO = "rho"  # private prediction: zCDP, composed additively (not comparable with epsilon)
 
 
-def budget_keys(principal: str, model: str, unit: str, params: Grant) -> tuple[BudgetKey, BudgetKey | None]:
-    """The principal's ledger row for this model and unit, and the global one all principals share
-    (None when the grant sets no `global_privacy_budget`)."""
-    window = params.budget_window_seconds
-    mine = BudgetKey.for_model(principal, model, unit, window)
-    shared = (
-        None if params.global_privacy_budget is None else BudgetKey.for_model(EVERYONE, model, unit, window)
-    )
-    return mine, shared
+# The model's global budget for a unit, as (limit, window in seconds), or None: what the policy's
+# grants that set `global_privacy_budget` on the model say (`Policy.global_budget`).
+GlobalBudgets = Callable[[str, str], "tuple[float, float] | None"]
+
+
+def grant_global_budget(params: Grant) -> tuple[float, float] | None:
+    """The global budget the grant itself sets, as (limit, window)."""
+    if params.global_privacy_budget is None:
+        return None
+    return params.global_privacy_budget, params.budget_window_seconds
+
+
+def budget_keys(
+    principal: str, model: str, unit: str, params: Grant, shared: tuple[float, float] | None = None
+) -> tuple[BudgetKey, BudgetKey | None]:
+    """The principal's ledger row for this model and unit, and the global one all principals share.
+
+    `shared`: the model's global budget (limit, window) from the whole policy; None takes the grant's
+    own (None when it sets no `global_privacy_budget`). A grant without one still spends the model's
+    global row when another grant sets it: a global budget counts every principal's answers."""
+    mine = BudgetKey.for_model(principal, model, unit, params.budget_window_seconds)
+    shared = shared or grant_global_budget(params)
+    return mine, None if shared is None else BudgetKey.for_model(EVERYONE, model, unit, shared[1])
 
 
 async def remaining_budgets(
-    store: StateStore, principal: str, model: str, unit: str, params: Grant, *, now: float
+    store: StateStore,
+    principal: str,
+    model: str,
+    unit: str,
+    params: Grant,
+    *,
+    now: float,
+    shared: tuple[float, float] | None = None,
 ) -> dict[str, float]:
     """What is left of the caller's budget (and the model's global one) in the window, spending nothing."""
-    mine, shared = budget_keys(principal, model, unit, params)
+    mine, shared_row = budget_keys(principal, model, unit, params, shared)
     left = {
         "privacy_budget_remaining": (
             await store.spend_budget(mine, cost=0.0, limit=params.privacy_budget, now=now)
         ).remaining
     }
-    if shared is not None:
-        assert params.global_privacy_budget is not None
-        spend = await store.spend_budget(shared, cost=0.0, limit=params.global_privacy_budget, now=now)
+    shared = shared or grant_global_budget(params)
+    if shared_row is not None and shared is not None:
+        spend = await store.spend_budget(shared_row, cost=0.0, limit=shared[0], now=now)
         left["global_privacy_budget_remaining"] = spend.remaining
     return left
 
@@ -136,16 +157,19 @@ async def charge(
     unit: str,
     now: float,
     on_global_spend: Callable[[str, str, float], None] = lambda model, unit, remaining: None,
+    shared_budget: tuple[float, float] | None = None,
 ) -> BudgetKey:
     """Spend `cost` of the principal's budget, then of the global one, or neither: raise 429
-    privacy_budget_exhausted. Returns the principal's row (it keys the answer cache too)."""
-    mine, shared = budget_keys(principal, model, unit, params)
+    privacy_budget_exhausted. Returns the principal's row (it keys the answer cache too).
+    `shared_budget`: the model's global budget (see `budget_keys`)."""
+    mine, shared = budget_keys(principal, model, unit, params, shared_budget)
+    limit = shared_budget or grant_global_budget(params)
     spend = await store.spend_budget(mine, cost=cost, limit=params.privacy_budget, now=now)
     if not spend.allowed:
         raise _exhausted(cost, spend.remaining, spend.retry_after, unit)
     if shared is not None:
-        assert params.global_privacy_budget is not None
-        together = await store.spend_budget(shared, cost=cost, limit=params.global_privacy_budget, now=now)
+        assert limit is not None
+        together = await store.spend_budget(shared, cost=cost, limit=limit[0], now=now)
         if not together.allowed:  # give the principal its share back: nothing was answered
             await store.spend_budget(mine, cost=-cost, limit=params.privacy_budget, now=now)
             raise _exhausted(cost, together.remaining, together.retry_after, f"{unit} (global)")
@@ -156,10 +180,19 @@ async def charge(
 class PrivateScores:
     """DP answers: the keyed cache first (no budget spent twice), then the budget, then the noise."""
 
-    def __init__(self, store: StateStore, noise: NoiseSource, cache: AnswerCache) -> None:
+    def __init__(
+        self,
+        store: StateStore,
+        noise: NoiseSource,
+        cache: AnswerCache,
+        global_budgets: GlobalBudgets = lambda model, unit: None,
+    ) -> None:
+        """`global_budgets`: the model's global budget per unit from the whole policy (the service's
+        current one), so that every grant's answers on the model count toward it."""
         self._store = store
         self.noise = noise
         self.cache = cache
+        self.global_budgets = global_budgets
         self.on_global_spend: Callable[[str, str, float], None] = lambda model, unit, remaining: None
 
     async def release(
@@ -197,6 +230,7 @@ class PrivateScores:
             unit=unit,
             now=ctx.now,
             on_global_spend=self.on_global_spend,
+            shared_budget=self.global_budgets(model.name, unit),
         )
         self.cache.put(key, released, expires=ctx.now + params.budget_window_seconds)
         return released, cost
