@@ -14,6 +14,7 @@ as long as it likes (the connection is never idle, max_connection_age is 30 minu
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -49,7 +50,9 @@ print(f"attacker holds {N} calls with no message on one connection ({'ended' if 
 
 
 def probe() -> str:
-    with grpc.insecure_channel(d.grpc) as ch:
+    # BASTION_GRPC_VICTIM: the same server reached from another client address (e.g. "[::1]:8001"
+    # when [grpc] host = "localhost"); by default the attacker's own address.
+    with grpc.insecure_channel(os.environ.get("BASTION_GRPC_VICTIM", d.grpc)) as ch:
         stub = GRPCInferenceServiceStub(ch)
         try:
             stub.ServerLive(pb.ServerLiveRequest(), timeout=5)
@@ -64,6 +67,17 @@ while time.time() - t0 < HOLD:
     results.append(probe())
     time.sleep(1)
 print("victim ServerLive over", round(time.time() - t0), "s:", {r: results.count(r) for r in set(results)})
+outcomes: dict[str, int] = {}
+for f in futures:
+    if f.done():
+        e = f.exception()
+        key = (
+            "OK"
+            if e is None
+            else f"{e.code().name} {dict(e.trailing_metadata() or ()).get('bastion-error-code')}"
+        )
+        outcomes[key] = outcomes.get(key, 0) + 1
+print("attacker's calls ended before release:", outcomes or "none")
 stop.set()
 time.sleep(1)
 print("after release:", probe())

@@ -84,7 +84,9 @@ class ErrorCode(StrEnum):
     # 429
     RATE_LIMITED = "rate_limited"
     THROTTLED = "throttled"  # the containment ladder's throttle step on this principal and model
-    TOO_MANY_IN_FLIGHT = "too_many_in_flight"  # a principal's requests running or queued on a language model
+    # A principal's requests running or queued on a language model; on gRPC, an address's calls still
+    # waiting for their request message (bastion.grpc.server).
+    TOO_MANY_IN_FLIGHT = "too_many_in_flight"
     QUOTA_EXHAUSTED = "quota_exhausted"
     AUTH_THROTTLED = "auth_throttled"
     PRIVACY_BUDGET_EXHAUSTED = "privacy_budget_exhausted"

@@ -4,8 +4,9 @@ against the real server; refusals from the attacker's side, each the REST path's
 from __future__ import annotations
 
 import json
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -358,3 +359,84 @@ def _listening_ports(pid: int) -> set[int]:
             if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
                 ports.add(int(fields[1].rsplit(":", 1)[1], 16))
     return ports
+
+
+# -- calls that never send their message (red team issue 10, F1) -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GrpcDeployment]:
+    """Eight RPC slots, four of them for one address's calls still waiting for their message, and a
+    one-second wait for it. On "localhost": IPv4 and IPv6 loopback are two client addresses."""
+    root = tmp_path_factory.mktemp("grpc-guarded")
+    port = free_port()
+    extra = (
+        f'[grpc]\nenabled = true\nhost = "localhost"\nport = {port}\nmax_concurrent_rpcs = 8\n'
+        "message_timeout_seconds = 1\nmax_waiting_rpcs_per_address = 4\n\n"
+    )
+    config, build = write_test_deployment(root, extra=extra)
+    keys = {role: create_key(config, role) for role in ("analyst",)}
+    server = start_server(config, root / "server.log")
+    yield GrpcDeployment(server, config, root, build, keys, f"127.0.0.1:{port}", [])
+    server.stop()
+
+
+def _raw_call(channel: grpc.Channel, method: str = "ModelInfer") -> Any:
+    """The RPC as a client-streaming call: the client decides how many messages it sends (none)."""
+    return channel.stream_unary(
+        f"/inference.GRPCInferenceService/{method}",
+        request_serializer=lambda b: b,
+        response_deserializer=lambda b: b,
+    )
+
+
+def _held(release: threading.Event) -> Iterable[bytes]:
+    """Headers sent, then no message until `release`, then the end of the stream."""
+    release.wait()
+    yield from ()
+
+
+def test_a_call_that_never_sends_its_message_is_cut_off(guarded: GrpcDeployment) -> None:
+    release = threading.Event()
+    with grpc.insecure_channel(guarded.grpc_url) as channel:
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            _raw_call(channel)(_held(release), timeout=20)
+        elapsed = time.monotonic() - started
+        release.set()
+        assert (err.value.code().name, _code(err.value)) == ("DEADLINE_EXCEEDED", "request_timeout")  # type: ignore[attr-defined]
+        assert elapsed < 5  # message_timeout_seconds = 1, not the client's 20
+        # A call that ends its stream without any message is refused at once, not left waiting.
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            _raw_call(channel, "ServerLive")(iter(()), timeout=20)
+        assert (err.value.code().name, _code(err.value)) == ("INVALID_ARGUMENT", "malformed_request")  # type: ignore[attr-defined]
+        assert time.monotonic() - started < 5
+        # The same channel still serves a whole call.
+        response, _ = guarded.stub_call("ModelInfer", _infer_message(guarded.rows(1)), "analyst")
+        assert response.outputs[0].name == "label"
+
+
+def test_one_address_cannot_hold_every_rpc_slot(guarded: GrpcDeployment) -> None:
+    release = threading.Event()
+    attacker = grpc.insecure_channel(guarded.grpc_url)  # 127.0.0.1
+    try:
+        held = [_raw_call(attacker).future(_held(release), timeout=30) for _ in range(12)]
+        deadline = time.monotonic() + 5
+        while sum(f.done() for f in held) < 8 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # Past its address's four, each of the attacker's calls is refused at once ...
+        refused = [f.exception() for f in held if f.done()]
+        assert len(refused) == 8
+        assert {(e.code().name, _code(e)) for e in refused} == {("RESOURCE_EXHAUSTED", "too_many_in_flight")}  # type: ignore[union-attr]
+        # ... and the server's eight slots are not all taken: another address is served meanwhile.
+        port = guarded.grpc_url.rsplit(":", 1)[1]
+        with grpc.insecure_channel(f"[::1]:{port}") as victim:
+            stub = GRPCInferenceServiceStub(victim)
+            assert stub.ServerLive(pb.ServerLiveRequest(), timeout=10).live
+            metadata = (("authorization", f"Bearer {guarded.keys['analyst']}"),)
+            response = stub.ModelInfer(_infer_message(guarded.rows(1)), metadata=metadata, timeout=10)
+            assert response.outputs[0].name == "label"
+    finally:
+        release.set()
+        attacker.close()

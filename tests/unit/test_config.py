@@ -409,6 +409,8 @@ ENFORCED.update(
         ("GrpcSettings", "max_send_message_bytes"): _GRPC + "test_grpc_settings_are_enforced",
         ("GrpcSettings", "max_concurrent_rpcs"): _GRPC + "test_grpc_concurrency_limit",
         ("GrpcSettings", "idle_timeout_seconds"): _GRPC + "test_an_idle_connection_is_closed",
+        ("GrpcSettings", "message_timeout_seconds"): _GRPC + "test_a_call_that_never_sends_its_message_is_cut_off",
+        ("GrpcSettings", "max_waiting_rpcs_per_address"): _GRPC + "test_one_address_cannot_hold_every_rpc_slot",
     }
 )
 # Every [grpc] setting but `enabled` is refused while the server is off (one rule, two cases).
@@ -422,6 +424,8 @@ REFUSED_WHEN_IGNORED.update(
             "max_send_message_bytes",
             "max_concurrent_rpcs",
             "idle_timeout_seconds",
+            "message_timeout_seconds",
+            "max_waiting_rpcs_per_address",
         )
     }
 )
@@ -678,4 +682,6 @@ def test_every_config_field_is_enforced_by_a_named_test_or_refused() -> None:
         "max_send_message_bytes",
         "max_concurrent_rpcs",
         "idle_timeout_seconds",
+        "message_timeout_seconds",
+        "max_waiting_rpcs_per_address",
     }

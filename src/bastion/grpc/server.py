@@ -8,11 +8,17 @@ an answer becomes the RPC's response message, a refusal a gRPC status (`GRPC_STA
 are the error message and whose trailing metadata carries `bastion-error-code` (and `retry-after`).
 
 Messages are read as bytes and parsed here, not by grpc: grpc answers a message its deserializer
-cannot parse with INTERNAL, and a client's garbage is not the server's failure.
+cannot parse with INTERNAL, and a client's garbage is not the server's failure. Each RPC is registered
+as client-streaming so that this module, not grpc, waits for its one request message: grpc's unary
+handler waits without a bound (a call that sends its headers and never its message, or ends its stream
+with none, held one of `max_concurrent_rpcs` for as long as the client liked). Here the wait is bounded
+(`message_timeout_seconds`) and so is the number of such calls per client address
+(`max_waiting_rpcs_per_address`); both refusals come before the pipeline, like the HTTP front end's.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -25,11 +31,12 @@ from google.protobuf.message import DecodeError, Message
 from bastion.certs import ClientCertificate, read_pem_certificate
 from bastion.config import GrpcSettings
 from bastion.context import InferRequest, RequestContext
-from bastion.errors import GRPC_STATUS, BastionException, PayloadTooLarge
+from bastion.errors import GRPC_STATUS, BastionException, ErrorCode, PayloadTooLarge, grpc_status
 from bastion.grpc import grpc_predict_v2_pb2 as pb
 from bastion.grpc.codec import decode_model_infer, encode_model_infer, encode_model_metadata
 from bastion.routes import ROUTE_ACTIONS, Route
 from bastion.service import Bastion, Outcome
+from bastion.stages.address_limits import address_key
 
 if TYPE_CHECKING:
     from bastion.tls import ServerTls
@@ -68,15 +75,27 @@ class _Refused(BastionException):
 class InferenceService:
     """The RPCs of `inference.GRPCInferenceService`; every decision is `Bastion.handle`'s."""
 
-    def __init__(self, service: Bastion, tls: ServerTls | None = None) -> None:
-        """`tls`: the server's TLS, which re-checks the client certificate on every call."""
+    def __init__(
+        self, service: Bastion, tls: ServerTls | None = None, settings: GrpcSettings | None = None
+    ) -> None:
+        """`tls`: the server's TLS, which re-checks the client certificate on every call. `settings`:
+        the bounds on a call's wait for its message (default: the service's `[grpc]`)."""
         self.service = service
         self.tls = tls
+        settings = settings or service.config.grpc
+        self._message_timeout = settings.message_timeout_seconds
+        self._waiting_per_address = settings.max_waiting_rpcs_per_address
+        self._ipv6_prefix = service.config.limits.failed_auth_ipv6_prefix
+        self._waiting: dict[str, int] = {}  # client address -> its calls waiting for their message
 
     def handler(self) -> grpc.GenericRpcHandler:
         def unary(fn: Callable[[bytes, grpc.aio.ServicerContext[Any, Any]], Awaitable[Message]]) -> Any:
-            # No request deserializer: the handler gets the bytes (see the module docstring).
-            return grpc.unary_unary_rpc_method_handler(fn, response_serializer=_serialize)
+            async def call(_: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Message:
+                return await fn(await self._message(context), context)
+
+            # Client-streaming, without a request deserializer: `_message` reads the one message as
+            # bytes, within its bounds (see the module docstring).
+            return grpc.stream_unary_rpc_method_handler(call, response_serializer=_serialize)
 
         return grpc.method_handlers_generic_handler(
             SERVICE,
@@ -89,6 +108,42 @@ class InferenceService:
                 "ModelInfer": unary(self.model_infer),
             },
         )
+
+    async def _message(self, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        """The call's request message, as bytes. Refused before the pipeline (not audited, as the HTTP
+        front end's own refusals): RESOURCE_EXHAUSTED `too_many_in_flight` when this client address
+        already has `max_waiting_rpcs_per_address` calls waiting; DEADLINE_EXCEEDED `request_timeout`
+        when the message is not all there within `message_timeout_seconds`; INVALID_ARGUMENT
+        `malformed_request` when the stream ends without one."""
+        key = address_key(peer_address(context.peer()), self._ipv6_prefix)
+        waiting = self._waiting.get(key, 0)
+        if waiting >= self._waiting_per_address:
+            await _refuse(
+                context,
+                ErrorCode.TOO_MANY_IN_FLIGHT,
+                "too many calls from this address are waiting to send their request message",
+            )
+        self._waiting[key] = waiting + 1
+        try:
+            async with asyncio.timeout(self._message_timeout):
+                message = await context.read()
+        except TimeoutError:
+            await _refuse(
+                context,
+                ErrorCode.REQUEST_TIMEOUT,
+                f"the request message did not arrive within {self._message_timeout:g} s",
+            )
+            raise  # abort raises; this line is for the type checker
+        finally:
+            left = self._waiting[key] - 1
+            if left:
+                self._waiting[key] = left
+            else:
+                del self._waiting[key]
+        if not isinstance(message, bytes):  # grpc.aio.EOF: the stream ended without a message
+            await _refuse(context, ErrorCode.MALFORMED_REQUEST, "the call ended without its request message")
+        assert isinstance(message, bytes)
+        return message
 
     # Health: answered to anyone, like /v2/health/*, and not audited.
 
@@ -209,6 +264,11 @@ async def _abort(
     )
 
 
+async def _refuse(context: grpc.aio.ServicerContext[Any, Any], code: ErrorCode, details: str) -> None:
+    """Abort the call with `code`'s gRPC status (one table, bastion.errors) and the stable code."""
+    await context.abort(grpc.StatusCode[grpc_status(code)], details, (("bastion-error-code", code.value),))
+
+
 async def _parse(cls: type[_M], body: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> _M:
     """The message, or INVALID_ARGUMENT: bytes that are not one are refused like the HTTP front end
     refuses a request it cannot frame, before the pipeline (there is no model or credential to read)."""
@@ -263,7 +323,7 @@ class GrpcServer:
                 ("grpc.server_handshake_timeout_ms", int(self._service.config.server.head_timeout_seconds * 1000)),
             ],
         )
-        server.add_generic_rpc_handlers((InferenceService(self._service, self._tls).handler(),))
+        server.add_generic_rpc_handlers((InferenceService(self._service, self._tls, s).handler(),))
         address = f"[{s.host}]:{s.port}" if ":" in s.host else f"{s.host}:{s.port}"
         try:
             if self._tls is not None:
