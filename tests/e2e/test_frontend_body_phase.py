@@ -113,7 +113,7 @@ def test_an_answer_before_the_body_ends_closes_the_connection(srv: Server, path:
     with srv.connect() as sock:
         sock.sendall(head(path) + b"{")
         status, headers = read_head(sock)
-        assert status in (200, 401, 404)
+        assert status in (401, 404, 405)  # /v2/health/live answers GET only (405 at once: no body read)
         assert headers.get("connection") == "close"  # a pooling client does not reuse it
         # The rest of the body is read and dropped for a moment (lingering close), not for body_timeout.
         took = closed_within(sock, BODY_TIMEOUT / 2)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
 from pathlib import Path
 
 import pytest
 from openapi_spec_validator import validate
 
+from bastion.http.app import BastionApp
 from bastion.openapi import OPENAPI
 from bastion.routes import ROUTES, Route, Router
 
@@ -110,3 +113,38 @@ def test_every_operation_that_reads_a_body_documents_413() -> None:
         for method, op in ops.items():
             if "requestBody" in op:
                 assert "413" in op["responses"], f"{method.upper()} {path}"
+
+
+def _asgi(app: object, method: str, path: str) -> tuple[int, dict[bytes, bytes], bytes]:
+    """One request through an ASGI app, in process: (status, headers, body)."""
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "path": path, "headers": [], "client": ("127.0.0.1", 1)}
+    asyncio.run(app(scope, receive, send))  # type: ignore[operator]
+    start, body = sent[0], sent[1]
+    return start["status"], dict(start["headers"]), body["body"]  # type: ignore[arg-type, return-value]
+
+
+def test_the_health_routes_answer_only_the_method_the_table_gives_them() -> None:
+    # Red team issue 10, F2: http/app.py compared the two paths by hand before asking the router and
+    # answered them for any method (POST, PUT, DELETE: 200), beside a table that says GET.
+    class Ready:
+        async def is_ready(self) -> bool:
+            return True
+
+    app = BastionApp(Ready())  # type: ignore[arg-type]
+    for spec in ROUTES:
+        if spec.route not in (Route.LIVE, Route.READY):
+            continue
+        status, _, body = _asgi(app, spec.method, spec.path)
+        assert status == 200, spec.path
+        for method in ("POST", "PUT", "DELETE", "PATCH"):
+            status, headers, body = _asgi(app, method, spec.path)
+            assert (status, headers[b"allow"]) == (405, spec.method.encode()), f"{method} {spec.path}"
+            assert json.loads(body)["code"] == "method_not_allowed"

@@ -19,12 +19,12 @@ import orjson
 from bastion import dashboard
 from bastion.certs import CLIENT_CERTIFICATE, ClientCertificate
 from bastion.context import RequestContext, SessionCredentials
-from bastion.errors import BadRequest, ErrorCode, PayloadTooLarge
+from bastion.errors import BadRequest, ErrorCode, MethodNotAllowed, PayloadTooLarge
 from bastion.http import openai
 from bastion.protocol_binary import decoder as binary_decoder
 from bastion.protocol_binary import encode_response
 from bastion.routes import ROUTE_ACTIONS, Match, Route, Router
-from bastion.service import Bastion, Outcome
+from bastion.service import Bastion, Outcome, error_outcome
 from bastion.sessions import COOKIE_NAME, CSRF_HEADER, SECURE_COOKIE_NAME
 
 if TYPE_CHECKING:
@@ -39,6 +39,7 @@ Send = Callable[[Message], Awaitable[None]]
 log = logging.getLogger("bastion.http")
 
 _ROUTER = Router()
+_HEALTH = (Route.LIVE, Route.READY)
 _JSON = b"application/json"
 
 
@@ -60,20 +61,26 @@ class BastionApp:
             return
         path: str = scope["path"]
         method: str = scope["method"]
-        # Liveness and readiness answer anyone: orchestrators probe them without credentials.
-        if path == "/v2/health/live":
-            await _send(send, Outcome(200, {"live": True}, {}), None)
-            return
-        if path == "/v2/health/ready":
-            ready = await self.service.is_ready()
-            await _send(send, Outcome(200 if ready else 503, {"ready": ready}, {}), None)
+        match = _ROUTER.match(path, method)
+        # Liveness and readiness answer anyone: orchestrators probe them without credentials; with the
+        # route table's method only. Another is 405 here (the paths are public, so is their method;
+        # through the pipeline it would be an audited run that load shedding does not count).
+        if match is not None and match.spec.route in _HEALTH:
+            if not match.method_allowed:
+                allowed = ", ".join(_ROUTER.allowed_methods(path))
+                wrong = MethodNotAllowed(f"use {allowed} on this path", allowed=allowed)
+                await _send(send, error_outcome(wrong), None)
+            elif match.spec.route is Route.LIVE:
+                await _send(send, Outcome(200, {"live": True}, {}), None)
+            else:
+                ready = await self.service.is_ready()
+                await _send(send, Outcome(200 if ready else 503, {"ready": ready}, {}), None)
             return
         # The dashboard's login page, script and style sheet: fixed files with no data, for anyone.
         public_file = dashboard.asset(path) if method == "GET" else None
         if public_file is not None:
             await _send(send, Outcome(200, public_file[0], {"Content-Type": public_file[1], **_PAGE}), None)
             return
-        match = _ROUTER.match(path, method)
         if match is None:
             route = Route.NOT_FOUND
         elif not match.method_allowed:
