@@ -82,9 +82,9 @@ class _Payload:
         self._json_read = json_read
 
     def read(self, header: TensorHeader) -> np.ndarray:
-        size = header.parameters.get("binary_data_size")
-        if size is None:  # the extension lets JSON and binary inputs mix in one request
+        if "binary_data_size" not in header.parameters:  # JSON and binary inputs may mix in one request
             return self._json_read(header)
+        size = header.parameters["binary_data_size"]  # null included: a bad size, not a JSON input
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise BadRequest(
                 f"{header.label}: binary_data_size must be a non-negative integer",
