@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,26 +94,47 @@ def critical_counts(rate: float) -> tuple[int, ...]:
     return (_EPOCH + 1,) * _MIN_QUERIES + tuple(counts)  # fewer queries than the minimum: never
 
 
+_CALIBRATIONS: dict[bytes, tuple[int, np.ndarray, np.ndarray]] = {}  # by whitened reference and seed
+
+
+def _calibrate(z: np.ndarray, seed: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """(window, near limits, far limits) for whitened reference rows `z` (rows x columns).
+
+    The same reference gives the same thresholds (a fixed seed), so they are computed once a process
+    and kept for reloads: the loop below takes ~10-20 ms a model."""
+    key = hashlib.blake2b(z.tobytes() + repr((z.shape, seed)).encode(), digest_size=16).digest()
+    known = _CALIBRATIONS.get(key)
+    if known is not None:
+        return known
+    rng = np.random.default_rng(seed)  # calibration only: fixed, so a restart keeps its thresholds
+    if len(z) > _CALIBRATION_ROWS:  # a large reference set: a sample calibrates as well, faster
+        z = z[rng.choice(len(z), _CALIBRATION_ROWS, replace=False)]
+    rows = len(z)
+    window = min(_WINDOW, rows - 1)
+    nearest = np.empty(rows)
+    for i in range(rows):
+        others = rng.choice(rows - 1, size=window, replace=False)
+        others[others >= i] += 1
+        nearest[i] = np.sqrt(((z[others] - z[i]) ** 2).sum(axis=1)).min()
+    positive = nearest[nearest > 0]
+    far = np.quantile(np.sqrt((z**2).sum(axis=1)), _FAR_QUANTILES)
+    found = (window, np.quantile(positive, _NEAR_QUANTILES), far)
+    for array in found[1:]:
+        array.flags.writeable = False  # shared by every monitor of this reference
+    if len(_CALIBRATIONS) >= 32:
+        _CALIBRATIONS.pop(next(iter(_CALIBRATIONS)))
+    _CALIBRATIONS[key] = found
+    return found
+
+
 class ExtractionMonitor:
     """One model's calibration and its principals' recent queries. Used from the event loop only
     (a reload builds a new monitor, it never shares one), so it takes no lock."""
 
     def __init__(self, screen: DistributionScreen, reference: np.ndarray, *, seed: int = 0) -> None:
         self.screen = screen
-        rng = np.random.default_rng(seed)  # calibration only: fixed, so a restart keeps its thresholds
         z = screen.whiten(np.asarray(reference, dtype=np.float64))
-        if len(z) > _CALIBRATION_ROWS:  # a large reference set: a sample calibrates as well, faster
-            z = z[rng.choice(len(z), _CALIBRATION_ROWS, replace=False)]
-        rows = len(z)
-        self._window = min(_WINDOW, rows - 1)
-        nearest = np.empty(rows)
-        for i in range(rows):
-            others = rng.choice(rows - 1, size=self._window, replace=False)
-            others[others >= i] += 1
-            nearest[i] = np.sqrt(((z[others] - z[i]) ** 2).sum(axis=1)).min()
-        positive = nearest[nearest > 0]
-        self.near_limits = np.quantile(positive, _NEAR_QUANTILES)
-        self.far_limits = np.quantile(np.sqrt((z**2).sum(axis=1)), _FAR_QUANTILES)
+        self._window, self.near_limits, self.far_limits = _calibrate(z, seed)
         self._near2 = (self.near_limits**2).tolist()  # compared with squared distances: no sqrt per row
         self._far2 = (self.far_limits**2).tolist()
         self._near_critical = [critical_counts(q * _SLACK) for q in _NEAR_QUANTILES]
