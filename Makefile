@@ -43,9 +43,10 @@ test: $(STAMP) $(DEPLOY_STAMP)
 	$(BIN)/pytest -q -n 2 --dist loadgroup
 
 # The in-process tier: stages, policy, state and the core without sockets or subprocesses, in
-# seconds; tests marked `slow` (other processes, long property tests) run in `make test`.
+# seconds; tests marked `slow` (other processes, timers, long property tests) or `services` (Redis,
+# PostgreSQL) run in `make test`.
 unit: $(STAMP)
-	$(BIN)/pytest -q -m "not slow" tests/unit
+	$(BIN)/pytest -q -m "not slow and not services" tests/unit
 
 # The red-team report of the demo (extraction, evasion, membership over HTTP against a fresh demo
 # on a free port): artifacts/redteam/redteam.html and redteam.json; exit 1 if the gate fails.

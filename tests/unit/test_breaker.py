@@ -145,6 +145,7 @@ def guarded(**fields: Any) -> tuple[GuardedModel, Clock, list[int]]:
     return GuardedModel("m", policy, clock=clock, on_stuck=stuck.append), clock, stuck
 
 
+@pytest.mark.slow
 def test_a_hung_call_is_answered_at_its_deadline_and_counted_stuck_until_it_returns() -> None:
     async def scenario() -> None:
         model, clock, stuck = guarded(queue_seconds=0.3)
@@ -201,6 +202,7 @@ def test_a_hung_call_is_answered_at_its_deadline_and_counted_stuck_until_it_retu
     asyncio.run(scenario())
 
 
+@pytest.mark.slow
 def test_the_deadline_counts_from_the_start_on_a_thread_not_the_wait_for_one() -> None:
     """The red team's finding 6, in-process: one principal's many valid calls (0.15 s each, 1 s
     deadline, one thread) used to wait past the deadline, be counted as timeouts and open the
@@ -256,6 +258,7 @@ def test_a_raising_runtime_is_a_server_failure_that_names_only_its_type(
     assert "ValueError" in caplog.text and "secret-value-123" not in caplog.text
 
 
+@pytest.mark.slow
 def test_the_deadline_stops_a_real_onnx_call(tmp_path: Path) -> None:
     write_slow_model(tmp_path)
     runtime = load_runtime(tmp_path, read_manifest(tmp_path))
@@ -316,6 +319,7 @@ def test_out_of_range_settings_are_refused_naming_the_field(tmp_path: Path, line
         load_config(_policy_file(tmp_path, line + "\n"))
 
 
+@pytest.mark.slow
 def test_the_policy_files_threads_and_window_are_the_guards(tmp_path: Path) -> None:
     fields = (
         "inference_timeout_seconds = 0.3\ninference_threads = 2\nbreaker_failures = 2\n"
@@ -352,6 +356,7 @@ def test_the_policy_files_threads_and_window_are_the_guards(tmp_path: Path) -> N
     asyncio.run(scenario())
 
 
+@pytest.mark.slow
 def test_the_policy_files_queue_bounds_hold_and_refuse_as_load_never_as_failure(tmp_path: Path) -> None:
     """From the attacker's side: one principal floods a model whose one thread is busy. Its surplus
     is refused at once (its share of the queue), another principal still finds places until the
@@ -492,6 +497,7 @@ def test_an_overloaded_model_is_refused_as_load_audited_and_no_evidence_for_the_
     assert [b for b in bodies if b.get("route") == "breaker"] == []
 
 
+@pytest.mark.slow
 def test_inline_isolation_holds_the_event_loop_until_the_deadline_and_thread_isolation_does_not(
     tmp_path: Path,
 ) -> None:

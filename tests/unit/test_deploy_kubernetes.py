@@ -47,7 +47,8 @@ def tool(name: str) -> Path:
 
 
 def docs(path: Path) -> list[Doc]:
-    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+    # libyaml's safe loader: the same documents as yaml.safe_load_all, ten times faster
+    return [d for d in yaml.load_all(path.read_text(), Loader=yaml.CSafeLoader) if d]
 
 
 def manifests(directory: Path) -> dict[Path, list[Doc]]:

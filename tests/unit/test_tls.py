@@ -322,6 +322,7 @@ async def _reload(tmp_path: Path, pki: dict[str, object]) -> None:
         server.close()
 
 
+@pytest.mark.services
 def test_a_service_identity_is_quarantined_and_revoked_in_the_shared_key_store_too() -> None:
     """With state.backend = "redis" the keys live in Redis (bastion.records): a service identity's
     quarantine and revocation are kept there as well, so every replica refuses it."""
@@ -376,6 +377,7 @@ def _reused(port: int, ca: Path, client: object, version: ssl.TLSVersion) -> lis
     return reused
 
 
+@pytest.mark.slow
 def test_no_session_is_resumed_when_client_certificates_are_asked_for(pki: dict[str, object]) -> None:
     """A resumed session skips verification: with client certificates every connection is verified anew
     (a certificate that expired, or whose CA was dropped by a reload, is refused on the next one)."""
@@ -601,6 +603,7 @@ class _CountingRecords:
         return getattr(self.inner, name)
 
 
+@pytest.mark.services
 def test_an_absent_service_identity_record_is_cached_and_its_quarantine_still_arrives_within_a_second() -> None:
     from bastion.keys import SharedKeyStore
     from bastion.records.redis import RedisRecords

@@ -350,6 +350,7 @@ class _Collector(BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.slow
 def test_spans_reach_the_otlp_endpoint_over_http(demo: DemoBuild) -> None:
     collector = HTTPServer(("127.0.0.1", 0), _Collector)
     thread = threading.Thread(target=collector.serve_forever, daemon=True)

@@ -106,6 +106,7 @@ def test_sqlite_threads_share_one_chain(tmp_path: Path, key: Ed25519PrivateKey) 
     _check(results, AuditSource.sqlite(db), key, 240)
 
 
+@pytest.mark.slow
 def test_writers_opening_a_fresh_chain_together_all_start(tmp_path: Path, key: Ed25519PrivateKey) -> None:
     # Workers starting together on a new state directory: SQLite's switch to WAL does not wait on its
     # busy handler ("database is locked" at once), and a -journal may vanish between a look and a
@@ -139,6 +140,7 @@ def test_sqlite_processes_share_one_chain(tmp_path: Path, key: Ed25519PrivateKey
     _check(results, AuditSource.sqlite(db), key, 240)
 
 
+@pytest.mark.services
 def test_postgres_threads_share_one_chain(table: str, key: Ed25519PrivateKey) -> None:
     results = _threads(lambda: _pg(key, table, checkpoint_every_records=7), 4, 60)
     _check(results, AuditSource.postgres(POSTGRES_DSN, table), key, 240)
@@ -187,16 +189,19 @@ def _expect(table: str, key: Ed25519PrivateKey, seq: int, words: str) -> None:
     assert words in str(err.value)
 
 
+@pytest.mark.services
 def test_postgres_updated_field_is_caught(filled: str, key: Ed25519PrivateKey) -> None:
     _tamper(f"""UPDATE {filled} SET body = replace(body, '"i":', '"i":1') WHERE seq = 23""")
     _expect(filled, key, 23, "record 23: edited")
 
 
+@pytest.mark.services
 def test_postgres_deleted_row_is_caught(filled: str, key: Ed25519PrivateKey) -> None:
     _tamper(f"DELETE FROM {filled} WHERE seq = 12")
     _expect(filled, key, 12, "record 12: deleted")
 
 
+@pytest.mark.services
 def test_postgres_reordered_seq_is_caught(filled: str, key: Ed25519PrivateKey) -> None:
     _tamper(
         f"UPDATE {filled} SET seq = -seq WHERE seq IN (31, 32)",
@@ -206,6 +211,7 @@ def test_postgres_reordered_seq_is_caught(filled: str, key: Ed25519PrivateKey) -
     _expect(filled, key, 31, "reordered")
 
 
+@pytest.mark.services
 def test_postgres_truncated_tail_and_forged_checkpoint_are_caught(
     filled: str, key: Ed25519PrivateKey
 ) -> None:

@@ -53,6 +53,7 @@ def table() -> Iterator[str]:
         drop_postgres_table(name + suffix)
 
 
+@pytest.mark.services
 def test_a_batch_answered_after_the_deadline_is_refused_and_not_forked(table: str) -> None:
     key = Ed25519PrivateKey.generate()
     sink = LateSink(POSTGRES_DSN, key, table=table, checkpoint_every_seconds=3600)

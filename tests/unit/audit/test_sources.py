@@ -31,6 +31,7 @@ def _fill(sink: AuditSink) -> None:
     sink.close()
 
 
+@pytest.mark.services
 def test_the_configured_source_and_a_request_lookup(tmp_path: Path, table: str) -> None:
     key = Ed25519PrivateKey.generate()
     paths = StatePaths(tmp_path)

@@ -457,6 +457,7 @@ class Slow(CannedBackend):
         return await super().complete(messages, params)
 
 
+@pytest.mark.slow
 def test_a_busy_model_answers_503_model_busy(tmp_path: Path) -> None:
     service = _service_with(tmp_path, Slow(), model="max_concurrent = 1\nmax_waiting = 1")
 
@@ -473,6 +474,7 @@ def test_a_busy_model_answers_503_model_busy(tmp_path: Path) -> None:
     assert next(o for o in outcomes if o.status == 503).body["code"] == "model_busy"  # type: ignore[index]
 
 
+@pytest.mark.slow
 def test_one_key_cannot_fill_the_queue(tmp_path: Path) -> None:
     # The red team's lock-out: ten streams from one key held the one slot and the whole queue.
     service = _service_with(

@@ -87,6 +87,7 @@ def _holds_secret(text: str, prompt: ProtectedPrompt, canary: str) -> bool:
 # --- every category, every prompt -----------------------------------------------------------------
 
 
+@pytest.mark.slow  # ~0.5 s a prompt: the whole attack corpus through the guard
 @pytest.mark.parametrize("prompt", PROMPTS, ids=lambda p: p.name)
 @pytest.mark.parametrize("drop", [None, CANARY_LINE], ids=["with-canary", "canary-left-out"])
 def test_every_attack_is_refused(prompt: ProtectedPrompt, drop: re.Pattern[str] | None) -> None:
@@ -312,6 +313,7 @@ def test_a_stream_holds_back_only_a_little_and_releases_everything_in_order() ->
     splits=st.lists(st.integers(min_value=0, max_value=200), max_size=6),
     disguise=st.sampled_from(sorted(DISGUISES)),
 )
+@pytest.mark.slow
 def test_property_a_disguised_secret_in_any_text_is_refused_and_never_released(
     prefix: str, suffix: str, splits: list[int], disguise: str
 ) -> None:
@@ -329,6 +331,7 @@ def test_property_a_disguised_secret_in_any_text_is_refused_and_never_released(
 
 @settings(max_examples=200, deadline=None)
 @given(text=st.text(max_size=300), splits=st.lists(st.integers(min_value=0, max_value=300), max_size=8))
+@pytest.mark.slow
 def test_property_streaming_decides_as_a_whole_check_and_loses_nothing(text: str, splits: list[int]) -> None:
     guard = GUARDS["quest"]
     _, canary = guard.plant_canary()
@@ -350,6 +353,7 @@ def test_property_streaming_decides_as_a_whole_check_and_loses_nothing(text: str
     a=st.lists(st.sampled_from("abcdefg"), max_size=70),
     b=st.lists(st.sampled_from("abcdefgh"), max_size=70),
 )
+@pytest.mark.slow
 def test_property_bit_parallel_lcs_equals_the_dynamic_programme(a: list[str], b: list[str]) -> None:
     prev = [0] * (len(b) + 1)
     for x in a:

@@ -188,10 +188,10 @@ def test_text_of_unseen_words_does_not_grow_the_vocabulary(redactor: Redactor) -
     strings = _blank_english().vocab.strings
     redactor.redact("warm up: a@b.example 4111 1111 1111 1111")
     before = len(strings)
-    for i in range(200):
+    for i in range(80):
         text = " ".join(f"zq{i}x{j}{os.urandom(4).hex()}" for j in range(25))
         assert redactor.redact(f"{text} mail ann@example.org").counts == {"EMAIL": 1}
-    assert len(strings) - before < 50  # 5,000 unseen words went through
+    assert len(strings) - before < 50  # 2,000 unseen words went through
 
 
 def test_library_logs_never_carry_the_text(redactor: Redactor, caplog: pytest.LogCaptureFixture) -> None:

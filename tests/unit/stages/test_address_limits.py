@@ -188,6 +188,7 @@ def test_stage_refuses_before_authenticating_and_marks_counted_refusals() -> Non
     assert calls == ["0", "1"]  # a throttled request never reaches the credential check
 
 
+@pytest.mark.slow
 def test_window_timer_writes_the_summary_without_further_traffic() -> None:
     records: list[dict[str, Any]] = []
     lim = FailedAuthLimiter(
