@@ -329,13 +329,22 @@ def test_a_body_to_a_route_that_never_reads_it_is_cut_off(front: Front) -> None:
 # Load shedding counts requests in flight, never connections, never health probes
 
 
+def _hold_every_slot(front: Front) -> list[socket.socket]:
+    """Requests whose answers are being made and sent (to clients that never take them: `_never_read`)
+    are the load: MAX_IN_FLIGHT of them, each until the send deadline."""
+    return _never_read(front, _keyed_get(front, "/v2/openapi.json"), 160, MAX_IN_FLIGHT)
+
+
+def _until_served(front: Front) -> None:
+    t0 = time.monotonic()  # the held requests end at the send deadline: the load with them
+    while keyed_infer(front).status_code != 200:
+        assert time.monotonic() - t0 < SEND_TIMEOUT + 2
+        time.sleep(0.05)
+
+
 def test_shedding_counts_requests_and_spares_health(front: Front) -> None:
-    # Keyed requests whose bodies are late are inside the application: they are the load.
-    held = [front.connect(timeout=BODY_TIMEOUT + 3) for _ in range(MAX_IN_FLIGHT)]
+    held = _hold_every_slot(front)
     try:
-        for sock in held:
-            sock.sendall(front.infer_head(len(front.body)) + front.body[:10])
-        time.sleep(0.3)
         response = keyed_infer(front)
         assert response.status_code == 503, response.text
         assert response.json() == {"error": response.json()["error"], "code": "overloaded"}
@@ -343,12 +352,32 @@ def test_shedding_counts_requests_and_spares_health(front: Front) -> None:
         assert health_ok(front) < 1
         ready = httpx.get(f"{front.server.base_url}/v2/health/ready", timeout=5)
         assert ready.status_code == 200
-        for sock in held:  # the body deadline releases them, and the load with them
+    finally:
+        for sock in held:
+            sock.close()
+    _until_served(front)
+
+
+def test_keyed_slow_bodies_are_not_load(front: Front) -> None:
+    """Red team #9 F2: a request waiting for its client's body is not load. Counted, a key's slow bodies
+    held a slot each for the body deadline, and two label-only keys at their rate limit (20/s x 30 s)
+    filled every slot of the server: every other key's request got 503."""
+    held = [front.connect(timeout=BODY_TIMEOUT + 3) for _ in range(MAX_IN_FLIGHT * 3)]
+    try:
+        for sock in held:
+            sock.sendall(front.infer_head(len(front.body)) + front.body[:10])
+        time.sleep(0.3)
+        response = keyed_infer(front)
+        assert response.status_code == 200, response.text
+        assert health_ok(front) < 1
+        for sock in held[:2]:  # and each, its body come, is answered
+            sock.sendall(front.body[10:])
+            assert read_response(sock)[0] == 200
+        for sock in held[2:]:  # the body deadline still ends the others
             assert_refused(sock, 408, "request_timeout", timeout=BODY_TIMEOUT + 3)
     finally:
         for sock in held:
             sock.close()
-    assert keyed_infer(front).status_code == 200
 
 
 @pytest.mark.parametrize(
@@ -362,11 +391,8 @@ def test_shedding_counts_requests_and_spares_health(front: Front) -> None:
     ],
 )
 def test_only_the_two_probes_are_spared_shedding(front: Front, target: str) -> None:
-    held = [front.connect(timeout=BODY_TIMEOUT + 3) for _ in range(MAX_IN_FLIGHT)]
+    held = _hold_every_slot(front)
     try:
-        for sock in held:
-            sock.sendall(front.infer_head(len(front.body)) + front.body[:10])
-        time.sleep(0.3)
         with front.connect() as sock:
             sock.sendall(
                 front.infer_head(len(front.body)).replace(b"/v2/models/breast-cancer/infer", target.encode())
@@ -379,10 +405,7 @@ def test_only_the_two_probes_are_spared_shedding(front: Front, target: str) -> N
     finally:
         for sock in held:
             sock.close()
-    t0 = time.monotonic()  # the held requests end with their clients: the load with them
-    while keyed_infer(front).status_code != 200:
-        assert time.monotonic() - t0 < 2
-        time.sleep(0.05)
+    _until_served(front)
 
 
 def _open_idle(front: Front, n: int) -> list[socket.socket]:
