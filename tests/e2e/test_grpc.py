@@ -4,6 +4,7 @@ against the real server; refusals from the attacker's side, each the REST path's
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -178,7 +179,7 @@ def test_no_or_wrong_key_is_unauthenticated(dep: GrpcDeployment, credential: str
     headers = {"authorization": credential} if credential else None
     error = _refused(lambda: dep.client().infer(ONNX, [_input(dep.rows())], headers=headers))
     assert error.status() == "StatusCode.UNAUTHENTICATED"
-    assert error.message() == "missing or invalid credentials"
+    assert error.message() == "missing or invalid credentials (unauthenticated)"
 
 
 def test_refusals_carry_the_stable_code_and_never_reach_the_model(dep: GrpcDeployment) -> None:
@@ -221,6 +222,34 @@ def test_refusals_carry_the_stable_code_and_never_reach_the_model(dep: GrpcDeplo
     assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
     # None of it ran the model: the runtime failure counter and the server log show no 500.
     assert "unhandled error" not in dep.server.log_path.read_text()
+
+
+def test_tritonclient_reads_the_stable_code_and_when_to_retry(dep: GrpcDeployment) -> None:
+    # tritonclient.grpc's exception carries the status and its details, never the trailing metadata:
+    # with the code there only, RESOURCE_EXHAUSTED "fix the request" (too_many_rows), "retry in 2 s"
+    # (rate_limited) and "not today" (quota_exhausted) read alike (red team issue 10, F8).
+    client = dep.client()
+    rows = dep.rows(2)
+    out_of_range = rows.copy()
+    out_of_range[0, 0] = 1e9
+    for x, headers, status, code in [
+        (rows, None, "UNAUTHENTICATED", "unauthenticated"),
+        (rows, dep.headers("outsider"), "PERMISSION_DENIED", "forbidden"),
+        (out_of_range, dep.headers("analyst"), "INVALID_ARGUMENT", "out_of_range"),
+        (np.repeat(rows, 200, axis=0), dep.headers("analyst"), "RESOURCE_EXHAUSTED", "too_many_rows"),
+    ]:
+        error = _refused(lambda x=x, headers=headers: client.infer(ONNX, [_input(x)], headers=headers))
+        assert error.status() == f"StatusCode.{status}"
+        assert error.message().endswith(f" ({code})"), error.message()
+    tight = {"authorization": f"Bearer {create_key(dep.config, 'tight')}"}  # its own bucket: burst 3
+    for _ in range(10):
+        try:
+            client.get_model_metadata(ONNX, headers=tight)
+        except InferenceServerException as e:
+            error = e
+            break
+    assert error.status() == "StatusCode.RESOURCE_EXHAUSTED"
+    assert re.search(r" \(rate_limited; retry after [1-9][0-9]* s\)$", error.message()), error.message()
 
 
 def test_oversized_messages_are_resource_exhausted(dep: GrpcDeployment) -> None:

@@ -259,14 +259,23 @@ async def _abort(
     body = outcome.body if isinstance(outcome.body, dict) else {}
     code = str(body.get("code", "internal_error"))
     status = grpc.StatusCode[GRPC_STATUS.get(outcome.status, "INTERNAL")]
-    await context.abort(
-        status, str(body.get("error", "internal error")), (*metadata, ("bastion-error-code", code))
-    )
+    retry_after = dict(metadata).get("retry-after")
+    details = _details(str(body.get("error", "internal error")), code, retry_after)
+    await context.abort(status, details, (*metadata, ("bastion-error-code", code)))
+
+
+def _details(message: str, code: str, retry_after: str | None = None) -> str:
+    """A refusal's status details: the REST error message, then its stable code (and, over a limit,
+    when to retry) in parentheses. Clients such as tritonclient.grpc keep only the status and its
+    details, not the trailing metadata, so the code must be readable here too."""
+    return f"{message} ({code}; retry after {retry_after} s)" if retry_after else f"{message} ({code})"
 
 
 async def _refuse(context: grpc.aio.ServicerContext[Any, Any], code: ErrorCode, details: str) -> None:
     """Abort the call with `code`'s gRPC status (one table, bastion.errors) and the stable code."""
-    await context.abort(grpc.StatusCode[grpc_status(code)], details, (("bastion-error-code", code.value),))
+    await context.abort(
+        grpc.StatusCode[grpc_status(code)], _details(details, code.value), (("bastion-error-code", code.value),)
+    )
 
 
 async def _parse(cls: type[_M], body: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> _M:
@@ -275,11 +284,7 @@ async def _parse(cls: type[_M], body: bytes, context: grpc.aio.ServicerContext[A
     try:
         return cls.FromString(body)
     except DecodeError:
-        await context.abort(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"the message is not a valid {cls.DESCRIPTOR.name}",
-            (("bastion-error-code", "malformed_request"),),
-        )
+        await _refuse(context, ErrorCode.MALFORMED_REQUEST, f"the message is not a valid {cls.DESCRIPTOR.name}")
         raise  # abort raises; this line is for the type checker
 
 
