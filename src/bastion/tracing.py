@@ -20,16 +20,23 @@ waited for.
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.sdk.trace.sampling import (
+    Decision,
+    ParentBased,
+    Sampler,
+    SamplingResult,
+    TraceIdRatioBased,
+)
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from bastion.config import TracingSettings
@@ -57,6 +64,34 @@ def otlp_exporter(endpoint: str) -> SpanExporter:
     return OTLPSpanExporter(endpoint=endpoint, timeout=10)
 
 
+class _DrawnRatio(Sampler):
+    """Samples `ratio` of the spans by a draw of its own, never by the trace id: for a caller's trace
+    (a remote parent), whose id the caller chose. `TraceIdRatioBased` decides on the id's low 64 bits,
+    so a caller picking ids could keep all of its requests out of traces, or have all of them
+    exported past the ratio (red team of issue 12, F2)."""
+
+    def __init__(self, ratio: float) -> None:
+        self._ratio = ratio
+        self._bound = round(ratio * (1 << 56))
+
+    def should_sample(
+        self,
+        parent_context: Any,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Any = None,
+        links: Sequence[Link] | None = None,
+        trace_state: Any = None,
+    ) -> SamplingResult:
+        if int.from_bytes(os.urandom(7), "big") < self._bound:
+            return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
+        return SamplingResult(Decision.DROP)
+
+    def get_description(self) -> str:
+        return f"DrawnRatio{{{self._ratio}}}"
+
+
 class Tracing:
     """The tracer of one service. `exporter` replaces the OTLP one (tests: the SDK's in-memory
     exporter). `provider.force_flush()` exports the spans queued; `provider.shutdown()` ends it."""
@@ -67,12 +102,13 @@ class Tracing:
             exporter = otlp_exporter(settings.otlp_endpoint)
         # Its own provider, not the global one: nothing else in the process traces through it.
         self.provider = TracerProvider(
-            # The caller's trace id is continued, its sampled flag is not obeyed: a caller must not
-            # keep its requests out of traces (flag off), nor flood the exporter past the ratio (on).
+            # The caller's trace id is continued, but neither its sampled flag nor the id itself decides
+            # (a draw does): a caller must not keep its requests out of traces, nor flood the exporter
+            # past the ratio. Our own new traces have random ids: the ratio on them is fair.
             sampler=ParentBased(
                 TraceIdRatioBased(settings.sample_ratio),
-                remote_parent_sampled=TraceIdRatioBased(settings.sample_ratio),
-                remote_parent_not_sampled=TraceIdRatioBased(settings.sample_ratio),
+                remote_parent_sampled=_DrawnRatio(settings.sample_ratio),
+                remote_parent_not_sampled=_DrawnRatio(settings.sample_ratio),
             ),
             resource=Resource.create({"service.name": "bastion"}),
         )

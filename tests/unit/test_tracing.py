@@ -259,6 +259,34 @@ def test_sample_ratio_zero_traces_no_request_of_its_own_and_one_traces_each(demo
     assert counts == [0, 7]
 
 
+def test_a_caller_cannot_choose_its_trace_ids_in_or_out_of_the_sample(demo: DemoBuild) -> None:
+    """The ratio's choice is the server's: a trace id the caller picks so that a trace-id-ratio sampler
+    always keeps it (low 64 bits 0) or always drops it (all ones) is sampled like any other request
+    (red team of issue 12, second pass, F2: at 0.1, 100 of 100 forced in, 0 of 100 out)."""
+    exporter = InMemorySpanExporter()
+    service = Bastion(_config(demo, sample_ratio=0.5), config_path=demo.config_path, span_exporter=exporter)
+    try:
+        key = f"Bearer {_key(service, 'analyst')}"
+        forced = {
+            "in": [f"{n:016x}" + "0" * 16 for n in range(1, 41)],
+            "out": [f"{n:016x}" + "f" * 16 for n in range(1, 41)],
+        }
+        _handle(
+            service,
+            *(
+                _context(Route.INFER, key, _body(demo, 4), traceparent=f"00-{t}-{PARENT_ID}-01")
+                for ids in forced.values()
+                for t in ids
+            ),
+        )
+        traced = {format(s.context.trace_id, "032x") for s in _request_spans(exporter.get_finished_spans())}
+    finally:
+        service.close()
+    # Each set of 40 at 0.5: all or none of them sampled by chance has probability 2**-40.
+    assert 0 < len(traced & set(forced["in"])) < 40
+    assert 0 < len(traced & set(forced["out"])) < 40
+
+
 def test_tracing_off_makes_no_span_object_and_leaves_the_stages_unwrapped(demo: DemoBuild) -> None:
     config = load_config(demo.config_path)
     assert config.tracing.enabled is False  # the default
