@@ -203,6 +203,11 @@ def test_reroute_keeps_a_flagged_principal_on_the_stable_version(tmp_path: Path)
             return found
 
         assert versions(thief) == {"1"}  # rerouted: never the canary
+        # Nor by naming the canary's version (red team of issue 12, second pass, F3: it was served).
+        with server.client(thief) as client:
+            pinned = client.post("/v2/models/breast-cancer/versions/2/infer", json=row)
+        assert pinned.status_code == 200, pinned.text
+        assert (pinned.headers["x-model-version"], pinned.json()["model_version"]) == ("1", "1")
         assert versions(admin) == {"1", "2"}  # another key still takes part in the rollout
         with server.client(admin) as operator:
             assert operator.post(f"/v2/admin/keys/{thief.split('_')[1]}/release").status_code == 200

@@ -63,8 +63,9 @@ class IsolationGate:
 
 class ApplyMeasures:
     """The timed steps of the containment ladder in force for this principal on this model:
-    throttle (429 `throttled` past its rate), degrade (the answer's detail lowered), reroute (a
-    routed request kept on the stable version). After authorization, before the input guard."""
+    throttle (429 `throttled` past its rate), degrade (the answer's detail lowered), reroute (kept on
+    the stable version, whatever version the request names). After authorization, before the input
+    guard."""
 
     def __init__(
         self,
@@ -109,7 +110,10 @@ class ApplyMeasures:
             lowered = OutputDetail(measures.degrade_to)
             if lowered.rank < ctx.output_detail.rank:
                 ctx.output_detail = lowered
-        if measures.reroute and ctx.routed:
+        if measures.reroute:
+            # Every request of the principal during the rollout, the ones naming a version too: a
+            # rerouted thief asking for /versions/<canary> explicitly is still answered by the stable
+            # one (red team of issue 12, F3).
             stable = self._pick_stable(model.name)
             if stable is not None and stable != model.version:
                 ctx.model = self._registry.get(model.name, stable)
