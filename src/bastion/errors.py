@@ -32,6 +32,7 @@ class ErrorCode(StrEnum):
     # the binary tensor extension: Inference-Header-Content-Length or binary_data_size framing
     BAD_HEADER_LENGTH = "bad_header_length"
     MALFORMED_BINARY = "malformed_binary"
+    UNSUPPORTED_CONTENT_ENCODING = "unsupported_content_encoding"  # a compressed request body
     INVALID_TRANSITION = "invalid_transition"  # an incident cannot move to that state from its own
     # /v1 (language models): a request over the model's context or the role's max_tokens
     CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # OpenAI's own code for it
@@ -125,6 +126,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.CLIENT_DISCONNECTED: 400,
     ErrorCode.BAD_HEADER_LENGTH: 400,
     ErrorCode.MALFORMED_BINARY: 400,
+    ErrorCode.UNSUPPORTED_CONTENT_ENCODING: 400,
     ErrorCode.INVALID_TRANSITION: 400,
     ErrorCode.CONTEXT_LENGTH_EXCEEDED: 400,
     ErrorCode.MAX_TOKENS_TOO_LARGE: 400,

@@ -173,6 +173,29 @@ def test_refusals_are_tritonclients_own_exception(
     assert "1000000" not in str(err.value)  # the offending value is not echoed
 
 
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_a_compressed_request_is_told_so_not_that_it_is_not_json(served: Served, algorithm: str) -> None:
+    # tritonclient's request_compression_algorithm: the body arrives compressed, its header length the
+    # uncompressed JSON's. It was refused 400 "request body is not valid JSON" (red team issue 10, F9).
+    with pytest.raises(InferenceServerException) as err:
+        served.triton().infer(
+            MODEL, [_input(served.features[:2])], headers=served.auth("analyst"),
+            request_compression_algorithm=algorithm,
+        )  # fmt: skip
+    assert err.value.status() == "400"
+    assert "Content-Encoding" in (err.value.message() or ""), err.value
+    with httpx.Client(base_url=served.server.base_url) as c:
+        r = c.post(f"/v2/models/{MODEL}/infer", content=b"\x1f\x8b", headers={"Content-Encoding": algorithm,
+                   **served.auth("analyst")})  # fmt: skip
+    assert (r.status_code, r.json()["code"]) == (400, "unsupported_content_encoding")
+    # Compressed answers (response_compression_algorithm) are not asked of the server: it answers plainly.
+    answer = served.triton().infer(
+        MODEL, [_input(served.features[:2])], headers=served.auth("analyst"),
+        response_compression_algorithm=algorithm,
+    )  # fmt: skip
+    assert answer.as_numpy("label") is not None
+
+
 def test_over_the_rate_is_429_from_tritonclient(served: Served) -> None:
     client, x = served.triton(), served.features[:1]
     answers = []

@@ -111,10 +111,12 @@ class BastionApp:
         await _send(send, outcome, ctx.request_id, binary)
 
     def _context(self, scope: Scope, receive: Receive, route: Route, match: Match | None) -> RequestContext:
-        auth = declared = header_length = traceparent = None
+        auth = declared = header_length = traceparent = encoding = None
         for k, v in scope["headers"]:  # the first of each wins; no other header is read
             if k == b"authorization" and auth is None:
                 auth = v
+            elif k == b"content-encoding" and encoding is None:
+                encoding = v
             elif k == b"traceparent" and traceparent is None:
                 traceparent = v
             elif k == b"content-length" and declared is None:
@@ -124,6 +126,12 @@ class BastionApp:
         client = scope.get("client")
 
         async def read_body(limit: int) -> bytes:
+            if encoding is not None and encoding.strip().lower() not in (b"", b"identity"):
+                # tritonclient's request_compression_algorithm: read as JSON, the body was "not JSON".
+                raise BadRequest(
+                    "a compressed request body (Content-Encoding) is not supported: send it uncompressed",
+                    code=ErrorCode.UNSUPPORTED_CONTENT_ENCODING,
+                )
             if declared is not None:
                 if not declared.isdigit():
                     raise BadRequest("invalid Content-Length", code=ErrorCode.BAD_CONTENT_LENGTH)
@@ -254,26 +262,33 @@ def _client_certificate(scope: Scope) -> ClientCertificate | None:
     return found if isinstance(found, ClientCertificate) else None
 
 
+_MAX_SESSION_COOKIES = 4  # of one name in a request: the real one behind a few tossed ones
+
+
 def _session_credentials(scope: Scope, method: str) -> SessionCredentials | None:
     """The dashboard session's cookie, if sent (`__Host-` name over TLS), with the CSRF header and
     the browser's Sec-Fetch-Site; None without the cookie."""
     name = (SECURE_COOKIE_NAME if scope.get("scheme") == "https" else COOKIE_NAME).encode()
-    cookie = csrf = site = None
+    cookies: list[str] = []  # every value of that name (a tossed one may come first), a few at most
+    csrf = site = None
     for k, v in scope["headers"]:
-        if k == b"cookie" and cookie is None:
+        if k == b"cookie":
             for pair in v.split(b";"):
                 key, sep, value = pair.strip().partition(b"=")
-                if sep and key == name:
-                    cookie = value.decode("latin-1")
-                    break
+                if sep and key == name and len(cookies) < _MAX_SESSION_COOKIES:
+                    cookies.append(value.decode("latin-1"))
         elif k == CSRF_HEADER.encode() and csrf is None:
             csrf = v.decode("latin-1")
         elif k == b"sec-fetch-site" and site is None:
             site = v
-    if cookie is None:
+    if not cookies:
         return None
     return SessionCredentials(
-        cookie, csrf, state_changing=method not in ("GET", "HEAD"), cross_site=site in (b"cross-site", b"same-site")
+        cookies[0],
+        csrf,
+        state_changing=method not in ("GET", "HEAD"),
+        cross_site=site in (b"cross-site", b"same-site"),
+        others=tuple(cookies[1:]),
     )
 
 
