@@ -161,3 +161,21 @@ def test_keyed_slow_bodies_past_the_connection_cap_do_not_keep_new_connections_o
     finally:
         for sock in socks:
             sock.close()
+
+
+def test_a_flood_of_refused_requests_does_not_grow_the_log_with_it(srv: Server) -> None:
+    """Red team #9 F4: each front-end refusal (here 400 malformed_http, without credentials) wrote one
+    log line; now at most a few lines a window, the rest counted."""
+    log = srv.server.log_path
+    start = log.stat().st_size
+    for _ in range(300):
+        with srv.connect() as sock:
+            sock.sendall(b"FOO / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_head(sock)[0] == 400
+    time.sleep(0.3)
+    with log.open("rb") as f:
+        f.seek(start)
+        lines = [
+            line for line in f.read().splitlines() if b"front end refused a request: malformed_http" in line
+        ]
+    assert 1 <= len(lines) <= 12, len(lines)

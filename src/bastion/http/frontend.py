@@ -39,6 +39,7 @@ import enum
 import http
 import logging
 import resource
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,35 @@ RESERVED_FDS = 256
 LINGER_SECONDS = 2.0
 LINGER_IDLE_SECONDS = 0.5
 LINGER_MAX_BYTES = 2 << 20
+
+
+class _LogBudget:
+    """At most `per_window` lines of each message per window; the rest are counted, and the count is
+    logged with the first line of the next window. The front end's refusals and aborts cost no
+    credential: one line each grew the log at the rate of an anonymous flood (red team #9 F4)."""
+
+    def __init__(self, per_window: int = 10, window: float = 10.0) -> None:
+        self.per_window = per_window
+        self.window = window
+        self._counts: dict[str, tuple[float, int]] = {}  # message -> (window start, lines in it)
+
+    def log(self, level: int, message: str) -> None:
+        now = time.monotonic()
+        start, count = self._counts.get(message, (now, 0))
+        if now - start >= self.window:
+            suppressed = count - self.per_window
+            if suppressed > 0:
+                log.log(level, "%s (and %d more in the last %.1f s)", message, suppressed, now - start)
+                self._counts[message] = (now, 1)  # this line is the new window's first
+                return
+            start, count = now, 0
+        self._counts[message] = (start, count + 1)
+        if count < self.per_window:
+            log.log(level, "%s", message)
+
+
+# One per process: the messages are a handful of fixed strings (error codes, one abort, one refusal).
+_LOG_BUDGET = _LogBudget()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -151,7 +181,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             if victim is None:
                 victim = next((c for c in registry if c._phase is _Phase.BODY), None)
             if victim is None:
-                log.warning("connection limit reached and every connection is busy: refusing a new one")
+                _LOG_BUDGET.log(
+                    logging.WARNING,
+                    "connection limit reached and every connection is busy: refusing a new one",
+                )
                 self.transport.close()
                 return
             victim._close()
@@ -245,7 +278,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def _on_send_deadline(self) -> None:
         self._send_deadline = None
-        log.info("a client took no answer for %.0f s: connection aborted", self.limits.send_timeout)
+        _LOG_BUDGET.log(
+            logging.INFO, f"a client took no answer for {self.limits.send_timeout:.0f} s: connection aborted"
+        )
         self._cancel()
         self._disconnect_cycles()
         self._writes_closed = True
@@ -426,7 +461,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 + b"connection: close\r\n\r\n"
                 + body
             )
-        log.info("front end refused a request: %s", error.code)
+        _LOG_BUDGET.log(logging.INFO, f"front end refused a request: {error.code}")
         self._close(linger=True)
 
 
