@@ -30,6 +30,9 @@ class SessionCredentials:
     csrf_token: str | None
     state_changing: bool
     cross_site: bool = False  # the browser said so (Sec-Fetch-Site: cross-site or same-site)
+    # Further cookies of the same name, in the order sent (a few at most): a page on another port of
+    # the host can set one with a longer Path, which the browser sends first. Each is tried in turn.
+    others: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,10 +5,10 @@ routes built with `CertificateIdentities`, a verified client certificate the pol
 from __future__ import annotations
 
 from bastion.certs import CertificateIdentities
-from bastion.context import Principal, RequestContext
+from bastion.context import Principal, RequestContext, SessionCredentials
 from bastion.errors import AuthenticationFailed
 from bastion.keys import KEY_PREFIX, KeyRecords
-from bastion.sessions import SessionAuthority
+from bastion.sessions import Session, SessionAuthority
 from bastion.tokens import TokenAuthority
 
 
@@ -96,6 +96,21 @@ class Authenticate:
         )
         return True
 
+    @staticmethod
+    def _open(sessions: SessionAuthority, presented: SessionCredentials, now: float) -> Session:
+        """The first of the cookies sent that opens a session: a junk cookie of the same name that a
+        page on another port of this host set with a longer Path (the browser sends it first) must
+        not hide the operator's real one. None opening: the first one's refusal."""
+        try:
+            return sessions.open(presented.cookie, now=now)
+        except AuthenticationFailed as first:
+            for other in presented.others:
+                try:
+                    return sessions.open(other, now=now)
+                except AuthenticationFailed:
+                    continue
+            raise first from None
+
     def _session(self, ctx: RequestContext, sessions: SessionAuthority) -> None:
         """The session's cookie opened, its CSRF secret checked when the request changes state,
         and its key read now: revoked or expired, the key fails; quarantined, the session ends."""
@@ -105,7 +120,7 @@ class Authenticate:
             # SameSite=Strict keeps the cookie off cross-site requests already; a browser that says
             # the request is cross-site is refused all the same.
             raise AuthenticationFailed("session_cross_site")
-        session = sessions.open(presented.cookie, now=ctx.now)
+        session = self._open(sessions, presented, ctx.now)
         if presented.state_changing:
             sessions.require_csrf(session, presented.csrf_token)
         record = self._keys.get(session.key_id)
