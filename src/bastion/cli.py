@@ -284,7 +284,30 @@ def cmd_models_release(args: argparse.Namespace) -> int:
     return 0
 
 
+# A key's name is shown by `keys list`, the dashboard and the audit log: a label, never a secret.
+KEY_NAME_MAX = 64
+
+
+def _key_name_problem(name: str) -> str | None:
+    """Why `name` cannot name a key (without repeating it: it may be a secret), or None."""
+    from bastion.keys import KEY_PREFIX, key_id_of
+
+    starts = [i for i in range(len(name)) if name.startswith(KEY_PREFIX, i)]
+    if any(key_id_of(name[i:]) is not None for i in starts):
+        return (
+            "--name holds an API key: a name is shown by `keys list` and the dashboard, so it is refused "
+            "(and not repeated here). The secret is now in your shell history: revoke that key if it must "
+            "stay secret"
+        )
+    if not name or len(name) > KEY_NAME_MAX or not name.isprintable():
+        return f"--name must be 1 to {KEY_NAME_MAX} printable characters"
+    return None
+
+
 def cmd_keys_create(args: argparse.Namespace) -> int:
+    problem = _key_name_problem(args.name)
+    if problem is not None:
+        return _fail(problem)
     config, store = _key_store(args.config)
     unknown = [r for r in args.role if r not in config.roles]
     if unknown:

@@ -294,3 +294,29 @@ def test_redteam_never_prints_credentials_in_its_url(url: str) -> None:
     assert "hunter2secret" not in str(e.value)
     assert "127.0.0.1" in str(e.value)
     assert "hunter2secret" not in redact_url(url)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param("FULL", id="a-full-key"),
+        pytest.param("ci FULL", id="a-key-inside"),
+        pytest.param("TRUNCATED", id="a-truncated-key"),
+    ],
+)
+def test_a_key_name_holding_a_key_is_refused_and_not_echoed(cli: Any, config: Path, name: str) -> None:
+    """Red team #9 F5: `keys create --name <a key>` stored it, and `keys list` printed the secret."""
+    key = _create(config)
+    name = name.replace("FULL", key).replace("TRUNCATED", key[:30])
+    result = cli("keys", "create", "--config", config, "--name", name, "--role", "analyst", check=False)
+    assert result.returncode != 0
+    assert _secret_part(key)[:8] not in result.stdout + result.stderr
+    listed = cli("keys", "list", "--config", config).stdout
+    assert _secret_part(key)[:8] not in listed and len(listed.splitlines()) == 2
+
+
+@pytest.mark.parametrize("name", ["x" * 65, "", "a\nb", "a\x1b[2Jb"])
+def test_a_key_name_is_a_short_printable_label(cli: Any, config: Path, name: str) -> None:
+    result = cli("keys", "create", "--config", config, "--name", name, "--role", "analyst", check=False)
+    assert result.returncode != 0 and "printable" in result.stderr
+    assert cli("keys", "create", "--config", config, "--name", "x" * 64, "--role", "analyst").returncode == 0
