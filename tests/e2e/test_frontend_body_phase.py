@@ -179,3 +179,35 @@ def test_a_flood_of_refused_requests_does_not_grow_the_log_with_it(srv: Server) 
             line for line in f.read().splitlines() if b"front end refused a request: malformed_http" in line
         ]
     assert 1 <= len(lines) <= 12, len(lines)
+
+
+@pytest.mark.parametrize("coding", [b"gzip, chunked", b"deflate,chunked", b"x-custom , chunked"])
+def test_a_transfer_coding_other_than_chunked_is_refused(srv: Server, coding: bytes) -> None:
+    """Red team #9 F6: `Transfer-Encoding: gzip, chunked` was de-chunked and the gzip coding ignored
+    (the body reached the application still coded): a coding accepted and ignored."""
+    with srv.connect() as sock:
+        sock.sendall(
+            b"POST /v2/models/breast-cancer/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + srv.key.encode()
+            + b"\r\nTransfer-Encoding: "
+            + coding
+            + b"\r\n\r\n"
+            + b"%x\r\n" % len(srv.body)
+            + srv.body
+            + b"\r\n0\r\n\r\n"
+        )
+        status, headers = read_head(sock)
+    assert status == 400 and headers.get("connection") == "close"
+
+
+def test_chunked_alone_is_served(srv: Server) -> None:
+    with srv.connect() as sock:
+        sock.sendall(
+            b"POST /v2/models/breast-cancer/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + srv.key.encode()
+            + b"\r\nTransfer-Encoding: Chunked\r\n\r\n"
+            + b"%x\r\n" % len(srv.body)
+            + srv.body
+            + b"\r\n0\r\n\r\n"
+        )
+        assert read_head(sock)[0] == 200

@@ -401,6 +401,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         ):
             self._error = _PipelineTooDeep()
             raise self._error
+        if any(
+            name == b"transfer-encoding" and value.strip().lower() != b"chunked"
+            for name, value in self.headers
+        ):
+            # llhttp accepts `gzip, chunked` and hands over the body de-chunked but still coded: a coding
+            # accepted and ignored. Only chunked is supported (red team #9 F6).
+            self._error = BadRequest("a Transfer-Encoding other than chunked", code=ErrorCode.MALFORMED_HTTP)
+            raise self._error
         declared = _content_length(self.headers)
         if declared is not None and declared > self.limits.max_body_bytes:
             # Refused here, with `connection: close`, before the application answers it as a kept-alive
