@@ -1,6 +1,6 @@
 """The V2 binary tensor extension over real HTTP: Triton's own client with its default settings gets
-the JSON path's answers and refusals; every hostile JSON case has a binary twin refused the same way,
-never with a 5xx and without reaching the model."""
+the JSON path's answers and refusals; every hostile JSON case has a binary twin, and a gRPC twin,
+refused the same way, never with a 5xx and without reaching the model."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 import httpx
 import numpy as np
 import pytest
@@ -17,7 +18,10 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from bastion.demo import infer_request
-from tests.helpers import RunningServer, create_key, start_server, write_test_deployment
+from bastion.errors import GRPC_STATUS
+from bastion.grpc import grpc_predict_v2_pb2 as pb
+from bastion.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
+from tests.helpers import RunningServer, create_key, free_port, run_cli, start_server, write_test_deployment
 
 MODEL = "breast-cancer"
 
@@ -43,6 +47,8 @@ class Served:
     server: RunningServer
     keys: dict[str, str]
     features: np.ndarray  # the breast-cancer rows, FP32
+    grpc_url: str
+    config: Any
 
     @property
     def url(self) -> str:
@@ -58,11 +64,12 @@ class Served:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     root = tmp_path_factory.mktemp("binary")
-    config, build = write_test_deployment(root, extra=ROLE)
+    grpc_port = free_port()
+    config, build = write_test_deployment(root, extra=ROLE + f"[grpc]\nenabled = true\nport = {grpc_port}\n\n")
     keys = {role: create_key(config, role) for role in ("analyst", "admin", "outsider", "tight", "bindp")}
     server = start_server(config, root / "server.log")
     try:
-        yield Served(server, keys, np.asarray(build.features, dtype=np.float32))
+        yield Served(server, keys, np.asarray(build.features, dtype=np.float32), f"127.0.0.1:{grpc_port}", config)
     finally:
         server.stop()
     log = (root / "server.log").read_text()
@@ -412,3 +419,76 @@ def test_aggregates_take_binary_inputs_and_refuse_binary_outputs(served: Served)
         body, headers = _framed({**header, "parameters": {"binary_data_output": True}}, rows.tobytes())
         refused = c.post(f"/v2/models/{MODEL}/aggregate", content=body, headers=headers)
     _assert_refused(refused, 400, "unsupported_parameter", "aggregate binary output")
+
+
+# -- the gRPC twin of each hostile JSON case ----------------------------------------------------
+
+_TYPED = {"FP32": "fp32_contents", "FP64": "fp64_contents", "INT64": "int64_contents", "BYTES": "bytes_contents"}
+
+
+def _grpc_twin(doc: dict[str, Any], *, raw: bool) -> pb.ModelInferRequest:
+    """The JSON document as a ModelInferRequest: its values as typed contents, or as raw bytes."""
+    message = pb.ModelInferRequest(model_name=MODEL)
+    if isinstance(doc.get("id"), str):
+        message.id = doc["id"]
+    for entry in doc["inputs"]:
+        tensor = message.inputs.add(name=entry["name"], datatype=entry["datatype"], shape=entry["shape"])
+        values = np.asarray(entry["data"], dtype=object).ravel().tolist()
+        if entry["datatype"] == "BYTES" or all(isinstance(v, str) for v in values):
+            # Strings, or values declared BYTES: BYTES elements either way (as the binary twins send them).
+            elements = [str(v).encode() for v in values]
+            if raw:
+                message.raw_input_contents.append(b"".join(struct.pack("<I", len(e)) + e for e in elements))
+            else:
+                tensor.contents.bytes_contents.extend(elements)
+        elif raw:
+            dtype = {"FP32": "<f4", "FP64": "<f8", "INT64": "<i8"}[entry["datatype"]]
+            with np.errstate(over="ignore"):
+                message.raw_input_contents.append(np.asarray(values, dtype="<f8").astype(dtype).tobytes())
+        else:
+            field = getattr(tensor.contents, _TYPED[entry["datatype"]])
+            field.extend(int(v) if entry["datatype"] == "INT64" else float(v) for v in values)
+    return message
+
+
+def test_every_hostile_json_case_has_a_grpc_twin_refused_alike(served: Served) -> None:
+    """Each JSON case a gRPC message can say (a parsed document, not bytes that are no JSON), typed
+    and raw: the same status (through bastion.errors' one table) and the same stable code, an audit
+    record each, and nothing reaching the model (the budget of a DP key does not move)."""
+    metadata = (("authorization", f"Bearer {served.keys['bindp']}"),)
+    request_ids = []
+    with served.server.client(served.keys["bindp"]) as c, grpc.insecure_channel(
+        served.grpc_url, options=[("grpc.max_send_message_length", 8 << 20)]
+    ) as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        before = _budget(c)
+        twins = 0
+        for name, doc, _, status, code in hostile_cases(served):
+            if not isinstance(doc, dict) or not isinstance(doc.get("id", ""), str) or any(
+                not isinstance(e.get("data"), list) or any(isinstance(v, list) for v in e["data"])
+                for e in doc["inputs"]
+            ):
+                continue  # no JSON document, a number as id, nested data: no gRPC message says it alike
+            if name == "oversized body":  # 4 bytes a value, not JSON's ~10: as many rows as the binary twin
+                row = doc["inputs"][0]["data"][:30]
+                doc = {"inputs": [{**doc["inputs"][0], "data": row * 9000, "shape": [9000, 30]}]}
+            for raw in (False, True):
+                if name == "FP32 overflow" and not raw:
+                    continue  # fp32_contents cannot hold 1e39; the raw twin carries its infinity
+                with pytest.raises(grpc.RpcError) as err:
+                    stub.ModelInfer(_grpc_twin(doc, raw=raw), metadata=metadata, timeout=30)
+                error: Any = err.value
+                trailing = dict(error.trailing_metadata() or ())
+                got = (error.code().name, trailing.get("bastion-error-code"))
+                label = f"{name} ({'raw' if raw else 'typed'}): {error.details()}"
+                assert got[0] == GRPC_STATUS[status], label
+                if code is not None:
+                    assert got[1] == code, label
+                request_ids.append(trailing["x-request-id"])
+                twins += 1
+        assert twins >= 24
+        assert _budget(c) == before  # nothing reached the model's answer
+    out = served.server.log_path.parent / "grpc-twins-audit.jsonl"
+    run_cli("audit", "export", "--config", served.config, "-o", out)
+    audited = {json.loads(line).get("request_id") for line in out.read_text().splitlines()}
+    assert [rid for rid in request_ids if rid not in audited] == []
