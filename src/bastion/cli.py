@@ -58,7 +58,23 @@ def _config(path: Path):  # type: ignore[no-untyped-def]
     return load_config(path)
 
 
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.unsafe_no_defenses:
+        # No key, limit, guard, output policy or audit: every model answers anyone in full. A benchmark
+        # baseline on this host, never a listener others can reach (red team #9).
+        config = _config(args.config)
+        exposed = [("--host / [server] host", args.host or config.server.host)]
+        if config.grpc.enabled:
+            exposed.append(("[grpc] host", config.grpc.host))
+        for field, host in exposed:
+            if host not in _LOOPBACK:
+                return _fail(
+                    f"--unsafe-no-defenses serves every model to anyone, unaudited: only on a loopback "
+                    f"host ({', '.join(_LOOPBACK)}), and {field} is {host!r}"
+                )
     if getattr(args, "workers", 1) > 1:  # a supervisor over N worker processes (bastion.workers)
         from bastion.workers import supervise
 
@@ -127,7 +143,7 @@ def run_server(
     )
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
-    if tls is None and host not in ("127.0.0.1", "::1", "localhost"):
+    if tls is None and host not in _LOOPBACK:
         log.warning("serving plain HTTP on %s: production needs [server.tls], or a TLS proxy in front", host)
     uv = uvicorn.Config(
         LoadShedder(BastionApp(service, tls=tls), max_in_flight=max_in_flight),
@@ -203,6 +219,42 @@ def _operator() -> str:
         return f"cli:uid{os.getuid()}"
 
 
+def _audit_change(config_path: Path, route: str, target: str, change: str) -> str:
+    """An audit record for a change made from the command line (a release, an incident moved or
+    noted), in the chain the server of this policy file writes: `principal` the local operator, `via`
+    "cli". Returns its request id (the incident's timeline cites it). Raises _CliError naming the
+    chain when it cannot be written: the change is made, its record is missing, the command says so."""
+    from bastion.audit.sink import open_sink
+    from bastion.statedir import StatePaths
+
+    config = _config(config_path)
+    request_id = os.urandom(8).hex()
+    body = {
+        "ts": time.time(),
+        "request_id": request_id,
+        "route": route,
+        "action": "admin",
+        "principal": _operator(),
+        "via": "cli",
+        "decision": "allow",
+        "reason": "ok",
+        "target": target,
+        "change": change,
+    }
+    try:
+        sink = open_sink(config.audit, StatePaths(config.server.state_dir))
+        try:
+            sink.append([body], time.time())
+        finally:
+            sink.close()
+    except Exception as e:
+        raise _CliError(
+            f"the change was made but its audit record could not be written to the chain of "
+            f"{config_path} ({type(e).__name__}): record it by hand"
+        ) from None
+    return request_id
+
+
 def cmd_incidents_list(args: argparse.Namespace) -> int:
     from bastion.incidents import IncidentState
 
@@ -229,6 +281,7 @@ def _move(args: argparse.Namespace, to: str) -> int:
         args.id, IncidentState(to), actor=_operator(), now=time.time(), note=args.note
     )
     print(f"incident {incident.id}: {incident.state.value}")
+    _audit_change(args.config, "incident_transition", f"incident:{incident.id}", f"state={to}")
     return 0
 
 
@@ -243,6 +296,7 @@ def cmd_incidents_resolve(args: argparse.Namespace) -> int:
 def cmd_incidents_note(args: argparse.Namespace) -> int:
     incident = _incident_store(args.config).note(args.id, args.text, actor=_operator(), now=time.time())
     print(f"incident {incident.id}: note added ({len(incident.events)} events)")
+    _audit_change(args.config, "incident_note", f"incident:{incident.id}", "note")
     return 0
 
 
@@ -281,6 +335,11 @@ def cmd_models_release(args: argparse.Namespace) -> int:
     if not _isolation_store(args.config).release(args.model):
         return _fail(f"model {args.model!r} is not isolated", 1)
     print(f"released {args.model}; it is served again from the next request on")
+    # Audited, and in the timeline of the model-wide incidents it ends (red team of issue 12, F4).
+    request_id = _audit_change(args.config, "model_release", f"model:{args.model}", "released")
+    _incident_store(args.config).record_release(
+        f"model:{args.model}", actor=_operator(), now=time.time(), note=f"model released (request {request_id})"
+    )
     return 0
 
 
@@ -377,9 +436,19 @@ def cmd_keys_release(args: argparse.Namespace) -> int:
     # A service identity's principal id is its own (cert:<name>); a key's is key:<id>.
     lifted = measures.release(key_id if key_id.startswith("cert:") else f"key:{key_id}")
     measures.close()
-    if not store.release(key_id) and not lifted:
+    released = store.release(key_id)
+    if not released and not lifted:
         return _fail(f"key {key_id} is neither quarantined nor contained (or does not exist)", 1)
     print(f"released {key_id} from quarantine and containment; it is served from the next request on")
+    # Audited, and in the timeline of the key's incidents not closed (red team of issue 12, F4).
+    principal = key_id if key_id.startswith("cert:") else f"key:{key_id}"
+    request_id = _audit_change(args.config, "key_release", principal, "released")
+    what = ("quarantine lifted" if released else "") + (
+        f"{', ' if released else ''}{lifted} timed step(s) lifted" if lifted else ""
+    )
+    _incident_store(args.config).record_release(
+        principal, actor=_operator(), now=time.time(), note=f"key released: {what} (request {request_id})"
+    )
     return 0
 
 

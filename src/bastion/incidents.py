@@ -175,6 +175,12 @@ class IncidentRecords(Protocol):
 
     def note(self, incident_id: int, text: str, *, actor: str, now: float) -> Incident: ...
 
+    def record_release(self, released: str, *, actor: str, now: float, note: str) -> tuple[int, ...]:
+        """A release in the timeline of every incident it ends, not closed: `released` is a principal
+        (`key:<id>`, `cert:<name>`: its incidents) or `model:<name>` (that model's model-wide
+        incidents). The states do not move (the operator moves them). Returns the incidents' ids."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -316,6 +322,31 @@ class IncidentStore:
             self._event(incident_id, now, actor, "note", None, None, checked)
         return self.get(incident_id)
 
+    def record_release(self, released: str, *, actor: str, now: float, note: str) -> tuple[int, ...]:
+        model = _released_model(released)
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                if model is None:
+                    rows = self._conn.execute(
+                        "SELECT id FROM incidents WHERE principal = ? AND state != ? ORDER BY id",
+                        (released, IncidentState.CLOSED.value),
+                    ).fetchall()
+                else:
+                    rows = self._conn.execute(
+                        "SELECT id FROM incidents WHERE principal IS NULL AND model = ? AND state != ? ORDER BY id",
+                        (model, IncidentState.CLOSED.value),
+                    ).fetchall()
+                ids = [int(r[0]) for r in rows]
+                for incident_id in ids:
+                    self._conn.execute("UPDATE incidents SET updated_at = ? WHERE id = ?", (now, incident_id))
+                    self._event(incident_id, now, actor, "released", None, None, note)
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+        return tuple(ids)
+
     def _event(
         self,
         incident_id: int,
@@ -433,6 +464,32 @@ class SharedIncidentStore:
             return replace(incident, updated_at=now, events=(*incident.events, event))
 
         return self._change(incident_id, change)
+
+    def record_release(self, released: str, *, actor: str, now: float, note: str) -> tuple[int, ...]:
+        model = _released_model(released)
+        found = [
+            i.id
+            for i in self._all()
+            if i.state != IncidentState.CLOSED
+            and (i.principal == released if model is None else i.principal is None and i.model == model)
+        ]
+        ids = []
+        for incident_id in sorted(found):
+
+            def change(incident: Incident) -> Incident:
+                if incident.state == IncidentState.CLOSED:  # closed meanwhile: left as archived
+                    return incident
+                event = IncidentEvent(now, actor, "released", None, None, note)
+                return replace(incident, updated_at=now, events=(*incident.events, event))
+
+            if self._change(incident_id, change).events[-1].action == "released":
+                ids.append(incident_id)
+        return tuple(ids)
+
+
+def _released_model(released: str) -> str | None:
+    """`model:<name>` -> the name; a principal -> None."""
+    return released.removeprefix("model:") if released.startswith("model:") else None
 
 
 def _from_dict(d: dict[str, Any]) -> Incident:

@@ -16,7 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import RunningServer, create_key, free_port, start_server, write_test_deployment
+from tests.e2e.test_extraction import _probe_until_quarantined
+from tests.helpers import RunningServer, create_key, free_port, run_cli, start_server, write_test_deployment
 
 pytestmark = pytest.mark.slow
 
@@ -130,3 +131,53 @@ def test_cookie_tossing_from_another_port_in_chromium(site: dict[str, Any]) -> N
             browser.close()
     finally:
         evil.shutdown()
+
+
+def _incident_of(server: RunningServer, admin: str, principal: str) -> dict[str, Any]:
+    with server.client(admin) as client:
+        listed = client.get("/v2/admin/incidents").json()["incidents"]
+        (newest,) = [i for i in listed if i["principal"] == principal][:1]
+        return dict(client.get(f"/v2/admin/incidents/{newest['id']}").json())
+
+
+def test_a_release_is_in_the_incident_it_ends_and_in_the_audit_log(site: dict[str, Any]) -> None:
+    """F4: a key released over the admin API (the dashboard's Release) or with `bastion keys release`
+    left its incident with no event: the review could not see who lifted containment, or when; and
+    the CLI's release was in no audit record at all."""
+    server: RunningServer = site["server"]
+    admin, config, x = site["admin"], site["config"], site["build"].features
+    admin_id = admin.split("_")[1]
+    for n, how in enumerate(("api", "cli")):
+        thief = create_key(config, "admin")
+        thief_id = thief.split("_")[1]
+        _probe_until_quarantined(server, thief, x, seed=n)
+        if how == "api":
+            with server.client(admin) as client:
+                answer = client.post(f"/v2/admin/keys/{thief_id}/release")
+            assert answer.status_code == 200, answer.text
+            request_id, actor = answer.headers["x-request-id"], f"key:{admin_id}"
+        else:
+            out = run_cli("keys", "release", thief_id, "--config", config).stdout
+            assert f"released {thief_id}" in out
+            actor = None
+        incident = _incident_of(server, admin, f"key:{thief_id}")
+        released = [e for e in incident["events"] if e["action"] == "released"]
+        assert len(released) == 1, incident["events"]
+        event = released[0]
+        assert event["note"].startswith("key released: quarantine lifted (request ")
+        if actor is not None:
+            assert event["actor"] == actor and request_id in event["note"]
+        else:
+            assert event["actor"].startswith("cli:")
+            request_id = event["note"].rsplit(" ", 1)[1].rstrip(")")
+        # The audit record the note cites: the release, by whom, on what.
+        (record,) = [r for r in _audit(site["root"]) if r.get("request_id") == request_id]
+        assert (record["route"], record["target"], record["change"]) == (
+            "key_release",
+            f"key:{thief_id}",
+            "released",
+        )
+        assert record["via"] == ("cli" if how == "cli" else "key")
+        exported = run_cli("incidents", "export", str(incident["id"]), "--config", config).stdout
+        assert "| released | key released: quarantine lifted" in exported
+    assert "OK:" in run_cli("audit", "verify", "--config", config).stdout

@@ -16,7 +16,7 @@ from bastion.config import load_config
 from bastion.context import RequestContext
 from bastion.demo import build_demo
 from bastion.errors import BadRequest, NotFound
-from bastion.incidents import IncidentState, IncidentStore, export_markdown
+from bastion.incidents import IncidentEvent, IncidentState, IncidentStore, export_markdown
 from bastion.routes import Route
 from bastion.service import Bastion, Outcome
 from tests.helpers import core_context
@@ -73,6 +73,33 @@ def test_the_lifecycle_moves_forward_and_keeps_who_and_when(tmp_path: Path) -> N
         store.get(999)
     with pytest.raises(BadRequest):
         store.note(recorded, "x" * 2001, actor="x", now=3)
+    store.close()
+
+
+def test_a_release_goes_into_the_timeline_of_the_incidents_it_ends(tmp_path: Path) -> None:
+    store = IncidentStore(tmp_path / "incidents.db")
+    first, second = _open(store), _open(store)
+    model_wide = store.open(
+        kind="several_principals",
+        model="breast-cancer",
+        principal=None,
+        action="isolate_model",
+        detail="3 principals flagged",
+        evidence={"signal": "several_principals"},
+        request_id="r2",
+        now=1000.0,
+    )
+    store.transition(first, IncidentState.CLOSED, actor="cli:op", now=1001.0)
+    assert store.record_release(
+        "key:0123456789abcdef", actor="key:a", now=1002.0, note="released (request r9)"
+    ) == (second,)
+    assert store.get(second).events[-1] == IncidentEvent(
+        1002.0, "key:a", "released", None, None, "released (request r9)"
+    )
+    assert store.get(second).state == IncidentState.CONTAINED  # the operator moves it, not the release
+    assert store.get(first).events[-1].action == "transition"  # closed: archived as it was
+    assert store.record_release("model:breast-cancer", actor="cli:op", now=1003.0, note="m") == (model_wide,)
+    assert "| released | released (request r9) |" in export_markdown(store.get(second))
     store.close()
 
 

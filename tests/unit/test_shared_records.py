@@ -208,6 +208,15 @@ def test_incidents_are_one_lifecycle_for_every_replica(backend: Backend) -> None
     assert [e.action for e in b.get(first).events] == ["opened", "transition", "note", "transition"]
     with pytest.raises(NotFound):
         b.get(999_999)
+    # A release is in the timeline of the principal's incidents not closed (the closed one stays as archived).
+    assert a.record_release("key:1", actor="key:admin", now=16.0, note="key released") == (second,)
+    assert [(e.action, e.actor, e.note) for e in b.get(second).events][-1] == (
+        "released",
+        "key:admin",
+        "key released",
+    )
+    assert [e.action for e in b.get(first).events][-1] == "transition"
+    assert b.record_release("model:m", actor="cli:op", now=17.0, note="m") == ()  # none model-wide
 
 
 def test_rollout_state_crosses_replicas(backend: Backend) -> None:

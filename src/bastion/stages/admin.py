@@ -97,11 +97,13 @@ class NoteIncident:
 
 
 class ReleaseKey:
-    """Lift what query auditing put on a key: its quarantine and every timed containment step."""
+    """Lift what query auditing put on a key: its quarantine and every timed containment step. The
+    release goes into the timeline of each of the key's incidents not closed (who, when, what)."""
 
-    def __init__(self, keys: KeyRecords, measures: MeasureRecords) -> None:
+    def __init__(self, keys: KeyRecords, measures: MeasureRecords, incidents: IncidentRecords) -> None:
         self._keys = keys
         self._measures = measures
+        self._incidents = incidents
 
     async def __call__(self, ctx: RequestContext) -> None:
         await _json_object(ctx, set())
@@ -114,13 +116,22 @@ class ReleaseKey:
                 f"key {key_id} is neither quarantined nor contained (or does not exist)",
                 code=ErrorCode.NOT_FOUND,
             )
+        what = ("quarantine lifted" if released else "") + (
+            f"{', ' if released else ''}{lifted} timed step(s) lifted" if lifted else ""
+        )
+        incidents = self._incidents.record_release(
+            f"key:{key_id}", actor=_actor(ctx), now=ctx.now, note=f"key released: {what} (request {ctx.request_id})"
+        )
         ctx.operation = (f"key:{key_id}", "released")
-        ctx.result = {"key_id": key_id, "released": True}
+        ctx.result = {"key_id": key_id, "released": True, "incidents": list(incidents)}
 
 
 class ReleaseModel:
-    def __init__(self, isolation: IsolationRecords) -> None:
+    """Serve an isolated model again; the release goes into its model-wide incidents' timelines."""
+
+    def __init__(self, isolation: IsolationRecords, incidents: IncidentRecords) -> None:
         self._isolation = isolation
+        self._incidents = incidents
 
     async def __call__(self, ctx: RequestContext) -> None:
         await _json_object(ctx, set())
@@ -128,8 +139,11 @@ class ReleaseModel:
         assert name is not None
         if not self._isolation.release(name):
             raise NotFound(f"model {name!r} is not isolated", code=ErrorCode.NOT_FOUND)
+        incidents = self._incidents.record_release(
+            f"model:{name}", actor=_actor(ctx), now=ctx.now, note=f"model released (request {ctx.request_id})"
+        )
         ctx.operation = (f"model:{name}", "released")
-        ctx.result = {"model": name, "released": True}
+        ctx.result = {"model": name, "released": True, "incidents": list(incidents)}
 
 
 class RevokeToken:
