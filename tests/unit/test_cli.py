@@ -320,3 +320,31 @@ def test_a_key_name_is_a_short_printable_label(cli: Any, config: Path, name: str
     result = cli("keys", "create", "--config", config, "--name", name, "--role", "analyst", check=False)
     assert result.returncode != 0 and "printable" in result.stderr
     assert cli("keys", "create", "--config", config, "--name", "x" * 64, "--role", "analyst").returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("settings", "flags"),
+    [
+        pytest.param("", ["--host", "0.0.0.0"], id="host-flag"),  # noqa: S104 (what is refused)
+        pytest.param('host = "0.0.0.0"\n', [], id="server-host"),
+        pytest.param('host = "10.1.2.3"\n', ["--workers", "2"], id="workers"),
+    ],
+)
+def test_unsafe_no_defenses_is_refused_on_a_reachable_host(
+    tmp_path: Path, settings: str, flags: list[str]
+) -> None:
+    """Red team #9: `serve --unsafe-no-defenses` (no key, output policy or audit: every model in full to
+    anyone) started on any host; a production config's 0.0.0.0 exposed everything unaudited."""
+    config = tmp_path / "bastion.toml"
+    config.write_text(CONFIG.replace("[server]\n", f"[server]\n{settings}", 1))
+    try:
+        result = subprocess.run(
+            [*BASTION, "serve", "--config", str(config), "--port", "0", "--unsafe-no-defenses", *flags],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the server started") from None
+    assert result.returncode != 0
+    assert "--unsafe-no-defenses serves every model to anyone" in result.stderr
