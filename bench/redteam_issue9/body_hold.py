@@ -53,7 +53,8 @@ alive = 0
 for s in socks:
     s.setblocking(False)
     try:
-        alive += s.recv(65536) != b""
+        while s.recv(65536):  # the answer (401/429) first, then EOF if closed
+            pass
     except BlockingIOError:
         alive += 1
     except OSError:
