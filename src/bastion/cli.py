@@ -1191,9 +1191,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Every command's lines go through the redacting chain (bastion.logs), as the server's do; `serve`
+    # replaces it with the policy file's format. The commands that talk HTTP (status, redteam, rollout)
+    # do not print httpx's line per request: a URL may carry credentials (red team of issue 12, F6).
+    from bastion.logs import configure as configure_logging
+
+    handler = configure_logging("text")
+    try:
+        return _main(argv)
+    finally:  # for callers that run main() in their own process (the tests): their handlers as they were
+        logging.getLogger().removeHandler(handler)
+
+
+def _main(argv: list[str] | None) -> int:
     _Parser.given = tuple(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.command not in ("serve", "demo"):
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     # Every file a command or the server writes (keys, audit records, budgets, rollouts, the demo's
     # keys) is owner-only from its first byte, whatever the shell's umask; worker processes inherit it.
     # Restored on return for callers that run main() in their own process (the tests).

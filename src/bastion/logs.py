@@ -8,8 +8,8 @@ The chain, in order, on the root handler (`configure`):
 
 1. `RedactingFilter`: the formatted message, the exception text and every extra field are rewritten:
    API keys (`bst_<16 hex>_<secret>`), bearer credentials, JWTs (three base64url parts, the first
-   `eyJ`), and the value of any field whose name says secret (`password=…`, `"api_key": "…"`, an
-   `extra={"token": …}`) become `[REDACTED]`.
+   `eyJ`), dashboard session cookies, a URL's `user:password@`, and the value of any field whose
+   name says secret (`password=…`, `"api_key": "…"`, an `extra={"token": …}`) become `[REDACTED]`.
 2. `JsonFormatter` (one JSON object a line: `ts`, `level`, `logger`, `message`, `exc`, extras) or
    the text formatter, as `[logging] format` says.
 
@@ -38,8 +38,12 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"bst_[0-9a-fA-F]{16}_[A-Za-z0-9_-]*"), REDACTED),
     (re.compile(r"bst_[0-9a-fA-F]{16}"), REDACTED),  # the id alone is public, but never needed here
     (re.compile(r"(?i)bst%5F[0-9a-f]{16}(?:%5F[A-Za-z0-9_%-]*)?"), REDACTED),  # the same, URL-encoded
-    # A dashboard session cookie (a Fernet token: version byte 0x80, so base64url "gAAAAA").
+    # A Fernet token (version byte 0x80, so base64url "gAAAAA"): the dashboard's cookie was one once.
     (re.compile(r"gAAAAA[A-Za-z0-9_=-]{20,}"), REDACTED),
+    # The dashboard's session cookie: <id>.<secret>, token_urlsafe(16) . token_urlsafe(32).
+    (re.compile(r"(?<![A-Za-z0-9_-])[A-Za-z0-9_-]{22}\.[A-Za-z0-9_-]{43}(?![A-Za-z0-9_-])"), REDACTED),
+    # A URL's userinfo (scheme://user:password@host): both parts.
+    (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@:]+:[^/\s@]*@"), rf"\1{REDACTED}@"),
     # JWTs (JWS compact form: header.payload.signature; the header is base64url JSON, so "eyJ").
     (re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.?[A-Za-z0-9_-]*"), REDACTED),
     # An authorization scheme and its credential, whatever the credential looks like.

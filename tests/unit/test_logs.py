@@ -18,6 +18,7 @@ KEY = f"bst_{secrets.token_hex(8)}_{secrets.token_urlsafe(32)}"
 JWT = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiIwMTIzIn0." + secrets.token_urlsafe(43)
 PASSWORD = f"pw-{secrets.token_hex(8)}"
 OPAQUE = secrets.token_urlsafe(24)  # a bearer credential of no known shape
+SESSION = f"{secrets.token_urlsafe(16)}.{secrets.token_urlsafe(32)}"  # a dashboard cookie: id.secret
 
 
 LOGGERS = ["uvicorn.error", "httpx", "bastion", "somelib", "grpc._server", "py.warnings"]
@@ -105,6 +106,11 @@ def test_every_logger_goes_through_the_filter_and_comes_out_as_json(lines: io.St
         (f"GET /?k={KEY.replace('_', '%5F')} 200", f"GET /?k={REDACTED} 200"),
         ("cookie gAAAAABnXyz0123456789abcdefghijklmnop_- end", f"cookie {REDACTED} end"),
         ("serving m version 1 (sha256:" + "ab" * 32 + ")", "serving m version 1 (sha256:" + "ab" * 32 + ")"),
+        # The dashboard's cookie as it is now (<id>.<secret>, not a Fernet token), by name or alone;
+        # a URL's userinfo (red team of issue 12, F6).
+        (f"set bastion_session={SESSION}; Path=/", f"set bastion_session={REDACTED}; Path=/"),
+        (f"value {SESSION} end", f"value {REDACTED} end"),
+        ("GET http://ops:s3cretPW@127.0.0.1:8000/v2 200", f"GET http://{REDACTED}@127.0.0.1:8000/v2 200"),
     ],
     # Fixed ids: the cases hold random keys, and a test id must not hold a secret nor differ between runs.
     ids=[
@@ -119,6 +125,9 @@ def test_every_logger_goes_through_the_filter_and_comes_out_as_json(lines: io.St
         "url-encoded-key",
         "session-cookie",
         "digest",
+        "session-cookie-named",
+        "session-cookie-alone",
+        "url-userinfo",
     ],
 )
 def test_redact(text: str, expected: str) -> None:
@@ -138,3 +147,53 @@ def test_text_format_is_redacted_too() -> None:
         logging.captureWarnings(False)
     line = stream.getvalue().strip()
     assert line.endswith(f"WARNING uvicorn.access: GET /?password={REDACTED} with {REDACTED}")
+
+
+def test_the_cli_logs_through_the_redacting_chain(capsys: pytest.CaptureFixture[str]) -> None:
+    """`bastion status --url http://user:pw@host` printed the password in httpx's INFO lines (red team
+    of issue 12, F6): the CLI's lines go through the same filter, and httpx's request lines are off."""
+    import http.server
+    import threading
+
+    from bastion.cli import main
+
+    class Server(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Server)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        import os
+
+        os.environ["BASTION_TEST_STATUS_KEY"] = KEY
+        main(
+            [
+                "status",
+                "--url",
+                f"http://ops:{PASSWORD}@127.0.0.1:{server.server_address[1]}",
+                "--key",
+                "env:BASTION_TEST_STATUS_KEY",
+            ]
+        )
+        logging.getLogger("bastion.test").warning("url http://ops:%s@host/ and %s", PASSWORD, KEY)
+    finally:
+        server.shutdown()
+        os.environ.pop("BASTION_TEST_STATUS_KEY", None)
+        for h in list(root.handlers):
+            if h not in handlers:
+                root.removeHandler(h)
+        root.setLevel(level)
+        logging.captureWarnings(False)
+    out = capsys.readouterr()
+    assert PASSWORD not in out.out + out.err and KEY not in out.out + out.err
+    assert "HTTP Request" not in out.err
+    assert f"url http://{REDACTED}@host/ and {REDACTED}" in out.err
