@@ -211,3 +211,24 @@ def test_chunked_alone_is_served(srv: Server) -> None:
             + b"\r\n0\r\n\r\n"
         )
         assert read_head(sock)[0] == 200
+
+
+@pytest.mark.parametrize("path", ["/v2/health/live", "/v2/health/ready"])
+def test_the_probes_answer_head(srv: Server, path: str) -> None:
+    """Red team #9 F9: HEAD on the probes was 405 once they answered GET only; a load balancer probing
+    with HEAD (HAProxy `option httpchk HEAD ...`) took every replica out."""
+    with srv.connect() as sock:
+        sock.sendall(
+            f"HEAD {path} HTTP/1.1\r\nHost: x\r\n\r\nGET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        )
+        data = b""
+        sock.settimeout(1.0)
+        with contextlib.suppress(TimeoutError):
+            while data.count(b"HTTP/1.1 ") < 2 or not data.endswith(b"}"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"content-length: " in head
+    assert rest.startswith(b"HTTP/1.1 200")  # no body after the HEAD answer: the GET's answer follows

@@ -66,7 +66,8 @@ class BastionApp:
         # route table's method only. Another is 405 here (the paths are public, so is their method;
         # through the pipeline it would be an audited run that load shedding does not count).
         if match is not None and match.spec.route in _HEALTH:
-            if not match.method_allowed:
+            # HEAD is GET without the body (RFC 9110; uvicorn sends no body): load balancers probe with it.
+            if not match.method_allowed and not (method == "HEAD" and match.spec.method == "GET"):
                 allowed = ", ".join(_ROUTER.allowed_methods(path))
                 wrong = MethodNotAllowed(f"use {allowed} on this path", allowed=allowed)
                 await _send(send, error_outcome(wrong), None)
