@@ -300,9 +300,9 @@ class GrpcSettings(_Strict):
     max_concurrent_rpcs: Annotated[int, Field(ge=1, le=100_000)] = 1024
     # A connection with no RPC in progress for this long is closed (GOAWAY), so idle ones don't pile up.
     idle_timeout_seconds: Annotated[float, Field(ge=1, le=86_400)] = 60.0
-    # From a call's start (its headers) to its whole request message: then DEADLINE_EXCEEDED
-    # `request_timeout`, as [server] body_timeout_seconds bounds an HTTP body. A call holds one of
-    # max_concurrent_rpcs while it waits.
+    # From a call's start (its headers) to its whole request message: then (within a quarter second)
+    # DEADLINE_EXCEEDED `request_timeout`, as [server] body_timeout_seconds bounds an HTTP body. A call
+    # holds one of max_concurrent_rpcs while it waits.
     message_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
     # Calls from one client address (IPv6: its [limits] failed_auth_ipv6_prefix network) still waiting
     # for their request message; past it, RESOURCE_EXHAUSTED `too_many_in_flight` at once, so one
