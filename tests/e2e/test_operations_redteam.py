@@ -28,6 +28,9 @@ CHROMIUM = "/usr/bin/chromium"
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("ops-redteam")
     config, build = write_test_deployment(root)
+    text = config.read_text()  # diabetes may be isolated (its ladder is one step, isolate)
+    at = text.index("\n", text.index("trusted_keys", text.index('"bundles/diabetes-1"'))) + 1
+    config.write_text(text[:at] + 'containment = ["isolate"]\n' + text[at:])
     server = start_server(config, root / "server.log")
     yield {
         "root": root,
@@ -181,3 +184,47 @@ def test_a_release_is_in_the_incident_it_ends_and_in_the_audit_log(site: dict[st
         exported = run_cli("incidents", "export", str(incident["id"]), "--config", config).stdout
         assert "| released | key released: quarantine lifted" in exported
     assert "OK:" in run_cli("audit", "verify", "--config", config).stdout
+
+
+def test_an_isolated_model_is_released_from_the_dashboard(site: dict[str, Any]) -> None:
+    """F7: the dashboard showed an isolated model with no action; the operator had to use the CLI."""
+    if shutil.which(CHROMIUM) is None:
+        raise AssertionError(f"{CHROMIUM} is missing: run scripts/ensure-chromium")
+    import time
+
+    import numpy as np
+    from playwright.sync_api import expect, sync_playwright
+
+    from bastion.demo import infer_request, train_regressor
+    from bastion.isolation import IsolationStore
+
+    server: RunningServer = site["server"]
+    _, features = train_regressor()
+    row = infer_request(features[:1].astype(np.float32))
+    store = IsolationStore(site["root"] / "state" / "isolation.db")
+    assert store.isolate("diabetes", now=time.time(), reason="test: isolated by hand")
+    store.close()
+    with server.client(site["admin"]) as client:
+        refused = client.post("/v2/models/diabetes/infer", json=row)
+    assert (refused.status_code, refused.json()["code"]) == (503, "model_isolated")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1600})
+        page.goto(f"{server.base_url}/dashboard/login")
+        page.fill("#api-key", site["admin"])
+        page.click("#login-button")
+        page.wait_for_url(f"{server.base_url}/dashboard")
+        row_on_page = page.locator("#models tbody tr", has_text="diabetes")
+        expect(row_on_page).to_contain_text("isolated")
+        row_on_page.get_by_role("button", name="Release").click()
+        expect(page.locator("#message")).to_contain_text("Release model diabetes: done")
+        expect(row_on_page).to_contain_text("serving")
+        browser.close()
+    with server.client(site["admin"]) as client:
+        assert client.post("/v2/models/diabetes/infer", json=row).status_code == 200
+    released = [
+        r for r in _audit(site["root"]) if r.get("route") == "model_release" and r.get("status") == 200
+    ]
+    assert [(r["target"], r["change"], r["via"]) for r in released] == [
+        ("model:diabetes", "released", "session")
+    ]

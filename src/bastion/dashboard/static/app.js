@@ -7,6 +7,7 @@
   const POLL_MS = 3000;
   const INCIDENT_ID = /^[1-9][0-9]{0,11}$/;
   const KEY_ID = /^[0-9a-f]{16}$/;
+  const MODEL_NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
 
   function el(tag, options, children) {
     const node = document.createElement(tag);
@@ -376,7 +377,18 @@
             ["version", (r) => r.version],
             ["runtime", (r) => r.runtime],
             ["digest", (r) => el("code", { text: String(r.digest).slice(0, 19) + "…", title: r.digest })],
-            ["state", (r) => (r.isolated ? el("span", { className: "state state-contained", text: "isolated" }) : "serving")],
+            [
+              "state",
+              (r) => {
+                if (!r.isolated) return "serving";
+                const box = el("div", { className: "actions" }, [el("span", { className: "state state-contained", text: "isolated" })]);
+                if (MODEL_NAME.test(String(r.name))) {
+                  const path = "/v2/admin/models/" + encodeURIComponent(String(r.name)) + "/release";
+                  box.appendChild(actionButton("Release", "Release model " + r.name, path, {}));
+                }
+                return box;
+              },
+            ],
           ],
           m.served,
           "No model is served.",
