@@ -139,6 +139,11 @@ def fetch_status(url: str, key: str, *, models: tuple[str, ...] = (), timeout: f
                 status.notes.append(
                     f"/v2/admin/incidents and /v2/admin/summary: HTTP {incidents.status_code}, {summary.status_code}"
                 )
+                if not models:  # the V2 API lists models to no one; the admin summary does, to admins
+                    status.notes.append(
+                        "models: the models this key may use are listed to admins only; "
+                        "name them with --model NAME"
+                    )
             llm = client.get("/v1/models", headers=headers)
             if llm.status_code == 200:
                 status.language_models = sorted(str(m.get("id")) for m in llm.json().get("data", []))

@@ -184,6 +184,14 @@ def test_status_with_an_analyst_key_says_what_it_cannot_see(run: Run) -> None:
     assert status["models"][MODEL]["versions"] == ["1"]
 
 
+def test_status_with_an_analyst_key_and_no_model_says_how_to_see_one(run: Run) -> None:
+    """Red team of issue 12, second pass, F8: the analyst's models were silently missing."""
+    done = _status(run, create_key(run.config, "analyst"))
+    assert done.returncode == 0, done.stderr
+    assert "name them with --model NAME" in done.stdout
+    assert "HTTP Request" not in done.stderr  # httpx's per-request lines are off (F6)
+
+
 def test_status_refuses_a_wrong_key_without_echoing_it(run: Run) -> None:
     done = _status(run, "bst_0000000000000000_not-a-real-key")
     assert done.returncode == 2 and "HTTP 401" in done.stderr
