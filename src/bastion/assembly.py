@@ -106,6 +106,7 @@ class PipelineParts(Protocol):
     state: StateStore
     private_scores: PrivateScores
     failed_auth: FailedAuthLimiter
+    over_limit: FailedAuthLimiter
     unsafe_no_defenses: bool
     chat_models: dict[str, ChatModel]
     extraction_tracker: ExtractionTracker
@@ -127,7 +128,7 @@ def build_pipelines(
     decode = DecodeRequest(limits.max_body_bytes)
     if parts.unsafe_no_defenses:
         return {Route.INFER: [_ResolveWithoutPolicy(parts.registry), decode, Infer(), ShapeOutput()]}
-    parts.failed_auth.policy = failed_auth_policy(parts.config)
+    parts.failed_auth.policy = parts.over_limit.policy = failed_auth_policy(parts.config)
     # 0. before identity: an address that failed authentication too often is refused unchecked; 429
     # 1. identity: a key, a token, or a client certificate the policy maps (mTLS; not on the token and
     # session routes: a service identity mints no token and opens no dashboard session).
@@ -136,7 +137,7 @@ def build_pipelines(
         parts.failed_auth, Authenticate(parts.keys, parts.tokens, certificates=certificates)
     )
     gate = ContainmentGate()
-    limit = EnforceLimits(parts.state, parts.policy)
+    limit = EnforceLimits(parts.state, parts.policy, parts.over_limit)
     watch = WatchQueries(
         Containment(
             parts.keys, parts.isolation, parts.metrics, record_event, parts.incidents, parts.measures

@@ -188,6 +188,14 @@ class Bastion:
         self.failed_auth = FailedAuthLimiter(
             failed_auth_policy(config), record=self._record_event, clock=clock
         )
+        # Refusals past a principal's rate limit or quota: counted the same way, per principal.
+        self.over_limit = FailedAuthLimiter(
+            failed_auth_policy(config),
+            record=self._record_event,
+            clock=clock,
+            route="refused_over_limit",
+            subject="principal",
+        )
         self.started = int(clock())
         self.redactor = LazyRedactor()
         self.extraction_tracker = ExtractionTracker()
@@ -348,6 +356,7 @@ class Bastion:
         self._closed = True
         if self.audit is not None:
             self.failed_auth.flush(self.clock())  # the summaries of windows still open
+            self.over_limit.flush(self.clock())
             self.audit.close()
         self.state.close()
         self.keys.close()

@@ -95,10 +95,16 @@ class FailedAuthLimiter:
         *,
         record: Callable[[dict[str, Any]], None],
         clock: Callable[[], float],
+        route: str = "refused_before_identity",
+        subject: str = "client",
     ) -> None:
+        """`route` and `subject`: the summary record's route, and the field that names whose refusals
+        it counts (an address, `client`; or, for refusals past a principal's limits, `principal`)."""
         self.policy = policy
         self._record = record
         self._clock = clock
+        self._route = route
+        self._subject = subject
         self._table: dict[str, _Entry] = {}
         self._overflow = _Entry(tokens=float(policy.burst), updated=clock())
         self._pending: set[str] = set()  # keys with counted refusals not yet summarised
@@ -130,6 +136,14 @@ class FailedAuthLimiter:
         self.throttled_total += 1
         retry = (1.0 - entry.tokens) / self.policy.rate
         return Refusal(retry, self._account(key, entry, THROTTLED, now))
+
+    def count(self, key: str, reason: str, now: float) -> bool:
+        """Account a refusal decided elsewhere (no bucket taken): True when it gets its own audit
+        record, False when it is only counted into `key`'s summary for the window."""
+        entry = self._entry(key, now)
+        if entry is self._overflow:
+            key = OVERFLOW
+        return self._account(key, entry, reason, now)
 
     def failed(self, key: str, reason: str, now: float) -> bool:
         """Take a token for a failed authentication; True when it gets its own audit record."""
@@ -214,25 +228,27 @@ class FailedAuthLimiter:
         if not entry.counted:
             return
         start = entry.window * self.policy.window_seconds
-        self._record(
-            {
-                "ts": now,
-                "request_id": None,
-                "route": "refused_before_identity",
-                "action": None,
-                "principal": None,
-                "decision": "deny",
-                "reason": "refusals_counted",
-                "status": None,
-                "payload_hmac": None,
-                "client": "(untracked addresses)" if key == OVERFLOW else key,
-                "window_start": start,
-                "window_seconds": self.policy.window_seconds,
-                "recorded_individually": entry.recorded,
-                "count": entry.counted,
-                "reasons": dict(sorted(entry.reasons.items())),
-            }
-        )
+        record: dict[str, Any] = {
+            "ts": now,
+            "request_id": None,
+            "route": self._route,
+            "action": None,
+            "principal": None,
+            "decision": "deny",
+            "reason": "refusals_counted",
+            "status": None,
+            "payload_hmac": None,
+            "client": None,
+            "window_start": start,
+            "window_seconds": self.policy.window_seconds,
+            "recorded_individually": entry.recorded,
+            "count": entry.counted,
+            "reasons": dict(sorted(entry.reasons.items())),
+        }
+        # Whose refusals: the address (`client`), or the principal past its limits (`principal`).
+        untracked = "(untracked addresses)" if self._subject == "client" else f"(untracked {self._subject}s)"
+        record[self._subject] = untracked if key == OVERFLOW else key
+        self._record(record)
         entry.counted = 0
         entry.reasons = {}
 
