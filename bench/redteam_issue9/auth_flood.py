@@ -1,6 +1,12 @@
 """Anonymous / bad-credential flood: how many get through to identity, and how much the audit grows.
 Usage: auth_flood.py URL STATE_DIR N [header:value ...] (e.g. X-Forwarded-For:1.2.3.4 to try spoofing)"""
-import os, sys, time, collections, httpx
+
+import collections
+import os
+import sys
+import time
+
+import httpx
 
 URL, STATE, N = sys.argv[1], sys.argv[2], int(sys.argv[3])
 extra = dict(h.split(":", 1) for h in sys.argv[4:])

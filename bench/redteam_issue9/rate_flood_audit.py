@@ -1,6 +1,11 @@
 """A valid weak key flooding past its rate limit: is each 429 a durable audit record (and fsync)?
 Usage: rate_flood_audit.py URL STATE_DIR KEY N"""
-import collections, os, sys, time
+
+import collections
+import os
+import sys
+import time
+
 import httpx
 
 URL, STATE, KEY, N = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -18,4 +23,4 @@ with httpx.Client(base_url=URL, headers={"Authorization": f"Bearer {KEY}"}) as c
         codes[c.get("/v2/models/breast-cancer").status_code] += 1
 dt = time.monotonic() - t0
 time.sleep(1)
-print(f"{N} requests in {dt:.1f} s ({N/dt:.0f}/s): {dict(codes)}; audit files grew {size() - before} bytes")
+print(f"{N} requests in {dt:.1f} s ({N / dt:.0f}/s): {dict(codes)}; audit files grew {size() - before} bytes")

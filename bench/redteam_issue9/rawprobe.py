@@ -1,5 +1,8 @@
 """Raw-socket probes against a running Bastion HTTP front end. Usage: rawprobe.py HOST PORT [KEY]"""
-import socket, sys, time
+
+import socket
+import sys
+import time
 
 HOST, PORT = sys.argv[1], int(sys.argv[2])
 KEY = sys.argv[3] if len(sys.argv) > 3 else "bst_0000000000000000_" + "A" * 43
@@ -26,21 +29,30 @@ def talk(payload: bytes | list, *, wait=3.0, shut=False, delay=0.0):
             if not d:
                 break
             out += d
-    except socket.timeout:
+    except TimeoutError:
         out += b"<timeout>"
     except OSError as e:
         out += f"<{e!r}>".encode()
     s.close()
-    return f"{time.monotonic()-t0:.2f}s " + repr(out[:600])
+    return f"{time.monotonic() - t0:.2f}s " + repr(out[:600])
 
 
 AUTH = f"Authorization: Bearer {KEY}\r\n".encode()
-BODY = b'{"inputs":[{"name":"features","datatype":"FP32","shape":[1,30],"data":[' + b",".join([b"1"] * 30) + b"]}]}"
+BODY = (
+    b'{"inputs":[{"name":"features","datatype":"FP32","shape":[1,30],"data":['
+    + b",".join([b"1"] * 30)
+    + b"]}]}"
+)
 INF = b"POST /v2/models/breast-cancer/infer HTTP/1.1\r\nHost: x\r\n" + AUTH
 
 cases = {
     "cl_and_te": INF + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-    "te_chunked_ok": INF + b"Transfer-Encoding: chunked\r\n\r\n" + hex(len(BODY))[2:].encode() + b"\r\n" + BODY + b"\r\n0\r\n\r\n",
+    "te_chunked_ok": INF
+    + b"Transfer-Encoding: chunked\r\n\r\n"
+    + hex(len(BODY))[2:].encode()
+    + b"\r\n"
+    + BODY
+    + b"\r\n0\r\n\r\n",
     "te_gzip_chunked": INF + b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
     "te_identity": INF + b"Transfer-Encoding: identity\r\nContent-Length: 2\r\n\r\n{}",
     "te_chunked_twice": INF + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
@@ -51,12 +63,26 @@ cases = {
     "cl_plus": INF + b"Content-Length: +2\r\n\r\n{}",
     "cl_space_num": INF + b"Content-Length: 2 2\r\n\r\n{}",
     "cl_hex": INF + b"Content-Length: 0x2\r\n\r\n{}",
-    "chunk_size_line_huge": INF + b"Transfer-Encoding: chunked\r\n\r\n" + b"0" * 100000 + b"1\r\nx\r\n0\r\n\r\n",
-    "chunk_ext_flood": INF + b"Transfer-Encoding: chunked\r\n\r\n1;" + b"a=b;" * 200000 + b"\r\nx\r\n0\r\n\r\n",
+    "chunk_size_line_huge": INF
+    + b"Transfer-Encoding: chunked\r\n\r\n"
+    + b"0" * 100000
+    + b"1\r\nx\r\n0\r\n\r\n",
+    "chunk_ext_flood": INF
+    + b"Transfer-Encoding: chunked\r\n\r\n1;"
+    + b"a=b;" * 200000
+    + b"\r\nx\r\n0\r\n\r\n",
     "chunk_size_overflow": INF + b"Transfer-Encoding: chunked\r\n\r\nffffffffffffffffff\r\nx\r\n0\r\n\r\n",
     "trailer_flood": INF + b"Transfer-Encoding: chunked\r\n\r\n0\r\n" + b"X-T: y\r\n" * 50000 + b"\r\n",
-    "expect_100": INF + b"Expect: 100-continue\r\nContent-Length: " + str(len(BODY)).encode() + b"\r\n\r\n" + BODY,
-    "expect_bogus": INF + b"Expect: 999-weird\r\nContent-Length: " + str(len(BODY)).encode() + b"\r\n\r\n" + BODY,
+    "expect_100": INF
+    + b"Expect: 100-continue\r\nContent-Length: "
+    + str(len(BODY)).encode()
+    + b"\r\n\r\n"
+    + BODY,
+    "expect_bogus": INF
+    + b"Expect: 999-weird\r\nContent-Length: "
+    + str(len(BODY)).encode()
+    + b"\r\n\r\n"
+    + BODY,
     "http10_keepalive": b"GET /v2/health/live HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /v2/health/live HTTP/1.0\r\n\r\n",
     "http09": b"GET /v2/health/live\r\n\r\n",
     "http2_preface": b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
@@ -89,7 +115,7 @@ cases = {
     "head_method": b"HEAD /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n",
     "xff_spoof": b"GET /v2/models HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 1.2.3.4\r\n\r\n",
 }
-only = sys.argv[4:] 
+only = sys.argv[4:]
 for name, payload in cases.items():
     if only and name not in only:
         continue

@@ -1,6 +1,10 @@
 """Degenerate V2 tensors against infer and aggregate on every demo model. Flags 5xx and non-JSON.
 Usage: tensors.py URL KEY"""
-import json, sys, urllib.request, urllib.error
+
+import json
+import sys
+import urllib.error
+import urllib.request
 
 URL, KEY = sys.argv[1], sys.argv[2]
 M = {"breast-cancer": 30, "breast-cancer-skops": 30, "diabetes": 10}
@@ -8,7 +12,9 @@ M = {"breast-cancer": 30, "breast-cancer-skops": 30, "diabetes": 10}
 
 def post(path, body):
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(URL + path, data=data, headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    req = urllib.request.Request(
+        URL + path, data=data, headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=20) as r:
             return r.status, r.read()
@@ -63,18 +69,33 @@ for model, c in M.items():
         "wrong_name": t([1, c], row, name="x"),
         "empty_inputs": {"inputs": []},
         "inputs_obj": {"inputs": {}},
-        "outputs_weird": {**t([1, c], row), "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}]},
+        "outputs_weird": {
+            **t([1, c], row),
+            "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+        },
         "params_weird": {**t([1, c], row), "parameters": {"binary_data_output": True, "x": [1] * 1000}},
         "deep_json": b'{"inputs":' + b"[" * 100000 + b"]" * 100000 + b"}",
-        "big_int_text": b'{"inputs":[{"name":"features","datatype":"FP32","shape":[1,' + str(c).encode() + b'],"data":[' + b"9" * 5000 + b"]}]}",
-        "dup_keys": b'{"inputs":[{"name":"features","name":"features","datatype":"FP32","shape":[1,1],"shape":[1,' + str(c).encode() + b'],"data":' + json.dumps(row).encode() + b"}]}",
+        "big_int_text": b'{"inputs":[{"name":"features","datatype":"FP32","shape":[1,'
+        + str(c).encode()
+        + b'],"data":['
+        + b"9" * 5000
+        + b"]}]}",
+        "dup_keys": b'{"inputs":[{"name":"features","name":"features","datatype":"FP32","shape":[1,1],"shape":[1,'
+        + str(c).encode()
+        + b'],"data":'
+        + json.dumps(row).encode()
+        + b"}]}",
         "reference_true": {"reference": True},
         "reference_false": {"reference": False},
         "reference_plus_inputs": {"reference": True, **t([1, c], row)},
         "many_rows_small": t([257, c], row * 257),
         "id_huge": {**t([1, c], row), "id": "x" * 100000},
         "id_nonstr": {**t([1, c], row), "id": {"a": 1}},
-        "nan_literal": b'{"inputs":[{"name":"features","datatype":"FP32","shape":[1,' + str(c).encode() + b'],"data":[NaN' + b",1" * (c - 1) + b"]}]}",
+        "nan_literal": b'{"inputs":[{"name":"features","datatype":"FP32","shape":[1,'
+        + str(c).encode()
+        + b'],"data":[NaN'
+        + b",1" * (c - 1)
+        + b"]}]}",
         "bom": b"\xef\xbb\xbf" + json.dumps(t([1, c], row)).encode(),
         "utf16": json.dumps(t([1, c], row)).encode("utf-16"),
     }
