@@ -43,6 +43,13 @@ class AggregateSource:
             return
         doc = parse_json(body)
         if isinstance(doc, dict) and doc.get("reference") is True:
+            if len(doc) > 1:
+                # Inputs (or anything else) beside it would be ignored: the answer is about the bundle's
+                # reference set, not about what the caller sent (red team #9 F12).
+                raise BadRequest(
+                    '{"reference": true} takes no other field: aggregate a batch of inputs, or the reference set',
+                    code=ErrorCode.MALFORMED_REQUEST,
+                )
             if model.reference is None:
                 raise SchemaViolation(
                     f"model {model.name!r} has no reference dataset", code=ErrorCode.NO_REFERENCE_DATA
