@@ -308,6 +308,11 @@ class GrpcSettings(_Strict):
     # for their request message; past it, RESOURCE_EXHAUSTED `too_many_in_flight` at once, so one
     # address cannot hold every slot with calls that never send their message.
     max_waiting_rpcs_per_address: Annotated[int, Field(ge=1, le=100_000)] = 64
+    # Open connections on the gRPC port; past it a new one is closed at once. Unbounded, connections
+    # that only sent HTTP/2's preface stayed idle_timeout_seconds each and could take every file
+    # descriptor of the process, REST's and the state stores' included ([server] max_connections
+    # bounds REST's own).
+    max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = 4096
 
     @model_validator(mode="after")
     def _settings_need_grpc_enabled(self) -> GrpcSettings:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -395,13 +396,14 @@ def _listening_ports(pid: int) -> set[int]:
 
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GrpcDeployment]:
-    """Eight RPC slots, four of them for one address's calls still waiting for their message, and a
-    one-second wait for it. On "localhost": IPv4 and IPv6 loopback are two client addresses."""
+    """Eight RPC slots, four of them for one address's calls still waiting for their message, a
+    one-second wait for it, 16 connections. On "localhost": IPv4 and IPv6 loopback are two client
+    addresses."""
     root = tmp_path_factory.mktemp("grpc-guarded")
     port = free_port()
     extra = (
         f'[grpc]\nenabled = true\nhost = "localhost"\nport = {port}\nmax_concurrent_rpcs = 8\n'
-        "message_timeout_seconds = 1\nmax_waiting_rpcs_per_address = 4\n\n"
+        "message_timeout_seconds = 1\nmax_waiting_rpcs_per_address = 4\nmax_connections = 16\n\n"
     )
     config, build = write_test_deployment(root, extra=extra)
     keys = {role: create_key(config, role) for role in ("analyst",)}
@@ -469,3 +471,31 @@ def test_one_address_cannot_hold_every_rpc_slot(guarded: GrpcDeployment) -> None
     finally:
         release.set()
         attacker.close()
+
+
+def test_connections_past_max_connections_are_closed_at_once(guarded: GrpcDeployment) -> None:
+    # Connections that send HTTP/2's preface and nothing else stayed for idle_timeout_seconds (60) each,
+    # without bound: enough of them took every file descriptor of the process (red team issue 10, F11).
+    host, port = guarded.grpc_url.rsplit(":", 1)
+    socks = []
+    try:
+        for _ in range(40):
+            sock = socket.create_connection((host, int(port)), timeout=5)
+            sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000"))
+            socks.append(sock)
+        time.sleep(1.5)
+        closed = 0
+        for sock in socks:
+            sock.setblocking(False)
+            try:
+                closed += sock.recv(65536) == b""
+            except BlockingIOError:
+                pass
+            except OSError:
+                closed += 1
+        assert closed >= 40 - 16
+    finally:
+        for sock in socks:
+            sock.close()
+    time.sleep(0.5)
+    assert guarded.client().is_server_live()  # served again once they are gone

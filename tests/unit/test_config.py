@@ -411,6 +411,7 @@ ENFORCED.update(
         ("GrpcSettings", "idle_timeout_seconds"): _GRPC + "test_an_idle_connection_is_closed",
         ("GrpcSettings", "message_timeout_seconds"): _GRPC + "test_a_call_that_never_sends_its_message_is_cut_off",
         ("GrpcSettings", "max_waiting_rpcs_per_address"): _GRPC + "test_one_address_cannot_hold_every_rpc_slot",
+        ("GrpcSettings", "max_connections"): _GRPC + "test_connections_past_max_connections_are_closed_at_once",
     }
 )
 # Every [grpc] setting but `enabled` is refused while the server is off (one rule, two cases).
@@ -426,6 +427,7 @@ REFUSED_WHEN_IGNORED.update(
             "idle_timeout_seconds",
             "message_timeout_seconds",
             "max_waiting_rpcs_per_address",
+            "max_connections",
         )
     }
 )
@@ -684,4 +686,5 @@ def test_every_config_field_is_enforced_by_a_named_test_or_refused() -> None:
         "idle_timeout_seconds",
         "message_timeout_seconds",
         "max_waiting_rpcs_per_address",
+        "max_connections",
     }

@@ -351,6 +351,8 @@ class GrpcServer:
                 ("grpc.http2.min_ping_interval_without_data_ms", 300_000),
                 ("grpc.http2.max_ping_strikes", 2),
                 ("grpc.max_metadata_size", 16 * 1024),
+                # Past it a new connection is closed at once: the port cannot take every descriptor.
+                ("grpc.max_allowed_incoming_connections", s.max_connections),
                 # Without this a second server on the same port would share it silently; the workers
                 # of one supervisor share it on purpose, the kernel spreading connections (bastion.workers).
                 ("grpc.so_reuseport", 1 if self._service.shares_ports else 0),
