@@ -68,7 +68,7 @@ def _operation(spec: RouteSpec, versioned: bool) -> dict[str, Any]:
         op["parameters"] = [_NAME, _VERSION] if versioned else [_NAME]
     for name, pattern in (
         ("incident_id", "^[1-9][0-9]{0,11}$"),
-        ("key_id", "^[0-9a-f]{16}$"),
+        ("key_id", "^([0-9a-f]{16}|cert:[A-Za-z0-9][A-Za-z0-9_.-]{0,63})$"),
         ("jti", "^[A-Za-z0-9_-]{16}$"),
     ):
         if "{" + name + "}" in spec.path:

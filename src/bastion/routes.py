@@ -363,7 +363,8 @@ _PARAMETER_PATTERNS = {
     "model_name": r"(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]{0,63})",
     "model_version": r"(?P<version>[A-Za-z0-9][A-Za-z0-9_.-]{0,31})",
     "incident_id": r"(?P<resource>[1-9][0-9]{0,11})",
-    "key_id": r"(?P<resource>[0-9a-f]{16})",
+    # An API key's id, or a service identity's principal (mTLS): released like a key.
+    "key_id": r"(?P<resource>[0-9a-f]{16}|cert:[A-Za-z0-9][A-Za-z0-9_.-]{0,63})",
     "jti": r"(?P<resource>[A-Za-z0-9_-]{16})",  # as bastion.tokens issues them
 }
 

@@ -228,3 +228,46 @@ def test_an_isolated_model_is_released_from_the_dashboard(site: dict[str, Any]) 
     assert [(r["target"], r["change"], r["via"]) for r in released] == [
         ("model:diabetes", "released", "session")
     ]
+
+
+def test_a_service_identity_is_released_over_the_admin_api(site: dict[str, Any]) -> None:
+    """F9: a service identity (mTLS, `cert:<name>`) quarantined or throttled by query auditing could be
+    released only with the CLI: the admin API's path took 16 hex digits, and the dashboard showed no
+    Release for it."""
+    import time
+
+    from bastion.containment import MeasureStore
+    from bastion.keys import KeyStore
+
+    server: RunningServer = site["server"]
+    state = site["root"] / "state"
+    keys, measures = KeyStore(state / "keys.db"), MeasureStore(state / "containment.db")
+    try:
+        assert keys.quarantine("cert:scorer", now=time.time())
+        measures.apply(
+            "cert:scorer", "breast-cancer", "throttle", value="1.0", now=time.time(), until=time.time() + 600
+        )
+    finally:
+        keys.close()
+        measures.close()
+    with server.client(site["admin"]) as client:
+        summary = client.get("/v2/admin/summary").json()
+        assert "cert:scorer" in [k["key_id"] for k in summary["quarantined_keys"]]
+        assert "cert:scorer" in [c["principal"] for c in summary["contained"]]
+        released = client.post("/v2/admin/keys/cert%3Ascorer/release")
+        assert released.status_code == 200, released.text
+        summary = client.get("/v2/admin/summary").json()
+        assert "cert:scorer" not in [k["key_id"] for k in summary["quarantined_keys"]]
+        assert "cert:scorer" not in [c["principal"] for c in summary["contained"]]
+        # Anything else is still refused by the path's pattern.
+        assert client.post("/v2/admin/keys/cert:../release").status_code == 404
+        assert client.post("/v2/admin/keys/key:0123456789abcdef/release").status_code == 404
+    (record,) = [
+        r
+        for r in _audit(site["root"])
+        if r.get("route") == "key_release" and r.get("target") == "cert:scorer"
+    ]
+    assert record["status"] == 200 and record["change"] == "released"
+    with server.client(site["admin"]) as client:
+        refused = client.post("/v2/admin/keys/cert:scorer/revoke-tokens", json={})
+    assert (refused.status_code, refused.json()["code"]) == (404, "not_found")

@@ -109,8 +109,10 @@ class ReleaseKey:
         await _json_object(ctx, set())
         key_id = ctx.resource_id
         assert key_id is not None
+        # A service identity's principal id is its own (cert:<name>); a key's is key:<id>.
+        principal = key_id if key_id.startswith("cert:") else f"key:{key_id}"
         released = self._keys.release(key_id)
-        lifted = self._measures.release(f"key:{key_id}")
+        lifted = self._measures.release(principal)
         if not released and not lifted:
             raise NotFound(
                 f"key {key_id} is neither quarantined nor contained (or does not exist)",
@@ -120,9 +122,9 @@ class ReleaseKey:
             f"{', ' if released else ''}{lifted} timed step(s) lifted" if lifted else ""
         )
         incidents = self._incidents.record_release(
-            f"key:{key_id}", actor=_actor(ctx), now=ctx.now, note=f"key released: {what} (request {ctx.request_id})"
+            principal, actor=_actor(ctx), now=ctx.now, note=f"key released: {what} (request {ctx.request_id})"
         )
-        ctx.operation = (f"key:{key_id}", "released")
+        ctx.operation = (principal, "released")
         ctx.result = {"key_id": key_id, "released": True, "incidents": list(incidents)}
 
 
@@ -177,6 +179,8 @@ class RevokeKeyTokens:
             raise BadRequest("before: Unix seconds", code=ErrorCode.MALFORMED_REQUEST)
         key_id = ctx.resource_id
         assert key_id is not None
+        if key_id.startswith("cert:"):  # the path also names service identities (for their release)
+            raise NotFound(f"{key_id} is a service identity: it mints no token", code=ErrorCode.NOT_FOUND)
         entry = self._revocations.revoke_before(key_id, before=float(before), now=ctx.now)
         ctx.operation = (f"key:{key_id}", f"tokens_revoked_before={entry.before:.0f}")
         ctx.result = {"key_id": key_id, "before": entry.before, "until": entry.until}

@@ -6,7 +6,7 @@
 (function () {
   const POLL_MS = 3000;
   const INCIDENT_ID = /^[1-9][0-9]{0,11}$/;
-  const KEY_ID = /^[0-9a-f]{16}$/;
+  const KEY_ID = /^(?:[0-9a-f]{16}|cert:[A-Za-z0-9][A-Za-z0-9_.-]{0,63})$/; // a key, or a service identity
   const MODEL_NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
 
   function el(tag, options, children) {
