@@ -578,8 +578,9 @@ class Bastion:
             "action": ROUTE_ACTIONS[route].value,
             "principal": ctx.principal.id if ctx.principal else None,
             "via": ctx.principal.via if ctx.principal else None,
-            # A requested-but-unknown model name is kept (truncated) for forensics: it is a name, not a payload.
-            "model": model.name if model else (ctx.model_name[:64] if ctx.model_name else None),
+            # A requested-but-unknown model name is kept (truncated) for forensics: it is a name, not a payload;
+            # a key or token pasted there is redacted as in the logs (red team #9 F13).
+            "model": model.name if model else (_requested_name(ctx.model_name) if ctx.model_name else None),
             "version": model.version if model else None,
             "digest": model.digest if model else None,
             "decision": "allow" if outcome.status < 400 else "deny",
@@ -657,3 +658,11 @@ def error_outcome(error: BastionError) -> Outcome:
 def _fixed_outcome(code: ErrorCode, message: str) -> Outcome:
     """An answer the server gives without an exception of the request's (its own failure)."""
     return Outcome(HTTP_STATUS[code], {"error": message, "code": code}, {})
+
+
+def _requested_name(name: str) -> str:
+    """A model name the caller asked for, for the audit record: at most 64 characters, with anything
+    shaped like a credential (an API key, a JWT) redacted, as in the logs."""
+    from bastion.logs import redact
+
+    return redact(name[:256])[:64]
