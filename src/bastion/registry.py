@@ -156,6 +156,13 @@ class ModelRegistry:
                 f"{ref.path}: containment and isolate_after need query auditing, which needs reference "
                 "data in the bundle (bastion pack --reference-data): pack it, or remove the setting"
             )
+        if "degrade" in ref.ladder and manifest.outputs.is_regression:
+            # label and top_k are made for classes: a degraded principal would get 403
+            # policy_not_applicable on every request, a block that says something else.
+            raise ModelLoadError(
+                f"{ref.path}: containment: a degrade step lowers answers to {ref.degrade_to!r}, made for "
+                f"classes, and {manifest.name!r} is a regressor: use throttle or quarantine for it"
+            )
         watch = ref.extraction_watch if reference is not None else "off"
         if reference is not None and (ref.out_of_distribution == "refuse" or watch != "off"):
             names = [s.name for s in manifest.inputs]

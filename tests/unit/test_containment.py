@@ -76,3 +76,22 @@ def test_a_ladder_on_a_model_without_reference_data_is_refused_at_load(tmp_path:
         [(path, reason)] = registry.failures.items()
         assert "breast-cancer-skops" in path and "reference data" in reason
         assert {m.name for m in registry.models()} == {"breast-cancer", "diabetes"}  # the others serve
+
+
+def test_a_degrade_step_on_a_regressor_is_refused_at_load(tmp_path: Path) -> None:
+    """Red team of issue 12, second pass, F10: `degrade` on a regressor was accepted; a degraded
+    principal then got 403 policy_not_applicable on every request (a block, not a lowered answer),
+    since label and top_k are made for classes."""
+    from bastion.config import load_config
+    from bastion.demo import build_demo
+    from bastion.registry import ModelRegistry
+
+    demo = build_demo(tmp_path / "demo", llm=False)
+    text = demo.config_path.read_text()
+    anchor = 'path = "bundles/diabetes-1"             # a regressor: one value per row'
+    assert anchor in text
+    demo.config_path.write_text(text.replace(anchor, f'{anchor}\ncontainment = ["throttle", "degrade"]', 1))
+    registry = ModelRegistry.load(list(load_config(demo.config_path).models))
+    [(path, reason)] = registry.failures.items()
+    assert "diabetes" in path and "degrade" in reason and "regressor" in reason
+    assert {m.name for m in registry.models()} == {"breast-cancer", "breast-cancer-skops"}
