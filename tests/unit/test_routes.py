@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from openapi_spec_validator import validate
 
+from bastion import dashboard
 from bastion.http.app import BastionApp
 from bastion.openapi import OPENAPI
 from bastion.routes import ROUTES, Route, Router
@@ -148,3 +149,14 @@ def test_the_health_routes_answer_only_the_method_the_table_gives_them() -> None
             status, headers, body = _asgi(app, method, spec.path)
             assert (status, headers[b"allow"]) == (405, spec.method.encode()), f"{method} {spec.path}"
             assert json.loads(body)["code"] == "method_not_allowed"
+
+
+def test_the_dashboards_files_are_exactly_the_tables_asset_routes() -> None:
+    # The HTTP app serves a file only for a DASHBOARD_ASSET row of the table; the files themselves are
+    # bastion.dashboard.ASSETS. A row without a file would reach the pipelines (none: 503), a file
+    # without a row would not be served: the two lists must be one.
+    table = {spec.path for spec in ROUTES if spec.route is Route.DASHBOARD_ASSET}
+    assert table == set(dashboard.ASSETS)
+    assert all(spec.method == "GET" for spec in ROUTES if spec.route is Route.DASHBOARD_ASSET)
+    for path in table:
+        assert dashboard.asset(path) is not None

@@ -77,8 +77,13 @@ class BastionApp:
                 ready = await self.service.is_ready()
                 await _send(send, Outcome(200 if ready else 503, {"ready": ready}, {}), None)
             return
-        # The dashboard's login page, script and style sheet: fixed files with no data, for anyone.
-        public_file = dashboard.asset(path) if method == "GET" else None
+        # The dashboard's login page, script and style sheet: fixed files with no data, for anyone (the
+        # route table's paths and method; tests/unit/test_routes.py checks each has its file).
+        public_file = (
+            dashboard.asset(path)
+            if match is not None and match.method_allowed and match.spec.route is Route.DASHBOARD_ASSET
+            else None
+        )
         if public_file is not None:
             await _send(send, Outcome(200, public_file[0], {"Content-Type": public_file[1], **_PAGE}), None)
             return
