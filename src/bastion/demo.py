@@ -109,16 +109,22 @@ def train_regressor() -> tuple[Any, np.ndarray]:
 
 
 def feature_spec(features: np.ndarray, *, name: str = "features", sensitive: bool = False) -> InputSpec:
-    """Per-column bounds: the training range widened by a quarter on each side (non-negative data stays so)."""
+    """Per-column bounds: the training range widened by a quarter on each side (non-negative data stays
+    so), then rounded outward to a step of a tenth of the span's order of magnitude. Bounds answer any
+    caller (an out-of-range request is refused, so a search finds them), and the exact widened range
+    was an invertible function of the training set's minimum and maximum: its extreme records."""
     low, high = features.min(axis=0).astype(np.float64), features.max(axis=0).astype(np.float64)
     span = high - low
     lower = np.where(low >= 0, np.maximum(0.0, low - span / 4), low - span / 4)
+    upper = high + span / 4
+    step = 10.0 ** np.floor(np.log10(np.where(span > 0, span, 1.0))) / 10
+    lower, upper = np.floor(lower / step) * step, np.ceil(upper / step) * step
     return InputSpec(
         name=name,
         datatype="FP32",
         shape=[-1, features.shape[1]],
-        min=[round(float(v), 4) for v in lower],
-        max=[round(float(v), 4) for v in high + span / 4],
+        min=[float(f"{v:.6g}") for v in lower],
+        max=[float(f"{v:.6g}") for v in upper],
         sensitive=sensitive,
     )
 

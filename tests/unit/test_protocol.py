@@ -397,3 +397,13 @@ def test_uint64_beyond_int64_range() -> None:
     doc = {"inputs": [{"name": "t", "datatype": "UINT64", "shape": [2], "data": [2**63, 1]}]}
     array = decode_infer_request(json.dumps(doc).encode()).inputs["t"]
     assert array.dtype == np.uint64 and array.tolist() == [2**63, 1]
+
+
+@pytest.mark.parametrize("value", [-1e9, 1e9])
+def test_out_of_range_does_not_name_the_bound(value: float) -> None:
+    """Red team #9 F14: '... column 2 is above its maximum 10' let a label-only key read every bound in
+    two requests a feature; bounds made from the training range (widened) give its extremes away."""
+    with pytest.raises(SchemaViolation) as err:
+        _guard(_body([0.5, 0.0, value]))
+    assert "column 2" in err.value.message
+    assert not any(ch.isdigit() for ch in err.value.message.split("column 2", 1)[1]), err.value.message

@@ -2,7 +2,7 @@
 
 Body size, well-formed V2 JSON, then for each tensor: declared name, sensitive
 grant, datatype, shape, rows, finiteness, and min/max or allowed categories.
-A rejection names the input and the rule; it never repeats an input's value.
+A rejection names the input and the rule; it never repeats an input's value, nor a bound.
 """
 
 from __future__ import annotations
@@ -146,10 +146,11 @@ class GuardInput:
                 continue
             mask = outside(array, bound)
             if mask.any():
-                col = _first_column(mask)
-                value = bound if bound.ndim == 0 else bound[col]
+                # The column, never the bound: bounds are often the training data's range widened, and
+                # naming them let a label-only key read every feature's range in two requests and solve
+                # for the training set's extremes (red team #9 F14).
                 raise SchemaViolation(
-                    f"{label}: column {col} is {words} {float(value):g}", code=ErrorCode.OUT_OF_RANGE
+                    f"{label}: column {_first_column(mask)} is {words}", code=ErrorCode.OUT_OF_RANGE
                 )
         if c.categories is not None and not np.isin(array, c.categories).all():
             raise SchemaViolation(
