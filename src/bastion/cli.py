@@ -302,25 +302,30 @@ def cmd_incidents_note(args: argparse.Namespace) -> int:
 
 def cmd_incidents_export(args: argparse.Namespace) -> int:
     """Markdown or JSON for a post-incident review, with the audit log's sequence numbers."""
+    from bastion.audit.verify import AuditSource
     from bastion.incidents import export_markdown
     from bastion.statedir import StatePaths
 
     incident = _incident_store(args.config).get(args.id)
+    config = _config(args.config)
+    source = AuditSource.configured(config.audit, StatePaths(config.server.state_dir))
     seqs: dict[str, int] = {}
     if incident.request_id:
-        from bastion.audit.verify import AuditSource
-
-        config = _config(args.config)
-        source = AuditSource.configured(config.audit, StatePaths(config.server.state_dir))
         seq = source.find_request(incident.request_id)  # in SQLite or PostgreSQL, as [audit] says
         if seq is not None:
             seqs[incident.request_id] = seq
+    # The operators' changes since it opened: to the incident, and to what it contained (the key, or
+    # the model for a model-wide one): acknowledgements, notes, releases, token revocations.
+    targets = {f"incident:{incident.id}", incident.principal or f"model:{incident.model}"}
+    found = source.find_changes(targets)
+    changes = None if found is None else [c for c in found if float(c.get("ts") or 0) >= incident.opened_at - 1]
     if args.format == "json":
         doc = incident.as_dict()
         doc["audit_seq"] = seqs.get(incident.request_id or "")
+        doc["audit_changes"] = changes
         print(json.dumps(doc, indent=2, sort_keys=True))
     else:
-        print(export_markdown(incident, seqs), end="")
+        print(export_markdown(incident, seqs, changes), end="")
     return 0
 
 

@@ -541,9 +541,13 @@ def _checked_note(note: str | None) -> str | None:
     return note
 
 
-def export_markdown(incident: Incident, audit_seqs: dict[str, int] | None = None) -> str:
+def export_markdown(
+    incident: Incident, audit_seqs: dict[str, int] | None = None, changes: list[dict[str, Any]] | None = None
+) -> str:
     """A post-incident review's record: the lifecycle, the evidence (signals, counts, digests) and
-    the audit log's sequence numbers, never a payload. `audit_seqs`: request id -> audit `seq`."""
+    the audit log's sequence numbers, never a payload. `audit_seqs`: request id -> audit `seq`;
+    `changes`: the audit records of the operators' changes (AuditSource.find_changes), None when the
+    log could not be read."""
     seqs = audit_seqs or {}
     lines = [
         f"# Incident {incident.id}: {incident.kind} on {incident.model}",
@@ -565,6 +569,21 @@ def export_markdown(incident: Incident, audit_seqs: dict[str, int] | None = None
         what = e.action if e.to_state is None else f"{e.action}: {e.from_state or '-'} -> {e.to_state}"
         note = _markdown_cell(e.note or "")
         lines.append(f"| {_iso(e.at)} | {e.actor} | {what} | {note} |")
+    if changes is not None or audit_seqs is not None:
+        lines += ["", "## Audit records of the changes", ""]
+        if changes is None:
+            lines.append("(the audit log could not be read)")
+        elif not changes:
+            lines.append("(none)")
+        else:
+            lines += ["| seq | when | who | route | change | status |", "|---|---|---|---|---|---|"]
+            for c in changes:
+                cells = (c.get("principal"), c.get("route"), c.get("change"), c.get("status"))
+                lines.append(
+                    f"| {c['seq']} | {_iso(float(c.get('ts') or 0))} | "
+                    + " | ".join(_markdown_cell(str(v if v is not None else "-")) for v in cells)
+                    + " |"
+                )
     return "\n".join(lines) + "\n"
 
 

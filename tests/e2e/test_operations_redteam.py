@@ -183,6 +183,12 @@ def test_a_release_is_in_the_incident_it_ends_and_in_the_audit_log(site: dict[st
         assert record["via"] == ("cli" if how == "cli" else "key")
         exported = run_cli("incidents", "export", str(incident["id"]), "--config", config).stdout
         assert "| released | key released: quarantine lifted" in exported
+        # F12: the export carries the audit records of the changes (their seq), not only the tipping one's.
+        assert f"| {record['seq']} | " in exported.split("## Audit records of the changes")[1]
+        doc = json.loads(
+            run_cli("incidents", "export", str(incident["id"]), "--config", config, "--format", "json").stdout
+        )
+        assert [(c["seq"], c["route"]) for c in doc["audit_changes"]] == [(record["seq"], "key_release")]
     assert "OK:" in run_cli("audit", "verify", "--config", config).stdout
 
 

@@ -11,7 +11,7 @@ import logging
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from cryptography.exceptions import InvalidSignature
@@ -179,32 +179,54 @@ class AuditSource:
     def find_request(self, request_id: str) -> int | None:
         """The sequence number of the record of request `request_id`; None when there is none or the
         store cannot be read (a report without it is still useful)."""
-        import psycopg
-
-        pattern = f"%{request_id}%"
-        try:
-            if self.path is not None:
-                if not self.path.is_file():
-                    return None
-                with contextlib.closing(sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)) as db:
-                    found = db.execute(
-                        "SELECT seq, body FROM records WHERE body LIKE ?", (pattern,)
-                    ).fetchall()
-            else:
-                from bastion.audit.postgres import TABLE_NAME, connect_kwargs
-
-                assert self.dsn is not None and self.table is not None and TABLE_NAME.match(self.table)
-                with psycopg.connect(self.dsn, **connect_kwargs(30.0, bound_statements=False)) as conn:
-                    found = conn.execute(
-                        f"SELECT seq, body FROM {self.table} WHERE body LIKE %s", (pattern,)
-                    ).fetchall()
-        except (sqlite3.Error, psycopg.Error) as e:
-            log.warning("audit records not searched: %s", type(e).__name__)
-            return None
-        for seq, body in found:
+        for seq, body in self._search(request_id) or []:
             if _request_id(body) == request_id:
                 return int(seq)
         return None
+
+    def find_changes(self, targets: set[str]) -> list[dict[str, Any]] | None:
+        """The operators' changes to `targets` (`incident:3`, `key:<id>`, `model:<name>`): each record
+        whose `target` is one of them, in `seq` order (seq, ts, route, principal, change, status);
+        never a payload. None when the store cannot be read."""
+        found: dict[int, dict[str, Any]] = {}
+        for target in sorted(targets):
+            rows = self._search(orjson.dumps({"target": target}).decode()[1:-1])
+            if rows is None:
+                return None
+            for seq, body in rows:
+                try:
+                    record = orjson.loads(body)
+                except orjson.JSONDecodeError:
+                    continue
+                if isinstance(record, dict) and record.get("target") == target:
+                    keep = ("ts", "route", "principal", "via", "change", "status", "request_id")
+                    found[int(seq)] = {"seq": int(seq), **{k: record.get(k) for k in keep}}
+        return [found[s] for s in sorted(found)]
+
+    def _search(self, text: str) -> list[tuple[Any, str]] | None:
+        """(seq, body) of the records whose body contains `text`; None when the store cannot be read."""
+        import psycopg
+
+        pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        try:
+            if self.path is not None:
+                if not self.path.is_file():
+                    return []
+                with contextlib.closing(sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)) as db:
+                    return db.execute(
+                        "SELECT seq, body FROM records WHERE body LIKE ? ESCAPE '\\' ORDER BY seq", (pattern,)
+                    ).fetchall()
+            from bastion.audit.postgres import TABLE_NAME, connect_kwargs
+
+            assert self.dsn is not None and self.table is not None and TABLE_NAME.match(self.table)
+            with psycopg.connect(self.dsn, **connect_kwargs(30.0, bound_statements=False)) as conn:
+                return conn.execute(
+                    f"SELECT seq, body FROM {self.table} WHERE body LIKE %s ESCAPE '\\' ORDER BY seq",
+                    (pattern,),
+                ).fetchall()
+        except (sqlite3.Error, psycopg.Error) as e:
+            log.warning("audit records not searched: %s", type(e).__name__)
+            return None
 
     def read(self) -> tuple[list[Row], list[tuple[int, str, str]]]:
         """Records and checkpoints in `seq` order, one snapshot. Raises AuditIntegrityError when the

@@ -26,7 +26,13 @@ def table() -> Iterator[str]:
 
 
 def _fill(sink: AuditSink) -> None:
-    bodies = [{"request_id": f"req-{i}", "note": "req-7 mentioned"} for i in range(10)]
+    bodies: list[dict[str, object]] = [{"request_id": f"req-{i}", "note": "req-7 mentioned"} for i in range(10)]
+    # Operators' changes (the incident export lists them): one to incident 1, one to incident 10, a
+    # release of a key, and a record that only mentions the target in another field.
+    bodies[2] |= {"route": "incident_transition", "target": "incident:1", "change": "state=investigating"}
+    bodies[3] |= {"route": "incident_note", "target": "incident:10", "change": "note"}
+    bodies[4] |= {"route": "key_release", "target": "key:0123456789abcdef", "change": "released", "via": "cli"}
+    bodies[5] |= {"note": '"target":"incident:1"'}
     assert sink.append(bodies, 1000.0, final=True) == list(range(1, 11))
     sink.close()
 
@@ -43,6 +49,13 @@ def test_the_configured_source_and_a_request_lookup(tmp_path: Path, table: str) 
         assert source.find_request("req-7") == 8
         assert source.find_request("req-70") is None
         assert len(source.read()[0]) == 10
+        changes = source.find_changes({"incident:1", "key:0123456789abcdef"})
+        assert changes is not None
+        assert [(c["seq"], c["route"], c["change"]) for c in changes] == [
+            (3, "incident_transition", "state=investigating"),
+            (5, "key_release", "released"),
+        ]
+        assert source.find_changes({"incident:%"}) == []  # LIKE's wildcards are text here
     assert AuditSource.configured(settings, paths).name == f"postgresql table {table}"  # never the DSN
 
 
@@ -50,3 +63,4 @@ def test_a_store_that_cannot_be_read_finds_nothing(tmp_path: Path) -> None:
     assert AuditSource.sqlite(tmp_path / "missing.db").find_request("r") is None
     refused = AuditSource.postgres(f"postgresql://postgres@127.0.0.1:{free_port()}/x", "bastion_audit")
     assert refused.find_request("r") is None
+    assert refused.find_changes({"incident:1"}) is None
