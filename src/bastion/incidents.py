@@ -32,7 +32,7 @@ from bastion.records import Records, update
 
 
 class IncidentState(StrEnum):
-    OPEN = "open"  # recorded; nothing contained it (extraction_watch = "alert")
+    OPEN = "open"  # recorded; nothing contained it (extraction_watch = "alert", the ladder's "record")
     CONTAINED = "contained"  # the key quarantined or the model isolated
     INVESTIGATING = "investigating"  # acknowledged by an operator
     REMEDIATED = "remediated"  # the cause is dealt with (key released or revoked, prompt changed...)
@@ -205,7 +205,7 @@ class IncidentStore:
         now: float,
     ) -> int:
         """Record a new incident; contained at once when containment acted. Returns its id."""
-        state = IncidentState.OPEN if action == "alert" else IncidentState.CONTAINED
+        state = _first_state(action)
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
@@ -396,7 +396,7 @@ class SharedIncidentStore:
         request_id: str | None,
         now: float,
     ) -> int:
-        state = IncidentState.OPEN if action == "alert" else IncidentState.CONTAINED
+        state = _first_state(action)
         incident_id = self._records.next_id(_INCIDENTS)
         opened = IncidentEvent(now, "bastion", "opened", None, state.value, None)
         incident = Incident(
@@ -485,6 +485,12 @@ class SharedIncidentStore:
             if self._change(incident_id, change).events[-1].action == "released":
                 ids.append(incident_id)
         return tuple(ids)
+
+
+def _first_state(action: str) -> IncidentState:
+    """Contained when containment acted (throttle, degrade, reroute, quarantine, isolation); open when it
+    only recorded (`record`, the ladder's step and what extraction_watch = "alert" maps to; `alert`)."""
+    return IncidentState.OPEN if action in ("alert", "record") else IncidentState.CONTAINED
 
 
 def _released_model(released: str) -> str | None:

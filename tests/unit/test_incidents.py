@@ -244,3 +244,16 @@ def test_the_cli_lists_acknowledges_resolves_and_exports(
         "closed",
     ]
     assert all(e["actor"].startswith(("bastion", "cli:")) for e in exported["events"])
+
+
+def test_an_incident_nothing_contained_is_open_not_contained(tmp_path: Path) -> None:
+    """Red team of issue 12, second pass, F13: the ladder's `record` step (also what extraction_watch
+    = "alert" maps to for classifiers) opened incidents as `contained` though nothing was contained."""
+    store = IncidentStore(tmp_path / "incidents.db")
+    states = {action: store.get(_open(store, action=action)).state for action in ("record", "alert", "throttle")}
+    assert states == {
+        "record": IncidentState.OPEN,
+        "alert": IncidentState.OPEN,
+        "throttle": IncidentState.CONTAINED,
+    }
+    store.close()
