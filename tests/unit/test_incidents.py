@@ -257,3 +257,47 @@ def test_an_incident_nothing_contained_is_open_not_contained(tmp_path: Path) -> 
         "throttle": IncidentState.CONTAINED,
     }
     store.close()
+
+
+def test_a_flood_of_newer_incidents_does_not_bury_an_unresolved_one_on_the_dashboard(service: Bastion) -> None:
+    """Red team of issue 12, second pass, F14: the summary took the unresolved incidents among the 50
+    newest of any state, so a principal whose ladder only records (a new incident every few dozen
+    probes) pushed another thief's contained incident off the dashboard."""
+    now = time.time()
+    buried = service.incidents.open(
+        kind="extraction_suspected",
+        model="breast-cancer",
+        principal="key:00000000000000aa",
+        action="quarantine",
+        detail="the real one",
+        evidence={},
+        request_id=None,
+        now=now,
+    )
+    for n in range(300):
+        flooded = service.incidents.open(
+            kind="extraction_suspected",
+            model="breast-cancer",
+            principal="key:00000000000000bb",
+            action="record",
+            detail=f"flood {n}",
+            evidence={},
+            request_id=None,
+            now=now + 1 + n,
+        )
+        if n < 280:  # the operator closed most of them
+            service.incidents.transition(flooded, IncidentState.CLOSED, actor="cli:op", now=now + 1 + n)
+    admin = f"Bearer {service.keys.create(name='a', roles=['admin'], now=now).secret}"
+
+    async def call(s: Bastion) -> Outcome:
+        await s.startup()
+        try:
+            return await s.handle(Route.SUMMARY, _ctx(Route.SUMMARY, admin))
+        finally:
+            await s.aclose()
+
+    summary = asyncio.run(call(service)).body
+    assert isinstance(summary, dict)
+    unresolved = summary["incidents"]["unresolved"]
+    assert buried in [i["id"] for i in unresolved]
+    assert len(unresolved) == 21 and summary["incidents"]["unresolved_total"] == 21

@@ -230,13 +230,15 @@ async def build_summary(
     found = samples(metrics)
     registered = {family.name for family in metrics.registry.collect()}
     traffic, denials = _traffic(found)
-    unresolved = [
-        i.as_dict()
-        for i in incidents.list(limit=_MAX_INCIDENTS)
-        if i.state in (IncidentState.OPEN, IncidentState.CONTAINED, IncidentState.INVESTIGATING)
-    ]
+    # Newest first within each unresolved state, not among the newest of any state: incidents that
+    # a principal can make by the dozen (a ladder that only records), closed or not, must not push
+    # another thief's contained incident off the page (red team of issue 12, F14).
+    pending = (IncidentState.OPEN, IncidentState.CONTAINED, IncidentState.INVESTIGATING)
+    listed = [i for state in pending for i in incidents.list(state=state, limit=_MAX_INCIDENTS)]
+    unresolved = [i.as_dict() for i in sorted(listed, key=lambda i: i.id, reverse=True)]
     for incident in unresolved:
         incident.pop("events", None)
+    counts = incidents.counts()
     isolated = {model: (since, reason) for model, since, reason in isolation.list()}
     quarantined = [
         {"key_id": k.key_id, "name": k.name, "roles": list(k.roles), "quarantined_at": k.quarantined_at}
@@ -254,7 +256,11 @@ async def build_summary(
             for s in found
             if s.name == "bastion_privacy_global_budget_remaining"
         ],
-        "incidents": {"counts": incidents.counts(), "unresolved": unresolved},
+        "incidents": {
+            "counts": counts,
+            "unresolved": unresolved,  # at most _MAX_INCIDENTS of each unresolved state
+            "unresolved_total": sum(counts.get(s.value, 0) for s in pending),
+        },
         "quarantined_keys": quarantined,
         # The ladder's timed steps in force (throttle, degrade, reroute): released with the key.
         "contained": [

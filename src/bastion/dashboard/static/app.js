@@ -321,6 +321,19 @@
           s.incidents.unresolved,
           "No unresolved incidents.",
         ),
+        ...(s.incidents.unresolved_total > s.incidents.unresolved.length
+          ? [
+              el("p", {
+                className: "muted small",
+                text:
+                  "Showing the newest " +
+                  s.incidents.unresolved.length +
+                  " of " +
+                  s.incidents.unresolved_total +
+                  " unresolved incidents (the newest of each state): bastion incidents list --state STATE shows them all.",
+              }),
+            ]
+          : []),
       );
     }
 
