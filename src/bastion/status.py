@@ -122,7 +122,8 @@ def fetch_status(url: str, key: str, *, models: tuple[str, ...] = (), timeout: f
                     latest.setdefault(i.get("principal"), i)
                 status.quarantined_keys = []
                 for k in served.get("quarantined_keys", []):
-                    principal = f"key:{k['key_id']}"
+                    key_id = str(k["key_id"])  # a key's id, or a service identity's cert:<name>
+                    principal = key_id if key_id.startswith("cert:") else f"key:{key_id}"
                     incident = latest.get(principal) or {}
                     status.quarantined_keys.append(
                         {
