@@ -516,6 +516,10 @@ class RolloutSettings(_Strict):
     max_p99_latency_ms: Annotated[float, Field(gt=0)] | None = None
     window_seconds: Annotated[float, Field(gt=0)] = 30.0
     min_requests: Annotated[int, Field(ge=1)] = 20
+    # The most requests one principal weighs in the verdict over the window (its own error rate and
+    # slow share, at no more than this weight), so no one key's volume dilutes (or swamps) the
+    # others' evidence. None: `min_requests`, so one principal alone can still be judged.
+    max_requests_per_principal: Annotated[int, Field(ge=1)] | None = None
 
     @model_validator(mode="after")
     def _canary_settings_need_a_canary(self) -> RolloutSettings:

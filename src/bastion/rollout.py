@@ -9,7 +9,10 @@ failing, and latency is the runtime's time for the batch divided by its rows (th
 size is the client's choice: a time per batch would let a key with `infer` send
 max-row batches until the canary's p99 crossed the threshold); a refusal of the client's
 input (4xx) never reaches the runtime and is not counted, nor is its upload or audit
-time. When the error rate or p99 latency over the window crosses the configured
+time. No one principal's volume outweighs the others: each weighs at most
+`max_requests_per_principal` requests (default `min_requests`) at its own error rate and slow
+share, so a key sending many good or fast-per-row requests cannot dilute a regression others see
+(red team of issue 9, F8). When the error rate or p99 latency over the window crosses the configured
 threshold, the canary's weight drops to 0
 at once (requests already running finish on the version they started on: the
 switch itself fails nothing), an event is audited and a metric fires.
@@ -31,6 +34,7 @@ import secrets
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -80,40 +84,91 @@ def _p99_rank(n: int) -> int:
     return (99 * n + 99) // 100
 
 
+# At most this many principals are told apart in one window (their counts are kept per slice);
+# the requests of any further principal are counted together, as one more principal.
+MAX_PRINCIPALS = 1024
+_OTHERS = "\x00others"  # no principal id holds a NUL
+
+
+@dataclass
+class _Counts:
+    requests: int = 0
+    errors: int = 0
+    slow: int = 0  # requests over the latency threshold
+
+
 @dataclass
 class _Slice:
     index: int  # floor(time / slice width)
     requests: int = 0
     errors: int = 0
-    slow: int = 0  # requests over the latency threshold
+    slow: int = 0
     histogram: dict[int, int] = field(default_factory=dict)  # bucket -> requests
+    principals: dict[str, _Counts] = field(default_factory=dict)
 
 
 class _Window:
     """A canary's routed requests over the last `span` seconds: request, error and slow counts kept
-    up to date in O(1) per request, and a histogram of per-row latencies for the p99's value.
+    up to date in O(1) per request (amortised), and a histogram of per-row latencies for the p99's value.
 
     The window moves in steps of span / 32, so it holds between 31/32 of `span` and `span`.
     `slow_above`: the latency threshold in seconds per row (None: latency is not judged).
+
+    `cap`: the most requests one principal weighs in the verdict (None: no cap). A principal with n
+    requests in the window, e of them failed and s slow, weighs w = min(n, cap), counting w·e/n
+    errors and w·s/n slow requests: its own error rate and slow share over all its requests, at no
+    more than `cap` requests' weight, so no one principal's volume outweighs `cap` requests of the
+    others. `weight`, `weighted_errors` and `weighted_slow` are those sums; with no principal over the
+    cap they are the plain counts (integers, exact). `requests`, `errors`, `slow`: the plain counts.
     """
 
-    def __init__(self, span: float, slow_above: float | None) -> None:
+    def __init__(self, span: float, slow_above: float | None, cap: int | None = None) -> None:
         self._width = span / _SLICES
         self._slow_above = slow_above
+        self._cap = cap
         self._slices: deque[_Slice] = deque()
+        self._principals: dict[str, _Counts] = {}
         self.requests = self.errors = self.slow = 0
+        self.weight = 0
+        self.weighted_errors = self.weighted_slow = 0.0
 
-    def add(self, now: float, error: bool, per_row: float) -> None:
+    @property
+    def principals(self) -> int:
+        return len(self._principals)
+
+    def _weighed(self, c: _Counts) -> tuple[int, float, float]:
+        if self._cap is None or c.requests <= self._cap:
+            return c.requests, float(c.errors), float(c.slow)
+        return self._cap, c.errors * self._cap / c.requests, c.slow * self._cap / c.requests
+
+    def _expire(self, index: int) -> None:
+        expired = False
+        while self._slices and self._slices[0].index <= index - _SLICES:
+            old = self._slices.popleft()
+            self.requests -= old.requests
+            self.errors -= old.errors
+            self.slow -= old.slow
+            for who, gone in old.principals.items():
+                c = self._principals[who]
+                c.requests, c.errors, c.slow = (
+                    c.requests - gone.requests,
+                    c.errors - gone.errors,
+                    c.slow - gone.slow,
+                )
+                if c.requests == 0:
+                    del self._principals[who]
+            expired = True
+        if expired:  # the weighted sums afresh, O(principals): no drift from adding and taking floats
+            weighed = [self._weighed(c) for c in self._principals.values()]
+            self.weight = sum(w for w, _, _ in weighed)
+            self.weighted_errors = math.fsum(e for _, e, _ in weighed)
+            self.weighted_slow = math.fsum(s for _, _, s in weighed)
+
+    def add(self, now: float, error: bool, per_row: float, principal: str = "") -> None:
         index = math.floor(now / self._width)
         if self._slices and index < self._slices[-1].index:
             index = self._slices[-1].index  # the clock stepped back: count it in the newest slice
-        while self._slices and self._slices[0].index <= index - _SLICES:
-            old = self._slices.popleft()
-            self.requests, self.errors, self.slow = (
-                self.requests - old.requests,
-                self.errors - old.errors,
-                self.slow - old.slow,
-            )
+        self._expire(index)
         if not self._slices or self._slices[-1].index != index:
             self._slices.append(_Slice(index))
         current = self._slices[-1]
@@ -126,16 +181,56 @@ class _Window:
         self.slow += slow
         bucket = _bucket(per_row)
         current.histogram[bucket] = current.histogram.get(bucket, 0) + 1
+        if principal not in self._principals and len(self._principals) >= MAX_PRINCIPALS:
+            principal = _OTHERS
+        mine = self._principals.setdefault(principal, _Counts())
+        w0, e0, s0 = self._weighed(mine)
+        mine.requests += 1
+        mine.errors += error
+        mine.slow += slow
+        w1, e1, s1 = self._weighed(mine)
+        self.weight += w1 - w0
+        self.weighted_errors += e1 - e0
+        self.weighted_slow += s1 - s0
+        here = current.principals.setdefault(principal, _Counts())
+        here.requests += 1
+        here.errors += error
+        here.slow += slow
+
+    def errors_over(self, rate: float) -> bool:
+        """Whether the weighted share of failed requests exceeds `rate`."""
+        return self._over(self.weighted_errors, Fraction(rate), lambda c: c.errors)
 
     def p99_over_threshold(self) -> bool:
-        """Exactly whether the p99 of the window's per-row latencies exceeds `slow_above`: the p99
-        is over it when at least the values from its rank up are."""
-        return self.requests > 0 and self.slow >= self.requests - _p99_rank(self.requests) + 1
+        """Whether the p99 of the window's per-row latencies, each principal weighing at most `cap`
+        requests, exceeds `slow_above`. The nearest-rank p99 of n values is over the threshold exactly
+        when more than n/100 of them are (so the histogram is not consulted)."""
+        return self._over(self.weighted_slow, Fraction(1, 100), lambda c: c.slow)
+
+    def _over(self, weighted: float, share: Fraction, count: Callable[[_Counts], int]) -> bool:
+        """weighted / weight > share, exactly: the float sums decide unless they are within rounding
+        of the bound, and then the sum is redone in fractions, O(principals)."""
+        if self.weight == 0:
+            return False
+        bound = float(share) * self.weight
+        if abs(weighted - bound) > 1e-9 * max(1.0, bound):
+            return weighted > bound
+        cap = self._cap
+        exact = sum(
+            (
+                Fraction(count(c))
+                if cap is None or c.requests <= cap
+                else Fraction(count(c) * cap, c.requests)
+                for c in self._principals.values()
+            ),
+            Fraction(0),
+        )
+        return exact > share * self.weight
 
     def p99(self) -> float:
-        """The p99 of the window's per-row latencies in seconds, within QUANTILE_RELATIVE_ERROR
-        (for 1 ns to 1100 s per row); O(buckets in use), so called only for a verdict's report.
-        Raises ValueError on an empty window."""
+        """The p99 of all the window's per-row latencies (unweighted) in seconds, within
+        QUANTILE_RELATIVE_ERROR (for 1 ns to 1100 s per row); O(buckets in use), so called only for a
+        verdict's report. Raises ValueError on an empty window."""
         if self.requests == 0:
             raise ValueError("no requests in the window")
         merged: dict[int, int] = {}
@@ -156,6 +251,12 @@ class Rollback:
     version: str
     reason: str
     detail: str
+
+
+def _cap(settings: RolloutSettings) -> int:
+    """The most requests one principal weighs in a canary's verdict."""
+    cap = settings.max_requests_per_principal
+    return settings.min_requests if cap is None else cap
 
 
 def _unit_random() -> float:
@@ -291,6 +392,7 @@ class Rollouts:
         model: str,
         version: str,
         *,
+        principal: str,
         routed: bool,
         inference_seconds: float | None,
         rows: int,
@@ -298,10 +400,11 @@ class Rollouts:
     ) -> Rollback | None:
         """Record one request; return a Rollback when this one tipped the canary over a threshold.
 
-        `routed`: the rollout chose `version` for it. `inference_seconds`: the runtime's time for the
-        batch, None if the runtime never ran (the request was refused before it: not evidence).
-        `rows`: the batch's rows; latency is judged per row, since the client chooses the batch size.
-        `failed`: the runtime raised. O(1) per request.
+        `principal`: who sent it (its id); one principal weighs at most `max_requests_per_principal`
+        requests in the verdict. `routed`: the rollout chose `version` for it. `inference_seconds`:
+        the runtime's time for the batch, None if the runtime never ran (the request was refused
+        before it: not evidence). `rows`: the batch's rows; latency is judged per row, since the
+        client chooses the batch size. `failed`: the runtime raised. O(1) per request (amortised).
         """
         if not routed or inference_seconds is None:
             return None
@@ -313,20 +416,31 @@ class Rollouts:
         if window is None:
             limit = settings.max_p99_latency_ms
             slow_above = None if limit is None else limit / 1000
-            window = self._windows[model] = _Window(settings.window_seconds, slow_above)
-        window.add(self._clock(), failed, inference_seconds / max(rows, 1))
-        n = window.requests
-        if n < settings.min_requests:
+            window = self._windows[model] = _Window(settings.window_seconds, slow_above, _cap(settings))
+        window.add(self._clock(), failed, inference_seconds / max(rows, 1), principal)
+        if window.weight < settings.min_requests:
             return None
-        if window.errors / n > settings.max_error_rate:
-            return self._roll_back(model, "error_rate", f"{window.errors} of {n} canary requests failed")
+        n, weight = window.requests, window.weight
+        # Some principal sent more than the cap beside others: say how the evidence was weighed.
+        capped = weight != n and window.principals > 1
+        if window.errors_over(settings.max_error_rate):
+            detail = f"{window.errors} of {n} canary requests failed"
+            if capped:
+                detail = (
+                    f"{window.weighted_errors:.3g} of {weight} canary requests failed, each principal"
+                    f" counted for at most {_cap(settings)} ({detail}; {window.principals} principals)"
+                )
+            return self._roll_back(model, "error_rate", detail)
         if settings.max_p99_latency_ms is not None and window.p99_over_threshold():
-            return self._roll_back(
-                model,
-                "latency",
-                f"canary p99 {window.p99() * 1000:.3g} ms per row over {settings.max_p99_latency_ms:g} ms"
-                f" ({window.slow} of {n} requests over)",
-            )
+            over = f"{settings.max_p99_latency_ms:g} ms"
+            detail = f"canary p99 {window.p99() * 1000:.3g} ms per row over {over} ({window.slow} of {n} requests over)"
+            if capped:
+                detail = (
+                    f"canary p99 per row over {over}: {window.weighted_slow:.3g} of {weight} requests over,"
+                    f" each principal counted for at most {_cap(settings)} ({window.slow} of {n} requests over,"
+                    f" p99 of them all {window.p99() * 1000:.3g} ms; {window.principals} principals)"
+                )
+            return self._roll_back(model, "latency", detail)
         return None
 
     # -- operator actions -----------------------------------------------------------------------

@@ -429,6 +429,7 @@ class Bastion:
             rollback = self.rollouts.observe(
                 model.name,
                 model.version,
+                principal=ctx.principal.id if ctx.principal is not None else "",
                 routed=ctx.routed,
                 inference_seconds=ctx.inference_seconds,
                 rows=ctx.request.rows if ctx.request is not None else 0,

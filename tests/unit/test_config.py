@@ -357,6 +357,10 @@ ENFORCED: dict[tuple[str, str], str] = {
         "RolloutSettings",
         "min_requests",
     ): "tests/unit/test_rollout.py::test_error_rate_rolls_back_after_min_requests",
+    (
+        "RolloutSettings",
+        "max_requests_per_principal",
+    ): "tests/unit/test_rollout.py::test_max_requests_per_principal_sets_the_cap",
 }
 # Fields used only under some other choice: each is refused where it would be ignored, by this test.
 REFUSED_WHEN_IGNORED: dict[tuple[str, str], str] = {

@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 
 from bastion.config import RolloutSettings
-from bastion.rollout import QUANTILE_RELATIVE_ERROR, Rollouts, _Window, load_states, save_states
+from bastion.rollout import (
+    MAX_PRINCIPALS,
+    QUANTILE_RELATIVE_ERROR,
+    Rollouts,
+    _Window,
+    load_states,
+    save_states,
+)
 
 
 class Clock:
@@ -45,21 +52,29 @@ def test_error_rate_rolls_back_after_min_requests(tmp_path: Path) -> None:
     results = []
     for i in range(10):
         clock.now += 0.1
-        results.append(r.observe("m", "2", routed=True, rows=1, inference_seconds=0.001, failed=i % 2 == 0))
+        results.append(
+            r.observe(
+                "m", "2", principal="key:a", routed=True, rows=1, inference_seconds=0.001, failed=i % 2 == 0
+            )
+        )
     assert results[:9] == [None] * 9  # not judged on fewer than min_requests
     rollback = results[9]
     assert rollback is not None and rollback.reason == "error_rate" and rollback.version == "2"
     assert "5 of 10 canary requests failed" in rollback.detail
     assert r.states["m"].weight == 0 and r.states["m"].status == "rolled_back"
     assert all(r.pick("m") == "1" for _ in range(50))  # every unversioned request back on stable
-    assert r.observe("m", "2", routed=True, rows=1, inference_seconds=0.0, failed=True) is None  # once only
+    assert (
+        r.observe("m", "2", principal="key:a", routed=True, rows=1, inference_seconds=0.0, failed=True)
+        is None
+    )  # once only
     assert load_states(tmp_path / "rollouts.json")["m"].status == "rolled_back"  # persisted
 
 
 def test_stable_errors_do_not_count_against_the_canary(tmp_path: Path) -> None:
     r = _rollouts(tmp_path, Clock(), min_requests=1, max_error_rate=0.0)
     assert all(
-        r.observe("m", "1", routed=True, rows=1, inference_seconds=1.0, failed=True) is None
+        r.observe("m", "1", principal="key:a", routed=True, rows=1, inference_seconds=1.0, failed=True)
+        is None
         for _ in range(20)
     )
     assert r.states["m"].status == "canary"
@@ -69,7 +84,7 @@ def test_latency_rolls_back(tmp_path: Path) -> None:
     clock = Clock()
     r = _rollouts(tmp_path, clock, min_requests=5, max_p99_latency_ms=20)
     out = [
-        r.observe("m", "2", routed=True, rows=1, inference_seconds=lat, failed=False)
+        r.observe("m", "2", principal="key:a", routed=True, rows=1, inference_seconds=lat, failed=False)
         for lat in (0.005, 0.006, 0.004, 0.005, 0.2)
     ]
     assert out[-1] is not None and out[-1].reason == "latency"
@@ -80,11 +95,12 @@ def test_latency_rolls_back(tmp_path: Path) -> None:
 def test_old_events_leave_the_window(tmp_path: Path) -> None:
     clock = Clock()
     r = _rollouts(tmp_path, clock, min_requests=3, max_error_rate=0.5, window_seconds=10)
-    r.observe("m", "2", routed=True, rows=1, inference_seconds=0.0, failed=True)
-    r.observe("m", "2", routed=True, rows=1, inference_seconds=0.0, failed=True)
+    r.observe("m", "2", principal="key:a", routed=True, rows=1, inference_seconds=0.0, failed=True)
+    r.observe("m", "2", principal="key:a", routed=True, rows=1, inference_seconds=0.0, failed=True)
     clock.now += 60  # the two failures are now outside the window
     assert [
-        r.observe("m", "2", routed=True, rows=1, inference_seconds=0.0, failed=False) for _ in range(3)
+        r.observe("m", "2", principal="key:a", routed=True, rows=1, inference_seconds=0.0, failed=False)
+        for _ in range(3)
     ] == [
         None,
         None,
@@ -123,13 +139,14 @@ def test_requests_naming_the_canary_neither_trigger_nor_dilute(tmp_path: Path) -
     and its successes cannot hide the canary's failures on routed traffic."""
     r = _rollouts(tmp_path, Clock(), min_requests=4, max_error_rate=0.25)
     explicit = [
-        r.observe("m", "2", routed=False, rows=1, inference_seconds=0.001, failed=True) for _ in range(50)
+        r.observe("m", "2", principal="key:a", routed=False, rows=1, inference_seconds=0.001, failed=True)
+        for _ in range(50)
     ]
     assert explicit == [None] * 50 and r.states["m"].status == "canary"
     for _ in range(200):  # a flood of explicit-version successes
-        r.observe("m", "2", routed=False, rows=1, inference_seconds=0.001, failed=False)
+        r.observe("m", "2", principal="key:a", routed=False, rows=1, inference_seconds=0.001, failed=False)
     routed = [
-        r.observe("m", "2", routed=True, rows=1, inference_seconds=0.001, failed=f)
+        r.observe("m", "2", principal="key:a", routed=True, rows=1, inference_seconds=0.001, failed=f)
         for f in (False, True, True, False)
     ]
     assert routed[-1] is not None and "2 of 4 canary requests failed" in routed[-1].detail
@@ -139,12 +156,15 @@ def test_requests_refused_before_the_runtime_are_not_evidence(tmp_path: Path) ->
     """A routed request the input guard (or limits, or authorization) refused never ran the model."""
     r = _rollouts(tmp_path, Clock(), min_requests=1, max_error_rate=0.0, max_p99_latency_ms=1)
     assert all(
-        r.observe("m", "2", routed=True, rows=1, inference_seconds=None, failed=False) is None
+        r.observe("m", "2", principal="key:a", routed=True, rows=1, inference_seconds=None, failed=False)
+        is None
         for _ in range(50)
     )
     assert r.states["m"].status == "canary"
     # The runtime's own time is what counts: a slow runtime still rolls back.
-    rollback = r.observe("m", "2", routed=True, rows=1, inference_seconds=0.5, failed=False)
+    rollback = r.observe(
+        "m", "2", principal="key:a", routed=True, rows=1, inference_seconds=0.5, failed=False
+    )
     assert rollback is not None and rollback.reason == "latency"
 
 
@@ -168,7 +188,12 @@ def test_max_row_batches_do_not_trigger_a_latency_rollback(tmp_path: Path, attac
             rows = 1
         seconds = _runtime_seconds(rows, overhead=0.0003, per_row=0.00002 * rng.uniform(0.5, 1.5))
         batch_seconds.append(seconds)
-        assert r.observe("m", "2", routed=True, inference_seconds=seconds, rows=rows, failed=False) is None
+        assert (
+            r.observe(
+                "m", "2", principal="key:a", routed=True, inference_seconds=seconds, rows=rows, failed=False
+            )
+            is None
+        )
     # Judged per batch, these requests would have rolled the canary back: the threshold is 1 ms.
     assert sorted(batch_seconds)[int(0.99 * len(batch_seconds))] * 1000 > 1.0
     assert r.states["m"].status == "canary" and r.states["m"].weight > 0
@@ -182,7 +207,11 @@ def test_a_canary_slow_per_row_rolls_back_at_any_batch_size(tmp_path: Path, rows
     for _ in range(20):
         clock.now += 0.01
         seconds = _runtime_seconds(rows, overhead=0.0003, per_row=0.004)  # 4 ms a row
-        out.append(r.observe("m", "2", routed=True, inference_seconds=seconds, rows=rows, failed=False))
+        out.append(
+            r.observe(
+                "m", "2", principal="key:a", routed=True, inference_seconds=seconds, rows=rows, failed=False
+            )
+        )
     assert out[:19] == [None] * 19  # judged only from min_requests on
     rollback = out[19]
     assert rollback is not None and rollback.reason == "latency" and r.states["m"].weight == 0
@@ -199,11 +228,17 @@ def test_a_few_slow_requests_among_many_are_under_the_p99(tmp_path: Path) -> Non
         clock.now += 0.01
         slow = i in {0, 199}  # at most 1 %: never more than the values above the p99's rank
         out = r.observe(
-            "m", "2", routed=True, inference_seconds=0.01 if slow else 0.0001, rows=1, failed=False
+            "m",
+            "2",
+            principal="key:a",
+            routed=True,
+            inference_seconds=0.01 if slow else 0.0001,
+            rows=1,
+            failed=False,
         )
         assert out is None
     clock.now += 0.01
-    out = r.observe("m", "2", routed=True, inference_seconds=0.01, rows=1, failed=False)
+    out = r.observe("m", "2", principal="key:a", routed=True, inference_seconds=0.01, rows=1, failed=False)
     assert out is not None and "(3 of 201 requests over)" in out.detail
 
 
@@ -260,3 +295,129 @@ def test_the_rollout_state_file_is_owner_only_whatever_the_umask(tmp_path: Path)
     finally:
         os.umask(previous)
     assert path.stat().st_mode & 0o777 == 0o600
+
+
+# -- F8 (red team of issue 9): one principal's volume must not outweigh the others' evidence --------
+
+
+def _send(
+    r: Rollouts, clock: Clock, who: str, n: int, *, failed: bool = False, per_row: float = 0.0001
+) -> list:
+    out = []
+    for _ in range(n):
+        clock.now += 0.001
+        out.append(
+            r.observe("m", "2", principal=who, routed=True, inference_seconds=per_row, rows=1, failed=failed)
+        )
+    return out
+
+
+def test_one_keys_flood_of_good_requests_does_not_hide_a_regression(tmp_path: Path) -> None:
+    """F8: 2,000 good routed requests from one key, then five genuine keys whose requests fail one in
+    five. Pooled, that was 10 of 2,050 (under 5 %); the flooding key now weighs 20 requests."""
+    clock = Clock()
+    r = _rollouts(tmp_path, clock, min_requests=20, max_error_rate=0.05, window_seconds=600)
+    assert _send(r, clock, "key:flood", 2000) == [None] * 2000  # a verdict, and a healthy one
+    rollbacks = []
+    for i in range(10):
+        for who in ("key:a", "key:b", "key:c", "key:d", "key:e"):
+            rollbacks += [x for x in _send(r, clock, who, 1, failed=i % 5 == 0) if x is not None]
+    assert r.states["m"].status == "rolled_back" and len(rollbacks) == 1
+    assert rollbacks[0].reason == "error_rate"
+    assert "each principal counted for at most 20" in rollbacks[0].detail
+    assert re.search(r"\(2 of 20\d\d canary requests failed; \d principals\)", rollbacks[0].detail)
+
+
+def test_one_keys_flood_of_fast_rows_does_not_hide_a_slow_canary(tmp_path: Path) -> None:
+    """The latency side: a key's many fast (big-batch) requests no longer pull the canary's p99 under
+    the threshold while a few genuine keys see it slow."""
+    clock = Clock()
+    r = _rollouts(tmp_path, clock, min_requests=20, max_p99_latency_ms=1.0, window_seconds=600)
+    assert _send(r, clock, "key:flood", 5000, per_row=0.00001) == [None] * 5000
+    out = []
+    for who in ("key:a", "key:b", "key:c"):
+        out += _send(r, clock, who, 2, per_row=0.01)  # 10 ms a row: 6 of 5,006 pooled, 6 of 26 weighted
+    rollback = next(x for x in out if x is not None)
+    assert rollback.reason == "latency" and "p99 per row over 1 ms" in rollback.detail
+
+
+def test_one_keys_failing_requests_weigh_at_most_the_cap(tmp_path: Path) -> None:
+    """The other direction: a key that found input the canary's runtime fails on counts for `cap`
+    requests, not its volume. 40 genuine keys' 200 good requests and 1,000 failures of one key: 20
+    of 220 (9 %) under a 10 % threshold; pooled it was 1,000 of 1,200."""
+    clock = Clock()
+    r = _rollouts(tmp_path, clock, min_requests=20, max_error_rate=0.10, window_seconds=600)
+    for i in range(40):
+        _send(r, clock, f"key:g{i}", 5)
+    assert _send(r, clock, "key:prober", 1000, failed=True) == [None] * 1000
+    assert r.states["m"].status == "canary"
+
+
+def test_many_keys_weigh_as_many_principals(tmp_path: Path) -> None:
+    """What remains (README): each key weighs up to `cap`, so k flooding keys add k x cap good
+    requests: against one genuine key failing a quarter of its requests, 4 keys still dilute it to
+    5 % (20 x 0.25 / 100), 3 do not."""
+    for keys, rolled_back in ((3, True), (4, False)):
+        clock = Clock()
+        (tmp_path / str(keys)).mkdir()
+        r = _rollouts(tmp_path / str(keys), clock, min_requests=20, max_error_rate=0.05, window_seconds=600)
+        for k in range(keys):
+            _send(r, clock, f"key:flood{k}", 500)
+        for i in range(40):
+            _send(r, clock, "key:genuine", 1, failed=i % 4 == 3)
+        assert (r.states["m"].status == "rolled_back") is rolled_back
+
+
+def test_max_requests_per_principal_sets_the_cap(tmp_path: Path) -> None:
+    """`max_requests_per_principal`: with 5, the flooding key weighs 5 requests against the genuine
+    key's 10, 3 of them failed: 3 of 15 > 15 %; with 50, 3 of 60 is not."""
+    for cap, rolled_back in ((5, True), (50, False)):
+        clock = Clock()
+        (tmp_path / str(cap)).mkdir()
+        r = _rollouts(
+            tmp_path / str(cap),
+            clock,
+            min_requests=10,
+            max_error_rate=0.15,
+            window_seconds=600,
+            max_requests_per_principal=cap,
+        )
+        _send(r, clock, "key:flood", 300)
+        for i in range(10):
+            _send(r, clock, "key:genuine", 1, failed=i >= 7)
+        assert (r.states["m"].status == "rolled_back") is rolled_back, cap
+
+
+def test_a_principal_weighs_again_once_its_flood_leaves_the_window(tmp_path: Path) -> None:
+    window = _Window(span=32.0, slow_above=None, cap=20)
+    for i in range(1000):
+        window.add(1000.0 + i / 1000, False, 0.0001, "key:flood")
+    assert (window.requests, window.weight, window.principals) == (1000, 20, 1)
+    for i in range(10):
+        window.add(1040.0 + i, i < 5, 0.0001, "key:genuine")  # the flood is over 32 s old by now
+    assert (window.requests, window.weight, window.principals) == (10, 10, 1)
+    assert window.errors_over(0.49) and not window.errors_over(0.5)
+
+
+def test_weighted_verdicts_are_exact_at_the_bound() -> None:
+    """A principal over the cap weighs errors x cap / n: with cap 7, 7 slow (or failed) of 700 is
+    exactly 1 % (not over the p99), 8 of 701 is over; 7 x 7 / 700 in floating point is not exact,
+    the verdict is."""
+    solo = _Window(span=30.0, slow_above=0.001, cap=7)
+    for i in range(700):
+        solo.add(1000.0, i < 7, 0.01 if i < 7 else 0.0001, "key:a")
+    assert solo.weight == 7 and not solo.p99_over_threshold() and not solo.errors_over(0.01)
+    solo.add(1000.0, True, 0.01, "key:a")
+    assert solo.p99_over_threshold() and solo.errors_over(0.01)
+
+
+def test_the_principals_told_apart_are_bounded() -> None:
+    """Past MAX_PRINCIPALS in a window, further principals count together as one: memory stays
+    bounded, and a flood of fresh principals weighs one cap more, not one each."""
+    window = _Window(span=30.0, slow_above=None, cap=20)
+    for i in range(MAX_PRINCIPALS + 500):
+        for _ in range(30):
+            window.add(1000.0, False, 0.0001, f"key:{i}")
+    assert window.principals == MAX_PRINCIPALS + 1
+    assert window.weight == (MAX_PRINCIPALS + 1) * 20
+    assert all(len(s.principals) <= MAX_PRINCIPALS + 1 for s in window._slices)

@@ -341,7 +341,9 @@ def test_a_canary_rolled_back_on_one_replica_is_not_routed_to_on_the_other(backe
     a, b = replica(), replica()
     assert a.pick("m") == "2" and b.pick("m") == "2"
     for _ in range(2):
-        tipped = a.observe("m", "2", routed=True, inference_seconds=0.001, rows=1, failed=True)
+        tipped = a.observe(
+            "m", "2", principal="key:a", routed=True, inference_seconds=0.001, rows=1, failed=True
+        )
     assert tipped is not None and a.pick("m") == "1"
     assert _until(lambda: b.pick("m") == "1") < 0.5 + 0.2  # B's interval and its store's counter
     assert replica().states["m"].status == "rolled_back"  # a replica started later keeps the decision
