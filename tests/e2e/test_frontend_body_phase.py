@@ -232,3 +232,28 @@ def test_the_probes_answer_head(srv: Server, path: str) -> None:
     head, _, rest = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and b"content-length: " in head
     assert rest.startswith(b"HTTP/1.1 200")  # no body after the HEAD answer: the GET's answer follows
+
+
+def test_past_the_cap_a_closing_connection_goes_before_an_upload_in_progress(srv: Server) -> None:
+    """Answered connections lingering (F1's close) are evicted before a keyed upload still sending its
+    body: otherwise a flood of quick 401s, each lingering up to 2 s, pushed out the oldest real upload."""
+    upload = srv.connect()
+    anonymous: list[socket.socket] = []
+    try:
+        upload.sendall(head(key=srv.key, length=len(srv.body)) + srv.body[:5])
+        time.sleep(0.2)
+        for _ in range(MAX_CONNECTIONS - 1):
+            sock = srv.connect()
+            sock.sendall(head() + b"{")
+            anonymous.append(sock)
+        for sock in anonymous:
+            assert read_head(sock)[0] == 401  # answered: now lingering, reading what still comes
+            sock.sendall(b" ")
+        assert health(srv) == 200  # a new connection past the cap
+        upload.sendall(srv.body[5:])
+        upload.settimeout(5)
+        assert read_head(upload)[0] == 200
+    finally:
+        upload.close()
+        for sock in anonymous:
+            sock.close()

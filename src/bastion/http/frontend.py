@@ -174,10 +174,13 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._client_certificate = read_certificate(der) if der else None
         registry = self.open_connections
         if len(registry) >= self.limits.max_connections:
-            # The oldest connection the server is waiting on (idle, or still sending its head), else the
-            # oldest still sending its body: a connection that holds only the client's own bytes never
-            # keeps a new one, a health probe included, out. Only one the application is answering is kept.
-            victim = next((c for c in registry if c._phase in (_Phase.IDLE, _Phase.HEAD)), None)
+            # The oldest connection the server is waiting on (idle, still sending its head, or closing:
+            # answered and lingering), else the oldest still sending its body: a connection that holds
+            # only the client's own bytes never keeps a new one, a health probe included, out. Only one
+            # the application is answering is kept.
+            victim = next(
+                (c for c in registry if c._phase in (_Phase.IDLE, _Phase.HEAD) or c._writes_closed), None
+            )
             if victim is None:
                 victim = next((c for c in registry if c._phase is _Phase.BODY), None)
             if victim is None:
