@@ -149,7 +149,9 @@ def test_text_format_is_redacted_too() -> None:
     assert line.endswith(f"WARNING uvicorn.access: GET /?password={REDACTED} with {REDACTED}")
 
 
-def test_the_cli_logs_through_the_redacting_chain(capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_cli_logs_through_the_redacting_chain(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`bastion status --url http://user:pw@host` printed the password in httpx's INFO lines (red team
     of issue 12, F6): the CLI's lines go through the same filter, and httpx's request lines are off."""
     import http.server
@@ -167,6 +169,16 @@ def test_the_cli_logs_through_the_redacting_chain(capsys: pytest.CaptureFixture[
         def log_message(self, *args: object) -> None:
             pass
 
+    import bastion.status
+
+    fetch = bastion.status.fetch_status
+
+    def logging_fetch(url: str, key: str, **kw: object) -> bastion.status.ServerStatus:
+        # A line a library might write while the command runs: the command's handler must redact it.
+        logging.getLogger("bastion.test").warning("url %s and %s", url, key)
+        return fetch(url, key, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(bastion.status, "fetch_status", logging_fetch)
     server = http.server.HTTPServer(("127.0.0.1", 0), Server)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     root = logging.getLogger()
@@ -184,7 +196,6 @@ def test_the_cli_logs_through_the_redacting_chain(capsys: pytest.CaptureFixture[
                 "env:BASTION_TEST_STATUS_KEY",
             ]
         )
-        logging.getLogger("bastion.test").warning("url http://ops:%s@host/ and %s", PASSWORD, KEY)
     finally:
         server.shutdown()
         os.environ.pop("BASTION_TEST_STATUS_KEY", None)
@@ -196,4 +207,4 @@ def test_the_cli_logs_through_the_redacting_chain(capsys: pytest.CaptureFixture[
     out = capsys.readouterr()
     assert PASSWORD not in out.out + out.err and KEY not in out.out + out.err
     assert "HTTP Request" not in out.err
-    assert f"url http://{REDACTED}@host/ and {REDACTED}" in out.err
+    assert f"url http://{REDACTED}@127.0.0.1:{server.server_address[1]} and {REDACTED}" in out.err
