@@ -144,3 +144,105 @@ def test_a_batch_that_crosses_the_epoch_boundary_is_counted_without_error(
         batch = held_out[start : start + 40]
         assert monitor.observe("key:p", *monitor.screen.measure({"x": batch}, ["x"])) is None
     assert monitor._young["key:p"].queries < 50
+
+
+# Drift is not extraction (red team of issue 12, F1): a client whose whole stream has moved (one
+# feature shifted by a standard deviation) was flagged off_manifold at its first batch, so over HTTP
+# a population shift quarantined every client and never reached the drift window.
+
+
+def _send(monitor: ExtractionMonitor, principal: str, rows: np.ndarray) -> Suspicion | None:
+    """One request of `rows`, as the server's stages see it: refused whole if a row is out of
+    distribution (counted as one refusal), else observed."""
+    z, squared = monitor.screen.measure({"x": rows}, ["x"])
+    if monitor.screen.first_beyond(squared) is not None:
+        return monitor.refused(principal)
+    return monitor.observe(principal, z, squared)
+
+
+@pytest.mark.parametrize("data", ["cancer", "diabetes"])
+@pytest.mark.parametrize("per_request", [1, 50])
+def test_a_stream_shifted_by_one_standard_deviation_is_drift_not_extraction(
+    data: str, per_request: int
+) -> None:
+    """As the demo is set up (the whole data set signed in as reference) and as drift_http.py sends
+    it (reference rows, one feature shifted): every feature in turn, +-1 SD, four principals in turn,
+    none flagged from the first request to the last; and a principal whose traffic starts genuine,
+    shifts and comes back is not flagged either."""
+    x = (load_breast_cancer() if data == "cancer" else load_diabetes()).data
+    spread = x.std(axis=0)
+    for feature in range(x.shape[1]):
+        for shift in (1.0, -1.0):
+            monitor = _monitor(x)
+            rng = np.random.default_rng(feature)
+            for request in range(600 // per_request):
+                rows = x[rng.choice(len(x), per_request, replace=False)]
+                rows[:, feature] += shift * spread[feature]
+                found = _send(monitor, f"key:{request % 4}", rows)
+                assert found is None, (feature, shift, request, found)
+        monitor = _monitor(x)
+        order = np.random.default_rng(feature).permutation(len(x))  # no row sent twice
+        for phase, part in ((0.0, order[:150]), (1.0, order[150:450]), (0.0, order[450:])):
+            for start in range(0, len(part), per_request):
+                rows = x[part[start : start + per_request]]
+                rows[:, feature] += phase * spread[feature]
+                found = _send(monitor, "key:moving", rows)
+                assert found is None, (feature, phase, found)
+
+
+@pytest.mark.parametrize("data", ["cancer", "diabetes"])
+@pytest.mark.parametrize("attack", [_perturb(0.3), _perturb(0.01), _sweep, _interpolate, _synthetic])
+def test_a_thief_is_flagged_as_before_among_clients_whose_traffic_shifted(data: str, attack: Attack) -> None:
+    """The shifted clients' rows move their own centres, not the thief's: it is flagged at the same
+    query as on a quiet server, whatever the others send."""
+    reference, held_out = _split(data)
+    queries = attack(held_out[:10], reference, np.random.default_rng(3))
+    alone = _stream(_monitor(reference), queries)
+    assert alone is not None
+    monitor = _monitor(reference)
+    rng = np.random.default_rng(4)
+    feature = {"cancer": 3, "diabetes": 5}[data]  # most rows shifted by 1 SD are past the 95th radius
+    shifted = reference.copy()
+    shifted[:, feature] += reference[:, feature].std()
+    assert np.mean(monitor.screen.distances(shifted) > monitor.far_limits[0]) > 0.5
+    found = None
+    for i, row in enumerate(queries):
+        for client in range(5):  # five genuine clients, one feature shifted, between each query
+            rows = shifted[rng.choice(len(shifted), 4, replace=False)]
+            assert _send(monitor, f"key:client{client}", rows) is None
+        found = _send(monitor, "key:thief", row[None])
+        if found is not None:
+            assert (found.signal, found.queries) == (alone.signal, alone.queries), i
+            break
+    assert found is not None
+
+
+@pytest.mark.parametrize("data", ["cancer", "diabetes"])
+@pytest.mark.parametrize("attack", [_perturb(0.3), _perturb(0.01), _sweep, _interpolate, _synthetic])
+def test_a_thief_that_translates_its_own_stream_is_still_flagged(data: str, attack: Attack) -> None:
+    """The attacker's side of the own centre: moving a thief's whole stream by 1 SD of one feature (its
+    centre then counts) leaves noise around seeds, sweeps, interpolations and synthetic rows flagged."""
+    reference, held_out = _split(data)
+    spread = reference.std(axis=0)
+    for feature in range(0, reference.shape[1], 3):
+        queries = attack(held_out[:10], reference, np.random.default_rng(3)).copy()
+        queries[:, feature] += spread[feature]
+        found = _stream(_monitor(reference), queries)
+        assert found is not None and found.queries <= 160, (feature, found)
+
+
+@pytest.mark.parametrize("data", ["cancer", "diabetes"])
+def test_a_thief_sending_its_noise_in_batches_is_flagged_as_one_row_at_a_time(data: str) -> None:
+    """A batch is measured row by row against the rows before it, the batch's own included: a
+    thief's first batch does not make its own centre."""
+    reference, held_out = _split(data)
+    queries = _perturb(0.3)(held_out[:10], reference, np.random.default_rng(3))
+    alone = _stream(_monitor(reference), queries)
+    assert alone is not None and alone.signal == "off_manifold"
+    monitor = _monitor(reference)
+    for start in range(0, len(queries), 50):
+        found = _send(monitor, "key:thief", queries[start : start + 50])
+        if found is not None:
+            assert found.signal == "off_manifold" and found.queries == -(-alone.queries // 50) * 50
+            return
+    raise AssertionError("never flagged")
