@@ -694,6 +694,45 @@ class Config(_Strict):
         return self
 
 
+# What a reload (SIGHUP) cannot apply: these are read once at start-up (sockets, stores, the audit sink,
+# the front end's body cap, the gRPC server's options, loaded language models). A reload that changes
+# one is refused as a whole, naming it, so that no setting is accepted and then not enforced.
+RESTART_ONLY: tuple[str, ...] = (
+    "server",
+    "state",
+    "audit",
+    "tokens",
+    "metrics",
+    "grpc",
+    "tracing",
+    "logging",
+    "llm",
+    "limits.max_body_bytes",
+    "limits.failed_auth_ipv6_prefix",
+)
+
+
+def restart_only_changes(running: Config, new: Config) -> list[str]:
+    """The settings of `RESTART_ONLY` (dotted paths, e.g. "server.max_connections") that differ."""
+    changed = []
+    for name in RESTART_ONLY:
+        section, _, field = name.partition(".")
+        old_value, new_value = getattr(running, section), getattr(new, section)
+        if field:
+            old_value, new_value = getattr(old_value, field), getattr(new_value, field)
+        if old_value == new_value:
+            continue
+        if field or not isinstance(old_value, BaseModel):
+            changed.append(name)
+            continue
+        changed.extend(
+            f"{section}.{f}"
+            for f in type(old_value).model_fields
+            if getattr(old_value, f) != getattr(new_value, f)
+        )
+    return changed
+
+
 def _format_validation_error(path: Path, err: ValidationError) -> str:
     lines = []
     for e in err.errors():

@@ -28,7 +28,7 @@ from bastion.audit import AuditLog
 from bastion.audit.log import AuditUnavailable
 from bastion.audit.sink import open_sink
 from bastion.breaker import STATE_VALUE, ModelGuards, Transition
-from bastion.config import Action, Config, check_grants_name_models, load_config
+from bastion.config import Action, Config, check_grants_name_models, load_config, restart_only_changes
 from bastion.context import RequestContext
 from bastion.drift import DriftWatch
 from bastion.errors import (
@@ -260,22 +260,24 @@ class Bastion:
 
         Models, roles, rollouts and request limits take effect; requests already running finish
         with the pipeline and model they started with. If anything fails, the previous
-        configuration keeps serving. (Server, state, audit, token, tracing and logging settings need a restart.)
+        configuration keeps serving, as it does when a setting of `config.RESTART_ONLY` changed.
         """
         if self._reloading:
             return
         self._reloading = True
         try:
             config = load_config(self.config_path)
+            changed = restart_only_changes(self.config, config)
+            if changed:
+                raise ConfigError(
+                    f"{self.config_path}: {', '.join(changed)}: changed; these take effect on restart only"
+                )
             registry = await asyncio.get_running_loop().run_in_executor(
                 None, ModelRegistry.load, list(config.models)
             )
             check_grants_name_models(
                 config, registry.configured_names, self.config_path, regressors=registry.regressors
             )
-            if config.llm != self.config.llm:
-                # Backends hold loaded models and connections: [llm] changes take a restart.
-                raise ConfigError(f"{self.config_path}: llm: changed; language models change on restart only")
             previous = (self.registry, self.policy, self.rollouts, self.config)
             self.registry, self.policy, self.config = registry, Policy.from_config(config), config
             try:

@@ -110,3 +110,53 @@ def test_an_unexpected_error_logs_its_type_and_frames_never_its_message(
     assert "ValueError" in logged
     assert "31337" not in logged
     assert "test_service.py" in logged  # the frames are kept for the operator
+
+
+@pytest.mark.parametrize(
+    ("edit", "named"),
+    [
+        ("[limits]\nmax_body_bytes = 4096\n", "limits.max_body_bytes"),
+        ("[server]\nstate_dir = \"state\"\nmax_connections = 64\n", "server.max_connections"),
+        ("[grpc]\nenabled = true\n", "grpc.enabled"),
+        ("[tokens]\nttl_seconds = 60\n", "tokens.ttl_seconds"),
+        ("[metrics]\nenabled = false\n", "metrics.enabled"),
+    ],
+)
+def test_a_reload_changing_a_restart_only_setting_is_refused_naming_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, edit: str, named: str
+) -> None:
+    # A reload used to take such a change without applying it (the front end kept its body cap, the
+    # gRPC server its options): accepted and not enforced. Now the previous configuration serves on.
+    config = tmp_path / "bastion.toml"
+    base = '[server]\nstate_dir = "state"\n\n[roles.a]\nrate = 1\n'
+    config.write_text(base)
+
+    async def run() -> tuple[Bastion, object, object]:
+        service = Bastion(load_config(config), config_path=config)
+        before = service.config
+        text = base.replace('[server]\nstate_dir = "state"\n', "") if edit.startswith("[server]") else base
+        config.write_text(edit + "\n" + text.replace("rate = 1", "rate = 2"))
+        await service.reload()
+        after = service.config
+        await service.aclose()
+        return service, before, after
+
+    with caplog.at_level(logging.ERROR, logger="bastion"):
+        _, before, after = asyncio.run(run())
+    assert after is before  # neither the restart-only change nor the role's new rate
+    assert f"{named}: changed; these take effect on restart only" in caplog.text
+
+
+def test_a_reload_of_roles_and_request_limits_applies(tmp_path: Path) -> None:
+    config = tmp_path / "bastion.toml"
+    config.write_text('[server]\nstate_dir = "state"\n\n[limits]\nmax_rows = 10\n\n[roles.a]\nrate = 1\n')
+
+    async def run() -> Bastion:
+        service = Bastion(load_config(config), config_path=config)
+        config.write_text('[server]\nstate_dir = "state"\n\n[limits]\nmax_rows = 5\n\n[roles.a]\nrate = 2\n')
+        await service.reload()
+        await service.aclose()
+        return service
+
+    service = asyncio.run(run())
+    assert service.config.limits.max_rows == 5 and service.config.roles["a"].rate == 2
