@@ -252,6 +252,11 @@ def decode_infer_document(doc: Any, read: TensorReader = json_tensor) -> InferRe
     parameters = doc.get("parameters", {})
     if not isinstance(parameters, dict):
         raise BadRequest("'parameters' must be an object", code=ErrorCode.MALFORMED_REQUEST)
+    for name in _UNHONOURED_PARAMETERS:
+        if name in parameters:
+            # Triton's and KServe's request parameters with a meaning this server does not give them:
+            # accepted and ignored, a client would believe its timeout or priority held (red team #9 F15).
+            raise BadRequest(f"parameters.{name} is not supported", code=ErrorCode.UNSUPPORTED_PARAMETER)
     tensors: dict[str, np.ndarray] = {}
     for i, entry in enumerate(inputs):
         header = tensor_header(entry, i)
@@ -264,6 +269,18 @@ def decode_infer_document(doc: Any, read: TensorReader = json_tensor) -> InferRe
     if any(array.shape[0] != rows for array in tensors.values()):
         raise SchemaViolation("every input must have the same number of rows", code=ErrorCode.WRONG_SHAPE)
     return InferRequest(request_id, tensors, requested, parameters, rows, binary_outputs)
+
+
+# Request parameters other servers honour and this one does not (it has its own deadline, no priority
+# queue, no sequence batching, no classification answer). Unknown vendor keys are left alone.
+_UNHONOURED_PARAMETERS = (
+    "timeout",
+    "priority",
+    "sequence_id",
+    "sequence_start",
+    "sequence_end",
+    "classification",
+)
 
 
 def _requested_outputs(outputs: Any, parameters: dict[str, Any]) -> tuple[list[str] | None, frozenset[str]]:

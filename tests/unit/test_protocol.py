@@ -407,3 +407,27 @@ def test_out_of_range_does_not_name_the_bound(value: float) -> None:
         _guard(_body([0.5, 0.0, value]))
     assert "column 2" in err.value.message
     assert not any(ch.isdigit() for ch in err.value.message.split("column 2", 1)[1]), err.value.message
+
+
+@pytest.mark.parametrize(
+    "parameter",
+    [
+        {"timeout": 5},
+        {"priority": 1},
+        {"sequence_id": 7, "sequence_start": True},
+        {"classification": 2},
+    ],
+)
+def test_request_parameters_with_a_meaning_not_honoured_are_refused(parameter: dict[str, object]) -> None:
+    """Red team #9 F15: Triton's `timeout`, `priority`, sequence and `classification` request parameters
+    were accepted and ignored (200): a client believed its deadline or priority held."""
+    from bastion.errors import BadRequest
+    from bastion.protocol import decode_infer_request
+
+    doc = json.loads(_body([0.5, 0.0, 3.0]))
+    doc["parameters"] = parameter
+    with pytest.raises(BadRequest) as err:
+        decode_infer_request(json.dumps(doc).encode())
+    assert err.value.code == "unsupported_parameter"
+    doc["parameters"] = {"binary_data_output": False, "x-vendor-hint": 1}  # honoured, or unknown: left alone
+    decode_infer_request(json.dumps(doc).encode())
