@@ -857,7 +857,7 @@ def cmd_registry_list(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from bastion.config import check_grants_name_models
+    from bastion.config import check_grants_name_models, check_grpc_answers_fit
     from bastion.registry import ModelRegistry
 
     config = _config(args.config)
@@ -869,6 +869,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     registry = ModelRegistry.load(list(config.models))
     # The same checks as start-up: a grant naming an unknown model, or a regressor with a class policy.
     check_grants_name_models(config, registry.configured_names, args.config, regressors=registry.regressors)
+    check_grpc_answers_fit(config, (m.manifest for m in registry.models()), args.config)
     for model in registry.models():
         print(f"ok      {model.name} {model.version} {model.digest}")
     for path, reason in registry.failures.items():

@@ -8,13 +8,17 @@ the reason.
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Iterable
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from bastion.errors import ConfigError
+
+if TYPE_CHECKING:
+    from bastion.manifest import Manifest
 
 
 class Action(StrEnum):
@@ -800,6 +804,28 @@ def _rebase_key_spec(spec: str | None, base: Path) -> str | None:
     if spec is None or not spec.startswith("file:"):
         return spec
     return f"file:{base / spec.removeprefix('file:')}"
+
+
+def check_grpc_answers_fit(config: Config, manifests: Iterable[Manifest], path: Path) -> None:
+    """With gRPC on, refuse a `grpc.max_send_message_bytes` that `limits.max_rows` rows of a served
+    model's widest answer could exceed: grpc would fail such an answer after the pipeline had charged
+    its budgets and audited it as sent. The bound per row is the widest answer a grant can ask for:
+    every class's probability (FP32) and label (BYTES, 3 bytes of framing), the row's label and an
+    8-byte value."""
+    if not config.grpc.enabled:
+        return
+    limit = config.grpc.max_send_message_bytes
+    for manifest in manifests:
+        classes = manifest.outputs.classes or []
+        label = max((len(c.encode()) for c in classes), default=0) + 3
+        per_row = len(classes) * (4 + label) + label + 8
+        need = config.limits.max_rows * per_row + 4096
+        if need > limit:
+            raise ConfigError(
+                f"{path}: grpc.max_send_message_bytes: {limit} bytes, but limits.max_rows = "
+                f"{config.limits.max_rows} rows of model {manifest.name!r} (version {manifest.version}) "
+                f"may need up to {need}: raise it or lower max_rows"
+            )
 
 
 def check_grants_name_models(

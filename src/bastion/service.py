@@ -28,7 +28,14 @@ from bastion.audit import AuditLog
 from bastion.audit.log import AuditUnavailable
 from bastion.audit.sink import open_sink
 from bastion.breaker import STATE_VALUE, ModelGuards, Transition
-from bastion.config import Action, Config, check_grants_name_models, load_config, restart_only_changes
+from bastion.config import (
+    Action,
+    Config,
+    check_grants_name_models,
+    check_grpc_answers_fit,
+    load_config,
+    restart_only_changes,
+)
 from bastion.context import RequestContext
 from bastion.drift import DriftWatch
 from bastion.errors import (
@@ -128,6 +135,7 @@ class Bastion:
         check_grants_name_models(
             config, self.registry.configured_names, config_path, regressors=self.registry.regressors
         )
+        check_grpc_answers_fit(config, (m.manifest for m in self.registry.models()), config_path)
         self.policy = Policy.from_config(config)
         self.metrics = Metrics(enabled=config.metrics.enabled)
         self.metrics.models_loaded.set(len(self.registry.models()))
@@ -278,6 +286,7 @@ class Bastion:
             check_grants_name_models(
                 config, registry.configured_names, self.config_path, regressors=registry.regressors
             )
+            check_grpc_answers_fit(config, (m.manifest for m in registry.models()), self.config_path)
             previous = (self.registry, self.policy, self.rollouts, self.config)
             self.registry, self.policy, self.config = registry, Policy.from_config(config), config
             try:

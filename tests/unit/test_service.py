@@ -13,7 +13,7 @@ from bastion.config import load_config
 from bastion.service import Bastion
 from bastion.state import BudgetKey, SQLiteStateStore, StateStore
 from bastion.state.redis import RedisStateStore
-from tests.helpers import REDIS_URL, drop_redis_keys, redis_prefix
+from tests.helpers import REDIS_URL, drop_redis_keys, free_port, redis_prefix
 
 LIMIT, WINDOW, NOW = 10_000.0, 3600.0, 1000.0
 
@@ -160,3 +160,31 @@ def test_a_reload_of_roles_and_request_limits_applies(tmp_path: Path) -> None:
 
     service = asyncio.run(run())
     assert service.config.limits.max_rows == 5 and service.config.roles["a"].rate == 2
+
+
+def test_grpc_answers_that_could_exceed_its_send_limit_are_refused_at_start_and_on_reload(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # grpc fails an answer over max_send_message_bytes after the pipeline charged budgets and audited it
+    # as sent: max_rows rows of the widest model's answer must fit, or the server does not start.
+    from bastion.demo import build_demo
+    from bastion.errors import ConfigError
+
+    build_demo(tmp_path / "demo", llm=False, grpc_port=free_port())
+    config = tmp_path / "demo" / "bastion.toml"
+    text = config.read_text()
+    assert "max_rows = 256" in text
+    fitting = Bastion(load_config(config), config_path=config)  # the demo's own settings fit
+    config.write_text(text.replace("max_rows = 256", "max_rows = 100000"))
+
+    async def reload() -> int:
+        await fitting.reload()  # max_rows reloads; this value does not fit
+        await fitting.aclose()
+        return fitting.config.limits.max_rows
+
+    with caplog.at_level(logging.ERROR, logger="bastion"):
+        assert asyncio.run(reload()) == 256
+    assert "reload refused" in caplog.text and "grpc.max_send_message_bytes" in caplog.text
+    refused = r"grpc\.max_send_message_bytes: 4194304 bytes, but limits\.max_rows = 100000"
+    with pytest.raises(ConfigError, match=refused):
+        Bastion(load_config(config), config_path=config)
