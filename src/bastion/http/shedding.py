@@ -48,16 +48,25 @@ class LoadShedder:
             await _refuse(send, Overloaded("server overloaded; retry later", retry_after=RETRY_AFTER_SECONDS))
             return
         self.in_flight += 1
+        body_received = False
 
         async def receive_uncounted() -> Message:
             # Waiting for the client's body is not load (the front end bounds it: body_timeout, the
             # byte limit, max_connections). Counted, a key's slow bodies held a slot each for the body
             # deadline: at its rate limit, two label-only keys filled every slot (red team #9 F2).
+            # Once the body is in, a wait on receive() is a watch for the client leaving while the
+            # answer is made (a streamed chat): that is load, and stays counted.
+            nonlocal body_received
+            if body_received:
+                return await receive()
             self.in_flight -= 1
             try:
-                return await receive()
+                message = await receive()
             finally:
                 self.in_flight += 1
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_received = True
+            return message
 
         try:
             await self.app(scope, receive_uncounted, send)
