@@ -598,3 +598,34 @@ def _status_or_none(t: TlsServer, cert: Issued) -> int | None:
         return t.infer(cert).status_code
     except httpx.TransportError:
         return None
+
+
+def test_status_over_tls_and_the_secure_session_cookie_under_tossing(tls: TlsServer) -> None:
+    """Operations over TLS (red team of issue 12, second pass): `bastion status` trusts a private CA
+    named in SSL_CERT_FILE, as the README says; the dashboard's cookie is `__Host-bastion_session`, and a
+    junk one of the same name sent first neither hides nor clears it (F5)."""
+    import os
+
+    admin = tls.keys["admin"]
+    env = {**os.environ, "STATUS_KEY": admin, "SSL_CERT_FILE": str(tls.pki.ca.pem)}
+    done = subprocess.run(
+        [*BASTION, "status", "--url", tls.url, "--key", "env:STATUS_KEY", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["admin"] is True and admin not in done.stdout + done.stderr
+    with httpx.Client(verify=tls.context(), timeout=10) as http:
+        opened = http.post(f"{tls.url}/v2/admin/session", headers={"Authorization": f"Bearer {admin}"}, json={})
+        assert opened.status_code == 200, opened.text
+        set_cookie = opened.headers["set-cookie"]
+        assert set_cookie.startswith("__Host-bastion_session=") and "; Secure" in set_cookie
+        value = set_cookie.split(";")[0].split("=", 1)[1]
+        tossed = {"Cookie": f"__Host-bastion_session=junk; __Host-bastion_session={value}"}
+        summary = http.get(f"{tls.url}/v2/admin/summary", headers=tossed)
+        assert summary.status_code == 200 and "set-cookie" not in summary.headers
+        # The plain name is not read over TLS.
+        plain = http.get(f"{tls.url}/v2/admin/summary", headers={"Cookie": f"bastion_session={value}"})
+        assert plain.status_code == 401
