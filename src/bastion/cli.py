@@ -180,6 +180,19 @@ def run_server(
     return 0
 
 
+# Ten years: a lifetime past it is a mistake (or an overflow), not a plan.
+MAX_KEY_LIFETIME_SECONDS = 10 * 365 * 86_400
+
+
+def _expiry_seconds(text: str) -> int:
+    """`--expires-in`: 0 once meant "never expires" (falsy), the opposite of what it says; a negative
+    value made a key born expired; 10^20 never expired either (red team #9 F16)."""
+    value = int(text)
+    if not 1 <= value <= MAX_KEY_LIFETIME_SECONDS:
+        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_KEY_LIFETIME_SECONDS} seconds, got {value}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -380,7 +393,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
             f"(defined: {', '.join(sorted(config.roles)) or 'none'})"
         )
     now = time.time()
-    expires = now + args.expires_in if args.expires_in else None
+    expires = now + args.expires_in if args.expires_in is not None else None
     new = store.create(name=args.name, roles=args.role, now=now, expires_at=expires)
     print(f"key id:  {new.record.key_id}", file=sys.stderr)
     print("api key (shown once, store it now):", file=sys.stderr)
@@ -1012,7 +1025,12 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--role", action="append", required=True, help="role from the policy file (repeatable)"
     )
-    create.add_argument("--expires-in", type=int, metavar="SECONDS")
+    create.add_argument(
+        "--expires-in",
+        type=_expiry_seconds,
+        metavar="SECONDS",
+        help=f"the key stops working after this long (1 to {MAX_KEY_LIFETIME_SECONDS:,} s); without it, never",
+    )
     create.set_defaults(func=cmd_keys_create)
     with_config(keys.add_parser("list", help="list keys (never their secrets)")).set_defaults(
         func=cmd_keys_list

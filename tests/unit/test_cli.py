@@ -348,3 +348,32 @@ def test_unsafe_no_defenses_is_refused_on_a_reachable_host(
         raise AssertionError("the server started") from None
     assert result.returncode != 0
     assert "--unsafe-no-defenses serves every model to anyone" in result.stderr
+
+
+@pytest.mark.parametrize("seconds", ["0", "-5", "99999999999999999999"])
+def test_an_expiry_that_would_never_expire_or_be_born_expired_is_refused(
+    cli: Any, config: Path, seconds: str
+) -> None:
+    """Red team #9 F16: `--expires-in 0` made a key that never expires (0 is falsy), -5 one born expired,
+    10^20 one that never expires either."""
+    result = cli(
+        "keys",
+        "create",
+        "--config",
+        config,
+        "--name",
+        "k",
+        "--role",
+        "analyst",
+        "--expires-in",
+        seconds,
+        check=False,
+    )
+    assert result.returncode != 0 and "expires-in" in result.stderr
+    assert "bst_" not in result.stdout
+    created = cli(
+        "keys", "create", "--config", config, "--name", "k", "--role", "analyst", "--expires-in", "60"
+    )
+    assert created.stdout.startswith("bst_")
+    listed = cli("keys", "list", "--config", config).stdout.splitlines()
+    assert len(listed) == 2 and listed[1].split()[-1] != "-"  # an expiry is shown
