@@ -720,7 +720,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
             err = e.errors()[0]
             return _fail(f"{args.provenance}: {'.'.join(map(str, err['loc']))}: {err['msg']}")
     try:
-        kek = LocalKeyProvider.from_spec(args.encrypt) if args.encrypt else None
+        # `is not None`: an empty --encrypt ("$KEK" with KEK unset) is refused, not a bundle left unencrypted.
+        kek = LocalKeyProvider.from_spec(args.encrypt) if args.encrypt is not None else None
     except ValueError as e:
         return _fail(f"--encrypt: {e}")
     training = None

@@ -377,3 +377,25 @@ def test_an_expiry_that_would_never_expire_or_be_born_expired_is_refused(
     assert created.stdout.startswith("bst_")
     listed = cli("keys", "list", "--config", config).stdout.splitlines()
     assert len(listed) == 2 and listed[1].split()[-1] != "-"  # an expiry is shown
+
+
+def test_pack_with_an_empty_encrypt_is_refused_not_left_unencrypted(cli: Any, tmp_path: Path) -> None:
+    """Red team #9 F17: `bastion pack M OUT --encrypt "$KEK"` with KEK unset (an empty string) packed
+    the bundle unencrypted, silently: an empty value was taken for no option."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    from bastion.demo import feature_spec, write_skops_model
+    from bastion.manifest import OutputSpec
+
+    x = np.random.default_rng(0).normal(size=(40, 3)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(int)
+    model = tmp_path / "m"
+    write_skops_model(
+        model, LogisticRegression().fit(x, y), [feature_spec(x)], OutputSpec(classes=["a", "b"]), "m"
+    )
+    out = tmp_path / "bundle"
+    result = cli("pack", model, "--output", out, "--encrypt", "", check=False)
+    assert result.returncode != 0 and "--encrypt" in result.stderr
+    assert not out.exists()
+    assert cli("pack", model, "--output", out).returncode == 0  # the same model packs without the option
