@@ -58,6 +58,15 @@ def _response_schema(name: str) -> dict[str, Any]:
     return _json({"type": "object"} if name == "object" else _ref(name), "Success")
 
 
+_BINARY_HEADER = {
+    "name": "Inference-Header-Content-Length",
+    "in": "header",
+    "required": False,
+    "description": "Binary tensor extension: the length of the JSON InferRequest at the start of the body",
+    "schema": {"type": "integer", "minimum": 0},
+}
+
+
 def _operation(spec: RouteSpec, versioned: bool) -> dict[str, Any]:
     op: dict[str, Any] = {
         "summary": spec.summary,
@@ -85,6 +94,9 @@ def _operation(spec: RouteSpec, versioned: bool) -> dict[str, Any]:
             "required": spec.request_required,
             "content": {"application/json": {"schema": _ref(spec.request)}},
         }
+    if spec.request == "InferRequest":  # the binary tensor extension: JSON header, then raw tensors
+        op["requestBody"]["content"]["application/octet-stream"] = {"schema": {"type": "string", "format": "binary"}}
+        op["parameters"] = [*op.get("parameters", []), _BINARY_HEADER]
     responses: dict[str, Any] = {"200": _response_schema(spec.response)}
     if spec.response == "InferResponse":  # the binary tensor extension's answer
         responses["200"]["content"]["application/octet-stream"] = {

@@ -124,7 +124,7 @@ def service(tmp_path: Path) -> Iterator[Bastion]:
     s.close()
 
 
-def _ctx(route: Route, credentials: str, body: dict[str, Any] | None = None, **kw: Any) -> RequestContext:
+def _ctx(route: Route, credentials: str, body: dict[str, Any] | bytes | None = None, **kw: Any) -> RequestContext:
     return core_context(route, credentials, body, **kw)
 
 
@@ -190,7 +190,8 @@ def test_admin_routes_move_an_incident_release_the_key_and_audit_each_step(servi
     listed = outcomes[3].body
     assert isinstance(listed, dict) and listed["incidents"][0]["id"] == incident_id
     assert listed["counts"]["contained"] == 1
-    assert outcomes[8].body["code"] == "invalid_transition"  # type: ignore[index]
+    refused = outcomes[8].body
+    assert isinstance(refused, dict) and refused["code"] == "invalid_transition"
 
     metrics = outcomes[10].body
     assert isinstance(metrics, bytes) and b'bastion_incidents_by_state{state="remediated"} 1.0' in metrics
@@ -301,3 +302,24 @@ def test_a_flood_of_newer_incidents_does_not_bury_an_unresolved_one_on_the_dashb
     unresolved = summary["incidents"]["unresolved"]
     assert buried in [i["id"] for i in unresolved]
     assert len(unresolved) == 21 and summary["incidents"]["unresolved_total"] == 21
+
+
+@pytest.mark.parametrize("body", [b" ", b"\n\t ", b"{} x", b"null", b"[]"])
+def test_an_admin_body_that_is_not_a_json_object_is_refused(service: Bastion, body: bytes) -> None:
+    # The body is optional (none is none), but whitespace or other text is not JSON: 400, nothing done.
+    admin = f"Bearer {service.keys.create(name='a', roles=['admin'], now=time.time()).secret}"
+
+    async def calls(s: Bastion) -> list[Outcome]:
+        await s.startup()
+        try:
+            return [
+                await s.handle(Route.SESSION, _ctx(Route.SESSION, admin, body)),
+                await s.handle(Route.SESSION, _ctx(Route.SESSION, admin, b"")),
+            ]
+        finally:
+            await s.aclose()
+
+    refused, opened = asyncio.run(calls(service))
+    assert refused.status == 400 and isinstance(refused.body, dict), refused.body
+    assert refused.body["code"] in ("malformed_json", "malformed_request"), refused.body
+    assert opened.status == 200, opened.body

@@ -22,7 +22,7 @@ MAX_BEFORE = 1e12  # Unix seconds: the OpenAPI document's bound on a revoke-befo
 
 async def _json_object(ctx: RequestContext, allowed: set[str]) -> dict[str, object]:
     body = await ctx.read_body(_MAX_BODY)
-    doc = parse_json(body) if body.strip() else {}
+    doc = parse_json(body) if body else {}  # no body is none; whitespace alone is not JSON
     if not isinstance(doc, dict) or set(doc) - allowed:
         raise BadRequest(
             f"the body must be a JSON object with only {sorted(allowed)}", code=ErrorCode.MALFORMED_REQUEST
