@@ -251,6 +251,8 @@ def _audit_change(config_path: Path, route: str, target: str, change: str) -> st
         "via": "cli",
         "decision": "allow",
         "reason": "ok",
+        "status": None,  # not an HTTP request; the fields every request record has, so readers need no case
+        "payload_hmac": None,
         "target": target,
         "change": change,
     }
