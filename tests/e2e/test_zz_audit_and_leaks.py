@@ -29,8 +29,8 @@ def _snapshot(dep: Deployment, dest: Path) -> Path:
     return dest
 
 
-# Audit records that are not a request's: model loads, incidents, drift alerts and clears.
-_EVENTS = ("model_load", "incident", "drift")
+# Audit records that are not a request's: model loads, incidents, drift alerts and clears, breaker and rollout events.
+_EVENTS = ("model_load", "incident", "drift", "breaker", "rollout")
 
 
 def test_every_request_is_in_the_audit_log(deployment: Deployment) -> None:
@@ -118,7 +118,7 @@ def test_audit_export_writes_json_lines(deployment: Deployment, tmp_path: Path) 
     run_cli("audit", "export", "--config", deployment.config, "-o", out)
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert lines and lines[0]["seq"] == 1 and len(lines[0]["hash"]) == 64
-    assert all("payload_hmac" in r for r in lines if r["route"] not in ("model_load", "drift"))
+    assert all("payload_hmac" in r for r in lines if r["route"] not in ("model_load", "drift", "breaker", "rollout"))
     assert lines[0]["route"] == "model_load"  # start-up verification comes first
 
 
