@@ -76,12 +76,11 @@ def tensor_header(entry: Any, index: int) -> TensorHeader:
     malformed entry, SchemaViolation 422 `empty_tensor` for a zero dimension."""
     if not isinstance(entry, dict):
         raise BadRequest(f"inputs[{index}] must be an object", code=ErrorCode.MALFORMED_REQUEST)
-    name, datatype, shape = (entry.get(k) for k in ("name", "datatype", "shape"))
+    name, datatype, shape = entry.get("name"), entry.get("datatype"), entry.get("shape")
     if not isinstance(name, str) or not name:
         raise BadRequest(f"inputs[{index}].name must be a non-empty string", code=ErrorCode.MALFORMED_REQUEST)
-    label = f"input {name[:64]!r}"
     if not isinstance(datatype, str):
-        raise BadRequest(f"{label}: datatype must be a string", code=ErrorCode.MALFORMED_REQUEST)
+        raise BadRequest(f"input {name[:64]!r}: datatype must be a string", code=ErrorCode.MALFORMED_REQUEST)
     if isinstance(shape, list):
         shape = [integral(d) for d in shape]
     if (
@@ -90,18 +89,24 @@ def tensor_header(entry: Any, index: int) -> TensorHeader:
         or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
     ):
         raise BadRequest(
-            f"{label}: shape must be a list of 1 to {_MAX_DIMS} non-negative integers",
+            f"input {name[:64]!r}: shape must be a list of 1 to {_MAX_DIMS} non-negative integers",
             code=ErrorCode.MALFORMED_REQUEST,
         )
     if 0 in shape:
         # Nothing to infer: no runtime, screen or privacy mechanism is defined on an empty batch.
-        raise SchemaViolation(f"{label}: shape {shape} has a zero dimension", code=ErrorCode.EMPTY_TENSOR)
+        raise SchemaViolation(
+            f"input {name[:64]!r}: shape {shape} has a zero dimension", code=ErrorCode.EMPTY_TENSOR
+        )
     parameters = entry.get("parameters", {})
     if not isinstance(parameters, dict):
-        raise BadRequest(f"{label}: parameters must be an object", code=ErrorCode.MALFORMED_REQUEST)
+        raise BadRequest(
+            f"input {name[:64]!r}: parameters must be an object", code=ErrorCode.MALFORMED_REQUEST
+        )
     if "binary_data_size" in parameters and "data" in entry:
         # Two sources for one tensor: whichever a later reader trusted, the other would be unchecked.
-        raise BadRequest(f"{label}: has both data and binary_data_size", code=ErrorCode.MALFORMED_BINARY)
+        raise BadRequest(
+            f"input {name[:64]!r}: has both data and binary_data_size", code=ErrorCode.MALFORMED_BINARY
+        )
     return TensorHeader(name, datatype, shape, entry, parameters)
 
 
@@ -183,13 +188,13 @@ def json_tensor(header: TensorHeader) -> np.ndarray:
 def tensor_from_values(header: TensorHeader, data: Any) -> np.ndarray:
     """A tensor from a (flat or nested) list of values: each must fit the declared datatype, and
     there must be exactly as many as the shape declares. Raises SchemaViolation (422)."""
-    label, datatype, shape = header.label, header.datatype, header.shape
+    datatype, shape = header.datatype, header.shape
     target = numpy_dtype(header)
     try:
         array = np.asarray(data)
     except (ValueError, OverflowError):
         raise SchemaViolation(
-            f"{label}: data is ragged or not numeric", code=ErrorCode.WRONG_DATATYPE
+            f"{header.label}: data is ragged or not numeric", code=ErrorCode.WRONG_DATATYPE
         ) from None
     if target.kind in "iu" and array.dtype.kind in "fO":
         # Integers past int64 make numpy infer float64 (rounded) or object: check them exactly.
@@ -197,14 +202,18 @@ def tensor_from_values(header: TensorHeader, data: Any) -> np.ndarray:
             array = _exact_integers(header, data, target)
         except ValueError:
             raise SchemaViolation(
-                f"{label}: data is ragged or not numeric", code=ErrorCode.WRONG_DATATYPE
+                f"{header.label}: data is ragged or not numeric", code=ErrorCode.WRONG_DATATYPE
             ) from None
     if array.dtype.kind not in _ACCEPTED_KINDS[target.kind]:
-        raise SchemaViolation(f"{label}: data does not hold {datatype} values", code=ErrorCode.WRONG_DATATYPE)
+        raise SchemaViolation(
+            f"{header.label}: data does not hold {datatype} values", code=ErrorCode.WRONG_DATATYPE
+        )
     if target.kind in "iu" and array.size:
         info = np.iinfo(target)  # type: ignore[type-var]
         if array.min() < info.min or array.max() > info.max:
-            raise SchemaViolation(f"{label}: values do not fit {datatype}", code=ErrorCode.WRONG_DATATYPE)
+            raise SchemaViolation(
+                f"{header.label}: values do not fit {datatype}", code=ErrorCode.WRONG_DATATYPE
+            )
     check_count(header, array.size)
     with np.errstate(over="ignore"):  # FP32 overflow becomes inf, which the guard rejects
         return array.astype(target, copy=False).reshape(shape)

@@ -125,19 +125,25 @@ class GuardInput:
     @staticmethod
     def _check(c: _CompiledInput, array: np.ndarray, rows: int) -> None:
         spec = c.spec
-        label = f"input {spec.name!r}"
         if array.dtype != spec.numpy_dtype:
-            raise SchemaViolation(f"{label}: datatype must be {spec.datatype}", code=ErrorCode.WRONG_DATATYPE)
+            raise SchemaViolation(
+                f"input {spec.name!r}: datatype must be {spec.datatype}", code=ErrorCode.WRONG_DATATYPE
+            )
         if array.ndim != len(spec.shape) or any(
             want != -1 and got != want for got, want in zip(array.shape, spec.shape, strict=True)
         ):
-            raise SchemaViolation(f"{label}: shape must be {spec.shape}", code=ErrorCode.WRONG_SHAPE)
+            raise SchemaViolation(
+                f"input {spec.name!r}: shape must be {spec.shape}", code=ErrorCode.WRONG_SHAPE
+            )
         if array.shape[0] != rows:
             raise SchemaViolation(
-                f"{label}: every input must have the same number of rows", code=ErrorCode.WRONG_SHAPE
+                f"input {spec.name!r}: every input must have the same number of rows",
+                code=ErrorCode.WRONG_SHAPE,
             )
         if c.check_finite and not np.isfinite(array).all():
-            raise SchemaViolation(f"{label}: NaN or infinity is not allowed", code=ErrorCode.NOT_FINITE)
+            raise SchemaViolation(
+                f"input {spec.name!r}: NaN or infinity is not allowed", code=ErrorCode.NOT_FINITE
+            )
         for bound, outside, words in (
             (c.low, np.less, "below its minimum"),
             (c.high, np.greater, "above its maximum"),
@@ -150,11 +156,13 @@ class GuardInput:
                 # naming them let a label-only key read every feature's range in two requests and solve
                 # for the training set's extremes (red team #9 F14).
                 raise SchemaViolation(
-                    f"{label}: column {_first_column(mask)} is {words}", code=ErrorCode.OUT_OF_RANGE
+                    f"input {spec.name!r}: column {_first_column(mask)} is {words}",
+                    code=ErrorCode.OUT_OF_RANGE,
                 )
         if c.categories is not None and not np.isin(array, c.categories).all():
             raise SchemaViolation(
-                f"{label}: a value is not one of the allowed categories", code=ErrorCode.NOT_A_CATEGORY
+                f"input {spec.name!r}: a value is not one of the allowed categories",
+                code=ErrorCode.NOT_A_CATEGORY,
             )
 
     def _fingerprint(self, inputs: dict[str, np.ndarray]) -> str:
