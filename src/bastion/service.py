@@ -31,6 +31,7 @@ from bastion.breaker import STATE_VALUE, ModelGuards, Transition
 from bastion.config import (
     Action,
     Config,
+    OutputDetail,
     check_grants_name_models,
     check_grpc_answers_fit,
     load_config,
@@ -74,10 +75,11 @@ if TYPE_CHECKING:
     from bastion.tracing import Tracing
 
 log = logging.getLogger("bastion")
-# The audit record's and the metrics' route and action strings, read once (an enum's `.value` is two
-# Python calls, four times a request).
+# The audit record's and the metrics' route, action and output-detail strings, read once (an enum's
+# `.value` is two Python calls, five times a request).
 _ROUTE_VALUE = {route: route.value for route in Route}
 _ROUTE_ACTION = {route: action.value for route, action in ROUTE_ACTIONS.items()}
+_DETAIL_VALUE = {detail: detail.value for detail in OutputDetail}
 
 
 @dataclass(slots=True)
@@ -604,7 +606,7 @@ class Bastion:
             "status": outcome.status,
             "latency_ms": round(latency * 1000, 3),
             "payload_hmac": ctx.payload_hmac,
-            "output_policy": ctx.output_detail.value if ctx.output_detail else None,
+            "output_policy": _DETAIL_VALUE[ctx.output_detail] if ctx.output_detail else None,
             "epsilon_spent": ctx.epsilon_spent,
             "rho_spent": ctx.rho_spent,
             "client": ctx.client,
