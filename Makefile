@@ -40,7 +40,7 @@ test: $(STAMP) $(DEPLOY_STAMP)
 	scripts/ensure-chromium
 	scripts/ensure-promtool
 	scripts/ensure-netlab
-	$(BIN)/pytest -q -n 2 --dist loadgroup
+	$(BIN)/pytest -q -n 2 --dist loadgroup --durations=20
 
 # The in-process tier: stages, policy, state and the core without sockets or subprocesses, in
 # seconds; tests marked `slow` (other processes, timers, long property tests) or `services` (Redis,
