@@ -46,7 +46,7 @@ test: $(STAMP) $(DEPLOY_STAMP)
 # seconds; tests marked `slow` (other processes, timers, long property tests) or `services` (Redis,
 # PostgreSQL) run in `make test`.
 unit: $(STAMP)
-	$(BIN)/pytest -q -m "not slow and not services" tests/unit
+	$(BIN)/pytest -q -n 2 -m "not slow and not services" tests/unit
 
 # The red-team report of the demo (extraction, evasion, membership over HTTP against a fresh demo
 # on a free port): artifacts/redteam/redteam.html and redteam.json; exit 1 if the gate fails.

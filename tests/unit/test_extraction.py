@@ -160,6 +160,7 @@ def _send(monitor: ExtractionMonitor, principal: str, rows: np.ndarray) -> Suspi
     return monitor.observe(principal, z, squared)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data", ["cancer", "diabetes"])
 @pytest.mark.parametrize("per_request", [1, 50])
 def test_a_stream_shifted_by_one_standard_deviation_is_drift_not_extraction(

@@ -8,6 +8,7 @@ import json
 import struct
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -86,6 +87,7 @@ def messages(draw: st.DrawFn) -> pb.ModelInferRequest:
     return message
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(messages())
 def test_any_message_gives_a_request_or_a_4xx(message: pb.ModelInferRequest) -> None:

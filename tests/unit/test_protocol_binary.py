@@ -269,6 +269,7 @@ def test_binary_outputs_follow_the_request_and_each_output() -> None:
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(length=st.binary(max_size=24) | st.integers(-(10**30), 10**30).map(lambda n: str(n).encode()),
        body=st.binary(max_size=400))  # fmt: skip
+@pytest.mark.slow
 def test_arbitrary_framing_gives_a_request_or_a_4xx(length: bytes, body: bytes) -> None:
     status, _ = status_of(length, body)
     assert status == 200 or 400 <= status < 500

@@ -103,6 +103,7 @@ def _refused(token: str) -> None:
         st.lists(st.text(_B64, max_size=80), min_size=1, max_size=6).map(".".join),  # JWS-shaped
     )
 )
+@pytest.mark.slow
 def test_arbitrary_strings_are_refused(text: str) -> None:
     _refused(text)
 
