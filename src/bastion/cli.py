@@ -873,7 +873,7 @@ def cmd_registry_list(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from bastion.config import check_grants_name_models, check_grpc_answers_fit
+    from bastion.config import check_against_models
     from bastion.registry import ModelRegistry
 
     config = _config(args.config)
@@ -883,9 +883,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         tls = ServerTls(config.server.tls, args.config)
         print(f"ok      TLS certificate serial {tls.material.serial:x}, client certificates {tls.settings.client_auth}")
     registry = ModelRegistry.load(list(config.models))
-    # The same checks as start-up: a grant naming an unknown model, or a regressor with a class policy.
-    check_grants_name_models(config, registry.configured_names, args.config, regressors=registry.regressors)
-    check_grpc_answers_fit(config, (m.manifest for m in registry.models()), args.config)
+    check_against_models(config, registry, args.config)  # the same checks as start-up
     for model in registry.models():
         print(f"ok      {model.name} {model.version} {model.digest}")
     for path, reason in registry.failures.items():

@@ -19,6 +19,7 @@ from bastion.errors import ConfigError
 
 if TYPE_CHECKING:
     from bastion.manifest import Manifest
+    from bastion.registry import ModelRegistry
 
 
 class Action(StrEnum):
@@ -804,6 +805,13 @@ def _rebase_key_spec(spec: str | None, base: Path) -> str | None:
     if spec is None or not spec.startswith("file:"):
         return spec
     return f"file:{base / spec.removeprefix('file:')}"
+
+
+def check_against_models(config: Config, registry: ModelRegistry, path: Path) -> None:
+    """What start-up, a reload and `bastion check` refuse once the models are loaded: a grant naming
+    a model not served, a class policy on a regressor, a gRPC send limit the answers could exceed."""
+    check_grants_name_models(config, registry.configured_names, path, regressors=registry.regressors)
+    check_grpc_answers_fit(config, (m.manifest for m in registry.models()), path)
 
 
 def check_grpc_answers_fit(config: Config, manifests: Iterable[Manifest], path: Path) -> None:

@@ -32,8 +32,7 @@ from bastion.config import (
     Action,
     Config,
     OutputDetail,
-    check_grants_name_models,
-    check_grpc_answers_fit,
+    check_against_models,
     load_config,
     restart_only_changes,
 )
@@ -138,10 +137,7 @@ class Bastion:
         paths = self.paths
         unsafe_no_defenses = self.unsafe_no_defenses
         self.registry = ModelRegistry.load(list(config.models))
-        check_grants_name_models(
-            config, self.registry.configured_names, config_path, regressors=self.registry.regressors
-        )
-        check_grpc_answers_fit(config, (m.manifest for m in self.registry.models()), config_path)
+        check_against_models(config, self.registry, config_path)
         self.policy = Policy.from_config(config)
         self.metrics = Metrics(enabled=config.metrics.enabled)
         self.metrics.models_loaded.set(len(self.registry.models()))
@@ -289,10 +285,7 @@ class Bastion:
             registry = await asyncio.get_running_loop().run_in_executor(
                 None, ModelRegistry.load, list(config.models)
             )
-            check_grants_name_models(
-                config, registry.configured_names, self.config_path, regressors=registry.regressors
-            )
-            check_grpc_answers_fit(config, (m.manifest for m in registry.models()), self.config_path)
+            check_against_models(config, registry, self.config_path)
             previous = (self.registry, self.policy, self.rollouts, self.config)
             self.registry, self.policy, self.config = registry, Policy.from_config(config), config
             try:
