@@ -25,14 +25,16 @@ class SQLiteLedger:
         enable_wal(self._conn)
         # WAL + NORMAL: a commit survives a process crash without an fsync.
         self._conn.execute("PRAGMA synchronous=NORMAL")
-        # No busy wait on the event loop: a write lock another process holds (a worker stopped
-        # mid-write) is retried between asyncio.sleeps for LOCK_WAIT_SECONDS, then 503.
-        self._conn.execute("PRAGMA busy_timeout=0")
+        # The schema under sqlite3's 5 s busy wait (at open only): workers opening a fresh file
+        # together otherwise got "database is locked" at once here (seen in CI).
         for book, kind in ((QUOTA, "INTEGER"), (BUDGET, "REAL")):
             self._conn.execute(
                 f"CREATE TABLE IF NOT EXISTS {book.name} (principal TEXT PRIMARY KEY, "
                 f"{book.period} INTEGER NOT NULL, {book.taken} {kind} NOT NULL, version INTEGER NOT NULL)"
             )
+        # Then no busy wait on the event loop: a write lock another process holds (a worker stopped
+        # mid-write) is retried between asyncio.sleeps for LOCK_WAIT_SECONDS, then 503.
+        self._conn.execute("PRAGMA busy_timeout=0")
 
     async def take(
         self, book: Book, principal: str, period: int, *, limit: float, need: float, cap: float, ttl: float
